@@ -1,0 +1,1 @@
+"""Activities: every side effect of a session (sandboxes, planning, the event log)."""

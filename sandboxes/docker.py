@@ -1,0 +1,251 @@
+"""Docker containers as sandboxes: the seed's "mock mode".
+
+No registry is reachable, so images are made here: debootstrap builds the template's root
+filesystem, ``docker import`` turns it into a base image, and the template's Dockerfile adds
+the guest agent. Containers sit on an internal bridge whose only way out is the guest
+gateway's port on the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import guest_agent
+import vm_templates
+from sandboxes.gateway import GuestGateway
+from sandboxes.provider import SandboxProvider
+
+log = logging.getLogger("berth.docker")
+
+NETWORK = "berth-sandbox"
+BRIDGE = "berth0"
+FIREWALL_CHAIN = "BERTH-SANDBOX"
+LABEL = "berth.sandbox"
+
+
+class DockerError(RuntimeError):
+    pass
+
+
+async def _run(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        "docker", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode().strip(), err.decode().strip()
+
+
+async def docker(*args: str) -> str:
+    code, out, err = await _run(*args)
+    if code != 0:
+        raise DockerError(f"docker {args[0]} failed: {err}")
+    return out
+
+
+async def exists(kind: str, name: str) -> bool:
+    code, _, _ = await _run(kind, "inspect", name)
+    return code == 0
+
+
+def engine_running() -> bool:
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+
+
+def start_engine(log_path: Path, timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
+    """Start dockerd (no systemd here). Containers outlive it (live-restore), so durable
+    sessions find their sandboxes again after a restart."""
+    if shutil.which("dockerd") is None:
+        raise DockerError("dockerd is not installed: run `make setup` (Debian package docker.io)")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as sink:
+        process = subprocess.Popen(
+            ["dockerd", "--live-restore"], stdout=sink, stderr=sink, start_new_session=True
+        )
+    deadline = time.monotonic() + timeout_s
+    while not engine_running():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise DockerError(f"dockerd did not come up; see {log_path}")
+        time.sleep(0.5)
+    return process
+
+
+def _iptables(*args: str) -> bool:
+    return subprocess.run(["iptables", *args], capture_output=True).returncode == 0
+
+
+class DockerProvider(SandboxProvider):
+    name = "docker"
+
+    def __init__(
+        self,
+        gateway: GuestGateway,
+        key: bytes,
+        host_id: str,
+        task_queue: str,
+        *,
+        gateway_port: int,
+        build_dir: Path,
+        mirror: str,
+        cpus: float,
+        memory_mb: int,
+        pids: int,
+    ) -> None:
+        super().__init__(gateway, key, host_id, task_queue)
+        self.gateway_port = gateway_port
+        self.build_dir = build_dir
+        self.mirror = mirror
+        self.cpus = cpus
+        self.memory_mb = memory_mb
+        self.pids = pids
+        self._gateway_ip: str | None = None
+
+    async def prepare(self) -> None:
+        self._gateway_ip = await self._ensure_network()
+        self._ensure_firewall()
+        for template in vm_templates.names():
+            await self.ensure_image(template)
+
+    def guest_url(self) -> str:
+        assert self._gateway_ip, "prepare() first"
+        return f"ws://{self._gateway_ip}:{self.gateway_port}/guest"
+
+    async def create(self, sandbox_id: str, template: str, env: dict[str, str]) -> str:
+        image = await self.ensure_image(template)
+        args = [
+            "run",
+            "--detach",
+            "--init",
+            "--name",
+            f"berth-{sandbox_id}",
+            "--hostname",
+            f"berth-{sandbox_id[:12]}",
+            "--label",
+            f"{LABEL}={sandbox_id}",
+            "--network",
+            NETWORK,
+            f"--cpus={self.cpus}",
+            f"--memory={self.memory_mb}m",
+            f"--pids-limit={self.pids}",
+            "--security-opt",
+            "no-new-privileges",
+        ]
+        for name, value in env.items():
+            args += ["--env", f"{name}={value}"]
+        return await docker(*args, image)
+
+    async def remove(self, handle: str) -> None:
+        code, _, err = await _run("rm", "--force", handle)
+        # A container already gone is what we wanted; other failures should surface.
+        if code != 0 and await exists("container", handle):
+            raise DockerError(f"could not remove container {handle[:12]}: {err}")
+
+    async def is_running(self, handle: str) -> tuple[bool, str]:
+        code, state, _ = await _run("inspect", "--format", "{{.State.Status}}", handle)
+        return code == 0 and state == "running", state if code == 0 else "missing"
+
+    async def _ensure_network(self) -> str:
+        if not await exists("network", NETWORK):
+            await docker(
+                "network",
+                "create",
+                "--internal",
+                "--opt",
+                f"com.docker.network.bridge.name={BRIDGE}",
+                "--opt",
+                "com.docker.network.bridge.enable_icc=false",
+                NETWORK,
+            )
+        return await docker(
+            "network", "inspect", NETWORK, "--format", "{{(index .IPAM.Config 0).Gateway}}"
+        )
+
+    def _ensure_firewall(self) -> None:
+        """Sandboxes may reach the host on the gateway's port and nothing else."""
+        if shutil.which("iptables") is None:
+            raise DockerError("iptables is not installed: run `make setup`")
+        if not _iptables("-N", FIREWALL_CHAIN):
+            _iptables("-F", FIREWALL_CHAIN)
+        _iptables(
+            "-A", FIREWALL_CHAIN, "-p", "tcp", "--dport", str(self.gateway_port), "-j", "ACCEPT"
+        )
+        _iptables("-A", FIREWALL_CHAIN, "-j", "DROP")
+        if not _iptables("-C", "INPUT", "-i", BRIDGE, "-j", FIREWALL_CHAIN):
+            _iptables("-I", "INPUT", "1", "-i", BRIDGE, "-j", FIREWALL_CHAIN)
+
+    async def ensure_image(self, template: str) -> str:
+        folder = vm_templates.path(template)
+        base = f"berth-base-{template}:{vm_templates.fingerprint(folder / 'packages')}"
+        image = (
+            f"berth-sandbox-{template}:"
+            f"{vm_templates.fingerprint(folder, Path(guest_agent.__file__).parent)}"
+        )
+        if await exists("image", image):
+            return image
+        if not await exists("image", base):
+            await asyncio.to_thread(self._build_base, template, base)
+        log.info("building %s", image)
+        with tempfile.TemporaryDirectory(dir=self.build_dir) as context:
+            shutil.copytree(
+                Path(guest_agent.__file__).parent,
+                Path(context) / "guest_agent",
+                ignore=shutil.ignore_patterns("__pycache__"),
+            )
+            shutil.copy(folder / "Dockerfile", context)
+            # The classic builder uses the local base image as is; BuildKit would try a pull.
+            process = await asyncio.create_subprocess_exec(
+                "docker",
+                "build",
+                "--build-arg",
+                f"BASE={base}",
+                "--tag",
+                image,
+                "--quiet",
+                context,
+                env={**os.environ, "DOCKER_BUILDKIT": "0"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            _, err = await process.communicate()
+            if process.returncode != 0:
+                raise DockerError(f"building {image} failed: {err.decode().strip()}")
+        return image
+
+    def _build_base(self, template: str, tag: str) -> None:
+        """debootstrap the template's packages and import the tree as an image (~1 min)."""
+        if shutil.which("debootstrap") is None:
+            raise DockerError("debootstrap is not installed: run `make setup`")
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        rootfs = Path(tempfile.mkdtemp(prefix="rootfs-", dir=self.build_dir))
+        try:
+            log.info("debootstrap of template %r into %s (about a minute)", template, rootfs)
+            subprocess.run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    "--include=" + ",".join(vm_templates.packages(template)),
+                    "bookworm",
+                    str(rootfs),
+                    self.mirror,
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+            subprocess.run(
+                ["docker", "import", "-", tag],
+                stdin=tar.stdout,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            if tar.wait() != 0:
+                raise DockerError("tar of the root filesystem failed")
+        finally:
+            shutil.rmtree(rootfs, ignore_errors=True)

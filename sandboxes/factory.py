@@ -1,0 +1,25 @@
+"""The provider that the settings name."""
+
+from __future__ import annotations
+
+from berth.settings import Settings
+from sandboxes.docker import DockerProvider
+from sandboxes.gateway import GuestGateway
+from sandboxes.provider import SandboxProvider
+
+
+def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
+    match settings.sandbox_provider:
+        case "docker":
+            return DockerProvider(
+                gateway,
+                settings.signing_key(),
+                settings.host_id,
+                settings.host_task_queue,
+                gateway_port=settings.gateway_port,
+                build_dir=settings.data_dir / "build",
+                mirror=settings.debian_mirror,
+                cpus=settings.sandbox_cpus,
+                memory_mb=settings.sandbox_memory_mb,
+                pids=settings.sandbox_pids,
+            )

@@ -1,0 +1,198 @@
+"""The guest gateway: the WebSocket server that guest agents dial out to.
+
+It runs beside the sandbox host's Temporal worker. A command is tracked here by its
+``exec_id`` until its exit arrives, across reconnects of the guest: when a guest comes back,
+every command still open for it is sent again with the last output sequence seen, and the
+guest replays only what was missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from guest_agent import protocol
+from sandboxes.models import Step, StepOutcome
+from sandboxes.tokens import check_guest_token
+
+log = logging.getLogger("berth.gateway")
+
+HELLO_TIMEOUT_S = 10.0
+
+OutputSink = Callable[[str, str], Awaitable[None]]
+
+
+class GuestUnavailable(RuntimeError):
+    """The guest did not connect, or did not come back in time."""
+
+
+@dataclass
+class _Open:
+    """A command sent to a guest whose exit has not arrived yet."""
+
+    exec_id: str
+    step: Step
+    timeout_s: float
+    last_seq: int = 0
+    inbox: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+
+    def exec_message(self) -> str:
+        return json.dumps(
+            {
+                "type": protocol.EXEC,
+                "exec_id": self.exec_id,
+                "step": self.step.model_dump(),
+                "timeout_s": self.timeout_s,
+                "after_seq": self.last_seq,
+            }
+        )
+
+
+@dataclass
+class _Guest:
+    connection: ServerConnection | None = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    open: dict[str, _Open] = field(default_factory=dict)
+
+
+class GuestGateway:
+    def __init__(self, key: bytes, reconnect_grace_s: float = 30.0) -> None:
+        self._key = key
+        self._grace = reconnect_grace_s
+        self._guests: dict[str, _Guest] = {}
+        self._server: Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await serve(self._serve, host, port, ping_interval=5, max_size=None)
+        log.info("guest gateway listening on %s:%d", host, port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def is_connected(self, sandbox_id: str) -> bool:
+        guest = self._guests.get(sandbox_id)
+        return guest is not None and guest.connected.is_set()
+
+    async def wait_connected(self, sandbox_id: str, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._guest(sandbox_id).connected.wait(), timeout_s)
+        except TimeoutError:
+            raise GuestUnavailable(
+                f"guest agent of sandbox {sandbox_id} did not connect within {timeout_s:.0f} s"
+            ) from None
+
+    def forget(self, sandbox_id: str) -> None:
+        """Drop a sandbox that is being destroyed; its machine's end closes the link."""
+        self._guests.pop(sandbox_id, None)
+
+    async def run(
+        self,
+        sandbox_id: str,
+        exec_id: str,
+        step: Step,
+        timeout_s: float,
+        on_output: OutputSink,
+        after_seq: int = 0,
+    ) -> StepOutcome:
+        """Run ``step`` in the guest (or re-attach to it), feeding output to ``on_output``."""
+        guest = self._guest(sandbox_id)
+        command = guest.open.get(exec_id)
+        if command is None:
+            command = _Open(exec_id, step, timeout_s, last_seq=after_seq)
+            guest.open[exec_id] = command
+        tail: list[str] = []
+        try:
+            await self._send(guest, command.exec_message())
+            while True:
+                message = await self._next(guest, command)
+                if message["type"] == protocol.OUTPUT:
+                    if message["seq"] <= command.last_seq:
+                        continue  # replayed twice across a reconnect
+                    command.last_seq = message["seq"]
+                    tail.append(message["text"])
+                    del tail[:-200]
+                    await on_output(message["stream"], message["text"])
+                elif message["type"] == protocol.EXIT:
+                    return StepOutcome(
+                        exit_code=message["exit_code"],
+                        timed_out=message["timed_out"],
+                        error=message.get("error"),
+                        output_tail="".join(tail)[-4000:],
+                    )
+        except asyncio.CancelledError:
+            # The step was cancelled upstream: kill the command in the guest too.
+            with contextlib.suppress(Exception):
+                await self._send(guest, json.dumps({"type": protocol.CANCEL, "exec_id": exec_id}))
+            raise
+        finally:
+            guest.open.pop(exec_id, None)
+
+    def last_seq(self, sandbox_id: str, exec_id: str) -> int:
+        command = self._guest(sandbox_id).open.get(exec_id)
+        return command.last_seq if command else 0
+
+    def _guest(self, sandbox_id: str) -> _Guest:
+        return self._guests.setdefault(sandbox_id, _Guest())
+
+    async def _send(self, guest: _Guest, message: str) -> None:
+        if guest.connection is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await guest.connection.send(message)
+        # If not connected, the message goes out when the guest comes back (see _serve).
+
+    async def _next(self, guest: _Guest, command: _Open) -> dict[str, Any]:
+        while True:
+            try:
+                return await asyncio.wait_for(command.inbox.get(), timeout=self._grace)
+            except TimeoutError:
+                if not guest.connected.is_set():
+                    raise GuestUnavailable(
+                        f"guest lost for more than {self._grace:.0f} s"
+                    ) from None
+                # Connected and quiet: a long command with no output. Keep waiting.
+
+    async def _serve(self, ws: ServerConnection) -> None:
+        try:
+            hello = json.loads(await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S))
+        except (TimeoutError, ConnectionClosed, ValueError):
+            await ws.close(protocol.CLOSE_UNAUTHORIZED, "expected hello")
+            return
+        sandbox_id = str(hello.get("sandbox_id", ""))
+        if hello.get("type") != protocol.HELLO or not check_guest_token(
+            self._key, sandbox_id, str(hello.get("token", ""))
+        ):
+            log.warning("refused guest claiming sandbox %r", sandbox_id)
+            await ws.close(protocol.CLOSE_UNAUTHORIZED, "bad token")
+            return
+        guest = self._guest(sandbox_id)
+        if guest.connection is not None:
+            await guest.connection.close()  # the newer link wins
+        guest.connection = ws
+        guest.connected.set()
+        log.info("guest of sandbox %s connected", sandbox_id)
+        try:
+            await ws.send(json.dumps({"type": protocol.WELCOME}))
+            for command in list(guest.open.values()):
+                await ws.send(command.exec_message())  # re-attach after a reconnect
+            async for raw in ws:
+                message = json.loads(raw)
+                target = guest.open.get(message.get("exec_id", ""))
+                if target is not None:
+                    target.inbox.put_nowait(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            if guest.connection is ws:
+                guest.connection = None
+                guest.connected.clear()
+                log.info("guest of sandbox %s disconnected", sandbox_id)

@@ -1,0 +1,85 @@
+"""The sandbox provider interface.
+
+A provider makes and removes machines (containers now, libvirt VMs next); everything that
+goes through the guest agent (waiting for it, running steps) is shared and goes through the
+gateway, whatever the machine is.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from sandboxes.gateway import GuestGateway, OutputSink
+from sandboxes.models import Health, SandboxInfo, Step, StepOutcome
+from sandboxes.tokens import guest_token
+
+
+class SandboxProvider(abc.ABC):
+    name: str
+
+    def __init__(self, gateway: GuestGateway, key: bytes, host_id: str, task_queue: str) -> None:
+        self.gateway = gateway
+        self._key = key
+        self.host_id = host_id
+        self.task_queue = task_queue
+
+    @abc.abstractmethod
+    async def prepare(self) -> None:
+        """Make the host ready (engine, network, images). Called once at worker start."""
+
+    @abc.abstractmethod
+    async def create(self, sandbox_id: str, template: str, env: dict[str, str]) -> str:
+        """Start a machine whose guest agent dials in with ``env``; return its handle."""
+
+    @abc.abstractmethod
+    async def remove(self, handle: str) -> None:
+        """Stop and delete the machine. Removing one that is gone is not an error."""
+
+    @abc.abstractmethod
+    async def is_running(self, handle: str) -> tuple[bool, str]:
+        """Whether the machine runs, and the provider's word on its state."""
+
+    @abc.abstractmethod
+    def guest_url(self) -> str:
+        """The gateway's address as seen from inside a machine."""
+
+    async def provision(self, sandbox_id: str, session_id: str, template: str) -> SandboxInfo:
+        env = {
+            "BERTH_GUEST_URL": self.guest_url(),
+            "BERTH_SANDBOX_ID": sandbox_id,
+            "BERTH_GUEST_TOKEN": guest_token(self._key, sandbox_id),
+        }
+        handle = await self.create(sandbox_id, template, env)
+        return SandboxInfo(
+            id=sandbox_id,
+            session_id=session_id,
+            provider=self.name,
+            host_id=self.host_id,
+            task_queue=self.task_queue,
+            template=template,
+            handle=handle,
+        )
+
+    async def wait_connected(self, sandbox: SandboxInfo, timeout_s: float) -> None:
+        await self.gateway.wait_connected(sandbox.id, timeout_s)
+
+    async def run_step(
+        self,
+        sandbox: SandboxInfo,
+        exec_id: str,
+        step: Step,
+        timeout_s: float,
+        on_output: OutputSink,
+        after_seq: int = 0,
+    ) -> StepOutcome:
+        return await self.gateway.run(sandbox.id, exec_id, step, timeout_s, on_output, after_seq)
+
+    async def destroy(self, sandbox: SandboxInfo) -> None:
+        self.gateway.forget(sandbox.id)
+        await self.remove(sandbox.handle)
+
+    async def health(self, sandbox: SandboxInfo) -> Health:
+        running, detail = await self.is_running(sandbox.handle)
+        return Health(
+            running=running, guest_connected=self.gateway.is_connected(sandbox.id), detail=detail
+        )

@@ -1,0 +1,1 @@
+"""Persistence: tables, the append-only event log and its projection, migrations."""

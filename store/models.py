@@ -1,0 +1,130 @@
+"""Tables. Rows other than ``events`` are a read model projected from the event log."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, String, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class SessionStatus(StrEnum):
+    provisioning = "provisioning"
+    ready = "ready"
+    busy = "busy"
+    hibernated = "hibernated"
+    ended = "ended"
+    failed = "failed"
+
+
+class TaskStatus(StrEnum):
+    queued = "queued"
+    planning = "planning"
+    running = "running"
+    paused = "paused"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class StepStatus(StrEnum):
+    pending = "pending"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    skipped = "skipped"
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+
+    id: str = Field(default_factory=new_id, primary_key=True)
+    email: str = Field(index=True, unique=True, max_length=320)
+    password_hash: str
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class SessionRow(SQLModel, table=True):
+    __tablename__ = "sessions"
+
+    id: str = Field(default_factory=new_id, primary_key=True)
+    user_id: str = Field(foreign_key="users.id", index=True)
+    template: str = "default"
+    status: SessionStatus = Field(default=SessionStatus.provisioning, sa_type=String(16))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    # Highest event sequence number handed out; bumped atomically by each append.
+    last_seq: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    ended_at: datetime | None = None
+
+
+class TaskRow(SQLModel, table=True):
+    __tablename__ = "tasks"
+
+    id: str = Field(primary_key=True)
+    session_id: str = Field(foreign_key="sessions.id", index=True)
+    prompt: str = Field(sa_column=Column(Text, nullable=False))
+    status: TaskStatus = Field(default=TaskStatus.queued, sa_type=String(16))
+    result: str | None = Field(default=None, sa_column=Column(Text))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class StepRow(SQLModel, table=True):
+    __tablename__ = "steps"
+    __table_args__ = (UniqueConstraint("task_id", "index"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    task_id: str = Field(foreign_key="tasks.id", index=True)
+    index: int
+    kind: str
+    spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: StepStatus = Field(default=StepStatus.pending, sa_type=String(16))
+    exit_code: int | None = None
+    # The most recent output, capped: the full stream lives in the event log.
+    output: str = Field(default="", sa_column=Column(Text, nullable=False))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class SandboxRow(SQLModel, table=True):
+    __tablename__ = "sandboxes"
+
+    id: str = Field(primary_key=True)
+    session_id: str = Field(foreign_key="sessions.id", index=True)
+    provider: str
+    host_id: str
+    template: str
+    handle: str = Field(description="The provider's own name for it, e.g. a container id")
+    status: str = "running"
+    created_at: datetime = Field(default_factory=utcnow)
+    destroyed_at: datetime | None = None
+
+
+class Event(SQLModel, table=True):
+    __tablename__ = "events"
+    __table_args__ = (UniqueConstraint("session_id", "seq"), UniqueConstraint("session_id", "key"))
+
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: str = Field(foreign_key="sessions.id", index=True)
+    seq: int
+    type: str = Field(max_length=64)
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # Set by writers that may retry (Temporal activities), so a retry appends nothing twice.
+    key: str | None = Field(default=None, max_length=200)
+    created_at: datetime = Field(default_factory=utcnow)
