@@ -116,6 +116,12 @@ class SandboxActivities:
                 )
         except GuestUnavailable as exc:
             raise ApplicationError(str(exc), type="GuestUnavailable") from exc
+        except asyncio.CancelledError:
+            # A cancelled step is killed in the guest; a worker shutting down leaves it
+            # running, for the retry on another worker start to re-attach to.
+            if not activity.is_worker_shutdown():
+                await self.provider.cancel_step(request.sandbox, exec_id)
+            raise
         finally:
             await asyncio.shield(recorder.close())
         return outcome

@@ -1,0 +1,1 @@
+"""Berth's process entry points (``run``, ``worker``) and its settings."""

@@ -83,6 +83,10 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{(self.data_dir / 'berth.db').resolve()}"
 
     @property
+    def temporal_target(self) -> str:
+        return self.temporal_address or "127.0.0.1:7233"
+
+    @property
     def host_task_queue(self) -> str:
         return f"berth-host-{self.host_id}"
 

@@ -7,12 +7,12 @@ down, and the backend re-attaches to them by id once the guest is back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import websockets
@@ -125,9 +125,7 @@ class GuestAgent:
         """Send the command's output after ``after``, then its exit, over one connection."""
         while True:
             async with execution.changed:
-                await execution.changed.wait_for(
-                    lambda seen=after: execution.finished or bool(execution.lines_after(seen))
-                )
+                await execution.changed.wait_for(partial(_has_news, execution, after))
                 batch = execution.lines_after(after)
                 finished = execution.finished
             for line in batch:
@@ -157,9 +155,6 @@ class GuestAgent:
                 )
                 return
 
-    async def shutdown(self) -> None:
-        for execution in self.executions.values():
-            execution.kill()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+
+def _has_news(execution: Execution, after: int) -> bool:
+    return execution.finished or bool(execution.lines_after(after))

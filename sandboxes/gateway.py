@@ -129,13 +129,13 @@ class GuestGateway:
                         error=message.get("error"),
                         output_tail="".join(tail)[-4000:],
                     )
-        except asyncio.CancelledError:
-            # The step was cancelled upstream: kill the command in the guest too.
-            with contextlib.suppress(Exception):
-                await self._send(guest, json.dumps({"type": protocol.CANCEL, "exec_id": exec_id}))
-            raise
         finally:
             guest.open.pop(exec_id, None)
+
+    async def cancel(self, sandbox_id: str, exec_id: str) -> None:
+        """Kill a command in the guest (its exit still arrives, as for any command)."""
+        message = json.dumps({"type": protocol.CANCEL, "exec_id": exec_id})
+        await self._send(self._guest(sandbox_id), message)
 
     def last_seq(self, sandbox_id: str, exec_id: str) -> int:
         command = self._guest(sandbox_id).open.get(exec_id)

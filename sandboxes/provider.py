@@ -74,6 +74,9 @@ class SandboxProvider(abc.ABC):
     ) -> StepOutcome:
         return await self.gateway.run(sandbox.id, exec_id, step, timeout_s, on_output, after_seq)
 
+    async def cancel_step(self, sandbox: SandboxInfo, exec_id: str) -> None:
+        await self.gateway.cancel(sandbox.id, exec_id)
+
     async def destroy(self, sandbox: SandboxInfo) -> None:
         self.gateway.forget(sandbox.id)
         await self.remove(sandbox.handle)

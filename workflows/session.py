@@ -224,7 +224,9 @@ class SessionWorkflow:
         assert self.sandbox is not None
         step = task.steps[index]
         task.current = index
-        await self.record("step.started", {"task_id": task.id, "index": index})
+        await self.record(
+            "step.started", {"task_id": task.id, "index": index, "step": step.model_dump()}
+        )
         handle = workflow.start_activity_method(
             SandboxActivities.run_step,
             StepRequest(
@@ -259,6 +261,7 @@ class SessionWorkflow:
             {
                 "task_id": task.id,
                 "index": index,
+                "step": step.model_dump(),
                 "status": status,
                 "exit_code": outcome.exit_code if outcome else None,
                 "error": (outcome.error if outcome else error),

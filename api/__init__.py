@@ -1,0 +1,1 @@
+"""The HTTP API: stateless; state lives in the database and in Temporal."""

@@ -1,0 +1,71 @@
+"""The FastAPI application: JSON API, dashboard, health."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import text
+
+from api.deps import EngineDep, Problem, TemporalLink
+from api.routes import router
+from berth.settings import Settings, get_settings
+from store.db import get_engine, migrate
+from ui.pages import STATIC_DIR
+from ui.pages import router as ui_router
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(migrate, settings.db_url)
+        yield
+
+    app = FastAPI(
+        title="Berth",
+        summary="Autonomous agents, each in its own sandbox, orchestrated by Temporal.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = get_engine(settings.db_url)
+    app.state.temporal = TemporalLink(settings)
+
+    @app.exception_handler(Problem)
+    async def problem(request: Request, exc: Problem) -> Response:
+        if exc.status == 401 and not request.url.path.startswith("/api/"):
+            return RedirectResponse("/login", status_code=303)  # a page, not an API call
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz(request: Request, engine: EngineDep) -> JSONResponse:
+        checks: dict[str, Any] = {}
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {exc}"
+        try:
+            link: TemporalLink = request.app.state.temporal
+            await (await link.client()).service_client.check_health()
+            checks["temporal"] = "ok"
+        except Exception as exc:
+            checks["temporal"] = f"error: {exc}"
+        healthy = all(value == "ok" for value in checks.values())
+        return JSONResponse(
+            {"status": "ok" if healthy else "unavailable", **checks},
+            status_code=200 if healthy else 503,
+        )
+
+    app.include_router(router)
+    app.include_router(ui_router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,121 @@
+"""The JSON API under /api."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
+
+from api import service
+from api.deps import DbDep, EngineDep, Problem, SettingsDep, TemporalDep, UserDep
+from api.events import follow
+from api.schemas import (
+    Credentials,
+    Modification,
+    SessionCreate,
+    SessionOut,
+    TaskCreate,
+    TaskOut,
+    TaskRefOut,
+    TokenOut,
+    UserOut,
+)
+from workflows.models import TaskControl, TaskModification, TaskSubmission
+
+router = APIRouter(prefix="/api")
+
+
+@router.post("/auth/signup", status_code=201, response_model=UserOut, tags=["auth"])
+def signup(body: Credentials, db: DbDep) -> UserOut:
+    user = service.sign_up(db, body)
+    return UserOut(id=user.id, email=user.email)
+
+
+@router.post("/auth/token", tags=["auth"])
+def token(body: Credentials, db: DbDep, settings: SettingsDep) -> TokenOut:
+    return TokenOut(token=service.log_in(db, settings, body))
+
+
+@router.post("/sessions", status_code=201, tags=["sessions"])
+async def create_session(
+    db: DbDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    user: UserDep,
+    body: SessionCreate | None = None,
+) -> SessionOut:
+    template = (body or SessionCreate()).template
+    return service.session_out(await service.start_session(db, temporal, settings, user, template))
+
+
+@router.get("/sessions", tags=["sessions"])
+def list_sessions(db: DbDep, user: UserDep) -> list[SessionOut]:
+    return [service.session_out(row) for row in service.list_sessions(db, user)]
+
+
+@router.get("/sessions/{sid}", tags=["sessions"])
+def get_session(sid: str, db: DbDep, user: UserDep) -> SessionOut:
+    return service.session_out(service.own_session(db, user, sid))
+
+
+@router.delete("/sessions/{sid}", status_code=202, tags=["sessions"])
+async def end_session(sid: str, db: DbDep, temporal: TemporalDep, user: UserDep) -> SessionOut:
+    row = service.own_session(db, user, sid)
+    await service.end_session(temporal, row)
+    return service.session_out(row)
+
+
+@router.post("/sessions/{sid}/tasks", status_code=202, tags=["tasks"])
+async def submit_task(
+    sid: str, body: TaskCreate, db: DbDep, temporal: TemporalDep, user: UserDep
+) -> TaskRefOut:
+    row = service.own_session(db, user, sid)
+    return await service.update(temporal, row, "submit_task", TaskSubmission(prompt=body.prompt))
+
+
+@router.get("/sessions/{sid}/tasks/{tid}", tags=["tasks"])
+def get_task(sid: str, tid: str, db: DbDep, user: UserDep) -> TaskOut:
+    service.own_session(db, user, sid)
+    return service.task_out(db, sid, tid)
+
+
+@router.post("/sessions/{sid}/tasks/{tid}/{action}", tags=["tasks"])
+async def control_task(
+    sid: str,
+    tid: str,
+    action: str,
+    db: DbDep,
+    temporal: TemporalDep,
+    user: UserDep,
+    body: Modification | None = None,
+) -> TaskRefOut:
+    """``pause``, ``resume``, ``cancel``, or ``modify`` with ``{"instruction"}``."""
+    row = service.own_session(db, user, sid)
+    if action == "modify":
+        if body is None:
+            raise Problem(422, 'modify needs a body: {"instruction": "..."}')
+        change = TaskModification(task_id=tid, instruction=body.instruction)
+        return await service.update(temporal, row, "modify_task", change)
+    if action not in ("pause", "resume", "cancel"):
+        raise Problem(404, f"no task action {action!r}: pause, resume, cancel, modify")
+    return await service.update(temporal, row, f"{action}_task", TaskControl(task_id=tid))
+
+
+@router.get("/sessions/{sid}/events", tags=["sessions"], response_class=StreamingResponse)
+def session_events(
+    sid: str,
+    db: DbDep,
+    engine: EngineDep,
+    user: UserDep,
+    after: Annotated[int | None, Query(ge=0)] = None,
+    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: replays from ``Last-Event-ID`` (or ``?after=``), then live."""
+    service.own_session(db, user, sid)
+    start = last_event_id if last_event_id is not None else (after or 0)
+    return StreamingResponse(
+        follow(engine, sid, start),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,75 @@
+"""Request and response bodies of the JSON API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+import vm_templates
+from store.models import SessionStatus, StepStatus, TaskStatus
+from workflows.models import MAX_PROMPT_CHARS
+
+
+class Credentials(BaseModel):
+    email: str = Field(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")
+    password: str = Field(min_length=8, max_length=1024)
+
+
+class UserOut(BaseModel):
+    id: str
+    email: str
+
+
+class TokenOut(BaseModel):
+    token: str
+    token_type: str = "bearer"
+
+
+class SessionCreate(BaseModel):
+    template: str = Field(default=vm_templates.DEFAULT, max_length=64)
+
+
+class SessionOut(BaseModel):
+    id: str
+    status: SessionStatus
+    template: str
+    error: str | None
+    created_at: datetime
+    ended_at: datetime | None
+    events_url: str
+
+
+class TaskCreate(BaseModel):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+
+class Modification(BaseModel):
+    instruction: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+
+class TaskRefOut(BaseModel):
+    id: str
+    status: TaskStatus
+
+
+class StepOut(BaseModel):
+    index: int
+    kind: str
+    spec: dict[str, Any]
+    status: StepStatus
+    exit_code: int | None
+    output: str
+    error: str | None
+
+
+class TaskOut(BaseModel):
+    id: str
+    session_id: str
+    prompt: str
+    status: TaskStatus
+    steps: list[StepOut]
+    result: str | None
+    error: str | None
+    created_at: datetime

@@ -1,0 +1,146 @@
+"""What a user can do, shared by the JSON API and the dashboard.
+
+A session is a row plus a SessionWorkflow; everything that changes a running session is a
+Temporal update on that workflow, whose validators say no with a reason the user sees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+import vm_templates
+from api.deps import Problem
+from api.schemas import Credentials, SessionOut, StepOut, TaskOut, TaskRefOut
+from api.security import check_password, hash_password, issue_token
+from berth.settings import Settings
+from store.models import SessionRow, SessionStatus, StepRow, TaskRow, User
+from workflows.models import SessionInput, TaskRef
+from workflows.session import SessionWorkflow, workflow_id
+
+
+def sign_up(db: Session, credentials: Credentials) -> User:
+    user = User(email=credentials.email.lower(), password_hash=hash_password(credentials.password))
+    db.add(user)
+    try:
+        db.commit()
+    except IntegrityError:
+        raise Problem(409, f"{credentials.email} is registered already") from None
+    db.refresh(user)
+    return user
+
+
+def log_in(db: Session, settings: Settings, credentials: Credentials) -> str:
+    user = db.exec(select(User).where(User.email == credentials.email.lower())).first()
+    if user is None or not check_password(credentials.password, user.password_hash):
+        raise Problem(401, "wrong email or password")
+    return issue_token(settings.signing_key(), user.id, settings.token_ttl_hours * 3600)
+
+
+async def start_session(
+    db: Session, temporal: Client, settings: Settings, user: User, template: str
+) -> SessionRow:
+    if template not in vm_templates.names():
+        known = ", ".join(vm_templates.names())
+        raise Problem(422, f"no sandbox template {template!r}; known: {known}")
+    row = SessionRow(user_id=user.id, template=template)
+    db.add(row)
+    db.commit()
+    db.refresh(row)
+    try:
+        await temporal.start_workflow(
+            SessionWorkflow.run,
+            SessionInput(
+                session_id=row.id,
+                template=template,
+                host_task_queue=settings.host_task_queue,
+                idle_timeout_s=settings.session_idle_timeout_s,
+                step_timeout_s=settings.step_timeout_s,
+            ),
+            id=workflow_id(row.id),
+            task_queue=settings.task_queue,
+            static_summary=f"session of {user.email} ({template})",
+        )
+    except RPCError as exc:
+        row.status, row.error = SessionStatus.failed, f"could not start: {exc.message}"
+        db.add(row)
+        db.commit()
+        raise Problem(503, f"the orchestrator is unavailable: {exc.message}") from exc
+    return row
+
+
+def list_sessions(db: Session, user: User) -> list[SessionRow]:
+    query = select(SessionRow).where(SessionRow.user_id == user.id)
+    return list(db.exec(query.order_by(col(SessionRow.created_at).desc())))
+
+
+def own_session(db: Session, user: User, session_id: str) -> SessionRow:
+    row = db.get(SessionRow, session_id)
+    if row is None or row.user_id != user.id:
+        raise Problem(404, f"no session {session_id}")
+    return row
+
+
+def session_out(row: SessionRow) -> SessionOut:
+    return SessionOut(
+        id=row.id,
+        status=row.status,
+        template=row.template,
+        error=row.error,
+        created_at=row.created_at,
+        ended_at=row.ended_at,
+        events_url=f"/api/sessions/{row.id}/events",
+    )
+
+
+async def end_session(temporal: Client, row: SessionRow) -> None:
+    try:
+        await temporal.get_workflow_handle(workflow_id(row.id)).cancel()
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise Problem(503, f"the orchestrator is unavailable: {exc.message}") from exc
+        # Already over: ending it again is not an error.
+
+
+async def update(temporal: Client, row: SessionRow, name: str, argument: BaseModel) -> TaskRefOut:
+    """Run one of the workflow's updates; a validator's refusal becomes a 409."""
+    if row.status in (SessionStatus.ended, SessionStatus.failed):
+        raise Problem(409, f"session {row.id} has {row.status.value}")
+    handle = temporal.get_workflow_handle(workflow_id(row.id))
+    try:
+        ref: Any = await handle.execute_update(name, argument, result_type=TaskRef)
+    except WorkflowUpdateFailedError as exc:
+        # The validator's words, without Temporal's wrapping.
+        raise Problem(409, str(exc.cause or exc)) from exc
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise Problem(409, f"session {row.id} has ended") from exc
+        raise Problem(503, f"the orchestrator is unavailable: {exc.message}") from exc
+    return TaskRefOut(id=ref.id, status=ref.status)
+
+
+def task_out(db: Session, session_id: str, task_id: str) -> TaskOut:
+    task = db.get(TaskRow, task_id)
+    if task is None or task.session_id != session_id:
+        raise Problem(404, f"no task {task_id} in session {session_id}")
+    steps = db.exec(select(StepRow).where(StepRow.task_id == task.id).order_by(col(StepRow.index)))
+    return TaskOut(
+        id=task.id,
+        session_id=task.session_id,
+        prompt=task.prompt,
+        status=task.status,
+        result=task.result,
+        error=task.error,
+        created_at=task.created_at,
+        steps=[StepOut.model_validate(step, from_attributes=True) for step in steps],
+    )
+
+
+def list_tasks(db: Session, session_id: str) -> list[TaskRow]:
+    query = select(TaskRow).where(TaskRow.session_id == session_id)
+    return list(db.exec(query.order_by(col(TaskRow.created_at))))

@@ -1,0 +1,195 @@
+"""The dashboard: server-rendered pages, htmx for actions, SSE for live progress.
+
+It calls the same service functions as the JSON API; the only difference is that the user
+comes from a cookie and answers are HTML.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Form, Header, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.templating import Jinja2Templates
+from markupsafe import escape
+from pydantic import ValidationError
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+import vm_templates
+from api import service
+from api.deps import DbDep, EngineDep, Problem, SettingsDep, TemporalDep, user_from_token
+from api.events import follow, sse
+from api.schemas import Credentials
+from store.models import Event, StepRow, User
+from workflows.models import TaskControl, TaskSubmission
+
+HERE = Path(__file__).parent
+STATIC_DIR = HERE / "static"
+COOKIE = "berth_token"
+
+templates = Jinja2Templates(directory=HERE / "templates")
+router = APIRouter(include_in_schema=False)
+
+
+def page_user(request: Request, db: DbDep, settings: SettingsDep) -> User:
+    user = user_from_token(db, settings, request.cookies.get(COOKIE))
+    if user is None:
+        raise Problem(401, "log in first")
+    return user
+
+
+PageUser = Annotated[User, Depends(page_user)]
+
+
+def error_fragment(message: str, status: int = 200) -> HTMLResponse:
+    # htmx swaps 200 answers only; errors are shown where the action's result would go.
+    return HTMLResponse(f'<p class="error">{escape(message)}</p>', status_code=status)
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request, db: DbDep, settings: SettingsDep) -> Response:
+    user = user_from_token(db, settings, request.cookies.get(COOKIE))
+    if user is None:
+        return RedirectResponse("/login", status_code=303)
+    return templates.TemplateResponse(
+        request,
+        "index.html",
+        {
+            "user": user,
+            "sessions": service.list_sessions(db, user),
+            "templates": vm_templates.names(),
+        },
+    )
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request) -> Response:
+    return templates.TemplateResponse(request, "login.html", {"error": None})
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    email: Annotated[str, Form()],
+    password: Annotated[str, Form()],
+    action: Annotated[str, Form()] = "login",
+) -> Response:
+    try:
+        credentials = Credentials(email=email, password=password)
+        if action == "signup":
+            service.sign_up(db, credentials)
+        token = service.log_in(db, settings, credentials)
+    except ValidationError as exc:
+        error = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors())
+        return templates.TemplateResponse(request, "login.html", {"error": error}, 422)
+    except Problem as exc:
+        return templates.TemplateResponse(request, "login.html", {"error": exc.detail}, exc.status)
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(
+        COOKIE, token, httponly=True, samesite="lax", max_age=settings.token_ttl_hours * 3600
+    )
+    return response
+
+
+@router.post("/logout")
+def logout() -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE)
+    return response
+
+
+@router.post("/ui/sessions")
+async def start_session(
+    db: DbDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    user: PageUser,
+    template: Annotated[str, Form()] = vm_templates.DEFAULT,
+) -> Response:
+    try:
+        row = await service.start_session(db, temporal, settings, user, template)
+    except Problem as exc:
+        return error_fragment(exc.detail)
+    return Response(status_code=204, headers={"HX-Redirect": f"/sessions/{row.id}"})
+
+
+@router.get("/sessions/{sid}", response_class=HTMLResponse)
+def session_page(sid: str, request: Request, db: DbDep, user: PageUser) -> Response:
+    row = service.own_session(db, user, sid)
+    return templates.TemplateResponse(request, "session.html", {"user": user, "session": row})
+
+
+@router.post("/ui/sessions/{sid}/tasks", response_class=HTMLResponse)
+async def submit_task(
+    sid: str,
+    db: DbDep,
+    temporal: TemporalDep,
+    user: PageUser,
+    prompt: Annotated[str, Form()] = "",
+) -> Response:
+    try:
+        row = service.own_session(db, user, sid)
+        ref = await service.update(temporal, row, "submit_task", TaskSubmission(prompt=prompt))
+    except ValidationError:
+        return error_fragment("Type a task first: a description, or commands as '$ ...' lines.")
+    except Problem as exc:
+        return error_fragment(exc.detail)
+    return HTMLResponse(f'<p class="ok">Task {ref.id[:8]} queued.</p>')
+
+
+@router.post("/ui/sessions/{sid}/tasks/{tid}/{action}", response_class=HTMLResponse)
+async def control_task(
+    sid: str, tid: str, action: str, db: DbDep, temporal: TemporalDep, user: PageUser
+) -> Response:
+    if action not in ("pause", "resume", "cancel"):
+        return error_fragment(f"no action {action}")
+    try:
+        row = service.own_session(db, user, sid)
+        await service.update(temporal, row, f"{action}_task", TaskControl(task_id=tid))
+    except Problem as exc:
+        return error_fragment(exc.detail)
+    return HTMLResponse("")
+
+
+@router.post("/ui/sessions/{sid}/end", response_class=HTMLResponse)
+async def end_session(sid: str, db: DbDep, temporal: TemporalDep, user: PageUser) -> Response:
+    try:
+        await service.end_session(temporal, service.own_session(db, user, sid))
+    except Problem as exc:
+        return error_fragment(exc.detail)
+    return HTMLResponse('<p class="ok">Ending the session…</p>')
+
+
+@router.get("/ui/sessions/{sid}/events")
+def session_events(
+    sid: str,
+    db: DbDep,
+    engine: EngineDep,
+    user: PageUser,
+    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+) -> StreamingResponse:
+    service.own_session(db, user, sid)
+    fragments = templates.get_template("events.html").module
+
+    def render(event: Event) -> str:
+        context: dict[str, Any] = {"e": event, "d": event.data}
+        if event.type == "task.plan":
+            context["steps"] = _steps(engine, event.data["task_id"])
+        macro: Any = getattr(fragments, event.type.replace(".", "_"), None) or fragments.other  # type: ignore[attr-defined]
+        return sse(event, str(macro(**context)).strip())
+
+    return StreamingResponse(
+        follow(engine, sid, last_event_id or 0, render),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _steps(engine: Engine, task_id: str) -> list[StepRow]:
+    with Session(engine) as db:
+        query = select(StepRow).where(StepRow.task_id == task_id).order_by(col(StepRow.index))
+        return list(db.exec(query))
