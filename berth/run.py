@@ -25,11 +25,13 @@ def say(message: str) -> None:
     print(f"berth: {message}", flush=True)
 
 
-def wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+def wait_for_port(
+    name: str, host: str, port: int, process: subprocess.Popen[bytes], timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+            raise RuntimeError(f"{name} exited with {process.returncode}")
         try:
             socket.create_connection((host, port), timeout=1).close()
             return
@@ -69,11 +71,11 @@ class Supervisor:
                 ],
                 log=True,
             )  # fmt: skip
-            wait_for_port("127.0.0.1", 7233, temporal, timeout_s=60)
+            wait_for_port("temporal", "127.0.0.1", 7233, temporal, timeout_s=60)
         say("starting the worker (it builds the sandbox image on first use)")
         self.spawn("worker", [sys.executable, "-m", "berth.worker"])
         api = self.spawn("api", [sys.executable, "-m", "api"])
-        wait_for_port(self.settings.host, self.settings.port, api, timeout_s=60)
+        wait_for_port("api", self.settings.host, self.settings.port, api, timeout_s=60)
         say(f"dashboard   http://{self.settings.host}:{self.settings.port}/")
         say(f"API docs    http://{self.settings.host}:{self.settings.port}/docs")
         if self.settings.temporal_address is None:
