@@ -171,12 +171,13 @@ class DockerProvider(SandboxProvider):
         """Sandboxes may reach the host on the gateway's port and nothing else."""
         if shutil.which("iptables") is None:
             raise DockerError("iptables is not installed: run `make setup`")
-        if not _iptables("-N", FIREWALL_CHAIN):
-            _iptables("-F", FIREWALL_CHAIN)
-        _iptables(
-            "-A", FIREWALL_CHAIN, "-p", "tcp", "--dport", str(self.gateway_port), "-j", "ACCEPT"
-        )
-        _iptables("-A", FIREWALL_CHAIN, "-j", "DROP")
+        _iptables("-N", FIREWALL_CHAIN)
+        # Additive, so workers of several installs on one host (say, tests) can share it.
+        accept = ["-p", "tcp", "--dport", str(self.gateway_port), "-j", "ACCEPT"]
+        if not _iptables("-C", FIREWALL_CHAIN, *accept):
+            _iptables("-I", FIREWALL_CHAIN, "1", *accept)
+        if not _iptables("-C", FIREWALL_CHAIN, "-j", "DROP"):
+            _iptables("-A", FIREWALL_CHAIN, "-j", "DROP")
         if not _iptables("-C", "INPUT", "-i", BRIDGE, "-j", FIREWALL_CHAIN):
             _iptables("-I", "INPUT", "1", "-i", BRIDGE, "-j", FIREWALL_CHAIN)
 

@@ -1,0 +1,146 @@
+"""Planning: user-written plans, and a real LangChain client against a scripted
+OpenAI-compatible server on loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.planning import PlanningActivities, chat_model, parse_reply, user_plan
+from berth.settings import Settings
+from workflows.models import PlanRequest
+
+
+class ScriptedLLM(ThreadingHTTPServer):
+    """Answers /v1/chat/completions with the next scripted reply and keeps the requests."""
+
+    def __init__(self, replies: list[str]) -> None:
+        self.replies = replies
+        self.requests: list[dict[str, Any]] = []
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ScriptedLLM
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append({"path": self.path, "body": body, "auth": self.headers["Authorization"]})
+        reply = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": self.server.replies.pop(0)},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def llm() -> Iterator[ScriptedLLM]:
+    server = ScriptedLLM([])
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+
+
+def planner_for(server: ScriptedLLM) -> PlanningActivities:
+    host, port = server.server_address[:2]
+    settings = Settings(
+        llm_model="openai:test-model",
+        openai_base_url=f"http://{host!s}:{port}/v1",
+        openai_api_key="sk-test",
+    )
+    return PlanningActivities(chat_model(settings))
+
+
+def test_dollar_lines_are_a_plan_and_prose_is_not() -> None:
+    steps = user_plan("$ echo hello && uname -a\n\n  $ ls -la /  \n")
+    assert steps is not None
+    assert [s.command for s in steps] == ["echo hello && uname -a", "ls -la /"]
+    assert user_plan("list the files\n$ ls") is None
+    assert user_plan("   ") is None
+
+
+def test_replies_are_parsed_with_or_without_fences() -> None:
+    fenced = 'Sure!\n```json\n{"steps": [{"command": "df -h"}, {"command": " "}]}\n```'
+    assert [s.command for s in parse_reply(fenced)] == ["df -h"]
+    for bad in ("no json here", '{"steps": []}', '{"plan": 1}'):
+        with pytest.raises(ValueError):
+            parse_reply(bad)
+
+
+async def test_a_prose_task_is_planned_by_the_model_over_http(llm: ScriptedLLM) -> None:
+    llm.replies.append('{"steps": [{"command": "df -h /"}, {"command": "free -m"}]}')
+    plan = await ActivityEnvironment().run(
+        planner_for(llm).plan, PlanRequest(task_id="t", prompt="how full is the disk and memory?")
+    )
+    assert [s.command for s in plan.steps] == ["df -h /", "free -m"]
+    (request,) = llm.requests
+    assert request["path"] == "/v1/chat/completions"
+    assert request["auth"] == "Bearer sk-test"
+    assert request["body"]["model"] == "test-model"
+    assert "how full is the disk" in request["body"]["messages"][-1]["content"]
+
+
+async def test_a_modification_replans_with_what_was_done(llm: ScriptedLLM) -> None:
+    llm.replies.append('{"steps": [{"command": "du -sh /var"}]}')
+    from sandboxes.models import StepOutcome, TerminalStep
+    from workflows.models import DoneStep
+
+    request = PlanRequest(
+        task_id="t",
+        prompt="check the disk",
+        instruction="look at /var only",
+        done=[DoneStep(step=TerminalStep(command="df -h"), outcome=StepOutcome(exit_code=0, output_tail="42%"))],
+    )
+    plan = await ActivityEnvironment().run(planner_for(llm).plan, request)
+    assert [s.command for s in plan.steps] == ["du -sh /var"]
+    sent = llm.requests[0]["body"]["messages"][-1]["content"]
+    assert "look at /var only" in sent and "$ df -h" in sent and "42%" in sent
+
+
+async def test_a_bad_reply_is_a_retryable_error(llm: ScriptedLLM) -> None:
+    llm.replies.append("I cannot help with that.")
+    with pytest.raises(ApplicationError) as caught:
+        await ActivityEnvironment().run(planner_for(llm).plan, PlanRequest(task_id="t", prompt="x"))
+    assert caught.value.type == "BadPlan" and not caught.value.non_retryable
+
+
+async def test_prose_without_a_model_fails_fast_and_says_how_to_configure() -> None:
+    with pytest.raises(ApplicationError) as caught:
+        await ActivityEnvironment().run(
+            PlanningActivities(None).plan, PlanRequest(task_id="t", prompt="tidy my home dir")
+        )
+    assert caught.value.non_retryable
+    assert "BERTH_LLM_MODEL" in str(caught.value) and "'$ '" in str(caught.value)
+
+
+async def test_a_user_plan_needs_no_model() -> None:
+    plan = await ActivityEnvironment().run(
+        PlanningActivities(None).plan, PlanRequest(task_id="t", prompt="$ true")
+    )
+    assert [s.command for s in plan.steps] == ["true"]
