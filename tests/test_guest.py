@@ -118,7 +118,9 @@ async def test_cancel_kills_the_command(tmp_path: Path) -> None:
     async with guest_link(tmp_path) as link:
         await link.gateway.wait_connected(link.sandbox_id, 10)
         run = asyncio.create_task(
-            link.gateway.run(link.sandbox_id, "e4", TerminalStep(command="sleep 30"), 60, Collector())
+            link.gateway.run(
+                link.sandbox_id, "e4", TerminalStep(command="sleep 30"), 60, Collector()
+            )
         )
         await asyncio.sleep(0.5)
         await link.gateway.cancel(link.sandbox_id, "e4")

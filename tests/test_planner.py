@@ -32,7 +32,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append({"path": self.path, "body": body, "auth": self.headers["Authorization"]})
+        self.server.requests.append(
+            {"path": self.path, "body": body, "auth": self.headers["Authorization"]}
+        )
         reply = {
             "id": "chatcmpl-1",
             "object": "chat.completion",
@@ -115,7 +117,12 @@ async def test_a_modification_replans_with_what_was_done(llm: ScriptedLLM) -> No
         task_id="t",
         prompt="check the disk",
         instruction="look at /var only",
-        done=[DoneStep(step=TerminalStep(command="df -h"), outcome=StepOutcome(exit_code=0, output_tail="42%"))],
+        done=[
+            DoneStep(
+                step=TerminalStep(command="df -h"),
+                outcome=StepOutcome(exit_code=0, output_tail="42%"),
+            )
+        ],
     )
     plan = await ActivityEnvironment().run(planner_for(llm).plan, request)
     assert [s.command for s in plan.steps] == ["du -sh /var"]

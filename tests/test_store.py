@@ -61,14 +61,28 @@ def test_projection_follows_a_task_through_its_life(engine: Engine) -> None:
         events.record(db, sid, "task.queued", {"task_id": "t1", "prompt": "$ echo hi"})
         events.record(db, sid, "task.plan", {"task_id": "t1", "first": 0, "steps": [step, step]})
         events.record(db, sid, "step.started", {"task_id": "t1", "index": 0, "step": step})
-        events.record(db, sid, "step.output", {"task_id": "t1", "index": 0, "stream": "stdout", "text": "hi\n"})
-        events.record(db, sid, "step.finished", {"task_id": "t1", "index": 0, "status": "failed", "exit_code": 3})
-        events.record(db, sid, "task.status", {"task_id": "t1", "status": "failed", "error": "boom"})
+        events.record(
+            db,
+            sid,
+            "step.output",
+            {"task_id": "t1", "index": 0, "stream": "stdout", "text": "hi\n"},
+        )
+        events.record(
+            db,
+            sid,
+            "step.finished",
+            {"task_id": "t1", "index": 0, "status": "failed", "exit_code": 3},
+        )
+        events.record(
+            db, sid, "task.status", {"task_id": "t1", "status": "failed", "error": "boom"}
+        )
         db.expire_all()
         assert db.get(SessionRow, sid).status == "busy"  # type: ignore[union-attr]
         task = db.get(TaskRow, "t1")
         assert task is not None and task.status == "failed" and task.error == "boom"
-        steps = db.exec(select(StepRow).where(StepRow.task_id == "t1").order_by(StepRow.index)).all()
+        steps = db.exec(
+            select(StepRow).where(StepRow.task_id == "t1").order_by(StepRow.index)
+        ).all()
         assert [(s.status, s.exit_code, s.output) for s in steps] == [
             ("failed", 3, "hi\n"),
             ("skipped", None, ""),
@@ -81,8 +95,15 @@ def test_a_revised_plan_replaces_only_the_tail(engine: Engine) -> None:
         events.record(db, sid, "task.queued", {"task_id": "t2", "prompt": "p"})
         plan = [{"kind": "terminal", "command": c} for c in ("a", "b", "c")]
         events.record(db, sid, "task.plan", {"task_id": "t2", "steps": plan})
-        events.record(db, sid, "task.plan", {"task_id": "t2", "first": 1, "steps": [{"kind": "terminal", "command": "z"}]})
-        steps = db.exec(select(StepRow).where(StepRow.task_id == "t2").order_by(StepRow.index)).all()
+        events.record(
+            db,
+            sid,
+            "task.plan",
+            {"task_id": "t2", "first": 1, "steps": [{"kind": "terminal", "command": "z"}]},
+        )
+        steps = db.exec(
+            select(StepRow).where(StepRow.task_id == "t2").order_by(StepRow.index)
+        ).all()
         assert [s.spec["command"] for s in steps] == ["a", "z"]
 
 
