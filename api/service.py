@@ -110,7 +110,7 @@ async def end_session(temporal: Client, row: SessionRow) -> None:
 async def update(temporal: Client, row: SessionRow, name: str, argument: BaseModel) -> TaskRefOut:
     """Run one of the workflow's updates; a validator's refusal becomes a 409."""
     if row.status in (SessionStatus.ended, SessionStatus.failed):
-        raise Problem(409, f"session {row.id} has {row.status.value}")
+        raise Problem(409, f"session {row.id} has {row.status}")
     handle = temporal.get_workflow_handle(workflow_id(row.id))
     try:
         ref: Any = await handle.execute_update(name, argument, result_type=TaskRef)

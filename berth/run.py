@@ -63,15 +63,25 @@ class Supervisor:
             temporal = self.spawn(
                 "temporal",
                 [
-                    str(bin_dir / "temporal"), "server", "start-dev",
-                    "--db-filename", str((self.settings.data_dir / "temporal.db").resolve()),
-                    "--ip", "127.0.0.1", "--port", "7233",
-                    "--ui-port", str(self.settings.temporal_ui_port),
-                    "--log-level", "warn",
+                    str(bin_dir / "temporal"),
+                    "server",
+                    "start-dev",
+                    "--db-filename",
+                    str((self.settings.data_dir / "temporal.db").resolve()),
+                    "--ip",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.settings.temporal_port),
+                    "--ui-port",
+                    str(self.settings.temporal_ui_port),
+                    "--log-level",
+                    "warn",
                 ],
                 log=True,
-            )  # fmt: skip
-            wait_for_port("temporal", "127.0.0.1", 7233, temporal, timeout_s=60)
+            )
+            wait_for_port(
+                "temporal", "127.0.0.1", self.settings.temporal_port, temporal, timeout_s=60
+            )
         say("starting the worker (it builds the sandbox image on first use)")
         self.spawn("worker", [sys.executable, "-m", "berth.worker"])
         api = self.spawn("api", [sys.executable, "-m", "api"])

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     temporal_address: str | None = Field(
         default=None, description="host:port of Temporal; unset means `make run` starts one"
     )
+    temporal_port: int = Field(default=7233, description="Port of the embedded Temporal server")
     temporal_namespace: str = "default"
     temporal_ui_port: int = 8233
     task_queue: str = Field(default="berth-sessions", description="Workflow task queue")
@@ -84,7 +85,7 @@ class Settings(BaseSettings):
 
     @property
     def temporal_target(self) -> str:
-        return self.temporal_address or "127.0.0.1:7233"
+        return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
 
     @property
     def host_task_queue(self) -> str:
