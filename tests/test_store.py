@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import Engine, inspect
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from store import events
 from store.models import SessionRow, StepRow, TaskRow, User
@@ -14,7 +15,7 @@ from store.models import SessionRow, StepRow, TaskRow, User
 
 def new_session(engine: Engine) -> str:
     with Session(engine) as db:
-        user = User(email=f"{id(db)}@example.com", password_hash="x")
+        user = User(email=f"{uuid.uuid4().hex}@example.com", password_hash="x")
         db.add(user)
         db.flush()
         row = SessionRow(user_id=user.id)
@@ -81,7 +82,7 @@ def test_projection_follows_a_task_through_its_life(engine: Engine) -> None:
         task = db.get(TaskRow, "t1")
         assert task is not None and task.status == "failed" and task.error == "boom"
         steps = db.exec(
-            select(StepRow).where(StepRow.task_id == "t1").order_by(StepRow.index)
+            select(StepRow).where(StepRow.task_id == "t1").order_by(col(StepRow.index))
         ).all()
         assert [(s.status, s.exit_code, s.output) for s in steps] == [
             ("failed", 3, "hi\n"),
@@ -102,7 +103,7 @@ def test_a_revised_plan_replaces_only_the_tail(engine: Engine) -> None:
             {"task_id": "t2", "first": 1, "steps": [{"kind": "terminal", "command": "z"}]},
         )
         steps = db.exec(
-            select(StepRow).where(StepRow.task_id == "t2").order_by(StepRow.index)
+            select(StepRow).where(StepRow.task_id == "t2").order_by(col(StepRow.index))
         ).all()
         assert [s.spec["command"] for s in steps] == ["a", "z"]
 

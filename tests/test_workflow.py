@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio import activity
@@ -89,7 +90,7 @@ class Stubs:
     def types(self) -> list[str]:
         return [e.type for e in self.events]
 
-    def all(self) -> list[object]:
+    def all(self) -> list[Callable[..., Any]]:
         return [self.provision, self.destroy, self.plan, self.run_step, self.record]
 
 
@@ -122,7 +123,10 @@ def params(stubs: Stubs, template: str = "default") -> SessionInput:
 
 async def submit(client: Client, wf_id: str, prompt: str) -> TaskRef:
     handle = client.get_workflow_handle(wf_id)
-    return await handle.execute_update(SessionWorkflow.submit_task, TaskSubmission(prompt=prompt))
+    ref: TaskRef = await handle.execute_update(
+        "submit_task", result_type=TaskRef, arg=TaskSubmission(prompt=prompt)
+    )
+    return ref
 
 
 async def end(handle: WorkflowHandle) -> None:  # type: ignore[type-arg]
@@ -132,7 +136,7 @@ async def end(handle: WorkflowHandle) -> None:  # type: ignore[type-arg]
         await handle.result()
 
 
-async def until(predicate) -> None:  # type: ignore[no-untyped-def]
+async def until(predicate: Callable[[], bool]) -> None:
     """Poll what the stubs saw (they live in this process) for up to ten seconds."""
     async with asyncio.timeout(10):
         while not predicate():  # noqa: ASYNC110
@@ -208,20 +212,24 @@ async def test_pause_resume_modify_and_cancel(env: WorkflowEnvironment) -> None:
         ref = await submit(env.client, handle.id, "$ wait\n$ echo second\n$ echo third")
         await until(lambda: stubs.commands == ["wait"])
         control = TaskControl(task_id=ref.id)
-        assert (await handle.execute_update(SessionWorkflow.pause_task, control)).status == "paused"
+        assert (
+            await handle.execute_update("pause_task", result_type=TaskRef, arg=control)
+        ).status == "paused"
         with pytest.raises(WorkflowUpdateFailedError) as refused:
-            await handle.execute_update(SessionWorkflow.pause_task, control)
+            await handle.execute_update("pause_task", result_type=TaskRef, arg=control)
         assert "is paused, not planning" in str(refused.value.cause)
         with pytest.raises(WorkflowUpdateFailedError) as refused:
-            await handle.execute_update(SessionWorkflow.cancel_task, TaskControl(task_id="nope"))
+            await handle.execute_update(
+                "cancel_task", result_type=TaskRef, arg=TaskControl(task_id="nope")
+            )
         assert "no task nope" in str(refused.value.cause)
         change = TaskModification(task_id=ref.id, instruction="$ echo instead")
-        await handle.execute_update(SessionWorkflow.modify_task, change)
+        await handle.execute_update("modify_task", result_type=TaskRef, arg=change)
         stubs.release.set()
         await asyncio.sleep(0.3)
         assert stubs.commands == ["wait"]  # paused: nothing more runs
         assert (
-            await handle.execute_update(SessionWorkflow.resume_task, control)
+            await handle.execute_update("resume_task", result_type=TaskRef, arg=control)
         ).status == "running"
         await until(lambda: stubs.commands == ["wait", "echo instead"])
         plans = [e.data for e in stubs.events if e.type == "task.plan"]
@@ -231,7 +239,7 @@ async def test_pause_resume_modify_and_cancel(env: WorkflowEnvironment) -> None:
         second = await submit(env.client, handle.id, "$ wait\n$ echo never")
         await until(lambda: stubs.commands[-1] == "wait")
         cancelled = await handle.execute_update(
-            SessionWorkflow.cancel_task, TaskControl(task_id=second.id)
+            "cancel_task", result_type=TaskRef, arg=TaskControl(task_id=second.id)
         )
         assert cancelled.status == "cancelled"
         assert "echo never" not in stubs.commands
