@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -129,6 +130,19 @@ async def submit(client: Client, wf_id: str, prompt: str) -> TaskRef:
     return ref
 
 
+@contextlib.asynccontextmanager
+async def running(
+    env: WorkflowEnvironment, stubs: Stubs, session: SessionInput
+) -> AsyncIterator[WorkflowHandle]:  # type: ignore[type-arg]
+    """A worker with the stubs, and a session workflow started on it."""
+    async with Worker(
+        env.client, task_queue=stubs.queue, workflows=[SessionWorkflow], activities=stubs.all()
+    ):
+        yield await env.client.start_workflow(
+            SessionWorkflow.run, session, id=f"s-{session.session_id}", task_queue=stubs.queue
+        )
+
+
 async def end(handle: WorkflowHandle) -> None:  # type: ignore[type-arg]
     """End the session and wait for its clean-up, while the test's worker still runs."""
     await handle.cancel()
@@ -147,13 +161,7 @@ async def test_a_task_runs_its_steps_and_ending_the_session_destroys_the_sandbox
     env: WorkflowEnvironment,
 ) -> None:
     stubs = Stubs()
-    async with Worker(
-        env.client, task_queue=stubs.queue, workflows=[SessionWorkflow], activities=stubs.all()
-    ):
-        p = params(stubs)
-        handle = await env.client.start_workflow(
-            SessionWorkflow.run, p, id=f"s-{p.session_id}", task_queue=stubs.queue
-        )
+    async with running(env, stubs, params(stubs)) as handle:
         ref = await submit(env.client, handle.id, "$ echo hello\n$ uname -a")
         assert ref.status == "queued"
         await until(
@@ -179,13 +187,7 @@ async def test_a_task_runs_its_steps_and_ending_the_session_destroys_the_sandbox
 
 async def test_a_failing_step_fails_the_task_and_skips_the_rest(env: WorkflowEnvironment) -> None:
     stubs = Stubs()
-    async with Worker(
-        env.client, task_queue=stubs.queue, workflows=[SessionWorkflow], activities=stubs.all()
-    ):
-        p = params(stubs)
-        handle = await env.client.start_workflow(
-            SessionWorkflow.run, p, id=f"s-{p.session_id}", task_queue=stubs.queue
-        )
+    async with running(env, stubs, params(stubs)) as handle:
         await submit(env.client, handle.id, "$ false\n$ echo never")
         await until(
             lambda: any(
@@ -202,13 +204,7 @@ async def test_a_failing_step_fails_the_task_and_skips_the_rest(env: WorkflowEnv
 
 async def test_pause_resume_modify_and_cancel(env: WorkflowEnvironment) -> None:
     stubs = Stubs()
-    async with Worker(
-        env.client, task_queue=stubs.queue, workflows=[SessionWorkflow], activities=stubs.all()
-    ):
-        p = params(stubs)
-        handle = await env.client.start_workflow(
-            SessionWorkflow.run, p, id=f"s-{p.session_id}", task_queue=stubs.queue
-        )
+    async with running(env, stubs, params(stubs)) as handle:
         ref = await submit(env.client, handle.id, "$ wait\n$ echo second\n$ echo third")
         await until(lambda: stubs.commands == ["wait"])
         control = TaskControl(task_id=ref.id)
@@ -251,13 +247,7 @@ async def test_pause_resume_modify_and_cancel(env: WorkflowEnvironment) -> None:
 
 async def test_a_failed_provision_fails_the_session_cleanly(env: WorkflowEnvironment) -> None:
     stubs = Stubs()
-    async with Worker(
-        env.client, task_queue=stubs.queue, workflows=[SessionWorkflow], activities=stubs.all()
-    ):
-        p = params(stubs, template="broken")
-        handle = await env.client.start_workflow(
-            SessionWorkflow.run, p, id=f"s-{p.session_id}", task_queue=stubs.queue
-        )
+    async with running(env, stubs, params(stubs, template="broken")) as handle:
         with pytest.raises(WorkflowFailureError):
             await handle.result()
     assert stubs.destroyed == []
@@ -271,12 +261,8 @@ async def test_a_failed_provision_fails_the_session_cleanly(env: WorkflowEnviron
 async def test_an_idle_session_ends_itself(own_env: WorkflowEnvironment) -> None:
     env = own_env
     stubs = Stubs()
-    async with Worker(
-        env.client, task_queue=stubs.queue, workflows=[SessionWorkflow], activities=stubs.all()
-    ):
-        p = params(stubs).model_copy(update={"idle_timeout_s": 600})
-        handle = await env.client.start_workflow(
-            SessionWorkflow.run, p, id=f"s-{p.session_id}", task_queue=stubs.queue
-        )
+    async with running(
+        env, stubs, params(stubs).model_copy(update={"idle_timeout_s": 600})
+    ) as handle:
         state = await handle.result()  # the test server skips the ten idle minutes
     assert state.status == "ended" and stubs.destroyed == ["sbx"]
