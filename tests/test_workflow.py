@@ -23,7 +23,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from sandboxes.models import SandboxInfo, StepOutcome
-from tests.conftest import TEMPORAL_TEST_SERVER
+from tests.conftest import TEMPORAL, TEMPORAL_TEST_SERVER
 from workflows.models import (
     Plan,
     PlanRequest,
@@ -104,13 +104,19 @@ async def time_skipping() -> WorkflowEnvironment:
 
 @pytest.fixture(scope="module")
 async def env() -> AsyncIterator[WorkflowEnvironment]:
-    async with await time_skipping() as env:
+    """A real dev server for tests that drive a session step by step: the time-skipping
+    server hung now and then when a test polled while the session's timers were pending."""
+    async with await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(TEMPORAL),
+        data_converter=pydantic_data_converter,
+        dev_server_extra_args=["--log-level", "warn"],
+    ) as env:
         yield env
 
 
 @pytest.fixture
 async def own_env() -> AsyncIterator[WorkflowEnvironment]:
-    """A server of its own, for a test that lets time skip (others' timers would interfere)."""
+    """The time-skipping server, for the test that needs ten idle minutes to pass at once."""
     async with await time_skipping() as env:
         yield env
 
