@@ -9,13 +9,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := docker.io iptables debootstrap chromium npm
 STAMPS := .berth/stamps
 
-.PHONY: run test lint check setup sandbox-image lock clean
+.PHONY: run test lint check setup sandbox-image lock clean bench-spine
 
 run: setup
 	$(PY) -m berth run
 
 test: setup lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+bench-spine: setup
+	$(PY) -m bench.spine
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,5 @@
-"""Planning: a task's prompt becomes steps, written by the user or by a chat model.
-
-A prompt whose every non-empty line starts with ``$ `` is a plan already: one terminal step
-per line. Anything else goes to the model named by BERTH_LLM_MODEL through LangChain.
+"""Planning: a prose task becomes steps, planned by the chat model named by BERTH_LLM_MODEL
+through LangChain. (Plans written as ``$ `` lines never get here: the workflow parses them.)
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from temporalio.exceptions import ApplicationError
 from berth.settings import Settings
 from sandboxes.models import TerminalStep
 from workflows.models import Plan, PlanRequest
+from workflows.plans import MAX_PLAN_STEPS
 
 NO_MODEL = (
     "This task needs a planner model, and none is configured. Set BERTH_LLM_MODEL "
@@ -32,16 +31,6 @@ terminal, one command per step. Turn the user's task into the shortest sequence 
 commands that does it and shows the result. Each command runs non-interactively in a fresh
 bash in the home directory; a step fails the task if it exits non-zero.
 Reply with one JSON object and nothing else: {"steps": [{"command": "..."}]}"""
-
-MAX_STEPS = 50
-
-
-def user_plan(text: str) -> list[TerminalStep] | None:
-    """The steps of a prompt written as ``$ command`` lines, or None if it is prose."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines or not all(line.startswith("$ ") for line in lines):
-        return None
-    return [TerminalStep(command=line[2:].strip()) for line in lines]
 
 
 def chat_model(settings: Settings) -> BaseChatModel | None:
@@ -90,7 +79,7 @@ def parse_reply(text: str) -> list[TerminalStep]:
     steps = [TerminalStep(command=s.command.strip()) for s in reply.steps if s.command.strip()]
     if not steps:
         raise ValueError("the planner returned no steps")
-    return steps[:MAX_STEPS]
+    return steps[:MAX_PLAN_STEPS]
 
 
 def planner_messages(request: PlanRequest) -> list[SystemMessage | HumanMessage]:
@@ -114,9 +103,6 @@ class PlanningActivities:
 
     @activity.defn(name="PlanTask")
     async def plan(self, request: PlanRequest) -> Plan:
-        written = user_plan(request.instruction or request.prompt)
-        if written is not None:
-            return Plan(steps=written)
         if self.model is None:
             raise ApplicationError(NO_MODEL, type="NoPlannerModel", non_retryable=True)
         reply = await self.model.ainvoke(planner_messages(request))

@@ -1,4 +1,6 @@
-"""Recording progress: one event appended to the session's log and projected onto its rows."""
+"""Recording progress: the workflow's events appended to the session's log and projected
+onto its rows. Run as a local activity, in the workflow's own worker: a batch of events
+costs one marker in the history and no round trip through the server."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from sqlmodel import Session
 from temporalio import activity
 
 from store import events
-from workflows.models import ProgressEvent
+from workflows.models import ProgressBatch
 
 
 class ProgressActivities:
@@ -15,8 +17,7 @@ class ProgressActivities:
         self.engine = engine
 
     @activity.defn(name="RecordProgress")
-    def record(self, event: ProgressEvent) -> int | None:
-        """Returns the event's sequence number, or None if a retry had recorded it already."""
+    def record(self, batch: ProgressBatch) -> list[int]:
+        """The new events' sequence numbers (none for those a retry had recorded already)."""
         with Session(self.engine) as db:
-            recorded = events.record(db, event.session_id, event.type, event.data, event.key)
-        return recorded.seq if recorded else None
+            return [event.seq for event in events.append(db, batch.session_id, batch.events)]

@@ -4,7 +4,8 @@ guest's link ends in that host's gateway."""
 from __future__ import annotations
 
 import asyncio
-import uuid
+import contextlib
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlmodel import Session
@@ -16,56 +17,86 @@ from sandboxes.gateway import GuestUnavailable
 from sandboxes.models import SandboxInfo, StepOutcome
 from sandboxes.provider import SandboxProvider
 from store import events
+from store.events import OutputLine
 from workflows.models import SandboxRequest, StepRequest
 
-OUTPUT_FLUSH_S = 0.1
+# Output lines waiting for the database before the guest is held back.
+MAX_PENDING_LINES = 2000
+# How long a cancelled step waits for its command's exit after the kill.
+KILL_WAIT_S = 15.0
 
 
-class OutputRecorder:
-    """Turns a step's output lines into ``step.output`` events, a batch per ~100 ms, so a
-    chatty command costs a few writes a second rather than one per line."""
+def step_key(task_id: str, index: int, what: str) -> str:
+    """The event key of a step's start or end: the same in every attempt and in the
+    workflow, so whichever records it first wins."""
+    return f"step/{task_id}/{index}/{what}"
 
-    def __init__(self, engine: Engine, session_id: str, task_id: str, index: int) -> None:
+
+class StepRecorder:
+    """One step's life in the event log: started, its output (each line once across retried
+    attempts, in order, flushed as soon as the previous write is done), and finished."""
+
+    def __init__(self, engine: Engine, request: StepRequest) -> None:
         self._engine = engine
-        self._base = {"task_id": task_id, "index": index}
-        self._session_id = session_id
-        self._pending: list[tuple[str, str]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._session_id = request.sandbox.session_id
+        self._request = request
+        self._pending: list[OutputLine] = []
+        self._writer: asyncio.Task[None] | None = None
 
-    async def write(self, stream: str, text: str) -> None:
-        self._pending.append((stream, text))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_later())
+    def _data(self, **extra: Any) -> dict[str, Any]:
+        request = self._request
+        return {
+            "task_id": request.task_id,
+            "index": request.index,
+            "step": request.step.model_dump(),
+            **extra,
+        }
 
-    async def close(self) -> None:
-        if self._flusher is not None:
-            await self._flusher
-        await self._flush()
+    async def start(self) -> int:
+        """Record the start (once) and return the last output line an earlier attempt
+        stored: the guest replays from there."""
+        return await asyncio.to_thread(self._start)
 
-    async def _flush_later(self) -> None:
-        await asyncio.sleep(OUTPUT_FLUSH_S)
-        await self._flush()
-
-    async def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        runs: list[tuple[str, str]] = []
-        for stream, text in batch:  # one event per run of the same stream
-            if runs and runs[-1][0] == stream:
-                runs[-1] = (stream, runs[-1][1] + text)
-            else:
-                runs.append((stream, text))
-        if runs:
-            await asyncio.to_thread(self._record, runs)
-
-    def _record(self, runs: list[tuple[str, str]]) -> None:
+    def _start(self) -> int:
+        request = self._request
         with Session(self._engine) as db:
-            for stream, text in runs:
-                events.record(
-                    db,
-                    self._session_id,
-                    "step.output",
-                    {**self._base, "stream": stream, "text": text},
-                )
+            key = step_key(request.task_id, request.index, "started")
+            events.record(db, self._session_id, "step.started", self._data(), key)
+            return events.stored_output_seq(db, request.task_id, request.index)
+
+    async def write(self, seq: int, stream: str, text: str) -> None:
+        self._pending.append(OutputLine(seq, stream, text))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain())
+        elif len(self._pending) >= MAX_PENDING_LINES:
+            await asyncio.shield(self._writer)  # the database is behind: hold the guest
+
+    async def _drain(self) -> None:
+        # Lines that come while one write runs go together in the next.
+        while self._pending:
+            batch, self._pending = self._pending, []
+            await asyncio.to_thread(self._store, batch)
+
+    def _store(self, batch: list[OutputLine]) -> None:
+        request = self._request
+        with Session(self._engine) as db:
+            events.append_output(db, self._session_id, request.task_id, request.index, batch)
+
+    async def finish(self, status: str, outcome: StepOutcome | None, error: str | None) -> None:
+        if self._writer is not None:
+            await self._writer
+        data = self._data(
+            status=status,
+            exit_code=outcome.exit_code if outcome else None,
+            error=outcome.error if outcome else error,
+        )
+        request = self._request
+        key = step_key(request.task_id, request.index, "finished")
+        await asyncio.to_thread(self._finish, data, key)
+
+    def _finish(self, data: dict[str, Any], key: str) -> None:
+        with Session(self._engine) as db:
+            events.finish_step(db, self._session_id, data, key)
 
 
 class SandboxActivities:
@@ -76,54 +107,55 @@ class SandboxActivities:
 
     @activity.defn(name="ProvisionSandbox")
     async def provision(self, request: SandboxRequest) -> SandboxInfo:
-        """Start a sandbox and wait until its guest agent has dialled in."""
+        """Start the session's sandbox (or find the one an earlier attempt started) and wait
+        until its guest agent has dialled in."""
         sandbox = await self.provider.provision(
-            uuid.uuid4().hex, request.session_id, request.template
+            request.sandbox_id, request.session_id, request.template
         )
         try:
             async with heartbeating():
                 await self.provider.wait_connected(sandbox, self.connect_timeout_s)
         except BaseException:
-            # A retry makes a new sandbox; this one must not linger.
+            # A retry starts afresh under the same id; an ended session leaves no machine.
             await asyncio.shield(self.provider.destroy(sandbox))
             raise
         return sandbox
 
     @activity.defn(name="RunStep")
     async def run_step(self, request: StepRequest) -> StepOutcome:
-        """Run one step through the guest, recording its output as it comes.
+        """Run one step through the guest, recording its start, output and end.
 
         The command's id is the step's, so a retried attempt re-attaches to the command
-        rather than running it twice; the heartbeat carries the last output seen.
+        rather than running it twice, and resumes its output after the last line stored.
+        The command is killed only when the workflow asks: after a heartbeat timeout or a
+        worker shutdown it keeps running for the next attempt to re-attach to.
         """
+        sandbox = request.sandbox
         exec_id = f"{request.task_id}-{request.index}"
-        details = activity.info().heartbeat_details
-        after_seq = int(details[0]) if details else 0
-        recorder = OutputRecorder(
-            self.engine, request.sandbox.session_id, request.task_id, request.index
+        recorder = StepRecorder(self.engine, request)
+        after_seq = await recorder.start()
+        run = asyncio.ensure_future(
+            self.provider.run_step(
+                sandbox, exec_id, request.step, request.timeout_s, recorder.write, after_seq
+            )
         )
         try:
-            async with heartbeating(
-                lambda: self.provider.gateway.last_seq(request.sandbox.id, exec_id) or after_seq
-            ):
-                outcome = await self.provider.run_step(
-                    request.sandbox,
-                    exec_id,
-                    request.step,
-                    request.timeout_s,
-                    recorder.write,
-                    after_seq,
-                )
+            async with heartbeating():
+                outcome = await asyncio.shield(run)
+        except asyncio.CancelledError:
+            details = activity.cancellation_details()
+            if details is None or not details.cancel_requested:
+                run.cancel()
+                raise
+            await self.provider.cancel_step(sandbox, exec_id)
+            killed: StepOutcome | None = None
+            with contextlib.suppress(Exception):
+                killed = await asyncio.wait_for(run, KILL_WAIT_S)
+            await recorder.finish("cancelled", killed, "cancelled")
+            raise
         except GuestUnavailable as exc:
             raise ApplicationError(str(exc), type="GuestUnavailable") from exc
-        except asyncio.CancelledError:
-            # A cancelled step is killed in the guest; a worker shutting down leaves it
-            # running, for the retry on another worker start to re-attach to.
-            if not activity.is_worker_shutdown():
-                await self.provider.cancel_step(request.sandbox, exec_id)
-            raise
-        finally:
-            await asyncio.shield(recorder.close())
+        await recorder.finish("succeeded" if outcome.ok else "failed", outcome, None)
         return outcome
 
     @activity.defn(name="DestroySandbox")

@@ -16,6 +16,7 @@ from api.deps import EngineDep, Problem, TemporalLink
 from api.routes import router
 from berth.settings import Settings, get_settings
 from store.db import get_engine, migrate
+from store.notify import Hub
 from ui.pages import STATIC_DIR
 from ui.pages import router as ui_router
 
@@ -26,7 +27,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(migrate, settings.db_url)
+        await app.state.hub.start()
         yield
+        await app.state.hub.stop()
 
     app = FastAPI(
         title="Berth",
@@ -37,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = get_engine(settings.db_url)
     app.state.temporal = TemporalLink(settings)
+    app.state.hub = Hub(app.state.engine)
 
     @app.exception_handler(Problem)
     async def problem(request: Request, exc: Problem) -> Response:

@@ -16,6 +16,7 @@ from api.security import read_token
 from berth.settings import Settings
 from berth.temporal import connect
 from store.models import User
+from store.notify import Hub
 
 
 class Problem(Exception):
@@ -62,6 +63,11 @@ class TemporalLink:
             return self._client
 
 
+def get_hub(request: Request) -> Hub:
+    hub: Hub = request.app.state.hub
+    return hub
+
+
 async def get_temporal(request: Request) -> Client:
     link: TemporalLink = request.app.state.temporal
     return await link.client()
@@ -71,6 +77,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 DbDep = Annotated[Session, Depends(get_db)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
+HubDep = Annotated[Hub, Depends(get_hub)]
 
 bearer = HTTPBearer(auto_error=False)
 

@@ -1,8 +1,9 @@
 """Server-Sent Events from a session's event log.
 
 The stream replays everything after the client's last seen sequence number, then follows
-the log. Following is by polling the table, which works unchanged with any number of API
-replicas and both databases.
+the log: it sleeps until the store's notification says the session's log grew (see
+store/notify.py), reads what is new with a short-lived connection, and ends after the
+session's final event. An idle stream holds no database connection.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 
+from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from api.deps import Problem
 from store import events
-from store.models import Event
+from store.models import Event, SessionRow
+from store.notify import Hub
 
-POLL_S = 0.2
 KEEPALIVE_S = 15.0
+READ_BATCH = 500
 
 
 def sse(event: Event, data: str, name: str | None = None) -> str:
@@ -33,24 +37,54 @@ def as_json(event: Event) -> str:
 
 
 async def follow(
-    engine: Engine, session_id: str, after: int, render: Callable[[Event], str] = as_json
+    engine: Engine,
+    hub: Hub,
+    session_id: str,
+    after: int,
+    render: Callable[[Event], str] = as_json,
 ) -> AsyncIterator[str]:
     def read(after: int) -> list[Event]:
         with Session(engine) as db:
-            return events.read_after(db, session_id, after)
+            return events.read_after(db, session_id, after, READ_BATCH)
 
-    idle = 0.0
-    yield "retry: 2000\n\n"
-    while True:
-        batch = await asyncio.to_thread(read, after)
-        for event in batch:
-            yield render(event)
-            after = event.seq
-        if batch:
-            idle = 0.0
-            continue
-        await asyncio.sleep(POLL_S)
-        idle += POLL_S
-        if idle >= KEEPALIVE_S:
-            idle = 0.0
-            yield ": keepalive\n\n"
+    with hub.watch(session_id) as bell:
+        yield "retry: 2000\n\n"
+        while True:
+            bell.clear()  # before the read, so a write during it wakes the next wait
+            batch = await asyncio.to_thread(read, after)
+            for event in batch:
+                yield render(event)
+                after = event.seq
+                if events.is_final(event):
+                    return
+            if len(batch) == READ_BATCH:
+                continue
+            try:
+                await asyncio.wait_for(bell.wait(), KEEPALIVE_S)
+            except TimeoutError:
+                # Also a read: a wake-up lost with a dropped notification costs no event.
+                yield ": keepalive\n\n"
+
+
+def stream(
+    db: Session,
+    engine: Engine,
+    hub: Hub,
+    row: SessionRow,
+    after: int,
+    render: Callable[[Event], str] = as_json,
+) -> Response:
+    """The response to a request for ``row``'s events after ``after``."""
+    if after > row.last_seq:
+        raise Problem(400, f"event {after} is beyond this session's last, {row.last_seq}")
+    finished = row.ended_at is not None and after == row.last_seq
+    # The request's connection goes back to the pool now, not when the stream ends.
+    db.close()
+    if finished:
+        # Nothing will follow; 204 tells an EventSource to stop reconnecting.
+        return Response(status_code=204)
+    return StreamingResponse(
+        follow(engine, hub, row.id, after, render),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

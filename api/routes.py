@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from api import service
-from api.deps import DbDep, EngineDep, Problem, SettingsDep, TemporalDep, UserDep
-from api.events import follow
+from api.deps import DbDep, EngineDep, HubDep, Problem, SettingsDep, TemporalDep, UserDep
+from api.events import stream
 from api.schemas import (
     Credentials,
     Modification,
@@ -68,10 +68,18 @@ async def end_session(sid: str, db: DbDep, temporal: TemporalDep, user: UserDep)
 
 @router.post("/sessions/{sid}/tasks", status_code=202, tags=["tasks"])
 async def submit_task(
-    sid: str, body: TaskCreate, db: DbDep, temporal: TemporalDep, user: UserDep
+    sid: str,
+    body: TaskCreate,
+    db: DbDep,
+    temporal: TemporalDep,
+    user: UserDep,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> TaskRefOut:
+    """Queue a task. Sent again with the same ``Idempotency-Key``, it is queued once and
+    the same task is answered."""
     row = service.own_session(db, user, sid)
-    return await service.update(temporal, row, "submit_task", TaskSubmission(prompt=body.prompt))
+    submission = TaskSubmission(prompt=body.prompt)
+    return await service.update(temporal, row, "submit_task", submission, idempotency_key)
 
 
 @router.get("/sessions/{sid}/tasks/{tid}", tags=["tasks"])
@@ -107,15 +115,13 @@ def session_events(
     sid: str,
     db: DbDep,
     engine: EngineDep,
+    hub: HubDep,
     user: UserDep,
     after: Annotated[int | None, Query(ge=0)] = None,
     last_event_id: Annotated[int | None, Header(ge=0)] = None,
-) -> StreamingResponse:
-    """Server-Sent Events: replays from ``Last-Event-ID`` (or ``?after=``), then live."""
-    service.own_session(db, user, sid)
+) -> Response:
+    """Server-Sent Events: replays from ``Last-Event-ID`` (or ``?after=``), then live; ends
+    after the session's final event (204 when there is nothing more to send)."""
+    row = service.own_session(db, user, sid)
     start = last_event_id if last_event_id is not None else (after or 0)
-    return StreamingResponse(
-        follow(engine, sid, start),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return stream(db, engine, hub, row, start)

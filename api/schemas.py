@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 import vm_templates
 from store.models import SessionStatus, StepStatus, TaskStatus
 from workflows.models import MAX_PROMPT_CHARS
+from workflows.plans import check_plan_size
 
 
 class Credentials(BaseModel):
@@ -42,11 +43,15 @@ class SessionOut(BaseModel):
 
 
 class TaskCreate(BaseModel):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: Annotated[
+        str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(check_plan_size)
+    ]
 
 
 class Modification(BaseModel):
-    instruction: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    instruction: Annotated[
+        str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(check_plan_size)
+    ]
 
 
 class TaskRefOut(BaseModel):

@@ -6,11 +6,12 @@ Temporal update on that workflow, whose validators say no with a reason the user
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -19,7 +20,7 @@ from api.deps import Problem
 from api.schemas import Credentials, SessionOut, StepOut, TaskOut, TaskRefOut
 from api.security import check_password, hash_password, issue_token
 from berth.settings import Settings
-from store.models import SessionRow, SessionStatus, StepRow, TaskRow, User
+from store.models import SessionRow, SessionStatus, StepRow, TaskRow, User, utcnow
 from workflows.models import SessionInput, TaskRef
 from workflows.session import SessionWorkflow, workflow_id
 
@@ -48,6 +49,17 @@ async def start_session(
     if template not in vm_templates.names():
         known = ", ".join(vm_templates.names())
         raise Problem(422, f"no sandbox template {template!r}; known: {known}")
+    live = db.exec(
+        select(func.count())
+        .select_from(SessionRow)
+        .where(SessionRow.user_id == user.id, col(SessionRow.ended_at).is_(None))
+    ).one()
+    if live >= settings.max_live_sessions:
+        raise Problem(
+            429,
+            f"you have {live} live sessions, the most allowed (BERTH_MAX_LIVE_SESSIONS); "
+            "end one first",
+        )
     row = SessionRow(user_id=user.id, template=template)
     db.add(row)
     db.commit()
@@ -68,6 +80,7 @@ async def start_session(
         )
     except RPCError as exc:
         row.status, row.error = SessionStatus.failed, f"could not start: {exc.message}"
+        row.ended_at = utcnow()
         db.add(row)
         db.commit()
         raise Problem(503, f"the orchestrator is unavailable: {exc.message}") from exc
@@ -107,13 +120,24 @@ async def end_session(temporal: Client, row: SessionRow) -> None:
         # Already over: ending it again is not an error.
 
 
-async def update(temporal: Client, row: SessionRow, name: str, argument: BaseModel) -> TaskRefOut:
-    """Run one of the workflow's updates; a validator's refusal becomes a 409."""
+async def update(
+    temporal: Client,
+    row: SessionRow,
+    name: str,
+    argument: BaseModel,
+    idempotency_key: str | None = None,
+) -> TaskRefOut:
+    """Run one of the workflow's updates; a validator's refusal becomes a 409. Temporal
+    runs an update once per id, so a retried request with the same key gets the first
+    answer."""
     if row.status in (SessionStatus.ended, SessionStatus.failed):
         raise Problem(409, f"session {row.id} has {row.status}")
     handle = temporal.get_workflow_handle(workflow_id(row.id))
+    update_id = None
+    if idempotency_key is not None:
+        update_id = f"{name}-{hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]}"
     try:
-        ref: Any = await handle.execute_update(name, argument, result_type=TaskRef)
+        ref: Any = await handle.execute_update(name, argument, id=update_id, result_type=TaskRef)
     except WorkflowUpdateFailedError as exc:
         # The validator's words, without Temporal's wrapping.
         raise Problem(409, str(exc.cause or exc)) from exc

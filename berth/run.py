@@ -1,8 +1,10 @@
 """``python -m berth run``: the whole system in the foreground.
 
-Starts what is not running yet (the Docker engine, the Temporal dev server unless
-BERTH_TEMPORAL_ADDRESS names one), then the worker and the API. Ctrl-C or SIGTERM, or any
-of them dying, stops everything it started, newest first.
+Migrates the database, then starts what is not running yet (the Docker engine, the Temporal
+dev server unless BERTH_TEMPORAL_ADDRESS names one), then the worker and the API. A child
+that dies is restarted after a backoff (1 s, doubling up to 30 s, back to 1 s once it has
+stayed up a minute); each child's pid is in ``<data dir>/run/<name>.pid``. Ctrl-C or SIGTERM
+stops everything it started, newest first.
 """
 
 from __future__ import annotations
@@ -12,13 +14,21 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from berth.settings import Settings, get_settings
 from sandboxes.docker import engine_running, start_engine
+from store.db import migrate
 
 STOP_GRACE_S = 15.0
+BACKOFF_MIN_S = 1.0
+BACKOFF_MAX_S = 30.0
+BACKOFF_RESET_S = 60.0  # a child up this long counts as healthy again
 
 
 def say(message: str) -> None:
@@ -40,24 +50,95 @@ def wait_for_port(
     raise RuntimeError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
 
 
+class Child:
+    """A process the supervisor keeps running: started by ``launch``, restarted with backoff."""
+
+    def __init__(
+        self, name: str, launch: Callable[[], subprocess.Popen[bytes]], pid_dir: Path
+    ) -> None:
+        self.name = name
+        self.launch = launch
+        self.pid_file = pid_dir / f"{name}.pid"
+        self.backoff_s = BACKOFF_MIN_S
+        self.restart_at: float | None = None  # set while a restart is pending
+        self.started_at = time.monotonic()
+        self.process = launch()
+        self.write_pid()
+
+    def tend(self) -> None:
+        """Notice that the process died, and restart it once its backoff has passed."""
+        if self.restart_at is None:
+            if self.process.poll() is not None:
+                self.schedule_restart(f"exited with {self.process.returncode}")
+            return
+        if time.monotonic() < self.restart_at:
+            return
+        self.restart_at = None
+        self.started_at = time.monotonic()
+        try:
+            self.process = self.launch()
+        except (OSError, RuntimeError) as exc:
+            self.schedule_restart(f"did not start ({exc})")
+            return
+        self.write_pid()
+
+    def write_pid(self) -> None:
+        # Written aside, then renamed: a reader never sees a half-written file.
+        draft = self.pid_file.with_name(f"{self.pid_file.name}.new")
+        draft.write_text(f"{self.process.pid}\n")
+        draft.replace(self.pid_file)
+
+    def schedule_restart(self, why: str) -> None:
+        now = time.monotonic()
+        if now - self.started_at >= BACKOFF_RESET_S:
+            self.backoff_s = BACKOFF_MIN_S
+        say(f"{self.name} {why}; restarting in {self.backoff_s:.0f} s")
+        self.restart_at = now + self.backoff_s
+        self.backoff_s = min(2 * self.backoff_s, BACKOFF_MAX_S)
+
+    def stop(self) -> None:
+        self.restart_at = None
+        self.pid_file.unlink(missing_ok=True)
+        if self.process.poll() is not None:
+            return
+        say(f"stopping {self.name}")
+        self.process.terminate()
+        try:
+            self.process.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.logs = settings.data_dir / "logs"
-        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.pids = settings.data_dir / "run"
+        self.children: list[Child] = []
 
     def spawn(self, name: str, args: list[str], log: bool = False) -> subprocess.Popen[bytes]:
-        sink = (self.logs / f"{name}.log").open("ab") if log else None
-        process = subprocess.Popen(args, stdout=sink, stderr=sink)
-        self.children.append((name, process))
-        return process
+        def launch() -> subprocess.Popen[bytes]:
+            if not log:
+                return subprocess.Popen(args)
+            with (self.logs / f"{name}.log").open("ab") as sink:
+                return subprocess.Popen(args, stdout=sink, stderr=sink)
+
+        child = Child(name, launch, self.pids)
+        self.children.append(child)
+        return child.process
 
     def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.pids.mkdir(parents=True, exist_ok=True)
+        # Once here, so that the worker and the API start on a schema that is already there.
+        say("migrating the database")
+        migrate(self.settings.db_url)
         bin_dir = Path(sys.executable).parent
         if self.settings.sandbox_provider == "docker" and not engine_running():
             say("starting the Docker engine")
-            self.children.append(("dockerd", start_engine(self.logs / "dockerd.log")))
+            log = self.logs / "dockerd.log"
+            self.children.append(Child("dockerd", lambda: start_engine(log), self.pids))
         if self.settings.temporal_address is None:
             say(f"starting Temporal (Web UI on port {self.settings.temporal_ui_port})")
             temporal = self.spawn(
@@ -92,24 +173,15 @@ class Supervisor:
             say(f"Temporal UI http://127.0.0.1:{self.settings.temporal_ui_port}/")
         say("Ctrl-C stops everything")
 
-    def watch(self) -> None:
+    def watch(self) -> NoReturn:
         while True:
-            for name, process in self.children:
-                if process.poll() is not None:
-                    say(f"{name} exited with {process.returncode}; stopping")
-                    return
+            for child in self.children:
+                child.tend()
             time.sleep(0.5)
 
     def stop(self) -> None:
-        for name, process in reversed(self.children):
-            if process.poll() is None:
-                say(f"stopping {name}")
-                process.terminate()
-                try:
-                    process.wait(STOP_GRACE_S)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        for child in reversed(self.children):
+            child.stop()
 
 
 def main() -> int:
@@ -122,10 +194,9 @@ def main() -> int:
     try:
         supervisor.start()
         supervisor.watch()
-        return 1
     except KeyboardInterrupt:
         return 0
-    except RuntimeError as exc:
+    except (RuntimeError, SQLAlchemyError) as exc:
         say(f"could not start: {exc}")
         return 1
     finally:

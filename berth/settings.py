@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     )
     gateway_port: int = Field(default=8765, description="Port guest agents connect to")
 
+    max_live_sessions: int = Field(
+        default=10, description="Sessions a user may have running at once"
+    )
     step_timeout_s: float = Field(default=600.0, description="Longest a single step may run")
     session_idle_timeout_s: float = Field(
         default=3600.0, description="An idle session ends itself after this long"

@@ -3,6 +3,8 @@ guest gateway that this host's sandboxes dial into.
 
 Two task queues: ``berth-sessions`` (workflows, planning, progress) can be served by any
 worker; ``berth-host-<id>`` only by the host whose gateway holds the sandboxes' links.
+The host also reconciles its machines with the sessions that own them, at start and then
+periodically, so a machine whose session is gone does not run on.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from activities.planning import PlanningActivities, chat_model
@@ -21,10 +26,32 @@ from berth.settings import Settings, get_settings
 from berth.temporal import connect
 from sandboxes.factory import make_provider
 from sandboxes.gateway import GuestGateway
+from sandboxes.reconcile import Owner, reconcile_forever
 from store.db import get_engine, migrate
-from workflows.session import SessionWorkflow
+from workflows.session import SessionWorkflow, workflow_id
 
 log = logging.getLogger("berth.worker")
+
+RECONCILE_EVERY_S = 60.0
+
+
+def session_owner(client: Client) -> Owner:
+    """The sandbox id a live session owns, asked of its workflow."""
+
+    async def owner(session_id: str) -> str | None:
+        handle = client.get_workflow_handle(workflow_id(session_id))
+        try:
+            described = await handle.describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
+        if described.status != WorkflowExecutionStatus.RUNNING:
+            return None
+        state = await handle.query(SessionWorkflow.state)
+        return state.sandbox.id if state.sandbox else None
+
+    return owner
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -50,6 +77,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             client,
             task_queue=settings.host_task_queue,
             activities=[sandbox.provision, sandbox.run_step, sandbox.destroy],
+            # Cancelling a step reaches it through a heartbeat: send one every second.
+            max_heartbeat_throttle_interval=timedelta(seconds=1),
+        )
+        reconciler = asyncio.create_task(
+            reconcile_forever(provider, session_owner(client), RECONCILE_EVERY_S, stop)
         )
         async with sessions, host:
             log.info(
@@ -59,6 +91,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             )  # fmt: skip
             await stop.wait()
             log.info("worker stopping")
+        await reconciler
     await gateway.stop()
 
 

@@ -135,6 +135,7 @@ class GuestAgent:
                             "type": protocol.OUTPUT,
                             "exec_id": execution.exec_id,
                             "seq": line.seq,
+                            "after_seq": after,
                             "stream": line.stream,
                             "text": line.text,
                         }
@@ -150,6 +151,7 @@ class GuestAgent:
                             "exit_code": execution.exit_code,
                             "timed_out": execution.timed_out,
                             "error": execution.error,
+                            "after_seq": after,
                         }
                     )
                 )

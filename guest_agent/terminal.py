@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import os
 import signal
 from dataclasses import dataclass, field
 
-from guest_agent.protocol import EXIT_TIMED_OUT
+from guest_agent.protocol import EXIT_TIMED_OUT, MAX_OUTPUT_CHUNK
 
 # Output kept per command for replay after a reconnect; older lines are dropped first.
 MAX_KEPT_LINES = 20_000
-READ_LIMIT = 1 << 20
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Execution:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _next_seq: int = 1
     _process: asyncio.subprocess.Process | None = None
+    _killed: bool = False
 
     @property
     def finished(self) -> bool:
@@ -48,6 +49,9 @@ class Execution:
         return self.lines[start:]
 
     async def run(self, workdir: str) -> None:
+        if self._killed:  # cancelled before it could start: do not start it at all
+            await self._finish(-signal.SIGKILL, error="cancelled before it started")
+            return
         try:
             self._process = await asyncio.create_subprocess_exec(
                 "/bin/bash",
@@ -58,11 +62,13 @@ class Execution:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # its own process group, so a kill takes children too
-                limit=READ_LIMIT,
+                limit=MAX_OUTPUT_CHUNK,
             )
         except OSError as exc:
             await self._finish(127, error=f"cannot start command: {exc}")
             return
+        if self._killed:
+            self.kill()  # cancelled while the process was being started
         process = self._process
         assert process.stdout is not None and process.stderr is not None
         readers = asyncio.gather(
@@ -78,21 +84,27 @@ class Execution:
         await self._finish(EXIT_TIMED_OUT if self.timed_out else code)
 
     def kill(self) -> None:
+        self._killed = True
         if self._process is not None and self._process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._process.pid, signal.SIGKILL)
 
     async def _read(self, stream: asyncio.StreamReader, name: str) -> None:
+        # Incremental, so that a character cut by a split of an overlong line stays whole.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while True:
             try:
                 chunk = await stream.readuntil(b"\n")
             except asyncio.IncompleteReadError as exc:
                 chunk = exc.partial  # the last line had no newline, or EOF
             except asyncio.LimitOverrunError as exc:
-                chunk = await stream.read(exc.consumed)  # an overlong line, in pieces
+                # An overlong line, in pieces; the buffer may hold more than the limit.
+                chunk = await stream.read(min(exc.consumed, MAX_OUTPUT_CHUNK))
+            text = decoder.decode(chunk, final=not chunk)
+            if text:
+                await self._append(name, text)
             if not chunk:
                 return
-            await self._append(name, chunk.decode(errors="replace"))
 
     async def _append(self, stream: str, text: str) -> None:
         async with self.changed:

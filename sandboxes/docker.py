@@ -15,12 +15,14 @@ import shutil
 import subprocess
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import guest_agent
 import vm_templates
 from sandboxes.gateway import GuestGateway
-from sandboxes.provider import SandboxProvider
+from sandboxes.models import Machine
+from sandboxes.provider import SandboxProvider, machine_name
 
 log = logging.getLogger("berth.docker")
 
@@ -28,6 +30,12 @@ NETWORK = "berth-sandbox"
 BRIDGE = "berth0"
 FIREWALL_CHAIN = "BERTH-SANDBOX"
 LABEL = "berth.sandbox"
+SESSION_LABEL = "berth.session"
+HOST_LABEL = "berth.host"
+# `docker ps` line of a machine: labels are ids (no tabs); CreatedAt, with spaces, comes last.
+MACHINE_FORMAT = (
+    '{{.ID}}\t{{.Label "berth.sandbox"}}\t{{.Label "berth.session"}}\t{{.State}}\t{{.CreatedAt}}'
+)
 
 
 class DockerError(RuntimeError):
@@ -117,18 +125,25 @@ class DockerProvider(SandboxProvider):
         assert self._gateway_ip, "prepare() first"
         return f"ws://{self._gateway_ip}:{self.gateway_port}/guest"
 
-    async def create(self, sandbox_id: str, template: str, env: dict[str, str]) -> str:
+    async def create(
+        self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]
+    ) -> str:
         image = await self.ensure_image(template)
+        name = machine_name(sandbox_id)
         args = [
             "run",
             "--detach",
             "--init",
             "--name",
-            f"berth-{sandbox_id}",
+            name,
             "--hostname",
             f"berth-{sandbox_id[:12]}",
             "--label",
             f"{LABEL}={sandbox_id}",
+            "--label",
+            f"{SESSION_LABEL}={session_id}",
+            "--label",
+            f"{HOST_LABEL}={self.host_id}",
             "--network",
             NETWORK,
             f"--cpus={self.cpus}",
@@ -137,9 +152,43 @@ class DockerProvider(SandboxProvider):
             "--security-opt",
             "no-new-privileges",
         ]
-        for name, value in env.items():
-            args += ["--env", f"{name}={value}"]
-        return await docker(*args, image)
+        for key, value in env.items():
+            args += ["--env", f"{key}={value}"]
+        code, handle, err = await _run(*args, image)
+        if code == 0:
+            return handle
+        # A retried provisioning finds the container of an earlier attempt under the name.
+        found, existing, _ = await _run(
+            "inspect", "--type", "container", "--format", "{{.Id}} {{.State.Status}}", name
+        )
+        if found != 0:
+            raise DockerError(f"docker run failed: {err}")
+        handle, state = existing.split()
+        if state != "running":
+            await docker("start", handle)
+        log.info("sandbox %s: reusing container %s (was %s)", sandbox_id, handle[:12], state)
+        return handle
+
+    async def machines(self) -> list[Machine]:
+        out = await docker(
+            "ps", "--all", "--no-trunc", "--filter", f"label={HOST_LABEL}={self.host_id}",
+            "--format", MACHINE_FORMAT,
+        )  # fmt: skip
+        machines = []
+        for line in out.splitlines():
+            handle, sandbox_id, session_id, state, created = line.split("\t")
+            # "2006-01-02 15:04:05 -0700 MST": the zone's name adds nothing to the offset.
+            created_at = datetime.strptime(created.rsplit(" ", 1)[0], "%Y-%m-%d %H:%M:%S %z")
+            machines.append(
+                Machine(
+                    sandbox_id=sandbox_id,
+                    session_id=session_id,
+                    handle=handle,
+                    state=state,
+                    created_at=created_at,
+                )
+            )
+        return machines
 
     async def remove(self, handle: str) -> None:
         code, _, err = await _run("rm", "--force", handle)
@@ -193,6 +242,7 @@ class DockerProvider(SandboxProvider):
         if not await exists("image", base):
             await asyncio.to_thread(self._build_base, template, base)
         log.info("building %s", image)
+        self.build_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.build_dir) as context:
             shutil.copytree(
                 Path(guest_agent.__file__).parent,

@@ -4,6 +4,10 @@ It runs beside the sandbox host's Temporal worker. A command is tracked here by 
 ``exec_id`` until its exit arrives, across reconnects of the guest: when a guest comes back,
 every command still open for it is sent again with the last output sequence seen, and the
 guest replays only what was missed.
+
+Each command's messages go through a bounded inbox: when its consumer (recording output)
+falls behind, the connection stops being read and TCP holds the guest back, instead of the
+backend buffering without bound.
 """
 
 from __future__ import annotations
@@ -26,8 +30,12 @@ from sandboxes.tokens import check_guest_token
 log = logging.getLogger("berth.gateway")
 
 HELLO_TIMEOUT_S = 10.0
+INBOX_SIZE = 256
+LOGGED_ID_CHARS = 64
 
-OutputSink = Callable[[str, str], Awaitable[None]]
+# Called as ``on_output(seq, stream, text)``; ``seq`` is the guest's per-command line number,
+# strictly increasing, so a consumer can store each line once across retries.
+OutputSink = Callable[[int, str, str], Awaitable[None]]
 
 
 class GuestUnavailable(RuntimeError):
@@ -42,7 +50,8 @@ class _Open:
     step: Step
     timeout_s: float
     last_seq: int = 0
-    inbox: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    inbox: asyncio.Queue[dict[str, Any]] = field(default_factory=lambda: asyncio.Queue(INBOX_SIZE))
 
     def exec_message(self) -> str:
         return json.dumps(
@@ -71,7 +80,9 @@ class GuestGateway:
         self._server: Server | None = None
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await serve(self._serve, host, port, ping_interval=5, max_size=None)
+        self._server = await serve(
+            self._serve, host, port, ping_interval=5, max_size=protocol.MAX_HELLO_SIZE
+        )
         log.info("guest gateway listening on %s:%d", host, port)
 
     async def stop(self) -> None:
@@ -115,14 +126,18 @@ class GuestGateway:
             await self._send(guest, command.exec_message())
             while True:
                 message = await self._next(guest, command)
+                # Only what follows the last line taken: a line seen twice (replayed across a
+                # reconnect) or from an attachment since replaced (it would skip lines) is not.
+                # A guest that predates ``after_seq`` is taken at its word.
+                follows = message.get("after_seq", command.last_seq) <= command.last_seq
                 if message["type"] == protocol.OUTPUT:
-                    if message["seq"] <= command.last_seq:
-                        continue  # replayed twice across a reconnect
+                    if not follows or message["seq"] <= command.last_seq:
+                        continue
                     command.last_seq = message["seq"]
                     tail.append(message["text"])
                     del tail[:-200]
-                    await on_output(message["stream"], message["text"])
-                elif message["type"] == protocol.EXIT:
+                    await on_output(message["seq"], message["stream"], message["text"])
+                elif message["type"] == protocol.EXIT and follows:
                     return StepOutcome(
                         exit_code=message["exit_code"],
                         timed_out=message["timed_out"],
@@ -131,11 +146,17 @@ class GuestGateway:
                     )
         finally:
             guest.open.pop(exec_id, None)
+            while not command.inbox.empty():
+                command.inbox.get_nowait()  # frees a read loop blocked on this full inbox
 
     async def cancel(self, sandbox_id: str, exec_id: str) -> None:
-        """Kill a command in the guest (its exit still arrives, as for any command)."""
-        message = json.dumps({"type": protocol.CANCEL, "exec_id": exec_id})
-        await self._send(self._guest(sandbox_id), message)
+        """Kill a command in the guest. Its exit still arrives, as for any command: a
+        ``run()`` in progress for it returns the killed process's exit code."""
+        guest = self._guest(sandbox_id)
+        command = guest.open.get(exec_id)
+        if command is not None:
+            command.cancelled = True  # sent again on re-attach, should this one be lost
+        await self._send(guest, _cancel_message(exec_id))
 
     def last_seq(self, sandbox_id: str, exec_id: str) -> int:
         command = self._guest(sandbox_id).open.get(exec_id)
@@ -162,18 +183,23 @@ class GuestGateway:
                 # Connected and quiet: a long command with no output. Keep waiting.
 
     async def _serve(self, ws: ServerConnection) -> None:
+        # An oversized hello never gets here: the connection closes with 1009 first.
         try:
             hello = json.loads(await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S))
         except (TimeoutError, ConnectionClosed, ValueError):
+            hello = None
+        if not isinstance(hello, dict):
             await ws.close(protocol.CLOSE_UNAUTHORIZED, "expected hello")
             return
         sandbox_id = str(hello.get("sandbox_id", ""))
         if hello.get("type") != protocol.HELLO or not check_guest_token(
             self._key, sandbox_id, str(hello.get("token", ""))
         ):
-            log.warning("refused guest claiming sandbox %r", sandbox_id)
+            log.warning("refused guest claiming sandbox %r", sandbox_id[:LOGGED_ID_CHARS])
             await ws.close(protocol.CLOSE_UNAUTHORIZED, "bad token")
             return
+        # Before the welcome, after which the guest may send output.
+        ws.protocol.max_message_size = protocol.MAX_FRAME_SIZE
         guest = self._guest(sandbox_id)
         if guest.connection is not None:
             await guest.connection.close()  # the newer link wins
@@ -184,11 +210,13 @@ class GuestGateway:
             await ws.send(json.dumps({"type": protocol.WELCOME}))
             for command in list(guest.open.values()):
                 await ws.send(command.exec_message())  # re-attach after a reconnect
+                if command.cancelled:
+                    await ws.send(_cancel_message(command.exec_id))
             async for raw in ws:
                 message = json.loads(raw)
                 target = guest.open.get(message.get("exec_id", ""))
                 if target is not None:
-                    target.inbox.put_nowait(message)
+                    await target.inbox.put(message)  # blocks reading while the inbox is full
         except ConnectionClosed:
             pass
         finally:
@@ -196,3 +224,7 @@ class GuestGateway:
                 guest.connection = None
                 guest.connected.clear()
                 log.info("guest of sandbox %s disconnected", sandbox_id)
+
+
+def _cancel_message(exec_id: str) -> str:
+    return json.dumps({"type": protocol.CANCEL, "exec_id": exec_id})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -31,6 +32,16 @@ class SandboxInfo(BaseModel):
     task_queue: str
     template: str
     handle: str
+
+
+class Machine(BaseModel):
+    """A machine found on a host, as its provider labelled it at creation."""
+
+    sandbox_id: str
+    session_id: str
+    handle: str
+    state: str
+    created_at: datetime
 
 
 class StepOutcome(BaseModel):

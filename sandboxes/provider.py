@@ -10,8 +10,13 @@ from __future__ import annotations
 import abc
 
 from sandboxes.gateway import GuestGateway, OutputSink
-from sandboxes.models import Health, SandboxInfo, Step, StepOutcome
+from sandboxes.models import Health, Machine, SandboxInfo, Step, StepOutcome
 from sandboxes.tokens import guest_token
+
+
+def machine_name(sandbox_id: str) -> str:
+    """The provider's name for a sandbox's machine (a container's, a domain's)."""
+    return f"berth-{sandbox_id}"
 
 
 class SandboxProvider(abc.ABC):
@@ -28,8 +33,17 @@ class SandboxProvider(abc.ABC):
         """Make the host ready (engine, network, images). Called once at worker start."""
 
     @abc.abstractmethod
-    async def create(self, sandbox_id: str, template: str, env: dict[str, str]) -> str:
-        """Start a machine whose guest agent dials in with ``env``; return its handle."""
+    async def create(
+        self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]
+    ) -> str:
+        """Start a machine whose guest agent dials in with ``env``; return its handle.
+
+        Idempotent per ``sandbox_id``: a retried provisioning gets the machine made before.
+        """
+
+    @abc.abstractmethod
+    async def machines(self) -> list[Machine]:
+        """Every machine of this host, whatever its state, for reconciliation."""
 
     @abc.abstractmethod
     async def remove(self, handle: str) -> None:
@@ -49,7 +63,7 @@ class SandboxProvider(abc.ABC):
             "BERTH_SANDBOX_ID": sandbox_id,
             "BERTH_GUEST_TOKEN": guest_token(self._key, sandbox_id),
         }
-        handle = await self.create(sandbox_id, template, env)
+        handle = await self.create(sandbox_id, session_id, template, env)
         return SandboxInfo(
             id=sandbox_id,
             session_id=session_id,
@@ -79,7 +93,8 @@ class SandboxProvider(abc.ABC):
 
     async def destroy(self, sandbox: SandboxInfo) -> None:
         self.gateway.forget(sandbox.id)
-        await self.remove(sandbox.handle)
+        # No handle yet when the session ended during provisioning: the name is known.
+        await self.remove(sandbox.handle or machine_name(sandbox.id))
 
     async def health(self, sandbox: SandboxInfo) -> Health:
         running, detail = await self.is_running(sandbox.handle)

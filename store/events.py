@@ -7,12 +7,14 @@ session's next sequence number and applies it to the ``sessions``/``tasks``/``st
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
+from pydantic import BaseModel, Field
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
+from store import notify
 from store.models import (
     Event,
     SandboxRow,
@@ -25,36 +27,145 @@ from store.models import (
     utcnow,
 )
 
+FINAL_STATUSES = (SessionStatus.ended, SessionStatus.failed)
+
+# The step row keeps the newest output for quick display; the log keeps it as events up to
+# a cap per step, past which lines are counted and only the tail is kept.
 OUTPUT_TAIL_CHARS = 64 * 1024
+OUTPUT_CAP_CHARS = 1024 * 1024
+
+
+class NewEvent(BaseModel):
+    """An event to append. ``key`` is set by writers that may retry (Temporal activities),
+    so a retry appends nothing twice."""
+
+    type: str
+    data: dict[str, Any] = Field(default_factory=dict)
+    key: str | None = None
+
+
+class OutputLine(NamedTuple):
+    seq: int  # the guest's per-command sequence number
+    stream: str
+    text: str
 
 
 def record(
     db: Session, session_id: str, type: str, data: dict[str, Any], key: str | None = None
 ) -> Event | None:
-    """Append an event and project it. Returns None when ``key`` was recorded before."""
-    if key is not None:
-        seen = db.exec(
-            select(Event.id).where(Event.session_id == session_id, Event.key == key)
-        ).first()
-        if seen is not None:
-            return None
-    # The UPDATE takes the session row's write lock, so concurrent writers queue here
-    # and each gets the next number.
-    seq = db.execute(
+    """Append one event and project it. Returns None when ``key`` was recorded before."""
+    appended = append(db, session_id, [NewEvent(type=type, data=data, key=key)])
+    return appended[0] if appended else None
+
+
+def append(db: Session, session_id: str, drafts: Sequence[NewEvent]) -> list[Event]:
+    """Append events in one transaction, skipping those whose key was recorded before."""
+    keys = [d.key for d in drafts if d.key is not None]
+    seen = (
+        set(
+            db.exec(
+                select(Event.key).where(Event.session_id == session_id, col(Event.key).in_(keys))
+            )
+        )
+        if keys
+        else set()
+    )
+    fresh = [d for d in drafts if d.key is None or d.key not in seen]
+    if not fresh:
+        return []
+    first = _take_seqs(db, session_id, len(fresh))
+    appended = [_add(db, session_id, first + n, d) for n, d in enumerate(fresh)]
+    notify.commit(db, session_id)
+    for event in appended:
+        db.refresh(event)
+    return appended
+
+
+def append_output(
+    db: Session, session_id: str, task_id: str, index: int, lines: Sequence[OutputLine]
+) -> int:
+    """Store a step's output lines once each, in guest order, up to the per-step cap.
+
+    Lines at or below the step's stored sequence number were stored by an earlier attempt
+    and are skipped. Returns the step's stored sequence number afterwards.
+    """
+    step = _find_step(db, task_id, index)
+    fresh = [line for line in lines if line.seq > step.output_seq]
+    if not fresh:
+        return step.output_seq
+    room = max(0, OUTPUT_CAP_CHARS - step.output_chars)
+    runs: list[list[str]] = []  # [stream, text]: one event per run of one stream
+    for line in fresh:
+        kept = line.text[:room]
+        room -= len(kept)
+        step.output_chars += len(kept)
+        step.dropped_chars += len(line.text) - len(kept)
+        if kept and runs and runs[-1][0] == line.stream:
+            runs[-1][1] += kept
+        elif kept:
+            runs.append([line.stream, kept])
+    step.output_seq = fresh[-1].seq
+    step.output = (step.output + "".join(line.text for line in fresh))[-OUTPUT_TAIL_CHARS:]
+    db.add(step)
+    base = {"task_id": task_id, "index": index}
+    drafts = [
+        NewEvent(type="step.output", data={**base, "stream": stream, "text": text})
+        for stream, text in runs
+    ]
+    if drafts:
+        first = _take_seqs(db, session_id, len(drafts))
+        for n, draft in enumerate(drafts):
+            _add(db, session_id, first + n, draft)
+    notify.commit(db, session_id)
+    return step.output_seq
+
+
+def finish_step(db: Session, session_id: str, data: dict[str, Any], key: str) -> None:
+    """Record ``step.finished``; if output was dropped, first a note saying how much, with
+    the tail of what was dropped."""
+    if db.exec(select(Event.id).where(Event.session_id == session_id, Event.key == key)).first():
+        return
+    step = _find_step(db, data["task_id"], data["index"])
+    drafts: list[NewEvent] = []
+    if step.dropped_chars:
+        tail = step.output[-min(step.dropped_chars, OUTPUT_TAIL_CHARS) :]
+        note = (
+            f"\n[{step.dropped_chars} characters of output past the first {step.output_chars}"
+            f" were not kept; the last {len(tail)} follow]\n"
+        )
+        base = {"task_id": step.task_id, "index": step.index}
+        drafts = [
+            NewEvent(type="step.output", data={**base, "stream": stream, "text": text})
+            for stream, text in (("note", note), ("stdout", tail))
+        ]
+    append(db, session_id, [*drafts, NewEvent(type="step.finished", data=data, key=key)])
+
+
+def stored_output_seq(db: Session, task_id: str, index: int) -> int:
+    return _find_step(db, task_id, index).output_seq
+
+
+def _take_seqs(db: Session, session_id: str, count: int) -> int:
+    """Reserve ``count`` sequence numbers; returns the first. The UPDATE takes the session
+    row's write lock, so concurrent writers queue here and numbers stay gapless."""
+    last = db.execute(
         update(SessionRow)
         .where(col(SessionRow.id) == session_id)
-        .values(last_seq=col(SessionRow.last_seq) + 1, updated_at=utcnow())
+        .values(last_seq=col(SessionRow.last_seq) + count, updated_at=utcnow())
         .returning(col(SessionRow.last_seq))
     ).scalar_one_or_none()
-    if seq is None:
+    if last is None:
         raise LookupError(f"no session {session_id}")
-    event = Event(session_id=session_id, seq=seq, type=type, data=data, key=key)
+    return int(last) - count + 1
+
+
+def _add(db: Session, session_id: str, seq: int, draft: NewEvent) -> Event:
+    event = Event(session_id=session_id, seq=seq, type=draft.type, data=draft.data, key=draft.key)
     db.add(event)
-    projector = _PROJECTIONS.get(type)
+    projector = _PROJECTIONS.get(draft.type)
     if projector is not None:
         projector(db, event)
-    db.commit()
-    db.refresh(event)
+        db.flush()  # the next event's projection may read what this one wrote
     return event
 
 
@@ -66,6 +177,11 @@ def read_after(db: Session, session_id: str, after: int, limit: int = 500) -> li
         .limit(limit)
     )
     return list(rows)
+
+
+def is_final(event: Event) -> bool:
+    """Whether nothing can follow this event in its session's log."""
+    return event.type == "session.status" and event.data.get("status") in FINAL_STATUSES
 
 
 def _session(db: Session, event: Event) -> SessionRow:
@@ -81,22 +197,22 @@ def _task(db: Session, event: Event) -> TaskRow:
     return row
 
 
-def _step(db: Session, event: Event) -> StepRow:
-    row = db.exec(
-        select(StepRow).where(
-            StepRow.task_id == event.data["task_id"], StepRow.index == event.data["index"]
-        )
-    ).first()
+def _find_step(db: Session, task_id: str, index: int) -> StepRow:
+    row = db.exec(select(StepRow).where(StepRow.task_id == task_id, StepRow.index == index)).first()
     if row is None:
-        raise LookupError(f"no step {event.data['index']} of task {event.data['task_id']}")
+        raise LookupError(f"no step {index} of task {task_id}")
     return row
+
+
+def _step(db: Session, event: Event) -> StepRow:
+    return _find_step(db, event.data["task_id"], event.data["index"])
 
 
 def _session_status(db: Session, event: Event) -> None:
     row = _session(db, event)
     row.status = SessionStatus(event.data["status"])
     row.error = event.data.get("error")
-    if row.status in (SessionStatus.ended, SessionStatus.failed):
+    if row.status in FINAL_STATUSES:
         row.ended_at = event.created_at
     db.add(row)
 
@@ -175,12 +291,6 @@ def _step_started(db: Session, event: Event) -> None:
     db.add(row)
 
 
-def _step_output(db: Session, event: Event) -> None:
-    row = _step(db, event)
-    row.output = (row.output + event.data["text"])[-OUTPUT_TAIL_CHARS:]
-    db.add(row)
-
-
 def _step_finished(db: Session, event: Event) -> None:
     row = _step(db, event)
     row.status = StepStatus(event.data["status"])
@@ -198,7 +308,6 @@ _PROJECTIONS: dict[str, Callable[[Session, Event], None]] = {
     "task.status": _task_status,
     "task.plan": _task_plan,
     "step.started": _step_started,
-    "step.output": _step_output,
     "step.finished": _step_finished,
 }
 

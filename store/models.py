@@ -95,8 +95,14 @@ class StepRow(SQLModel, table=True):
     spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     status: StepStatus = Field(default=StepStatus.pending, sa_type=String(16))
     exit_code: int | None = None
-    # The most recent output, capped: the full stream lives in the event log.
+    # The most recent output, capped: the stream itself lives in the event log.
     output: str = Field(default="", sa_column=Column(Text, nullable=False))
+    # The guest's sequence number of the last output line stored, so a retried RunStep
+    # resumes after it: no line twice, none lost.
+    output_seq: int = 0
+    # Characters kept as events, and those past the cap that were not.
+    output_chars: int = 0
+    dropped_chars: int = 0
     error: str | None = Field(default=None, sa_column=Column(Text))
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
+from guest_agent import protocol
 from guest_agent.agent import GuestAgent, GuestConfig
-from sandboxes.gateway import GuestGateway, GuestUnavailable
+from sandboxes.gateway import INBOX_SIZE, GuestGateway, GuestUnavailable
 from sandboxes.models import TerminalStep
 from sandboxes.tokens import guest_token
 from tests.conftest import free_port
@@ -24,6 +30,7 @@ class Link:
     gateway: GuestGateway
     sandbox_id: str
     agent: GuestAgent
+    url: str
 
 
 @contextlib.asynccontextmanager
@@ -32,9 +39,10 @@ async def guest_link(tmp_path: Path, token: str | None = None) -> AsyncIterator[
     gateway = GuestGateway(KEY, reconnect_grace_s=5)
     await gateway.start("127.0.0.1", port)
     sandbox_id = "sbx-1"
+    url = f"ws://127.0.0.1:{port}/guest"
     agent = GuestAgent(
         GuestConfig(
-            url=f"ws://127.0.0.1:{port}/guest",
+            url=url,
             sandbox_id=sandbox_id,
             token=token or guest_token(KEY, sandbox_id),
             workdir=str(tmp_path),
@@ -44,7 +52,7 @@ async def guest_link(tmp_path: Path, token: str | None = None) -> AsyncIterator[
     )
     task = asyncio.create_task(agent.run_forever())
     try:
-        yield Link(gateway, sandbox_id, agent)
+        yield Link(gateway, sandbox_id, agent, url)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -57,9 +65,17 @@ async def guest_link(tmp_path: Path, token: str | None = None) -> AsyncIterator[
 class Collector:
     def __init__(self) -> None:
         self.lines: list[tuple[str, str]] = []
+        self.seqs: list[int] = []
+        self.first = asyncio.Event()
 
-    async def __call__(self, stream: str, text: str) -> None:
+    async def __call__(self, seq: int, stream: str, text: str) -> None:
+        self.seqs.append(seq)
         self.lines.append((stream, text))
+        self.first.set()
+
+    @property
+    def texts(self) -> list[str]:
+        return [text for _, text in self.lines]
 
 
 async def test_output_streams_line_by_line_with_the_exit_code(tmp_path: Path) -> None:
@@ -97,8 +113,8 @@ async def test_a_command_keeps_running_across_a_reconnect(tmp_path: Path) -> Non
         out = Collector()
         dropped = asyncio.Event()
 
-        async def drop_link_after_two(stream: str, text: str) -> None:
-            await out(stream, text)
+        async def drop_link_after_two(seq: int, stream: str, text: str) -> None:
+            await out(seq, stream, text)
             if text == "2\n" and not dropped.is_set():
                 dropped.set()
                 connection = link.gateway._guests[link.sandbox_id].connection
@@ -110,19 +126,161 @@ async def test_a_command_keeps_running_across_a_reconnect(tmp_path: Path) -> Non
         )
         assert dropped.is_set()
         assert outcome.exit_code == 0
-        assert [text for _, text in out.lines] == [f"{i}\n" for i in range(1, 7)]
+        assert out.texts == [f"{i}\n" for i in range(1, 7)]
         assert runs.read_text() == "run\n"  # re-attached, not run again
 
 
-async def test_cancel_kills_the_command(tmp_path: Path) -> None:
+async def test_cancel_kills_the_command_and_its_run_returns(tmp_path: Path) -> None:
     async with guest_link(tmp_path) as link:
         await link.gateway.wait_connected(link.sandbox_id, 10)
-        run = asyncio.create_task(
-            link.gateway.run(
-                link.sandbox_id, "e4", TerminalStep(command="sleep 30"), 60, Collector()
-            )
-        )
-        await asyncio.sleep(0.5)
+        out = Collector()
+        step = TerminalStep(command="sleep 30 & echo $!; wait")
+        run = asyncio.create_task(link.gateway.run(link.sandbox_id, "e4", step, 60, out))
+        await asyncio.wait_for(out.first.wait(), 5)
+        sleeper = int(out.texts[0])
         await link.gateway.cancel(link.sandbox_id, "e4")
         outcome = await asyncio.wait_for(run, 5)
-        assert outcome.exit_code != 0
+        assert outcome.exit_code in (-9, 137) and not outcome.timed_out
+        await wait_gone(sleeper)
+
+
+async def test_a_cancel_right_after_the_start_still_kills(tmp_path: Path) -> None:
+    async with guest_link(tmp_path) as link:
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        step = TerminalStep(command="sleep 30")
+        run = asyncio.create_task(link.gateway.run(link.sandbox_id, "e5", step, 60, Collector()))
+        await asyncio.sleep(0)  # the exec is out; the cancel follows it at once
+        await link.gateway.cancel(link.sandbox_id, "e5")
+        outcome = await asyncio.wait_for(run, 5)
+        assert outcome.exit_code in (-9, 137)
+
+
+async def test_a_cancel_while_the_guest_is_away_reaches_it_on_return(tmp_path: Path) -> None:
+    async with guest_link(tmp_path) as link:
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        out = Collector()
+        step = TerminalStep(command="echo started; sleep 30")
+        run = asyncio.create_task(link.gateway.run(link.sandbox_id, "e6", step, 60, out))
+        await asyncio.wait_for(out.first.wait(), 5)
+        connection = link.gateway._guests[link.sandbox_id].connection
+        assert connection is not None
+        await connection.close()
+        await link.gateway.cancel(link.sandbox_id, "e6")  # lost with the connection
+        outcome = await asyncio.wait_for(run, 10)
+        assert outcome.exit_code in (-9, 137)
+
+
+async def wait_gone(pid: int) -> None:
+    for _ in range(100):
+        if not runs(pid):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"process {pid} still runs")
+
+
+def runs(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (which runs nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+async def test_an_oversized_frame_is_refused_before_and_after_the_hello(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with guest_link(tmp_path) as link:
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        big_id = "x" * (1 << 20)
+        async with connect(link.url, max_size=None) as ws:
+            hello = {"type": protocol.HELLO, "sandbox_id": big_id, "token": "t"}
+            await ws.send(json.dumps(hello))
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1009
+        # Under the limit but with a bad token: refused, and only a prefix is logged.
+        async with connect(link.url) as ws:
+            hello = {"type": protocol.HELLO, "sandbox_id": big_id[:10_000], "token": "t"}
+            await ws.send(json.dumps(hello))
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == protocol.CLOSE_UNAUTHORIZED
+        # Verified: the limit is raised to 1 MiB.
+        token = guest_token(KEY, "sbx-raw")
+        async with connect(link.url, max_size=None) as ws:
+            await ws.send(
+                json.dumps({"type": protocol.HELLO, "sandbox_id": "sbx-raw", "token": token})
+            )
+            assert json.loads(await ws.recv())["type"] == protocol.WELCOME
+            await ws.send(json.dumps({"type": protocol.OUTPUT, "text": "x" * 500_000}))
+            await asyncio.wait_for(await ws.ping(), 5)  # taken, and the link stays up
+            await ws.send("x" * (protocol.MAX_FRAME_SIZE + 1))
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1009
+        assert max(len(record.getMessage()) for record in caplog.records) < 500
+        # The real guest was never disturbed.
+        out = Collector()
+        outcome = await link.gateway.run(
+            link.sandbox_id, "e7", TerminalStep(command="echo fine"), 10, out
+        )
+        assert outcome.exit_code == 0 and out.texts == ["fine\n"]
+
+
+async def test_a_long_line_arrives_whole_in_pieces(tmp_path: Path) -> None:
+    # 3-byte characters, so that pieces of the line cut through them.
+    line = "\u20ac" * 100_000
+    command = f"{sys.executable} -c \"print('\\u20ac' * 100_000)\""
+    async with guest_link(tmp_path) as link:
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        out = Collector()
+        outcome = await link.gateway.run(
+            link.sandbox_id, "e8", TerminalStep(command=command), 20, out
+        )
+        assert outcome.exit_code == 0
+        assert "".join(out.texts) == line + "\n"
+        assert len(out.texts) >= 5
+        assert max(len(text.encode()) for text in out.texts) <= protocol.MAX_OUTPUT_CHUNK + 3
+
+
+async def test_a_slow_consumer_loses_and_reorders_nothing(tmp_path: Path) -> None:
+    async with guest_link(tmp_path) as link:
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        out = Collector()
+        inbox_sizes: list[int] = []
+
+        async def slow(seq: int, stream: str, text: str) -> None:
+            inbox_sizes.append(link.gateway._guests[link.sandbox_id].open["e9"].inbox.qsize())
+            await out(seq, stream, text)
+            if seq % 5 == 0:
+                await asyncio.sleep(0.001)
+
+        outcome = await link.gateway.run(
+            link.sandbox_id, "e9", TerminalStep(command="seq 1 5000"), 60, slow
+        )
+        assert outcome.exit_code == 0
+        assert out.texts == [f"{i}\n" for i in range(1, 5001)]
+        assert all(a < b for a, b in zip(out.seqs, out.seqs[1:], strict=False))
+        # It filled, and no further: the guest was held back.
+        assert max(inbox_sizes) in (INBOX_SIZE - 1, INBOX_SIZE)
+
+
+async def test_a_new_run_does_not_take_the_tail_of_a_replaced_one(tmp_path: Path) -> None:
+    async with guest_link(tmp_path) as link:
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        step = TerminalStep(command="seq 1 3000; sleep 0.5")
+
+        async def fail_after_ten(seq: int, stream: str, text: str) -> None:
+            if seq == 10:
+                raise RuntimeError("recorder failed")
+
+        with pytest.raises(RuntimeError):
+            await link.gateway.run(link.sandbox_id, "e10", step, 20, fail_after_ten)
+        # At once, as a retry on the same worker would: the first attachment's lines are
+        # still on their way, and must not be taken for the second's.
+        out = Collector()
+        outcome = await link.gateway.run(link.sandbox_id, "e10", step, 20, out, after_seq=10)
+        assert outcome.exit_code == 0
+        assert out.seqs == list(range(11, 3001))

@@ -13,9 +13,10 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.planning import PlanningActivities, chat_model, parse_reply, user_plan
+from activities.planning import PlanningActivities, chat_model, parse_reply
 from berth.settings import Settings
 from workflows.models import PlanRequest
+from workflows.plans import MAX_PLAN_STEPS, check_plan_size, user_plan
 
 
 class ScriptedLLM(ThreadingHTTPServer):
@@ -87,6 +88,14 @@ def test_dollar_lines_are_a_plan_and_prose_is_not() -> None:
     assert user_plan("   ") is None
 
 
+def test_a_written_plan_is_capped() -> None:
+    fifty = "\n".join(["$ true"] * MAX_PLAN_STEPS)
+    assert check_plan_size(fifty) == fifty
+    with pytest.raises(ValueError, match=f"at most {MAX_PLAN_STEPS} steps; this one has 51"):
+        check_plan_size(fifty + "\n$ true")
+    assert check_plan_size("prose " * 1000)  # prose is the planner's to cap
+
+
 def test_replies_are_parsed_with_or_without_fences() -> None:
     fenced = 'Sure!\n```json\n{"steps": [{"command": "df -h"}, {"command": " "}]}\n```'
     assert [s.command for s in parse_reply(fenced)] == ["df -h"]
@@ -144,10 +153,3 @@ async def test_prose_without_a_model_fails_fast_and_says_how_to_configure() -> N
         )
     assert caught.value.non_retryable
     assert "BERTH_LLM_MODEL" in str(caught.value) and "'$ '" in str(caught.value)
-
-
-async def test_a_user_plan_needs_no_model() -> None:
-    plan = await ActivityEnvironment().run(
-        PlanningActivities(None).plan, PlanRequest(task_id="t", prompt="$ true")
-    )
-    assert [s.command for s in plan.steps] == ["true"]

@@ -1,23 +1,34 @@
-"""Replays a recorded SessionWorkflow history: a change to the workflow that would break
-running sessions (non-determinism) fails here. Re-record with
-``BERTH_RECORD_HISTORY=1 pytest tests/test_workflow.py -k runs_its_steps`` when a change is
-meant to be incompatible (and version it with workflow.patched)."""
+"""Replays recorded SessionWorkflow histories, one per path (happy, cancel, failure,
+continue-as-new): a change to the workflow that would break running sessions
+(non-determinism) fails here.
+
+Histories are kept per workflow version in tests/histories/<version>/. Record a new
+version's with ``BERTH_RECORD_HISTORY=1 pytest tests/test_workflow.py`` (after pointing
+``HISTORIES`` there at a new folder); a compatible change keeps replaying the old ones, an
+incompatible one is versioned with workflow.patched.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from workflows.session import SessionWorkflow
 
-HISTORY = Path(__file__).parent / "histories" / "session.json"
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("*/*.json"))
 
 
-async def test_the_recorded_session_history_replays() -> None:
-    history = WorkflowHistory.from_json("session-replay", HISTORY.read_text())
+def test_every_path_has_a_recorded_history() -> None:
+    assert {p.stem for p in HISTORIES} >= {"happy", "cancel", "failure", "continue-as-new"}
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+async def test_a_recorded_history_replays(path: Path) -> None:
+    history = WorkflowHistory.from_json(f"replay-{path.stem}", path.read_text())  # noqa: ASYNC240
     assert any(e.HasField("activity_task_scheduled_event_attributes") for e in history.events)
     replayer = Replayer(workflows=[SessionWorkflow], data_converter=pydantic_data_converter)
     result = await replayer.replay_workflow(history, raise_on_replay_failure=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,7 +12,9 @@ from sqlalchemy import Engine, inspect
 from sqlmodel import Session, col, select
 
 from store import events
+from store.events import OutputLine
 from store.models import SessionRow, StepRow, TaskRow, User
+from store.notify import Hub
 
 
 def new_session(engine: Engine) -> str:
@@ -62,12 +66,7 @@ def test_projection_follows_a_task_through_its_life(engine: Engine) -> None:
         events.record(db, sid, "task.queued", {"task_id": "t1", "prompt": "$ echo hi"})
         events.record(db, sid, "task.plan", {"task_id": "t1", "first": 0, "steps": [step, step]})
         events.record(db, sid, "step.started", {"task_id": "t1", "index": 0, "step": step})
-        events.record(
-            db,
-            sid,
-            "step.output",
-            {"task_id": "t1", "index": 0, "stream": "stdout", "text": "hi\n"},
-        )
+        events.append_output(db, sid, "t1", 0, [OutputLine(1, "stdout", "hi\n")])
         events.record(
             db,
             sid,
@@ -111,3 +110,79 @@ def test_a_revised_plan_replaces_only_the_tail(engine: Engine) -> None:
 def test_events_of_an_unknown_session_are_refused(engine: Engine) -> None:
     with Session(engine) as db, pytest.raises(LookupError):
         events.record(db, "nope", "note", {})
+
+
+def planned_step(engine: Engine, sid: str, task_id: str = "t") -> None:
+    step = {"kind": "terminal", "command": "x"}
+    with Session(engine) as db:
+        events.record(db, sid, "task.queued", {"task_id": task_id, "prompt": "$ x"})
+        events.record(db, sid, "task.plan", {"task_id": task_id, "steps": [step]})
+
+
+def output_events(engine: Engine, sid: str) -> list[tuple[str, str]]:
+    with Session(engine) as db:
+        return [
+            (e.data["stream"], e.data["text"])
+            for e in events.read_after(db, sid, 0)
+            if e.type == "step.output"
+        ]
+
+
+def test_output_is_stored_once_across_overlapping_attempts(engine: Engine) -> None:
+    sid = new_session(engine)
+    planned_step(engine, sid)
+    lines = [OutputLine(n, "stderr" if n == 3 else "stdout", f"{n}\n") for n in range(1, 7)]
+    with Session(engine) as db:
+        assert events.append_output(db, sid, "t", 0, lines[:4]) == 4
+        # A retried attempt whose guest replays from an older point: only 5 and 6 are new.
+        assert events.append_output(db, sid, "t", 0, lines[1:]) == 6
+        assert events.append_output(db, sid, "t", 0, lines[2:5]) == 6
+        assert events.stored_output_seq(db, "t", 0) == 6
+    # One event per run of a stream, per batch.
+    assert output_events(engine, sid) == [
+        ("stdout", "1\n2\n"), ("stderr", "3\n"), ("stdout", "4\n"), ("stdout", "5\n6\n"),
+    ]  # fmt: skip
+
+
+def test_output_past_the_cap_is_counted_and_its_tail_kept(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events, "OUTPUT_CAP_CHARS", 10)
+    monkeypatch.setattr(events, "OUTPUT_TAIL_CHARS", 8)
+    sid = new_session(engine)
+    planned_step(engine, sid)
+    data = {"task_id": "t", "index": 0, "status": "succeeded", "exit_code": 0}
+    with Session(engine) as db:
+        events.append_output(db, sid, "t", 0, [OutputLine(1, "stdout", "abcdefgh\n")])
+        events.append_output(db, sid, "t", 0, [OutputLine(2, "stdout", "ijklmnop\n")])
+        events.append_output(db, sid, "t", 0, [OutputLine(3, "stdout", "qrstuvwx\n")])
+        events.finish_step(db, sid, data, key="step/t/0/finished")
+        events.finish_step(db, sid, data, key="step/t/0/finished")  # a retry: no-op
+        step = db.exec(select(StepRow).where(StepRow.task_id == "t")).one()
+        assert (step.output_chars, step.dropped_chars) == (10, 17)
+        assert [e.type for e in events.read_after(db, sid, 0)][-4:] == [
+            "step.output", "step.output", "step.output", "step.finished",
+        ]  # fmt: skip
+    stored = output_events(engine, sid)
+    assert stored[:2] == [("stdout", "abcdefgh\n"), ("stdout", "i")]  # the first ten
+    assert stored[2][0] == "note" and "17 characters of output past the first 10" in stored[2][1]
+    assert stored[3] == ("stdout", "rstuvwx\n")  # the last eight
+
+
+async def test_a_commit_wakes_the_sessions_followers_at_once(engine: Engine) -> None:
+    sid, other = new_session(engine), new_session(engine)
+    hub = Hub(engine)
+    await hub.start()
+    try:
+        with hub.watch(sid) as bell, hub.watch(other) as other_bell:
+            await asyncio.sleep(0.2)  # PostgreSQL: the LISTEN is in place
+            bell.clear()
+            other_bell.clear()
+            started = time.monotonic()
+            with Session(engine) as db:
+                events.record(db, sid, "note", {})
+            await asyncio.wait_for(bell.wait(), 5)
+            assert time.monotonic() - started < 1.0
+            assert not other_bell.is_set()
+    finally:
+        await hub.stop()

@@ -1,4 +1,5 @@
-"""SessionWorkflow with stubbed activities on Temporal's time-skipping test server."""
+"""SessionWorkflow with stubbed activities, on Temporal's dev server (and the time-skipping
+server for the idle timeout)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,13 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from sandboxes.models import SandboxInfo, StepOutcome
+from sandboxes.models import SandboxInfo, StepOutcome, TerminalStep
+from store.events import NewEvent
 from tests.conftest import TEMPORAL, TEMPORAL_TEST_SERVER
 from workflows.models import (
     Plan,
     PlanRequest,
-    ProgressEvent,
+    ProgressBatch,
     SandboxRequest,
     SessionInput,
     StepRequest,
@@ -38,7 +41,10 @@ from workflows.models import (
 )
 from workflows.session import SessionWorkflow
 
-HISTORY = Path(__file__).parent / "histories" / "session.json"
+# One recorded history per path, replayed by tests/test_replay.py; a new version of the
+# workflow adds a folder and keeps the old ones replaying.
+HISTORIES = Path(__file__).parent / "histories" / "v2"
+SHORT_HISTORY = 60
 
 
 class Stubs:
@@ -46,17 +52,24 @@ class Stubs:
 
     def __init__(self) -> None:
         self.queue = f"test-{uuid.uuid4().hex[:8]}"  # one per test: no leftovers between tests
-        self.events: list[ProgressEvent] = []
+        self.events: list[NewEvent] = []
+        self.provisioned: list[str] = []
         self.destroyed: list[str] = []
         self.commands: list[str] = []
         self.release = asyncio.Event()
+        # A cancelled "wait" step is being killed, and may finish dying once this is set.
+        self.killing = asyncio.Event()
+        self.killed = asyncio.Event()
+        self.killed.set()
+        self.cancelled: list[str] = []
 
     @activity.defn(name="ProvisionSandbox")
     async def provision(self, request: SandboxRequest) -> SandboxInfo:
+        self.provisioned.append(request.sandbox_id)
         if request.template == "broken":
             raise RuntimeError("no such image")
         return SandboxInfo(
-            id="sbx", session_id=request.session_id, provider="stub", host_id="h",
+            id=request.sandbox_id, session_id=request.session_id, provider="stub", host_id="h",
             task_queue=self.queue, template=request.template, handle="h1",
         )  # fmt: skip
 
@@ -66,30 +79,38 @@ class Stubs:
 
     @activity.defn(name="PlanTask")
     async def plan(self, request: PlanRequest) -> Plan:
-        from activities.planning import user_plan
-
-        steps = user_plan(request.instruction or request.prompt)
-        assert steps is not None
-        return Plan(steps=steps)
+        """A stand-in model: "say X" plans ``echo X``."""
+        text = request.instruction or request.prompt
+        return Plan(steps=[TerminalStep(command=f"echo {text.removeprefix('say ')}")])
 
     @activity.defn(name="RunStep")
     async def run_step(self, request: StepRequest) -> StepOutcome:
         command = request.step.command
         self.commands.append(command)
         if command == "wait":
-            while not self.release.is_set():
-                activity.heartbeat()
-                await asyncio.sleep(0.05)
+            try:
+                while not self.release.is_set():
+                    activity.heartbeat()
+                    await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                self.killing.set()
+                await self.killed.wait()  # as the real one waits for the guest's kill
+                self.cancelled.append(command)
+                raise
         code = 1 if command == "false" else 0
         return StepOutcome(exit_code=code, output_tail=f"ran {command}\n")
 
     @activity.defn(name="RecordProgress")
-    async def record(self, event: ProgressEvent) -> int:
-        self.events.append(event)
-        return len(self.events)
+    async def record(self, batch: ProgressBatch) -> list[int]:
+        self.events += batch.events
+        return list(range(len(self.events) - len(batch.events), len(self.events)))
 
     def types(self) -> list[str]:
         return [e.type for e in self.events]
+
+    def task_statuses(self) -> dict[str, str]:
+        """The last status recorded for each task."""
+        return {e.data["task_id"]: e.data["status"] for e in self.events if e.type == "task.status"}
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.provision, self.destroy, self.plan, self.run_step, self.record]
@@ -142,7 +163,11 @@ async def running(
 ) -> AsyncIterator[WorkflowHandle]:  # type: ignore[type-arg]
     """A worker with the stubs, and a session workflow started on it."""
     async with Worker(
-        env.client, task_queue=stubs.queue, workflows=[SessionWorkflow], activities=stubs.all()
+        env.client,
+        task_queue=stubs.queue,
+        workflows=[SessionWorkflow],
+        activities=stubs.all(),
+        max_heartbeat_throttle_interval=timedelta(seconds=1),  # as berth/worker.py's
     ):
         yield await env.client.start_workflow(
             SessionWorkflow.run, session, id=f"s-{session.session_id}", task_queue=stubs.queue
@@ -177,13 +202,10 @@ async def test_a_task_runs_its_steps_and_ending_the_session_destroys_the_sandbox
             )
         )
         state = await handle.query(SessionWorkflow.state)
-        assert state.status == "ready" and state.tasks[0].status == "succeeded"
+        assert state.status == "ready" and state.finished == {ref.id: "succeeded"}
         assert stubs.commands == ["echo hello", "uname -a"]
         await end(handle)
-        if os.environ.get("BERTH_RECORD_HISTORY"):
-            HISTORY.parent.mkdir(exist_ok=True)
-            HISTORY.write_text((await handle.fetch_history()).to_json())
-    assert stubs.destroyed == ["sbx"]
+    assert stubs.destroyed == stubs.provisioned and len(stubs.provisioned) == 1
     # A task may be queued while the sandbox is still being provisioned.
     assert sorted(stubs.types()[:3]) == ["sandbox.ready", "session.status", "task.queued"]
     assert stubs.types()[-2:] == ["sandbox.destroyed", "session.status"]
@@ -246,7 +268,7 @@ async def test_pause_resume_modify_and_cancel(env: WorkflowEnvironment) -> None:
         assert cancelled.status == "cancelled"
         assert "echo never" not in stubs.commands
         state = await handle.query(SessionWorkflow.state)
-        assert [t.status for t in state.tasks] == ["succeeded", "cancelled"]
+        assert state.finished == {ref.id: "succeeded", second.id: "cancelled"}
         await until(lambda: stubs.events[-1].data == {"status": "ready"})
         await end(handle)
 
@@ -256,7 +278,8 @@ async def test_a_failed_provision_fails_the_session_cleanly(env: WorkflowEnviron
     async with running(env, stubs, params(stubs, template="broken")) as handle:
         with pytest.raises(WorkflowFailureError):
             await handle.result()
-    assert stubs.destroyed == []
+    # Whatever a failed attempt may have left is destroyed too, by the id the workflow made.
+    assert stubs.destroyed == stubs.provisioned[:1]
     assert stubs.events[-1].type == "session.status"
     assert (
         stubs.events[-1].data["status"] == "failed"
@@ -271,4 +294,160 @@ async def test_an_idle_session_ends_itself(own_env: WorkflowEnvironment) -> None
         env, stubs, params(stubs).model_copy(update={"idle_timeout_s": 600})
     ) as handle:
         state = await handle.result()  # the test server skips the ten idle minutes
-    assert state.status == "ended" and stubs.destroyed == ["sbx"]
+    assert state.status == "ended" and stubs.destroyed == stubs.provisioned
+
+
+def save_history(name: str, history: Any) -> None:
+    """With BERTH_RECORD_HISTORY=1, keep this path's history for tests/test_replay.py."""
+    if os.environ.get("BERTH_RECORD_HISTORY"):
+        path = HISTORIES / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(history.to_json())
+
+
+async def test_ending_the_session_mid_step_finishes_every_task_and_step(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    async with running(env, stubs, params(stubs)) as handle:
+        first = await submit(env.client, handle.id, "$ wait\n$ echo never")
+        second = await submit(env.client, handle.id, "$ echo queued")
+        await until(lambda: stubs.commands == ["wait"])
+        await end(handle)
+        save_history("cancel", await handle.fetch_history())
+    assert stubs.cancelled == ["wait"] and stubs.commands == ["wait"]
+    assert stubs.task_statuses() == {first.id: "cancelled", second.id: "cancelled"}
+    finished = [e.data for e in stubs.events if e.type == "step.finished"]
+    assert [(f["index"], f["status"]) for f in finished] == [(0, "cancelled")]
+    assert stubs.destroyed == stubs.provisioned
+    assert stubs.events[-1].data == {"status": "ended"}
+
+
+async def test_cancel_then_end_answers_the_cancel_and_ends(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    stubs.killed.clear()  # the kill takes a while, so the end comes while it is under way
+    async with running(env, stubs, params(stubs)) as handle:
+        ref = await submit(env.client, handle.id, "$ wait")
+        await until(lambda: stubs.commands == ["wait"])
+        cancel = asyncio.create_task(
+            handle.execute_update(
+                "cancel_task", result_type=TaskRef, arg=TaskControl(task_id=ref.id)
+            )
+        )
+        await asyncio.wait_for(stubs.killing.wait(), 10)
+        await handle.cancel()
+        stubs.killed.set()
+        assert (await asyncio.wait_for(cancel, 10)).status == "cancelled"
+        with pytest.raises(WorkflowFailureError):
+            await asyncio.wait_for(handle.result(), 10)
+    assert stubs.cancelled == ["wait"] and stubs.destroyed == stubs.provisioned
+    assert stubs.task_statuses() == {ref.id: "cancelled"}
+    assert stubs.events[-1].data == {"status": "ended"}
+
+
+async def test_end_then_cancel_is_refused_at_once(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    stubs.killed.clear()
+    async with running(env, stubs, params(stubs)) as handle:
+        ref = await submit(env.client, handle.id, "$ wait")
+        await until(lambda: stubs.commands == ["wait"])
+        await handle.cancel()
+        await asyncio.wait_for(stubs.killing.wait(), 10)  # the session is ending now
+        for name in ("cancel_task", "submit_task"):
+            argument: Any = (
+                TaskControl(task_id=ref.id)
+                if name == "cancel_task"
+                else TaskSubmission(prompt="$ x")
+            )
+            with pytest.raises(WorkflowUpdateFailedError) as refused:
+                await asyncio.wait_for(
+                    handle.execute_update(name, result_type=TaskRef, arg=argument), 10
+                )
+            assert "the session is ending" in str(refused.value.cause)
+        stubs.killed.set()
+        with pytest.raises(WorkflowFailureError):
+            await asyncio.wait_for(handle.result(), 10)
+    assert stubs.task_statuses() == {ref.id: "cancelled"}
+    assert stubs.destroyed == stubs.provisioned
+
+
+async def test_a_prose_task_is_planned_by_the_model_and_modified(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    async with running(env, stubs, params(stubs)) as handle:
+        ref = await submit(env.client, handle.id, "say hello")
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        assert stubs.commands == ["echo hello"]
+        statuses = [e.data["status"] for e in stubs.events if e.type == "task.status"]
+        assert statuses == ["planning", "running", "succeeded"]
+        failing = await submit(env.client, handle.id, "$ false")
+        await until(lambda: stubs.task_statuses().get(failing.id) == "failed")
+        save_history("failure", await handle.fetch_history())
+        await end(handle)
+
+
+@pytest.fixture(scope="module")
+async def short_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A dev server that suggests continue-as-new after a few dozen history events, so
+    long sessions are cheap to test."""
+    async with await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(TEMPORAL),
+        data_converter=pydantic_data_converter,
+        dev_server_extra_args=[
+            "--log-level", "warn",
+            "--dynamic-config-value", f"limit.historyCount.suggestContinueAsNew={SHORT_HISTORY}",
+        ],
+    ) as env:  # fmt: skip
+        yield env
+
+
+async def test_continue_as_new_mid_task_keeps_the_sandbox_and_every_step(
+    short_env: WorkflowEnvironment,
+) -> None:
+    env = short_env
+    stubs = Stubs()
+    commands = [f"echo {i}" for i in range(40)]
+    async with running(env, stubs, params(stubs)) as handle:
+        ref = await submit(env.client, handle.id, "\n".join(f"$ {c}" for c in commands))
+        queued = await submit(env.client, handle.id, "$ echo after")
+        await until(lambda: stubs.task_statuses().get(queued.id) == "succeeded")
+        first_run = handle.result_run_id
+        latest = env.client.get_workflow_handle(handle.id)
+        assert (await latest.describe()).run_id != first_run, "never continued as new"
+        state = await latest.query(SessionWorkflow.state)
+        assert state.sandbox is not None and state.sandbox.id == stubs.provisioned[0]
+        save_history("continue-as-new", await env.client.get_workflow_handle(
+            handle.id, run_id=first_run).fetch_history())  # fmt: skip
+        await end(latest)
+    # Every step once, in order, in the one sandbox, which outlived every run but the last.
+    assert stubs.commands == [*commands, "echo after"]
+    assert len(stubs.provisioned) == 1 and stubs.destroyed == stubs.provisioned
+    assert stubs.task_statuses() == {ref.id: "succeeded", queued.id: "succeeded"}
+    started = [e.data["status"] for e in stubs.events if e.type == "session.status"]
+    assert started.count("ended") == 1 and started[-1] == "ended"
+
+
+async def settled_history_length(handle: WorkflowHandle) -> int:  # type: ignore[type-arg]
+    """The history's length once it has stopped growing: the workflow waits for more work."""
+    previous = -1
+    async with asyncio.timeout(20):
+        while True:
+            length = len((await handle.fetch_history()).events)
+            if length == previous:
+                return length
+            previous = length
+            await asyncio.sleep(0.3)
+
+
+async def test_a_step_costs_six_history_events(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    async with running(env, stubs, params(stubs)) as handle:
+        await until(lambda: "sandbox.ready" in stubs.types())
+        lengths = [await settled_history_length(handle)]
+        for steps in (1, 11):
+            ref = await submit(env.client, handle.id, "\n".join(["$ true"] * steps))
+            await until(lambda ref=ref: stubs.task_statuses().get(ref.id) == "succeeded")
+            lengths.append(await settled_history_length(handle))
+        save_history("happy", await handle.fetch_history())
+        await end(handle)
+    one_step, eleven_steps = lengths[1] - lengths[0], lengths[2] - lengths[1]
+    assert (eleven_steps - one_step) / 10 <= 6

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Header, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import escape
 from pydantic import ValidationError
@@ -19,8 +19,16 @@ from sqlmodel import Session, col, select
 
 import vm_templates
 from api import service
-from api.deps import DbDep, EngineDep, Problem, SettingsDep, TemporalDep, user_from_token
-from api.events import follow, sse
+from api.deps import (
+    DbDep,
+    EngineDep,
+    HubDep,
+    Problem,
+    SettingsDep,
+    TemporalDep,
+    user_from_token,
+)
+from api.events import sse, stream
 from api.schemas import Credentials
 from store.models import Event, StepRow, User
 from workflows.models import TaskControl, TaskSubmission
@@ -169,10 +177,11 @@ def session_events(
     sid: str,
     db: DbDep,
     engine: EngineDep,
+    hub: HubDep,
     user: PageUser,
     last_event_id: Annotated[int | None, Header(ge=0)] = None,
-) -> StreamingResponse:
-    service.own_session(db, user, sid)
+) -> Response:
+    row = service.own_session(db, user, sid)
     fragments = templates.get_template("events.html").module
 
     def render(event: Event) -> str:
@@ -182,11 +191,7 @@ def session_events(
         macro: Any = getattr(fragments, event.type.replace(".", "_"), None) or fragments.other  # type: ignore[attr-defined]
         return sse(event, str(macro(**context)).strip())
 
-    return StreamingResponse(
-        follow(engine, sid, last_event_id or 0, render),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return stream(db, engine, hub, row, last_event_id or 0, render)
 
 
 def _steps(engine: Engine, task_id: str) -> list[StepRow]:

@@ -5,11 +5,10 @@ All are Pydantic models, carried by Temporal's Pydantic data converter.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, Field
 
 from sandboxes.models import SandboxInfo, Step, StepOutcome
+from store.events import NewEvent
 from store.models import SessionStatus, TaskStatus
 
 MAX_PROMPT_CHARS = 20_000
@@ -22,9 +21,13 @@ class SessionInput(BaseModel):
     host_task_queue: str
     idle_timeout_s: float = 3600.0
     step_timeout_s: float = 600.0
-    # Carried over by continue-as-new, so a long session keeps its sandbox and queue.
-    sandbox: SandboxInfo | None = None
-    queued: list[TaskState] = Field(default_factory=list)
+    # Set by continue-as-new: the session as the previous run left it.
+    carried: Carried | None = None
+
+
+class DoneStep(BaseModel):
+    step: Step
+    outcome: StepOutcome
 
 
 class TaskState(BaseModel):
@@ -32,9 +35,26 @@ class TaskState(BaseModel):
     prompt: str
     status: TaskStatus = TaskStatus.queued
     steps: list[Step] = Field(default_factory=list)
+    # The index of the next step to run, and of the one running now (None between steps).
+    position: int = 0
     current: int | None = None
+    # The latest steps run, for the planner's context when a prose task is re-planned.
+    recent: list[DoneStep] = Field(default_factory=list)
     result: str | None = None
     error: str | None = None
+
+
+class Carried(BaseModel):
+    """Everything a session is, handed from one run to the next by continue-as-new."""
+
+    sandbox: SandboxInfo
+    # Unfinished tasks, the running one first, then the queue in order.
+    tasks: list[TaskState] = Field(default_factory=list)
+    running: str | None = None
+    paused: bool = False
+    instructions: dict[str, str] = Field(default_factory=dict)
+    # Recently finished tasks, so a late control of one says what became of it.
+    finished: dict[str, TaskStatus] = Field(default_factory=dict)
 
 
 class SessionState(BaseModel):
@@ -43,7 +63,9 @@ class SessionState(BaseModel):
     session_id: str
     status: SessionStatus
     sandbox: SandboxInfo | None
+    # Tasks not finished yet; the finished ones' rows and events are in the database.
     tasks: list[TaskState]
+    finished: dict[str, TaskStatus] = Field(default_factory=dict)
 
 
 class TaskSubmission(BaseModel):
@@ -66,6 +88,9 @@ class TaskModification(BaseModel):
 
 class SandboxRequest(BaseModel):
     session_id: str
+    # Made by the workflow, so a retried provision finds the machine an earlier attempt made
+    # and reconciliation can tell whose a machine is.
+    sandbox_id: str
     template: str
 
 
@@ -75,11 +100,6 @@ class StepRequest(BaseModel):
     index: int
     step: Step
     timeout_s: float
-
-
-class DoneStep(BaseModel):
-    step: Step
-    outcome: StepOutcome
 
 
 class PlanRequest(BaseModel):
@@ -94,11 +114,11 @@ class Plan(BaseModel):
     steps: list[Step]
 
 
-class ProgressEvent(BaseModel):
+class ProgressBatch(BaseModel):
+    """Events the workflow appends to its session's log in one transaction."""
+
     session_id: str
-    type: str
-    data: dict[str, Any] = Field(default_factory=dict)
-    key: str | None = None
+    events: list[NewEvent]
 
 
 SessionInput.model_rebuild()

@@ -1,30 +1,39 @@
 """SessionWorkflow: one per session, from its sandbox's birth to its destruction.
 
 Deterministic orchestration only. Every side effect is an activity: provisioning and
-destroying the sandbox and running steps (on the sandbox's host queue), planning, and
-recording progress in the event log.
+destroying the sandbox and running steps (on the sandbox's host queue), planning prose,
+and recording progress in the event log (a local activity, batched, so a step costs no
+more history than its own RunStep).
+
+A long session continues as new between steps, carrying everything it is (sandbox, tasks,
+the running task's position); only a real end (cancelled, idle, failed) cleans up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.planning import PlanningActivities
     from activities.progress import ProgressActivities
-    from activities.sandbox import SandboxActivities
-    from sandboxes.models import SandboxInfo, StepOutcome
+    from activities.sandbox import SandboxActivities, step_key
+    from sandboxes.models import SandboxInfo, Step, StepOutcome
+    from store.events import NewEvent
     from store.models import SessionStatus, TaskStatus
     from workflows.models import (
+        Carried,
         DoneStep,
         PlanRequest,
-        ProgressEvent,
+        ProgressBatch,
         SandboxRequest,
         SessionInput,
         SessionState,
@@ -35,11 +44,19 @@ with workflow.unsafe.imports_passed_through():
         TaskState,
         TaskSubmission,
     )
+    from workflows.plans import check_plan_size, user_plan
 
 MAX_QUEUED_TASKS = 20
 FINISHED = (TaskStatus.succeeded, TaskStatus.failed, TaskStatus.cancelled)
+# Kept per task for the planner's context, and finished tasks remembered across runs.
+RECENT_STEPS = 10
+REMEMBERED_TASKS = 100
 
+RECORD_TIMEOUT = timedelta(seconds=15)
 RECORD_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=20)
+# How long ending a session waits for the running command's kill, and for the sandbox.
+STOP_STEP_TIMEOUT = timedelta(seconds=60)
+DESTROY_TIMEOUT = timedelta(minutes=3)
 
 
 def workflow_id(session_id: str) -> str:
@@ -57,15 +74,21 @@ def failure_message(error: BaseException) -> str:
 class SessionWorkflow:
     @workflow.init
     def __init__(self, params: SessionInput) -> None:
+        carried = params.carried
         self.params = params
-        self.status = SessionStatus.provisioning
-        self.sandbox: SandboxInfo | None = params.sandbox
-        self.tasks: dict[str, TaskState] = {t.id: t for t in params.queued}
-        self.queue: list[str] = [t.id for t in params.queued]
-        self.current: TaskState | None = None
-        self.paused = False
+        self.sandbox: SandboxInfo | None = carried.sandbox if carried else None
+        self.status = SessionStatus.ready if carried else SessionStatus.provisioning
+        tasks = carried.tasks if carried else []
+        self.tasks: dict[str, TaskState] = {t.id: t for t in tasks}
+        running = carried.running if carried else None
+        self.running: TaskState | None = self.tasks[running] if running else None
+        self.queue: list[str] = [t.id for t in tasks if t.id != running]
+        self.paused = carried.paused if carried else False
+        self.instructions: dict[str, str] = dict(carried.instructions) if carried else {}
+        self.finished: dict[str, TaskStatus] = dict(carried.finished) if carried else {}
         self.cancelling = False
-        self.instructions: dict[str, str] = {}
+        # Set once the session is ending: no new work is accepted, no handler waits on.
+        self.ending = False
         self.step: workflow.ActivityHandle[StepOutcome] | None = None
         self.events = 0
 
@@ -73,160 +96,237 @@ class SessionWorkflow:
 
     @workflow.run
     async def run(self, params: SessionInput) -> SessionState:
-        ended = SessionStatus.ended
-        error: str | None = None
         try:
             if self.sandbox is None:
                 await self.provision()
-            await self.set_status(SessionStatus.ready)
-            while True:
-                if not await self.next_task():
-                    break  # idle for too long: the session ends itself
+            if self.running is not None:
+                await self.run_task(self.running)  # carried over mid-task
+            while await self.next_task():
                 await self.run_task(self.tasks[self.queue.pop(0)])
-                if workflow.info().is_continue_as_new_suggested():
-                    await workflow.wait_condition(workflow.all_handlers_finished)
-                    workflow.continue_as_new(
-                        params.model_copy(
-                            update={
-                                "sandbox": self.sandbox,
-                                "queued": [self.tasks[i] for i in self.queue],
-                            }
-                        )
-                    )
+            end: tuple[SessionStatus, str | None] = (SessionStatus.ended, None)
+            cancelled = False
         except asyncio.CancelledError:
-            raise  # the user ended the session; the finally below cleans up
-        except Exception as exc:
-            ended, error = SessionStatus.failed, failure_message(exc)
-            raise
-        finally:
-            await self.clean_up(ended, error)
+            end, cancelled = (SessionStatus.ended, None), True
+        except (ActivityError, ApplicationError) as exc:
+            cancelled = cancel_requested()
+            end = (
+                (SessionStatus.ended, None)
+                if cancelled
+                else (SessionStatus.failed, failure_message(exc))
+            )
+        # Continue-as-new (a BaseException) passes through untouched: the session goes on.
+        await shielded(self.end(*end))
+        if cancelled:
+            raise asyncio.CancelledError  # so Temporal shows the session as cancelled
+        if end[0] is SessionStatus.failed:
+            raise ApplicationError(end[1] or "the session failed", non_retryable=True)
         return self.state()
 
     async def next_task(self) -> bool:
         """Wait for a queued task; False once the session has been idle too long."""
-        try:
-            await workflow.wait_condition(
-                lambda: bool(self.queue),
-                timeout=timedelta(seconds=self.params.idle_timeout_s),
-                timeout_summary="idle timeout",
-            )
-        except TimeoutError:
-            return False
+        while not self.queue:
+            self.continue_as_new_if_suggested()
+            try:
+                await workflow.wait_condition(
+                    lambda: bool(self.queue) or self.may_continue_as_new(),
+                    timeout=timedelta(seconds=self.params.idle_timeout_s),
+                    timeout_summary="idle timeout",
+                )
+            except TimeoutError:
+                return False
         return True
 
+    def may_continue_as_new(self) -> bool:
+        """Temporal suggests it, and this is a moment to: no handler half-way and no
+        cancellation pending."""
+        return (
+            workflow.info().is_continue_as_new_suggested()
+            and workflow.all_handlers_finished()
+            and not self.cancelling
+        )
+
+    def continue_as_new_if_suggested(self) -> None:
+        """Hand the session to a fresh run before its history grows too long."""
+        if not self.may_continue_as_new():
+            return
+        assert self.sandbox is not None
+        carried = Carried(
+            sandbox=self.sandbox,
+            tasks=([self.running] if self.running else []) + [self.tasks[i] for i in self.queue],
+            running=self.running.id if self.running else None,
+            paused=self.paused,
+            instructions=self.instructions,
+            finished=self.finished,
+        )
+        # A deep copy: the finally blocks the exception passes through must not change it.
+        workflow.continue_as_new(
+            self.params.model_copy(update={"carried": carried.model_copy(deep=True)})
+        )
+
     async def provision(self) -> None:
+        request = SandboxRequest(
+            session_id=self.params.session_id,
+            sandbox_id=workflow.uuid4().hex,
+            template=self.params.template,
+        )
+        # Known before the machine exists, so an end during provisioning can destroy it.
+        self.sandbox = SandboxInfo(
+            id=request.sandbox_id,
+            session_id=request.session_id,
+            provider="",
+            host_id="",
+            task_queue=self.params.host_task_queue,
+            template=request.template,
+            handle="",
+        )
         self.sandbox = await workflow.execute_activity_method(
             SandboxActivities.provision,
-            SandboxRequest(session_id=self.params.session_id, template=self.params.template),
+            request,
             task_queue=self.params.host_task_queue,
             start_to_close_timeout=timedelta(minutes=10),
             heartbeat_timeout=timedelta(seconds=30),
             retry_policy=RetryPolicy(maximum_attempts=3),
+            # An end during provisioning destroys the machine only once the attempt that
+            # makes it has stopped, so none is made after the destroy.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=f"provision a {self.params.template!r} sandbox",
         )
+        self.status = SessionStatus.ready
         await self.record(
-            "sandbox.ready",
-            {
-                "sandbox_id": self.sandbox.id,
-                "provider": self.sandbox.provider,
-                "host_id": self.sandbox.host_id,
-                "template": self.sandbox.template,
-                "handle": self.sandbox.handle,
-            },
+            self.event(
+                "sandbox.ready",
+                sandbox_id=self.sandbox.id,
+                provider=self.sandbox.provider,
+                host_id=self.sandbox.host_id,
+                template=self.sandbox.template,
+                handle=self.sandbox.handle,
+            ),
+            self.event("session.status", status=self.status.value),
         )
 
-    async def clean_up(self, status: SessionStatus, error: str | None) -> None:
-        """Runs however the session ends: cancelled, idle, or failed."""
-        if self.step is not None and not self.step.done():
-            self.step.cancel()
+    async def end(self, status: SessionStatus, error: str | None) -> None:
+        """The real end, however it came: every task and step gets its final status, the
+        running command is killed, the sandbox destroyed, and the session's status said."""
+        self.ending = True
+        drafts: list[NewEvent] = []
+        step = self.step
+        if step is not None and not step.done():
+            step.cancel()  # done once the guest has killed it (WAIT_CANCELLATION_COMPLETED)
+            # Past the timeout the host is gone; its reconciliation deals with the machine.
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(step.done, timeout=STOP_STEP_TIMEOUT)
+            if step.done() and not step.cancelled():
+                step.exception()  # taken: how the step ended is recorded below
+        task = self.running
+        if task is not None:
+            if task.current is not None:
+                drafts.append(self.step_end(task, task.current, "cancelled", "session ended"))
+            drafts += self.finish(task, TaskStatus.cancelled, error="session ended")
         for task_id in self.queue:
-            await self.set_task(self.tasks[task_id], TaskStatus.cancelled, error="session ended")
+            drafts += self.finish(self.tasks[task_id], TaskStatus.cancelled, error="session ended")
         self.queue.clear()
+        if drafts:
+            await self.record(*drafts)
         if self.sandbox is not None:
+            await self.destroy(self.sandbox)
+        self.status = status
+        await self.record(self.event("session.status", status=status.value, error=error))
+        await workflow.wait_condition(workflow.all_handlers_finished)
+
+    async def destroy(self, sandbox: SandboxInfo) -> None:
+        try:
             await workflow.execute_activity_method(
                 SandboxActivities.destroy,
-                self.sandbox,
-                task_queue=self.sandbox.task_queue,
-                start_to_close_timeout=timedelta(minutes=2),
-                retry_policy=RetryPolicy(maximum_attempts=5),
+                sandbox,
+                task_queue=sandbox.task_queue,
+                schedule_to_close_timeout=DESTROY_TIMEOUT,
+                start_to_close_timeout=timedelta(minutes=1),
+                retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=20)),
                 summary="destroy the sandbox",
             )
-            await self.record("sandbox.destroyed", {"sandbox_id": self.sandbox.id})
-            self.sandbox = None
-        await self.set_status(status, error)
-        await workflow.wait_condition(workflow.all_handlers_finished)
+            await self.record(self.event("sandbox.destroyed", sandbox_id=sandbox.id))
+        except ActivityError as exc:
+            # The session still ends; the host's reconciliation removes the machine later.
+            await self.record(
+                self.event("sandbox.orphaned", sandbox_id=sandbox.id, error=failure_message(exc))
+            )
+        self.sandbox = None
 
     # ---- one task
 
     async def run_task(self, task: TaskState) -> None:
-        self.current, self.paused, self.cancelling = task, False, False
-        await self.set_status(SessionStatus.busy)
+        self.running, self.cancelling = task, False
         try:
-            await self.set_task(task, TaskStatus.planning)
-            await self.replan(task, [], self.instructions.pop(task.id, None))
-            await self.set_task(task, TaskStatus.running)
-            done: list[DoneStep] = []
-            index = 0
-            while index < len(task.steps):
+            if task.status is TaskStatus.queued:  # not a task carried over mid-way
+                self.paused = False
+                await self.plan(task)
+            while task.position < len(task.steps):
                 await workflow.wait_condition(lambda: not self.paused or self.cancelling)
                 if self.cancelling:
                     break
                 instruction = self.instructions.pop(task.id, None)
                 if instruction is not None:
-                    await self.replan(task, done, instruction, first=index)
+                    await self.replan(task, instruction)
                     continue
-                outcome = await self.run_step(task, index)
+                self.continue_as_new_if_suggested()
+                outcome = await self.run_step(task)
                 if outcome is None:
                     break  # cancelled while it ran
-                done.append(DoneStep(step=task.steps[index], outcome=outcome))
+                step = task.steps[task.position]
+                task.recent = [*task.recent, DoneStep(step=step, outcome=outcome)][-RECENT_STEPS:]
                 if not outcome.ok:
                     why = outcome.error or (
                         "timed out" if outcome.timed_out else f"exited with {outcome.exit_code}"
                     )
-                    raise ApplicationError(
-                        f"step {index + 1} ({task.steps[index].describe()}) {why}"
-                    )
-                index += 1
+                    raise ApplicationError(f"step {task.position + 1} ({step.describe()}) {why}")
+                task.position += 1
             if self.cancelling:
-                await self.set_task(task, TaskStatus.cancelled)
+                await self.record(*self.finish(task, TaskStatus.cancelled))
             else:
-                result = done[-1].outcome.output_tail if done else ""
-                await self.set_task(task, TaskStatus.succeeded, result=result)
+                result = task.recent[-1].outcome.output_tail if task.recent else ""
+                await self.record(*self.finish(task, TaskStatus.succeeded, result=result))
         except (ActivityError, ApplicationError) as exc:
-            await self.set_task(task, TaskStatus.failed, error=failure_message(exc))
-        finally:
-            task.current = None
-            self.current = None
-        await self.set_status(SessionStatus.ready)
+            if cancel_requested():
+                raise asyncio.CancelledError from exc  # the session's end, not the task's
+            await self.record(*self.finish(task, TaskStatus.failed, error=failure_message(exc)))
+        self.running, self.cancelling = None, False
 
-    async def replan(
-        self, task: TaskState, done: list[DoneStep], instruction: str | None, first: int = 0
-    ) -> None:
+    async def plan(self, task: TaskState) -> None:
+        self.status = SessionStatus.busy
+        opening = [self.event("session.status", status=self.status.value)]
+        steps = user_plan(task.prompt)
+        if steps is None:
+            await self.record(*opening, self.set_task(task, TaskStatus.planning))
+            opening = []
+            steps = await self.ask_planner(task, None)
+        task.steps = steps
+        running = self.set_task(task, TaskStatus.running)
+        await self.record(*opening, running, self.plan_event(task, 0))
+
+    async def replan(self, task: TaskState, instruction: str) -> None:
+        steps = user_plan(instruction) or await self.ask_planner(task, instruction)
+        task.steps = task.steps[: task.position] + steps
+        await self.record(self.plan_event(task, task.position))
+
+    async def ask_planner(self, task: TaskState, instruction: str | None) -> list[Step]:
         plan = await workflow.execute_activity_method(
             PlanningActivities.plan,
-            PlanRequest(task_id=task.id, prompt=task.prompt, instruction=instruction, done=done),
+            PlanRequest(
+                task_id=task.id, prompt=task.prompt, instruction=instruction, done=task.recent
+            ),
             start_to_close_timeout=timedelta(minutes=3),
             retry_policy=RetryPolicy(maximum_attempts=3),
             summary="revise the plan" if instruction else "plan the task",
         )
-        task.steps = task.steps[:first] + plan.steps
-        await self.record(
-            "task.plan",
-            {
-                "task_id": task.id,
-                "first": first,
-                "steps": [s.model_dump() for s in plan.steps],
-            },
-        )
+        return list(plan.steps)
 
-    async def run_step(self, task: TaskState, index: int) -> StepOutcome | None:
-        """Run a step in the sandbox; None if the task was cancelled meanwhile."""
+    async def run_step(self, task: TaskState) -> StepOutcome | None:
+        """Run the task's next step in the sandbox; None if the task was cancelled meanwhile.
+        The activity records the step's start, output and end itself: no extra history."""
         assert self.sandbox is not None
+        index = task.position
         step = task.steps[index]
         task.current = index
-        await self.record(
-            "step.started", {"task_id": task.id, "index": index, "step": step.model_dump()}
-        )
         handle = workflow.start_activity_method(
             SandboxActivities.run_step,
             StepRequest(
@@ -238,36 +338,29 @@ class SessionWorkflow:
             ),
             task_queue=self.sandbox.task_queue,
             start_to_close_timeout=timedelta(seconds=self.params.step_timeout_s + 120),
-            heartbeat_timeout=timedelta(seconds=20),
-            retry_policy=RetryPolicy(maximum_attempts=3, non_retryable_error_types=["ValueError"]),
+            heartbeat_timeout=timedelta(seconds=10),
+            retry_policy=RetryPolicy(maximum_attempts=5, non_retryable_error_types=["ValueError"]),
+            # A cancelled step is over only once its command is dead, so nothing else can
+            # start in the sandbox beside it.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=f"step {index + 1}/{len(task.steps)}: {step.describe()[:80]}",
         )
         self.step = handle
+        # The handle is waited on, never awaited: awaiting it would hand the session's own
+        # cancellation to the activity, and end() must be the one to stop the step.
         await workflow.wait_condition(lambda: handle.done() or self.cancelling)
-        self.step = None
-        outcome: StepOutcome | None = None
-        error: str | None = None
-        if self.cancelling and not handle.done():
+        if not handle.done():
             handle.cancel()
+            await workflow.wait_condition(handle.done)
+        self.step, task.current = None, None
         try:
-            outcome = await handle
+            return handle.result()
         except (ActivityError, asyncio.CancelledError) as exc:
             if not self.cancelling:
+                await self.record(self.step_end(task, index, "failed", failure_message(exc)))
                 raise
-            error = failure_message(exc)
-        status = "cancelled" if outcome is None else ("succeeded" if outcome.ok else "failed")
-        await self.record(
-            "step.finished",
-            {
-                "task_id": task.id,
-                "index": index,
-                "step": step.model_dump(),
-                "status": status,
-                "exit_code": outcome.exit_code if outcome else None,
-                "error": (outcome.error if outcome else error),
-            },
-        )
-        return outcome
+            await self.record(self.step_end(task, index, "cancelled", "cancelled"))
+            return None
 
     # ---- updates and queries
 
@@ -275,21 +368,24 @@ class SessionWorkflow:
     async def submit_task(self, submission: TaskSubmission) -> TaskRef:
         task = TaskState(id=str(workflow.uuid4()), prompt=submission.prompt)
         self.tasks[task.id] = task
-        await self.record("task.queued", {"task_id": task.id, "prompt": task.prompt})
+        # Queued only once recorded: the task's row must exist before its first step's.
+        await self.record(self.event("task.queued", task_id=task.id, prompt=task.prompt))
         self.queue.append(task.id)
         return TaskRef(id=task.id, status=task.status)
 
     @submit_task.validator
     def check_submit(self, submission: TaskSubmission) -> None:
-        if self.status in (SessionStatus.ended, SessionStatus.failed):
-            raise ValueError("the session has ended")
+        self.check_open()
         if len(self.queue) >= MAX_QUEUED_TASKS:
             raise ValueError(f"{MAX_QUEUED_TASKS} tasks are queued already; wait for some to end")
+        check_plan_size(submission.prompt)
 
     @workflow.update(name="pause_task")
     async def pause_task(self, control: TaskControl) -> TaskRef:
         self.paused = True
-        return await self.set_task(self.tasks[control.task_id], TaskStatus.paused)
+        task = self.tasks[control.task_id]
+        await self.record(self.set_task(task, TaskStatus.paused))
+        return TaskRef(id=task.id, status=task.status)
 
     @pause_task.validator
     def check_pause(self, control: TaskControl) -> None:
@@ -298,7 +394,9 @@ class SessionWorkflow:
     @workflow.update(name="resume_task")
     async def resume_task(self, control: TaskControl) -> TaskRef:
         self.paused = False
-        return await self.set_task(self.tasks[control.task_id], TaskStatus.running)
+        task = self.tasks[control.task_id]
+        await self.record(self.set_task(task, TaskStatus.running))
+        return TaskRef(id=task.id, status=task.status)
 
     @resume_task.validator
     def check_resume(self, control: TaskControl) -> None:
@@ -309,13 +407,16 @@ class SessionWorkflow:
         task = self.tasks[control.task_id]
         if task.id in self.queue:
             self.queue.remove(task.id)
-            return await self.set_task(task, TaskStatus.cancelled)
+            await self.record(*self.finish(task, TaskStatus.cancelled))
+            return TaskRef(id=task.id, status=task.status)
         self.cancelling = True
+        # Ending the session finishes every task too, so this never waits forever.
         await workflow.wait_condition(lambda: task.status in FINISHED)
         return TaskRef(id=task.id, status=task.status)
 
     @cancel_task.validator
     def check_cancel(self, control: TaskControl) -> None:
+        self.check_open()
         task = self.known_task(control.task_id)
         if task.status in FINISHED:
             raise ValueError(f"task {task.id} has {task.status.value} already")
@@ -324,12 +425,15 @@ class SessionWorkflow:
     async def modify_task(self, change: TaskModification) -> TaskRef:
         task = self.tasks[change.task_id]
         self.instructions[task.id] = change.instruction
-        await self.record("task.modified", {"task_id": task.id, "instruction": change.instruction})
+        await self.record(
+            self.event("task.modified", task_id=task.id, instruction=change.instruction)
+        )
         return TaskRef(id=task.id, status=task.status)
 
     @modify_task.validator
     def check_modify(self, change: TaskModification) -> None:
         self.check_cancel(TaskControl(task_id=change.task_id))
+        check_plan_size(change.instruction)
 
     @workflow.query(name="state")
     def state(self) -> SessionState:
@@ -338,43 +442,90 @@ class SessionWorkflow:
             status=self.status,
             sandbox=self.sandbox,
             tasks=list(self.tasks.values()),
+            finished=self.finished,
         )
+
+    def check_open(self) -> None:
+        if self.ending or self.status in (SessionStatus.ended, SessionStatus.failed):
+            raise ValueError("the session is ending" if self.ending else "the session has ended")
 
     def known_task(self, task_id: str) -> TaskState:
         task = self.tasks.get(task_id)
-        if task is None:
-            raise ValueError(f"no task {task_id} in this session")
-        return task
+        if task is not None:
+            return task
+        if task_id in self.finished:
+            raise ValueError(f"task {task_id} has {self.finished[task_id].value} already")
+        raise ValueError(f"no task {task_id} in this session")
 
     def running_task(self, task_id: str, *allowed: TaskStatus) -> None:
+        self.check_open()
         task = self.known_task(task_id)
-        if task is not self.current or task.status not in allowed:
+        if task is not self.running or task.status not in allowed:
             raise ValueError(f"task {task_id} is {task.status.value}, not {allowed[0].value}")
 
-    # ---- progress
+    # ---- progress: events for the session's log
 
-    async def set_status(self, status: SessionStatus, error: str | None = None) -> None:
-        self.status = status
-        data: dict[str, Any] = {"status": status.value}
-        if error:
-            data["error"] = error
-        await self.record("session.status", data)
-
-    async def set_task(self, task: TaskState, status: TaskStatus, **extra: str | None) -> TaskRef:
-        task.status = status
-        task.result = extra.get("result", task.result)
-        task.error = extra.get("error", task.error)
-        await self.record("task.status", {"task_id": task.id, "status": status.value, **extra})
-        return TaskRef(id=task.id, status=status)
-
-    async def record(self, type: str, data: dict[str, Any]) -> None:
+    def event(self, type: str, **data: Any) -> NewEvent:
         # The key makes a retried RecordProgress a no-op; the counter is replay-safe.
         self.events += 1
         key = f"{workflow.info().run_id}/{self.events}"
-        await workflow.execute_activity_method(
+        return NewEvent(type=type, data={k: v for k, v in data.items() if v is not None}, key=key)
+
+    def set_task(self, task: TaskState, status: TaskStatus, **extra: str | None) -> NewEvent:
+        task.status = status
+        task.result = extra.get("result", task.result)
+        task.error = extra.get("error", task.error)
+        return self.event("task.status", task_id=task.id, status=status.value, **extra)
+
+    def finish(self, task: TaskState, status: TaskStatus, **extra: str | None) -> list[NewEvent]:
+        """A task's final status; finished tasks leave the carried state."""
+        drafts = [self.set_task(task, status, **extra)]
+        self.tasks.pop(task.id, None)
+        self.finished[task.id] = status
+        while len(self.finished) > REMEMBERED_TASKS:
+            del self.finished[next(iter(self.finished))]
+        if self.running is task and not self.ending:
+            self.status = SessionStatus.ready
+            drafts.append(self.event("session.status", status=self.status.value))
+        return drafts
+
+    def plan_event(self, task: TaskState, first: int) -> NewEvent:
+        steps = [s.model_dump() for s in task.steps[first:]]
+        return self.event("task.plan", task_id=task.id, first=first, steps=steps)
+
+    def step_end(self, task: TaskState, index: int, status: str, why: str) -> NewEvent:
+        # The activity's own key: whichever of the two records the end first wins.
+        return NewEvent(
+            type="step.finished",
+            data={"task_id": task.id, "index": index, "step": task.steps[index].model_dump(),
+                  "status": status, "exit_code": None, "error": why},
+            key=step_key(task.id, index, "finished"),
+        )  # fmt: skip
+
+    async def record(self, *drafts: NewEvent) -> None:
+        await workflow.execute_local_activity_method(
             ProgressActivities.record,
-            ProgressEvent(session_id=self.params.session_id, type=type, data=data, key=key),
-            start_to_close_timeout=timedelta(seconds=15),
+            ProgressBatch(session_id=self.params.session_id, events=list(drafts)),
+            start_to_close_timeout=RECORD_TIMEOUT,
             retry_policy=RECORD_RETRY,
-            summary=type,
+            summary=", ".join(d.type for d in drafts),
         )
+
+
+def cancel_requested() -> bool:
+    """Whether the session itself was cancelled. A cancellation that comes while the
+    workflow awaits an activity surfaces as that activity's error, not as CancelledError;
+    the task's pending cancel count still says so."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def shielded(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` to its end even if the workflow is cancelled again meanwhile."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            continue
+    task.result()
