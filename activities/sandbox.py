@@ -41,6 +41,7 @@ class StepRecorder:
         self._session_id = request.sandbox.session_id
         self._request = request
         self._pending: list[OutputLine] = []
+        self._started: asyncio.Future[int] | None = None
         self._writer: asyncio.Task[None] | None = None
 
     def _data(self, **extra: Any) -> dict[str, Any]:
@@ -52,10 +53,11 @@ class StepRecorder:
             **extra,
         }
 
-    async def start(self) -> int:
-        """Record the start (once) and return the last output line an earlier attempt
-        stored: the guest replays from there."""
-        return await asyncio.to_thread(self._start)
+    def begin(self) -> asyncio.Future[int]:
+        """Record the start (once); resolves to the last output line an earlier attempt
+        stored, from which the guest replays. Output is written only after it."""
+        self._started = asyncio.ensure_future(asyncio.to_thread(self._start))
+        return self._started
 
     def _start(self) -> int:
         request = self._request
@@ -72,6 +74,8 @@ class StepRecorder:
             await asyncio.shield(self._writer)  # the database is behind: hold the guest
 
     async def _drain(self) -> None:
+        assert self._started is not None, "begin() first"
+        await self._started
         # Lines that come while one write runs go together in the next.
         while self._pending:
             batch, self._pending = self._pending, []
@@ -83,6 +87,8 @@ class StepRecorder:
             events.append_output(db, self._session_id, request.task_id, request.index, batch)
 
     async def finish(self, status: str, outcome: StepOutcome | None, error: str | None) -> None:
+        if self._started is not None:
+            await self._started
         if self._writer is not None:
             await self._writer
         data = self._data(
@@ -133,7 +139,10 @@ class SandboxActivities:
         sandbox = request.sandbox
         exec_id = f"{request.task_id}-{request.index}"
         recorder = StepRecorder(self.engine, request)
-        after_seq = await recorder.start()
+        started = recorder.begin()
+        # A first attempt starts the command while its start is being recorded; a retry
+        # needs to know where the stored output ends first.
+        after_seq = await started if activity.info().attempt > 1 else 0
         run = asyncio.ensure_future(
             self.provider.run_step(
                 sandbox, exec_id, request.step, request.timeout_s, recorder.write, after_seq

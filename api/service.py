@@ -75,7 +75,7 @@ async def start_session(
                 step_timeout_s=settings.step_timeout_s,
             ),
             id=workflow_id(row.id),
-            task_queue=settings.task_queue,
+            task_queue=settings.host_task_queue,  # the session lives on its host
             static_summary=f"session of {user.email} ({template})",
         )
     except RPCError as exc:

@@ -128,6 +128,12 @@ class Supervisor:
         self.children.append(child)
         return child.process
 
+    def temporal_tuning(self) -> list[str]:
+        limit = self.settings.temporal_suggest_continue_as_new
+        if limit is None:
+            return []
+        return ["--dynamic-config-value", f"limit.historyCount.suggestContinueAsNew={limit}"]
+
     def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.pids.mkdir(parents=True, exist_ok=True)
@@ -157,6 +163,12 @@ class Supervisor:
                     str(self.settings.temporal_ui_port),
                     "--log-level",
                     "warn",
+                    # WAL and NORMAL sync: every workflow step is a few history writes.
+                    "--sqlite-pragma",
+                    "journal_mode=wal",
+                    "--sqlite-pragma",
+                    "synchronous=normal",
+                    *self.temporal_tuning(),
                 ],
                 log=True,
             )

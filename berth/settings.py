@@ -39,9 +39,13 @@ class Settings(BaseSettings):
     temporal_port: int = Field(default=7233, description="Port of the embedded Temporal server")
     temporal_namespace: str = "default"
     temporal_ui_port: int = 8233
-    task_queue: str = Field(default="berth-sessions", description="Workflow task queue")
+    temporal_suggest_continue_as_new: int | None = Field(
+        default=None,
+        description="Embedded server: history length at which sessions continue as new "
+        "(Temporal's default is 4096 events); tests set it low",
+    )
     host_id: str = Field(
-        default="local", description="Name of this sandbox host; its activities' task queue"
+        default="local", description="Name of this sandbox host, whose task queue its sessions use"
     )
 
     sandbox_provider: Literal["docker"] = "docker"

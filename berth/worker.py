@@ -1,8 +1,10 @@
-"""The worker process: Temporal workers for sessions and for this sandbox host, and the
-guest gateway that this host's sandboxes dial into.
+"""The worker process of one sandbox host: the Temporal worker for its sessions and the
+guest gateway that its sandboxes dial into.
 
-Two task queues: ``berth-sessions`` (workflows, planning, progress) can be served by any
-worker; ``berth-host-<id>`` only by the host whose gateway holds the sandboxes' links.
+A session lives on the host that holds its sandbox: its workflow and every activity it
+runs share the host's task queue ``berth-host-<id>``. Sharing the queue lets Temporal hand
+each step's activity to this worker in the same answer that takes the workflow's command
+(eager dispatch), which measured 25 ms a step against 76 ms across two queues.
 The host also reconciles its machines with the sessions that own them, at start and then
 periodically, so a machine whose session is gone does not run on.
 """
@@ -66,28 +68,28 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     planning = PlanningActivities(chat_model(settings))
     sandbox = SandboxActivities(provider, engine, settings.sandbox_connect_timeout_s)
     with ThreadPoolExecutor(max_workers=16) as executor:
-        sessions = Worker(
-            client,
-            task_queue=settings.task_queue,
-            workflows=[SessionWorkflow],
-            activities=[progress.record, planning.plan],
-            activity_executor=executor,
-        )
         host = Worker(
             client,
             task_queue=settings.host_task_queue,
-            activities=[sandbox.provision, sandbox.run_step, sandbox.destroy],
+            workflows=[SessionWorkflow],
+            activities=[
+                progress.record,
+                planning.plan,
+                sandbox.provision,
+                sandbox.run_step,
+                sandbox.destroy,
+            ],
+            activity_executor=executor,
             # Cancelling a step reaches it through a heartbeat: send one every second.
             max_heartbeat_throttle_interval=timedelta(seconds=1),
         )
         reconciler = asyncio.create_task(
             reconcile_forever(provider, session_owner(client), RECONCILE_EVERY_S, stop)
         )
-        async with sessions, host:
+        async with host:
             log.info(
-                "worker up: queues %s and %s, guest gateway on %s:%d",
-                settings.task_queue, settings.host_task_queue,
-                settings.gateway_host, settings.gateway_port,
+                "worker up: queue %s, guest gateway on %s:%d",
+                settings.host_task_queue, settings.gateway_host, settings.gateway_port,
             )  # fmt: skip
             await stop.wait()
             log.info("worker stopping")

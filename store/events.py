@@ -121,10 +121,8 @@ def append_output(
 
 
 def finish_step(db: Session, session_id: str, data: dict[str, Any], key: str) -> None:
-    """Record ``step.finished``; if output was dropped, first a note saying how much, with
-    the tail of what was dropped."""
-    if db.exec(select(Event.id).where(Event.session_id == session_id, Event.key == key)).first():
-        return
+    """Record ``step.finished`` once; if output was dropped, first a note saying how much,
+    with the tail of what was dropped."""
     step = _find_step(db, data["task_id"], data["index"])
     drafts: list[NewEvent] = []
     if step.dropped_chars:
@@ -135,8 +133,11 @@ def finish_step(db: Session, session_id: str, data: dict[str, Any], key: str) ->
         )
         base = {"task_id": step.task_id, "index": step.index}
         drafts = [
-            NewEvent(type="step.output", data={**base, "stream": stream, "text": text})
-            for stream, text in (("note", note), ("stdout", tail))
+            NewEvent(type="step.output", data={**base, "stream": stream, "text": text}, key=part)
+            for stream, text, part in (
+                ("note", note, f"{key}/note"),
+                ("stdout", tail, f"{key}/tail"),
+            )
         ]
     append(db, session_id, [*drafts, NewEvent(type="step.finished", data=data, key=key)])
 

@@ -444,8 +444,8 @@ async def test_a_step_costs_six_history_events(env: WorkflowEnvironment) -> None
         await until(lambda: "sandbox.ready" in stubs.types())
         lengths = [await settled_history_length(handle)]
         for steps in (1, 11):
-            ref = await submit(env.client, handle.id, "\n".join(["$ true"] * steps))
-            await until(lambda ref=ref: stubs.task_statuses().get(ref.id) == "succeeded")
+            task_id = (await submit(env.client, handle.id, "\n".join(["$ true"] * steps))).id
+            await until(lambda: stubs.task_statuses().get(task_id) == "succeeded")  # noqa: B023
             lengths.append(await settled_history_length(handle))
         save_history("happy", await handle.fetch_history())
         await end(handle)
