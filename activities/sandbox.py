@@ -20,8 +20,8 @@ from store import events
 from store.events import OutputLine
 from workflows.models import SandboxRequest, StepRequest
 
-# Output lines waiting for the database before the guest is held back.
-MAX_PENDING_LINES = 2000
+# Output waiting for the database before the guest is held back.
+MAX_PENDING_CHARS = 4 * 1024 * 1024
 # How long a cancelled step waits for its command's exit after the kill.
 KILL_WAIT_S = 15.0
 
@@ -41,6 +41,7 @@ class StepRecorder:
         self._session_id = request.sandbox.session_id
         self._request = request
         self._pending: list[OutputLine] = []
+        self._pending_chars = 0
         self._started: asyncio.Future[int] | None = None
         self._writer: asyncio.Task[None] | None = None
 
@@ -68,9 +69,10 @@ class StepRecorder:
 
     async def write(self, seq: int, stream: str, text: str) -> None:
         self._pending.append(OutputLine(seq, stream, text))
+        self._pending_chars += len(text)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain())
-        elif len(self._pending) >= MAX_PENDING_LINES:
+        elif self._pending_chars >= MAX_PENDING_CHARS:
             await asyncio.shield(self._writer)  # the database is behind: hold the guest
 
     async def _drain(self) -> None:
@@ -78,7 +80,7 @@ class StepRecorder:
         await self._started
         # Lines that come while one write runs go together in the next.
         while self._pending:
-            batch, self._pending = self._pending, []
+            batch, self._pending, self._pending_chars = self._pending, [], 0
             await asyncio.to_thread(self._store, batch)
 
     def _store(self, batch: list[OutputLine]) -> None:

@@ -22,10 +22,10 @@ EXIT = "exit"
 # Largest incoming frame the gateway reads before the hello is verified, and after: an
 # unauthenticated peer gets no room to make the backend buffer (or log) much of anything.
 MAX_HELLO_SIZE = 16 * 1024
-MAX_FRAME_SIZE = 1 << 20
+MAX_FRAME_SIZE = 512 * 1024
 
 # Output lines longer than this many bytes are sent in pieces: even with every byte
-# JSON-escaped (``\ufffd``, 6 characters), an output frame stays well under MAX_FRAME_SIZE.
+# JSON-escaped (``\u00XX``, 6 characters), an output frame stays under MAX_FRAME_SIZE.
 MAX_OUTPUT_CHUNK = 64 * 1024
 
 # WebSocket close code for a refused hello (bad token, unknown sandbox).

@@ -30,7 +30,13 @@ from sandboxes.tokens import check_guest_token
 log = logging.getLogger("berth.gateway")
 
 HELLO_TIMEOUT_S = 10.0
-INBOX_SIZE = 256
+# Messages held per command while its consumer is behind: at most 32 MiB of frames.
+INBOX_SIZE = 64
+# An exit's error text is the guest's word: kept short.
+MAX_ERROR_CHARS = 4000
+STREAMS = ("stdout", "stderr")
+# The end of a command's output carried in its outcome (and so in Temporal's history).
+OUTPUT_TAIL_CHARS = 4000
 LOGGED_ID_CHARS = 64
 
 # Called as ``on_output(seq, stream, text)``; ``seq`` is the guest's per-command line number,
@@ -121,7 +127,7 @@ class GuestGateway:
         if command is None:
             command = _Open(exec_id, step, timeout_s, last_seq=after_seq)
             guest.open[exec_id] = command
-        tail: list[str] = []
+        tail = ""
         try:
             await self._send(guest, command.exec_message())
             while True:
@@ -134,15 +140,14 @@ class GuestGateway:
                     if not follows or message["seq"] <= command.last_seq:
                         continue
                     command.last_seq = message["seq"]
-                    tail.append(message["text"])
-                    del tail[:-200]
+                    tail = (tail + message["text"])[-OUTPUT_TAIL_CHARS:]
                     await on_output(message["seq"], message["stream"], message["text"])
                 elif message["type"] == protocol.EXIT and follows:
                     return StepOutcome(
                         exit_code=message["exit_code"],
                         timed_out=message["timed_out"],
                         error=message.get("error"),
-                        output_tail="".join(tail)[-4000:],
+                        output_tail=tail,
                     )
         finally:
             guest.open.pop(exec_id, None)
@@ -213,8 +218,11 @@ class GuestGateway:
                 if command.cancelled:
                     await ws.send(_cancel_message(command.exec_id))
             async for raw in ws:
-                message = json.loads(raw)
-                target = guest.open.get(message.get("exec_id", ""))
+                message = _checked(raw)
+                if message is None:
+                    log.warning("dropped a malformed message from sandbox %s", sandbox_id)
+                    continue
+                target = guest.open.get(message["exec_id"])
                 if target is not None:
                     await target.inbox.put(message)  # blocks reading while the inbox is full
         except ConnectionClosed:
@@ -224,6 +232,37 @@ class GuestGateway:
                 guest.connection = None
                 guest.connected.clear()
                 log.info("guest of sandbox %s disconnected", sandbox_id)
+
+
+def _checked(raw: str | bytes) -> dict[str, Any] | None:
+    """A guest's message if it is well-formed, else None: the guest is not trusted."""
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or not isinstance(message.get("exec_id"), str):
+        return None
+    if not isinstance(message.get("after_seq", 0), int):
+        return None
+    if message.get("type") == protocol.OUTPUT:
+        ok = (
+            isinstance(message.get("seq"), int)
+            and message.get("stream") in STREAMS
+            and isinstance(message.get("text"), str)
+        )
+        return message if ok else None
+    if message.get("type") == protocol.EXIT:
+        error = message.get("error")
+        if not isinstance(message.get("exit_code"), int) or not isinstance(
+            message.get("timed_out"), bool
+        ):
+            return None
+        if error is not None and not isinstance(error, str):
+            return None
+        if error is not None:
+            message["error"] = error[:MAX_ERROR_CHARS]
+        return message
+    return None
 
 
 def _cancel_message(exec_id: str) -> str:

@@ -33,6 +33,20 @@ class ReconcileReport:
     failed: list[str] = field(default_factory=list)
     # Orphans within the grace period, left for a later pass.
     young: list[str] = field(default_factory=list)
+    # Machines whose session's owner could not be asked, left for a later pass.
+    unknown: list[str] = field(default_factory=list)
+
+
+UNKNOWN = object()
+OWNER_TIMEOUT_S = 10.0
+
+
+async def _ask(owner: Owner, session_id: str) -> str | object | None:
+    try:
+        return await asyncio.wait_for(owner(session_id), OWNER_TIMEOUT_S)
+    except Exception:
+        log.warning("could not tell who owns session %s's machines", session_id, exc_info=True)
+        return UNKNOWN
 
 
 async def reconcile(
@@ -40,17 +54,20 @@ async def reconcile(
 ) -> ReconcileReport:
     """Adopt the machines of live sessions, destroy the orphans older than ``grace_s``.
 
-    Every owner is asked before anything is destroyed, so an owner that raises (Temporal
-    unreachable) aborts the pass having destroyed nothing.
+    A session whose owner cannot be told (Temporal unreachable, a query timing out) keeps
+    its machines until a later pass; the other sessions' machines are judged regardless.
     """
     machines = await provider.machines()
     sessions = sorted({machine.session_id for machine in machines})
-    owned = dict(zip(sessions, await asyncio.gather(*map(owner, sessions)), strict=True))
+    answers = await asyncio.gather(*(_ask(owner, s) for s in sessions))
+    owned = dict(zip(sessions, answers, strict=True))
     report = ReconcileReport()
     now = datetime.now(UTC)
     for machine in machines:
         sandbox_id = machine.sandbox_id
-        if owned[machine.session_id] == sandbox_id:
+        if owned[machine.session_id] is UNKNOWN:
+            report.unknown.append(sandbox_id)
+        elif owned[machine.session_id] == sandbox_id:
             report.adopted.append(sandbox_id)
             log.debug("sandbox %s of session %s adopted", sandbox_id, machine.session_id)
         elif (now - machine.created_at).total_seconds() < grace_s:
@@ -66,9 +83,10 @@ async def reconcile(
             report.destroyed.append(sandbox_id)
             log.info("orphaned sandbox %s of session %s destroyed", sandbox_id, machine.session_id)
     log.info(
-        "reconciled %d machines: %d adopted, %d destroyed, %d failed, %d too young to judge",
+        "reconciled %d machines: %d adopted, %d destroyed, %d failed, %d too young to judge, "
+        "%d of sessions that did not answer",
         len(machines), len(report.adopted), len(report.destroyed), len(report.failed),
-        len(report.young),
+        len(report.young), len(report.unknown),
     )  # fmt: skip
     return report
 

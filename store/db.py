@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -67,7 +68,9 @@ def _migration_lock(url: str) -> Iterator[None]:
             yield
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.with_name(f"{path.name}.migrate-lock").open("a") as lock:
+        # Private: flock needs only read access, so a readable lock could be held by anyone.
+        fd = os.open(path.with_name(f"{path.name}.migrate-lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        with os.fdopen(fd) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
             yield
         return

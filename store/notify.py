@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import socket
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -47,27 +48,42 @@ def _bell_folder(engine: Engine) -> Path | None:
     database = engine.url.database
     if not database or database == ":memory:":
         return None
-    # Named after the database, in the temp dir: a Unix socket's path must stay short.
+    # A Unix socket's path must stay short, so not beside the database: in a folder of this
+    # user's own in the temp dir, named after the database.
     digest = hashlib.sha256(str(Path(database).resolve()).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"berth-bell-{digest}"
+    return Path(tempfile.gettempdir()) / f"berth-{os.getuid()}" / f"bell-{digest}"
+
+
+def _private_folder(folder: Path) -> None:
+    """Create ``folder`` (and its parent) as this user's alone, or refuse one that is not:
+    in a shared temp dir, another user could otherwise read or block the wake-ups."""
+    for path in (folder.parent, folder):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise PermissionError(f"{path} must be a directory of this user's, mode 0700")
 
 
 def _ring(folder: Path, message: bytes) -> None:
+    # Never raises: the event is committed already, and a wake-up is only a hint.
     try:
         entries = list(os.scandir(folder))
-    except FileNotFoundError:
+    except OSError:
         return  # nobody listens
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
         sender.setblocking(False)
         for entry in entries:
             try:
+                if not stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                    continue
                 sender.sendto(message, entry.path)
             except (ConnectionRefusedError, FileNotFoundError):
                 # The listener died without unlinking its socket.
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.unlink(entry.path)
-            except BlockingIOError:
-                pass  # its queue is full: it is awake anyway
+            except OSError:
+                pass  # its queue is full (it is awake anyway), or it is no listener of ours
 
 
 class Hub:
@@ -105,7 +121,7 @@ class Hub:
         folder = _bell_folder(self._engine)
         if folder is None:
             return
-        folder.mkdir(parents=True, exist_ok=True)
+        _private_folder(folder)
         path = folder / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.bind(str(path))

@@ -101,6 +101,21 @@ async def test_a_machine_that_cannot_be_destroyed_does_not_stop_the_others(
     assert not await exists("container", gone.handle)
 
 
+async def test_a_session_that_cannot_be_asked_keeps_its_machine(
+    provider: SandboxProvider,
+) -> None:
+    unanswered, orphan = await provision(provider), await provision(provider)
+
+    async def owner(session_id: str) -> str | None:
+        if session_id == unanswered.session_id:
+            raise ConnectionError("the query timed out")
+        return None
+
+    report = await reconcile(provider, owner, grace_s=0)
+    assert report.unknown == [unanswered.id] and report.destroyed == [orphan.id]
+    assert await exists("container", unanswered.handle)
+
+
 async def test_reconcile_forever_outlives_a_failing_pass_and_stops_when_told(
     provider: SandboxProvider,
 ) -> None:

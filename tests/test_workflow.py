@@ -21,6 +21,7 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
 )
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -75,6 +76,8 @@ class Stubs:
 
     @activity.defn(name="DestroySandbox")
     async def destroy(self, sandbox: SandboxInfo) -> None:
+        if sandbox.template == "undying":
+            raise ApplicationError("the host does not answer", non_retryable=True)
         self.destroyed.append(sandbox.id)
 
     @activity.defn(name="PlanTask")
@@ -451,3 +454,16 @@ async def test_a_step_costs_six_history_events(env: WorkflowEnvironment) -> None
         await end(handle)
     one_step, eleven_steps = lengths[1] - lengths[0], lengths[2] - lengths[1]
     assert (eleven_steps - one_step) / 10 <= 6
+
+
+async def test_a_sandbox_that_cannot_be_destroyed_still_ends_the_session(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    async with running(env, stubs, params(stubs, template="undying")) as handle:
+        await until(lambda: "sandbox.ready" in stubs.types())
+        await end(handle)
+    # Left for the host's reconciliation, and said so; the session's end is recorded.
+    orphaned = next(e for e in stubs.events if e.type == "sandbox.orphaned")
+    assert "the host does not answer" in orphaned.data["error"]
+    assert stubs.destroyed == [] and stubs.events[-1].data == {"status": "ended"}
