@@ -26,6 +26,12 @@ MAX_PENDING_CHARS = 4 * 1024 * 1024
 KILL_WAIT_S = 15.0
 
 
+def exec_id(request: StepRequest) -> str:
+    """The guest's id of a step's command: the same for every attempt, so a retry
+    re-attaches to it instead of running it again."""
+    return f"{request.task_id}-{request.index}"
+
+
 def step_key(task_id: str, index: int, what: str) -> str:
     """The event key of a step's start or end: the same in every attempt and in the
     workflow, so whichever records it first wins."""
@@ -117,16 +123,22 @@ class SandboxActivities:
     async def provision(self, request: SandboxRequest) -> SandboxInfo:
         """Start the session's sandbox (or find the one an earlier attempt started) and wait
         until its guest agent has dialled in."""
-        sandbox = await self.provider.provision(
-            request.sandbox_id, request.session_id, request.template
-        )
-        try:
-            async with heartbeating():
+        async with heartbeating():
+            sandbox = await self.provider.provision(
+                request.sandbox_id, request.session_id, request.template
+            )
+            try:
                 await self.provider.wait_connected(sandbox, self.connect_timeout_s)
-        except BaseException:
-            # A retry starts afresh under the same id; an ended session leaves no machine.
-            await asyncio.shield(self.provider.destroy(sandbox))
-            raise
+            except asyncio.CancelledError:
+                details = activity.cancellation_details()
+                if details is not None and details.cancel_requested:
+                    await asyncio.shield(self.provider.destroy(sandbox))  # the session ended
+                # Timed out: a newer attempt may be using this very machine now.
+                raise
+            except Exception:
+                # A retry starts afresh under the same id.
+                await asyncio.shield(self.provider.destroy(sandbox))
+                raise
         return sandbox
 
     @activity.defn(name="RunStep")
@@ -139,7 +151,7 @@ class SandboxActivities:
         worker shutdown it keeps running for the next attempt to re-attach to.
         """
         sandbox = request.sandbox
-        exec_id = f"{request.task_id}-{request.index}"
+        command = exec_id(request)
         recorder = StepRecorder(self.engine, request)
         started = recorder.begin()
         # A first attempt starts the command while its start is being recorded; a retry
@@ -147,7 +159,7 @@ class SandboxActivities:
         after_seq = await started if activity.info().attempt > 1 else 0
         run = asyncio.ensure_future(
             self.provider.run_step(
-                sandbox, exec_id, request.step, request.timeout_s, recorder.write, after_seq
+                sandbox, command, request.step, request.timeout_s, recorder.write, after_seq
             )
         )
         try:
@@ -158,7 +170,7 @@ class SandboxActivities:
             if details is None or not details.cancel_requested:
                 run.cancel()
                 raise
-            await self.provider.cancel_step(sandbox, exec_id)
+            await self.provider.cancel_step(sandbox, command)
             killed: StepOutcome | None = None
             with contextlib.suppress(Exception):
                 killed = await asyncio.wait_for(run, KILL_WAIT_S)
@@ -168,6 +180,11 @@ class SandboxActivities:
             raise ApplicationError(str(exc), type="GuestUnavailable") from exc
         await recorder.finish("succeeded" if outcome.ok else "failed", outcome, None)
         return outcome
+
+    @activity.defn(name="StopStep")
+    async def stop_step(self, request: StepRequest) -> None:
+        """Kill a step's command if an attempt left it running; one that ended is left be."""
+        await self.provider.cancel_step(request.sandbox, exec_id(request))
 
     @activity.defn(name="DestroySandbox")
     async def destroy(self, sandbox: SandboxInfo) -> None:

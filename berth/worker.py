@@ -77,6 +77,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 planning.plan,
                 sandbox.provision,
                 sandbox.run_step,
+                sandbox.stop_step,
                 sandbox.destroy,
             ],
             activity_executor=executor,

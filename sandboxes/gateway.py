@@ -123,10 +123,12 @@ class GuestGateway:
     ) -> StepOutcome:
         """Run ``step`` in the guest (or re-attach to it), feeding output to ``on_output``."""
         guest = self._guest(sandbox_id)
-        command = guest.open.get(exec_id)
-        if command is None:
-            command = _Open(exec_id, step, timeout_s, last_seq=after_seq)
-            guest.open[exec_id] = command
+        # A new attempt replaces an older one's attachment (that one is being cancelled),
+        # so the two never share an inbox.
+        older = guest.open.get(exec_id)
+        command = _Open(exec_id, step, timeout_s, last_seq=after_seq)
+        command.cancelled = older is not None and older.cancelled
+        guest.open[exec_id] = command
         tail = ""
         try:
             await self._send(guest, command.exec_message())
@@ -150,7 +152,8 @@ class GuestGateway:
                         output_tail=tail,
                     )
         finally:
-            guest.open.pop(exec_id, None)
+            if guest.open.get(exec_id) is command:
+                del guest.open[exec_id]
             while not command.inbox.empty():
                 command.inbox.get_nowait()  # frees a read loop blocked on this full inbox
 

@@ -89,7 +89,8 @@ def append_output(
     Lines at or below the step's stored sequence number were stored by an earlier attempt
     and are skipped. Returns the step's stored sequence number afterwards.
     """
-    step = _find_step(db, task_id, index)
+    # Locked (on PostgreSQL), so two attempts writing at once cannot both take a line.
+    step = _find_step(db, task_id, index, for_update=True)
     fresh = [line for line in lines if line.seq > step.output_seq]
     if not fresh:
         return step.output_seq
@@ -198,8 +199,9 @@ def _task(db: Session, event: Event) -> TaskRow:
     return row
 
 
-def _find_step(db: Session, task_id: str, index: int) -> StepRow:
-    row = db.exec(select(StepRow).where(StepRow.task_id == task_id, StepRow.index == index)).first()
+def _find_step(db: Session, task_id: str, index: int, for_update: bool = False) -> StepRow:
+    query = select(StepRow).where(StepRow.task_id == task_id, StepRow.index == index)
+    row = db.exec(query.with_for_update() if for_update else query).first()
     if row is None:
         raise LookupError(f"no step {index} of task {task_id}")
     return row

@@ -63,6 +63,9 @@ class Stubs:
         self.killed = asyncio.Event()
         self.killed.set()
         self.cancelled: list[str] = []
+        self.stopped: list[str] = []
+        self.thinking = asyncio.Event()
+        self.thinking.set()
 
     @activity.defn(name="ProvisionSandbox")
     async def provision(self, request: SandboxRequest) -> SandboxInfo:
@@ -82,7 +85,8 @@ class Stubs:
 
     @activity.defn(name="PlanTask")
     async def plan(self, request: PlanRequest) -> Plan:
-        """A stand-in model: "say X" plans ``echo X``."""
+        """A stand-in model: "say X" plans ``echo X``; it thinks until ``thinking`` is set."""
+        await self.thinking.wait()
         text = request.instruction or request.prompt
         return Plan(steps=[TerminalStep(command=f"echo {text.removeprefix('say ')}")])
 
@@ -115,8 +119,14 @@ class Stubs:
         """The last status recorded for each task."""
         return {e.data["task_id"]: e.data["status"] for e in self.events if e.type == "task.status"}
 
+    @activity.defn(name="StopStep")
+    async def stop_step(self, request: StepRequest) -> None:
+        self.stopped.append(request.step.command)
+
     def all(self) -> list[Callable[..., Any]]:
-        return [self.provision, self.destroy, self.plan, self.run_step, self.record]
+        return [
+            self.provision, self.destroy, self.plan, self.run_step, self.stop_step, self.record,
+        ]  # fmt: skip
 
 
 async def time_skipping() -> WorkflowEnvironment:
@@ -270,6 +280,7 @@ async def test_pause_resume_modify_and_cancel(env: WorkflowEnvironment) -> None:
         )
         assert cancelled.status == "cancelled"
         assert "echo never" not in stubs.commands
+        assert stubs.stopped == ["wait"]  # and made sure no attempt left it running
         state = await handle.query(SessionWorkflow.state)
         assert state.finished == {ref.id: "succeeded", second.id: "cancelled"}
         await until(lambda: stubs.events[-1].data == {"status": "ready"})
@@ -421,6 +432,7 @@ async def test_continue_as_new_mid_task_keeps_the_sandbox_and_every_step(
         save_history("continue-as-new", await env.client.get_workflow_handle(
             handle.id, run_id=first_run).fetch_history())  # fmt: skip
         await end(latest)
+        save_history("continue-as-new-resumed", await latest.fetch_history())
     # Every step once, in order, in the one sandbox, which outlived every run but the last.
     assert stubs.commands == [*commands, "echo after"]
     assert len(stubs.provisioned) == 1 and stubs.destroyed == stubs.provisioned
@@ -467,3 +479,23 @@ async def test_a_sandbox_that_cannot_be_destroyed_still_ends_the_session(
     orphaned = next(e for e in stubs.events if e.type == "sandbox.orphaned")
     assert "the host does not answer" in orphaned.data["error"]
     assert stubs.destroyed == [] and stubs.events[-1].data == {"status": "ended"}
+
+
+async def test_a_pause_while_the_model_plans_holds_from_the_first_step(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    stubs.thinking.clear()
+    async with running(env, stubs, params(stubs)) as handle:
+        ref = await submit(env.client, handle.id, "say hi")
+        await until(lambda: stubs.task_statuses().get(ref.id) == "planning")
+        control = TaskControl(task_id=ref.id)
+        await handle.execute_update("pause_task", result_type=TaskRef, arg=control)
+        stubs.thinking.set()
+        await until(lambda: any(e.type == "task.plan" for e in stubs.events))
+        await asyncio.sleep(0.3)
+        assert stubs.commands == [] and stubs.task_statuses()[ref.id] == "paused"
+        await handle.execute_update("resume_task", result_type=TaskRef, arg=control)
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        assert stubs.commands == ["echo hi"]
+        await end(handle)

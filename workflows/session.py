@@ -53,7 +53,12 @@ RECENT_STEPS = 10
 REMEMBERED_TASKS = 100
 
 RECORD_TIMEOUT = timedelta(seconds=15)
-RECORD_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=20)
+# Unbounded: a session must outlast a database outage rather than fail for it.
+RECORD_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=0,
+)
 # How long ending a session waits for the running command's kill, and for the sandbox.
 STOP_STEP_TIMEOUT = timedelta(seconds=60)
 DESTROY_TIMEOUT = timedelta(minutes=3)
@@ -77,10 +82,13 @@ class SessionWorkflow:
         carried = params.carried
         self.params = params
         self.sandbox: SandboxInfo | None = carried.sandbox if carried else None
-        self.status = SessionStatus.ready if carried else SessionStatus.provisioning
+        running = carried.running if carried else None
+        if carried:
+            self.status = SessionStatus.busy if running else SessionStatus.ready
+        else:
+            self.status = SessionStatus.provisioning
         tasks = carried.tasks if carried else []
         self.tasks: dict[str, TaskState] = {t.id: t for t in tasks}
-        running = carried.running if carried else None
         self.running: TaskState | None = self.tasks[running] if running else None
         self.queue: list[str] = [t.id for t in tasks if t.id != running]
         self.paused = carried.paused if carried else False
@@ -218,7 +226,7 @@ class SessionWorkflow:
             if step.done() and not step.cancelled():
                 step.exception()  # taken: how the step ended is recorded below
         task = self.running
-        if task is not None:
+        if task is not None and task.status not in FINISHED:
             if task.current is not None:
                 drafts.append(self.step_end(task, task.current, "cancelled", "session ended"))
             drafts += self.finish(task, TaskStatus.cancelled, error="session ended")
@@ -229,9 +237,10 @@ class SessionWorkflow:
             await self.record(*drafts)
         if self.sandbox is not None:
             await self.destroy(self.sandbox)
+        # A submit accepted just before the end finishes its task itself (see submit_task).
+        await workflow.wait_condition(workflow.all_handlers_finished)
         self.status = status
         await self.record(self.event("session.status", status=status.value, error=error))
-        await workflow.wait_condition(workflow.all_handlers_finished)
 
     async def destroy(self, sandbox: SandboxInfo) -> None:
         try:
@@ -300,7 +309,8 @@ class SessionWorkflow:
             opening = []
             steps = await self.ask_planner(task, None)
         task.steps = steps
-        running = self.set_task(task, TaskStatus.running)
+        # A pause that came while the model planned holds from the first step on.
+        running = self.set_task(task, TaskStatus.paused if self.paused else TaskStatus.running)
         await self.record(*opening, running, self.plan_event(task, 0))
 
     async def replan(self, task: TaskState, instruction: str) -> None:
@@ -327,15 +337,16 @@ class SessionWorkflow:
         index = task.position
         step = task.steps[index]
         task.current = index
+        request = StepRequest(
+            sandbox=self.sandbox,
+            task_id=task.id,
+            index=index,
+            step=step,
+            timeout_s=self.params.step_timeout_s,
+        )
         handle = workflow.start_activity_method(
             SandboxActivities.run_step,
-            StepRequest(
-                sandbox=self.sandbox,
-                task_id=task.id,
-                index=index,
-                step=step,
-                timeout_s=self.params.step_timeout_s,
-            ),
+            request,
             task_queue=self.sandbox.task_queue,
             start_to_close_timeout=timedelta(seconds=self.params.step_timeout_s + 120),
             heartbeat_timeout=timedelta(seconds=10),
@@ -356,11 +367,25 @@ class SessionWorkflow:
         try:
             return handle.result()
         except (ActivityError, asyncio.CancelledError) as exc:
+            # Retries run out, or a cancel between attempts: an attempt may have left the
+            # command running, and the next step must not run beside it.
+            await self.stop_step(request)
             if not self.cancelling:
                 await self.record(self.step_end(task, index, "failed", failure_message(exc)))
                 raise
             await self.record(self.step_end(task, index, "cancelled", "cancelled"))
             return None
+
+    async def stop_step(self, request: StepRequest) -> None:
+        with contextlib.suppress(ActivityError):  # the guest is gone: nothing runs there
+            await workflow.execute_activity_method(
+                SandboxActivities.stop_step,
+                request,
+                task_queue=request.sandbox.task_queue,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+                summary=f"stop step {request.index + 1}",
+            )
 
     # ---- updates and queries
 
@@ -370,13 +395,16 @@ class SessionWorkflow:
         self.tasks[task.id] = task
         # Queued only once recorded: the task's row must exist before its first step's.
         await self.record(self.event("task.queued", task_id=task.id, prompt=task.prompt))
-        self.queue.append(task.id)
+        if self.ending:  # the session began to end while this was being recorded
+            await self.record(*self.finish(task, TaskStatus.cancelled, error="session ended"))
+        else:
+            self.queue.append(task.id)
         return TaskRef(id=task.id, status=task.status)
 
     @submit_task.validator
     def check_submit(self, submission: TaskSubmission) -> None:
         self.check_open()
-        if len(self.queue) >= MAX_QUEUED_TASKS:
+        if len(self.tasks) - (self.running is not None) >= MAX_QUEUED_TASKS:
             raise ValueError(f"{MAX_QUEUED_TASKS} tasks are queued already; wait for some to end")
         check_plan_size(submission.prompt)
 
@@ -420,6 +448,8 @@ class SessionWorkflow:
         task = self.known_task(control.task_id)
         if task.status in FINISHED:
             raise ValueError(f"task {task.id} has {task.status.value} already")
+        if task is not self.running and task.id not in self.queue:
+            raise ValueError(f"task {task.id} is being queued; try again in a moment")
 
     @workflow.update(name="modify_task")
     async def modify_task(self, change: TaskModification) -> TaskRef:
@@ -481,6 +511,7 @@ class SessionWorkflow:
         """A task's final status; finished tasks leave the carried state."""
         drafts = [self.set_task(task, status, **extra)]
         self.tasks.pop(task.id, None)
+        self.instructions.pop(task.id, None)
         self.finished[task.id] = status
         while len(self.finished) > REMEMBERED_TASKS:
             del self.finished[next(iter(self.finished))]
