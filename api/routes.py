@@ -78,8 +78,9 @@ async def submit_task(
     """Queue a task. Sent again with the same ``Idempotency-Key``, it is queued once and
     the same task is answered."""
     row = service.own_session(db, user, sid)
-    submission = TaskSubmission(prompt=body.prompt)
-    return await service.update(temporal, row, "submit_task", submission, idempotency_key)
+    key = service.idempotency_id(idempotency_key) if idempotency_key else None
+    submission = TaskSubmission(prompt=body.prompt, key=key)
+    return await service.update(temporal, row, "submit_task", submission, key)
 
 
 @router.get("/sessions/{sid}/tasks/{tid}", tags=["tasks"])

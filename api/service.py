@@ -120,6 +120,11 @@ async def end_session(temporal: Client, row: SessionRow) -> None:
         # Already over: ending it again is not an error.
 
 
+def idempotency_id(header: str) -> str:
+    """A client's Idempotency-Key as the workflow keeps it: short and of fixed size."""
+    return hashlib.sha256(header.encode()).hexdigest()[:32]
+
+
 async def update(
     temporal: Client,
     row: SessionRow,
@@ -128,14 +133,12 @@ async def update(
     idempotency_key: str | None = None,
 ) -> TaskRefOut:
     """Run one of the workflow's updates; a validator's refusal becomes a 409. Temporal
-    runs an update once per id, so a retried request with the same key gets the first
-    answer."""
+    runs an update once per id within a run, so a retried request with the same key gets
+    the first answer (across runs, the workflow itself remembers submissions' keys)."""
     if row.status in (SessionStatus.ended, SessionStatus.failed):
         raise Problem(409, f"session {row.id} has {row.status}")
     handle = temporal.get_workflow_handle(workflow_id(row.id))
-    update_id = None
-    if idempotency_key is not None:
-        update_id = f"{name}-{hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]}"
+    update_id = f"{name}-{idempotency_key}" if idempotency_key else None
     try:
         ref: Any = await handle.execute_update(name, argument, id=update_id, result_type=TaskRef)
     except WorkflowUpdateFailedError as exc:

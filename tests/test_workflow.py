@@ -499,3 +499,27 @@ async def test_a_pause_while_the_model_plans_holds_from_the_first_step(
         await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
         assert stubs.commands == ["echo hi"]
         await end(handle)
+
+
+async def test_a_submission_key_queues_one_task_even_across_runs(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    async with running(env, stubs, params(stubs)) as handle:
+        refs = [
+            # Distinct update ids, as after a continue-as-new, where Temporal's own
+            # de-duplication of update ids no longer reaches.
+            await handle.execute_update(
+                "submit_task",
+                TaskSubmission(prompt="$ echo once", key="k1"),
+                id=f"submit-{n}",
+                result_type=TaskRef,
+            )
+            for n in range(2)
+        ]
+        assert refs[0].id == refs[1].id
+        await until(lambda: stubs.task_statuses().get(refs[0].id) == "succeeded")
+        again = await handle.execute_update(
+            "submit_task", TaskSubmission(prompt="$ echo once", key="k1"), result_type=TaskRef
+        )
+        assert again.id == refs[0].id and again.status == "succeeded"
+        await end(handle)
+    assert stubs.commands == ["echo once"] and stubs.types().count("task.queued") == 1

@@ -55,6 +55,8 @@ class Carried(BaseModel):
     instructions: dict[str, str] = Field(default_factory=dict)
     # Recently finished tasks, so a late control of one says what became of it.
     finished: dict[str, TaskStatus] = Field(default_factory=dict)
+    # Recent submissions' idempotency keys and the tasks they queued.
+    submitted: dict[str, str] = Field(default_factory=dict)
 
 
 class SessionState(BaseModel):
@@ -70,6 +72,9 @@ class SessionState(BaseModel):
 
 class TaskSubmission(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    # The client's Idempotency-Key (hashed): a submission sent again with it is answered
+    # with the task it queued, in this run or a later one.
+    key: str | None = Field(default=None, max_length=100)
 
 
 class TaskRef(BaseModel):

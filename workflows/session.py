@@ -94,6 +94,7 @@ class SessionWorkflow:
         self.paused = carried.paused if carried else False
         self.instructions: dict[str, str] = dict(carried.instructions) if carried else {}
         self.finished: dict[str, TaskStatus] = dict(carried.finished) if carried else {}
+        self.submitted: dict[str, str] = dict(carried.submitted) if carried else {}
         self.cancelling = False
         # Set once the session is ending: no new work is accepted, no handler waits on.
         self.ending = False
@@ -107,9 +108,11 @@ class SessionWorkflow:
         try:
             if self.sandbox is None:
                 await self.provision()
+                check_cancelled()
             if self.running is not None:
                 await self.run_task(self.running)  # carried over mid-task
             while await self.next_task():
+                check_cancelled()
                 await self.run_task(self.tasks[self.queue.pop(0)])
             end: tuple[SessionStatus, str | None] = (SessionStatus.ended, None)
             cancelled = False
@@ -133,6 +136,7 @@ class SessionWorkflow:
     async def next_task(self) -> bool:
         """Wait for a queued task; False once the session has been idle too long."""
         while not self.queue:
+            check_cancelled()
             self.continue_as_new_if_suggested()
             try:
                 await workflow.wait_condition(
@@ -165,6 +169,7 @@ class SessionWorkflow:
             paused=self.paused,
             instructions=self.instructions,
             finished=self.finished,
+            submitted=self.submitted,
         )
         # A deep copy: the finally blocks the exception passes through must not change it.
         workflow.continue_as_new(
@@ -270,6 +275,7 @@ class SessionWorkflow:
                 self.paused = False
                 await self.plan(task)
             while task.position < len(task.steps):
+                check_cancelled()
                 await workflow.wait_condition(lambda: not self.paused or self.cancelling)
                 if self.cancelling:
                     break
@@ -391,8 +397,16 @@ class SessionWorkflow:
 
     @workflow.update(name="submit_task")
     async def submit_task(self, submission: TaskSubmission) -> TaskRef:
+        known = self.submitted.get(submission.key) if submission.key else None
+        if known is not None:
+            task_status = self.tasks[known].status if known in self.tasks else None
+            return TaskRef(id=known, status=task_status or self.finished[known])
         task = TaskState(id=str(workflow.uuid4()), prompt=submission.prompt)
         self.tasks[task.id] = task
+        if submission.key:
+            self.submitted[submission.key] = task.id
+            while len(self.submitted) > REMEMBERED_TASKS:
+                del self.submitted[next(iter(self.submitted))]
         # Queued only once recorded: the task's row must exist before its first step's.
         await self.record(self.event("task.queued", task_id=task.id, prompt=task.prompt))
         if self.ending:  # the session began to end while this was being recorded
@@ -545,10 +559,16 @@ class SessionWorkflow:
 
 def cancel_requested() -> bool:
     """Whether the session itself was cancelled. A cancellation that comes while the
-    workflow awaits an activity surfaces as that activity's error, not as CancelledError;
-    the task's pending cancel count still says so."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+    workflow awaits an activity is handed to that activity, and if the activity completes
+    all the same, the awaiting code never sees a CancelledError: the request is still on
+    record here."""
+    return workflow.cancellation_reason() is not None
+
+
+def check_cancelled() -> None:
+    """Raise the session's cancellation if an awaited activity swallowed it."""
+    if cancel_requested():
+        raise asyncio.CancelledError
 
 
 async def shielded(work: Coroutine[Any, Any, None]) -> None:
