@@ -16,10 +16,7 @@ import itertools
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +28,8 @@ from typing import Any
 
 import httpx
 from temporalio.client import Client
+
+from berth.local import LocalSystem
 
 Event = dict[str, Any]
 Received = tuple[float, Event]  # (client receive time, event)
@@ -81,56 +80,6 @@ async def limit(metric: str, seconds: float) -> AsyncIterator[None]:
         raise BenchError(f"{metric}: no result within {seconds:.0f} s") from None
     except (BenchError, httpx.HTTPError) as exc:
         raise BenchError(f"{metric}: {exc}") from None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class System:
-    base: str
-    temporal: str
-    data: Path
-    process: subprocess.Popen[bytes]
-
-    @classmethod
-    def start(cls) -> System:
-        data = Path(tempfile.mkdtemp(prefix="berth-bench-"))
-        port, temporal_port = free_port(), free_port()
-        env = {
-            **os.environ,
-            "BERTH_DATA_DIR": str(data),
-            "BERTH_PORT": str(port),
-            "BERTH_TEMPORAL_PORT": str(temporal_port),
-            "BERTH_TEMPORAL_UI_PORT": str(free_port()),
-            "BERTH_GATEWAY_PORT": str(free_port()),
-            "BERTH_HOST_ID": f"bench{port}",
-        }
-        with (data / "run.log").open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "berth", "run"], env=env, stdout=log, stderr=log
-            )
-        system = cls(f"http://127.0.0.1:{port}", f"127.0.0.1:{temporal_port}", data, process)
-        deadline = time.monotonic() + 180
-        while process.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{system.base}/healthz", timeout=2).status_code == 200:
-                    return system
-            time.sleep(0.5)
-        system.stop()
-        log_tail = (data / "run.log").read_text(errors="replace")[-3000:]
-        raise BenchError(f"start-up: the system did not come up:\n{log_tail}")
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
 
 
 class Stream:
@@ -372,7 +321,7 @@ class Bench:
                     await asyncio.sleep(0.5)
 
 
-async def measure(system: System) -> list[Metric]:
+async def measure(system: LocalSystem) -> list[Metric]:
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=20)
     async with httpx.AsyncClient(base_url=system.base, timeout=30, limits=limits) as http:
         credentials = {"email": "bench@example.com", "password": "a long password"}
@@ -413,8 +362,8 @@ def main() -> int:
     info = machine()
     print(f"machine: {info['nproc']} CPUs, {info['cpu']}; date: {started}", flush=True)
     try:
-        system = System.start()
-    except BenchError as exc:
+        system = LocalSystem.start(Path(tempfile.mkdtemp(prefix="berth-bench-")), "bench")
+    except RuntimeError as exc:
         print(f"bench-spine failed: {exc}", file=sys.stderr)
         return 1
     print(f"system up at {system.base} after {time.monotonic() - began:.0f} s", flush=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -17,12 +16,6 @@ BIN = Path(sys.executable).parent
 TEMPORAL = BIN / "temporal"
 TEMPORAL_TEST_SERVER = BIN / "temporal-test-server"
 POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def postgres_url() -> str | None:

@@ -4,10 +4,7 @@ sandbox with the guest agent. Driven over the JSON API and in Chromium."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from berth.local import LocalSystem
 
 pytestmark = pytest.mark.e2e
 DONE = ("task.status", "succeeded")
@@ -24,36 +21,9 @@ DONE = ("task.status", "succeeded")
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    data = tmp_path_factory.mktemp("berth")
-    port = free_port()
-    env = {
-        **os.environ,
-        "BERTH_DATA_DIR": str(data),
-        "BERTH_PORT": str(port),
-        "BERTH_TEMPORAL_PORT": str(free_port()),
-        "BERTH_TEMPORAL_UI_PORT": str(free_port()),
-        "BERTH_GATEWAY_PORT": str(free_port()),
-        "BERTH_HOST_ID": f"e2e{port}",
-    }
-    log = (data / "run.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "berth", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the system did not come up:\n{(data / 'run.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield base
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(60) == 0
+    running = LocalSystem.start(tmp_path_factory.mktemp("berth"), "e2e")
+    yield running.base
+    assert running.stop() == 0
 
 
 def token_for(base: str, email: str) -> dict[str, str]:

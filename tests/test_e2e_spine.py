@@ -10,13 +10,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +23,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from tests.conftest import free_port
+from berth.local import LocalSystem
 from tests.test_e2e import token_for
 from workflows.models import SessionInput
 
@@ -37,13 +35,7 @@ FINAL_SESSION = ("ended", "failed")
 SLEEP = "$ sleep 60"
 
 
-@dataclass
-class Spine:
-    base: str
-    data: Path
-    temporal: str  # host:port of the embedded Temporal server
-    process: subprocess.Popen[bytes]
-
+class Spine(LocalSystem):
     def tail(self, chars: int = 4000) -> str:
         """The supervisor's output (the worker's log goes there too), without health checks."""
         lines = (self.data / "run.log").read_text(errors="replace").splitlines(keepends=True)
@@ -76,46 +68,16 @@ class Spine:
 
 @pytest.fixture(scope="module")
 def spine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spine]:
-    data = tmp_path_factory.mktemp("berth-spine")
-    port, temporal_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "BERTH_DATA_DIR": str(data),
-        "BERTH_PORT": str(port),
-        "BERTH_TEMPORAL_PORT": str(temporal_port),
-        "BERTH_TEMPORAL_UI_PORT": str(free_port()),
-        "BERTH_GATEWAY_PORT": str(free_port()),
-        "BERTH_HOST_ID": f"spine{port}",
-        "BERTH_TEMPORAL_SUGGEST_CONTINUE_AS_NEW": "60",
-        "BERTH_MAX_LIVE_SESSIONS": "3",
-    }
-    with (data / "run.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "berth", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    system = Spine(f"http://127.0.0.1:{port}", data, f"127.0.0.1:{temporal_port}", process)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            up = httpx.get(f"{system.base}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            up = False
-        if up and "worker up" in (data / "run.log").read_text(errors="replace"):
-            break
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the system did not come up:\n{system.tail()}")
-        time.sleep(0.5)
+    system = Spine.start(
+        tmp_path_factory.mktemp("berth-spine"),
+        "spine",
+        # Continue-as-new after ~60 history events: a long task does so several times.
+        {"BERTH_TEMPORAL_SUGGEST_CONTINUE_AS_NEW": "60", "BERTH_MAX_LIVE_SESSIONS": "3"},
+    )
     try:
         yield system
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            code = process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-        assert code == 0, system.tail()
+        assert system.stop() == 0, system.tail()
 
 
 class Stream:

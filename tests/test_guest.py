@@ -15,12 +15,12 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from berth.local import free_port
 from guest_agent import protocol
 from guest_agent.agent import GuestAgent, GuestConfig
 from sandboxes.gateway import INBOX_SIZE, GuestGateway, GuestUnavailable
 from sandboxes.models import TerminalStep
 from sandboxes.tokens import guest_token
-from tests.conftest import free_port
 
 KEY = b"test-key"
 

@@ -8,20 +8,18 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import inspect, text
 
 from berth import run
+from berth.local import LocalSystem
 from store.db import get_engine
-from tests.conftest import free_port
 
 MIGRATING_PROCESSES = 4
 
@@ -90,49 +88,15 @@ def wait_for(what: str, check: Callable[[], bool], log: Path, timeout_s: float =
         time.sleep(0.3)
 
 
-def healthy(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @contextmanager
-def running_system(data: Path) -> Iterator[str]:
-    """`python -m berth run` on ``data``, as tests/test_e2e.py starts it; yields its URL once
-    /healthz says 200 and the worker is up, and checks that SIGTERM stops it cleanly."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "BERTH_DATA_DIR": str(data),
-        "BERTH_PORT": str(port),
-        "BERTH_TEMPORAL_PORT": str(free_port()),
-        "BERTH_TEMPORAL_UI_PORT": str(free_port()),
-        "BERTH_GATEWAY_PORT": str(free_port()),
-        "BERTH_HOST_ID": f"startup{port}",
-    }
-    log = data / "run.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "berth", "run"], env=env, stdout=sink, stderr=subprocess.STDOUT
-        )
-    base = f"http://127.0.0.1:{port}"
+def running_system(data: Path) -> Iterator[LocalSystem]:
+    """The whole system on ``data``; checks that SIGTERM stops it cleanly."""
+    system = LocalSystem.start(data, "startup", timeout_s=120)
     try:
-        wait_for(
-            "the system coming up",
-            lambda: process.poll() is None and healthy(base) and "worker up" in log.read_text(),
-            log,
-            timeout_s=120,
-        )
-        yield base
+        yield system
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            code = process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-    assert code == 0, tail(log)
+        code = system.stop()
+    assert code == 0, tail(data / "run.log")
 
 
 @pytest.mark.e2e
@@ -149,7 +113,7 @@ def test_the_system_comes_up_on_a_fresh_data_dir(tmp_path: Path, attempt: int) -
 @pytest.mark.e2e
 def test_the_supervisor_restarts_a_killed_worker(tmp_path: Path) -> None:
     log, pid_file = tmp_path / "run.log", tmp_path / "run" / "worker.pid"
-    with running_system(tmp_path) as base:
+    with running_system(tmp_path) as system:
         killed = int(pid_file.read_text())
         os.kill(killed, signal.SIGKILL)
         wait_for(
@@ -162,4 +126,4 @@ def test_the_supervisor_restarts_a_killed_worker(tmp_path: Path) -> None:
         )
         os.kill(int(pid_file.read_text()), 0)  # the new worker exists
         wait_for("the new worker", lambda: log.read_text().count("worker up") == 2, log)
-        assert healthy(base)
+        assert system.healthy()

@@ -1,0 +1,83 @@
+"""The whole system as a child process, on a data dir of its own and free ports, started
+exactly as ``make run`` starts it: what the benchmarks and the end-to-end tests drive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalSystem:
+    base: str  # the API's URL
+    temporal: str  # host:port of its Temporal server
+    data: Path
+    process: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(
+        cls, data: Path, name: str, env: dict[str, str] | None = None, timeout_s: float = 180
+    ) -> Self:
+        """Start it and wait until the API answers and the worker is up; ``name`` makes its
+        host id (and so its containers' label) its own. RuntimeError, with the log's tail,
+        if it does not come up."""
+        port, temporal_port = free_port(), free_port()
+        settings = {
+            "BERTH_DATA_DIR": str(data),
+            "BERTH_PORT": str(port),
+            "BERTH_TEMPORAL_PORT": str(temporal_port),
+            "BERTH_TEMPORAL_UI_PORT": str(free_port()),
+            "BERTH_GATEWAY_PORT": str(free_port()),
+            "BERTH_HOST_ID": f"{name}{port}",
+        }
+        data.mkdir(parents=True, exist_ok=True)
+        with (data / "run.log").open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "berth", "run"],
+                env={**os.environ, **settings, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        system = cls(f"http://127.0.0.1:{port}", f"127.0.0.1:{temporal_port}", data, process)
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None and time.monotonic() < deadline:
+            if system.healthy() and "worker up" in system.log():
+                return system
+            time.sleep(0.3)
+        system.stop()
+        raise RuntimeError(f"the system did not come up:\n{system.log()[-3000:]}")
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.base}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log(self) -> str:
+        """What the supervisor and its children printed."""
+        return (self.data / "run.log").read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, as Ctrl-C; the supervisor's exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
