@@ -1,0 +1,132 @@
+"""RunStep, the activity, against a real guest agent over a real WebSocket and a real event
+log: a step's command is killed only when the workflow asks, a retried attempt re-attaches
+to it, and its output is stored once."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+from temporalio.activity import ActivityCancellationDetails
+from temporalio.testing import ActivityEnvironment
+
+from activities.sandbox import SandboxActivities
+from sandboxes.models import Machine, SandboxInfo, StepOutcome, TerminalStep
+from sandboxes.provider import SandboxProvider
+from store import events
+from store.models import StepRow
+from tests.test_guest import KEY, guest_link
+from tests.test_store import new_session
+from workflows.models import StepRequest
+
+COUNT = "for i in $(seq 1 15); do echo line $i; sleep 0.1; done"
+EXPECTED = "".join(f"line {i}\n" for i in range(1, 16))
+
+
+class LinkOnly(SandboxProvider):
+    """A provider whose machine is the test's guest agent: only the gateway is used."""
+
+    name = "test"
+
+    async def prepare(self) -> None: ...
+    async def create(
+        self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]
+    ) -> str:
+        raise NotImplementedError
+
+    async def remove(self, handle: str) -> None: ...
+    async def is_running(self, handle: str) -> tuple[bool, str]:
+        return True, "running"
+
+    async def machines(self) -> list[Machine]:
+        return []
+
+    def guest_url(self) -> str:
+        raise NotImplementedError
+
+
+def step_request(engine: Engine, sandbox_id: str, command: str) -> StepRequest:
+    sid = new_session(engine)
+    spec = {"kind": "terminal", "command": command}
+    with Session(engine) as db:
+        events.record(db, sid, "task.queued", {"task_id": "t", "prompt": f"$ {command}"})
+        events.record(db, sid, "task.plan", {"task_id": "t", "steps": [spec]})
+    sandbox = SandboxInfo(
+        id=sandbox_id, session_id=sid, provider="test", host_id="h", task_queue="q",
+        template="default", handle="h",
+    )  # fmt: skip
+    return StepRequest(
+        sandbox=sandbox, task_id="t", index=0, step=TerminalStep(command=command), timeout_s=30
+    )
+
+
+def stored(engine: Engine, request: StepRequest) -> tuple[StepRow, list[str]]:
+    with Session(engine) as db:
+        row = db.exec(select(StepRow).where(StepRow.task_id == "t")).one()
+        kinds = [e.type for e in events.read_after(db, request.sandbox.session_id, 0)]
+        return row, kinds
+
+
+@pytest.fixture
+def sqlite_engine(engine: Engine) -> Engine:
+    if engine.dialect.name != "sqlite":
+        pytest.skip("the event log's own tests cover PostgreSQL")
+    return engine
+
+
+async def attempt(
+    activities: SandboxActivities, request: StepRequest, number: int
+) -> tuple[ActivityEnvironment, asyncio.Task[StepOutcome]]:
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, attempt=number)
+    return env, asyncio.create_task(env.run(activities.run_step, request))
+
+
+async def test_a_timed_out_attempt_leaves_the_command_for_its_retry(
+    sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    engine = sqlite_engine
+    async with guest_link(tmp_path) as link:
+        activities = SandboxActivities(LinkOnly(link.gateway, KEY, "h", "q"), engine, 5)
+        request = step_request(engine, link.sandbox_id, COUNT)
+        env, first = await attempt(activities, request, 1)
+        await asyncio.sleep(0.6)  # a few lines in
+        # The server gave up on this attempt (heartbeat timeout): not the workflow's wish.
+        env.cancel(ActivityCancellationDetails(timed_out=True))
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        _, second = await attempt(activities, request, 2)
+        outcome = await asyncio.wait_for(second, 10)
+        assert outcome.ok
+        row, kinds = stored(engine, request)
+        # Ran once (one execution in the guest), and every line stored once, in order.
+        assert len(link.agent.executions) == 1
+        assert row.output == EXPECTED and row.status == "succeeded"
+        assert kinds.count("step.started") == 1 and kinds.count("step.finished") == 1
+
+
+async def test_a_cancel_the_workflow_asked_for_kills_the_command_and_waits(
+    sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    engine = sqlite_engine
+    async with guest_link(tmp_path) as link:
+        activities = SandboxActivities(LinkOnly(link.gateway, KEY, "h", "q"), engine, 5)
+        request = step_request(engine, link.sandbox_id, "echo begun; sleep 30")
+        env, run = await attempt(activities, request, 1)
+        for _ in range(100):
+            if stored(engine, request)[0].output:
+                break
+            await asyncio.sleep(0.05)
+        env.cancel()  # cancel_requested: the workflow's wish
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(run, 10)
+        # By the time the attempt is over, the command is dead and the step's end recorded.
+        (execution,) = link.agent.executions.values()
+        assert execution.finished and execution.exit_code not in (0, None)
+        row, kinds = stored(engine, request)
+        assert row.status == "cancelled" and row.output == "begun\n"
+        assert kinds[-1] == "step.finished"
