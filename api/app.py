@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
@@ -19,6 +22,8 @@ from store.db import get_engine, migrate
 from store.notify import Hub
 from ui.pages import STATIC_DIR
 from ui.pages import router as ui_router
+
+log = logging.getLogger("berth.api")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -48,6 +53,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return RedirectResponse("/login", status_code=303)  # a page, not an API call
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's default echoes each rejected value back, passwords included.
+        errors = [{k: v for k, v in e.items() if k not in ("input", "ctx")} for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
     @app.get("/healthz", tags=["health"])
     async def healthz(request: Request, engine: EngineDep) -> JSONResponse:
         checks: dict[str, Any] = {}
@@ -55,14 +66,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
             checks["database"] = "ok"
-        except Exception as exc:
-            checks["database"] = f"error: {exc}"
+        except Exception:
+            # The reason goes to the log, not to whoever asks: it names internal addresses.
+            log.exception("health check: the database does not answer")
+            checks["database"] = "unavailable"
         try:
             link: TemporalLink = request.app.state.temporal
             await (await link.client()).service_client.check_health()
             checks["temporal"] = "ok"
-        except Exception as exc:
-            checks["temporal"] = f"error: {exc}"
+        except Exception:
+            log.exception("health check: Temporal does not answer")
+            checks["temporal"] = "unavailable"
         healthy = all(value == "ok" for value in checks.values())
         return JSONResponse(
             {"status": "ok" if healthy else "unavailable", **checks},

@@ -76,7 +76,8 @@ async def start_session(
             ),
             id=workflow_id(row.id),
             task_queue=settings.host_task_queue,  # the session lives on its host
-            static_summary=f"session of {user.email} ({template})",
+            # The user's id, not their email: operators see summaries, and so do logs.
+            static_summary=f"session of user {user.id} ({template})",
         )
     except RPCError as exc:
         row.status, row.error = SessionStatus.failed, f"could not start: {exc.message}"
