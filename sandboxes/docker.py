@@ -32,6 +32,7 @@ FIREWALL_CHAIN = "BERTH-SANDBOX"
 LABEL = "berth.sandbox"
 SESSION_LABEL = "berth.session"
 HOST_LABEL = "berth.host"
+DEPLOYMENT_LABEL = "berth.deployment"
 # `docker ps` line of a machine: labels are ids (no tabs); CreatedAt, with spaces, comes last.
 MACHINE_FORMAT = (
     '{{.ID}}\t{{.Label "berth.sandbox"}}\t{{.Label "berth.session"}}\t{{.State}}\t{{.CreatedAt}}'
@@ -144,6 +145,8 @@ class DockerProvider(SandboxProvider):
             f"{SESSION_LABEL}={session_id}",
             "--label",
             f"{HOST_LABEL}={self.host_id}",
+            "--label",
+            f"{DEPLOYMENT_LABEL}={self.deployment}",
             "--network",
             NETWORK,
             f"--cpus={self.cpus}",
@@ -172,6 +175,7 @@ class DockerProvider(SandboxProvider):
     async def machines(self) -> list[Machine]:
         out = await docker(
             "ps", "--all", "--no-trunc", "--filter", f"label={HOST_LABEL}={self.host_id}",
+            "--filter", f"label={DEPLOYMENT_LABEL}={self.deployment}",
             "--format", MACHINE_FORMAT,
         )  # fmt: skip
         machines = []

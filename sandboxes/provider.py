@@ -8,6 +8,7 @@ gateway, whatever the machine is.
 from __future__ import annotations
 
 import abc
+import hashlib
 
 from sandboxes.gateway import GuestGateway, OutputSink
 from sandboxes.models import Health, Machine, SandboxInfo, Step, StepOutcome
@@ -26,6 +27,9 @@ class SandboxProvider(abc.ABC):
         self.gateway = gateway
         self._key = key
         self.host_id = host_id
+        # Which install a machine belongs to, derived from its signing key: two installs that
+        # share a container engine (and a host id) never take each other's machines for theirs.
+        self.deployment = hashlib.sha256(b"deployment:" + key).hexdigest()[:12]
         self.task_queue = task_queue
 
     @abc.abstractmethod

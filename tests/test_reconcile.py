@@ -152,3 +152,19 @@ async def test_provisioning_the_same_sandbox_again_returns_its_container(
     third = await provider.provision(first.id, first.session_id, first.template)
     assert third == first
     assert await provider.is_running(first.handle) == (True, "running")
+
+
+async def test_another_install_on_the_same_engine_and_host_id_is_left_alone(
+    provider: SandboxProvider,
+) -> None:
+    theirs = await provision(provider)
+    # Another install (its own signing key) that happens to use the same host id.
+    settings = Settings(host_id=provider.host_id, secret_key="another install")
+    ours = make_provider(settings, GuestGateway(settings.signing_key()))
+    assert await ours.machines() == []
+
+    async def nobody(session_id: str) -> str | None:
+        return None
+
+    report = await reconcile(ours, nobody, grace_s=0)
+    assert report.destroyed == [] and await exists("container", theirs.handle)
