@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
-from api.deps import EngineDep, Problem, TemporalLink
+from api.deps import EngineDep, Problem, StreamCount, TemporalLink
 from api.routes import router
 from berth.settings import Settings, get_settings
 from store.db import get_engine, migrate
@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = get_engine(settings.db_url)
     app.state.temporal = TemporalLink(settings)
     app.state.hub = Hub(app.state.engine)
+    app.state.streams = StreamCount(settings.max_streams_per_user)
 
     @app.exception_handler(Problem)
     async def problem(request: Request, exc: Problem) -> Response:

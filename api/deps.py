@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -43,6 +44,31 @@ def get_db(engine: Annotated[Engine, Depends(get_engine)]) -> Iterator[Session]:
         yield db
 
 
+class StreamCount:
+    """Open streams per user in this process, so one user cannot hold the server's threads
+    and connections with thousands of them."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self._open: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, user_id: str) -> Iterator[None]:
+        self._open[user_id] = self._open.get(user_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._open[user_id] -= 1
+            if not self._open[user_id]:
+                del self._open[user_id]
+
+    def check(self, user_id: str) -> None:
+        if self._open.get(user_id, 0) >= self.most:
+            raise Problem(
+                429, f"you have {self.most} event streams open, the most allowed; close some"
+            )
+
+
 class TemporalLink:
     """Connects on first use and again after a failure, so the API starts (and says why it
     cannot serve) before Temporal is up."""
@@ -68,6 +94,11 @@ def get_hub(request: Request) -> Hub:
     return hub
 
 
+def get_stream_count(request: Request) -> StreamCount:
+    count: StreamCount = request.app.state.streams
+    return count
+
+
 async def get_temporal(request: Request) -> Client:
     link: TemporalLink = request.app.state.temporal
     return await link.client()
@@ -78,6 +109,7 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 DbDep = Annotated[Session, Depends(get_db)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 HubDep = Annotated[Hub, Depends(get_hub)]
+StreamCountDep = Annotated[StreamCount, Depends(get_stream_count)]
 
 bearer = HTTPBearer(auto_error=False)
 

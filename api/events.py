@@ -16,7 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from api.deps import Problem
+from api.deps import Problem, StreamCount
 from store import events
 from store.models import Event, SessionRow
 from store.notify import Hub
@@ -66,10 +66,17 @@ async def follow(
                 yield ": keepalive\n\n"
 
 
+async def counted(count: StreamCount, user_id: str, body: AsyncIterator[str]) -> AsyncIterator[str]:
+    with count.hold(user_id):
+        async for chunk in body:
+            yield chunk
+
+
 def stream(
     db: Session,
     engine: Engine,
     hub: Hub,
+    count: StreamCount,
     row: SessionRow,
     after: int,
     render: Callable[[Event], str] = as_json,
@@ -77,6 +84,7 @@ def stream(
     """The response to a request for ``row``'s events after ``after``."""
     if after > row.last_seq:
         raise Problem(400, f"event {after} is beyond this session's last, {row.last_seq}")
+    count.check(row.user_id)
     finished = row.ended_at is not None and after == row.last_seq
     # The request's connection goes back to the pool now, not when the stream ends.
     db.close()
@@ -84,7 +92,7 @@ def stream(
         # Nothing will follow; 204 tells an EventSource to stop reconnecting.
         return Response(status_code=204)
     return StreamingResponse(
-        follow(engine, hub, row.id, after, render),
+        counted(count, row.user_id, follow(engine, hub, row.id, after, render)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

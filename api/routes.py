@@ -8,7 +8,16 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import Response, StreamingResponse
 
 from api import service
-from api.deps import DbDep, EngineDep, HubDep, Problem, SettingsDep, TemporalDep, UserDep
+from api.deps import (
+    DbDep,
+    EngineDep,
+    HubDep,
+    Problem,
+    SettingsDep,
+    StreamCountDep,
+    TemporalDep,
+    UserDep,
+)
 from api.events import stream
 from api.schemas import (
     Credentials,
@@ -117,6 +126,7 @@ def session_events(
     db: DbDep,
     engine: EngineDep,
     hub: HubDep,
+    streams: StreamCountDep,
     user: UserDep,
     after: Annotated[int | None, Query(ge=0)] = None,
     last_event_id: Annotated[int | None, Header(ge=0)] = None,
@@ -125,4 +135,4 @@ def session_events(
     after the session's final event (204 when there is nothing more to send)."""
     row = service.own_session(db, user, sid)
     start = last_event_id if last_event_id is not None else (after or 0)
-    return stream(db, engine, hub, row, start)
+    return stream(db, engine, hub, streams, row, start)

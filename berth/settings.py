@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     max_live_sessions: int = Field(
         default=10, description="Sessions a user may have running at once"
     )
+    max_streams_per_user: int = Field(
+        default=100, description="Event streams one user may hold open at once (per API process)"
+    )
     step_timeout_s: float = Field(default=600.0, description="Longest a single step may run")
     session_idle_timeout_s: float = Field(
         default=3600.0, description="An idle session ends itself after this long"

@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from api.deps import Problem, StreamCount
 from berth.local import free_port
 from berth.settings import Settings
 
@@ -34,3 +35,13 @@ def test_a_rejected_body_is_not_echoed(client: TestClient) -> None:
     assert answer.status_code == 422
     assert secret not in answer.text
     assert answer.json()["detail"][0]["loc"] == ["body", "password"]
+
+
+def test_a_user_holds_at_most_so_many_streams() -> None:
+    count = StreamCount(most=2)
+    with count.hold("ann"), count.hold("ann"):
+        with pytest.raises(Problem) as refused:
+            count.check("ann")
+        assert refused.value.status == 429 and "2 event streams" in refused.value.detail
+        count.check("bob")  # another user's streams are their own
+    count.check("ann")  # closed streams free their places

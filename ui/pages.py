@@ -25,6 +25,7 @@ from api.deps import (
     HubDep,
     Problem,
     SettingsDep,
+    StreamCountDep,
     TemporalDep,
     user_from_token,
 )
@@ -178,6 +179,7 @@ def session_events(
     db: DbDep,
     engine: EngineDep,
     hub: HubDep,
+    streams: StreamCountDep,
     user: PageUser,
     last_event_id: Annotated[int | None, Header(ge=0)] = None,
 ) -> Response:
@@ -191,7 +193,7 @@ def session_events(
         macro: Any = getattr(fragments, event.type.replace(".", "_"), None) or fragments.other  # type: ignore[attr-defined]
         return sse(event, str(macro(**context)).strip())
 
-    return stream(db, engine, hub, row, last_event_id or 0, render)
+    return stream(db, engine, hub, streams, row, last_event_id or 0, render)
 
 
 def _steps(engine: Engine, task_id: str) -> list[StepRow]:
