@@ -188,7 +188,10 @@ def session_events(
 
     def render(event: Event) -> str:
         context: dict[str, Any] = {"e": event, "d": event.data}
-        if event.type == "task.plan":
+        # A plan, and a task's end that skipped the steps left, redraw its steps.
+        if event.type == "task.plan" or (
+            event.type == "task.status" and event.data["status"] in ("failed", "cancelled")
+        ):
             context["steps"] = _steps(engine, event.data["task_id"])
         macro: Any = getattr(fragments, event.type.replace(".", "_"), None) or fragments.other  # type: ignore[attr-defined]
         return sse(event, str(macro(**context)).strip())
