@@ -18,6 +18,7 @@ from activities.sandbox import SandboxActivities
 from sandboxes.models import Machine, SandboxInfo, StepOutcome, TerminalStep
 from sandboxes.provider import SandboxProvider
 from store import events
+from store.db import get_engine, migrate
 from store.models import StepRow
 from tests.test_guest import KEY, guest_link
 from tests.test_store import new_session
@@ -72,10 +73,11 @@ def stored(engine: Engine, request: StepRequest) -> tuple[StepRow, list[str]]:
 
 
 @pytest.fixture
-def sqlite_engine(engine: Engine) -> Engine:
-    if engine.dialect.name != "sqlite":
-        pytest.skip("the event log's own tests cover PostgreSQL")
-    return engine
+def sqlite_engine(tmp_path: Path) -> Engine:
+    # SQLite only: the event log's own tests cover PostgreSQL.
+    url = f"sqlite:///{tmp_path / 'berth.db'}"
+    migrate(url)
+    return get_engine(url)
 
 
 async def attempt(

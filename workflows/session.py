@@ -105,6 +105,7 @@ class SessionWorkflow:
 
     @workflow.run
     async def run(self, params: SessionInput) -> SessionState:
+        status, error = SessionStatus.ended, None
         try:
             if self.sandbox is None:
                 await self.provision()
@@ -114,23 +115,17 @@ class SessionWorkflow:
             while await self.next_task():
                 check_cancelled()
                 await self.run_task(self.tasks[self.queue.pop(0)])
-            end: tuple[SessionStatus, str | None] = (SessionStatus.ended, None)
-            cancelled = False
         except asyncio.CancelledError:
-            end, cancelled = (SessionStatus.ended, None), True
+            pass  # the user ended the session
         except (ActivityError, ApplicationError) as exc:
-            cancelled = cancel_requested()
-            end = (
-                (SessionStatus.ended, None)
-                if cancelled
-                else (SessionStatus.failed, failure_message(exc))
-            )
+            if not cancel_requested():
+                status, error = SessionStatus.failed, failure_message(exc)
         # Continue-as-new (a BaseException) passes through untouched: the session goes on.
-        await shielded(self.end(*end))
-        if cancelled:
+        await shielded(self.end(status, error))
+        if cancel_requested():
             raise asyncio.CancelledError  # so Temporal shows the session as cancelled
-        if end[0] is SessionStatus.failed:
-            raise ApplicationError(end[1] or "the session failed", non_retryable=True)
+        if status is SessionStatus.failed:
+            raise ApplicationError(error or "the session failed", non_retryable=True)
         return self.state()
 
     async def next_task(self) -> bool:
@@ -171,10 +166,7 @@ class SessionWorkflow:
             finished=self.finished,
             submitted=self.submitted,
         )
-        # A deep copy: the finally blocks the exception passes through must not change it.
-        workflow.continue_as_new(
-            self.params.model_copy(update={"carried": carried.model_copy(deep=True)})
-        )
+        workflow.continue_as_new(self.params.model_copy(update={"carried": carried}))
 
     async def provision(self) -> None:
         request = SandboxRequest(
