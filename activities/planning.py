@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage, SystemMessage
@@ -15,7 +16,7 @@ from temporalio.exceptions import ApplicationError
 
 from berth.settings import Settings
 from sandboxes.models import TerminalStep
-from workflows.models import Plan, PlanRequest
+from workflows.models import Plan, PlanRequest, Verdict, VerifyRequest
 from workflows.plans import MAX_PLAN_STEPS
 
 NO_MODEL = (
@@ -26,11 +27,25 @@ NO_MODEL = (
 )
 
 SYSTEM_PROMPT = """\
-You plan the work of an autonomous agent that acts in a Debian Linux sandbox through a bash
-terminal, one command per step. Turn the user's task into the shortest sequence of shell
-commands that does it and shows the result. Each command runs non-interactively in a fresh
-bash in the home directory; a step fails the task if it exits non-zero.
-Reply with one JSON object and nothing else: {"steps": [{"command": "..."}]}"""
+You plan the work of an autonomous agent that acts in a Debian Linux sandbox, one step at a
+time. Turn the user's task into the shortest sequence of steps that does it and shows the
+result. A terminal step runs one command non-interactively in a fresh bash in the home
+directory. Give each step a success criterion, checked after it runs:
+{"kind": "exit_code", "value": "0"}, {"kind": "output_contains", "value": "TEXT"},
+{"kind": "output_regex", "value": "REGEX"} or {"kind": "file_exists", "value": "PATH"}.
+Steps run in order; if one fails or misses its criterion, you are told what happened and plan
+the rest again. Some commands are refused by the sandbox's policy (inline code such as
+`python3 -c`, `bash -c`, `eval`, command substitution): write files and run them instead.
+If the steps already run achieve the task, plan no steps.
+Reply with one JSON object and nothing else:
+{"steps": [{"kind": "terminal", "command": "...", "check": {"kind": "...", "value": "..."}}]}"""
+
+VERIFY_PROMPT = """\
+You check the work of an autonomous agent against the user's task. You are given the task
+and the steps the agent ran with their output. Decide whether the task is done, and write the
+answer the user gets: the result itself (quote the output that matters), not a description
+of the steps. Reply with one JSON object and nothing else:
+{"ok": true or false, "answer": "...", "reason": "why it is or is not done"}"""
 
 
 def chat_model(settings: Settings) -> BaseChatModel | None:
@@ -61,52 +76,85 @@ def chat_model(settings: Settings) -> BaseChatModel | None:
 
 
 class _Reply(BaseModel):
-    class _Command(BaseModel):
-        command: str
+    steps: list[TerminalStep]
 
-    steps: list[_Command]
+
+def json_object(text: str) -> Any:
+    """A model's reply's first JSON object, fenced in markdown or not."""
+    match = re.search(r"\{.*\}", text, re.DOTALL)
+    if match is None:
+        raise ValueError(f"the reply holds no JSON object: {text[:300]!r}")
+    try:
+        return json.loads(match.group(0))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the reply's JSON does not parse: {exc}") from exc
 
 
 def parse_reply(text: str) -> list[TerminalStep]:
-    """The steps in a model's reply: its first JSON object, fenced in markdown or not."""
-    match = re.search(r"\{.*\}", text, re.DOTALL)
-    if match is None:
-        raise ValueError(f"the planner's reply holds no JSON object: {text[:300]!r}")
+    """The steps in a planner's reply (none when it finds the task done already)."""
     try:
-        reply = _Reply.model_validate(json.loads(match.group(0)))
-    except (json.JSONDecodeError, ValidationError) as exc:
+        reply = _Reply.model_validate(json_object(text))
+    except ValidationError as exc:
         raise ValueError(f"the planner's reply is not a plan: {exc}") from exc
-    steps = [TerminalStep(command=s.command.strip()) for s in reply.steps if s.command.strip()]
-    if not steps:
-        raise ValueError("the planner returned no steps")
-    return steps[:MAX_PLAN_STEPS]
+    return [s for s in reply.steps if s.command.strip()][:MAX_PLAN_STEPS]
+
+
+def parse_verdict(text: str) -> Verdict:
+    try:
+        return Verdict.model_validate(json_object(text))
+    except ValidationError as exc:
+        raise ValueError(f"the verifier's reply is not a verdict: {exc}") from exc
+
+
+def progress(request: PlanRequest | VerifyRequest) -> str:
+    """The task as the model sees it: the goal, the user's changes, what ran and how."""
+    text = f"Task:\n{request.prompt}"
+    if request.notes:
+        text += "\n\nThe user changed the task:\n" + "\n".join(f"- {n}" for n in request.notes)
+    if request.done:
+        text += "\n\nSteps run so far, oldest first:\n" + "\n".join(
+            f"{d.step.describe()}\n({d.outcome.problem() if not d.outcome.ok else 'ok'}) "
+            f"{d.outcome.output_tail[-800:]}"
+            for d in request.done
+        )
+    return text
 
 
 def planner_messages(request: PlanRequest) -> list[SystemMessage | HumanMessage]:
-    text = f"Task:\n{request.prompt}"
-    if request.done:
-        text += "\n\nSteps already run:\n" + "\n".join(
-            f"$ {d.step.command}\n(exit {d.outcome.exit_code}) {d.outcome.output_tail[-800:]}"
-            for d in request.done
-        )
-    if request.instruction:
-        text += (
-            f"\n\nThe user changed the task: {request.instruction}\n"
-            "Plan only the steps still to run."
-        )
+    text = progress(request)
+    if request.feedback:
+        text += f"\n\nThe plan must change: {request.feedback}"
+    if request.done or request.feedback or request.instruction:
+        text += "\nPlan only the steps still to run."
     return [SystemMessage(SYSTEM_PROMPT), HumanMessage(text)]
+
+
+def verifier_messages(request: VerifyRequest) -> list[SystemMessage | HumanMessage]:
+    return [SystemMessage(VERIFY_PROMPT), HumanMessage(progress(request))]
 
 
 class PlanningActivities:
     def __init__(self, model: BaseChatModel | None) -> None:
         self.model = model
 
-    @activity.defn(name="PlanTask")
-    async def plan(self, request: PlanRequest) -> Plan:
+    async def ask(self, messages: list[SystemMessage | HumanMessage]) -> str:
         if self.model is None:
             raise ApplicationError(NO_MODEL, type="NoPlannerModel", non_retryable=True)
-        reply = await self.model.ainvoke(planner_messages(request))
+        reply = await self.model.ainvoke(messages)
+        return str(reply.content)
+
+    @activity.defn(name="PlanTask")
+    async def plan(self, request: PlanRequest) -> Plan:
+        reply = await self.ask(planner_messages(request))
         try:
-            return Plan(steps=parse_reply(str(reply.content)))
+            return Plan(steps=parse_reply(reply))
         except ValueError as exc:
             raise ApplicationError(str(exc), type="BadPlan") from exc
+
+    @activity.defn(name="VerifyTask")
+    async def verify(self, request: VerifyRequest) -> Verdict:
+        reply = await self.ask(verifier_messages(request))
+        try:
+            return parse_verdict(reply)
+        except ValueError as exc:
+            raise ApplicationError(str(exc), type="BadVerdict") from exc

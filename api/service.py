@@ -73,6 +73,8 @@ async def start_session(
                 host_task_queue=settings.host_task_queue,
                 idle_timeout_s=settings.session_idle_timeout_s,
                 step_timeout_s=settings.step_timeout_s,
+                max_steps=settings.agent_max_steps,
+                max_revisions=settings.agent_max_revisions,
             ),
             id=workflow_id(row.id),
             task_queue=settings.host_task_queue,  # the session lives on its host

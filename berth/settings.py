@@ -73,6 +73,14 @@ class Settings(BaseSettings):
         default=3600.0, description="An idle session ends itself after this long"
     )
 
+    # Agent loop
+    agent_max_steps: int = Field(
+        default=30, description="Steps one task may run before it fails for want of progress"
+    )
+    agent_max_revisions: int = Field(
+        default=8, description="Times one task's plan may be revised after a failed check"
+    )
+
     llm_model: str | None = Field(
         default=None,
         description="Planner model, e.g. gpt-4o-mini, claude-3-5-haiku-latest, "

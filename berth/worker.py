@@ -75,6 +75,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             activities=[
                 progress.record,
                 planning.plan,
+                planning.verify,
                 sandbox.provision,
                 sandbox.run_step,
                 sandbox.stop_step,

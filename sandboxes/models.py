@@ -54,6 +54,14 @@ class StepOutcome(BaseModel):
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out and self.error is None
 
+    def problem(self) -> str:
+        """What went wrong, in words, for the user and the planner."""
+        if self.error:
+            return self.error
+        if self.timed_out:
+            return "timed out"
+        return f"exited with {self.exit_code}"
+
 
 class Health(BaseModel):
     running: bool

@@ -45,6 +45,8 @@ class StepStatus(StrEnum):
     failed = "failed"
     cancelled = "cancelled"
     skipped = "skipped"
+    # Judged before it ran (its template's command policy, a kind its guest lacks).
+    refused = "refused"
 
 
 class User(SQLModel, table=True):

@@ -15,7 +15,8 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.planning import PlanningActivities, chat_model, parse_reply
 from berth.settings import Settings
-from workflows.models import PlanRequest
+from sandboxes.models import StepOutcome, TerminalStep
+from workflows.models import DoneStep, PlanRequest, Verdict, VerifyRequest
 from workflows.plans import MAX_PLAN_STEPS, check_plan_size, user_plan
 
 
@@ -99,7 +100,8 @@ def test_a_written_plan_is_capped() -> None:
 def test_replies_are_parsed_with_or_without_fences() -> None:
     fenced = 'Sure!\n```json\n{"steps": [{"command": "df -h"}, {"command": " "}]}\n```'
     assert [s.command for s in parse_reply(fenced)] == ["df -h"]
-    for bad in ("no json here", '{"steps": []}', '{"plan": 1}'):
+    assert parse_reply('{"steps": []}') == []  # the model finds the task done already
+    for bad in ("no json here", '{"plan": 1}', '{"steps": [{"command": 1}]'):
         with pytest.raises(ValueError):
             parse_reply(bad)
 
@@ -119,13 +121,11 @@ async def test_a_prose_task_is_planned_by_the_model_over_http(llm: ScriptedLLM) 
 
 async def test_a_modification_replans_with_what_was_done(llm: ScriptedLLM) -> None:
     llm.replies.append('{"steps": [{"command": "du -sh /var"}]}')
-    from sandboxes.models import StepOutcome, TerminalStep
-    from workflows.models import DoneStep
-
     request = PlanRequest(
         task_id="t",
         prompt="check the disk",
         instruction="look at /var only",
+        notes=["look at /var only"],
         done=[
             DoneStep(
                 step=TerminalStep(command="df -h"),
@@ -137,6 +137,28 @@ async def test_a_modification_replans_with_what_was_done(llm: ScriptedLLM) -> No
     assert [s.command for s in plan.steps] == ["du -sh /var"]
     sent = llm.requests[0]["body"]["messages"][-1]["content"]
     assert "look at /var only" in sent and "$ df -h" in sent and "42%" in sent
+
+
+async def test_the_verifier_judges_the_result_and_writes_the_answer(llm: ScriptedLLM) -> None:
+    llm.replies.append('{"ok": true, "answer": "2 3 5 7", "reason": "the primes are shown"}')
+    request = VerifyRequest(
+        task_id="t",
+        prompt="print the first four primes",
+        done=[
+            DoneStep(
+                step=TerminalStep(command="python3 primes.py"),
+                outcome=StepOutcome(exit_code=0, output_tail="2 3 5 7\n"),
+            )
+        ],
+    )
+    verdict = await ActivityEnvironment().run(planner_for(llm).verify, request)
+    assert verdict == Verdict(ok=True, answer="2 3 5 7", reason="the primes are shown")
+    sent = llm.requests[0]["body"]["messages"]
+    assert "check the work" in sent[0]["content"] and "python3 primes.py" in sent[-1]["content"]
+    llm.replies.append("looks fine to me")
+    with pytest.raises(ApplicationError) as caught:
+        await ActivityEnvironment().run(planner_for(llm).verify, request)
+    assert caught.value.type == "BadVerdict" and not caught.value.non_retryable
 
 
 async def test_a_bad_reply_is_a_retryable_error(llm: ScriptedLLM) -> None:

@@ -39,6 +39,8 @@ from workflows.models import (
     TaskModification,
     TaskRef,
     TaskSubmission,
+    Verdict,
+    VerifyRequest,
 )
 from workflows.session import SessionWorkflow
 
@@ -66,6 +68,10 @@ class Stubs:
         self.stopped: list[str] = []
         self.thinking = asyncio.Event()
         self.thinking.set()
+        # Scripted model replies: plans (commands) and verdicts, taken in order.
+        self.plans: list[list[str]] = []
+        self.verdicts: list[Verdict] = []
+        self.plan_requests: list[PlanRequest] = []
 
     @activity.defn(name="ProvisionSandbox")
     async def provision(self, request: SandboxRequest) -> SandboxInfo:
@@ -87,12 +93,27 @@ class Stubs:
     async def plan(self, request: PlanRequest) -> Plan:
         """A stand-in model: "say X" plans ``echo X``; it thinks until ``thinking`` is set."""
         await self.thinking.wait()
+        self.plan_requests.append(request)
+        if self.plans:
+            return Plan(steps=[TerminalStep(command=c) for c in self.plans.pop(0)])
         text = request.instruction or request.prompt
         return Plan(steps=[TerminalStep(command=f"echo {text.removeprefix('say ')}")])
+
+    @activity.defn(name="VerifyTask")
+    async def verify(self, request: VerifyRequest) -> Verdict:
+        if self.verdicts:
+            return self.verdicts.pop(0)
+        return Verdict(ok=True, answer=request.done[-1].outcome.output_tail.strip())
 
     @activity.defn(name="RunStep")
     async def run_step(self, request: StepRequest) -> StepOutcome:
         command = request.step.command
+        if command.startswith("python3 -c"):
+            raise ApplicationError(
+                "`python3 -c` runs inline code, which this policy refuses",
+                type="CommandRefused",
+                non_retryable=True,
+            )
         self.commands.append(command)
         if command == "wait":
             try:
@@ -125,7 +146,8 @@ class Stubs:
 
     def all(self) -> list[Callable[..., Any]]:
         return [
-            self.provision, self.destroy, self.plan, self.run_step, self.stop_step, self.record,
+            self.provision, self.destroy, self.plan, self.verify, self.run_step, self.stop_step,
+            self.record,
         ]  # fmt: skip
 
 
@@ -523,3 +545,73 @@ async def test_a_submission_key_queues_one_task_even_across_runs(env: WorkflowEn
         assert again.id == refs[0].id and again.status == "succeeded"
         await end(handle)
     assert stubs.commands == ["echo once"] and stubs.types().count("task.queued") == 1
+
+
+async def test_the_agent_revises_its_plan_until_the_result_is_verified(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    # The first plan's second step fails; the revision's result falls short of the goal;
+    # the plan after that is verified.
+    stubs.plans = [["echo one", "false", "echo skipped"], ["echo two"], ["echo three"]]
+    stubs.verdicts = [
+        Verdict(ok=False, reason="the output lacks three"),
+        Verdict(ok=True, answer="three it is"),
+    ]
+    async with running(env, stubs, params(stubs)) as handle:
+        ref = await submit(env.client, handle.id, "count to three")
+        await until(lambda: ref.id in stubs.task_statuses() and not stubs.plans)
+        await until(lambda: stubs.task_statuses()[ref.id] == "succeeded")
+        await end(handle)
+    assert stubs.commands == ["echo one", "false", "echo two", "echo three"]
+    revisions = [e.data for e in stubs.events if e.type == "task.plan"]
+    assert [(r["first"], r.get("revised")) for r in revisions] == [
+        (0, None),
+        (2, "step 2 ($ false) exited with 1"),
+        (3, "the result falls short of the goal: the output lacks three"),
+    ]
+    # The planner heard why each revision was needed, and what had run.
+    assert [r.feedback for r in stubs.plan_requests] == [
+        None,
+        *[r["revised"] for r in revisions[1:]],
+    ]
+    assert [d.step.command for d in stubs.plan_requests[2].done] == [
+        "echo one",
+        "false",
+        "echo two",
+    ]
+    verified = [e.data for e in stubs.events if e.type == "task.verified"]
+    assert [v["ok"] for v in verified] == [False, True]
+    final = [e.data for e in stubs.events if e.type == "task.status"][-1]
+    assert final == {"task_id": ref.id, "status": "succeeded", "result": "three it is"}
+
+
+async def test_a_refused_command_is_fed_back_to_the_planner(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    stubs.plans = [["python3 -c 'print(1)'"], ["echo 1"]]
+    async with running(env, stubs, params(stubs)) as handle:
+        agent = await submit(env.client, handle.id, "print one")
+        await until(lambda: stubs.task_statuses().get(agent.id) == "succeeded")
+        written = await submit(env.client, handle.id, "$ python3 -c 'print(1)'\n$ echo never")
+        await until(lambda: stubs.task_statuses().get(written.id) == "failed")
+        await end(handle)
+    assert stubs.commands == ["echo 1"]  # the refused ones never reached the sandbox
+    refusals = [e.data for e in stubs.events if e.type == "step.finished"]
+    assert [r["status"] for r in refusals] == ["refused", "refused"]
+    assert "`python3 -c` runs inline code" in refusals[0]["error"]
+    assert "`python3 -c` runs inline code" in (stubs.plan_requests[1].feedback or "")
+    failed = [e.data for e in stubs.events if e.type == "task.status"][-1]
+    assert failed["status"] == "failed" and "refused: `python3 -c`" in failed["error"]
+
+
+async def test_a_task_that_runs_out_of_steps_fails_and_says_so(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    stubs.plans = [["false"]] * 10
+    session = params(stubs).model_copy(update={"max_steps": 3})
+    async with running(env, stubs, session) as handle:
+        ref = await submit(env.client, handle.id, "never works")
+        await until(lambda: stubs.task_statuses().get(ref.id) == "failed")
+        await end(handle)
+    assert stubs.commands == ["false"] * 3
+    failed = [e.data for e in stubs.events if e.type == "task.status"][-1]
+    assert "ran out of its step budget: 3 steps" in failed["error"]

@@ -21,6 +21,9 @@ class SessionInput(BaseModel):
     host_task_queue: str
     idle_timeout_s: float = 3600.0
     step_timeout_s: float = 600.0
+    # The agent loop's bounds, per task.
+    max_steps: int = 30
+    max_revisions: int = 8
     # Set by continue-as-new: the session as the previous run left it.
     carried: Carried | None = None
 
@@ -42,6 +45,13 @@ class TaskState(BaseModel):
     recent: list[DoneStep] = Field(default_factory=list)
     result: str | None = None
     error: str | None = None
+    # A prose task is the agent's: planned by the model, revised when a step fails or is
+    # refused, and its answer verified against the goal. A written plan runs as written.
+    agent: bool = False
+    executed: int = 0
+    revisions: int = 0
+    # The user's modifications, each one given to every later planning call.
+    notes: list[str] = Field(default_factory=list)
 
 
 class Carried(BaseModel):
@@ -109,14 +119,35 @@ class StepRequest(BaseModel):
 
 class PlanRequest(BaseModel):
     task_id: str
+    session_id: str = ""
     prompt: str
     # Set when the user modifies a running task: the plan is redone from here on.
     instruction: str | None = None
+    notes: list[str] = Field(default_factory=list)
     done: list[DoneStep] = Field(default_factory=list)
+    # Why the plan is being revised (a failed check, a refused command, a verification
+    # that fell short): the model is told, so it does not repeat the mistake.
+    feedback: str | None = None
 
 
 class Plan(BaseModel):
     steps: list[Step]
+
+
+class VerifyRequest(BaseModel):
+    task_id: str
+    session_id: str = ""
+    prompt: str
+    notes: list[str] = Field(default_factory=list)
+    done: list[DoneStep] = Field(default_factory=list)
+
+
+class Verdict(BaseModel):
+    """The model's check of a task's result against its goal, and the answer it gives."""
+
+    ok: bool
+    answer: str = ""
+    reason: str = ""
 
 
 class ProgressBatch(BaseModel):

@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         TaskRef,
         TaskState,
         TaskSubmission,
+        VerifyRequest,
     )
     from workflows.plans import check_plan_size, user_plan
 
@@ -51,6 +52,11 @@ FINISHED = (TaskStatus.succeeded, TaskStatus.failed, TaskStatus.cancelled)
 # Kept per task for the planner's context, and finished tasks remembered across runs.
 RECENT_STEPS = 10
 REMEMBERED_TASKS = 100
+
+# Failures of a step that mean it never ran; the agent plans around them.
+REFUSALS = ("CommandRefused", "StepKindUnsupported")
+# The exit status a shell gives a command it cannot run.
+REFUSED_EXIT = 126
 
 RECORD_TIMEOUT = timedelta(seconds=15)
 # Unbounded: a session must outlast a database outage rather than fail for it.
@@ -66,6 +72,15 @@ DESTROY_TIMEOUT = timedelta(minutes=3)
 
 def workflow_id(session_id: str) -> str:
     return f"session-{session_id}"
+
+
+def refused(error: BaseException) -> str | None:
+    """Why a step was refused before it ran (a command its template's policy forbids, a
+    kind of step its guest cannot do), or None for any other failure."""
+    cause = error.cause if isinstance(error, ActivityError) else None
+    if isinstance(cause, ApplicationError) and cause.type in REFUSALS:
+        return cause.message
+    return None
 
 
 def failure_message(error: BaseException) -> str:
@@ -266,31 +281,17 @@ class SessionWorkflow:
             if task.status is TaskStatus.queued:  # not a task carried over mid-way
                 self.paused = False
                 await self.plan(task)
-            while task.position < len(task.steps):
-                check_cancelled()
-                await workflow.wait_condition(lambda: not self.paused or self.cancelling)
-                if self.cancelling:
+            while not self.cancelling:
+                if task.position < len(task.steps):
+                    await self.next_step(task)
+                elif not task.agent or await self.verify(task):
                     break
-                instruction = self.instructions.pop(task.id, None)
-                if instruction is not None:
-                    await self.replan(task, instruction)
-                    continue
-                self.continue_as_new_if_suggested()
-                outcome = await self.run_step(task)
-                if outcome is None:
-                    break  # cancelled while it ran
-                step = task.steps[task.position]
-                task.recent = [*task.recent, DoneStep(step=step, outcome=outcome)][-RECENT_STEPS:]
-                if not outcome.ok:
-                    why = outcome.error or (
-                        "timed out" if outcome.timed_out else f"exited with {outcome.exit_code}"
-                    )
-                    raise ApplicationError(f"step {task.position + 1} ({step.describe()}) {why}")
-                task.position += 1
             if self.cancelling:
                 await self.record(*self.finish(task, TaskStatus.cancelled))
             else:
-                result = task.recent[-1].outcome.output_tail if task.recent else ""
+                result = task.result
+                if not task.agent:
+                    result = task.recent[-1].outcome.output_tail if task.recent else ""
                 await self.record(*self.finish(task, TaskStatus.succeeded, result=result))
         except (ActivityError, ApplicationError) as exc:
             if cancel_requested():
@@ -298,35 +299,122 @@ class SessionWorkflow:
             await self.record(*self.finish(task, TaskStatus.failed, error=failure_message(exc)))
         self.running, self.cancelling = None, False
 
+    async def next_step(self, task: TaskState) -> None:
+        """Run the task's next step, between steps taking a pause, a modification or a
+        continue-as-new; a step that fails sends the agent back to planning."""
+        check_cancelled()
+        await workflow.wait_condition(lambda: not self.paused or self.cancelling)
+        if self.cancelling:
+            return
+        instruction = self.instructions.pop(task.id, None)
+        if instruction is not None:
+            await self.revise(task, instruction=instruction)
+            return
+        if task.agent and task.executed >= self.params.max_steps:
+            raise ApplicationError(
+                f"the task ran out of its step budget: {task.executed} steps ran "
+                "without reaching the goal",
+                type="StepBudgetExhausted",
+            )
+        self.continue_as_new_if_suggested()
+        outcome = await self.run_step(task)
+        if outcome is None:
+            return  # cancelled while it ran
+        step = task.steps[task.position]
+        task.recent = [*task.recent, DoneStep(step=step, outcome=outcome)][-RECENT_STEPS:]
+        task.executed += 1
+        task.position += 1
+        if not outcome.ok:
+            failure = f"step {task.position} ({step.describe()}) {outcome.problem()}"
+            if not task.agent:
+                raise ApplicationError(failure)
+            await self.revise(task, feedback=failure)
+
     async def plan(self, task: TaskState) -> None:
         self.status = SessionStatus.busy
         opening = [self.event("session.status", status=self.status.value)]
         steps = user_plan(task.prompt)
         if steps is None:
+            # Sessions begun before the agent loop replay as they ran: planned once, unchecked.
+            task.agent = workflow.patched("agent-loop")
             await self.record(*opening, self.set_task(task, TaskStatus.planning))
             opening = []
-            steps = await self.ask_planner(task, None)
+            steps = await self.ask_planner(task)
         task.steps = steps
         # A pause that came while the model planned holds from the first step on.
         running = self.set_task(task, TaskStatus.paused if self.paused else TaskStatus.running)
         await self.record(*opening, running, self.plan_event(task, 0))
 
-    async def replan(self, task: TaskState, instruction: str) -> None:
-        steps = user_plan(instruction) or await self.ask_planner(task, instruction)
+    async def revise(
+        self, task: TaskState, *, instruction: str | None = None, feedback: str | None = None
+    ) -> None:
+        """Replace the steps not run yet: with a written plan, or the model's new plan."""
+        steps = user_plan(instruction) if instruction else None
+        if steps is None:
+            if instruction:
+                task.notes.append(instruction)
+            if task.revisions >= self.params.max_revisions and task.agent:
+                raise ApplicationError(
+                    f"the task did not reach its goal in {task.revisions} revised plans; "
+                    f"the last problem: {feedback}",
+                    type="RevisionBudgetExhausted",
+                )
+            task.revisions += 1
+            steps = await self.ask_planner(task, instruction, feedback)
         task.steps = task.steps[: task.position] + steps
-        await self.record(self.plan_event(task, task.position))
+        reason = f"modified: {instruction}" if instruction else feedback
+        await self.record(self.plan_event(task, task.position, reason))
 
-    async def ask_planner(self, task: TaskState, instruction: str | None) -> list[Step]:
+    async def ask_planner(
+        self, task: TaskState, instruction: str | None = None, feedback: str | None = None
+    ) -> list[Step]:
         plan = await workflow.execute_activity_method(
             PlanningActivities.plan,
             PlanRequest(
-                task_id=task.id, prompt=task.prompt, instruction=instruction, done=task.recent
+                task_id=task.id,
+                session_id=self.params.session_id,
+                prompt=task.prompt,
+                instruction=instruction,
+                notes=task.notes,
+                done=task.recent,
+                feedback=feedback,
             ),
             start_to_close_timeout=timedelta(minutes=3),
             retry_policy=RetryPolicy(maximum_attempts=3),
-            summary="revise the plan" if instruction else "plan the task",
+            summary="revise the plan" if instruction or feedback else "plan the task",
         )
         return list(plan.steps)
+
+    async def verify(self, task: TaskState) -> bool:
+        """Have the model check what the steps did against the goal and give the answer;
+        a result that falls short is planned again."""
+        verdict = await workflow.execute_activity_method(
+            PlanningActivities.verify,
+            VerifyRequest(
+                task_id=task.id,
+                session_id=self.params.session_id,
+                prompt=task.prompt,
+                notes=task.notes,
+                done=task.recent,
+            ),
+            start_to_close_timeout=timedelta(minutes=3),
+            retry_policy=RetryPolicy(maximum_attempts=3),
+            summary="verify the result",
+        )
+        await self.record(
+            self.event(
+                "task.verified",
+                task_id=task.id,
+                ok=verdict.ok,
+                reason=verdict.reason,
+                answer=verdict.answer,
+            )
+        )
+        if verdict.ok:
+            task.result = verdict.answer
+            return True
+        await self.revise(task, feedback=f"the result falls short of the goal: {verdict.reason}")
+        return False
 
     async def run_step(self, task: TaskState) -> StepOutcome | None:
         """Run the task's next step in the sandbox; None if the task was cancelled meanwhile.
@@ -365,6 +453,11 @@ class SessionWorkflow:
         try:
             return handle.result()
         except (ActivityError, asyncio.CancelledError) as exc:
+            refusal = refused(exc)
+            if refusal is not None:
+                # Judged before it reached the guest: nothing ran, and the agent is told why.
+                await self.record(self.step_end(task, index, "refused", refusal))
+                return StepOutcome(exit_code=REFUSED_EXIT, error=f"refused: {refusal}")
             # Retries run out, or a cancel between attempts: an attempt may have left the
             # command running, and the next step must not run beside it.
             await self.stop_step(request)
@@ -526,9 +619,11 @@ class SessionWorkflow:
             drafts.append(self.event("session.status", status=self.status.value))
         return drafts
 
-    def plan_event(self, task: TaskState, first: int) -> NewEvent:
+    def plan_event(self, task: TaskState, first: int, revised: str | None = None) -> NewEvent:
         steps = [s.model_dump() for s in task.steps[first:]]
-        return self.event("task.plan", task_id=task.id, first=first, steps=steps)
+        return self.event(
+            "task.plan", task_id=task.id, first=first, steps=steps, revised=revised
+        )
 
     def step_end(self, task: TaskState, index: int, status: str, why: str) -> NewEvent:
         # The activity's own key: whichever of the two records the end first wins.
