@@ -14,7 +14,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from berth.settings import Settings
-from sandboxes.models import TerminalStep
+from sandboxes.models import Step, TerminalStep
 from workflows.models import Plan, PlanRequest
 from workflows.plans import MAX_PLAN_STEPS
 
@@ -67,7 +67,7 @@ class _Reply(BaseModel):
     steps: list[_Command]
 
 
-def parse_reply(text: str) -> list[TerminalStep]:
+def parse_reply(text: str) -> list[Step]:
     """The steps in a model's reply: its first JSON object, fenced in markdown or not."""
     match = re.search(r"\{.*\}", text, re.DOTALL)
     if match is None:
@@ -76,7 +76,9 @@ def parse_reply(text: str) -> list[TerminalStep]:
         reply = _Reply.model_validate(json.loads(match.group(0)))
     except (json.JSONDecodeError, ValidationError) as exc:
         raise ValueError(f"the planner's reply is not a plan: {exc}") from exc
-    steps = [TerminalStep(command=s.command.strip()) for s in reply.steps if s.command.strip()]
+    steps: list[Step] = [
+        TerminalStep(command=s.command.strip()) for s in reply.steps if s.command.strip()
+    ]
     if not steps:
         raise ValueError("the planner returned no steps")
     return steps[:MAX_PLAN_STEPS]
@@ -86,7 +88,7 @@ def planner_messages(request: PlanRequest) -> list[SystemMessage | HumanMessage]
     text = f"Task:\n{request.prompt}"
     if request.done:
         text += "\n\nSteps already run:\n" + "\n".join(
-            f"$ {d.step.command}\n(exit {d.outcome.exit_code}) {d.outcome.output_tail[-800:]}"
+            f"{d.step.describe()}\n(exit {d.outcome.exit_code}) {d.outcome.output_tail[-800:]}"
             for d in request.done
         )
     if request.instruction:

@@ -92,7 +92,7 @@ class Stubs:
 
     @activity.defn(name="RunStep")
     async def run_step(self, request: StepRequest) -> StepOutcome:
-        command = request.step.command
+        command = request.step.describe()[2:]  # "$ " and the command
         self.commands.append(command)
         if command == "wait":
             try:
@@ -121,7 +121,7 @@ class Stubs:
 
     @activity.defn(name="StopStep")
     async def stop_step(self, request: StepRequest) -> None:
-        self.stopped.append(request.step.command)
+        self.stopped.append(request.step.describe()[2:])
 
     def all(self) -> list[Callable[..., Any]]:
         return [
