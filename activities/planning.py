@@ -10,12 +10,12 @@ from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage, SystemMessage
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, field_validator
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from berth.settings import Settings
-from sandboxes.models import TerminalStep
+from sandboxes.models import Step
 from workflows.models import Plan, PlanRequest, Verdict, VerifyRequest
 from workflows.plans import MAX_PLAN_STEPS
 
@@ -76,7 +76,18 @@ def chat_model(settings: Settings) -> BaseChatModel | None:
 
 
 class _Reply(BaseModel):
-    steps: list[TerminalStep]
+    steps: list[Step]
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _terminal_by_default(cls, steps: Any) -> Any:
+        # Models often leave out the kind of a plain command.
+        if isinstance(steps, list):
+            return [
+                {"kind": "terminal", **s} if isinstance(s, dict) and "kind" not in s else s
+                for s in steps
+            ]
+        return steps
 
 
 def json_object(text: str) -> Any:
@@ -90,13 +101,13 @@ def json_object(text: str) -> Any:
         raise ValueError(f"the reply's JSON does not parse: {exc}") from exc
 
 
-def parse_reply(text: str) -> list[TerminalStep]:
+def parse_reply(text: str) -> list[Step]:
     """The steps in a planner's reply (none when it finds the task done already)."""
     try:
         reply = _Reply.model_validate(json_object(text))
     except ValidationError as exc:
         raise ValueError(f"the planner's reply is not a plan: {exc}") from exc
-    return [s for s in reply.steps if s.command.strip()][:MAX_PLAN_STEPS]
+    return reply.steps[:MAX_PLAN_STEPS]
 
 
 def parse_verdict(text: str) -> Verdict:

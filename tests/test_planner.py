@@ -84,7 +84,7 @@ def planner_for(server: ScriptedLLM) -> PlanningActivities:
 def test_dollar_lines_are_a_plan_and_prose_is_not() -> None:
     steps = user_plan("$ echo hello && uname -a\n\n  $ ls -la /  \n")
     assert steps is not None
-    assert [s.command for s in steps] == ["echo hello && uname -a", "ls -la /"]
+    assert [s.describe() for s in steps] == ["$ echo hello && uname -a", "$ ls -la /"]
     assert user_plan("list the files\n$ ls") is None
     assert user_plan("   ") is None
 
@@ -98,10 +98,10 @@ def test_a_written_plan_is_capped() -> None:
 
 
 def test_replies_are_parsed_with_or_without_fences() -> None:
-    fenced = 'Sure!\n```json\n{"steps": [{"command": "df -h"}, {"command": " "}]}\n```'
-    assert [s.command for s in parse_reply(fenced)] == ["df -h"]
+    fenced = 'Sure!\n```json\n{"steps": [{"command": "df -h"}]}\n```'
+    assert parse_reply(fenced) == [TerminalStep(command="df -h")]
     assert parse_reply('{"steps": []}') == []  # the model finds the task done already
-    for bad in ("no json here", '{"plan": 1}', '{"steps": [{"command": 1}]'):
+    for bad in ("no json here", '{"plan": 1}', '{"steps": [{"command": ""}]}'):
         with pytest.raises(ValueError):
             parse_reply(bad)
 
@@ -111,7 +111,7 @@ async def test_a_prose_task_is_planned_by_the_model_over_http(llm: ScriptedLLM) 
     plan = await ActivityEnvironment().run(
         planner_for(llm).plan, PlanRequest(task_id="t", prompt="how full is the disk and memory?")
     )
-    assert [s.command for s in plan.steps] == ["df -h /", "free -m"]
+    assert plan.steps == [TerminalStep(command="df -h /"), TerminalStep(command="free -m")]
     (request,) = llm.requests
     assert request["path"] == "/v1/chat/completions"
     assert request["auth"] == "Bearer sk-test"
@@ -134,7 +134,7 @@ async def test_a_modification_replans_with_what_was_done(llm: ScriptedLLM) -> No
         ],
     )
     plan = await ActivityEnvironment().run(planner_for(llm).plan, request)
-    assert [s.command for s in plan.steps] == ["du -sh /var"]
+    assert plan.steps == [TerminalStep(command="du -sh /var")]
     sent = llm.requests[0]["body"]["messages"][-1]["content"]
     assert "look at /var only" in sent and "$ df -h" in sent and "42%" in sent
 

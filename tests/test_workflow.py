@@ -107,7 +107,7 @@ class Stubs:
 
     @activity.defn(name="RunStep")
     async def run_step(self, request: StepRequest) -> StepOutcome:
-        command = request.step.command
+        command = request.step.describe()[2:]  # "$ " and the command
         if command.startswith("python3 -c"):
             raise ApplicationError(
                 "`python3 -c` runs inline code, which this policy refuses",
@@ -142,7 +142,7 @@ class Stubs:
 
     @activity.defn(name="StopStep")
     async def stop_step(self, request: StepRequest) -> None:
-        self.stopped.append(request.step.command)
+        self.stopped.append(request.step.describe()[2:])
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -575,7 +575,7 @@ async def test_the_agent_revises_its_plan_until_the_result_is_verified(
         None,
         *[r["revised"] for r in revisions[1:]],
     ]
-    assert [d.step.command for d in stubs.plan_requests[2].done] == [
+    assert [d.step.describe()[2:] for d in stubs.plan_requests[2].done] == [
         "echo one",
         "false",
         "echo two",

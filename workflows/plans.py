@@ -4,13 +4,13 @@ itself (no activity, no history events) and the API refuses an oversized one up 
 
 from __future__ import annotations
 
-from sandboxes.models import TerminalStep
+from sandboxes.models import Step, TerminalStep
 
 # The most steps one plan may have, written or planned by a model.
 MAX_PLAN_STEPS = 50
 
 
-def user_plan(text: str) -> list[TerminalStep] | None:
+def user_plan(text: str) -> list[Step] | None:
     """The steps of a prompt written as ``$ command`` lines, or None if it is prose."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines or not all(line.startswith("$ ") for line in lines):

@@ -621,9 +621,7 @@ class SessionWorkflow:
 
     def plan_event(self, task: TaskState, first: int, revised: str | None = None) -> NewEvent:
         steps = [s.model_dump() for s in task.steps[first:]]
-        return self.event(
-            "task.plan", task_id=task.id, first=first, steps=steps, revised=revised
-        )
+        return self.event("task.plan", task_id=task.id, first=first, steps=steps, revised=revised)
 
     def step_end(self, task: TaskState, index: int, status: str, why: str) -> NewEvent:
         # The activity's own key: whichever of the two records the end first wins.
