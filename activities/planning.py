@@ -16,7 +16,7 @@ from temporalio.exceptions import ApplicationError
 
 from berth.settings import Settings
 from sandboxes.models import Step
-from workflows.models import Plan, PlanRequest, Verdict, VerifyRequest
+from workflows.models import DoneStep, Plan, PlanRequest, Verdict, VerifyRequest
 from workflows.plans import MAX_PLAN_STEPS
 
 NO_MODEL = (
@@ -29,16 +29,25 @@ NO_MODEL = (
 SYSTEM_PROMPT = """\
 You plan the work of an autonomous agent that acts in a Debian Linux sandbox, one step at a
 time. Turn the user's task into the shortest sequence of steps that does it and shows the
-result. A terminal step runs one command non-interactively in a fresh bash in the home
-directory. Give each step a success criterion, checked after it runs:
+result. Steps, as JSON objects:
+- {"kind": "terminal", "command": "..."}: one command, run non-interactively by bash in the
+  workspace (the home directory).
+- {"kind": "file", "op": "write", "path": "...", "content": "..."}, or op "read" or "list":
+  a file in the workspace. Write scripts as files, then run them.
+- {"kind": "browser", "action": "navigate", "url": "https://..."}; other actions: "click"
+  (selector), "type" (selector, text), "select" (selector, value), "extract" (text of
+  selector, or of the page), "wait_for" (selector or text), "screenshot". One browser page
+  is kept across the task's steps; every browser step takes a screenshot.
+Give each step a success criterion, checked right after it runs, as "check":
 {"kind": "exit_code", "value": "0"}, {"kind": "output_contains", "value": "TEXT"},
-{"kind": "output_regex", "value": "REGEX"} or {"kind": "file_exists", "value": "PATH"}.
-Steps run in order; if one fails or misses its criterion, you are told what happened and plan
-the rest again. Some commands are refused by the sandbox's policy (inline code such as
-`python3 -c`, `bash -c`, `eval`, command substitution): write files and run them instead.
+{"kind": "output_regex", "value": "REGEX"}, {"kind": "file_exists", "value": "PATH"}, or for
+browser steps {"kind": "url_matches", "value": "REGEX"} or
+{"kind": "page_text_contains", "value": "TEXT"}.
+Steps run in order; if one fails or misses its check, you are told what happened and plan
+the rest again. The sandbox's policy refuses some commands (inline code such as
+`python3 -c` or `bash -c`, eval, command substitution, sudo): write a file and run it.
 If the steps already run achieve the task, plan no steps.
-Reply with one JSON object and nothing else:
-{"steps": [{"kind": "terminal", "command": "...", "check": {"kind": "...", "value": "..."}}]}"""
+Reply with one JSON object and nothing else: {"steps": [...]}"""
 
 VERIFY_PROMPT = """\
 You check the work of an autonomous agent against the user's task. You are given the task
@@ -124,11 +133,23 @@ def progress(request: PlanRequest | VerifyRequest) -> str:
         text += "\n\nThe user changed the task:\n" + "\n".join(f"- {n}" for n in request.notes)
     if request.done:
         text += "\n\nSteps run so far, oldest first:\n" + "\n".join(
-            f"{d.step.describe()}\n({d.outcome.problem() if not d.outcome.ok else 'ok'}) "
-            f"{d.outcome.output_tail[-800:]}"
-            for d in request.done
+            done_step(d) for d in request.done
         )
     return text
+
+
+def done_step(done: DoneStep) -> str:
+    outcome = done.outcome
+    lines = [done.step.describe(), "-> ok" if outcome.ok else f"-> {outcome.problem()}"]
+    if outcome.check is not None and outcome.check.ok:
+        lines.append(f"check: {outcome.check.detail}")
+    if outcome.result is not None:
+        found = outcome.result.model_dump(exclude_none=True)
+        lines += [f"{name}: {value[:800] if isinstance(value, str) else value}"
+                  for name, value in found.items()]  # fmt: skip
+    if outcome.output_tail:
+        lines.append(f"output: {outcome.output_tail[-800:]}")
+    return "\n".join(lines)
 
 
 def planner_messages(request: PlanRequest) -> list[SystemMessage | HumanMessage]:

@@ -248,6 +248,8 @@ class StepOutcome(BaseModel):
             return self.error
         if self.timed_out:
             return "timed out"
+        if self.check is not None and not self.check.ok:
+            return f"missed its check: {self.check.detail}"
         return f"exited with {self.exit_code}"
 
 

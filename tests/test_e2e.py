@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,17 @@ def wait_status(base: str, headers: dict[str, str], sid: str, wanted: str) -> di
 
 
 def read_events(
-    base: str, headers: dict[str, str], sid: str, until: tuple[str, str], after: int = 0
+    base: str,
+    headers: dict[str, str],
+    sid: str,
+    until: tuple[str, str] | Callable[[dict[str, Any]], bool],
+    after: int = 0,
 ) -> list[dict[str, Any]]:
-    """The SSE stream's events, up to the first of type ``until[0]`` with status ``until[1]``."""
+    """The SSE stream's events, up to the first of type ``until[0]`` with status
+    ``until[1]``, or the first for which ``until`` is true."""
+    if isinstance(until, tuple):
+        kind, status = until
+        until = lambda event: (event["type"], event["data"].get("status")) == (kind, status)  # noqa: E731
     seen: list[dict[str, Any]] = []
     url = f"{base}/api/sessions/{sid}/events"
     with httpx.stream(
@@ -63,7 +71,7 @@ def read_events(
                 assert int(current["id"]) == event["seq"] and current["event"] == event["type"]
                 seen.append(event)
                 current = {}
-                if (event["type"], event["data"].get("status")) == until:
+                if until(event):
                     return seen
     raise AssertionError("stream ended early")
 

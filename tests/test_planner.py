@@ -3,11 +3,7 @@ OpenAI-compatible server on loopback."""
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 from temporalio.exceptions import ApplicationError
@@ -16,66 +12,21 @@ from temporalio.testing import ActivityEnvironment
 from activities.planning import PlanningActivities, chat_model, parse_reply
 from berth.settings import Settings
 from sandboxes.models import StepOutcome, TerminalStep
+from tests.scripted_llm import ScriptedLLM, scripted_llm
 from workflows.models import DoneStep, PlanRequest, Verdict, VerifyRequest
 from workflows.plans import MAX_PLAN_STEPS, check_plan_size, user_plan
 
 
-class ScriptedLLM(ThreadingHTTPServer):
-    """Answers /v1/chat/completions with the next scripted reply and keeps the requests."""
-
-    def __init__(self, replies: list[str]) -> None:
-        self.replies = replies
-        self.requests: list[dict[str, Any]] = []
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: ScriptedLLM
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(
-            {"path": self.path, "body": body, "auth": self.headers["Authorization"]}
-        )
-        reply = {
-            "id": "chatcmpl-1",
-            "object": "chat.completion",
-            "created": 0,
-            "model": body["model"],
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": self.server.replies.pop(0)},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def llm() -> Iterator[ScriptedLLM]:
-    server = ScriptedLLM([])
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
+    with scripted_llm() as server:
+        yield server
 
 
 def planner_for(server: ScriptedLLM) -> PlanningActivities:
-    host, port = server.server_address[:2]
     settings = Settings(
         llm_model="openai:test-model",
-        openai_base_url=f"http://{host!s}:{port}/v1",
+        openai_base_url=server.url,
         openai_api_key="sk-test",
     )
     return PlanningActivities(chat_model(settings))

@@ -1,0 +1,177 @@
+"""The agent loop end to end: the whole system as `make run` starts it, its planner and
+verifier a scripted OpenAI-compatible server on loopback, steps run in a real sandbox."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from berth.local import LocalSystem
+from tests.scripted_llm import ScriptedLLM, scripted_llm
+from tests.test_e2e import read_events, token_for, wait_status
+
+pytestmark = pytest.mark.e2e
+
+PRIMES = """\
+primes = []
+n = 2
+while len(primes) < 10:
+    if all(n % p for p in primes):
+        primes.append(n)
+    n += 1
+print(*primes)
+"""
+
+
+class Agent:
+    """The model's side of each task, by a word of its prompt: the planner's replies and the
+    verifier's, in order."""
+
+    def __init__(self) -> None:
+        self.plans: dict[str, list[dict[str, Any]]] = {}
+        self.verdicts: dict[str, list[dict[str, Any]]] = {}
+        self.asked: dict[str, list[str]] = defaultdict(list)
+
+    def __call__(self, body: dict[str, Any]) -> str:
+        system, asked = body["messages"][0]["content"], body["messages"][-1]["content"]
+        word = next(w for w in self.plans if w in asked.partition("\n\n")[0])
+        role = "verify" if system.startswith("You check the work") else "plan"
+        self.asked[word].append(f"{role}: {asked}")
+        replies = (self.verdicts if role == "verify" else self.plans)[word]
+        return json.dumps(replies.pop(0) if len(replies) > 1 else replies[0])
+
+
+@pytest.fixture(scope="module")
+def agent() -> Agent:
+    return Agent()
+
+
+@pytest.fixture(scope="module")
+def llm(agent: Agent) -> Iterator[ScriptedLLM]:
+    with scripted_llm(script=agent) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory, llm: ScriptedLLM) -> Iterator[str]:
+    running = LocalSystem.start(
+        tmp_path_factory.mktemp("berth-agent"),
+        "agent",
+        {
+            "BERTH_LLM_MODEL": "openai:scripted",
+            "OPENAI_BASE_URL": llm.url,
+            "OPENAI_API_KEY": "sk-scripted",
+            "BERTH_AGENT_MAX_STEPS": "4",
+        },
+    )
+    yield running.base
+    assert running.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def session(system: str) -> Iterator[tuple[dict[str, str], str]]:
+    headers = token_for(system, "agent@example.com")
+    sid = httpx.post(f"{system}/api/sessions", json={}, headers=headers).json()["id"]
+    wait_status(system, headers, sid, "ready")
+    yield headers, sid
+    httpx.delete(f"{system}/api/sessions/{sid}", headers=headers)
+
+
+def run_task(system: str, session: tuple[dict[str, str], str], prompt: str) -> dict[str, Any]:
+    """Submit a task; its events, once it has ended, and its final state over the API."""
+    headers, sid = session
+    url = f"{system}/api/sessions/{sid}"
+    task = httpx.post(f"{url}/tasks", json={"prompt": prompt}, headers=headers).json()
+
+    def ended(event: dict[str, Any]) -> bool:
+        data = event["data"]
+        return (
+            event["type"] == "task.status"
+            and data["task_id"] == task["id"]
+            and (data["status"] in ("succeeded", "failed", "cancelled"))
+        )
+
+    events = read_events(system, headers, sid, ended)
+    mine = [e for e in events if e["data"].get("task_id") == task["id"]]
+    final = httpx.get(f"{url}/tasks/{task['id']}", headers=headers).json()
+    return {"events": mine, "task": final}
+
+
+def of_type(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [e["data"] for e in events if e["type"] == kind]
+
+
+def test_a_failed_verification_leads_to_a_new_plan_and_then_an_answer(
+    system: str, session: tuple[dict[str, str], str], agent: Agent
+) -> None:
+    prompt = "create a Python script that prints the first 10 primes, run it, show the output"
+    agent.plans["primes"] = [
+        {
+            "steps": [
+                {"kind": "file", "op": "write", "path": "primes.py", "content": PRIMES,
+                 "check": {"kind": "file_exists", "value": "primes.py"}},
+                {"kind": "terminal", "command": "python3 primes.py",
+                 "check": {"kind": "output_contains", "value": "29"}},
+            ]
+        },
+        {"steps": [{"kind": "terminal", "command": "python3 primes.py",
+                    "check": {"kind": "output_regex", "value": "^2 3 5 7"}}]},
+    ]  # fmt: skip
+    agent.verdicts["primes"] = [
+        {"ok": False, "answer": "", "reason": "the output was not shown to the user"},
+        {"ok": True, "answer": "2 3 5 7 11 13 17 19 23 29", "reason": "printed"},
+    ]
+    ran = run_task(system, session, prompt)
+    assert ran["task"]["status"] == "succeeded", ran
+    assert ran["task"]["result"] == "2 3 5 7 11 13 17 19 23 29"
+    plans = of_type(ran["events"], "task.plan")
+    assert [(p["first"], p.get("revised")) for p in plans] == [
+        (0, None),
+        (2, "the result falls short of the goal: the output was not shown to the user"),
+    ]
+    finished = of_type(ran["events"], "step.finished")
+    assert [f["status"] for f in finished] == ["succeeded"] * 3
+    assert [f["check"]["ok"] for f in finished] == [True, True, True]
+    output = "".join(e["text"] for e in of_type(ran["events"], "step.output"))
+    assert "2 3 5 7 11 13 17 19 23 29" in output
+    assert [v["ok"] for v in of_type(ran["events"], "task.verified")] == [False, True]
+    # The second plan was made knowing what the first did and why it fell short.
+    second = [a for a in agent.asked["primes"] if a.startswith("plan")][1]
+    assert "python3 primes.py" in second and "not shown to the user" in second
+
+
+def test_a_refused_command_is_fed_back_and_the_agent_works_around_it(
+    system: str, session: tuple[dict[str, str], str], agent: Agent
+) -> None:
+    agent.plans["inline"] = [
+        {"steps": [{"kind": "terminal", "command": "python3 -c 'print(6 * 7)'"}]},
+        {"steps": [{"kind": "file", "op": "write", "path": "six.py", "content": "print(6 * 7)"},
+                   {"kind": "terminal", "command": "python3 six.py",
+                    "check": {"kind": "output_contains", "value": "42"}}]},
+    ]  # fmt: skip
+    agent.verdicts["inline"] = [{"ok": True, "answer": "42", "reason": "shown"}]
+    ran = run_task(system, session, "compute six times seven inline")
+    assert ran["task"]["status"] == "succeeded" and ran["task"]["result"] == "42", ran
+    refused = of_type(ran["events"], "step.finished")[0]
+    assert refused["status"] == "refused" and "python3 -c" in refused["error"]
+    second = [a for a in agent.asked["inline"] if a.startswith("plan")][1]
+    assert "refused" in second and "python3 -c" in second
+
+
+def test_a_task_that_never_gets_there_ends_failed_when_its_steps_run_out(
+    system: str, session: tuple[dict[str, str], str], agent: Agent
+) -> None:
+    agent.plans["hopeless"] = [
+        {"steps": [{"kind": "terminal", "command": "ls /nowhere",
+                    "check": {"kind": "exit_code", "value": "0"}}]}
+    ]  # fmt: skip
+    agent.verdicts["hopeless"] = [{"ok": False, "reason": "never"}]
+    ran = run_task(system, session, "hopeless: list a directory that is not there")
+    assert ran["task"]["status"] == "failed"
+    assert "ran out of its step budget: 4 steps" in ran["task"]["error"]
+    assert len(of_type(ran["events"], "step.started")) == 4
