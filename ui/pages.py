@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Form, Header, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import escape
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
@@ -31,6 +31,7 @@ from api.deps import (
 )
 from api.events import sse, stream
 from api.schemas import Credentials
+from sandboxes.models import Step
 from store.models import Event, StepRow, User
 from workflows.models import TaskControl, TaskSubmission
 
@@ -40,6 +41,19 @@ COOKIE = "berth_token"
 
 templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter(include_in_schema=False)
+STEP = TypeAdapter(Step)
+
+
+def step_text(spec: dict[str, Any]) -> str:
+    """A step as a line of the plan (steps in events and rows are plain JSON)."""
+    try:
+        step = STEP.validate_python(spec)
+    except ValidationError:
+        return str(spec.get("kind", "step"))
+    return step.describe() + (f" (check: {step.check.describe()})" if step.check else "")
+
+
+templates.env.filters["step_text"] = step_text
 
 
 def page_user(request: Request, db: DbDep, settings: SettingsDep) -> User:
