@@ -23,7 +23,7 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*/*.json"))
 
 
 def test_every_path_has_a_recorded_history() -> None:
-    assert {p.stem for p in HISTORIES} >= {"happy", "cancel", "failure", "continue-as-new"}
+    assert {p.stem for p in HISTORIES} >= {"happy", "cancel", "failure", "continue-as-new", "agent"}
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: f"{p.parent.name}/{p.stem}")

@@ -46,7 +46,7 @@ from workflows.session import SessionWorkflow
 
 # One recorded history per path, replayed by tests/test_replay.py; a new version of the
 # workflow adds a folder and keeps the old ones replaying.
-HISTORIES = Path(__file__).parent / "histories" / "v2"
+HISTORIES = Path(__file__).parent / "histories" / "v3"
 SHORT_HISTORY = 60
 
 
@@ -563,6 +563,7 @@ async def test_the_agent_revises_its_plan_until_the_result_is_verified(
         await until(lambda: ref.id in stubs.task_statuses() and not stubs.plans)
         await until(lambda: stubs.task_statuses()[ref.id] == "succeeded")
         await end(handle)
+        save_history("agent", await handle.fetch_history())
     assert stubs.commands == ["echo one", "false", "echo two", "echo three"]
     revisions = [e.data for e in stubs.events if e.type == "task.plan"]
     assert [(r["first"], r.get("revised")) for r in revisions] == [
