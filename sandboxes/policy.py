@@ -130,7 +130,7 @@ class Judge:
         for word in simple.words:
             if not word.assignment:
                 break
-            name = word.text.split("=", 1)[0]
+            name = word.text.split("=", 1)[0].removesuffix("+")
             raise Refused(
                 f"setting the variable `{name}` before a command (`{word.text}`) is refused by "
                 "this policy: it can change what a program does (PATH, LD_PRELOAD...); "
@@ -245,12 +245,12 @@ class Arguments:
                 f"`{self.program}` without a script file reads its program from its input, "
                 "which this policy refuses; write a script file and run it"
             )
-        if rule.subcommands is not None and self.operands:
-            if self.operands[0] not in rule.subcommands:
-                raise self.refuse(
-                    self.operands[0],
-                    f"is not an allowed subcommand; allowed: {', '.join(rule.subcommands)}",
-                )
+        subcommand = self.operands[0] if self.operands else None
+        if rule.subcommands is not None and subcommand not in (None, *rule.subcommands):
+            raise self.refuse(
+                self.operands[0],
+                f"is not an allowed subcommand; allowed: {', '.join(rule.subcommands)}",
+            )
         if rule.check is not None and rule.check != "cd":
             CHECKS[rule.check](self)
         return None
@@ -315,7 +315,8 @@ class Arguments:
         return 0
 
     def advice(self, option: str) -> str:
-        return ADVICE.get(f"{self.program} {option}", ADVICE.get(option, ""))
+        default = "; run the command without it"
+        return ADVICE.get(f"{self.program} {option}", ADVICE.get(option, default))
 
     def forbidden_long(self, name: str, text: str) -> None:
         for forbidden in self.rule.forbid:
@@ -387,7 +388,7 @@ def check_sed(args: Arguments) -> None:
             if "--expression".startswith(name) and len(name) > 3:
                 scripts.append(value if value else texts[k + 1] if k + 1 < len(texts) else "")
                 k += 0 if value else 1
-            in_place = in_place or "--in-place".startswith(name) and len(name) > 4
+            in_place = in_place or ("--in-place".startswith(name) and len(name) > 4)
         elif text.startswith("-") and text != "-":
             for j, letter in enumerate(text[1:], start=1):
                 if letter == "i":
@@ -431,12 +432,12 @@ class SedScript:
         s = self.s
         while self.i < len(s):
             ch = s[self.i]
-            if ch in " \t\n;!{}":
-                self.i += 1
-            elif ch.isdigit() or ch in "$,~+":
+            if ch in " \t\n;!{}" or ch.isdigit() or ch in "$,~+":
                 self.i += 1
             elif ch in "/\\":
-                self.delimited(1 if ch == "/" else 2, ch if ch == "/" else s[self.i + 1 : self.i + 2])
+                self.delimited(
+                    1 if ch == "/" else 2, ch if ch == "/" else s[self.i + 1 : self.i + 2]
+                )
                 while self.i < len(s) and s[self.i] in "IM":
                     self.i += 1
             elif ch == "s":
@@ -512,9 +513,7 @@ def check_chmod(args: Arguments) -> None:
     mode = args.operands[0]
     special = "s" in mode or "t" in mode or (mode.isdigit() and len(mode) >= 4 and mode[0] != "0")
     if special:
-        raise args.refuse(
-            mode, "sets the setuid, setgid or sticky bit, which this policy refuses"
-        )
+        raise args.refuse(mode, "sets the setuid, setgid or sticky bit, which this policy refuses")
 
 
 def check_git_config(args: Arguments) -> None:

@@ -16,8 +16,11 @@ OPERATOR_CHARS = frozenset(";&|<>()")
 GLOB_CHARS = frozenset("*?[")
 # Words bash reads as the start of a compound command or as other syntax.
 RESERVED = frozenset(
-    "if then else elif fi for while until do done case esac function select time coproc "
-    "{ } [[ ]] ! in".split()
+    {
+        *("if", "then", "else", "elif", "fi", "for", "while", "until", "do", "done"),
+        *("case", "esac", "function", "select", "time", "coproc", "in"),
+        *("{", "}", "[[", "]]", "!"),
+    }
 )
 
 
@@ -234,7 +237,7 @@ def dollar_reason(rest: str) -> str:
         name += ch
     what = {
         "'": "ANSI-C quoting (`$'...'`)",
-        '"': "locale quoting (`$\"...\"`)",
+        '"': 'locale quoting (`$"..."`)',
         "(": "command or arithmetic substitution (`$(...)`)",
         "{": "parameter expansion (`${...}`)",
     }.get(rest[:1], f"variable expansion (`${name}`)")
