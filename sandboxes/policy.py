@@ -209,7 +209,7 @@ class Arguments:
         self.rule = rule
         self.args = args
         self.operands: list[str] = []
-        self.module = False  # python3 -m NAME: the module stands for the script
+        self.module: str | None = None  # python3 -m NAME: the module stands for the script
 
     def refuse(self, what: str, advice: str) -> Refused:
         return Refused(f"`{self.program} {what}` {advice}")
@@ -229,7 +229,12 @@ class Arguments:
                     f"option; write `./{text}`",
                 )
             if rule.script and (self.operands or self.module):
-                break  # the script's own arguments
+                # The script's own arguments; a module that is also a listed program
+                # (python3 -m pip) is held to that program's rule.
+                programs = self.judge.policy.programs
+                if self.module in programs:
+                    Arguments(self.judge, self.module, programs[self.module], args[i:]).check()
+                break
             option = text.startswith("-") and text != "-"
             if i == 0 and rule.bundled_first_arg and not option:
                 self.options("-" + text)
@@ -240,7 +245,7 @@ class Arguments:
             i += 1
         if rule.max_operands is not None and len(self.operands) > rule.max_operands:
             return self.fail_count("operands", rule.max_operands)
-        if rule.script and not self.module and self.operands[:1] in ([], ["-"]):
+        if rule.script and self.module is None and self.operands[:1] in ([], ["-"]):
             raise Refused(
                 f"`{self.program}` without a script file reads its program from its input, "
                 "which this policy refuses; write a script file and run it"
@@ -340,7 +345,8 @@ class Arguments:
     def value(self, option: str, value: str) -> None:
         allowed = self.rule.option_values.get(option)
         if allowed is not None:
-            self.module = self.module or self.rule.script
+            if self.rule.script:
+                self.module = value
             if value not in allowed:
                 raise self.refuse(
                     f"{option} {value}",
