@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
@@ -15,6 +16,7 @@ from temporalio.exceptions import ApplicationError
 from activities.heartbeat import heartbeating
 from sandboxes.gateway import GuestUnavailable
 from sandboxes.models import SandboxInfo, StepOutcome
+from sandboxes.policy import CommandPolicy, judge, load_policy
 from sandboxes.provider import SandboxProvider
 from store import events
 from store.events import OutputLine
@@ -114,10 +116,31 @@ class StepRecorder:
 
 
 class SandboxActivities:
-    def __init__(self, provider: SandboxProvider, engine: Engine, connect_timeout_s: float) -> None:
+    def __init__(
+        self,
+        provider: SandboxProvider,
+        engine: Engine,
+        connect_timeout_s: float,
+        command_policy_path: Path | None = None,
+    ) -> None:
         self.provider = provider
         self.engine = engine
         self.connect_timeout_s = connect_timeout_s
+        self.command_policy_path = command_policy_path
+        self.policies: dict[str, CommandPolicy] = {}  # by template, read once per worker
+
+    def refuse_unless_allowed(self, request: StepRequest) -> None:
+        """Hold a terminal step's command to its template's policy before the guest sees
+        it; a refused one fails the activity for good, with the reason, and runs nothing."""
+        step = request.step
+        if step.kind != "terminal":
+            return
+        template = request.sandbox.template
+        if template not in self.policies:
+            self.policies[template] = load_policy(template, self.command_policy_path)
+        verdict = judge(step.command, self.policies[template], cwd=step.cwd)
+        if not verdict.allowed:
+            raise ApplicationError(verdict.reason, type="CommandRefused", non_retryable=True)
 
     @activity.defn(name="ProvisionSandbox")
     async def provision(self, request: SandboxRequest) -> SandboxInfo:
@@ -150,6 +173,7 @@ class SandboxActivities:
         The command is killed only when the workflow asks: after a heartbeat timeout or a
         worker shutdown it keeps running for the next attempt to re-attach to.
         """
+        self.refuse_unless_allowed(request)
         sandbox = request.sandbox
         command = exec_id(request)
         recorder = StepRecorder(self.engine, request)

@@ -29,13 +29,19 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
-from berth.local import LocalSystem
+from berth.local import LocalSystem, python_script
 
 Event = dict[str, Any]
 Received = tuple[float, Event]  # (client receive time, event)
 NOOP = "$ true"
 RATIO = "p50 ratio, 50 streams open / none"
-CLOCK = "$ for i in $(seq 200); do date +%s.%N; sleep 0.01; done"
+CLOCK = "$ " + python_script(
+    "clock.py",
+    "import time",
+    "for _ in range(200):",
+    "    print(time.time(), flush=True)",
+    "    time.sleep(0.01)",
+)
 
 
 class BenchError(Exception):

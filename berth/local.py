@@ -4,6 +4,7 @@ exactly as ``make run`` starts it: what the benchmarks and the end-to-end tests 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -20,6 +21,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def python_script(name: str, *lines: str) -> str:
+    """A step's command that writes a Python script and runs it: a loop in a form the default
+    command policy allows (no shell loops, no substitutions)."""
+    return f"printf '%s\\n' {' '.join(map(shlex.quote, lines))} > {name}; python3 {name}"
 
 
 @dataclass

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     sandbox_memory_mb: int = 1024
     sandbox_pids: int = 512
     sandbox_connect_timeout_s: float = 60.0
+    # Command policy
+    command_policy_path: Path | None = Field(
+        default=None,
+        description="A policy file (TOML, as vm_templates/default/policy.toml) that replaces "
+        "every template's own command policy",
+    )
     debian_mirror: str = Field(
         default="http://deb.debian.org/debian",
         description="Where sandbox images' packages come from",

@@ -66,7 +66,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await gateway.start(settings.gateway_host, settings.gateway_port)
     progress = ProgressActivities(engine)
     planning = PlanningActivities(chat_model(settings))
-    sandbox = SandboxActivities(provider, engine, settings.sandbox_connect_timeout_s)
+    sandbox = SandboxActivities(
+        provider, engine, settings.sandbox_connect_timeout_s, settings.command_policy_path
+    )
     with ThreadPoolExecutor(max_workers=16) as executor:
         host = Worker(
             client,

@@ -23,7 +23,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from berth.local import LocalSystem
+from berth.local import LocalSystem, python_script
 from tests.test_e2e import token_for
 from workflows.models import SessionInput
 
@@ -436,8 +436,15 @@ def test_a_worker_killed_mid_step_resumes_the_step_without_rerunning_it(user: Us
     stream = user.stream(sid)
     tid = user.queue(
         sid,
-        "$ echo run >> runs.txt; for i in $(seq 1 40); do echo line $i; sleep 0.25; done\n"
-        "$ wc -l < runs.txt",
+        "$ echo run >> runs.txt; "
+        + python_script(
+            "count.py",
+            "import time",
+            "for i in range(1, 41):",
+            '    print("line", i, flush=True)',
+            "    time.sleep(0.25)",
+        )
+        + "\n$ wc -l < runs.txt",
     )
     deadline = time.monotonic() + 90
     while "line 5\n" not in stream.output(tid, 0):

@@ -15,6 +15,7 @@ from temporalio.activity import ActivityCancellationDetails
 from temporalio.testing import ActivityEnvironment
 
 from activities.sandbox import SandboxActivities
+from berth.local import python_script
 from sandboxes.models import Machine, SandboxInfo, StepOutcome, TerminalStep
 from sandboxes.provider import SandboxProvider
 from store import events
@@ -24,7 +25,13 @@ from tests.test_guest import KEY, guest_link
 from tests.test_store import new_session
 from workflows.models import StepRequest
 
-COUNT = "for i in $(seq 1 15); do echo line $i; sleep 0.1; done"
+COUNT = python_script(
+    "count.py",
+    "import time",
+    "for i in range(1, 16):",
+    '    print("line", i, flush=True)',
+    "    time.sleep(0.1)",
+)
 EXPECTED = "".join(f"line {i}\n" for i in range(1, 16))
 
 
