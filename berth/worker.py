@@ -29,6 +29,7 @@ from berth.temporal import connect
 from sandboxes.factory import make_provider
 from sandboxes.gateway import GuestGateway
 from sandboxes.reconcile import Owner, reconcile_forever
+from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
 from workflows.session import SessionWorkflow, workflow_id
 
@@ -66,7 +67,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await gateway.start(settings.gateway_host, settings.gateway_port)
     progress = ProgressActivities(engine)
     planning = PlanningActivities(chat_model(settings))
-    sandbox = SandboxActivities(provider, engine, settings.sandbox_connect_timeout_s)
+    artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes)
+    sandbox = SandboxActivities(provider, engine, settings.sandbox_connect_timeout_s, artifacts)
     with ThreadPoolExecutor(max_workers=16) as executor:
         host = Worker(
             client,

@@ -18,7 +18,7 @@ from playwright.async_api import BrowserContext, Page, Playwright, async_playwri
 from playwright.async_api import Error as PlaywrightError
 
 from guest_agent.execution import Artifact, Execution
-from guest_agent.protocol import MAX_ARTIFACT_BYTES
+from guest_agent.protocol import MAX_ARTIFACT_BYTES, MAX_RESULT_CHARS
 
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
 # As root in a machine without a GPU or a way out: no sandbox (the machine is one), and
@@ -35,7 +35,6 @@ FLAGS = [
 VIEWPORT = {"width": 1280, "height": 800}
 # JPEG qualities tried in turn until a screenshot fits an artifact frame.
 QUALITIES = (80, 60, 40, 20)
-MAX_RESULT_CHARS = 8000
 # Page text that a page_text_contains check looks at.
 MAX_PAGE_TEXT = 1024 * 1024
 # Playwright's messages run to many lines of call log: the first few say it.

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from guest_agent.execution import Execution
+from guest_agent.protocol import MAX_RESULT_CHARS
 
 # What a read takes from a file (all of it goes to the output; a prefix to the result).
 MAX_READ_BYTES = 1024 * 1024
-MAX_RESULT_CHARS = 8000
 MAX_LISTED = 1000
 
 
@@ -81,11 +81,14 @@ def _read(target: Path) -> str:
 
 def _list(target: Path) -> list[str]:
     """One line per entry: ``name/`` for a directory, ``name  size`` for anything else."""
-    entries = []
     with os.scandir(target) as found:
-        for entry in sorted(found, key=lambda e: e.name)[:MAX_LISTED]:
-            if entry.is_dir(follow_symlinks=False):
-                entries.append(f"{entry.name}/")
-            else:
-                entries.append(f"{entry.name}  {entry.stat(follow_symlinks=False).st_size}")
+        everything = sorted(found, key=lambda e: e.name)
+    entries = [
+        f"{entry.name}/"
+        if entry.is_dir(follow_symlinks=False)
+        else f"{entry.name}  {entry.stat(follow_symlinks=False).st_size}"
+        for entry in everything[:MAX_LISTED]
+    ]
+    if len(everything) > MAX_LISTED:
+        entries.append(f"[{len(everything) - MAX_LISTED} more entries not listed]")
     return entries

@@ -49,8 +49,8 @@ class Pages(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_pages(host: str = "127.0.0.1") -> Iterator[str]:
-    server = ThreadingHTTPServer((host, 0), Pages)
+def serve_pages(host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    server = ThreadingHTTPServer((host, port), Pages)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
