@@ -136,13 +136,18 @@ class GuestAgent:
         """Run the step, check it, and finish its execution (which sends its exit)."""
         facts = checks.Facts(exit_code=0, output="", workdir=self.config.workdir)
         error: str | None
-        if execution.killed:  # cancelled before it could start: do not start it at all
-            code, error = -signal.SIGKILL, "cancelled before it started"
-        elif step.get("kind") == "terminal":
-            cwd = str(step.get("cwd") or self.config.workdir)
-            code, error = await run_command(execution, str(step["command"]), cwd)
-        else:
-            code, error = await self._within_timeout(execution, self._other(execution, step, facts))
+        try:
+            if execution.killed:  # cancelled before it could start: do not start it at all
+                code, error = -signal.SIGKILL, "cancelled before it started"
+            elif step.get("kind") == "terminal":
+                cwd = str(step.get("cwd") or self.config.workdir)
+                code, error = await run_command(execution, str(step["command"]), cwd)
+            else:
+                work = self._other(execution, step, facts)
+                code, error = await self._within_timeout(execution, work)
+        except Exception as exc:  # whatever broke, the step ends and says so: no hang
+            log.exception("step %s failed in the guest", execution.exec_id)
+            code, error = 1, f"the guest failed to run the step: {exc}"
         facts.exit_code, facts.output = code, execution.output()
         execution.check = checks.evaluate(step.get("check"), facts)
         await execution.finish(code, error)

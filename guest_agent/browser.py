@@ -9,6 +9,7 @@ needs Playwright, which the guest treats as optional (no browser capability with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,11 +83,13 @@ class Browser:
         return self._page
 
     async def close(self) -> None:
-        if self._chromium is not None:
-            await self._chromium.close()
-        if self._playwright is not None:
-            await self._playwright.stop()
+        chromium, playwright = self._chromium, self._playwright
         self._playwright = self._chromium = self._context = self._page = None
+        with contextlib.suppress(Exception):  # it may be dead already
+            if chromium is not None:
+                await chromium.close()
+            if playwright is not None:
+                await playwright.stop()
 
     async def run(self, execution: Execution, step: dict[str, Any], want_text: bool) -> Ran:
         """Do the step's action, then screenshot the page; ``want_text`` reads the page's
@@ -94,7 +97,8 @@ class Browser:
         async with self._lock:
             try:
                 page = await self.page()
-            except PlaywrightError as exc:
+            except Exception as exc:  # Playwright's driver fails with bare Exceptions too
+                await self.close()  # the next step starts afresh
                 return Ran(error=f"the browser did not start: {_first_lines(exc)}")
             ran = Ran()
             try:

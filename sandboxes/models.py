@@ -242,6 +242,16 @@ class StepOutcome(BaseModel):
             return self.check.ok and (self.exit_code == 0 or self.check.kind == "exit_code")
         return self.exit_code == 0
 
+    def failure(self) -> str:
+        """Why the step is not ok, in a few words."""
+        if self.error is not None:
+            return self.error
+        if self.timed_out:
+            return "timed out"
+        if self.check is not None and not self.check.ok:
+            return f"failed its check: {self.check.detail}"
+        return f"exited with {self.exit_code}"
+
 
 class Health(BaseModel):
     running: bool

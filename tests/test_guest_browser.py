@@ -188,3 +188,20 @@ async def test_a_guest_without_a_browser_refuses_browser_steps(
                 10,
                 Collector(),
             )
+
+
+async def test_a_browser_that_does_not_start_fails_the_step_and_the_next_tries_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BERTH_CHROMIUM", "/bin/false")  # executable, but no browser
+    n = [0]
+    async with guest_link(tmp_path) as link:
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        step = BrowserStep(action="navigate", url="http://127.0.0.1:9/")
+        first, _, shots = await run(link.gateway, link.sandbox_id, step, n)
+        second, _, _ = await run(link.gateway, link.sandbox_id, step, n)
+    for outcome in (first, second):
+        assert outcome.exit_code == 1 and not outcome.ok
+        assert outcome.error is not None
+        assert outcome.error.startswith("the browser did not start: ")
+    assert shots.stored == []

@@ -282,9 +282,7 @@ class SessionWorkflow:
                 step = task.steps[task.position]
                 task.recent = [*task.recent, DoneStep(step=step, outcome=outcome)][-RECENT_STEPS:]
                 if not outcome.ok:
-                    why = outcome.error or (
-                        "timed out" if outcome.timed_out else f"exited with {outcome.exit_code}"
-                    )
+                    why = outcome.failure()
                     raise ApplicationError(f"step {task.position + 1} ({step.describe()}) {why}")
                 task.position += 1
             if self.cancelling:
