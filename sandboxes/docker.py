@@ -315,13 +315,13 @@ class DockerProvider(SandboxProvider):
         return image
 
     def _build_base(self, template: str, tag: str) -> None:
-        """debootstrap the template's packages and import the tree as an image (~1 min)."""
+        """debootstrap the template's packages and import the tree as an image (~4 min with chromium)."""
         if shutil.which("debootstrap") is None:
             raise DockerError("debootstrap is not installed: run `make setup`")
         self.build_dir.mkdir(parents=True, exist_ok=True)
         rootfs = Path(tempfile.mkdtemp(prefix="rootfs-", dir=self.build_dir))
         try:
-            log.info("debootstrap of template %r into %s (about a minute)", template, rootfs)
+            log.info("debootstrap of template %r into %s (about four minutes)", template, rootfs)
             subprocess.run(
                 [
                     "debootstrap",
