@@ -315,7 +315,7 @@ class DockerProvider(SandboxProvider):
         return image
 
     def _build_base(self, template: str, tag: str) -> None:
-        """debootstrap the template's packages and import the tree as an image (~4 min with chromium)."""
+        """debootstrap the template's packages and import the tree as an image (~4 min)."""
         if shutil.which("debootstrap") is None:
             raise DockerError("debootstrap is not installed: run `make setup`")
         self.build_dir.mkdir(parents=True, exist_ok=True)
