@@ -14,11 +14,12 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import heartbeating
-from sandboxes.gateway import GuestUnavailable
+from sandboxes.gateway import GuestUnavailable, StepKindUnsupported
 from sandboxes.models import SandboxInfo, StepOutcome
 from sandboxes.policy import CommandPolicy, judge, load_policy
 from sandboxes.provider import SandboxProvider
 from store import events
+from store.artifacts import ArtifactStore
 from store.events import OutputLine
 from workflows.models import SandboxRequest, StepRequest
 
@@ -42,10 +43,12 @@ def step_key(task_id: str, index: int, what: str) -> str:
 
 class StepRecorder:
     """One step's life in the event log: started, its output (each line once across retried
-    attempts, in order, flushed as soon as the previous write is done), and finished."""
+    attempts, in order, flushed as soon as the previous write is done), its artifacts (in the
+    artifact store), and finished."""
 
-    def __init__(self, engine: Engine, request: StepRequest) -> None:
+    def __init__(self, engine: Engine, artifacts: ArtifactStore, request: StepRequest) -> None:
         self._engine = engine
+        self._artifacts = artifacts
         self._session_id = request.sandbox.session_id
         self._request = request
         self._pending: list[OutputLine] = []
@@ -96,6 +99,24 @@ class StepRecorder:
         with Session(self._engine) as db:
             events.append_output(db, self._session_id, request.task_id, request.index, batch)
 
+    async def artifact(self, name: str, media_type: str, data: bytes) -> str:
+        """Store an artifact as it arrives; its id is the same in every attempt."""
+        return await asyncio.to_thread(self._save_artifact, name, media_type, data)
+
+    def _save_artifact(self, name: str, media_type: str, data: bytes) -> str:
+        request = self._request
+        with Session(self._engine) as db:
+            return self._artifacts.save(
+                db,
+                session_id=self._session_id,
+                task_id=request.task_id,
+                step_index=request.index,
+                exec_id=exec_id(request),
+                name=name,
+                media_type=media_type,
+                data=data,
+            )
+
     async def finish(self, status: str, outcome: StepOutcome | None, error: str | None) -> None:
         if self._started is not None:
             await self._started
@@ -105,6 +126,9 @@ class StepRecorder:
             status=status,
             exit_code=outcome.exit_code if outcome else None,
             error=outcome.error if outcome else error,
+            check=outcome.check.model_dump() if outcome and outcome.check else None,
+            result=outcome.result.model_dump() if outcome and outcome.result else None,
+            artifacts=outcome.artifacts if outcome else [],
         )
         request = self._request
         key = step_key(request.task_id, request.index, "finished")
@@ -121,11 +145,13 @@ class SandboxActivities:
         provider: SandboxProvider,
         engine: Engine,
         connect_timeout_s: float,
+        artifacts: ArtifactStore,
         command_policy_path: Path | None = None,
     ) -> None:
         self.provider = provider
         self.engine = engine
         self.connect_timeout_s = connect_timeout_s
+        self.artifacts = artifacts
         self.command_policy_path = command_policy_path
         self.policies: dict[str, CommandPolicy] = {}  # by template, read once per worker
 
@@ -176,14 +202,20 @@ class SandboxActivities:
         self.refuse_unless_allowed(request)
         sandbox = request.sandbox
         command = exec_id(request)
-        recorder = StepRecorder(self.engine, request)
+        recorder = StepRecorder(self.engine, self.artifacts, request)
         started = recorder.begin()
         # A first attempt starts the command while its start is being recorded; a retry
         # needs to know where the stored output ends first.
         after_seq = await started if activity.info().attempt > 1 else 0
         run = asyncio.ensure_future(
             self.provider.run_step(
-                sandbox, command, request.step, request.timeout_s, recorder.write, after_seq
+                sandbox,
+                command,
+                request.step,
+                request.timeout_s,
+                recorder.write,
+                after_seq,
+                recorder.artifact,
             )
         )
         try:
@@ -202,6 +234,12 @@ class SandboxActivities:
             raise
         except GuestUnavailable as exc:
             raise ApplicationError(str(exc), type="GuestUnavailable") from exc
+        except StepKindUnsupported as exc:
+            # No retry can help: the machine's guest lacks what the step needs.
+            await recorder.finish("failed", None, str(exc))
+            raise ApplicationError(
+                str(exc), type="StepKindUnsupported", non_retryable=True
+            ) from exc
         await recorder.finish("succeeded" if outcome.ok else "failed", outcome, None)
         return outcome
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from api import service
 from api.deps import (
@@ -136,3 +136,22 @@ def session_events(
     row = service.own_session(db, user, sid)
     start = last_event_id if last_event_id is not None else (after or 0)
     return stream(db, engine, hub, streams, row, start)
+
+
+@router.get(
+    "/sessions/{sid}/artifacts/{artifact_id}", tags=["sessions"], response_class=FileResponse
+)
+def get_artifact(
+    sid: str, artifact_id: str, db: DbDep, settings: SettingsDep, user: UserDep
+) -> Response:
+    """A file a step made (a browser step's screenshot, ...), to the session's owner only."""
+    row = service.own_session(db, user, sid)
+    artifact, path = service.artifact_file(db, settings, row, artifact_id)
+    return FileResponse(
+        path,
+        media_type=artifact.media_type,
+        filename=artifact.name,
+        content_disposition_type="inline",
+        # Served as what it says it is (the gateway allows no type a browser would run).
+        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"},
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 import vm_templates
 from store.models import SessionStatus, StepStatus, TaskStatus
@@ -67,6 +67,16 @@ class StepOut(BaseModel):
     exit_code: int | None
     output: str
     error: str | None
+    # How its check came out ({kind, ok, detail}), what it produced, its artifacts' ids
+    # (GET /api/sessions/{sid}/artifacts/{id}).
+    check_result: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    artifacts: list[str] = Field(default_factory=list)
+
+    @field_validator("artifacts", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: list[str] | None) -> list[str]:
+        return value or []
 
 
 class TaskOut(BaseModel):

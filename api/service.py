@@ -7,6 +7,7 @@ Temporal update on that workflow, whose validators say no with a reason the user
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -20,7 +21,8 @@ from api.deps import Problem
 from api.schemas import Credentials, SessionOut, StepOut, TaskOut, TaskRefOut
 from api.security import check_password, hash_password, issue_token
 from berth.settings import Settings
-from store.models import SessionRow, SessionStatus, StepRow, TaskRow, User, utcnow
+from store.artifacts import ArtifactStore
+from store.models import ArtifactRow, SessionRow, SessionStatus, StepRow, TaskRow, User, utcnow
 from workflows.models import SessionInput, TaskRef
 from workflows.session import SessionWorkflow, workflow_id
 
@@ -174,3 +176,14 @@ def task_out(db: Session, session_id: str, task_id: str) -> TaskOut:
 def list_tasks(db: Session, session_id: str) -> list[TaskRow]:
     query = select(TaskRow).where(TaskRow.session_id == session_id)
     return list(db.exec(query.order_by(col(TaskRow.created_at))))
+
+
+def artifact_file(
+    db: Session, settings: Settings, row: SessionRow, artifact_id: str
+) -> tuple[ArtifactRow, Path]:
+    """An artifact of the session (its row and file), or a 404."""
+    store = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes)
+    try:
+        return store.find(db, row.id, artifact_id)
+    except LookupError:
+        raise Problem(404, f"no artifact {artifact_id[:80]} in session {row.id}") from None

@@ -87,6 +87,16 @@ class Settings(BaseSettings):
         default=8, description="Times one task's plan may be revised after a failed check"
     )
 
+    # Step artifacts, and what sandboxes may reach
+    artifact_max_bytes: int = Field(
+        default=16 * 1024 * 1024, description="Largest artifact (screenshot, file) stored"
+    )
+    sandbox_host_ports: list[int] = Field(
+        default_factory=list,
+        description="Ports on the host, besides the gateway's, that sandboxes may reach "
+        "(a page served for them, a package cache), e.g. [8080]",
+    )
+
     llm_model: str | None = Field(
         default=None,
         description="Planner model, e.g. gpt-4o-mini, claude-3-5-haiku-latest, "
@@ -106,6 +116,10 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'berth.db').resolve()}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
 
     @property
     def temporal_target(self) -> str:

@@ -29,6 +29,7 @@ from berth.temporal import connect
 from sandboxes.factory import make_provider
 from sandboxes.gateway import GuestGateway
 from sandboxes.reconcile import Owner, reconcile_forever
+from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
 from workflows.session import SessionWorkflow, workflow_id
 
@@ -66,8 +67,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await gateway.start(settings.gateway_host, settings.gateway_port)
     progress = ProgressActivities(engine)
     planning = PlanningActivities(chat_model(settings))
+    artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes)
     sandbox = SandboxActivities(
-        provider, engine, settings.sandbox_connect_timeout_s, settings.command_policy_path
+        provider,
+        engine,
+        settings.sandbox_connect_timeout_s,
+        artifacts,
+        command_policy_path=settings.command_policy_path,
     )
     with ThreadPoolExecutor(max_workers=16) as executor:
         host = Worker(

@@ -1,28 +1,35 @@
-"""The guest's connection to the backend: dial out, say hello, serve commands, redial.
+"""The guest's connection to the backend: dial out, say hello, serve steps, redial.
 
-Commands belong to the agent, not to a connection: they keep running while the link is
-down, and the backend re-attaches to them by id once the guest is back.
+Steps belong to the agent, not to a connection: they keep running while the link is down,
+and the backend re-attaches to them by id once the guest is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import random
+import signal
 from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import websockets
 
-from guest_agent import protocol
-from guest_agent.terminal import Execution
+from guest_agent import checks, files, protocol
+from guest_agent.execution import Execution
+from guest_agent.terminal import run_command
+
+if TYPE_CHECKING:  # Playwright is optional in the guest
+    from guest_agent.browser import Browser
 
 log = logging.getLogger("guest_agent")
 
-# Finished commands remembered for late re-attachment; the oldest are forgotten first.
+# Finished steps remembered for late re-attachment; the oldest are forgotten first.
 MAX_REMEMBERED = 256
 
 
@@ -45,6 +52,13 @@ class GuestAgent:
         self.config = config
         self.executions: OrderedDict[str, Execution] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.browser = load_browser()
+        self.capabilities = ["terminal", "file"] + (["browser"] if self.browser else [])
+
+    async def close(self) -> None:
+        """Stop the browser, if one was started."""
+        if self.browser is not None:
+            await self.browser.close()
 
     async def run_forever(self) -> None:
         delay = self.config.backoff_initial_s
@@ -69,7 +83,7 @@ class GuestAgent:
                         "version": protocol.PROTOCOL_VERSION,
                         "sandbox_id": self.config.sandbox_id,
                         "token": self.config.token,
-                        "capabilities": ["terminal"],
+                        "capabilities": self.capabilities,
                     }
                 )
             )
@@ -106,23 +120,77 @@ class GuestAgent:
         known = self.executions.get(exec_id)
         if known is not None:
             return known
-        step = message["step"]
-        execution = Execution(
-            exec_id=exec_id, command=step["command"], timeout_s=float(message["timeout_s"])
-        )
+        execution = Execution(exec_id=exec_id, timeout_s=float(message["timeout_s"]))
         self.executions[exec_id] = execution
         while len(self.executions) > MAX_REMEMBERED:
             oldest = next(iter(self.executions.values()))
             if not oldest.finished:
                 break
             self.executions.popitem(last=False)
-        task = asyncio.create_task(execution.run(step.get("cwd") or self.config.workdir))
-        self._tasks.add(task)  # keep a reference: the command outlives its connection
+        task = asyncio.create_task(self._perform(execution, message["step"]))
+        self._tasks.add(task)  # keep a reference: the step outlives its connection
         task.add_done_callback(self._tasks.discard)
         return execution
 
+    async def _perform(self, execution: Execution, step: dict[str, Any]) -> None:
+        """Run the step, check it, and finish its execution (which sends its exit)."""
+        facts = checks.Facts(exit_code=0, output="", workdir=self.config.workdir)
+        error: str | None
+        try:
+            if execution.killed:  # cancelled before it could start: do not start it at all
+                code, error = -signal.SIGKILL, "cancelled before it started"
+            elif step.get("kind") == "terminal":
+                cwd = str(step.get("cwd") or self.config.workdir)
+                code, error = await run_command(execution, str(step["command"]), cwd)
+            else:
+                work = self._other(execution, step, facts)
+                code, error = await self._within_timeout(execution, work)
+        except Exception as exc:  # whatever broke, the step ends and says so: no hang
+            log.exception("step %s failed in the guest", execution.exec_id)
+            code, error = 1, f"the guest failed to run the step: {exc}"
+        facts.exit_code, facts.output = code, execution.output()
+        execution.check = checks.evaluate(step.get("check"), facts)
+        await execution.finish(code, error)
+
+    async def _other(
+        self, execution: Execution, step: dict[str, Any], facts: checks.Facts
+    ) -> tuple[int, str | None]:
+        """A file or browser step: exit code 1 with the reason when it could not be done."""
+        kind = step.get("kind")
+        if kind == "file":
+            try:
+                execution.result = await files.run(execution, step, self.config.workdir)
+            except files.Refused as exc:
+                return 1, str(exc)
+            return 0, None
+        if kind == "browser" and self.browser is not None:
+            check = step.get("check") or {}
+            ran = await self.browser.run(execution, step, check.get("kind") == "page_text_contains")
+            execution.result = ran.result
+            facts.url, facts.page_text = ran.result.get("url"), ran.page_text
+            return (1 if ran.error else 0), ran.error
+        return 127, f"this guest cannot run {kind} steps (it runs {', '.join(self.capabilities)})"
+
+    @staticmethod
+    async def _within_timeout(
+        execution: Execution, work: Coroutine[Any, Any, tuple[int, str | None]]
+    ) -> tuple[int, str | None]:
+        """Run ``work`` until it ends, times out, or the step is killed (which cancels it)."""
+        task = asyncio.ensure_future(work)
+        execution.on_kill = task.cancel
+        try:
+            return await asyncio.wait_for(task, execution.timeout_s)
+        except TimeoutError:
+            execution.timed_out = True
+            return protocol.EXIT_TIMED_OUT, None
+        except asyncio.CancelledError:
+            if not execution.killed:
+                raise  # the agent itself is stopping
+            return -signal.SIGKILL, "cancelled"
+
     async def _pump(self, execution: Execution, after: int, link: Link) -> None:
-        """Send the command's output after ``after``, then its exit, over one connection."""
+        """Send the step's output after ``after``, then its artifacts and exit, over one
+        connection."""
         while True:
             async with execution.changed:
                 await execution.changed.wait_for(partial(_has_news, execution, after))
@@ -143,6 +211,19 @@ class GuestAgent:
                 )
                 after = line.seq
             if finished and not execution.lines_after(after):
+                for artifact in execution.artifacts:
+                    await link.send(
+                        json.dumps(
+                            {
+                                "type": protocol.ARTIFACT,
+                                "exec_id": execution.exec_id,
+                                "name": artifact.name,
+                                "media_type": artifact.media_type,
+                                "data": base64.b64encode(artifact.data).decode(),
+                                "after_seq": after,
+                            }
+                        )
+                    )
                 await link.send(
                     json.dumps(
                         {
@@ -151,11 +232,23 @@ class GuestAgent:
                             "exit_code": execution.exit_code,
                             "timed_out": execution.timed_out,
                             "error": execution.error,
+                            "check": execution.check,
+                            "result": execution.result,
                             "after_seq": after,
                         }
                     )
                 )
                 return
+
+
+def load_browser() -> Browser | None:
+    """The guest's browser, if Playwright imports and a Chromium is there; else None."""
+    try:
+        from guest_agent.browser import Browser, chromium_path
+    except ImportError:
+        return None
+    executable = chromium_path()
+    return Browser(executable) if executable else None
 
 
 def _has_news(execution: Execution, after: int) -> bool:

@@ -43,6 +43,10 @@ ARTIFACT_MEDIA_TYPES = ("image/jpeg", "image/png", "text/plain", "application/oc
 # Artifact names: a plain file name.
 ARTIFACT_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 
+# Texts an exit's result carries (extracted page text, a file's content) are cut to this
+# many characters: they travel on in workflow payloads.
+MAX_RESULT_CHARS = 8000
+
 # WebSocket close code for a refused hello (bad token, unknown sandbox).
 CLOSE_UNAUTHORIZED = 4401
 

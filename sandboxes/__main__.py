@@ -22,7 +22,10 @@ def main() -> None:
         print("starting the Docker engine", flush=True)
         start_engine(settings.data_dir / "logs" / "dockerd.log")
     provider = make_provider(settings, GuestGateway(settings.signing_key()))
-    print(f"preparing {provider.name} sandboxes (the first build takes about a minute)", flush=True)
+    print(
+        f"preparing {provider.name} sandboxes (the first build takes about four minutes)",
+        flush=True,
+    )
     asyncio.run(provider.prepare())
     print("sandboxes ready", flush=True)
 

@@ -3,12 +3,13 @@
 No registry is reachable, so images are made here: debootstrap builds the template's root
 filesystem, ``docker import`` turns it into a base image, and the template's Dockerfile adds
 the guest agent. Containers sit on an internal bridge whose only way out is the guest
-gateway's port on the host.
+gateway's port on the host (and the host ports the settings allow besides).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -86,8 +87,35 @@ def start_engine(log_path: Path, timeout_s: float = 60.0) -> subprocess.Popen[by
     return process
 
 
+def host_port_rule(port: int) -> list[str]:
+    """The firewall rule (in FIREWALL_CHAIN) that lets sandboxes reach a port of the host."""
+    return ["-p", "tcp", "--dport", str(port), "-j", "ACCEPT"]
+
+
 def _iptables(*args: str) -> bool:
     return subprocess.run(["iptables", *args], capture_output=True).returncode == 0
+
+
+def _installed(name: str) -> importlib.metadata.Distribution:
+    try:
+        return importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        raise DockerError(
+            f"Python package {name} (for the sandbox image) is not installed: run `make setup`"
+        ) from None
+
+
+def _copy_distributions(site: list[importlib.metadata.Distribution], target: Path) -> None:
+    """Copy installed distributions' files, as laid out in site-packages, into ``target``
+    (scripts installed elsewhere and bytecode caches left out)."""
+    target.mkdir()
+    for distribution in site:
+        for file in distribution.files or []:
+            if file.parts[0] == ".." or "__pycache__" in file.parts:
+                continue
+            destination = target / file
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(str(distribution.locate_file(file))), destination)
 
 
 class DockerProvider(SandboxProvider):
@@ -106,6 +134,7 @@ class DockerProvider(SandboxProvider):
         cpus: float,
         memory_mb: int,
         pids: int,
+        host_ports: tuple[int, ...] = (),
     ) -> None:
         super().__init__(gateway, key, host_id, task_queue)
         self.gateway_port = gateway_port
@@ -114,7 +143,15 @@ class DockerProvider(SandboxProvider):
         self.cpus = cpus
         self.memory_mb = memory_mb
         self.pids = pids
+        self.host_ports = host_ports
         self._gateway_ip: str | None = None
+
+    @property
+    def host_address(self) -> str:
+        """The host's address on the sandboxes' bridge: where they reach the gateway and the
+        allowed host ports."""
+        assert self._gateway_ip, "prepare() first"
+        return self._gateway_ip
 
     async def prepare(self) -> None:
         self._gateway_ip = await self._ensure_network()
@@ -123,8 +160,7 @@ class DockerProvider(SandboxProvider):
             await self.ensure_image(template)
 
     def guest_url(self) -> str:
-        assert self._gateway_ip, "prepare() first"
-        return f"ws://{self._gateway_ip}:{self.gateway_port}/guest"
+        return f"ws://{self.host_address}:{self.gateway_port}/guest"
 
     async def create(
         self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]
@@ -221,14 +257,16 @@ class DockerProvider(SandboxProvider):
         )
 
     def _ensure_firewall(self) -> None:
-        """Sandboxes may reach the host on the gateway's port and nothing else."""
+        """Sandboxes may reach the host on the gateway's port, and the allowed host ports,
+        and nothing else."""
         if shutil.which("iptables") is None:
             raise DockerError("iptables is not installed: run `make setup`")
         _iptables("-N", FIREWALL_CHAIN)
         # Additive, so workers of several installs on one host (say, tests) can share it.
-        accept = ["-p", "tcp", "--dport", str(self.gateway_port), "-j", "ACCEPT"]
-        if not _iptables("-C", FIREWALL_CHAIN, *accept):
-            _iptables("-I", FIREWALL_CHAIN, "1", *accept)
+        for port in (self.gateway_port, *self.host_ports):
+            accept = host_port_rule(port)
+            if not _iptables("-C", FIREWALL_CHAIN, *accept):
+                _iptables("-I", FIREWALL_CHAIN, "1", *accept)
         if not _iptables("-C", FIREWALL_CHAIN, "-j", "DROP"):
             _iptables("-A", FIREWALL_CHAIN, "-j", "DROP")
         if not _iptables("-C", "INPUT", "-i", BRIDGE, "-j", FIREWALL_CHAIN):
@@ -237,9 +275,11 @@ class DockerProvider(SandboxProvider):
     async def ensure_image(self, template: str) -> str:
         folder = vm_templates.path(template)
         base = f"berth-base-{template}:{vm_templates.fingerprint(folder / 'packages')}"
+        site = [_installed(name) for name in vm_templates.python_packages(template)]
+        versions = " ".join(f"{d.metadata['Name']}=={d.version}" for d in site)
         image = (
             f"berth-sandbox-{template}:"
-            f"{vm_templates.fingerprint(folder, Path(guest_agent.__file__).parent)}"
+            f"{vm_templates.fingerprint(folder, Path(guest_agent.__file__).parent, extra=versions)}"
         )
         if await exists("image", image):
             return image
@@ -254,6 +294,7 @@ class DockerProvider(SandboxProvider):
                 ignore=shutil.ignore_patterns("__pycache__"),
             )
             shutil.copy(folder / "Dockerfile", context)
+            _copy_distributions(site, Path(context) / "site")
             # The classic builder uses the local base image as is; BuildKit would try a pull.
             process = await asyncio.create_subprocess_exec(
                 "docker",
@@ -274,13 +315,13 @@ class DockerProvider(SandboxProvider):
         return image
 
     def _build_base(self, template: str, tag: str) -> None:
-        """debootstrap the template's packages and import the tree as an image (~1 min)."""
+        """debootstrap the template's packages and import the tree as an image (~4 min)."""
         if shutil.which("debootstrap") is None:
             raise DockerError("debootstrap is not installed: run `make setup`")
         self.build_dir.mkdir(parents=True, exist_ok=True)
         rootfs = Path(tempfile.mkdtemp(prefix="rootfs-", dir=self.build_dir))
         try:
-            log.info("debootstrap of template %r into %s (about a minute)", template, rootfs)
+            log.info("debootstrap of template %r into %s (about four minutes)", template, rootfs)
             subprocess.run(
                 [
                     "debootstrap",

@@ -22,4 +22,5 @@ def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
                 cpus=settings.sandbox_cpus,
                 memory_mb=settings.sandbox_memory_mb,
                 pids=settings.sandbox_pids,
+                host_ports=tuple(settings.sandbox_host_ports),
             )

@@ -13,18 +13,22 @@ backend buffering without bound.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from guest_agent import protocol
-from sandboxes.models import Step, StepOutcome
+from sandboxes.models import STEP_KINDS, CheckResult, Step, StepOutcome, StepResult
 from sandboxes.tokens import check_guest_token
 
 log = logging.getLogger("berth.gateway")
@@ -42,10 +46,19 @@ LOGGED_ID_CHARS = 64
 # Called as ``on_output(seq, stream, text)``; ``seq`` is the guest's per-command line number,
 # strictly increasing, so a consumer can store each line once across retries.
 OutputSink = Callable[[int, str, str], Awaitable[None]]
+# Called as ``on_artifact(name, media_type, data)`` for each artifact of a step, possibly
+# again for the same name (a replay after a reconnect); returns the artifact's id.
+ArtifactSink = Callable[[str, str, bytes], Awaitable[str]]
+# What a guest that predates capabilities runs.
+TERMINAL_ONLY = frozenset({"terminal"})
 
 
 class GuestUnavailable(RuntimeError):
     """The guest did not connect, or did not come back in time."""
+
+
+class StepKindUnsupported(ValueError):
+    """The guest does not run this kind of step (no browser in its machine, say)."""
 
 
 @dataclass
@@ -76,6 +89,9 @@ class _Guest:
     connection: ServerConnection | None = None
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     open: dict[str, _Open] = field(default_factory=dict)
+    # The step kinds its latest connection said it runs (None before the first hello).
+    capabilities: frozenset[str] | None = None
+    version: int = 1
 
 
 class GuestGateway:
@@ -120,9 +136,17 @@ class GuestGateway:
         timeout_s: float,
         on_output: OutputSink,
         after_seq: int = 0,
+        on_artifact: ArtifactSink | None = None,
     ) -> StepOutcome:
-        """Run ``step`` in the guest (or re-attach to it), feeding output to ``on_output``."""
+        """Run ``step`` in the guest (or re-attach to it), feeding output to ``on_output``
+        and artifacts to ``on_artifact`` (dropped without one). StepKindUnsupported if the
+        guest said it does not run this kind of step."""
         guest = self._guest(sandbox_id)
+        if guest.capabilities is not None and step.kind not in guest.capabilities:
+            raise StepKindUnsupported(
+                f"the sandbox's guest does not run {step.kind} steps; it runs "
+                f"{', '.join(sorted(guest.capabilities))}"
+            )
         # A new attempt replaces an older one's attachment (that one is being cancelled),
         # so the two never share an inbox.
         older = guest.open.get(exec_id)
@@ -130,6 +154,7 @@ class GuestGateway:
         command.cancelled = older is not None and older.cancelled
         guest.open[exec_id] = command
         tail = ""
+        artifacts: dict[str, str] = {}  # name -> id, each stored once per run
         try:
             await self._send(guest, command.exec_message())
             while True:
@@ -144,12 +169,21 @@ class GuestGateway:
                     command.last_seq = message["seq"]
                     tail = (tail + message["text"])[-OUTPUT_TAIL_CHARS:]
                     await on_output(message["seq"], message["stream"], message["text"])
+                elif message["type"] == protocol.ARTIFACT:
+                    name = message["name"]
+                    if on_artifact is not None and name not in artifacts:
+                        artifacts[name] = await on_artifact(
+                            name, message["media_type"], message["data"]
+                        )
                 elif message["type"] == protocol.EXIT and follows:
                     return StepOutcome(
                         exit_code=message["exit_code"],
                         timed_out=message["timed_out"],
                         error=message.get("error"),
                         output_tail=tail,
+                        check=message.get("check"),
+                        result=message.get("result"),
+                        artifacts=list(artifacts.values()),
                     )
         finally:
             if guest.open.get(exec_id) is command:
@@ -212,8 +246,12 @@ class GuestGateway:
         if guest.connection is not None:
             await guest.connection.close()  # the newer link wins
         guest.connection = ws
+        guest.capabilities, guest.version = _announced(hello)
         guest.connected.set()
-        log.info("guest of sandbox %s connected", sandbox_id)
+        log.info(
+            "guest of sandbox %s connected (protocol %d, runs %s)",
+            sandbox_id, guest.version, ", ".join(sorted(guest.capabilities)),
+        )  # fmt: skip
         try:
             await ws.send(json.dumps({"type": protocol.WELCOME}))
             for command in list(guest.open.values()):
@@ -235,6 +273,17 @@ class GuestGateway:
                 guest.connection = None
                 guest.connected.clear()
                 log.info("guest of sandbox %s disconnected", sandbox_id)
+
+
+def _announced(hello: dict[str, Any]) -> tuple[frozenset[str], int]:
+    """The step kinds and protocol version a verified hello claims (bounded)."""
+    version, claimed = hello.get("version"), hello.get("capabilities")
+    kinds = (
+        frozenset(kind for kind in claimed[:10] if kind in STEP_KINDS)
+        if isinstance(claimed, list)
+        else TERMINAL_ONLY
+    )
+    return kinds, version if isinstance(version, int) else 1
 
 
 def _checked(raw: str | bytes) -> dict[str, Any] | None:
@@ -264,8 +313,32 @@ def _checked(raw: str | bytes) -> dict[str, Any] | None:
             return None
         if error is not None:
             message["error"] = error[:MAX_ERROR_CHARS]
+        try:  # the check's outcome and the result are optional; malformed, they are dropped
+            message["check"] = CheckResult.model_validate(message.get("check"))
+        except ValidationError:
+            message["check"] = None
+        try:
+            message["result"] = StepResult.model_validate(message.get("result"))
+        except ValidationError:
+            message["result"] = None
         return message
+    if message.get("type") == protocol.ARTIFACT:
+        return _artifact(message)
     return None
+
+
+def _artifact(message: dict[str, Any]) -> dict[str, Any] | None:
+    """An artifact frame with its data decoded, if its name, type and size are allowed."""
+    name, media_type, data = message.get("name"), message.get("media_type"), message.get("data")
+    if not isinstance(name, str) or not re.fullmatch(protocol.ARTIFACT_NAME, name):
+        return None
+    if media_type not in protocol.ARTIFACT_MEDIA_TYPES or not isinstance(data, str):
+        return None
+    try:
+        message["data"] = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return message if len(message["data"]) <= protocol.MAX_ARTIFACT_BYTES else None
 
 
 def _cancel_message(exec_id: str) -> str:

@@ -13,9 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-# Texts a step's result carries (extracted page text, a file's content): they travel in
-# workflow payloads, so they stay small; whole files and screenshots are artifacts.
-MAX_RESULT_CHARS = 8000
+from guest_agent.protocol import MAX_RESULT_CHARS
+
 # The most a file step writes at once.
 MAX_FILE_CONTENT = 256 * 1024
 MAX_CHECK_VALUE = 2000
@@ -208,7 +207,8 @@ class CheckResult(BaseModel):
 
 
 class StepResult(BaseModel):
-    """What a step produced besides its output. Texts are cut to MAX_RESULT_CHARS."""
+    """What a step produced besides its output. Texts are cut to MAX_RESULT_CHARS: they
+    travel in workflow payloads; whole files and screenshots are artifacts."""
 
     url: str | None = None  # browser: the page's URL after the step
     title: str | None = None  # browser: the page's title

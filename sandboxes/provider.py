@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import hashlib
 
-from sandboxes.gateway import GuestGateway, OutputSink
+from sandboxes.gateway import ArtifactSink, GuestGateway, OutputSink
 from sandboxes.models import Health, Machine, SandboxInfo, Step, StepOutcome
 from sandboxes.tokens import guest_token
 
@@ -89,8 +89,11 @@ class SandboxProvider(abc.ABC):
         timeout_s: float,
         on_output: OutputSink,
         after_seq: int = 0,
+        on_artifact: ArtifactSink | None = None,
     ) -> StepOutcome:
-        return await self.gateway.run(sandbox.id, exec_id, step, timeout_s, on_output, after_seq)
+        return await self.gateway.run(
+            sandbox.id, exec_id, step, timeout_s, on_output, after_seq, on_artifact
+        )
 
     async def cancel_step(self, sandbox: SandboxInfo, exec_id: str) -> None:
         await self.gateway.cancel(sandbox.id, exec_id)

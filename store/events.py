@@ -299,6 +299,9 @@ def _step_finished(db: Session, event: Event) -> None:
     row.status = StepStatus(event.data["status"])
     row.exit_code = event.data.get("exit_code")
     row.error = event.data.get("error")
+    row.check_result = event.data.get("check")
+    row.result = event.data.get("result")
+    row.artifacts = event.data.get("artifacts")
     row.finished_at = event.created_at
     db.add(row)
 

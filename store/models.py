@@ -106,6 +106,10 @@ class StepRow(SQLModel, table=True):
     output_chars: int = 0
     dropped_chars: int = 0
     error: str | None = Field(default=None, sa_column=Column(Text))
+    # How the step's check came out, what it produced, and the ids of its artifacts.
+    check_result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    artifacts: list[str] | None = Field(default=None, sa_column=Column(JSON))
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
@@ -135,4 +139,21 @@ class Event(SQLModel, table=True):
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     # Set by writers that may retry (Temporal activities), so a retry appends nothing twice.
     key: str | None = Field(default=None, max_length=200)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ArtifactRow(SQLModel, table=True):
+    """A file a step made (a screenshot, ...): the bytes live in the artifact store, keyed by
+    this id; the row says whose it is and what it is."""
+
+    __tablename__ = "artifacts"
+
+    # Derived from the step's command id and the artifact's name, so a retry stores it once.
+    id: str = Field(primary_key=True, max_length=64)
+    session_id: str = Field(foreign_key="sessions.id", index=True)
+    task_id: str = Field(max_length=64)
+    step_index: int
+    name: str = Field(max_length=100)
+    media_type: str = Field(max_length=100)
+    size: int
     created_at: datetime = Field(default_factory=utcnow)

@@ -59,6 +59,7 @@ async def guest_link(tmp_path: Path, token: str | None = None) -> AsyncIterator[
             await task
         for execution in agent.executions.values():
             execution.kill()
+        await agent.close()
         await gateway.stop()
 
 

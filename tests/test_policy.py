@@ -13,13 +13,13 @@ from sqlmodel import Session
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.sandbox import SandboxActivities
-from guest_agent.terminal import Execution
+from guest_agent.execution import Execution
+from guest_agent.terminal import run_command
 from sandboxes.models import TerminalStep
 from sandboxes.policy import CommandPolicy, judge, load_policy
 from store import events
-from tests.test_guest import KEY, guest_link
-from tests.test_run_step import LinkOnly, sqlite_engine, step_request
+from tests.test_guest import guest_link
+from tests.test_run_step import link_activities, sqlite_engine, step_request
 
 __all__ = ["sqlite_engine"]  # a fixture, used by name
 
@@ -253,11 +253,10 @@ async def test_allowed_commands_run_in_the_guest_terminal(tmp_path: Path) -> Non
     failures = []
     for n, command in enumerate(ALLOWED):
         assert judge(command, policy).allowed, command
-        execution = Execution(f"e{n}", command, timeout_s=30)
-        await execution.run(str(tmp_path))
-        if execution.exit_code != 0:
-            output = "".join(line.text for line in execution.lines)
-            failures.append(f"{command!r} exited {execution.exit_code}: {output}")
+        execution = Execution(f"e{n}", timeout_s=30)
+        code, _ = await run_command(execution, command, str(tmp_path))
+        if code != 0:
+            failures.append(f"{command!r} exited {code}: {execution.output()}")
     assert not failures
     assert (tmp_path / "f.txt").read_text() == "kept\n"
     assert (tmp_path / "src" / "pkg" / "a.py").exists()
@@ -279,7 +278,7 @@ async def test_run_step_refuses_before_the_guest_sees_the_command(
 ) -> None:
     engine = sqlite_engine
     async with guest_link(tmp_path) as link:
-        activities = SandboxActivities(LinkOnly(link.gateway, KEY, "h", "q"), engine, 5)
+        activities = link_activities(link.gateway, engine, tmp_path)
         request = step_request(engine, link.sandbox_id, 'python3 -c \'open("pwned", "w")\'')
         with pytest.raises(ApplicationError) as caught:
             await ActivityEnvironment().run(activities.run_step, request)

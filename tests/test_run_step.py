@@ -12,16 +12,29 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 from temporalio.activity import ActivityCancellationDetails
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.sandbox import SandboxActivities
 from berth.local import python_script
-from sandboxes.models import Machine, SandboxInfo, StepOutcome, TerminalStep
+from guest_agent.browser import chromium_path
+from sandboxes.gateway import GuestGateway
+from sandboxes.models import (
+    BrowserStep,
+    Check,
+    Machine,
+    SandboxInfo,
+    Step,
+    StepOutcome,
+    TerminalStep,
+)
 from sandboxes.provider import SandboxProvider
 from store import events
+from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
-from store.models import StepRow
+from store.models import ArtifactRow, StepRow
 from tests.test_guest import KEY, guest_link
+from tests.test_guest_browser import serve_pages
 from tests.test_store import new_session
 from workflows.models import StepRequest
 
@@ -57,19 +70,22 @@ class LinkOnly(SandboxProvider):
         raise NotImplementedError
 
 
-def step_request(engine: Engine, sandbox_id: str, command: str) -> StepRequest:
+def step_request(engine: Engine, sandbox_id: str, step: Step | str) -> StepRequest:
     sid = new_session(engine)
-    spec = {"kind": "terminal", "command": command}
+    step = TerminalStep(command=step) if isinstance(step, str) else step
     with Session(engine) as db:
-        events.record(db, sid, "task.queued", {"task_id": "t", "prompt": f"$ {command}"})
-        events.record(db, sid, "task.plan", {"task_id": "t", "steps": [spec]})
+        events.record(db, sid, "task.queued", {"task_id": "t", "prompt": step.describe()})
+        events.record(db, sid, "task.plan", {"task_id": "t", "steps": [step.model_dump()]})
     sandbox = SandboxInfo(
         id=sandbox_id, session_id=sid, provider="test", host_id="h", task_queue="q",
         template="default", handle="h",
     )  # fmt: skip
-    return StepRequest(
-        sandbox=sandbox, task_id="t", index=0, step=TerminalStep(command=command), timeout_s=30
-    )
+    return StepRequest(sandbox=sandbox, task_id="t", index=0, step=step, timeout_s=30)
+
+
+def link_activities(gateway: GuestGateway, engine: Engine, tmp_path: Path) -> SandboxActivities:
+    store = ArtifactStore(tmp_path / "artifacts", 1 << 20)
+    return SandboxActivities(LinkOnly(gateway, KEY, "h", "q"), engine, 5, store)
 
 
 def stored(engine: Engine, request: StepRequest) -> tuple[StepRow, list[str]]:
@@ -100,7 +116,7 @@ async def test_a_timed_out_attempt_leaves_the_command_for_its_retry(
 ) -> None:
     engine = sqlite_engine
     async with guest_link(tmp_path) as link:
-        activities = SandboxActivities(LinkOnly(link.gateway, KEY, "h", "q"), engine, 5)
+        activities = link_activities(link.gateway, engine, tmp_path)
         request = step_request(engine, link.sandbox_id, COUNT)
         env, first = await attempt(activities, request, 1)
         await asyncio.sleep(0.6)  # a few lines in
@@ -123,7 +139,7 @@ async def test_a_cancel_the_workflow_asked_for_kills_the_command_and_waits(
 ) -> None:
     engine = sqlite_engine
     async with guest_link(tmp_path) as link:
-        activities = SandboxActivities(LinkOnly(link.gateway, KEY, "h", "q"), engine, 5)
+        activities = link_activities(link.gateway, engine, tmp_path)
         request = step_request(engine, link.sandbox_id, "echo begun; sleep 30")
         env, run = await attempt(activities, request, 1)
         for _ in range(100):
@@ -139,3 +155,64 @@ async def test_a_cancel_the_workflow_asked_for_kills_the_command_and_waits(
         row, kinds = stored(engine, request)
         assert row.status == "cancelled" and row.output == "begun\n"
         assert kinds[-1] == "step.finished"
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="no Chromium on this host")
+async def test_a_browser_step_stores_its_screenshot_once_across_attempts(
+    sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    engine = sqlite_engine
+    with serve_pages() as base:
+        async with guest_link(tmp_path) as link:
+            activities = link_activities(link.gateway, engine, tmp_path)
+            step = BrowserStep(
+                action="navigate",
+                url=f"{base}/form",
+                check=Check(kind="page_text_contains", value="Go"),
+            )
+            request = step_request(engine, link.sandbox_id, step)
+            first = await (await attempt(activities, request, 1))[1]
+            # A retry after the step ended (the completion was lost): it re-attaches, and
+            # the screenshot comes again under the same id.
+            again = await (await attempt(activities, request, 2))[1]
+    assert first.ok and first.check is not None and first.check.ok
+    assert first.result is not None and first.result.title == "Form"
+    (artifact_id,) = first.artifacts
+    assert again.artifacts == [artifact_id]
+    with Session(engine) as db:
+        (row,) = db.exec(select(ArtifactRow)).all()
+        finished = [e for e in events.read_after(db, request.sandbox.session_id, 0)]
+    assert (row.id, row.task_id, row.step_index, row.name) == (
+        artifact_id,
+        "t",
+        0,
+        "screenshot.jpg",
+    )
+    assert row.media_type == "image/jpeg" and row.session_id == request.sandbox.session_id
+    path = tmp_path / "artifacts" / row.session_id / artifact_id
+    assert path.read_bytes()[:3] == b"\xff\xd8\xff" and path.stat().st_size == row.size
+    assert path.stat().st_mode & 0o777 == 0o600
+    (end,) = [e for e in finished if e.type == "step.finished"]
+    assert end.data["artifacts"] == [artifact_id] and end.data["check"]["ok"] is True
+    assert end.data["result"]["url"] == f"{base}/form"
+    step_row, _ = stored(engine, request)
+    assert step_row.artifacts == [artifact_id] and step_row.check_result == end.data["check"]
+
+
+async def test_a_step_kind_the_guest_lacks_is_refused_for_good(
+    sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BERTH_CHROMIUM", str(tmp_path / "no-chromium"))
+    async with guest_link(tmp_path) as link:
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        activities = link_activities(link.gateway, sqlite_engine, tmp_path)
+        step = BrowserStep(action="navigate", url="http://127.0.0.1:9/")
+        request = step_request(sqlite_engine, link.sandbox_id, step)
+        with pytest.raises(ApplicationError) as refused:
+            await (await attempt(activities, request, 1))[1]
+    assert refused.value.type == "StepKindUnsupported" and refused.value.non_retryable
+    assert "does not run browser steps" in str(refused.value)
+    assert not link.agent.executions  # nothing was sent to the guest
+    row, kinds = stored(sqlite_engine, request)
+    assert row.status == "failed" and "does not run browser steps" in (row.error or "")
+    assert kinds[-1] == "step.finished"

@@ -1,7 +1,10 @@
 """Sandbox templates: one folder each. A template says what its machines contain.
 
-``packages`` lists the Debian packages of the root filesystem; ``Dockerfile`` layers the
-guest agent on it for the Docker provider (mock mode). VM providers read the same folder.
+``packages`` lists the Debian packages of the root filesystem; ``python-packages`` the
+Python distributions the guest needs beyond Debian's (copied from the backend's own
+environment, as the guest's python3 is Debian's 3.11 like the backend's); ``Dockerfile``
+layers both and the guest agent on it for the Docker provider (mock mode). VM providers
+read the same folder.
 """
 
 from __future__ import annotations
@@ -24,13 +27,23 @@ def path(name: str) -> Path:
 
 
 def packages(name: str) -> list[str]:
-    text = (path(name) / "packages").read_text()
+    return _words(path(name) / "packages")
+
+
+def python_packages(name: str) -> list[str]:
+    listed = path(name) / "python-packages"
+    return _words(listed) if listed.is_file() else []
+
+
+def _words(listed: Path) -> list[str]:
+    text = listed.read_text()
     return [word for line in text.splitlines() for word in line.split("#", 1)[0].split()]
 
 
-def fingerprint(*paths: Path) -> str:
-    """A short hash of files' names and contents, for image tags that change with them."""
-    digest = hashlib.sha256()
+def fingerprint(*paths: Path, extra: str = "") -> str:
+    """A short hash of files' names and contents (and ``extra``), for image tags that change
+    with them."""
+    digest = hashlib.sha256(extra.encode())
     for root in paths:
         files = sorted(root.rglob("*")) if root.is_dir() else [root]
         for file in files:

@@ -1,0 +1,96 @@
+"""Artifacts: files that steps make (screenshots, ...), kept out of the event log and out of
+workflow payloads. The bytes go under ``<root>/<session_id>/<artifact_id>`` (private files),
+a row in ``artifacts`` says whose they are; events and step outcomes carry only the id."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from store.models import ArtifactRow
+
+# Session ids and artifact ids as they may appear in a path: nothing that walks elsewhere.
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class ArtifactTooLarge(ValueError):
+    pass
+
+
+def artifact_id(session_id: str, exec_id: str, name: str) -> str:
+    """The same for every attempt of a step, so a retry stores an artifact once."""
+    return hashlib.sha256(f"{session_id}\0{exec_id}\0{name}".encode()).hexdigest()[:32]
+
+
+class ArtifactStore:
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+
+    def path(self, session_id: str, artifact_id: str) -> Path:
+        if not (SAFE_ID.fullmatch(session_id) and SAFE_ID.fullmatch(artifact_id)):
+            raise ValueError(f"not an artifact id: {artifact_id[:80]!r}")
+        return self.root / session_id / artifact_id
+
+    def save(
+        self,
+        db: Session,
+        *,
+        session_id: str,
+        task_id: str,
+        step_index: int,
+        exec_id: str,
+        name: str,
+        media_type: str,
+        data: bytes,
+    ) -> str:
+        """Store an artifact (again: the same id, nothing twice) and return its id."""
+        if len(data) > self.max_bytes:
+            raise ArtifactTooLarge(
+                f"artifact {name} has {len(data)} bytes; {self.max_bytes} at most"
+            )
+        found = artifact_id(session_id, exec_id, name)
+        target = self.path(session_id, found)
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Written aside and renamed, so a reader never sees half a file.
+        fd, draft = tempfile.mkstemp(dir=target.parent, prefix=".draft-")  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                sink.write(data)
+            os.replace(draft, target)
+        except BaseException:
+            Path(draft).unlink(missing_ok=True)
+            raise
+        if db.get(ArtifactRow, found) is None:
+            db.add(
+                ArtifactRow(
+                    id=found,
+                    session_id=session_id,
+                    task_id=task_id,
+                    step_index=step_index,
+                    name=name,
+                    media_type=media_type,
+                    size=len(data),
+                )
+            )
+            try:
+                db.commit()
+            except IntegrityError:
+                db.rollback()  # another attempt stored it meanwhile
+        return found
+
+    def find(self, db: Session, session_id: str, artifact_id: str) -> tuple[ArtifactRow, Path]:
+        """The artifact of this session and its file; LookupError if there is none."""
+        row = db.get(ArtifactRow, artifact_id) if SAFE_ID.fullmatch(artifact_id) else None
+        if row is None or row.session_id != session_id:
+            raise LookupError(f"no artifact {artifact_id[:80]} in session {session_id}")
+        path = self.path(session_id, artifact_id)
+        if not path.is_file():
+            raise LookupError(f"artifact {artifact_id} of session {session_id} has no file")
+        return row, path

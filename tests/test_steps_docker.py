@@ -1,0 +1,113 @@
+"""A browser step in a real Docker sandbox: the guest's Chromium opens a page this test
+serves on the host (reached through a host port the firewall allows), RunStep stores the
+screenshot, and the API serves it to the session's owner and to no one else."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import uuid
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+from temporalio.testing import ActivityEnvironment
+
+import vm_templates
+from activities.sandbox import SandboxActivities
+from api.app import create_app
+from berth.local import free_port
+from berth.settings import Settings
+from sandboxes.docker import FIREWALL_CHAIN, DockerProvider, host_port_rule
+from sandboxes.factory import make_provider
+from sandboxes.gateway import GuestGateway
+from sandboxes.models import BrowserStep, Check, SandboxInfo
+from store import events
+from store.artifacts import ArtifactStore
+from store.db import get_engine
+from store.models import SessionRow
+from tests.test_guest_browser import serve_pages
+from workflows.models import StepRequest
+
+
+def sign_up(client: TestClient, email: str) -> tuple[str, dict[str, str]]:
+    """The new user's id and the headers of their token."""
+    credentials = {"email": email, "password": "a long password"}
+    user = client.post("/api/auth/signup", json=credentials).json()
+    token = client.post("/api/auth/token", json=credentials).json()["token"]
+    return user["id"], {"Authorization": f"Bearer {token}"}
+
+
+async def test_a_browser_step_in_a_sandbox_leaves_a_screenshot_for_its_owner(
+    tmp_path: Path,
+) -> None:
+    page_port = free_port()
+    settings = Settings(
+        data_dir=tmp_path,
+        host_id=f"steps-{uuid.uuid4().hex[:8]}",
+        secret_key="steps-docker-test",
+        temporal_address=f"127.0.0.1:{free_port()}",  # nothing there: not needed here
+        gateway_port=free_port(),
+        sandbox_host_ports=[page_port],
+    )
+    with TestClient(create_app(settings)) as client:  # migrates the database
+        owner_id, owner = sign_up(client, "owner@example.com")
+        _, stranger = sign_up(client, "stranger@example.com")
+        engine = get_engine(settings.db_url)
+        with Session(engine) as db:
+            row = SessionRow(user_id=owner_id)
+            db.add(row)
+            db.commit()
+            session_id = row.id
+        gateway = GuestGateway(settings.signing_key())
+        provider = make_provider(settings, gateway)
+        assert isinstance(provider, DockerProvider)
+        await provider.prepare()
+        await gateway.start(provider.host_address, settings.gateway_port)
+        sandbox: SandboxInfo | None = None
+        try:
+            sandbox = await provider.provision(uuid.uuid4().hex, session_id, vm_templates.DEFAULT)
+            await provider.wait_connected(sandbox, 60)
+            with serve_pages(provider.host_address, page_port) as base:
+                step = BrowserStep(
+                    action="navigate",
+                    url=f"{base}/form",
+                    check=Check(kind="page_text_contains", value="Go"),
+                )
+                with Session(engine) as db:
+                    events.record(db, session_id, "task.queued", {"task_id": "t", "prompt": "p"})
+                    plan = {"task_id": "t", "steps": [step.model_dump()]}
+                    events.record(db, session_id, "task.plan", plan)
+                activities = SandboxActivities(
+                    provider,
+                    engine,
+                    60,
+                    ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes),
+                )
+                request = StepRequest(
+                    sandbox=sandbox, task_id="t", index=0, step=step, timeout_s=90
+                )
+                env = ActivityEnvironment()
+                env.info = dataclasses.replace(env.info, attempt=1)
+                outcome = await env.run(activities.run_step, request)
+        finally:
+            if sandbox is not None:
+                await provider.destroy(sandbox)
+            await gateway.stop()
+            rule = ["iptables", "-D", FIREWALL_CHAIN, *host_port_rule(page_port)]
+            await asyncio.to_thread(subprocess.run, rule, check=False)
+        assert outcome.ok, outcome
+        assert outcome.result is not None and outcome.result.title == "Form"
+        assert outcome.check is not None and outcome.check.ok
+        (artifact_id,) = outcome.artifacts
+        url = f"/api/sessions/{session_id}/artifacts/{artifact_id}"
+        served = client.get(url, headers=owner)
+        assert served.status_code == 200
+        assert served.headers["content-type"] == "image/jpeg"
+        assert served.content[:3] == b"\xff\xd8\xff" and len(served.content) > 1000
+        assert client.get(url, headers=stranger).status_code == 404
+        assert client.get(url).status_code == 401
+        assert client.get(f"{url}x", headers=owner).status_code == 404
+        task = client.get(f"/api/sessions/{session_id}/tasks/t", headers=owner).json()
+        assert task["steps"][0]["artifacts"] == [artifact_id]
