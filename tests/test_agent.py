@@ -4,6 +4,7 @@ verifier a scripted OpenAI-compatible server on loopback, steps run in a real sa
 from __future__ import annotations
 
 import json
+import subprocess
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -11,9 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from berth.local import LocalSystem
+from berth.local import LocalSystem, free_port
+from sandboxes.docker import NETWORK
 from tests.scripted_llm import ScriptedLLM, scripted_llm
 from tests.test_e2e import read_events, token_for, wait_status
+from tests.test_guest_browser import serve_pages
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +61,14 @@ def llm(agent: Agent) -> Iterator[ScriptedLLM]:
 
 
 @pytest.fixture(scope="module")
-def system(tmp_path_factory: pytest.TempPathFactory, llm: ScriptedLLM) -> Iterator[str]:
+def page_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def system(
+    tmp_path_factory: pytest.TempPathFactory, llm: ScriptedLLM, page_port: int
+) -> Iterator[str]:
     running = LocalSystem.start(
         tmp_path_factory.mktemp("berth-agent"),
         "agent",
@@ -67,6 +77,8 @@ def system(tmp_path_factory: pytest.TempPathFactory, llm: ScriptedLLM) -> Iterat
             "OPENAI_BASE_URL": llm.url,
             "OPENAI_API_KEY": "sk-scripted",
             "BERTH_AGENT_MAX_STEPS": "4",
+            # The page the browser test serves: the one host port sandboxes may reach.
+            "BERTH_SANDBOX_HOST_PORTS": f"[{page_port}]",
         },
     )
     yield running.base
@@ -175,3 +187,33 @@ def test_a_task_that_never_gets_there_ends_failed_when_its_steps_run_out(
     assert ran["task"]["status"] == "failed"
     assert "ran out of its step budget: 4 steps" in ran["task"]["error"]
     assert len(of_type(ran["events"], "step.started")) == 4
+
+
+def test_a_browser_task_reads_a_page_title_and_its_screenshot_is_served(
+    system: str, session: tuple[dict[str, str], str], agent: Agent, page_port: int
+) -> None:
+    bridge = subprocess.run(
+        ["docker", "network", "inspect", NETWORK, "--format",
+         "{{(index .IPAM.Config 0).Gateway}}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    with serve_pages(bridge, page_port) as base:
+        agent.plans["title"] = [
+            {"steps": [{"kind": "browser", "action": "navigate", "url": f"{base}/form",
+                        "check": {"kind": "page_text_contains", "value": "Go"}}]}
+        ]  # fmt: skip
+        agent.verdicts["title"] = [{"ok": True, "answer": "Form", "reason": "the title is read"}]
+        ran = run_task(system, session, f"open the page at {base}/form and tell me its title")
+    assert ran["task"]["status"] == "succeeded" and ran["task"]["result"] == "Form", ran
+    (finished,) = of_type(ran["events"], "step.finished")
+    assert finished["check"]["ok"] and finished["result"]["title"] == "Form"
+    # The verifier read the title the browser found.
+    assert "title: Form" in next(a for a in agent.asked["title"] if a.startswith("verify"))
+    headers, sid = session
+    (shot,) = finished["artifacts"]
+    url = f"{system}/api/sessions/{sid}/artifacts/{shot}"
+    image = httpx.get(url, headers=headers)
+    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    assert image.content.startswith(b"\xff\xd8")  # a JPEG
+    stranger = token_for(system, "stranger@example.com")
+    assert httpx.get(url, headers=stranger).status_code == 404
