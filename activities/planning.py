@@ -1,19 +1,30 @@
-"""Planning: a prose task becomes steps, planned by the chat model named by BERTH_LLM_MODEL
-through LangChain. (Plans written as ``$ `` lines never get here: the workflow parses them.)
+"""Planning: a prose task becomes steps, planned by the configured models through the LLM
+proxy (cache, fallback, accounting). (Plans written as ``$ `` lines never get here: the
+workflow parses them.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from typing import Any
 
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import BaseModel, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from berth.settings import Settings
+from llm.accounting import caller_for_session
+from llm.models import (
+    AllProvidersFailed,
+    BudgetExceeded,
+    ChatRequest,
+    InvalidRequest,
+    LLMError,
+    NoProvider,
+    RateLimited,
+)
+from llm.proxy import LLMProxy
 from sandboxes.models import TerminalStep
 from workflows.models import Plan, PlanRequest
 from workflows.plans import MAX_PLAN_STEPS
@@ -21,9 +32,17 @@ from workflows.plans import MAX_PLAN_STEPS
 NO_MODEL = (
     "This task needs a planner model, and none is configured. Set BERTH_LLM_MODEL "
     "(e.g. gpt-4o-mini with OPENAI_API_KEY, any model of an OpenAI-compatible server with "
-    "OPENAI_BASE_URL, or claude-3-5-haiku-latest with ANTHROPIC_API_KEY), or write the "
-    "steps yourself, one per line, each starting with '$ '."
+    "OPENAI_BASE_URL, or claude-3-5-haiku-latest with ANTHROPIC_API_KEY) or BERTH_LLM_PROVIDERS, "
+    "or write the steps yourself, one per line, each starting with '$ '."
 )
+# The proxy's errors as the activity's: (error type, whether a retry may help).
+FAILURES: dict[type[LLMError], tuple[str, bool]] = {
+    NoProvider: ("NoPlannerModel", False),
+    BudgetExceeded: ("LLMBudgetExceeded", False),
+    InvalidRequest: ("LLMInvalidRequest", False),
+    RateLimited: ("LLMRateLimited", True),
+    AllProvidersFailed: ("LLMUnavailable", True),
+}
 
 SYSTEM_PROMPT = """\
 You plan the work of an autonomous agent that acts in a Debian Linux sandbox through a bash
@@ -31,33 +50,6 @@ terminal, one command per step. Turn the user's task into the shortest sequence 
 commands that does it and shows the result. Each command runs non-interactively in a fresh
 bash in the home directory; a step fails the task if it exits non-zero.
 Reply with one JSON object and nothing else: {"steps": [{"command": "..."}]}"""
-
-
-def chat_model(settings: Settings) -> BaseChatModel | None:
-    """The configured chat model: ``openai:NAME``, ``anthropic:NAME``, or a bare name
-    (``claude-*`` means Anthropic, anything else an OpenAI-compatible server)."""
-    if not settings.llm_model:
-        return None
-    provider, _, name = settings.llm_model.rpartition(":")
-    provider = provider or ("anthropic" if name.startswith("claude") else "openai")
-    if provider == "anthropic":
-        from langchain_anthropic import ChatAnthropic
-
-        return ChatAnthropic(  # type: ignore[call-arg]
-            model_name=name, api_key=settings.anthropic_api_key, timeout=60, max_retries=1
-        )
-    if provider == "openai":
-        from langchain_openai import ChatOpenAI
-
-        return ChatOpenAI(
-            model=name,
-            api_key=settings.openai_api_key or "not-needed",  # local servers take any key
-            base_url=settings.openai_base_url,
-            timeout=60,
-            max_retries=1,
-            temperature=0,
-        )
-    raise ValueError(f"BERTH_LLM_MODEL: unknown provider {provider!r} (use openai: or anthropic:)")
 
 
 class _Reply(BaseModel):
@@ -82,7 +74,7 @@ def parse_reply(text: str) -> list[TerminalStep]:
     return steps[:MAX_PLAN_STEPS]
 
 
-def planner_messages(request: PlanRequest) -> list[SystemMessage | HumanMessage]:
+def planner_messages(request: PlanRequest) -> list[dict[str, Any]]:
     text = f"Task:\n{request.prompt}"
     if request.done:
         text += "\n\nSteps already run:\n" + "\n".join(
@@ -94,19 +86,37 @@ def planner_messages(request: PlanRequest) -> list[SystemMessage | HumanMessage]
             f"\n\nThe user changed the task: {request.instruction}\n"
             "Plan only the steps still to run."
         )
-    return [SystemMessage(SYSTEM_PROMPT), HumanMessage(text)]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
 
 
 class PlanningActivities:
-    def __init__(self, model: BaseChatModel | None) -> None:
-        self.model = model
+    def __init__(self, proxy: LLMProxy) -> None:
+        self.proxy = proxy
 
     @activity.defn(name="PlanTask")
     async def plan(self, request: PlanRequest) -> Plan:
-        if self.model is None:
+        if not self.proxy.configured:
             raise ApplicationError(NO_MODEL, type="NoPlannerModel", non_retryable=True)
-        reply = await self.model.ainvoke(planner_messages(request))
+        caller = await asyncio.to_thread(
+            caller_for_session, self.proxy.engine, request.session_id, request.task_id
+        )
+        chat = ChatRequest(messages=planner_messages(request), temperature=0)
+        # A retry follows a reply that was no plan: ask again rather than read it back.
+        cache = None if activity.info().attempt == 1 else False
         try:
-            return Plan(steps=parse_reply(str(reply.content)))
+            result = await self.proxy.complete(chat, caller, cache=cache)
+        except LLMError as exc:
+            kind, retryable = next(v for k, v in FAILURES.items() if isinstance(exc, k))
+            message = NO_MODEL if isinstance(exc, NoProvider) else str(exc)
+            raise ApplicationError(message, type=kind, non_retryable=not retryable) from exc
+        try:
+            steps = parse_reply(result.message.get("content") or "")
         except ValueError as exc:
             raise ApplicationError(str(exc), type="BadPlan") from exc
+        return Plan(
+            steps=steps,
+            provider=result.provider,
+            model=result.model,
+            cached=result.cached,
+            usage=result.usage,
+        )

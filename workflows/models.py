@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from llm.models import Usage
 from sandboxes.models import SandboxInfo, Step, StepOutcome
 from store.events import NewEvent
 from store.models import SessionStatus, TaskStatus
@@ -109,6 +110,8 @@ class StepRequest(BaseModel):
 
 class PlanRequest(BaseModel):
     task_id: str
+    # Whose call it is, for the LLM proxy's accounting: the session's user.
+    session_id: str = ""
     prompt: str
     # Set when the user modifies a running task: the plan is redone from here on.
     instruction: str | None = None
@@ -117,6 +120,11 @@ class PlanRequest(BaseModel):
 
 class Plan(BaseModel):
     steps: list[Step]
+    # Which provider and model answered, and whether from the cache.
+    provider: str | None = None
+    model: str | None = None
+    cached: bool = False
+    usage: Usage = Field(default_factory=Usage)
 
 
 class ProgressBatch(BaseModel):

@@ -26,12 +26,13 @@ with workflow.unsafe.imports_passed_through():
     from activities.planning import PlanningActivities
     from activities.progress import ProgressActivities
     from activities.sandbox import SandboxActivities, step_key
-    from sandboxes.models import SandboxInfo, Step, StepOutcome
+    from sandboxes.models import SandboxInfo, StepOutcome
     from store.events import NewEvent
     from store.models import SessionStatus, TaskStatus
     from workflows.models import (
         Carried,
         DoneStep,
+        Plan,
         PlanRequest,
         ProgressBatch,
         SandboxRequest,
@@ -302,31 +303,36 @@ class SessionWorkflow:
         self.status = SessionStatus.busy
         opening = [self.event("session.status", status=self.status.value)]
         steps = user_plan(task.prompt)
-        if steps is None:
+        plan = None if steps is None else Plan(steps=steps)
+        if plan is None:
             await self.record(*opening, self.set_task(task, TaskStatus.planning))
             opening = []
-            steps = await self.ask_planner(task, None)
-        task.steps = steps
+            plan = await self.ask_planner(task, None)
+        task.steps = list(plan.steps)
         # A pause that came while the model planned holds from the first step on.
         running = self.set_task(task, TaskStatus.paused if self.paused else TaskStatus.running)
-        await self.record(*opening, running, self.plan_event(task, 0))
+        await self.record(*opening, running, self.plan_event(task, 0, plan))
 
     async def replan(self, task: TaskState, instruction: str) -> None:
-        steps = user_plan(instruction) or await self.ask_planner(task, instruction)
-        task.steps = task.steps[: task.position] + steps
-        await self.record(self.plan_event(task, task.position))
+        steps = user_plan(instruction)
+        plan = Plan(steps=steps) if steps else await self.ask_planner(task, instruction)
+        task.steps = task.steps[: task.position] + list(plan.steps)
+        await self.record(self.plan_event(task, task.position, plan))
 
-    async def ask_planner(self, task: TaskState, instruction: str | None) -> list[Step]:
-        plan = await workflow.execute_activity_method(
+    async def ask_planner(self, task: TaskState, instruction: str | None) -> Plan:
+        return await workflow.execute_activity_method(
             PlanningActivities.plan,
             PlanRequest(
-                task_id=task.id, prompt=task.prompt, instruction=instruction, done=task.recent
+                task_id=task.id,
+                session_id=self.params.session_id,
+                prompt=task.prompt,
+                instruction=instruction,
+                done=task.recent,
             ),
             start_to_close_timeout=timedelta(minutes=3),
             retry_policy=RetryPolicy(maximum_attempts=3),
             summary="revise the plan" if instruction else "plan the task",
         )
-        return list(plan.steps)
 
     async def run_step(self, task: TaskState) -> StepOutcome | None:
         """Run the task's next step in the sandbox; None if the task was cancelled meanwhile.
@@ -526,9 +532,14 @@ class SessionWorkflow:
             drafts.append(self.event("session.status", status=self.status.value))
         return drafts
 
-    def plan_event(self, task: TaskState, first: int) -> NewEvent:
+    def plan_event(self, task: TaskState, first: int, plan: Plan) -> NewEvent:
         steps = [s.model_dump() for s in task.steps[first:]]
-        return self.event("task.plan", task_id=task.id, first=first, steps=steps)
+        # Which provider answered, and whether from its cache (neither for a written plan).
+        cached = plan.cached if plan.provider else None
+        return self.event(
+            "task.plan", task_id=task.id, first=first, steps=steps,
+            provider=plan.provider, cached=cached,
+        )  # fmt: skip
 
     def step_end(self, task: TaskState, index: int, status: str, why: str) -> NewEvent:
         # The activity's own key: whichever of the two records the end first wins.
