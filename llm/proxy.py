@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from langchain_core.messages import AIMessageChunk
@@ -105,7 +105,7 @@ class LLMProxy:
 
     async def stream(
         self, request: ChatRequest, caller: Caller, *, cache: bool | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """The answer as OpenAI ``chat.completion.chunk`` dicts, the last one with usage."""
         started = time.perf_counter()
         providers, keys = await self._prepare(request, caller, cache)
@@ -139,12 +139,16 @@ class LLMProxy:
                     if delta:
                         yield chunks.chunk(delta)
                     piece = await anext(pieces, None)
+                answer = answer_of(whole or AIMessageChunk(content=""))
+                if answer.finish_reason is None:
+                    # A dropped connection can end an event stream early without an error.
+                    raise ConnectionError("the stream ended before the answer did")
             except Exception as exc:
                 self._cool(provider)
                 raise LLMError(
                     f"{provider.name} ({provider.config.model}) failed mid-answer: {describe(exc)}"
                 ) from exc
-        result = self._result(provider, answer_of(whole or AIMessageChunk(content="")))
+        result = self._result(provider, answer)
         yield chunks.chunk({}, result.finish_reason)
         yield chunks.chunk({}, usage=result.usage)
         if keys:

@@ -64,7 +64,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        auth = self.headers.get("Authorization") or self.headers.get("x-api-key")
+        auth = self.headers.get("x-api-key") or self.headers.get("Authorization")
         self.server.requests.append({"path": self.path, "body": body, "auth": auth})
         reply = self.server.next_reply()
         if reply.hang_s:
@@ -208,7 +208,8 @@ def anthropic_events(model: str, reply: Reply) -> list[tuple[str, dict[str, Any]
         ("content_block_stop", {"type": "content_block_stop", "index": 0}),
         ("message_delta", {"type": "message_delta",
                            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                           "usage": {"output_tokens": reply.completion_tokens}}),
+                           "usage": {"input_tokens": reply.prompt_tokens,
+                                     "output_tokens": reply.completion_tokens}}),
         ("message_stop", {"type": "message_stop"}),
     ]  # fmt: skip
     return events

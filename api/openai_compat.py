@@ -1,0 +1,155 @@
+"""The LLM proxy over HTTP: OpenAI's chat-completions API (so any OpenAI client library
+works with a Berth token as its key), and each user's usage.
+
+A call may name the session and task it is for (headers ``X-Berth-Session`` and
+``X-Berth-Task``), which must be the caller's own; its tokens are then counted there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from api.deps import DbDep, Problem, UserDep
+from api.service import own_session
+from llm.accounting import user_usage
+from llm.models import (
+    AllProvidersFailed,
+    BudgetExceeded,
+    Caller,
+    ChatRequest,
+    InvalidRequest,
+    LLMError,
+    NoProvider,
+    RateLimited,
+    UserUsage,
+)
+from llm.proxy import LLMProxy
+from llm.shapes import completion
+from store.models import TaskRow
+
+router = APIRouter()
+
+STATUS: dict[type[LLMError], int] = {
+    InvalidRequest: 400,
+    RateLimited: 429,
+    BudgetExceeded: 429,
+    NoProvider: 503,
+    AllProvidersFailed: 503,
+}
+
+
+def get_proxy(request: Request) -> LLMProxy:
+    """One proxy per API process, made on first use (its cool-downs are per process)."""
+    state = request.app.state
+    if getattr(state, "llm", None) is None:
+        state.llm = LLMProxy(state.settings, state.engine)
+    proxy: LLMProxy = state.llm
+    return proxy
+
+
+ProxyDep = Annotated[LLMProxy, Depends(get_proxy)]
+
+
+def problem(exc: LLMError) -> Problem:
+    status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 502)
+    return Problem(status, str(exc))
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+@router.post("/v1/chat/completions", tags=["llm"], response_model=None)
+async def chat_completions(
+    proxy: ProxyDep,
+    db: DbDep,
+    user: UserDep,
+    body: Annotated[dict[str, Any], Body()],
+    x_berth_session: Annotated[str | None, Header()] = None,
+    x_berth_task: Annotated[str | None, Header()] = None,
+    cache_control: Annotated[str | None, Header()] = None,
+) -> Response:
+    """OpenAI's chat completions, streaming (`"stream": true`) or not. The cache answers
+    deterministic requests (temperature 0); `"cache": false` in the body or
+    `Cache-Control: no-cache` bypasses it, `"cache": true` caches at any temperature."""
+    try:
+        request = ChatRequest.model_validate(body)
+    except ValidationError as exc:
+        raise Problem(400, f"not a chat completions request: {exc.errors()[0]['msg']}") from exc
+    extras = request.model_extra or {}
+    cache = extras.pop("cache", None)
+    if cache_control and ("no-cache" in cache_control or "no-store" in cache_control):
+        cache = False
+    if cache is not None and not isinstance(cache, bool):
+        raise Problem(400, '"cache" is true or false')
+    if extras.get("n", 1) != 1:
+        raise Problem(400, "n: only one choice per request")
+    caller = Caller(user_id=user.id, session_id=x_berth_session, task_id=x_berth_task)
+    if x_berth_session:
+        own_session(db, user, x_berth_session)
+    if x_berth_task:
+        task = db.get(TaskRow, x_berth_task)
+        if task is None or task.session_id != x_berth_session:
+            raise Problem(404, f"no task {x_berth_task} in session {x_berth_session}")
+    db.close()  # nothing more to read: do not hold a connection through the model's answer
+
+    if not request.stream:
+        try:
+            result = await proxy.complete(request, caller, cache=cache)
+        except LLMError as exc:
+            raise problem(exc) from exc
+        headers = {
+            "X-Berth-Provider": result.provider,
+            "X-Berth-Cache": "hit" if result.cached else "miss",
+            "X-Berth-Cost-USD": f"{result.usage.cost_usd:.6f}",
+        }
+        return JSONResponse(completion(result), headers=headers)
+
+    chunks = proxy.stream(request, caller, cache=cache)
+    try:
+        # The first chunk comes once a provider answers: until then, errors are HTTP errors.
+        first = await anext(chunks)
+    except LLMError as exc:
+        raise problem(exc) from exc
+
+    async def events() -> AsyncIterator[str]:
+        yield sse(first)
+        try:
+            async for chunk in chunks:
+                yield sse(chunk)
+        except LLMError as exc:
+            # Too late for an HTTP status: OpenAI's clients raise on an error event.
+            yield sse({"error": {"message": str(exc), "type": "upstream_error"}})
+            return
+        finally:
+            await chunks.aclose()  # the client may have gone: stop asking the provider
+        yield sse("[DONE]")
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+@router.get("/v1/models", tags=["llm"])
+def list_models(proxy: ProxyDep, user: UserDep) -> dict[str, Any]:
+    """The names a request's `model` may take: `berth` means every provider in order."""
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "berth"}
+            for name in proxy.models()
+        ],
+    }
+
+
+@router.get("/api/usage", tags=["llm"])
+def usage(db: DbDep, user: UserDep) -> UserUsage:
+    """Your LLM usage: in all, by session and by task (tokens and cost of calls that
+    reached a provider; cache hits are counted as calls and cost nothing)."""
+    return user_usage(db, user.id)
