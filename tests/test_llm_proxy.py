@@ -47,7 +47,7 @@ TOOLS = [
 
 def provider(server: ScriptedLLM, name: str, kind: str = "openai") -> LLMProvider:
     base = f"{server.url}/v1" if kind == "openai" else server.url
-    return LLMProvider(name=name, kind=kind, model=f"{name}-model", base_url=base, api_key="k")  # type: ignore[arg-type]
+    return LLMProvider(name=name, kind=kind, model=f"{name}-model", base_url=base, api_key="k")
 
 
 def proxy_for(engine: Engine, *providers: LLMProvider, **settings: Any) -> LLMProxy:
