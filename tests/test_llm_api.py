@@ -163,7 +163,8 @@ def test_refusals_are_http_errors_that_say_why(tmp_path: Path) -> None:
     ):
         headers = {"Authorization": f"Bearer {token}"}
         url = f"{base}/v1/chat/completions"
-        for body in ({"model": "berth"}, {"messages": "hi"}, {"messages": []}):
+        bodies: list[dict[str, Any]] = [{"model": "berth"}, {"messages": "hi"}, {"messages": []}]
+        for body in bodies:
             bad = httpx.post(url, json=body, headers=headers)
             assert bad.status_code == 400, bad.text
         unknown = httpx.post(url, json={"model": "gpt-9", "messages": ask("x")}, headers=headers)
