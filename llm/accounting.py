@@ -3,12 +3,11 @@ process sees the same counts: each call is a row of ``llm_calls``."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, case, func
+from sqlalchemy import Connection, Engine, Table, case, func, insert
 from sqlmodel import Session, col, select
 
 from berth.settings import Settings
@@ -26,6 +25,7 @@ from llm.models import (
 from store.models import LLMCall, SessionRow
 
 RATE_WINDOW = timedelta(minutes=1)
+CALLS: Table = LLMCall.__table__  # type: ignore[attr-defined]
 
 
 def cost_usd(settings: Settings, model: str, prompt_tokens: int, completion_tokens: int) -> float:
@@ -43,61 +43,56 @@ def caller_for_session(engine: Engine, session_id: str, task_id: str | None) -> 
 
 
 class Ledger:
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+    """Limits and the record of calls: statements on a connection the proxy holds, so that
+    one call costs as few database round trips as it can."""
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.engine = engine
 
-    async def check(self, caller: Caller) -> None:
+    def check(self, conn: Connection, caller: Caller) -> None:
         """RateLimited or BudgetExceeded if this caller may not make another call now."""
-        await asyncio.to_thread(self._check, caller)
-
-    def _check(self, caller: Caller) -> None:
         rate, budget = self.settings.llm_rate_limit_per_minute, self.settings.llm_task_token_budget
-        with Session(self.engine) as db:
-            if rate:
-                since = datetime.now(UTC) - RATE_WINDOW
-                recent = db.exec(
-                    select(func.count())
-                    .select_from(LLMCall)
-                    .where(LLMCall.user_id == caller.user_id, col(LLMCall.created_at) > since)
-                ).one()
-                if recent >= rate:
-                    raise RateLimited(
-                        f"rate limit: {rate} LLM requests a minute per user; try again shortly"
-                    )
-            if budget and caller.task_id:
-                spent = db.exec(
-                    select(
-                        func.coalesce(
-                            func.sum(LLMCall.prompt_tokens + LLMCall.completion_tokens), 0
-                        )
-                    ).where(LLMCall.task_id == caller.task_id)
-                ).one()
-                if spent >= budget:
-                    raise BudgetExceeded(
-                        f"task {caller.task_id} has spent {spent} tokens, its budget is {budget}"
-                    )
+        if rate:
+            since = datetime.now(UTC) - RATE_WINDOW
+            recent = conn.execute(
+                select(func.count())
+                .select_from(CALLS)
+                .where(CALLS.c.user_id == caller.user_id, CALLS.c.created_at > since)
+            ).scalar_one()
+            if recent >= rate:
+                raise RateLimited(
+                    f"rate limit: {rate} LLM requests a minute per user; try again shortly"
+                )
+        if budget and caller.task_id:
+            tokens = CALLS.c.prompt_tokens + CALLS.c.completion_tokens
+            spent = conn.execute(
+                select(func.coalesce(func.sum(tokens), 0)).where(CALLS.c.task_id == caller.task_id)
+            ).scalar_one()
+            if spent >= budget:
+                raise BudgetExceeded(
+                    f"task {caller.task_id} has spent {spent} tokens, its budget is {budget}"
+                )
 
-    async def record(self, caller: Caller, result: ChatResult, latency_s: float) -> None:
+    def record(
+        self, conn: Connection, caller: Caller, result: ChatResult, latency_s: float
+    ) -> None:
         spent = Usage() if result.cached else result.usage
-        row = LLMCall(
-            user_id=caller.user_id,
-            session_id=caller.session_id,
-            task_id=caller.task_id,
-            provider=result.provider,
-            model=result.model,
-            prompt_tokens=spent.prompt_tokens,
-            completion_tokens=spent.completion_tokens,
-            cost_usd=spent.cost_usd,
-            cached=result.cached,
-            latency_ms=round(latency_s * 1000, 3),
+        conn.execute(
+            insert(CALLS),
+            {
+                "user_id": caller.user_id,
+                "session_id": caller.session_id,
+                "task_id": caller.task_id,
+                "provider": result.provider,
+                "model": result.model,
+                "prompt_tokens": spent.prompt_tokens,
+                "completion_tokens": spent.completion_tokens,
+                "cost_usd": spent.cost_usd,
+                "cached": result.cached,
+                "latency_ms": round(latency_s * 1000, 3),
+                "created_at": datetime.now(UTC),
+            },
         )
-        await asyncio.to_thread(self._add, row)
-
-    def _add(self, row: LLMCall) -> None:
-        with Session(self.engine) as db:
-            db.add(row)
-            db.commit()
 
 
 # ---- reading it back

@@ -22,11 +22,11 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from langchain_core.messages import AIMessageChunk
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from berth.settings import Settings
 from llm.accounting import Ledger, cost_usd
-from llm.cache import cache_key, make_cache
+from llm.cache import RedisCache, SQLCache, cache_key, make_cache
 from llm.models import (
     AllProvidersFailed,
     Caller,
@@ -67,8 +67,8 @@ class LLMProxy:
             Provider(config, chat_model(config, settings.llm_timeout_s))
             for config in provider_configs(settings)
         ]
-        self.cache = make_cache(settings, engine)
-        self.ledger = Ledger(settings, engine)
+        self.cache = make_cache(settings)
+        self.ledger = Ledger(settings)
         # Provider name → when its cool-down ends (time.monotonic). Per process, on purpose:
         # it is a hint about where to start, not shared state.
         self.cooling: dict[str, float] = {}
@@ -91,16 +91,13 @@ class LLMProxy:
         """The answer to a request; ``cache`` None means cache it if deterministic, False
         means neither read nor write the cache, True caches it whatever its temperature."""
         started = time.perf_counter()
-        providers, keys = await self._prepare(request, caller, cache)
-        hit = await self.cache.first(list(keys.values())) if keys else None
+        providers, keys = self._prepare(request, cache)
+        hit = await self._open(caller, keys, started)
         if hit is not None:
-            result = self._hit(hit)
-        else:
-            provider, answer = await self._first_to_answer(providers, lambda p: p.invoke(request))
-            result = self._result(provider, answer)
-            if keys:
-                await self.cache.put(keys[provider.name], result)
-        await self.ledger.record(caller, result, time.perf_counter() - started)
+            return hit
+        provider, answer = await self._first_to_answer(providers, lambda p: p.invoke(request))
+        result = self._result(provider, answer)
+        await self._close(caller, result, keys.get(provider.name), started)
         return result
 
     async def stream(
@@ -108,13 +105,11 @@ class LLMProxy:
     ) -> AsyncGenerator[dict[str, Any], None]:
         """The answer as OpenAI ``chat.completion.chunk`` dicts, the last one with usage."""
         started = time.perf_counter()
-        providers, keys = await self._prepare(request, caller, cache)
-        hit = await self.cache.first(list(keys.values())) if keys else None
+        providers, keys = self._prepare(request, cache)
+        hit = await self._open(caller, keys, started)
         if hit is not None:
-            result = self._hit(hit)
-            for chunk in Chunks(result.model).replay(result):
+            for chunk in Chunks(hit.model).replay(hit):
                 yield chunk
-            await self.ledger.record(caller, result, time.perf_counter() - started)
             return
 
         async def opened(
@@ -151,22 +146,66 @@ class LLMProxy:
         result = self._result(provider, answer)
         yield chunks.chunk({}, result.finish_reason)
         yield chunks.chunk({}, usage=result.usage)
-        if keys:
-            await self.cache.put(keys[provider.name], result)
-        await self.ledger.record(caller, result, time.perf_counter() - started)
+        await self._close(caller, result, keys.get(provider.name), started)
 
     # ---- the steps of a call
 
-    async def _prepare(
-        self, request: ChatRequest, caller: Caller, cache: bool | None
+    def _prepare(
+        self, request: ChatRequest, cache: bool | None
     ) -> tuple[list[Provider], dict[str, str]]:
         """The providers to try, in order, and the cache key for each (none when the
-        request is not to be cached). Raises when the call may not be made."""
+        request is not to be cached)."""
         providers = self._route(request)
-        await self.ledger.check(caller)
         if cache is False or (cache is None and request.temperature != 0):
             return providers, {}
         return providers, {p.name: cache_key(p, request) for p in providers}
+
+    async def _open(
+        self, caller: Caller, keys: dict[str, str], started: float
+    ) -> ChatResult | None:
+        """Refuses the call past a limit; else the cached answer, if any, recorded. With
+        the cache in the database, this is one transaction."""
+        sql = self.cache if isinstance(self.cache, SQLCache) else None
+
+        def check_and_look_up(conn: Connection) -> ChatResult | None:
+            self.ledger.check(conn, caller)
+            found = sql.first(conn, list(keys.values())) if sql and keys else None
+            if found is None:
+                return None
+            hit = as_hit(found)
+            self.ledger.record(conn, caller, hit, time.perf_counter() - started)
+            return hit
+
+        hit = await self._in_database(check_and_look_up)
+        if hit is None and keys and isinstance(self.cache, RedisCache):
+            found = await self.cache.first(list(keys.values()))
+            if found is not None:
+                hit = as_hit(found)
+                latency = time.perf_counter() - started
+                await self._in_database(lambda c: self.ledger.record(c, caller, hit, latency))
+        return hit
+
+    async def _close(
+        self, caller: Caller, result: ChatResult, key: str | None, started: float
+    ) -> None:
+        """Caches a provider's answer (when it is to be) and records the call."""
+        if key and isinstance(self.cache, RedisCache):
+            await self.cache.put(key, result)
+        latency = time.perf_counter() - started
+
+        def store_and_record(conn: Connection) -> None:
+            if key and isinstance(self.cache, SQLCache):
+                self.cache.put(conn, key, result)
+            self.ledger.record(conn, caller, result, latency)
+
+        await self._in_database(store_and_record)
+
+    async def _in_database(self, work: Callable[[Connection], T]) -> T:
+        def transaction() -> T:
+            with self.engine.begin() as conn:
+                return work(conn)
+
+        return await asyncio.to_thread(transaction)
 
     def _route(self, request: ChatRequest) -> list[Provider]:
         if not self.providers:
@@ -225,9 +264,8 @@ class LLMProxy:
             usage=usage_of(answer, cost),
         )
 
-    @staticmethod
-    def _hit(hit: ChatResult) -> ChatResult:
-        # A hit costs nothing; the tokens say how big the answer is.
-        return hit.model_copy(
-            update={"cached": True, "usage": hit.usage.model_copy(update={"cost_usd": 0.0})}
-        )
+
+def as_hit(entry: ChatResult) -> ChatResult:
+    # A hit costs nothing; the tokens say how big the answer is.
+    usage = entry.usage.model_copy(update={"cost_usd": 0.0})
+    return entry.model_copy(update={"cached": True, "usage": usage})

@@ -26,11 +26,13 @@ class Reply:
 
 
 class ScriptedLLM(ThreadingHTTPServer):
-    def __init__(self, *replies: Reply | str, default: Reply | str | None = None) -> None:
+    def __init__(
+        self, *replies: Reply | str, default: Reply | str | None = None, port: int = 0
+    ) -> None:
         self.replies = [Reply(r) if isinstance(r, str) else r for r in replies]
         self.default = Reply(default) if isinstance(default, str) else default
         self.requests: list[dict[str, Any]] = []
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
     @property
     def url(self) -> str:
@@ -58,6 +60,9 @@ class ScriptedLLM(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: ScriptedLLM
     protocol_version = "HTTP/1.1"  # keep-alive, as real providers
+    # Headers and body are separate writes: with Nagle's algorithm the body waits for the
+    # client's delayed ACK of the headers (40 ms).
+    disable_nagle_algorithm = True
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -213,3 +218,15 @@ def anthropic_events(model: str, reply: Reply) -> list[tuple[str, dict[str, Any]
         ("message_stop", {"type": "message_stop"}),
     ]  # fmt: skip
     return events
+
+
+def main() -> None:
+    """``python -m tests.scripted_llm PORT REPLY``: serve REPLY to every request (benchmarks
+    run it in a process of its own, so it does not share a CPU's time with its clients)."""
+    import sys
+
+    ScriptedLLM(default=sys.argv[2], port=int(sys.argv[1])).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
