@@ -1,22 +1,31 @@
 """The LLM proxy over HTTP: OpenAI's chat-completions API (so any OpenAI client library
 works with a Berth token as its key), and each user's usage.
 
+The chat endpoint and its dependencies are async (FastAPI runs each sync dependency in a
+worker thread of its own, a hop each): it costs one thread hop for the caller and one or
+two for the proxy's database work.
+
 A call may name the session and task it is for (headers ``X-Berth-Session`` and
 ``X-Berth-Task``), which must be the caller's own; its tokens are then counted there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
+from sqlalchemy import Engine
+from sqlmodel import Session
 
-from api.deps import DbDep, Problem, UserDep
-from api.service import own_session
+from api.deps import UNAUTHORIZED, DbDep, Problem, UserDep, bearer
+from api.security import read_token
+from berth.settings import Settings
 from llm.accounting import user_usage
 from llm.models import (
     AllProvidersFailed,
@@ -31,7 +40,7 @@ from llm.models import (
 )
 from llm.proxy import LLMProxy
 from llm.shapes import completion
-from store.models import TaskRow
+from store.models import SessionRow, TaskRow
 
 router = APIRouter()
 
@@ -44,7 +53,7 @@ STATUS: dict[type[LLMError], int] = {
 }
 
 
-def get_proxy(request: Request) -> LLMProxy:
+async def get_proxy(request: Request) -> LLMProxy:
     """One proxy per API process, made on first use (its cool-downs are per process)."""
     state = request.app.state
     if getattr(state, "llm", None) is None:
@@ -54,6 +63,35 @@ def get_proxy(request: Request) -> LLMProxy:
 
 
 ProxyDep = Annotated[LLMProxy, Depends(get_proxy)]
+
+
+async def get_caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    x_berth_session: Annotated[str | None, Header()] = None,
+    x_berth_task: Annotated[str | None, Header()] = None,
+) -> Caller:
+    """The user of the token, and the session and task they name, which must be theirs.
+    The token is signed: only a session or task named needs the database."""
+    settings: Settings = request.app.state.settings
+    token = credentials.credentials if credentials else None
+    user_id = read_token(settings.signing_key(), token) if token else None
+    if user_id is None:
+        raise Problem(401, UNAUTHORIZED)
+    if x_berth_session or x_berth_task:
+        engine: Engine = request.app.state.engine
+        await asyncio.to_thread(check_owner, engine, user_id, x_berth_session, x_berth_task)
+    return Caller(user_id=user_id, session_id=x_berth_session, task_id=x_berth_task)
+
+
+def check_owner(engine: Engine, user_id: str, sid: str | None, tid: str | None) -> None:
+    with Session(engine) as db:
+        session = db.get(SessionRow, sid) if sid else None
+        if session is None or session.user_id != user_id:
+            raise Problem(404, f"no session {sid}")
+        task = db.get(TaskRow, tid) if tid else None
+        if tid and (task is None or task.session_id != sid):
+            raise Problem(404, f"no task {tid} in session {sid}")
 
 
 def problem(exc: LLMError) -> Problem:
@@ -68,11 +106,8 @@ def sse(data: dict[str, Any] | str) -> str:
 @router.post("/v1/chat/completions", tags=["llm"], response_model=None)
 async def chat_completions(
     proxy: ProxyDep,
-    db: DbDep,
-    user: UserDep,
+    caller: Annotated[Caller, Depends(get_caller)],
     body: Annotated[dict[str, Any], Body()],
-    x_berth_session: Annotated[str | None, Header()] = None,
-    x_berth_task: Annotated[str | None, Header()] = None,
     cache_control: Annotated[str | None, Header()] = None,
 ) -> Response:
     """OpenAI's chat completions, streaming (`"stream": true`) or not. The cache answers
@@ -90,14 +125,6 @@ async def chat_completions(
         raise Problem(400, '"cache" is true or false')
     if extras.get("n", 1) != 1:
         raise Problem(400, "n: only one choice per request")
-    caller = Caller(user_id=user.id, session_id=x_berth_session, task_id=x_berth_task)
-    if x_berth_session:
-        own_session(db, user, x_berth_session)
-    if x_berth_task:
-        task = db.get(TaskRow, x_berth_task)
-        if task is None or task.session_id != x_berth_session:
-            raise Problem(404, f"no task {x_berth_task} in session {x_berth_session}")
-    db.close()  # nothing more to read: do not hold a connection through the model's answer
 
     if not request.stream:
         try:
