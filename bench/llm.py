@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import openai
 import redis
 from langchain_core.messages import HumanMessage
 
-from bench.spine import Metric, machine, table, timed
+from bench.spine import Metric, machine, table, timed, write_report
 from berth.local import free_port
 from berth.settings import LLMProvider, Settings
 from llm.models import Caller, ChatRequest
@@ -172,7 +171,10 @@ def run(data: Path) -> list[Metric]:
 def main() -> int:
     began, started = time.monotonic(), datetime.now(UTC).isoformat(timespec="seconds")
     info = machine()
-    print(f"machine: {info['nproc']} CPUs, {info['cpu']}; date: {started}", flush=True)
+    print(
+        f"machine: {info['nproc']} CPUs, {info['cpu']}, load {info['load']}; date: {started}",
+        flush=True,
+    )
     data = Path(tempfile.mkdtemp(prefix="berth-bench-llm-"))
     try:
         metrics = run(data)
@@ -182,12 +184,7 @@ def main() -> int:
     shutil.rmtree(data, ignore_errors=True)
     duration = time.monotonic() - began
     print(table(metrics))
-    out = Path(os.environ.get("BERTH_BENCH_OUT") or ".berth/bench/llm.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    results = [{**asdict(m), "met": m.met} for m in metrics]
-    report = {"date": started, "machine": info, "seconds": round(duration), "metrics": results}
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results: {out} (took {duration:.0f} s)")
+    write_report("llm", metrics, info, started, duration)
     return 0 if all(m.met is not False for m in metrics) else 1
 
 

@@ -163,27 +163,24 @@ class LLMProxy:
     async def _open(
         self, caller: Caller, keys: dict[str, str], started: float
     ) -> ChatResult | None:
-        """Refuses the call past a limit; else the cached answer, if any, recorded. With
-        the cache in the database, this is one transaction."""
-        sql = self.cache if isinstance(self.cache, SQLCache) else None
+        """Refuses the call past a limit; else the cached answer, if any, recorded: in one
+        database transaction (after one Redis read when the cache is there)."""
+        found = None
+        if keys and isinstance(self.cache, RedisCache):
+            found = await self.cache.first(list(keys.values()))
 
         def check_and_look_up(conn: Connection) -> ChatResult | None:
             self.ledger.check(conn, caller)
-            found = sql.first(conn, list(keys.values())) if sql and keys else None
-            if found is None:
+            entry = found
+            if entry is None and keys and isinstance(self.cache, SQLCache):
+                entry = self.cache.first(conn, list(keys.values()))
+            if entry is None:
                 return None
-            hit = as_hit(found)
+            hit = as_hit(entry)
             self.ledger.record(conn, caller, hit, time.perf_counter() - started)
             return hit
 
-        hit = await self._in_database(check_and_look_up)
-        if hit is None and keys and isinstance(self.cache, RedisCache):
-            found = await self.cache.first(list(keys.values()))
-            if found is not None:
-                hit = as_hit(found)
-                latency = time.perf_counter() - started
-                await self._in_database(lambda c: self.ledger.record(c, caller, hit, latency))
-        return hit
+        return await self._in_database(check_and_look_up)
 
     async def _close(
         self, caller: Caller, result: ChatResult, key: str | None, started: float

@@ -3,6 +3,7 @@ loopback: fallback, cool-down, the cache (streaming too), tool calls, accounting
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Iterator
@@ -259,9 +260,10 @@ async def test_the_cache_is_shared_by_every_process(
         assert (await other.complete(ask(unique), USER)).cached
         assert len(server.requests) == 1
         expired = proxy_for(
-            engine, provider(server, "main"), llm_cache_ttl_s=0.001, **cache_settings
+            engine, provider(server, "main"), llm_cache_ttl_s=0.05, **cache_settings
         )
         await expired.complete(ask(unique + "!"), USER)
+        await asyncio.sleep(0.1)  # past the TTL
         assert not (await expired.complete(ask(unique + "!"), USER)).cached
 
 
