@@ -16,7 +16,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
@@ -103,21 +103,34 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-@router.post("/v1/chat/completions", tags=["llm"], response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    tags=["llm"],
+    response_model=None,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": ChatRequest.model_json_schema()}},
+        }
+    },
+)
 async def chat_completions(
+    request: Request,
     proxy: ProxyDep,
     caller: Annotated[Caller, Depends(get_caller)],
-    body: Annotated[dict[str, Any], Body()],
     cache_control: Annotated[str | None, Header()] = None,
 ) -> Response:
     """OpenAI's chat completions, streaming (`"stream": true`) or not. The cache answers
     deterministic requests (temperature 0); `"cache": false` in the body or
     `Cache-Control: no-cache` bypasses it, `"cache": true` caches at any temperature."""
+    # Read here, not by FastAPI: a malformed request is a 400, as OpenAI answers it.
     try:
-        request = ChatRequest.model_validate(body)
+        chat = ChatRequest.model_validate_json(await request.body())
     except ValidationError as exc:
-        raise Problem(400, f"not a chat completions request: {exc.errors()[0]['msg']}") from exc
-    extras = request.model_extra or {}
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "the body"
+        raise Problem(400, f"not a chat completions request: {where}: {error['msg']}") from exc
+    extras = chat.model_extra or {}
     cache = extras.pop("cache", None)
     if cache_control and ("no-cache" in cache_control or "no-store" in cache_control):
         cache = False
@@ -126,9 +139,9 @@ async def chat_completions(
     if extras.get("n", 1) != 1:
         raise Problem(400, "n: only one choice per request")
 
-    if not request.stream:
+    if not chat.stream:
         try:
-            result = await proxy.complete(request, caller, cache=cache)
+            result = await proxy.complete(chat, caller, cache=cache)
         except LLMError as exc:
             raise problem(exc) from exc
         headers = {
@@ -138,7 +151,7 @@ async def chat_completions(
         }
         return JSONResponse(completion(result), headers=headers)
 
-    chunks = proxy.stream(request, caller, cache=cache)
+    chunks = proxy.stream(chat, caller, cache=cache)
     try:
         # The first chunk comes once a provider answers: until then, errors are HTTP errors.
         first = await anext(chunks)

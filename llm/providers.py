@@ -50,13 +50,17 @@ def provider_configs(settings: Settings) -> list[LLMProvider]:
                 f"BERTH_LLM_MODEL: unknown provider {kind!r} (use openai: or anthropic:)"
             )
         configs = [LLMProvider(name=kind, kind=cast(Any, kind), model=model)]
-    for config in configs:
-        if config.kind == "openai":
-            config.api_key = config.api_key or settings.openai_api_key
-            config.base_url = config.base_url or settings.openai_base_url
-        else:
-            config.api_key = config.api_key or settings.anthropic_api_key
-    return configs
+    return [with_defaults(config, settings) for config in configs]
+
+
+def with_defaults(config: LLMProvider, settings: Settings) -> LLMProvider:
+    if config.kind == "openai":
+        key, url = settings.openai_api_key, settings.openai_base_url
+    else:
+        key, url = settings.anthropic_api_key, None
+    return config.model_copy(
+        update={"api_key": config.api_key or key, "base_url": config.base_url or url}
+    )
 
 
 def chat_model(config: LLMProvider, timeout_s: float) -> BaseChatModel:

@@ -240,7 +240,8 @@ class LLMProxy:
                         f"{provider.name} ({provider.config.model}){tries}: {describe(exc)}"
                     )
                     refused = refused and is_refusal(exc)
-                    self._cool(provider)
+                    if not is_refusal(exc):  # the request's fault, not the provider's
+                        self._cool(provider)
                     break
                 self.cooling.pop(provider.name, None)
                 return provider, value

@@ -167,6 +167,8 @@ def test_refusals_are_http_errors_that_say_why(tmp_path: Path) -> None:
         for body in bodies:
             bad = httpx.post(url, json=body, headers=headers)
             assert bad.status_code == 400, bad.text
+        for raw in (b"not json", b"[1, 2]"):
+            assert httpx.post(url, content=raw, headers=headers).status_code == 400
         unknown = httpx.post(url, json={"model": "gpt-9", "messages": ask("x")}, headers=headers)
         assert unknown.status_code == 400 and "unknown model 'gpt-9'" in unknown.text
         assert httpx.post(url, json={"messages": ask("x")}).status_code == 401
