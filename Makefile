@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := docker.io iptables debootstrap chromium npm
 STAMPS := .berth/stamps
 
-.PHONY: run test lint check setup sandbox-image lock clean bench-spine
+.PHONY: run test lint check setup sandbox-image lock clean bench-spine bench-llm
 
 run: setup
 	$(PY) -m berth run
@@ -19,6 +19,9 @@ test: setup lint
 
 bench-spine: setup
 	$(PY) -m bench.spine
+
+bench-llm: $(VENV)/.installed
+	$(PY) -m bench.llm
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

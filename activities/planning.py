@@ -4,27 +4,52 @@ through LangChain. (Plans written as ``$ `` lines never get here: the workflow p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
 
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import BaseModel, ValidationError, field_validator
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from berth.settings import Settings
+from llm.accounting import caller_for_session
+from llm.models import (
+    AllProvidersFailed,
+    BudgetExceeded,
+    ChatRequest,
+    ChatResult,
+    InvalidRequest,
+    LLMError,
+    NoProvider,
+    RateLimited,
+)
+from llm.proxy import LLMProxy
 from sandboxes.models import Step
-from workflows.models import DoneStep, Plan, PlanRequest, Verdict, VerifyRequest
+from workflows.models import (
+    DoneStep,
+    ModelAnswer,
+    Plan,
+    PlanRequest,
+    Verdict,
+    VerifyRequest,
+)
 from workflows.plans import MAX_PLAN_STEPS
 
 NO_MODEL = (
     "This task needs a planner model, and none is configured. Set BERTH_LLM_MODEL "
     "(e.g. gpt-4o-mini with OPENAI_API_KEY, any model of an OpenAI-compatible server with "
-    "OPENAI_BASE_URL, or claude-3-5-haiku-latest with ANTHROPIC_API_KEY), or write the "
-    "steps yourself, one per line, each starting with '$ '."
+    "OPENAI_BASE_URL, or claude-3-5-haiku-latest with ANTHROPIC_API_KEY) or BERTH_LLM_PROVIDERS, "
+    "or write the steps yourself, one per line, each starting with '$ '."
 )
+# The proxy's errors as the activity's: (error type, whether a retry may help).
+FAILURES: dict[type[LLMError], tuple[str, bool]] = {
+    NoProvider: ("NoPlannerModel", False),
+    BudgetExceeded: ("LLMBudgetExceeded", False),
+    InvalidRequest: ("LLMInvalidRequest", False),
+    RateLimited: ("LLMRateLimited", True),
+    AllProvidersFailed: ("LLMUnavailable", True),
+}
 
 SYSTEM_PROMPT = """\
 You plan the work of an autonomous agent that acts in a Debian Linux sandbox, one step at a
@@ -55,33 +80,6 @@ and the steps the agent ran with their output. Decide whether the task is done, 
 answer the user gets: the result itself (quote the output that matters), not a description
 of the steps. Reply with one JSON object and nothing else:
 {"ok": true or false, "answer": "...", "reason": "why it is or is not done"}"""
-
-
-def chat_model(settings: Settings) -> BaseChatModel | None:
-    """The configured chat model: ``openai:NAME``, ``anthropic:NAME``, or a bare name
-    (``claude-*`` means Anthropic, anything else an OpenAI-compatible server)."""
-    if not settings.llm_model:
-        return None
-    provider, _, name = settings.llm_model.rpartition(":")
-    provider = provider or ("anthropic" if name.startswith("claude") else "openai")
-    if provider == "anthropic":
-        from langchain_anthropic import ChatAnthropic
-
-        return ChatAnthropic(  # type: ignore[call-arg]
-            model_name=name, api_key=settings.anthropic_api_key, timeout=60, max_retries=1
-        )
-    if provider == "openai":
-        from langchain_openai import ChatOpenAI
-
-        return ChatOpenAI(
-            model=name,
-            api_key=settings.openai_api_key or "not-needed",  # local servers take any key
-            base_url=settings.openai_base_url,
-            timeout=60,
-            max_retries=1,
-            temperature=0,
-        )
-    raise ValueError(f"BERTH_LLM_MODEL: unknown provider {provider!r} (use openai: or anthropic:)")
 
 
 class _Reply(BaseModel):
@@ -152,41 +150,71 @@ def done_step(done: DoneStep) -> str:
     return "\n".join(lines)
 
 
-def planner_messages(request: PlanRequest) -> list[SystemMessage | HumanMessage]:
+Messages = list[dict[str, Any]]
+
+
+def planner_messages(request: PlanRequest) -> Messages:
     text = progress(request)
     if request.feedback:
         text += f"\n\nThe plan must change: {request.feedback}"
     if request.done or request.feedback or request.instruction:
         text += "\nPlan only the steps still to run."
-    return [SystemMessage(SYSTEM_PROMPT), HumanMessage(text)]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
 
 
-def verifier_messages(request: VerifyRequest) -> list[SystemMessage | HumanMessage]:
-    return [SystemMessage(VERIFY_PROMPT), HumanMessage(progress(request))]
+def verifier_messages(request: VerifyRequest) -> Messages:
+    return [
+        {"role": "system", "content": VERIFY_PROMPT},
+        {"role": "user", "content": progress(request)},
+    ]
+
+
+def answer(result: ChatResult) -> dict[str, Any]:
+    """Who answered and what it cost, as a ModelAnswer's fields."""
+    return dict(
+        ModelAnswer(
+            provider=result.provider, model=result.model, cached=result.cached, usage=result.usage
+        )
+    )
 
 
 class PlanningActivities:
-    def __init__(self, model: BaseChatModel | None) -> None:
-        self.model = model
+    """Every model call of the agent loop, through the LLM proxy (cache, fallback,
+    accounting against the session's user and the task)."""
 
-    async def ask(self, messages: list[SystemMessage | HumanMessage]) -> str:
-        if self.model is None:
+    def __init__(self, proxy: LLMProxy) -> None:
+        self.proxy = proxy
+
+    async def ask(self, messages: Messages, session_id: str, task_id: str) -> ChatResult:
+        if not self.proxy.configured:
             raise ApplicationError(NO_MODEL, type="NoPlannerModel", non_retryable=True)
-        reply = await self.model.ainvoke(messages)
-        return str(reply.content)
+        caller = await asyncio.to_thread(caller_for_session, self.proxy.engine, session_id, task_id)
+        chat = ChatRequest(messages=messages, temperature=0)
+        # A retry follows a reply that did not parse: ask again rather than read it back.
+        cache = None if activity.info().attempt == 1 else False
+        try:
+            return await self.proxy.complete(chat, caller, cache=cache)
+        except LLMError as exc:
+            kind, retryable = next(v for k, v in FAILURES.items() if isinstance(exc, k))
+            message = NO_MODEL if isinstance(exc, NoProvider) else str(exc)
+            raise ApplicationError(message, type=kind, non_retryable=not retryable) from exc
 
     @activity.defn(name="PlanTask")
     async def plan(self, request: PlanRequest) -> Plan:
-        reply = await self.ask(planner_messages(request))
+        result = await self.ask(planner_messages(request), request.session_id, request.task_id)
         try:
-            return Plan(steps=parse_reply(reply))
+            steps = parse_reply(result.message.get("content") or "")
         except ValueError as exc:
             raise ApplicationError(str(exc), type="BadPlan") from exc
+        return Plan(steps=steps, **answer(result))
 
     @activity.defn(name="VerifyTask")
     async def verify(self, request: VerifyRequest) -> Verdict:
-        reply = await self.ask(verifier_messages(request))
+        result = await self.ask(verifier_messages(request), request.session_id, request.task_id)
         try:
-            return parse_verdict(reply)
+            verdict = parse_verdict(result.message.get("content") or "")
         except ValueError as exc:
             raise ApplicationError(str(exc), type="BadVerdict") from exc
+        return Verdict(
+            ok=verdict.ok, answer=verdict.answer, reason=verdict.reason, **answer(result)
+        )

@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from api.deps import EngineDep, Problem, StreamCount, TemporalLink
+from api.openai_compat import router as llm_router
 from api.routes import router
 from berth.settings import Settings, get_settings
 from store.db import get_engine, migrate
@@ -50,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Problem)
     async def problem(request: Request, exc: Problem) -> Response:
-        if exc.status == 401 and not request.url.path.startswith("/api/"):
+        if exc.status == 401 and not request.url.path.startswith(("/api/", "/v1/")):
             return RedirectResponse("/login", status_code=303)  # a page, not an API call
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     app.include_router(router)
+    app.include_router(llm_router)
     app.include_router(ui_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -112,6 +112,7 @@ HubDep = Annotated[Hub, Depends(get_hub)]
 StreamCountDep = Annotated[StreamCount, Depends(get_stream_count)]
 
 bearer = HTTPBearer(auto_error=False)
+UNAUTHORIZED = "missing or invalid token: POST /api/auth/token for one"
 
 
 def user_from_token(db: Session, settings: Settings, token: str | None) -> User | None:
@@ -126,7 +127,7 @@ def current_user(
 ) -> User:
     user = user_from_token(db, settings, credentials.credentials if credentials else None)
     if user is None:
-        raise Problem(401, "missing or invalid token: POST /api/auth/token for one")
+        raise Problem(401, UNAUTHORIZED)
     return user
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 import vm_templates
+from llm.models import UsageTotals
 from store.models import SessionStatus, StepStatus, TaskStatus
 from workflows.models import MAX_PROMPT_CHARS
 from workflows.plans import check_plan_size
@@ -88,3 +89,5 @@ class TaskOut(BaseModel):
     result: str | None
     error: str | None
     created_at: datetime
+    # The task's LLM calls (its planning, and calls made for it): tokens and cost.
+    llm: UsageTotals

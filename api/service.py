@@ -21,6 +21,7 @@ from api.deps import Problem
 from api.schemas import Credentials, SessionOut, StepOut, TaskOut, TaskRefOut
 from api.security import check_password, hash_password, issue_token
 from berth.settings import Settings
+from llm.accounting import task_usage
 from store.artifacts import ArtifactStore
 from store.models import ArtifactRow, SessionRow, SessionStatus, StepRow, TaskRow, User, utcnow
 from workflows.models import SessionInput, TaskRef
@@ -170,6 +171,7 @@ def task_out(db: Session, session_id: str, task_id: str) -> TaskOut:
         error=task.error,
         created_at=task.created_at,
         steps=[StepOut.model_validate(step, from_attributes=True) for step in steps],
+        llm=task_usage(db, task.id),
     )
 
 

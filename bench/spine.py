@@ -347,7 +347,11 @@ def machine() -> dict[str, Any]:
         for line in Path("/proc/cpuinfo").read_text().splitlines()
         if line.startswith("model name")
     ]
-    return {"nproc": os.cpu_count(), "cpu": models[0] if models else "unknown"}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": models[0] if models else "unknown",
+        "load": round(os.getloadavg()[0], 2),  # other work on the machine skews the figures
+    }
 
 
 def table(metrics: list[Metric]) -> str:
@@ -393,13 +397,20 @@ def main() -> int:
         print("50 open streams do not slow other requests")
     elif ratio is not None:
         print(f"50 open streams slow other requests: x{ratio.p50:.1f}")
-    out = Path(os.environ.get("BERTH_BENCH_OUT") or ".berth/bench/spine.json")
+    write_report("spine", metrics, info, started, duration)
+    return 1 if any(m.error for m in metrics) else 0
+
+
+def write_report(
+    name: str, metrics: list[Metric], info: dict[str, Any], started: str, duration: float
+) -> None:
+    """The results as JSON in ``$BERTH_BENCH_OUT``, by default ``.berth/bench/NAME.json``."""
+    out = Path(os.environ.get("BERTH_BENCH_OUT") or f".berth/bench/{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     results = [{**asdict(m), "met": m.met} for m in metrics]
     report = {"date": started, "machine": info, "seconds": round(duration), "metrics": results}
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {out} (took {duration:.0f} s)")
-    return 1 if any(m.error for m in metrics) else 0
 
 
 if __name__ == "__main__":

@@ -13,8 +13,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class LLMProvider(BaseModel):
+    """One provider of the LLM proxy: a kind of API, a model, and where and how to reach it."""
+
+    name: str
+    kind: Literal["openai", "anthropic"] = "openai"  # openai: also any OpenAI-compatible server
+    model: str
+    base_url: str | None = None
+    api_key: str | None = None
 
 
 class Settings(BaseSettings):
@@ -111,6 +121,36 @@ class Settings(BaseSettings):
     anthropic_api_key: str | None = Field(
         default=None,
         validation_alias=AliasChoices("ANTHROPIC_API_KEY", "BERTH_ANTHROPIC_API_KEY"),
+    )
+
+    # LLM proxy
+    llm_providers: list[LLMProvider] = Field(
+        default_factory=list,
+        description="Ordered providers, tried in turn (JSON list); unset means the one given "
+        "by BERTH_LLM_MODEL and the OPENAI_* / ANTHROPIC_API_KEY variables",
+    )
+    llm_prices: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="USD per million input and output tokens, by model, "
+        'e.g. {"gpt-4o-mini": [0.15, 0.6]}',
+    )
+    llm_cache_ttl_s: float = Field(default=86400.0, description="How long an answer is cached")
+    redis_url: str | None = Field(
+        default=None, description="Redis for the LLM response cache; unset means the database"
+    )
+    llm_rate_limit_per_minute: int = Field(
+        default=120, description="LLM requests one user may make per minute (0: no limit)"
+    )
+    llm_task_token_budget: int = Field(
+        default=500_000, description="Tokens one task may spend on LLM calls (0: no limit)"
+    )
+    llm_timeout_s: float = Field(default=60.0, description="Longest one provider call may take")
+    llm_retries: int = Field(
+        default=2, description="Retries of a provider's transient error before the next provider"
+    )
+    llm_backoff_s: float = Field(default=0.5, description="First retry's wait, doubled each time")
+    llm_cooldown_s: float = Field(
+        default=30.0, description="How long a failed provider is tried only after the others"
     )
 
     @property

@@ -21,11 +21,12 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
-from activities.planning import PlanningActivities, chat_model
+from activities.planning import PlanningActivities
 from activities.progress import ProgressActivities
 from activities.sandbox import SandboxActivities
 from berth.settings import Settings, get_settings
 from berth.temporal import connect
+from llm.proxy import LLMProxy
 from sandboxes.factory import make_provider
 from sandboxes.gateway import GuestGateway
 from sandboxes.reconcile import Owner, reconcile_forever
@@ -66,7 +67,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await provider.prepare()
     await gateway.start(settings.gateway_host, settings.gateway_port)
     progress = ProgressActivities(engine)
-    planning = PlanningActivities(chat_model(settings))
+    planning = PlanningActivities(LLMProxy(settings, engine))
     artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes)
     sandbox = SandboxActivities(
         provider,

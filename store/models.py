@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -157,3 +157,35 @@ class ArtifactRow(SQLModel, table=True):
     media_type: str = Field(max_length=100)
     size: int
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class LLMCall(SQLModel, table=True):
+    """One request answered by the LLM proxy (a cache hit too), for accounting and limits."""
+
+    __tablename__ = "llm_calls"
+    # The rate limit counts a user's recent calls; the budget sums a task's tokens.
+    __table_args__ = (Index("ix_llm_calls_user_created", "user_id", "created_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(max_length=64)
+    session_id: str | None = Field(default=None, index=True, max_length=64)
+    task_id: str | None = Field(default=None, index=True, max_length=64)
+    provider: str = Field(max_length=100)
+    model: str = Field(max_length=200)
+    # Tokens a provider spent on it: 0 for a cache hit.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    cached: bool = False
+    latency_ms: float = 0.0
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class LLMCacheEntry(SQLModel, table=True):
+    """A cached LLM answer (when no Redis is configured), keyed by a hash of the request."""
+
+    __tablename__ = "llm_cache"
+
+    key: str = Field(primary_key=True, max_length=64)
+    result: str = Field(sa_column=Column(Text, nullable=False))
+    expires_at: datetime = Field(index=True)

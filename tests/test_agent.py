@@ -14,7 +14,7 @@ import pytest
 
 from berth.local import LocalSystem, free_port
 from sandboxes.docker import NETWORK
-from tests.scripted_llm import ScriptedLLM, scripted_llm
+from tests.scripted_llm import ScriptedLLM
 from tests.test_e2e import read_events, token_for, wait_status
 from tests.test_guest_browser import serve_pages
 
@@ -56,7 +56,7 @@ def agent() -> Agent:
 
 @pytest.fixture(scope="module")
 def llm(agent: Agent) -> Iterator[ScriptedLLM]:
-    with scripted_llm(script=agent) as server:
+    with ScriptedLLM(script=agent) as server:
         yield server
 
 
@@ -74,7 +74,7 @@ def system(
         "agent",
         {
             "BERTH_LLM_MODEL": "openai:scripted",
-            "OPENAI_BASE_URL": llm.url,
+            "OPENAI_BASE_URL": f"{llm.url}/v1",
             "OPENAI_API_KEY": "sk-scripted",
             "BERTH_AGENT_MAX_STEPS": "4",
             # The page the browser test serves: the one host port sandboxes may reach.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from llm.models import Usage
 from sandboxes.models import SandboxInfo, Step, StepOutcome
 from store.events import NewEvent
 from store.models import SessionStatus, TaskStatus
@@ -119,6 +120,7 @@ class StepRequest(BaseModel):
 
 class PlanRequest(BaseModel):
     task_id: str
+    # Whose call it is, for the LLM proxy's accounting: the session's user.
     session_id: str = ""
     prompt: str
     # Set when the user modifies a running task: the plan is redone from here on.
@@ -130,7 +132,16 @@ class PlanRequest(BaseModel):
     feedback: str | None = None
 
 
-class Plan(BaseModel):
+class ModelAnswer(BaseModel):
+    """Which provider and model answered, whether from the cache, and what it cost."""
+
+    provider: str | None = None
+    model: str | None = None
+    cached: bool = False
+    usage: Usage = Field(default_factory=Usage)
+
+
+class Plan(ModelAnswer):
     steps: list[Step]
 
 
@@ -142,7 +153,7 @@ class VerifyRequest(BaseModel):
     done: list[DoneStep] = Field(default_factory=list)
 
 
-class Verdict(BaseModel):
+class Verdict(ModelAnswer):
     """The model's check of a task's result against its goal, and the answer it gives."""
 
     ok: bool

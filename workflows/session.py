@@ -26,12 +26,14 @@ with workflow.unsafe.imports_passed_through():
     from activities.planning import PlanningActivities
     from activities.progress import ProgressActivities
     from activities.sandbox import SandboxActivities, step_key
-    from sandboxes.models import SandboxInfo, Step, StepOutcome
+    from sandboxes.models import SandboxInfo, StepOutcome
     from store.events import NewEvent
     from store.models import SessionStatus, TaskStatus
     from workflows.models import (
         Carried,
         DoneStep,
+        ModelAnswer,
+        Plan,
         PlanRequest,
         ProgressBatch,
         SandboxRequest,
@@ -72,6 +74,11 @@ DESTROY_TIMEOUT = timedelta(minutes=3)
 
 def workflow_id(session_id: str) -> str:
     return f"session-{session_id}"
+
+
+def answered_by(answer: ModelAnswer) -> dict[str, Any]:
+    """Which provider answered, and whether from its cache (neither for a written plan)."""
+    return {"provider": answer.provider, "cached": answer.cached if answer.provider else None}
 
 
 def refused(error: BaseException) -> str | None:
@@ -334,23 +341,25 @@ class SessionWorkflow:
         self.status = SessionStatus.busy
         opening = [self.event("session.status", status=self.status.value)]
         steps = user_plan(task.prompt)
-        if steps is None:
+        plan = None if steps is None else Plan(steps=steps)
+        if plan is None:
             # Sessions begun before the agent loop replay as they ran: planned once, unchecked.
             task.agent = workflow.patched("agent-loop")
             await self.record(*opening, self.set_task(task, TaskStatus.planning))
             opening = []
-            steps = await self.ask_planner(task)
-        task.steps = steps
+            plan = await self.ask_planner(task)
+        task.steps = list(plan.steps)
         # A pause that came while the model planned holds from the first step on.
         running = self.set_task(task, TaskStatus.paused if self.paused else TaskStatus.running)
-        await self.record(*opening, running, self.plan_event(task, 0))
+        await self.record(*opening, running, self.plan_event(task, 0, plan))
 
     async def revise(
         self, task: TaskState, *, instruction: str | None = None, feedback: str | None = None
     ) -> None:
         """Replace the steps not run yet: with a written plan, or the model's new plan."""
         steps = user_plan(instruction) if instruction else None
-        if steps is None:
+        plan = None if steps is None else Plan(steps=steps)
+        if plan is None:
             if instruction:
                 task.notes.append(instruction)
             if task.revisions >= self.params.max_revisions and task.agent:
@@ -360,15 +369,15 @@ class SessionWorkflow:
                     type="RevisionBudgetExhausted",
                 )
             task.revisions += 1
-            steps = await self.ask_planner(task, instruction, feedback)
-        task.steps = task.steps[: task.position] + steps
+            plan = await self.ask_planner(task, instruction, feedback)
+        task.steps = task.steps[: task.position] + list(plan.steps)
         reason = f"modified: {instruction}" if instruction else feedback
-        await self.record(self.plan_event(task, task.position, reason))
+        await self.record(self.plan_event(task, task.position, plan, reason))
 
     async def ask_planner(
         self, task: TaskState, instruction: str | None = None, feedback: str | None = None
-    ) -> list[Step]:
-        plan = await workflow.execute_activity_method(
+    ) -> Plan:
+        return await workflow.execute_activity_method(
             PlanningActivities.plan,
             PlanRequest(
                 task_id=task.id,
@@ -383,7 +392,6 @@ class SessionWorkflow:
             retry_policy=RetryPolicy(maximum_attempts=3),
             summary="revise the plan" if instruction or feedback else "plan the task",
         )
-        return list(plan.steps)
 
     async def verify(self, task: TaskState) -> bool:
         """Have the model check what the steps did against the goal and give the answer;
@@ -408,6 +416,7 @@ class SessionWorkflow:
                 ok=verdict.ok,
                 reason=verdict.reason,
                 answer=verdict.answer,
+                **answered_by(verdict),
             )
         )
         if verdict.ok:
@@ -619,9 +628,14 @@ class SessionWorkflow:
             drafts.append(self.event("session.status", status=self.status.value))
         return drafts
 
-    def plan_event(self, task: TaskState, first: int, revised: str | None = None) -> NewEvent:
+    def plan_event(
+        self, task: TaskState, first: int, plan: Plan, revised: str | None = None
+    ) -> NewEvent:
         steps = [s.model_dump() for s in task.steps[first:]]
-        return self.event("task.plan", task_id=task.id, first=first, steps=steps, revised=revised)
+        return self.event(
+            "task.plan", task_id=task.id, first=first, steps=steps, revised=revised,
+            **answered_by(plan),
+        )  # fmt: skip
 
     def step_end(self, task: TaskState, index: int, status: str, why: str) -> NewEvent:
         # The activity's own key: whichever of the two records the end first wins.

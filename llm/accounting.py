@@ -1,0 +1,148 @@
+"""Accounting and limits of LLM calls, kept in the database so every API and worker
+process sees the same counts: each call is a row of ``llm_calls``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, case, func, insert
+from sqlmodel import Session, col, select
+
+from berth.settings import Settings
+from llm.models import (
+    BudgetExceeded,
+    Caller,
+    ChatResult,
+    RateLimited,
+    SessionUsage,
+    TaskUsage,
+    Usage,
+    UsageTotals,
+    UserUsage,
+)
+from store.models import LLMCall, SessionRow
+
+RATE_WINDOW = timedelta(minutes=1)
+CALLS: Table = LLMCall.__table__  # type: ignore[attr-defined]
+
+
+def cost_usd(settings: Settings, model: str, prompt_tokens: int, completion_tokens: int) -> float:
+    per_input, per_output = settings.llm_prices.get(model, (0.0, 0.0))
+    return (prompt_tokens * per_input + completion_tokens * per_output) / 1_000_000
+
+
+def caller_for_session(engine: Engine, session_id: str, task_id: str | None) -> Caller:
+    """The caller of a session's own LLM call (the planner's): the session's user."""
+    with Session(engine) as db:
+        row = db.get(SessionRow, session_id) if session_id else None
+    return Caller(
+        user_id=row.user_id if row else "", session_id=session_id or None, task_id=task_id
+    )
+
+
+class Ledger:
+    """Limits and the record of calls: statements on a connection the proxy holds, so that
+    one call costs as few database round trips as it can."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def check(self, conn: Connection, caller: Caller) -> None:
+        """RateLimited or BudgetExceeded if this caller may not make another call now."""
+        rate, budget = self.settings.llm_rate_limit_per_minute, self.settings.llm_task_token_budget
+        if rate:
+            since = datetime.now(UTC) - RATE_WINDOW
+            recent = conn.execute(
+                select(func.count())
+                .select_from(CALLS)
+                .where(CALLS.c.user_id == caller.user_id, CALLS.c.created_at > since)
+            ).scalar_one()
+            if recent >= rate:
+                raise RateLimited(
+                    f"rate limit: {rate} LLM requests a minute per user; try again shortly"
+                )
+        if budget and caller.task_id:
+            tokens = CALLS.c.prompt_tokens + CALLS.c.completion_tokens
+            spent = conn.execute(
+                select(func.coalesce(func.sum(tokens), 0)).where(CALLS.c.task_id == caller.task_id)
+            ).scalar_one()
+            if spent >= budget:
+                raise BudgetExceeded(
+                    f"task {caller.task_id} has spent {spent} tokens, its budget is {budget}"
+                )
+
+    def record(
+        self, conn: Connection, caller: Caller, result: ChatResult, latency_s: float
+    ) -> None:
+        spent = Usage() if result.cached else result.usage
+        conn.execute(
+            insert(CALLS),
+            {
+                "user_id": caller.user_id,
+                "session_id": caller.session_id,
+                "task_id": caller.task_id,
+                "provider": result.provider,
+                "model": result.model,
+                "prompt_tokens": spent.prompt_tokens,
+                "completion_tokens": spent.completion_tokens,
+                "cost_usd": spent.cost_usd,
+                "cached": result.cached,
+                "latency_ms": round(latency_s * 1000, 3),
+                "created_at": datetime.now(UTC),
+            },
+        )
+
+
+# ---- reading it back
+
+
+def _sums() -> tuple[Any, ...]:
+    return (
+        func.count(),
+        func.coalesce(func.sum(case((col(LLMCall.cached), 1), else_=0)), 0),
+        func.coalesce(func.sum(LLMCall.prompt_tokens), 0),
+        func.coalesce(func.sum(LLMCall.completion_tokens), 0),
+        func.coalesce(func.sum(LLMCall.cost_usd), 0.0),
+    )
+
+
+def _totals(sums: Sequence[Any]) -> UsageTotals:
+    calls, cached, prompt, completion, cost = sums
+    return UsageTotals(
+        calls=calls,
+        cached_calls=cached,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        cost_usd=round(cost, 6),
+    )
+
+
+def user_usage(db: Session, user_id: str) -> UserUsage:
+    """A user's LLM usage: in all, by session, and by task."""
+    mine = LLMCall.user_id == user_id
+    total = db.exec(select(*_sums()).where(mine)).one()
+    sessions = db.exec(
+        select(LLMCall.session_id, *_sums())
+        .where(mine, col(LLMCall.session_id).is_not(None))
+        .group_by(col(LLMCall.session_id))
+    ).all()
+    tasks = db.exec(
+        select(LLMCall.session_id, LLMCall.task_id, *_sums())
+        .where(mine, col(LLMCall.task_id).is_not(None))
+        .group_by(col(LLMCall.session_id), col(LLMCall.task_id))
+    ).all()
+    return UserUsage(
+        user_id=user_id,
+        total=_totals(total),
+        sessions=[SessionUsage(session_id=r[0], **_totals(r[1:]).model_dump()) for r in sessions],
+        tasks=[
+            TaskUsage(session_id=r[0], task_id=r[1], **_totals(r[2:]).model_dump()) for r in tasks
+        ],
+    )
+
+
+def task_usage(db: Session, task_id: str) -> UsageTotals:
+    return _totals(db.exec(select(*_sums()).where(LLMCall.task_id == task_id)).one())

@@ -1,0 +1,101 @@
+"""Requests, results and errors of the LLM proxy, in the OpenAI chat-completions shape.
+
+Plain Pydantic: the workflow's models import ``Usage``, so nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Caller(BaseModel):
+    """Who a call is for: accounting and limits are kept per user, session and task."""
+
+    user_id: str
+    session_id: str | None = None
+    task_id: str | None = None
+
+
+class ChatRequest(BaseModel):
+    """An OpenAI chat-completions request; other OpenAI fields are kept as extras."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
+    stream: bool = False
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class ChatResult(BaseModel):
+    # {"role": "assistant", "content": str | None, "tool_calls": [...]} as OpenAI has it
+    message: dict[str, Any]
+    finish_reason: str | None
+    provider: str
+    model: str
+    usage: Usage
+    cached: bool = False
+
+
+class LLMError(Exception):
+    """Base of the proxy's errors; the message is meant for the user."""
+
+
+class NoProvider(LLMError):
+    """No provider is configured."""
+
+
+class InvalidRequest(LLMError):
+    """The request itself is wrong (unknown model, or a provider refused it as malformed)."""
+
+
+class AllProvidersFailed(LLMError):
+    """Every provider was tried; the message names each and why it failed."""
+
+
+class RateLimited(LLMError):
+    """The user made more requests in the last minute than the limit allows."""
+
+
+class BudgetExceeded(LLMError):
+    """The task has spent its token budget."""
+
+
+class UsageTotals(BaseModel):
+    """LLM calls summed: tokens and cost are what providers spent (a cache hit spends none)."""
+
+    calls: int = 0
+    cached_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class SessionUsage(UsageTotals):
+    session_id: str
+
+
+class TaskUsage(UsageTotals):
+    session_id: str | None
+    task_id: str
+
+
+class UserUsage(BaseModel):
+    user_id: str
+    total: UsageTotals
+    sessions: list[SessionUsage]
+    tasks: list[TaskUsage]

@@ -1,0 +1,269 @@
+"""LLMProxy: every LLM call of Berth goes through it (the planner's, and users' own tools'
+through ``POST /v1/chat/completions``).
+
+A call is checked against the user's rate limit and the task's token budget, answered from
+the cache when it is deterministic (temperature 0, or asked for), else sent to the
+providers in order: a provider's transient errors (timeouts, 429, 5xx) are retried with a
+doubling backoff, then the next provider is tried; one that failed is cooled down (tried
+after the others) for a while. Every answer is recorded for accounting.
+
+Streaming: a provider counts as answering once its first chunk came; until then failures
+fall back as above. A failure after it ends the stream with an error (the client already
+has part of an answer, and another model would not continue it). A streamed answer is
+cached only once complete; a hit is replayed as a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from langchain_core.messages import AIMessageChunk
+from sqlalchemy import Connection, Engine
+
+from berth.settings import Settings
+from llm.accounting import Ledger, cost_usd
+from llm.cache import RedisCache, SQLCache, cache_key, make_cache
+from llm.models import (
+    AllProvidersFailed,
+    Caller,
+    ChatRequest,
+    ChatResult,
+    InvalidRequest,
+    LLMError,
+    NoProvider,
+)
+from llm.providers import (
+    Answer,
+    Provider,
+    answer_of,
+    chat_model,
+    describe,
+    is_refusal,
+    is_transient,
+    provider_configs,
+    usage_of,
+)
+from llm.shapes import Chunks
+
+T = TypeVar("T")
+
+# The model name that means "the providers in their configured order".
+DEFAULT_MODEL = "berth"
+NO_PROVIDER = (
+    "no LLM provider is configured: set BERTH_LLM_PROVIDERS, or BERTH_LLM_MODEL with "
+    "OPENAI_API_KEY / OPENAI_BASE_URL or ANTHROPIC_API_KEY"
+)
+
+
+class LLMProxy:
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.providers = [
+            Provider(config, chat_model(config, settings.llm_timeout_s))
+            for config in provider_configs(settings)
+        ]
+        self.cache = make_cache(settings)
+        self.ledger = Ledger(settings)
+        # Provider name → when its cool-down ends (time.monotonic). Per process, on purpose:
+        # it is a hint about where to start, not shared state.
+        self.cooling: dict[str, float] = {}
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.providers)
+
+    def models(self) -> list[str]:
+        """What a request's ``model`` may name: ``berth`` (every provider, in order), or
+        one provider's model or name."""
+        names = [DEFAULT_MODEL]
+        for provider in self.providers:
+            names += [n for n in (provider.config.model, provider.name) if n not in names]
+        return names if self.providers else []
+
+    async def complete(
+        self, request: ChatRequest, caller: Caller, *, cache: bool | None = None
+    ) -> ChatResult:
+        """The answer to a request; ``cache`` None means cache it if deterministic, False
+        means neither read nor write the cache, True caches it whatever its temperature."""
+        started = time.perf_counter()
+        providers, keys = self._prepare(request, cache)
+        hit = await self._open(caller, keys, started)
+        if hit is not None:
+            return hit
+        provider, answer = await self._first_to_answer(providers, lambda p: p.invoke(request))
+        result = self._result(provider, answer)
+        await self._close(caller, result, keys.get(provider.name), started)
+        return result
+
+    async def stream(
+        self, request: ChatRequest, caller: Caller, *, cache: bool | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The answer as OpenAI ``chat.completion.chunk`` dicts, the last one with usage."""
+        started = time.perf_counter()
+        providers, keys = self._prepare(request, cache)
+        hit = await self._open(caller, keys, started)
+        if hit is not None:
+            for chunk in Chunks(hit.model).replay(hit):
+                yield chunk
+            return
+
+        async def opened(
+            provider: Provider,
+        ) -> tuple[AsyncGenerator[AIMessageChunk, None], AIMessageChunk]:
+            pieces = provider.astream(request)
+            try:
+                return pieces, await anext(pieces)
+            except BaseException:
+                await pieces.aclose()
+                raise
+
+        provider, (pieces, first) = await self._first_to_answer(providers, opened)
+        chunks = Chunks(provider.config.model)
+        whole: AIMessageChunk | None = None
+        async with contextlib.aclosing(pieces):
+            try:
+                piece: AIMessageChunk | None = first
+                while piece is not None:
+                    whole = piece if whole is None else whole + piece
+                    delta = chunks.delta(piece, first=piece is first)
+                    if delta:
+                        yield chunks.chunk(delta)
+                    piece = await anext(pieces, None)
+                answer = answer_of(whole or AIMessageChunk(content=""))
+                if answer.finish_reason is None:
+                    # A dropped connection can end an event stream early without an error.
+                    raise ConnectionError("the stream ended before the answer did")
+            except Exception as exc:
+                self._cool(provider)
+                raise LLMError(
+                    f"{provider.name} ({provider.config.model}) failed mid-answer: {describe(exc)}"
+                ) from exc
+        result = self._result(provider, answer)
+        yield chunks.chunk({}, result.finish_reason)
+        yield chunks.chunk({}, usage=result.usage)
+        await self._close(caller, result, keys.get(provider.name), started)
+
+    # ---- the steps of a call
+
+    def _prepare(
+        self, request: ChatRequest, cache: bool | None
+    ) -> tuple[list[Provider], dict[str, str]]:
+        """The providers to try, in order, and the cache key for each (none when the
+        request is not to be cached)."""
+        providers = self._route(request)
+        if cache is False or (cache is None and request.temperature != 0):
+            return providers, {}
+        return providers, {p.name: cache_key(p, request) for p in providers}
+
+    async def _open(
+        self, caller: Caller, keys: dict[str, str], started: float
+    ) -> ChatResult | None:
+        """Refuses the call past a limit; else the cached answer, if any, recorded: in one
+        database transaction (after one Redis read when the cache is there)."""
+        found = None
+        if keys and isinstance(self.cache, RedisCache):
+            found = await self.cache.first(list(keys.values()))
+
+        def check_and_look_up(conn: Connection) -> ChatResult | None:
+            self.ledger.check(conn, caller)
+            entry = found
+            if entry is None and keys and isinstance(self.cache, SQLCache):
+                entry = self.cache.first(conn, list(keys.values()))
+            if entry is None:
+                return None
+            hit = as_hit(entry)
+            self.ledger.record(conn, caller, hit, time.perf_counter() - started)
+            return hit
+
+        return await self._in_database(check_and_look_up)
+
+    async def _close(
+        self, caller: Caller, result: ChatResult, key: str | None, started: float
+    ) -> None:
+        """Caches a provider's answer (when it is to be) and records the call."""
+        if key and isinstance(self.cache, RedisCache):
+            await self.cache.put(key, result)
+        latency = time.perf_counter() - started
+
+        def store_and_record(conn: Connection) -> None:
+            if key and isinstance(self.cache, SQLCache):
+                self.cache.put(conn, key, result)
+            self.ledger.record(conn, caller, result, latency)
+
+        await self._in_database(store_and_record)
+
+    async def _in_database(self, work: Callable[[Connection], T]) -> T:
+        def transaction() -> T:
+            with self.engine.begin() as conn:
+                return work(conn)
+
+        return await asyncio.to_thread(transaction)
+
+    def _route(self, request: ChatRequest) -> list[Provider]:
+        if not self.providers:
+            raise NoProvider(NO_PROVIDER)
+        if not request.messages:
+            raise InvalidRequest("messages: at least one message is needed")
+        chosen = self.providers
+        if request.model not in (None, "", DEFAULT_MODEL):
+            chosen = [p for p in self.providers if request.model in (p.name, p.config.model)]
+            if not chosen:
+                raise InvalidRequest(
+                    f"unknown model {request.model!r}; the models are {', '.join(self.models())}"
+                )
+        now = time.monotonic()
+        return sorted(chosen, key=lambda p: self.cooling.get(p.name, 0.0) > now)  # stable
+
+    async def _first_to_answer(
+        self, providers: list[Provider], call: Callable[[Provider], Awaitable[T]]
+    ) -> tuple[Provider, T]:
+        """The first provider, in order, whose call succeeds, with what it returned."""
+        failures: list[str] = []
+        refused = True  # every provider refused the request as malformed
+        for provider in providers:
+            for attempt in range(self.settings.llm_retries + 1):
+                if attempt:
+                    await asyncio.sleep(self.settings.llm_backoff_s * 2 ** (attempt - 1))
+                try:
+                    async with asyncio.timeout(self.settings.llm_timeout_s):
+                        value = await call(provider)
+                except Exception as exc:
+                    if is_transient(exc) and attempt < self.settings.llm_retries:
+                        continue
+                    tries = f" after {attempt + 1} tries" if attempt else ""
+                    failures.append(
+                        f"{provider.name} ({provider.config.model}){tries}: {describe(exc)}"
+                    )
+                    refused = refused and is_refusal(exc)
+                    if not is_refusal(exc):  # the request's fault, not the provider's
+                        self._cool(provider)
+                    break
+                self.cooling.pop(provider.name, None)
+                return provider, value
+        error = InvalidRequest if refused else AllProvidersFailed
+        raise error("every LLM provider failed: " + "; ".join(failures))
+
+    def _cool(self, provider: Provider) -> None:
+        self.cooling[provider.name] = time.monotonic() + self.settings.llm_cooldown_s
+
+    def _result(self, provider: Provider, answer: Answer) -> ChatResult:
+        model = provider.config.model
+        cost = cost_usd(self.settings, model, answer.prompt_tokens, answer.completion_tokens)
+        return ChatResult(
+            message=answer.message,
+            finish_reason=answer.finish_reason,
+            provider=provider.name,
+            model=model,
+            usage=usage_of(answer, cost),
+        )
+
+
+def as_hit(entry: ChatResult) -> ChatResult:
+    # A hit costs nothing; the tokens say how big the answer is.
+    usage = entry.usage.model_copy(update={"cost_usd": 0.0})
+    return entry.model_copy(update={"cached": True, "usage": usage})
