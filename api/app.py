@@ -9,14 +9,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
+from api import problems
 from api.deps import EngineDep, Problem, StreamCount, TemporalLink
 from api.routes import router
+from api.security import Passwords
 from berth.settings import Settings, get_settings
 from store.db import get_engine, migrate
 from store.notify import Hub
@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.hub.start()
         yield
         await app.state.hub.stop()
+        app.state.passwords.close()
 
     app = FastAPI(
         title="Berth",
@@ -47,20 +48,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.temporal = TemporalLink(settings)
     app.state.hub = Hub(app.state.engine)
     app.state.streams = StreamCount(settings.max_streams_per_user)
+    app.state.passwords = Passwords(settings)
+    problems.install(app)
 
     @app.exception_handler(Problem)
     async def problem(request: Request, exc: Problem) -> Response:
         if exc.status == 401 and not request.url.path.startswith("/api/"):
             return RedirectResponse("/login", status_code=303)  # a page, not an API call
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+        return problems.response(exc)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        # FastAPI's default echoes each rejected value back, passwords included.
-        errors = [{k: v for k, v in e.items() if k not in ("input", "ctx")} for e in exc.errors()]
-        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
-
-    @app.get("/healthz", tags=["health"])
+    @app.get("/healthz", tags=["health"], responses={503: {"description": "Something is down"}})
     async def healthz(request: Request, engine: EngineDep) -> JSONResponse:
         checks: dict[str, Any] = {}
         try:

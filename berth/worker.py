@@ -26,8 +26,7 @@ from activities.progress import ProgressActivities
 from activities.sandbox import SandboxActivities
 from berth.settings import Settings, get_settings
 from berth.temporal import connect
-from sandboxes.factory import make_provider
-from sandboxes.gateway import GuestGateway
+from sandboxes.factory import make_gateway, make_provider
 from sandboxes.reconcile import Owner, reconcile_forever
 from store.db import get_engine, migrate
 from workflows.session import SessionWorkflow, workflow_id
@@ -60,7 +59,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     migrate(settings.db_url)
     engine = get_engine(settings.db_url)
     client = await connect(settings)
-    gateway = GuestGateway(settings.signing_key())
+    gateway = make_gateway(settings)
     provider = make_provider(settings, gateway)
     await provider.prepare()
     await gateway.start(settings.gateway_host, settings.gateway_port)

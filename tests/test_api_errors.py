@@ -34,7 +34,10 @@ def test_a_rejected_body_is_not_echoed(client: TestClient) -> None:
     answer = client.post("/api/auth/signup", json={"email": "a@b.c", "password": secret})
     assert answer.status_code == 422
     assert secret not in answer.text
-    assert answer.json()["detail"][0]["loc"] == ["body", "password"]
+    assert answer.headers["content-type"] == "application/problem+json"
+    problem = answer.json()
+    assert problem["status"] == 422 and problem["type"] == "about:blank"
+    assert [e["loc"] for e in problem["errors"]] == [["body", "password"]]
 
 
 def test_a_user_holds_at_most_so_many_streams() -> None:

@@ -18,37 +18,53 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 import vm_templates
-from api import service
+from api import accounts, service
 from api.deps import (
     DbDep,
     EngineDep,
     HubDep,
+    IpDep,
+    PasswordsDep,
     Problem,
     SettingsDep,
     StreamCountDep,
     TemporalDep,
-    user_from_token,
 )
 from api.events import sse, stream
 from api.schemas import Credentials
-from store.models import Event, StepRow, User
+from berth.settings import Settings
+from store.models import ApiToken, Event, StepRow, User
 from workflows.models import TaskControl, TaskSubmission
 
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"
 COOKIE = "berth_token"
+DASHBOARD_TOKEN = "dashboard"  # the name of the token each dashboard login makes
+HOME_SESSIONS = 100  # the home page lists this many of the newest sessions
 
 templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter(include_in_schema=False)
 
 
-def page_user(request: Request, db: DbDep, settings: SettingsDep) -> User:
-    user = user_from_token(db, settings, request.cookies.get(COOKIE))
-    if user is None:
+def cookie_caller(
+    request: Request, db: Session, settings: Settings
+) -> tuple[User, ApiToken] | None:
+    secret = request.cookies.get(COOKIE)
+    return accounts.authenticate(db, settings, secret) if secret else None
+
+
+def page_caller(request: Request, db: DbDep, settings: SettingsDep) -> tuple[User, ApiToken]:
+    found = cookie_caller(request, db, settings)
+    if found is None:
         raise Problem(401, "log in first")
-    return user
+    return found
 
 
+def page_user(caller: Annotated[tuple[User, ApiToken], Depends(page_caller)]) -> User:
+    return caller[0]
+
+
+PageCaller = Annotated[tuple[User, ApiToken], Depends(page_caller)]
 PageUser = Annotated[User, Depends(page_user)]
 
 
@@ -59,15 +75,16 @@ def error_fragment(message: str, status: int = 200) -> HTMLResponse:
 
 @router.get("/", response_class=HTMLResponse)
 def home(request: Request, db: DbDep, settings: SettingsDep) -> Response:
-    user = user_from_token(db, settings, request.cookies.get(COOKIE))
-    if user is None:
+    found = cookie_caller(request, db, settings)
+    if found is None:
         return RedirectResponse("/login", status_code=303)
+    user = found[0]
     return templates.TemplateResponse(
         request,
         "index.html",
         {
             "user": user,
-            "sessions": service.list_sessions(db, user),
+            "sessions": service.list_sessions(db, user, limit=HOME_SESSIONS),
             "templates": vm_templates.names(),
         },
     )
@@ -79,10 +96,12 @@ def login_page(request: Request) -> Response:
 
 
 @router.post("/login", response_class=HTMLResponse)
-def login(
+async def login(
     request: Request,
     db: DbDep,
     settings: SettingsDep,
+    passwords: PasswordsDep,
+    ip: IpDep,
     email: Annotated[str, Form()],
     password: Annotated[str, Form()],
     action: Annotated[str, Form()] = "login",
@@ -90,22 +109,26 @@ def login(
     try:
         credentials = Credentials(email=email, password=password)
         if action == "signup":
-            service.sign_up(db, credentials)
-        token = service.log_in(db, settings, credentials)
+            await accounts.sign_up(db, passwords, settings, credentials, ip)
+        user = await accounts.log_in(db, passwords, settings, credentials, ip)
     except ValidationError as exc:
         error = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors())
         return templates.TemplateResponse(request, "login.html", {"error": error}, 422)
     except Problem as exc:
         return templates.TemplateResponse(request, "login.html", {"error": exc.detail}, exc.status)
+    _, secret = accounts.issue_token(db, settings, user, DASHBOARD_TOKEN, ip)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(
-        COOKIE, token, httponly=True, samesite="lax", max_age=settings.token_ttl_hours * 3600
+        COOKIE, secret, httponly=True, samesite="lax", max_age=settings.token_ttl_hours * 3600
     )
     return response
 
 
 @router.post("/logout")
-def logout() -> Response:
+def logout(db: DbDep, caller: PageCaller, ip: IpDep) -> Response:
+    """Revokes the dashboard's token: a copy of the cookie opens nothing afterwards."""
+    user, token = caller
+    accounts.revoke(db, user, token.id, ip)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE)
     return response
@@ -117,10 +140,11 @@ async def start_session(
     temporal: TemporalDep,
     settings: SettingsDep,
     user: PageUser,
+    ip: IpDep,
     template: Annotated[str, Form()] = vm_templates.DEFAULT,
 ) -> Response:
     try:
-        row = await service.start_session(db, temporal, settings, user, template)
+        row = await service.start_session(db, temporal, settings, user, template, ip)
     except Problem as exc:
         return error_fragment(exc.detail)
     return Response(status_code=204, headers={"HX-Redirect": f"/sessions/{row.id}"})
@@ -128,7 +152,7 @@ async def start_session(
 
 @router.get("/sessions/{sid}", response_class=HTMLResponse)
 def session_page(sid: str, request: Request, db: DbDep, user: PageUser) -> Response:
-    row = service.own_session(db, user, sid)
+    row = service.visible_session(db, user, sid)
     return templates.TemplateResponse(request, "session.html", {"user": user, "session": row})
 
 
@@ -165,9 +189,11 @@ async def control_task(
 
 
 @router.post("/ui/sessions/{sid}/end", response_class=HTMLResponse)
-async def end_session(sid: str, db: DbDep, temporal: TemporalDep, user: PageUser) -> Response:
+async def end_session(
+    sid: str, db: DbDep, temporal: TemporalDep, user: PageUser, ip: IpDep
+) -> Response:
     try:
-        await service.end_session(temporal, service.own_session(db, user, sid))
+        await service.end_session(db, temporal, user, service.own_session(db, user, sid), ip)
     except Problem as exc:
         return error_fragment(exc.detail)
     return HTMLResponse('<p class="ok">Ending the session…</p>')
@@ -183,7 +209,7 @@ def session_events(
     user: PageUser,
     last_event_id: Annotated[int | None, Header(ge=0)] = None,
 ) -> Response:
-    row = service.own_session(db, user, sid)
+    row = service.visible_session(db, user, sid)
     fragments = templates.get_template("events.html").module
 
     def render(event: Event) -> str:
