@@ -9,18 +9,19 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from api import problems
 from api.deps import EngineDep, Problem, StreamCount, TemporalLink
+from api.headers import SecurityHeaders
 from api.routes import router
 from api.security import Passwords
 from berth.settings import Settings, get_settings
 from store.db import get_engine, migrate
 from store.notify import Hub
-from ui.pages import STATIC_DIR
+from ui.pages import STATIC_DIR, is_dashboard, problem_page
 from ui.pages import router as ui_router
 
 log = logging.getLogger("berth.api")
@@ -35,7 +36,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.hub.start()
         yield
         await app.state.hub.stop()
-        app.state.passwords.close()
 
     app = FastAPI(
         title="Berth",
@@ -53,8 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Problem)
     async def problem(request: Request, exc: Problem) -> Response:
-        if exc.status == 401 and not request.url.path.startswith("/api/"):
-            return RedirectResponse("/login", status_code=303)  # a page, not an API call
+        if is_dashboard(request.url.path):
+            return problem_page(request, exc)
         return problems.response(exc)
 
     @app.get("/healthz", tags=["health"], responses={503: {"description": "Something is down"}})
@@ -84,4 +84,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(ui_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(SecurityHeaders)
     return app

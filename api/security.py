@@ -65,9 +65,6 @@ class Passwords:
             return Verdict(ok=False)
         return Verdict(ok=True, rehash=self.hasher.check_needs_rehash(stored))
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
 
 def _check_scrypt(password: str, stored: str) -> bool:
     _, salt, digest = stored.split("$")

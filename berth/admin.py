@@ -35,11 +35,8 @@ def main() -> int:
         sys.exit("; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors()))
     settings = get_settings()
     migrate(settings.db_url)
-    passwords = Passwords(settings)
-    try:
-        with Session(get_engine(settings.db_url)) as db:
-            user = asyncio.run(make_admin(db, passwords, credentials.email, credentials.password))
-            print(f"{user.email} is an admin (user {user.id})")
-    finally:
-        passwords.close()
+    with Session(get_engine(settings.db_url)) as db:
+        passwords = Passwords(settings)
+        user = asyncio.run(make_admin(db, passwords, credentials.email, credentials.password))
+        print(f"{user.email} is an admin (user {user.id})")
     return 0
