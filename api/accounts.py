@@ -98,8 +98,8 @@ def issue_token(
     )
     db.add(row)
     db.commit()
-    db.refresh(row)
     audit.record(db, user.id, "token.create", row.id, {"name": name}, ip=ip)
+    db.refresh(row)
     return row, secret
 
 

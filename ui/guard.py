@@ -55,20 +55,19 @@ def check_origin(request: Request) -> None:
         raise Problem(403, "cross-site request refused: use the dashboard's own pages")
 
 
-async def offered_token(request: Request) -> str:
-    header = request.headers.get(HEADER)
-    if header:
-        return header
+async def offered_tokens(request: Request) -> list[str]:
+    """What the request offers: the header (htmx), the form field (plain forms)."""
+    offered = [request.headers.get(HEADER, "")]
     if "form" in request.headers.get("content-type", ""):
         field = (await request.form()).get(FIELD)
-        return field if isinstance(field, str) else ""
-    return ""
+        offered.append(field if isinstance(field, str) else "")
+    return [token for token in offered if token]
 
 
 async def check_token(request: Request, settings: Settings, binding: str) -> None:
     if request.method in SAFE_METHODS:
         return
-    if not _valid(settings, binding, await offered_token(request)):
+    if not any(_valid(settings, binding, token) for token in await offered_tokens(request)):
         raise Problem(403, "missing or stale CSRF token: reload the page")
 
 
