@@ -14,10 +14,13 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from api import problems
+from api.codec import router as codec_router
 from api.deps import EngineDep, Problem, StreamCount, TemporalLink
 from api.headers import SecurityHeaders
 from api.routes import router
 from api.security import Passwords
+from berth.codec import EncryptionCodec
+from berth.keys import payload_keys
 from berth.settings import Settings, get_settings
 from store.db import get_engine, migrate
 from store.notify import Hub
@@ -49,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.hub = Hub(app.state.engine)
     app.state.streams = StreamCount(settings.max_streams_per_user)
     app.state.passwords = Passwords(settings)
+    app.state.codec = EncryptionCodec(payload_keys(settings))
     problems.install(app)
 
     @app.exception_handler(Problem)
@@ -82,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     app.include_router(router)
+    app.include_router(codec_router)
     app.include_router(ui_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(SecurityHeaders)

@@ -76,6 +76,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/api/sessions/{sid}/tasks"): R(409, 404, 401, 404, json=PROMPT),  # it has ended
     ("GET", "/api/sessions/{sid}/tasks/{tid}"): R(200, 404, 401, 200),
     ("POST", "/api/sessions/{sid}/tasks/{tid}/{action}"): R(409, 404, 401, 404),
+    # Temporal payloads, for operators: admins only.
+    ("POST", "/codec/{operation}"): R(403, 403, 401, 200, json={"payloads": []}),
+    ("OPTIONS", "/codec/{operation}"): R(204, 204, 204, 204),  # a CORS preflight carries no token
     # The dashboard (an anonymous page load goes to the login page, an htmx call gets 401).
     ("GET", "/"): R(200, 200, 303, 200),
     ("GET", "/login"): R(200, 200, 200, 200),
@@ -141,6 +144,7 @@ class Stage:
             "sid": self.world.session_id,
             "tid": self.world.task_id,
             "action": "pause",
+            "operation": "decode",
             "token_id": token.id,
         }
 
