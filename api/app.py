@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from api import problems
+from api.admin import router as admin_router
 from api.codec import router as codec_router
 from api.deps import EngineDep, Problem, StreamCount, TemporalLink
 from api.headers import SecurityHeaders
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(router)
     app.include_router(codec_router)
+    app.include_router(admin_router)
     app.include_router(ui_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(SecurityHeaders)

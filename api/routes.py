@@ -37,6 +37,7 @@ from api.schemas import (
     TokenOut,
     TokenRequest,
 )
+from store import audit
 from store.models import ApiToken
 from workflows.models import TaskControl, TaskModification, TaskSubmission
 
@@ -135,13 +136,16 @@ def list_sessions(
     response: Response,
     db: DbDep,
     user: UserDep,
+    ip: IpDep,
     limit: cursors.Limit = 50,
     cursor: cursors.Cursor = None,
     all: Annotated[bool, Query(description="Every user's sessions (admins only)")] = False,
 ) -> list[SessionOut]:
     """The caller's sessions, newest first (everyone's with ``all=true``, for admins)."""
-    if all and not user.is_admin:
-        raise Problem(403, "only an admin may list every user's sessions")
+    if all:
+        if not user.is_admin:
+            raise Problem(403, "only an admin may list every user's sessions")
+        audit.record(db, user.id, "admin.sessions.list", ip=ip)
     after = cursors.decode_moment(cursor) if cursor else None
     rows = service.list_sessions(db, None if all else user, limit + 1, after)
     return [

@@ -76,7 +76,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/api/sessions/{sid}/tasks"): R(409, 404, 401, 404, json=PROMPT),  # it has ended
     ("GET", "/api/sessions/{sid}/tasks/{tid}"): R(200, 404, 401, 200),
     ("POST", "/api/sessions/{sid}/tasks/{tid}/{action}"): R(409, 404, 401, 404),
-    # Temporal payloads, for operators: admins only.
+    # Admins only.
+    ("GET", "/api/admin/audit"): R(403, 403, 401, 200, query="?session_id={sid}"),
     ("POST", "/codec/{operation}"): R(403, 403, 401, 200, json={"payloads": []}),
     ("OPTIONS", "/codec/{operation}"): R(204, 204, 204, 204),  # a CORS preflight carries no token
     # The dashboard (an anonymous page load goes to the login page, an htmx call gets 401).
@@ -173,7 +174,7 @@ def test_each_caller_gets_what_the_rule_says(stage: Stage, route: tuple[str, str
     rule = RULES[route]
     got = {}
     for caller in CALLERS:
-        url = path.format(**stage.values()) + rule.query
+        url = (path + rule.query).format(**stage.values())
         headers = stage.caller_headers(caller, path, method)
         form = stage.login_form(rule.form) if path == "/login" and method == "POST" else rule.form
         answer = stage.client.request(
