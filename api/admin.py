@@ -7,7 +7,7 @@ import heapq
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query
 from pydantic import BaseModel
 from sqlalchemy import false, true
 from sqlmodel import Session, col, or_, select
@@ -89,28 +89,25 @@ def _position(cursor: str) -> Position:
 
 @router.get("/audit", responses={**problems(400, 401, 403, 404)})
 def audit_trail(
-    request: Request,
-    response: Response,
     db: DbDep,
     admin: AdminDep,
     ip: IpDep,
+    page: cursors.PagingDep,
     session_id: Annotated[str | None, Query(max_length=64)] = None,
-    limit: cursors.Limit = 100,
-    cursor: cursors.Cursor = None,
 ) -> list[AuditItem]:
     """The audit log, oldest first; with ``session_id``, that session's trail: its audit
     entries and every command its sandbox ran. Reading it is itself audited."""
-    after = _position(cursor) if cursor else None
-    items = _entries(db, session_id, after, limit + 1)
+    after = _position(page.cursor) if page.cursor else None
+    items = _entries(db, session_id, after, page.fetch)
     if session_id is not None:
         row = db.get(SessionRow, session_id)
         if row is None:
             raise Problem(404, f"no session {session_id}")
-        merged = heapq.merge(items, _commands(db, row, after, limit + 1), key=_order)
-        items = list(merged)[: limit + 1]
+        merged = heapq.merge(items, _commands(db, row, after, page.fetch), key=_order)
+        items = list(merged)[: page.fetch]
     # Not targeted at the session: its trail would grow with every read of it.
     audit.record(db, admin.id, "admin.audit.read", detail={"session_id": session_id}, ip=ip)
-    return cursors.page(request, response, items, limit, _cursor_of)
+    return page.take(items, _cursor_of)
 
 
 def _order(item: AuditItem) -> tuple[datetime, str, int]:

@@ -8,10 +8,11 @@ import base64
 import binascii
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Protocol, TypeVar
 
-from fastapi import Query, Request, Response
+from fastapi import Depends, Query, Request, Response
 
 from api.problems import Problem
 
@@ -61,16 +62,33 @@ def moment(row: Timed) -> tuple[str, str]:
     return row.created_at.isoformat(), row.id
 
 
-def page(
-    request: Request,
-    response: Response,
-    rows: Sequence[T],
-    limit: int,
-    position: Callable[[T], tuple[str, ...]],
-) -> list[T]:
-    """The first ``limit`` of ``rows`` (queried with ``limit + 1``), linking to the next page."""
-    if len(rows) <= limit:
-        return list(rows)
-    url = request.url.include_query_params(limit=limit, cursor=encode(*position(rows[limit - 1])))
-    response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
-    return list(rows[:limit])
+@dataclass
+class Paging:
+    """A list route's page: query ``fetch`` rows past the cursor, answer ``take(rows)``."""
+
+    request: Request
+    response: Response
+    limit: int
+    cursor: str | None
+
+    @property
+    def fetch(self) -> int:
+        return self.limit + 1  # one more tells whether a next page exists
+
+    def take(self, rows: Sequence[T], position: Callable[[T], tuple[str, ...]]) -> list[T]:
+        """The first ``limit`` rows, and a Link to the page after them if there is one."""
+        if len(rows) <= self.limit:
+            return list(rows)
+        cursor = encode(*position(rows[self.limit - 1]))
+        url = self.request.url.include_query_params(limit=self.limit, cursor=cursor)
+        self.response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+        return list(rows[: self.limit])
+
+
+def paging(
+    request: Request, response: Response, limit: Limit = 50, cursor: Cursor = None
+) -> Paging:
+    return Paging(request, response, limit, cursor)
+
+
+PagingDep = Annotated[Paging, Depends(paging)]

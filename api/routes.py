@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import Response, StreamingResponse
 
 from api import accounts, cursors, service
@@ -73,20 +73,13 @@ async def token(
 
 
 @router.get("/tokens", tags=["auth"], responses=LISTING)
-def list_tokens(
-    request: Request,
-    response: Response,
-    db: DbDep,
-    user: UserDep,
-    limit: cursors.Limit = 50,
-    cursor: cursors.Cursor = None,
-) -> list[TokenInfo]:
+def list_tokens(db: DbDep, user: UserDep, page: cursors.PagingDep) -> list[TokenInfo]:
     """The caller's live tokens (their secrets are never shown again)."""
-    after = cursors.decode(cursor, 1)[0] if cursor else None
-    rows = accounts.list_tokens(db, user, limit + 1, after)
+    after = cursors.decode(page.cursor, 1)[0] if page.cursor else None
+    rows = accounts.list_tokens(db, user, page.fetch, after)
     return [
         TokenInfo.model_validate(row, from_attributes=True)
-        for row in cursors.page(request, response, rows, limit, lambda row: (row.id,))
+        for row in page.take(rows, lambda row: (row.id,))
     ]
 
 
@@ -132,13 +125,10 @@ async def create_session(
 
 @router.get("/sessions", tags=["sessions"], responses={**LISTING, **problems(403)})
 def list_sessions(
-    request: Request,
-    response: Response,
     db: DbDep,
     user: UserDep,
     ip: IpDep,
-    limit: cursors.Limit = 50,
-    cursor: cursors.Cursor = None,
+    page: cursors.PagingDep,
     all: Annotated[bool, Query(description="Every user's sessions (admins only)")] = False,
 ) -> list[SessionOut]:
     """The caller's sessions, newest first (everyone's with ``all=true``, for admins)."""
@@ -146,12 +136,9 @@ def list_sessions(
         if not user.is_admin:
             raise Problem(403, "only an admin may list every user's sessions")
         audit.record(db, user.id, "admin.sessions.list", ip=ip)
-    after = cursors.decode_moment(cursor) if cursor else None
-    rows = service.list_sessions(db, None if all else user, limit + 1, after)
-    return [
-        service.session_out(row)
-        for row in cursors.page(request, response, rows, limit, cursors.moment)
-    ]
+    after = cursors.decode_moment(page.cursor) if page.cursor else None
+    rows = service.list_sessions(db, None if all else user, page.fetch, after)
+    return [service.session_out(row) for row in page.take(rows, cursors.moment)]
 
 
 @router.get("/sessions/{sid}", tags=["sessions"], responses=SESSION)
@@ -186,23 +173,12 @@ async def submit_task(
 
 
 @router.get("/sessions/{sid}/tasks", tags=["tasks"], responses={**LISTING, **problems(404)})
-def list_tasks(
-    request: Request,
-    response: Response,
-    sid: str,
-    db: DbDep,
-    user: UserDep,
-    limit: cursors.Limit = 50,
-    cursor: cursors.Cursor = None,
-) -> list[TaskRefOut]:
+def list_tasks(sid: str, db: DbDep, user: UserDep, page: cursors.PagingDep) -> list[TaskRefOut]:
     """The session's tasks, oldest first."""
     service.visible_session(db, user, sid)
-    after = cursors.decode_moment(cursor) if cursor else None
-    rows = service.list_tasks(db, sid, limit + 1, after)
-    return [
-        TaskRefOut(id=row.id, status=row.status)
-        for row in cursors.page(request, response, rows, limit, cursors.moment)
-    ]
+    after = cursors.decode_moment(page.cursor) if page.cursor else None
+    rows = service.list_tasks(db, sid, page.fetch, after)
+    return [TaskRefOut(id=row.id, status=row.status) for row in page.take(rows, cursors.moment)]
 
 
 @router.get("/sessions/{sid}/tasks/{tid}", tags=["tasks"], responses=SESSION)
