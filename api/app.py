@@ -31,6 +31,13 @@ from ui.pages import router as ui_router
 log = logging.getLogger("berth.api")
 
 
+def render_problem(request: Request, problem: Problem) -> Response:
+    """The dashboard's errors as HTML, everyone else's as problem documents."""
+    if is_dashboard(request.url.path):
+        return problem_page(request, problem)
+    return problems.response(problem)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -54,13 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.streams = StreamCount(settings.max_streams_per_user)
     app.state.passwords = Passwords(settings)
     app.state.codec = EncryptionCodec(payload_keys(settings))
-    problems.install(app)
-
-    @app.exception_handler(Problem)
-    async def problem(request: Request, exc: Problem) -> Response:
-        if is_dashboard(request.url.path):
-            return problem_page(request, exc)
-        return problems.response(exc)
+    problems.install(app, render_problem)
 
     @app.get("/healthz", tags=["health"], responses={503: {"description": "Something is down"}})
     async def healthz(request: Request, engine: EngineDep) -> JSONResponse:

@@ -8,6 +8,7 @@ rejected value (it may be a password).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -91,21 +92,28 @@ def from_http(exc: HTTPException) -> Problem:
     return Problem(exc.status_code, detail, headers=dict(exc.headers or {}))
 
 
-def install(app: FastAPI) -> None:
-    """Problem documents for our own errors, FastAPI's and Starlette's, and crashes."""
+Render = Callable[[Request, Problem], Response]
+
+
+def install(app: FastAPI, render: Render) -> None:
+    """Every error through ``render``: ours, FastAPI's and Starlette's, and crashes."""
+
+    @app.exception_handler(Problem)
+    async def problem(request: Request, exc: Problem) -> Response:
+        return render(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        return response(from_validation(exc))
+        return render(request, from_validation(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        return response(from_http(exc))
+        return render(request, from_http(exc))
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return response(Problem(500, "internal error; it has been logged"))
+        return render(request, Problem(500, "internal error; it has been logged"))
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 

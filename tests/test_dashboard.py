@@ -140,6 +140,9 @@ def test_errors_of_actions_are_fragments_with_real_statuses(client: TestClient) 
     assert other.status_code == 404 and 'class="error"' in other.text
     missing = client.get("/sessions/nope")
     assert missing.status_code == 404 and "<h1>404</h1>" in missing.text
+    # A form the route cannot read is answered in HTML too, not with a JSON document.
+    unreadable = client.post("/login", data={"action": "login"}, headers={"Origin": ORIGIN})
+    assert unreadable.status_code == 422 and "<h1>422</h1>" in unreadable.text
 
 
 def test_a_lost_login_redirects_htmx_by_header_and_pages_by_303(client: TestClient) -> None:
