@@ -142,13 +142,13 @@ def session_out(row: SessionRow) -> SessionOut:
 async def end_session(
     db: Session, temporal: TemporalLink, user: User, row: SessionRow, ip: str | None = None
 ) -> None:
-    audit.record(db, user.id, "session.delete", row.id, ip=ip)
     try:
         await (await temporal.client()).get_workflow_handle(workflow_id(row.id)).cancel()
     except RPCError as exc:
         if exc.status != RPCStatusCode.NOT_FOUND:
             raise _unavailable(exc) from exc
         # Already over: ending it again is not an error.
+    audit.record(db, user.id, "session.delete", row.id, ip=ip)
 
 
 def _unavailable(exc: RPCError) -> Problem:
