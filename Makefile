@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PACKAGES := docker.io iptables debootstrap chromium npm
+SYSTEM_PACKAGES := docker.io iptables debootstrap chromium npm docker-compose
 STAMPS := .berth/stamps
 
 .PHONY: run test lint check setup sandbox-image lock clean bench-spine bench-llm
@@ -30,7 +30,8 @@ lint: $(VENV)/.installed
 
 setup: $(STAMPS)/system $(VENV)/.installed ui/static/vendor/.installed sandbox-image
 
-$(STAMPS)/system:
+# Again when this file changes (a package added): only what is missing gets installed.
+$(STAMPS)/system: Makefile
 	@echo "== system packages: $(SYSTEM_PACKAGES)"
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

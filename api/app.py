@@ -9,22 +9,34 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
+from api import problems
+from api.admin import router as admin_router
+from api.codec import router as codec_router
 from api.deps import EngineDep, Problem, StreamCount, TemporalLink
+from api.headers import SecurityHeaders
 from api.openai_compat import router as llm_router
 from api.routes import router
+from api.security import Passwords
+from berth.codec import EncryptionCodec
+from berth.keys import payload_keys
 from berth.settings import Settings, get_settings
 from store.db import get_engine, migrate
 from store.notify import Hub
-from ui.pages import STATIC_DIR
+from ui.pages import STATIC_DIR, is_dashboard, problem_page
 from ui.pages import router as ui_router
 
 log = logging.getLogger("berth.api")
+
+
+def render_problem(request: Request, problem: Problem) -> Response:
+    """The dashboard's errors as HTML, everyone else's as problem documents."""
+    if is_dashboard(request.url.path):
+        return problem_page(request, problem)
+    return problems.response(problem)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -48,20 +60,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.temporal = TemporalLink(settings)
     app.state.hub = Hub(app.state.engine)
     app.state.streams = StreamCount(settings.max_streams_per_user)
+    app.state.passwords = Passwords(settings)
+    app.state.codec = EncryptionCodec(payload_keys(settings))
+    problems.install(app, render_problem)
 
-    @app.exception_handler(Problem)
-    async def problem(request: Request, exc: Problem) -> Response:
-        if exc.status == 401 and not request.url.path.startswith(("/api/", "/v1/")):
-            return RedirectResponse("/login", status_code=303)  # a page, not an API call
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        # FastAPI's default echoes each rejected value back, passwords included.
-        errors = [{k: v for k, v in e.items() if k not in ("input", "ctx")} for e in exc.errors()]
-        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
-
-    @app.get("/healthz", tags=["health"])
+    @app.get("/healthz", tags=["health"], responses={503: {"description": "Something is down"}})
     async def healthz(request: Request, engine: EngineDep) -> JSONResponse:
         checks: dict[str, Any] = {}
         try:
@@ -87,6 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(router)
     app.include_router(llm_router)
+    app.include_router(codec_router)
+    app.include_router(admin_router)
     app.include_router(ui_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(SecurityHeaders)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -13,20 +14,16 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 from temporalio.client import Client
 
-from api.security import read_token
+from api import accounts
+from api.problems import Problem
+from api.security import Passwords
 from berth.settings import Settings
 from berth.temporal import connect
-from store.models import User
+from store.models import ApiToken, User
 from store.notify import Hub
 
-
-class Problem(Exception):
-    """An error with an HTTP status and a message meant for the user."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
+__all__ = ["Problem"]  # raised by routes and services through this module
+log = logging.getLogger("berth.api")
 
 
 def get_settings(request: Request) -> Settings:
@@ -71,7 +68,8 @@ class StreamCount:
 
 class TemporalLink:
     """Connects on first use and again after a failure, so the API starts (and says why it
-    cannot serve) before Temporal is up."""
+    cannot serve) before Temporal is up. Routes get the link, not a client: they connect
+    only once the caller and the input have been checked."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -84,8 +82,9 @@ class TemporalLink:
                 try:
                     self._client = await connect(self.settings)
                 except RuntimeError as exc:
-                    where = self.settings.temporal_target
-                    raise Problem(503, f"Temporal at {where}: {exc}") from exc
+                    # Where and why go to the log: the caller learns only what is down.
+                    log.warning("Temporal at %s: %s", self.settings.temporal_target, exc)
+                    raise Problem(503, "the orchestrator is unavailable; try again") from exc
             return self._client
 
 
@@ -99,36 +98,58 @@ def get_stream_count(request: Request) -> StreamCount:
     return count
 
 
-async def get_temporal(request: Request) -> Client:
+def get_temporal(request: Request) -> TemporalLink:
     link: TemporalLink = request.app.state.temporal
-    return await link.client()
+    return link
+
+
+def get_passwords(request: Request) -> Passwords:
+    passwords: Passwords = request.app.state.passwords
+    return passwords
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 DbDep = Annotated[Session, Depends(get_db)]
-TemporalDep = Annotated[Client, Depends(get_temporal)]
+TemporalDep = Annotated[TemporalLink, Depends(get_temporal)]
 HubDep = Annotated[Hub, Depends(get_hub)]
 StreamCountDep = Annotated[StreamCount, Depends(get_stream_count)]
+PasswordsDep = Annotated[Passwords, Depends(get_passwords)]
+IpDep = Annotated[str, Depends(client_ip)]
 
 bearer = HTTPBearer(auto_error=False)
 UNAUTHORIZED = "missing or invalid token: POST /api/auth/token for one"
 
 
-def user_from_token(db: Session, settings: Settings, token: str | None) -> User | None:
-    user_id = read_token(settings.signing_key(), token) if token else None
-    return db.get(User, user_id) if user_id else None
-
-
-def current_user(
+def current_token(
     db: DbDep,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> User:
-    user = user_from_token(db, settings, credentials.credentials if credentials else None)
-    if user is None:
-        raise Problem(401, UNAUTHORIZED)
+) -> tuple[User, ApiToken]:
+    found = accounts.authenticate(db, settings, credentials.credentials) if credentials else None
+    if found is None:
+        raise Problem(
+            401,
+            "missing, invalid, expired or revoked token: POST /api/auth/token for one",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'} if credentials else None,
+        )
+    return found
+
+
+def current_user(found: Annotated[tuple[User, ApiToken], Depends(current_token)]) -> User:
+    return found[0]
+
+
+def current_admin(user: Annotated[User, Depends(current_user)]) -> User:
+    if not user.is_admin:
+        raise Problem(403, "only an admin may do this")
     return user
 
 
+TokenDep = Annotated[tuple[User, ApiToken], Depends(current_token)]
 UserDep = Annotated[User, Depends(current_user)]
+AdminDep = Annotated[User, Depends(current_admin)]

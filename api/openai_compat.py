@@ -1,9 +1,8 @@
 """The LLM proxy over HTTP: OpenAI's chat-completions API (so any OpenAI client library
 works with a Berth token as its key), and each user's usage.
 
-The chat endpoint and its dependencies are async (FastAPI runs each sync dependency in a
-worker thread of its own, a hop each): it costs one thread hop for the caller and one or
-two for the proxy's database work.
+The caller is found by its token (one database read, so a revoked token is refused at
+once); the proxy's own database work is one or two more thread hops.
 
 A call may name the session and task it is for (headers ``X-Berth-Session`` and
 ``X-Berth-Task``), which must be the caller's own; its tokens are then counted there.
@@ -18,14 +17,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from api.deps import UNAUTHORIZED, DbDep, Problem, UserDep, bearer
-from api.security import read_token
-from berth.settings import Settings
+from api.deps import DbDep, Problem, UserDep
 from llm.accounting import user_usage
 from llm.models import (
     AllProvidersFailed,
@@ -67,21 +63,16 @@ ProxyDep = Annotated[LLMProxy, Depends(get_proxy)]
 
 async def get_caller(
     request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    user: UserDep,
     x_berth_session: Annotated[str | None, Header()] = None,
     x_berth_task: Annotated[str | None, Header()] = None,
 ) -> Caller:
-    """The user of the token, and the session and task they name, which must be theirs.
-    The token is signed: only a session or task named needs the database."""
-    settings: Settings = request.app.state.settings
-    token = credentials.credentials if credentials else None
-    user_id = read_token(settings.signing_key(), token) if token else None
-    if user_id is None:
-        raise Problem(401, UNAUTHORIZED)
+    """The user of the token (a live one: revoked tokens are refused), and the session and
+    task they name, which must be theirs."""
     if x_berth_session or x_berth_task:
         engine: Engine = request.app.state.engine
-        await asyncio.to_thread(check_owner, engine, user_id, x_berth_session, x_berth_task)
-    return Caller(user_id=user_id, session_id=x_berth_session, task_id=x_berth_task)
+        await asyncio.to_thread(check_owner, engine, user.id, x_berth_session, x_berth_task)
+    return Caller(user_id=user.id, session_id=x_berth_session, task_id=x_berth_task)
 
 
 def check_owner(engine: Engine, user_id: str, sid: str | None, tid: str | None) -> None:

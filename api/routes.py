@@ -1,81 +1,161 @@
-"""The JSON API under /api."""
+"""The JSON API under /api. Each route declares the problems it may answer (OpenAPI)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
-from api import service
+from api import accounts, cursors, service
 from api.deps import (
     DbDep,
     EngineDep,
     HubDep,
+    IpDep,
+    PasswordsDep,
     Problem,
     SettingsDep,
     StreamCountDep,
     TemporalDep,
+    TokenDep,
     UserDep,
 )
 from api.events import stream
+from api.problems import problems
 from api.schemas import (
     Credentials,
     Modification,
     SessionCreate,
     SessionOut,
+    SignupOut,
     TaskCreate,
     TaskOut,
     TaskRefOut,
+    TokenCreate,
+    TokenInfo,
     TokenOut,
-    UserOut,
+    TokenRequest,
 )
+from store import audit
+from store.models import ApiToken
 from workflows.models import TaskControl, TaskModification, TaskSubmission
 
-router = APIRouter(prefix="/api")
+# Every route under /api may be refused for its input; the others are named per route.
+router = APIRouter(prefix="/api", responses=problems(422))
+AUTHED = problems(401)
+SESSION = problems(401, 404)
+LIVE_SESSION = problems(401, 404, 409, 503)
+NEXT = {"description": 'The next page, rel="next"', "schema": {"type": "string"}}
+LISTING: dict[int | str, dict[str, Any]] = {**problems(400, 401), 200: {"headers": {"Link": NEXT}}}
 
 
-@router.post("/auth/signup", status_code=201, response_model=UserOut, tags=["auth"])
-def signup(body: Credentials, db: DbDep) -> UserOut:
-    user = service.sign_up(db, body)
-    return UserOut(id=user.id, email=user.email)
+@router.post("/auth/signup", status_code=201, tags=["auth"], responses=problems(429))
+async def signup(
+    body: Credentials, db: DbDep, passwords: PasswordsDep, settings: SettingsDep, ip: IpDep
+) -> SignupOut:
+    """Registers the email if it is free. The answer is the same whether it was or not, so
+    nobody learns who has an account here: log in to find out."""
+    await accounts.sign_up(db, passwords, settings, body, ip)
+    return SignupOut(
+        email=body.email.lower(),
+        detail="registered unless it was already: log in with POST /api/auth/token",
+    )
 
 
-@router.post("/auth/token", tags=["auth"])
-def token(body: Credentials, db: DbDep, settings: SettingsDep) -> TokenOut:
-    return TokenOut(token=service.log_in(db, settings, body))
+@router.post("/auth/token", tags=["auth"], responses=problems(401, 429))
+async def token(
+    body: TokenRequest, db: DbDep, passwords: PasswordsDep, settings: SettingsDep, ip: IpDep
+) -> TokenOut:
+    """Logs in: a new revocable token, named ``name``."""
+    user = await accounts.log_in(db, passwords, settings, body, ip)
+    return _token_out(*accounts.issue_token(db, settings, user, body.name, ip))
 
 
-@router.post("/sessions", status_code=201, tags=["sessions"])
+@router.get("/tokens", tags=["auth"], responses=LISTING)
+def list_tokens(db: DbDep, user: UserDep, page: cursors.PagingDep) -> list[TokenInfo]:
+    """The caller's live tokens (their secrets are never shown again)."""
+    after = cursors.decode(page.cursor, 1)[0] if page.cursor else None
+    rows = accounts.list_tokens(db, user, page.fetch, after)
+    return [
+        TokenInfo.model_validate(row, from_attributes=True)
+        for row in page.take(rows, lambda row: (row.id,))
+    ]
+
+
+@router.post("/tokens", status_code=201, tags=["auth"], responses=AUTHED)
+def create_token(
+    body: TokenCreate, db: DbDep, settings: SettingsDep, user: UserDep, ip: IpDep
+) -> TokenOut:
+    """Another token for the caller, e.g. one per script, each revocable on its own."""
+    return _token_out(*accounts.issue_token(db, settings, user, body.name, ip))
+
+
+@router.delete("/tokens/{token_id}", status_code=204, tags=["auth"], responses=SESSION)
+def revoke_token(token_id: str, db: DbDep, user: UserDep, ip: IpDep) -> Response:
+    accounts.revoke(db, user, token_id, ip)
+    return Response(status_code=204)
+
+
+@router.post("/auth/logout", status_code=204, tags=["auth"], responses=AUTHED)
+def logout(db: DbDep, caller: TokenDep, ip: IpDep) -> Response:
+    """Revokes the token this request carries."""
+    user, current = caller
+    accounts.revoke(db, user, current.id, ip)
+    return Response(status_code=204)
+
+
+def _token_out(row: ApiToken, secret: str) -> TokenOut:
+    return TokenOut(token=secret, id=row.id, name=row.name, expires_at=row.expires_at)
+
+
+@router.post("/sessions", status_code=201, tags=["sessions"], responses=problems(401, 429, 503))
 async def create_session(
     db: DbDep,
     temporal: TemporalDep,
     settings: SettingsDep,
     user: UserDep,
+    ip: IpDep,
     body: SessionCreate | None = None,
 ) -> SessionOut:
     template = (body or SessionCreate()).template
-    return service.session_out(await service.start_session(db, temporal, settings, user, template))
-
-
-@router.get("/sessions", tags=["sessions"])
-def list_sessions(db: DbDep, user: UserDep) -> list[SessionOut]:
-    return [service.session_out(row) for row in service.list_sessions(db, user)]
-
-
-@router.get("/sessions/{sid}", tags=["sessions"])
-def get_session(sid: str, db: DbDep, user: UserDep) -> SessionOut:
-    return service.session_out(service.own_session(db, user, sid))
-
-
-@router.delete("/sessions/{sid}", status_code=202, tags=["sessions"])
-async def end_session(sid: str, db: DbDep, temporal: TemporalDep, user: UserDep) -> SessionOut:
-    row = service.own_session(db, user, sid)
-    await service.end_session(temporal, row)
+    row = await service.start_session(db, temporal, settings, user, template, ip)
     return service.session_out(row)
 
 
-@router.post("/sessions/{sid}/tasks", status_code=202, tags=["tasks"])
+@router.get("/sessions", tags=["sessions"], responses={**LISTING, **problems(403)})
+def list_sessions(
+    db: DbDep,
+    user: UserDep,
+    ip: IpDep,
+    page: cursors.PagingDep,
+    all: Annotated[bool, Query(description="Every user's sessions (admins only)")] = False,
+) -> list[SessionOut]:
+    """The caller's sessions, newest first (everyone's with ``all=true``, for admins)."""
+    if all:
+        if not user.is_admin:
+            raise Problem(403, "only an admin may list every user's sessions")
+        audit.record(db, user.id, "admin.sessions.list", ip=ip)
+    after = cursors.decode_moment(page.cursor) if page.cursor else None
+    rows = service.list_sessions(db, None if all else user, page.fetch, after)
+    return [service.session_out(row) for row in page.take(rows, cursors.moment)]
+
+
+@router.get("/sessions/{sid}", tags=["sessions"], responses=SESSION)
+def get_session(sid: str, db: DbDep, user: UserDep) -> SessionOut:
+    return service.session_out(service.visible_session(db, user, sid))
+
+
+@router.delete("/sessions/{sid}", status_code=202, tags=["sessions"], responses=LIVE_SESSION)
+async def end_session(
+    sid: str, db: DbDep, temporal: TemporalDep, user: UserDep, ip: IpDep
+) -> SessionOut:
+    row = service.own_session(db, user, sid)
+    await service.end_session(db, temporal, user, row, ip)
+    return service.session_out(row)
+
+
+@router.post("/sessions/{sid}/tasks", status_code=202, tags=["tasks"], responses=LIVE_SESSION)
 async def submit_task(
     sid: str,
     body: TaskCreate,
@@ -92,13 +172,22 @@ async def submit_task(
     return await service.update(temporal, row, "submit_task", submission, key)
 
 
-@router.get("/sessions/{sid}/tasks/{tid}", tags=["tasks"])
+@router.get("/sessions/{sid}/tasks", tags=["tasks"], responses={**LISTING, **problems(404)})
+def list_tasks(sid: str, db: DbDep, user: UserDep, page: cursors.PagingDep) -> list[TaskRefOut]:
+    """The session's tasks, oldest first."""
+    service.visible_session(db, user, sid)
+    after = cursors.decode_moment(page.cursor) if page.cursor else None
+    rows = service.list_tasks(db, sid, page.fetch, after)
+    return [TaskRefOut(id=row.id, status=row.status) for row in page.take(rows, cursors.moment)]
+
+
+@router.get("/sessions/{sid}/tasks/{tid}", tags=["tasks"], responses=SESSION)
 def get_task(sid: str, tid: str, db: DbDep, user: UserDep) -> TaskOut:
-    service.own_session(db, user, sid)
+    service.visible_session(db, user, sid)
     return service.task_out(db, sid, tid)
 
 
-@router.post("/sessions/{sid}/tasks/{tid}/{action}", tags=["tasks"])
+@router.post("/sessions/{sid}/tasks/{tid}/{action}", tags=["tasks"], responses=LIVE_SESSION)
 async def control_task(
     sid: str,
     tid: str,
@@ -120,7 +209,20 @@ async def control_task(
     return await service.update(temporal, row, f"{action}_task", TaskControl(task_id=tid))
 
 
-@router.get("/sessions/{sid}/events", tags=["sessions"], response_class=StreamingResponse)
+@router.get(
+    "/sessions/{sid}/events",
+    tags=["sessions"],
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Server-Sent Events: each has `id` (the sequence number), `event` "
+            "(its type) and `data` (the event as JSON)",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        204: {"description": "The session has ended and nothing follows the given event"},
+        **problems(400, 401, 404, 429),
+    },
+)
 def session_events(
     sid: str,
     db: DbDep,
@@ -133,7 +235,7 @@ def session_events(
 ) -> Response:
     """Server-Sent Events: replays from ``Last-Event-ID`` (or ``?after=``), then live; ends
     after the session's final event (204 when there is nothing more to send)."""
-    row = service.own_session(db, user, sid)
+    row = service.visible_session(db, user, sid)
     start = last_event_id if last_event_id is not None else (after or 0)
     return stream(db, engine, hub, streams, row, start)
 
@@ -144,8 +246,9 @@ def session_events(
 def get_artifact(
     sid: str, artifact_id: str, db: DbDep, settings: SettingsDep, user: UserDep
 ) -> Response:
-    """A file a step made (a browser step's screenshot, ...), to the session's owner only."""
-    row = service.own_session(db, user, sid)
+    """A file a step made (a browser step's screenshot, ...), to whoever may read the
+    session: its owner, and admins."""
+    row = service.visible_session(db, user, sid)
     artifact, path = service.artifact_file(db, settings, row, artifact_id)
     return FileResponse(
         path,

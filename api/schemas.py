@@ -19,14 +19,37 @@ class Credentials(BaseModel):
     password: str = Field(min_length=8, max_length=1024)
 
 
-class UserOut(BaseModel):
-    id: str
+TokenName = Annotated[str, Field(min_length=1, max_length=100)]
+
+
+class TokenRequest(Credentials):
+    name: TokenName = "api"
+
+
+class SignupOut(BaseModel):
     email: str
+    detail: str
+
+
+class TokenCreate(BaseModel):
+    name: TokenName
 
 
 class TokenOut(BaseModel):
+    """A new token: its secret is shown this once."""
+
     token: str
     token_type: str = "bearer"
+    id: str
+    name: str
+    expires_at: datetime
+
+
+class TokenInfo(BaseModel):
+    id: str
+    name: str
+    created_at: datetime
+    expires_at: datetime
 
 
 class SessionCreate(BaseModel):

@@ -1,53 +1,81 @@
-"""Passwords (scrypt) and user tokens (HMAC-signed, so checking one needs no lookup)."""
+"""Passwords (argon2id, parameters kept in each hash) and API token secrets.
+
+Hashing a password costs tens of milliseconds of CPU and 64 MiB on purpose, so it runs on a
+small executor of its own: a burst of logins queues there instead of taking every thread of
+the pool that sync routes and database reads share.
+"""
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import hashlib
 import hmac
-import json
 import secrets
-import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from berth.keys import Keyring, keyed_hash
+from berth.settings import Settings
+
+TOKEN_PREFIX = "berth_"
+# What scrypt hashes were made with before argon2id: they verify once, then get rehashed.
+LEGACY_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
 
-def hash_password(password: str) -> str:
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, **SCRYPT)
-    return f"scrypt${salt.hex()}${digest.hex()}"
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    rehash: bool = False  # the hash is of an older scheme or weaker parameters
 
 
-def check_password(password: str, stored: str) -> bool:
-    scheme, salt, digest = stored.split("$")
-    if scheme != "scrypt":
-        return False
-    candidate = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), **SCRYPT)
+class Passwords:
+    def __init__(self, settings: Settings) -> None:
+        self.hasher = PasswordHasher(
+            time_cost=settings.password_time_cost,
+            memory_cost=settings.password_memory_kib,
+            parallelism=settings.password_parallelism,
+        )
+        self._pool = ThreadPoolExecutor(
+            settings.password_hash_threads, thread_name_prefix="password-hash"
+        )
+        # Checked against for unknown emails, so they cost what known ones do.
+        self._decoy = self.hasher.hash(secrets.token_urlsafe(16))
+
+    async def hash(self, password: str) -> str:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self.hasher.hash, password
+        )
+
+    async def check(self, password: str, stored: str | None) -> Verdict:
+        """``stored`` None (no such user) does the same work and fails."""
+        verdict = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._check, password, stored or self._decoy
+        )
+        return verdict if stored else Verdict(ok=False)
+
+    def _check(self, password: str, stored: str) -> Verdict:
+        if stored.startswith("scrypt$"):
+            return Verdict(ok=_check_scrypt(password, stored), rehash=True)
+        try:
+            self.hasher.verify(stored, password)
+        except (VerificationError, InvalidHashError):
+            return Verdict(ok=False)
+        return Verdict(ok=True, rehash=self.hasher.check_needs_rehash(stored))
+
+
+def _check_scrypt(password: str, stored: str) -> bool:
+    _, salt, digest = stored.split("$")
+    candidate = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), **LEGACY_SCRYPT)
     return hmac.compare_digest(candidate.hex(), digest)
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+def new_token_secret() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
-def _sign(key: bytes, body: str) -> str:
-    return _b64(hmac.new(key, b"user:" + body.encode(), hashlib.sha256).digest())
-
-
-def issue_token(key: bytes, user_id: str, ttl_s: int) -> str:
-    body = _b64(json.dumps({"sub": user_id, "exp": int(time.time()) + ttl_s}).encode())
-    return f"{body}.{_sign(key, body)}"
-
-
-def read_token(key: bytes, token: str) -> str | None:
-    """The user id a valid, unexpired token names; None for anything else."""
-    body, _, signature = token.partition(".")
-    if not hmac.compare_digest(_sign(key, body), signature):
-        return None
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    except ValueError:
-        return None
-    if claims.get("exp", 0) < time.time():
-        return None
-    return str(claims["sub"])
+def token_hashes(keys: Keyring, secret: str) -> list[str]:
+    """What a token's row may hold: its hash under the current key, then under previous ones."""
+    return [keyed_hash(key, "api-token", secret) for key in keys.keys]

@@ -7,47 +7,38 @@ Temporal update on that workflow, whose validators say no with a reason the user
 from __future__ import annotations
 
 import hashlib
+import logging
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, func, select
-from temporalio.client import Client, WorkflowUpdateFailedError
+from sqlmodel import Session, col, func, or_, select
+from sqlmodel.sql.expression import SelectOfScalar
+from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 import vm_templates
-from api.deps import Problem
-from api.schemas import Credentials, SessionOut, StepOut, TaskOut, TaskRefOut
-from api.security import check_password, hash_password, issue_token
+from api.deps import Problem, TemporalLink
+from api.schemas import SessionOut, StepOut, TaskOut, TaskRefOut
 from berth.settings import Settings
 from llm.accounting import task_usage
+from store import audit
 from store.artifacts import ArtifactStore
 from store.models import ArtifactRow, SessionRow, SessionStatus, StepRow, TaskRow, User, utcnow
 from workflows.models import SessionInput, TaskRef
 from workflows.session import SessionWorkflow, workflow_id
 
-
-def sign_up(db: Session, credentials: Credentials) -> User:
-    user = User(email=credentials.email.lower(), password_hash=hash_password(credentials.password))
-    db.add(user)
-    try:
-        db.commit()
-    except IntegrityError:
-        raise Problem(409, f"{credentials.email} is registered already") from None
-    db.refresh(user)
-    return user
-
-
-def log_in(db: Session, settings: Settings, credentials: Credentials) -> str:
-    user = db.exec(select(User).where(User.email == credentials.email.lower())).first()
-    if user is None or not check_password(credentials.password, user.password_hash):
-        raise Problem(401, "wrong email or password")
-    return issue_token(settings.signing_key(), user.id, settings.token_ttl_hours * 3600)
+log = logging.getLogger("berth.api")
 
 
 async def start_session(
-    db: Session, temporal: Client, settings: Settings, user: User, template: str
+    db: Session,
+    temporal: TemporalLink,
+    settings: Settings,
+    user: User,
+    template: str,
+    ip: str | None = None,
 ) -> SessionRow:
     if template not in vm_templates.names():
         known = ", ".join(vm_templates.names())
@@ -63,12 +54,14 @@ async def start_session(
             f"you have {live} live sessions, the most allowed (BERTH_MAX_LIVE_SESSIONS); "
             "end one first",
         )
+    client = await temporal.client()  # before the row: no session is left half-made
     row = SessionRow(user_id=user.id, template=template)
     db.add(row)
     db.commit()
     db.refresh(row)
+    audit.record(db, user.id, "session.create", row.id, {"template": template}, ip=ip)
     try:
-        await temporal.start_workflow(
+        await client.start_workflow(
             SessionWorkflow.run,
             SessionInput(
                 session_id=row.id,
@@ -89,18 +82,52 @@ async def start_session(
         row.ended_at = utcnow()
         db.add(row)
         db.commit()
-        raise Problem(503, f"the orchestrator is unavailable: {exc.message}") from exc
+        raise _unavailable(exc) from exc
     return row
 
 
-def list_sessions(db: Session, user: User) -> list[SessionRow]:
-    query = select(SessionRow).where(SessionRow.user_id == user.id)
-    return list(db.exec(query.order_by(col(SessionRow.created_at).desc())))
+def list_sessions(
+    db: Session, user: User | None, limit: int, after: tuple[datetime, str] | None = None
+) -> list[SessionRow]:
+    """Newest first; ``user`` None lists everyone's (admins); ``after`` is the
+    (created_at, id) of the last row of the previous page."""
+    query = select(SessionRow)
+    if user is not None:
+        query = query.where(SessionRow.user_id == user.id)
+    return list(db.exec(_keyset(query, SessionRow, after, newest_first=True).limit(limit)))
+
+
+T = TypeVar("T", SessionRow, TaskRow)
+
+
+def _keyset(
+    query: SelectOfScalar[T], table: type[T], after: tuple[datetime, str] | None, newest_first: bool
+) -> SelectOfScalar[T]:
+    """Rows past ``after`` in (created_at, id) order: a page that does not shift as rows come."""
+    created, row_id = col(table.created_at), col(table.id)
+    if after is not None:
+        moment, last = after
+        if newest_first:
+            query = query.where(or_(created < moment, (created == moment) & (row_id < last)))
+        else:
+            query = query.where(or_(created > moment, (created == moment) & (row_id > last)))
+    if newest_first:
+        return query.order_by(created.desc(), row_id.desc())
+    return query.order_by(created, row_id)
 
 
 def own_session(db: Session, user: User, session_id: str) -> SessionRow:
+    """A session the user may change: their own."""
     row = db.get(SessionRow, session_id)
     if row is None or row.user_id != user.id:
+        raise Problem(404, f"no session {session_id}")
+    return row
+
+
+def visible_session(db: Session, user: User, session_id: str) -> SessionRow:
+    """A session the user may read: their own, or any for an admin."""
+    row = db.get(SessionRow, session_id)
+    if row is None or not (row.user_id == user.id or user.is_admin):
         raise Problem(404, f"no session {session_id}")
     return row
 
@@ -117,13 +144,22 @@ def session_out(row: SessionRow) -> SessionOut:
     )
 
 
-async def end_session(temporal: Client, row: SessionRow) -> None:
+async def end_session(
+    db: Session, temporal: TemporalLink, user: User, row: SessionRow, ip: str | None = None
+) -> None:
     try:
-        await temporal.get_workflow_handle(workflow_id(row.id)).cancel()
+        await (await temporal.client()).get_workflow_handle(workflow_id(row.id)).cancel()
     except RPCError as exc:
         if exc.status != RPCStatusCode.NOT_FOUND:
-            raise Problem(503, f"the orchestrator is unavailable: {exc.message}") from exc
+            raise _unavailable(exc) from exc
         # Already over: ending it again is not an error.
+    audit.record(db, user.id, "session.delete", row.id, ip=ip)
+
+
+def _unavailable(exc: RPCError) -> Problem:
+    # Temporal's message may name internal addresses: it goes to the log only.
+    log.warning("Temporal refused a call: %s", exc.message)
+    return Problem(503, "the orchestrator is unavailable; try again")
 
 
 def idempotency_id(header: str) -> str:
@@ -132,7 +168,7 @@ def idempotency_id(header: str) -> str:
 
 
 async def update(
-    temporal: Client,
+    temporal: TemporalLink,
     row: SessionRow,
     name: str,
     argument: BaseModel,
@@ -143,7 +179,7 @@ async def update(
     the first answer (across runs, the workflow itself remembers submissions' keys)."""
     if row.status in (SessionStatus.ended, SessionStatus.failed):
         raise Problem(409, f"session {row.id} has {row.status}")
-    handle = temporal.get_workflow_handle(workflow_id(row.id))
+    handle = (await temporal.client()).get_workflow_handle(workflow_id(row.id))
     update_id = f"{name}-{idempotency_key}" if idempotency_key else None
     try:
         ref: Any = await handle.execute_update(name, argument, id=update_id, result_type=TaskRef)
@@ -153,7 +189,7 @@ async def update(
     except RPCError as exc:
         if exc.status == RPCStatusCode.NOT_FOUND:
             raise Problem(409, f"session {row.id} has ended") from exc
-        raise Problem(503, f"the orchestrator is unavailable: {exc.message}") from exc
+        raise _unavailable(exc) from exc
     return TaskRefOut(id=ref.id, status=ref.status)
 
 
@@ -175,9 +211,11 @@ def task_out(db: Session, session_id: str, task_id: str) -> TaskOut:
     )
 
 
-def list_tasks(db: Session, session_id: str) -> list[TaskRow]:
+def list_tasks(
+    db: Session, session_id: str, limit: int, after: tuple[datetime, str] | None
+) -> list[TaskRow]:
     query = select(TaskRow).where(TaskRow.session_id == session_id)
-    return list(db.exec(query.order_by(col(TaskRow.created_at))))
+    return list(db.exec(_keyset(query, TaskRow, after, newest_first=False).limit(limit)))
 
 
 def artifact_file(

@@ -334,7 +334,7 @@ async def measure(system: LocalSystem) -> list[Metric]:
         await call(http, "POST", "/api/auth/signup", 201, json=credentials)
         token = (await call(http, "POST", "/api/auth/token", 200, json=credentials))["token"]
         http.headers["Authorization"] = f"Bearer {token}"
-        bench = Bench(http, await Client.connect(system.temporal, namespace="default"))
+        bench = Bench(http, await system.client())
         try:
             return await bench.measure()
         finally:

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Self
 
 import httpx
+from temporalio.client import Client
+
+from berth.settings import Settings
+from berth.temporal import connect
 
 
 def free_port() -> int:
@@ -68,6 +72,10 @@ class LocalSystem:
             time.sleep(0.3)
         system.stop()
         raise RuntimeError(f"the system did not come up:\n{system.log()[-3000:]}")
+
+    async def client(self) -> Client:
+        """A Temporal client of this system's, with its payload keys (from its data dir)."""
+        return await connect(Settings(data_dir=self.data, temporal_address=self.temporal))
 
     def healthy(self) -> bool:
         try:

@@ -128,6 +128,11 @@ class Supervisor:
         self.children.append(child)
         return child.process
 
+    def codec_endpoint(self) -> str:
+        host = self.settings.host
+        reachable = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        return f"http://{reachable}:{self.settings.port}/codec"
+
     def temporal_tuning(self) -> list[str]:
         limit = self.settings.temporal_suggest_continue_as_new
         if limit is None:
@@ -161,6 +166,10 @@ class Supervisor:
                     str(self.settings.temporal_port),
                     "--ui-port",
                     str(self.settings.temporal_ui_port),
+                    # Payloads are encrypted: the Web UI shows them through the API's codec
+                    # endpoint, to an admin (see api/codec.py).
+                    "--ui-codec-endpoint",
+                    self.codec_endpoint(),
                     "--log-level",
                     "warn",
                     # WAL and NORMAL sync: every workflow step is a few history writes.

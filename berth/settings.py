@@ -6,9 +6,6 @@ or from an optional ``.env`` file in the working directory.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -38,10 +35,60 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "BERTH_DATABASE_URL"),
         description="SQLAlchemy URL; unset means a SQLite file in the data dir",
     )
-    secret_key: str | None = Field(
-        default=None, description="Signs user and guest tokens; unset means a generated one"
-    )
     token_ttl_hours: int = Field(default=24 * 7, description="Lifetime of a user's API token")
+
+    # Accounts and secrets
+    # Each secret is used only through keys derived from it (berth/keys.py); unset, it is
+    # generated once into the data dir. A rotated secret moves to its *_previous list, which
+    # keeps it valid for a grace period (a JSON list in the environment).
+    user_token_secret: str | None = Field(
+        default=None, description="Keys user API tokens and the dashboard's CSRF tokens"
+    )
+    user_token_previous_secrets: list[str] = Field(
+        default_factory=list,
+        description="Former user token secrets, still accepted; a token used meanwhile moves "
+        "to the current secret",
+    )
+    guest_token_secret: str | None = Field(
+        default=None, description="Keys sandbox guests' tokens; worker and API hosts share it"
+    )
+    guest_token_previous_secrets: list[str] = Field(
+        default_factory=list, description="Former guest token secrets, still accepted"
+    )
+    payload_secret: str | None = Field(
+        default=None, description="Encrypts Temporal payloads (AES-GCM); API and worker share it"
+    )
+    payload_previous_secrets: list[str] = Field(
+        default_factory=list, description="Former payload secrets: old histories still decrypt"
+    )
+    codec_token: str | None = Field(
+        default=None,
+        description="Bearer token that may call /codec (besides an admin's), for a Temporal "
+        "Web UI or CLI that cannot log in",
+    )
+    codec_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins allowed to call /codec (CORS); unset means the embedded "
+        "Temporal Web UI's",
+    )
+    password_time_cost: int = Field(default=3, ge=1, description="argon2id passes")
+    password_memory_kib: int = Field(default=65536, ge=8, description="argon2id memory")
+    password_parallelism: int = Field(default=4, ge=1, description="argon2id lanes")
+    password_hash_threads: int = Field(
+        default=2, ge=1, description="Threads that hash passwords (not the request threadpool)"
+    )
+    login_max_failures: int = Field(
+        default=5, ge=1, description="Failed logins per email and address before a lockout"
+    )
+    login_max_attempts: int = Field(
+        default=100, ge=1, description="Logins per address and window, failed or not"
+    )
+    login_window_s: int = Field(default=900, ge=1, description="Window of the login counters")
+    lockout_s: int = Field(default=900, ge=1, description="How long a lockout lasts")
+    signup_max_attempts: int = Field(
+        default=30, ge=1, description="Sign-ups per address and window"
+    )
+    signup_window_s: int = Field(default=3600, ge=1, description="Window of the sign-up counter")
 
     temporal_address: str | None = Field(
         default=None, description="host:port of Temporal; unset means `make run` starts one"
@@ -168,22 +215,6 @@ class Settings(BaseSettings):
     @property
     def host_task_queue(self) -> str:
         return f"berth-host-{self.host_id}"
-
-    def signing_key(self) -> bytes:
-        """The configured secret, or one generated once and kept in the data dir."""
-        if self.secret_key:
-            return self.secret_key.encode()
-        path = self.data_dir / "secret_key"
-        if not path.exists():
-            # API and worker may start together: write aside, then link, so one key wins.
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            draft = path.with_suffix(f".{os.getpid()}")
-            draft.write_text(secrets.token_urlsafe(48))
-            draft.chmod(0o600)
-            with contextlib.suppress(FileExistsError):
-                os.link(draft, path)
-            draft.unlink()
-        return path.read_text().strip().encode()
 
 
 @lru_cache

@@ -27,8 +27,7 @@ from activities.sandbox import SandboxActivities
 from berth.settings import Settings, get_settings
 from berth.temporal import connect
 from llm.proxy import LLMProxy
-from sandboxes.factory import make_provider
-from sandboxes.gateway import GuestGateway
+from sandboxes.factory import make_gateway, make_provider
 from sandboxes.reconcile import Owner, reconcile_forever
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
@@ -62,7 +61,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     migrate(settings.db_url)
     engine = get_engine(settings.db_url)
     client = await connect(settings)
-    gateway = GuestGateway(settings.signing_key())
+    gateway = make_gateway(settings)
     provider = make_provider(settings, gateway)
     await provider.prepare()
     await gateway.start(settings.gateway_host, settings.gateway_port)

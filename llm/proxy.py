@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from langchain_core.messages import AIMessageChunk
+from langchain_core.messages import AIMessageChunk, convert_to_messages
 from sqlalchemy import Connection, Engine
 
 from berth.settings import Settings
@@ -209,6 +209,11 @@ class LLMProxy:
             raise NoProvider(NO_PROVIDER)
         if not request.messages:
             raise InvalidRequest("messages: at least one message is needed")
+        try:
+            # A malformed message is the caller's error, not every provider's failure.
+            convert_to_messages(request.messages)
+        except (ValueError, TypeError, KeyError, NotImplementedError) as exc:
+            raise InvalidRequest(f"messages: {str(exc)[:300]}") from None
         chosen = self.providers
         if request.model not in (None, "", DEFAULT_MODEL):
             chosen = [p for p in self.providers if request.model in (p.name, p.config.model)]

@@ -9,8 +9,7 @@ import sys
 
 from berth.settings import get_settings
 from sandboxes.docker import engine_running, start_engine
-from sandboxes.factory import make_provider
-from sandboxes.gateway import GuestGateway
+from sandboxes.factory import make_gateway, make_provider
 
 
 def main() -> None:
@@ -21,7 +20,7 @@ def main() -> None:
     if settings.sandbox_provider == "docker" and not engine_running():
         print("starting the Docker engine", flush=True)
         start_engine(settings.data_dir / "logs" / "dockerd.log")
-    provider = make_provider(settings, GuestGateway(settings.signing_key()))
+    provider = make_provider(settings, make_gateway(settings))
     print(
         f"preparing {provider.name} sandboxes (the first build takes about four minutes)",
         flush=True,

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from berth.keys import guest_keys
 from berth.settings import Settings
 from sandboxes.docker import DockerProvider
 from sandboxes.gateway import GuestGateway
 from sandboxes.provider import SandboxProvider
+
+
+def make_gateway(settings: Settings) -> GuestGateway:
+    keys = guest_keys(settings)
+    return GuestGateway(keys.current, previous_keys=keys.keys[1:])
 
 
 def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
@@ -13,7 +19,7 @@ def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
         case "docker":
             return DockerProvider(
                 gateway,
-                settings.signing_key(),
+                guest_keys(settings).current,
                 settings.host_id,
                 settings.host_task_queue,
                 gateway_port=settings.gateway_port,

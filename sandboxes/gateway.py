@@ -95,8 +95,11 @@ class _Guest:
 
 
 class GuestGateway:
-    def __init__(self, key: bytes, reconnect_grace_s: float = 30.0) -> None:
-        self._key = key
+    def __init__(
+        self, key: bytes, reconnect_grace_s: float = 30.0, previous_keys: tuple[bytes, ...] = ()
+    ) -> None:
+        # Previous keys: tokens of sandboxes made before a rotation still open their link.
+        self._keys = (key, *previous_keys)
         self._grace = reconnect_grace_s
         self._guests: dict[str, _Guest] = {}
         self._server: Server | None = None
@@ -234,8 +237,8 @@ class GuestGateway:
             await ws.close(protocol.CLOSE_UNAUTHORIZED, "expected hello")
             return
         sandbox_id = str(hello.get("sandbox_id", ""))
-        if hello.get("type") != protocol.HELLO or not check_guest_token(
-            self._key, sandbox_id, str(hello.get("token", ""))
+        if hello.get("type") != protocol.HELLO or not any(
+            check_guest_token(key, sandbox_id, str(hello.get("token", ""))) for key in self._keys
         ):
             log.warning("refused guest claiming sandbox %r", sandbox_id[:LOGGED_ID_CHARS])
             await ws.close(protocol.CLOSE_UNAUTHORIZED, "bad token")

@@ -55,6 +55,7 @@ class User(SQLModel, table=True):
     id: str = Field(default_factory=new_id, primary_key=True)
     email: str = Field(index=True, unique=True, max_length=320)
     password_hash: str
+    is_admin: bool = False
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -189,3 +190,43 @@ class LLMCacheEntry(SQLModel, table=True):
     key: str = Field(primary_key=True, max_length=64)
     result: str = Field(sa_column=Column(Text, nullable=False))
     expires_at: datetime = Field(index=True)
+
+
+class ApiToken(SQLModel, table=True):
+    """A user's bearer token: only a keyed hash of it is kept, so the table opens nothing."""
+
+    __tablename__ = "api_tokens"
+
+    id: str = Field(default_factory=new_id, primary_key=True)
+    user_id: str = Field(foreign_key="users.id", index=True)
+    name: str = Field(max_length=100)
+    token_hash: str = Field(index=True, unique=True, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+    revoked_at: datetime | None = None
+
+
+class AuthCounter(SQLModel, table=True):
+    """Attempts per key (e.g. login failures of an email from an address) in a fixed window,
+    in the database so every API process counts the same attempts."""
+
+    __tablename__ = "auth_counters"
+
+    key: str = Field(primary_key=True, max_length=200)
+    count: int = 0
+    window_start: datetime
+    locked_until: datetime | None = None
+
+
+class AuditEntry(SQLModel, table=True):
+    """Who did what, when, from where. Append-only: the database refuses updates and deletes."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    actor_id: str | None = Field(default=None, index=True, max_length=32)
+    action: str = Field(max_length=64)
+    target: str | None = Field(default=None, index=True, max_length=200)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    ip: str | None = Field(default=None, max_length=64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
+from berth.local import free_port
+from berth.run import wait_for_port
 from store.db import get_engine, migrate
 
 BIN = Path(sys.executable).parent
@@ -51,3 +54,30 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def engine(db_url: str) -> Engine:
     migrate(db_url)
     return get_engine(db_url)
+
+
+@pytest.fixture(scope="module")
+def temporal_address() -> Iterator[str]:
+    """A Temporal dev server of this module's own (in memory, no Web UI): host:port."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(TEMPORAL),
+            "server",
+            "start-dev",
+            "--headless",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port("temporal", "127.0.0.1", port, server, timeout_s=60)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -139,6 +139,11 @@ def test_a_person_runs_a_command_from_the_dashboard(system: str, tmp_path: Path)
                   "--disable-component-update", "--disable-sync", "--no-first-run"],
         )  # fmt: skip
         page = browser.new_page()
+        refused: list[str] = []  # what the Content-Security-Policy blocked, if anything
+        page.on(
+            "console",
+            lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None,
+        )
         page.goto(system)
         page.fill("input[name=email]", "person@example.com")
         page.fill("input[name=password]", "not signed up yet")
@@ -156,5 +161,7 @@ def test_a_person_runs_a_command_from_the_dashboard(system: str, tmp_path: Path)
         terminal = page.inner_text("#terminal")
         assert "$ ls -la /" in terminal and "proc" in terminal and "etc" in terminal
         assert "succeeded" in page.inner_text("#tasks")
+        assert page.input_value("#prompt") == "", "the task form was not reset"
+        assert refused == []
         page.screenshot(path=str(tmp_path / "dashboard.png"))
         browser.close()

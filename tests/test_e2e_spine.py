@@ -20,8 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.client import WorkflowExecutionStatus
 
 from berth.local import LocalSystem, python_script
 from tests.test_e2e import token_for
@@ -46,7 +45,7 @@ class Spine(LocalSystem):
         """What Temporal knows of session ``sid``'s workflow (its latest run), for failures."""
 
         async def ask() -> str:
-            client = await Client.connect(self.temporal, data_converter=pydantic_data_converter)
+            client = await self.client()
             handle = client.get_workflow_handle(f"session-{sid}")
             described = await handle.describe()
             history = await handle.fetch_history()
@@ -304,7 +303,7 @@ def test_a_task_that_continues_as_new_keeps_its_sandbox_and_files(user: User) ->
     workflow_id = f"session-{sid}"
 
     async def first_run_id() -> str:
-        client = await Client.connect(user.spine.temporal, data_converter=pydantic_data_converter)
+        client = await user.spine.client()
         return (await client.get_workflow_handle(workflow_id).describe()).run_id
 
     first = asyncio.run(first_run_id())
@@ -324,7 +323,7 @@ def test_a_task_that_continues_as_new_keeps_its_sandbox_and_files(user: User) ->
     assert seqs == list(range(1, len(seqs) + 1)), "the event log has gaps or repeats"
 
     async def runs() -> tuple[str, WorkflowExecutionStatus | None, SessionInput]:
-        client = await Client.connect(user.spine.temporal, data_converter=pydantic_data_converter)
+        client = await user.spine.client()
         latest = await client.get_workflow_handle(workflow_id).describe()
         old = client.get_workflow_handle(workflow_id, run_id=first)
         history = await old.fetch_history()
@@ -337,7 +336,7 @@ def test_a_task_that_continues_as_new_keeps_its_sandbox_and_files(user: User) ->
 
     async def count_runs() -> int:
         """Runs of the session's workflow, as visibility lists them (it may lag a little)."""
-        client = await Client.connect(user.spine.temporal, data_converter=pydantic_data_converter)
+        client = await user.spine.client()
         query = f"WorkflowId = '{workflow_id}'"
         deadline = time.monotonic() + 10
         while True:

@@ -11,8 +11,7 @@ import pytest
 import vm_templates
 from berth.settings import Settings
 from sandboxes.docker import HOST_LABEL, docker, exists
-from sandboxes.factory import make_provider
-from sandboxes.gateway import GuestGateway
+from sandboxes.factory import make_gateway, make_provider
 from sandboxes.models import SandboxInfo
 from sandboxes.provider import SandboxProvider
 from sandboxes.reconcile import reconcile, reconcile_forever
@@ -22,8 +21,8 @@ from sandboxes.reconcile import reconcile, reconcile_forever
 async def provider() -> AsyncIterator[SandboxProvider]:
     # A host of its own, so the test sees only its containers; the gateway is never started,
     # the guests just keep dialling.
-    settings = Settings(host_id=f"rec-{uuid.uuid4().hex[:8]}", secret_key="reconcile-test")
-    provider = make_provider(settings, GuestGateway(settings.signing_key()))
+    settings = Settings(host_id=f"rec-{uuid.uuid4().hex[:8]}", guest_token_secret="reconcile-test")
+    provider = make_provider(settings, make_gateway(settings))
     await provider.prepare()
     try:
         yield provider
@@ -159,8 +158,8 @@ async def test_another_install_on_the_same_engine_and_host_id_is_left_alone(
 ) -> None:
     theirs = await provision(provider)
     # Another install (its own signing key) that happens to use the same host id.
-    settings = Settings(host_id=provider.host_id, secret_key="another install")
-    ours = make_provider(settings, GuestGateway(settings.signing_key()))
+    settings = Settings(host_id=provider.host_id, guest_token_secret="another install")
+    ours = make_provider(settings, make_gateway(settings))
     assert await ours.machines() == []
 
     async def nobody(session_id: str) -> str | None:

@@ -20,8 +20,7 @@ from api.app import create_app
 from berth.local import free_port
 from berth.settings import Settings
 from sandboxes.docker import FIREWALL_CHAIN, DockerProvider, host_port_rule
-from sandboxes.factory import make_provider
-from sandboxes.gateway import GuestGateway
+from sandboxes.factory import make_gateway, make_provider
 from sandboxes.models import BrowserStep, Check, SandboxInfo
 from store import events
 from store.artifacts import ArtifactStore
@@ -60,7 +59,7 @@ async def test_a_browser_step_in_a_sandbox_leaves_a_screenshot_for_its_owner(
             db.add(row)
             db.commit()
             session_id = row.id
-        gateway = GuestGateway(settings.signing_key())
+        gateway = make_gateway(settings)
         provider = make_provider(settings, gateway)
         assert isinstance(provider, DockerProvider)
         await provider.prepare()

@@ -18,29 +18,35 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 import vm_templates
-from api import service
+from api import accounts, service
 from api.deps import (
     DbDep,
     EngineDep,
     HubDep,
+    IpDep,
+    PasswordsDep,
     Problem,
     SettingsDep,
     StreamCountDep,
     TemporalDep,
-    user_from_token,
 )
 from api.events import sse, stream
 from api.schemas import Credentials
+from berth.settings import Settings
 from sandboxes.models import Step
-from store.models import Event, StepRow, User
+from store.models import ApiToken, Event, StepRow, User
+from ui import guard
 from workflows.models import TaskControl, TaskSubmission
 
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"
 COOKIE = "berth_token"
+DASHBOARD_TOKEN = "dashboard"  # the name of the token each dashboard login makes
+HOME_SESSIONS = 100  # the home page lists this many of the newest sessions
 
 templates = Jinja2Templates(directory=HERE / "templates")
-router = APIRouter(include_in_schema=False)
+# Every unsafe request to the dashboard must come from its own pages.
+router = APIRouter(include_in_schema=False, dependencies=[Depends(guard.check_origin)])
 STEP = TypeAdapter(Step)
 
 
@@ -56,70 +62,139 @@ def step_text(spec: dict[str, Any]) -> str:
 templates.env.filters["step_text"] = step_text
 
 
-def page_user(request: Request, db: DbDep, settings: SettingsDep) -> User:
-    user = user_from_token(db, settings, request.cookies.get(COOKIE))
-    if user is None:
+def cookie_caller(
+    request: Request, db: Session, settings: Settings
+) -> tuple[User, ApiToken] | None:
+    secret = request.cookies.get(COOKIE)
+    return accounts.authenticate(db, settings, secret) if secret else None
+
+
+async def page_caller(request: Request, db: DbDep, settings: SettingsDep) -> tuple[User, ApiToken]:
+    """The signed-in user; for an unsafe method, also a CSRF token bound to their login."""
+    found = cookie_caller(request, db, settings)
+    if found is None:
         raise Problem(401, "log in first")
-    return user
+    await guard.check_token(request, settings, found[1].id)
+    return found
 
 
+def page_user(caller: Annotated[tuple[User, ApiToken], Depends(page_caller)]) -> User:
+    return caller[0]
+
+
+PageCaller = Annotated[tuple[User, ApiToken], Depends(page_caller)]
 PageUser = Annotated[User, Depends(page_user)]
 
 
-def error_fragment(message: str, status: int = 200) -> HTMLResponse:
-    # htmx swaps 200 answers only; errors are shown where the action's result would go.
-    return HTMLResponse(f'<p class="error">{escape(message)}</p>', status_code=status)
+def render_page(
+    request: Request,
+    name: str,
+    settings: Settings,
+    caller: tuple[User, ApiToken] | None,
+    status: int = 200,
+    **context: Any,
+) -> HTMLResponse:
+    """A page; a signed-in one carries the CSRF token that htmx sends with each action."""
+    if caller is not None:
+        context.update(user=caller[0], csrf=guard.token_for(settings, caller[1].id))
+    return templates.TemplateResponse(request, name, context, status)
+
+
+def is_dashboard(path: str) -> bool:
+    """Whether a path is one of the dashboard's (HTML) rather than an API's."""
+    return path in ("/", "/login", "/logout") or path.startswith(("/sessions/", "/ui/"))
+
+
+def problem_page(request: Request, problem: Problem) -> Response:
+    """A dashboard error: htmx gets a fragment with the real status (its responseHandling
+    config in base.html swaps it in), a page load an error page; a lost login goes to the
+    login page (for htmx through HX-Redirect, which it follows instead of swapping a 303)."""
+    htmx = request.headers.get("hx-request") == "true"
+    if problem.status == 401:
+        if htmx:
+            return Response(status_code=401, headers={"HX-Redirect": "/login"})
+        return RedirectResponse("/login", status_code=303)
+    if htmx:
+        fragment = f'<p class="error">{escape(problem.detail)}</p>'
+        return HTMLResponse(fragment, problem.status, headers=problem.headers)
+    context = {"request": request, "problem": problem}
+    return templates.TemplateResponse(request, "error.html", context, problem.status)
 
 
 @router.get("/", response_class=HTMLResponse)
 def home(request: Request, db: DbDep, settings: SettingsDep) -> Response:
-    user = user_from_token(db, settings, request.cookies.get(COOKIE))
-    if user is None:
+    found = cookie_caller(request, db, settings)
+    if found is None:
         return RedirectResponse("/login", status_code=303)
-    return templates.TemplateResponse(
+    return render_page(
         request,
         "index.html",
-        {
-            "user": user,
-            "sessions": service.list_sessions(db, user),
-            "templates": vm_templates.names(),
-        },
+        settings,
+        found,
+        sessions=service.list_sessions(db, found[0], limit=HOME_SESSIONS),
+        templates=vm_templates.names(),
     )
 
 
+def login_form(
+    request: Request, settings: Settings, error: str | None = None, status: int = 200
+) -> Response:
+    binding = guard.login_binding(request)
+    token = guard.token_for(settings, f"login:{binding}")
+    response = render_page(request, "login.html", settings, None, status, error=error, csrf=token)
+    guard.set_login_cookie(request, response, binding)
+    return response
+
+
 @router.get("/login", response_class=HTMLResponse)
-def login_page(request: Request) -> Response:
-    return templates.TemplateResponse(request, "login.html", {"error": None})
+def login_page(request: Request, settings: SettingsDep) -> Response:
+    return login_form(request, settings)
 
 
 @router.post("/login", response_class=HTMLResponse)
-def login(
+async def login(
     request: Request,
     db: DbDep,
     settings: SettingsDep,
+    passwords: PasswordsDep,
+    ip: IpDep,
     email: Annotated[str, Form()],
     password: Annotated[str, Form()],
     action: Annotated[str, Form()] = "login",
 ) -> Response:
     try:
+        # Bound to this browser's login cookie: a foreign site cannot post this form.
+        await guard.check_token(
+            request, settings, f"login:{request.cookies.get(guard.LOGIN_COOKIE)}"
+        )
         credentials = Credentials(email=email, password=password)
         if action == "signup":
-            service.sign_up(db, credentials)
-        token = service.log_in(db, settings, credentials)
+            await accounts.sign_up(db, passwords, settings, credentials, ip)
+        user = await accounts.log_in(db, passwords, settings, credentials, ip)
     except ValidationError as exc:
         error = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors())
-        return templates.TemplateResponse(request, "login.html", {"error": error}, 422)
+        return login_form(request, settings, error, 422)
     except Problem as exc:
-        return templates.TemplateResponse(request, "login.html", {"error": exc.detail}, exc.status)
+        return login_form(request, settings, exc.detail, exc.status)
+    _, secret = accounts.issue_token(db, settings, user, DASHBOARD_TOKEN, ip)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(
-        COOKIE, token, httponly=True, samesite="lax", max_age=settings.token_ttl_hours * 3600
+        COOKIE,
+        secret,
+        httponly=True,
+        samesite="lax",
+        secure=guard.is_https(request),
+        max_age=settings.token_ttl_hours * 3600,
     )
+    response.delete_cookie(guard.LOGIN_COOKIE, path="/login")
     return response
 
 
 @router.post("/logout")
-def logout() -> Response:
+def logout(db: DbDep, caller: PageCaller, ip: IpDep) -> Response:
+    """Revokes the dashboard's token: a copy of the cookie opens nothing afterwards."""
+    user, token = caller
+    accounts.revoke(db, user, token.id, ip)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE)
     return response
@@ -131,19 +206,19 @@ async def start_session(
     temporal: TemporalDep,
     settings: SettingsDep,
     user: PageUser,
+    ip: IpDep,
     template: Annotated[str, Form()] = vm_templates.DEFAULT,
 ) -> Response:
-    try:
-        row = await service.start_session(db, temporal, settings, user, template)
-    except Problem as exc:
-        return error_fragment(exc.detail)
+    row = await service.start_session(db, temporal, settings, user, template, ip)
     return Response(status_code=204, headers={"HX-Redirect": f"/sessions/{row.id}"})
 
 
 @router.get("/sessions/{sid}", response_class=HTMLResponse)
-def session_page(sid: str, request: Request, db: DbDep, user: PageUser) -> Response:
-    row = service.own_session(db, user, sid)
-    return templates.TemplateResponse(request, "session.html", {"user": user, "session": row})
+def session_page(
+    sid: str, request: Request, db: DbDep, settings: SettingsDep, caller: PageCaller
+) -> Response:
+    row = service.visible_session(db, caller[0], sid)
+    return render_page(request, "session.html", settings, caller, session=row)
 
 
 @router.post("/ui/sessions/{sid}/tasks", response_class=HTMLResponse)
@@ -154,13 +229,14 @@ async def submit_task(
     user: PageUser,
     prompt: Annotated[str, Form()] = "",
 ) -> Response:
+    row = service.own_session(db, user, sid)
     try:
-        row = service.own_session(db, user, sid)
-        ref = await service.update(temporal, row, "submit_task", TaskSubmission(prompt=prompt))
+        submission = TaskSubmission(prompt=prompt)
     except ValidationError:
-        return error_fragment("Type a task first: a description, or commands as '$ ...' lines.")
-    except Problem as exc:
-        return error_fragment(exc.detail)
+        raise Problem(
+            422, "Type a task first: a description, or commands as '$ ...' lines."
+        ) from None
+    ref = await service.update(temporal, row, "submit_task", submission)
     return HTMLResponse(f'<p class="ok">Task {ref.id[:8]} queued.</p>')
 
 
@@ -168,22 +244,18 @@ async def submit_task(
 async def control_task(
     sid: str, tid: str, action: str, db: DbDep, temporal: TemporalDep, user: PageUser
 ) -> Response:
+    row = service.own_session(db, user, sid)
     if action not in ("pause", "resume", "cancel"):
-        return error_fragment(f"no action {action}")
-    try:
-        row = service.own_session(db, user, sid)
-        await service.update(temporal, row, f"{action}_task", TaskControl(task_id=tid))
-    except Problem as exc:
-        return error_fragment(exc.detail)
+        raise Problem(404, f"no action {action}")
+    await service.update(temporal, row, f"{action}_task", TaskControl(task_id=tid))
     return HTMLResponse("")
 
 
 @router.post("/ui/sessions/{sid}/end", response_class=HTMLResponse)
-async def end_session(sid: str, db: DbDep, temporal: TemporalDep, user: PageUser) -> Response:
-    try:
-        await service.end_session(temporal, service.own_session(db, user, sid))
-    except Problem as exc:
-        return error_fragment(exc.detail)
+async def end_session(
+    sid: str, db: DbDep, temporal: TemporalDep, user: PageUser, ip: IpDep
+) -> Response:
+    await service.end_session(db, temporal, user, service.own_session(db, user, sid), ip)
     return HTMLResponse('<p class="ok">Ending the session…</p>')
 
 
@@ -197,7 +269,7 @@ def session_events(
     user: PageUser,
     last_event_id: Annotated[int | None, Header(ge=0)] = None,
 ) -> Response:
-    row = service.own_session(db, user, sid)
+    row = service.visible_session(db, user, sid)
     fragments = templates.get_template("events.html").module
 
     def render(event: Event) -> str:

@@ -1,0 +1,161 @@
+"""Accounts: sign-up, login, API tokens, admins.
+
+Nothing here tells whether an email is registered: sign-up answers alike for a new and a
+taken email, login alike for an unknown email and a wrong password, and both cost one
+password hash either way. Attempts are counted per address (and, for failed logins, per
+email and address) in the database, and a key over its limit is locked out for a while.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from api.problems import Problem
+from api.schemas import Credentials
+from api.security import Passwords, new_token_secret, token_hashes
+from berth.keys import user_keys
+from berth.settings import Settings
+from store import audit, counters
+from store.models import ApiToken, User, utcnow
+
+
+def _refuse_if_locked(db: Session, *keys: str) -> None:
+    until = counters.locked_until(db, *keys)
+    if until is not None:
+        wait = max(1, int((until - utcnow()).total_seconds()))
+        raise Problem(
+            429, f"too many attempts; try again in {wait} s", headers={"Retry-After": str(wait)}
+        )
+
+
+def _limit(db: Session, key: str, most: int, window_s: int, lockout_s: int) -> None:
+    """Count an attempt; past ``most`` in the window, lock the key and refuse."""
+    if counters.count(db, key, window_s) > most:
+        counters.lock(db, key, lockout_s)
+        _refuse_if_locked(db, key)
+
+
+def _email_key(email: str) -> str:
+    return hashlib.sha256(email.encode()).hexdigest()[:32]
+
+
+async def sign_up(
+    db: Session, passwords: Passwords, settings: Settings, credentials: Credentials, ip: str
+) -> None:
+    """Registers the email if it is free; answers the same (and as slowly) if it is not."""
+    key = f"signup:{ip}"
+    _refuse_if_locked(db, key)
+    _limit(db, key, settings.signup_max_attempts, settings.signup_window_s, settings.lockout_s)
+    email = credentials.email.lower()
+    user = User(email=email, password_hash=await passwords.hash(credentials.password))
+    db.add(user)
+    try:
+        db.commit()
+    except IntegrityError:
+        db.rollback()
+        audit.record(db, None, "signup.taken", _email_key(email), ip=ip)
+        return
+    audit.record(db, user.id, "signup", user.id, ip=ip)
+
+
+async def log_in(
+    db: Session, passwords: Passwords, settings: Settings, credentials: Credentials, ip: str
+) -> User:
+    email = credentials.email.lower()
+    pair, address = f"login:{_email_key(email)}:{ip}", f"login:{ip}"
+    _refuse_if_locked(db, pair, address)
+    _limit(db, address, settings.login_max_attempts, settings.login_window_s, settings.lockout_s)
+    user = db.exec(select(User).where(User.email == email)).first()
+    verdict = await passwords.check(credentials.password, user.password_hash if user else None)
+    if user is None or not verdict.ok:
+        audit.record(db, user.id if user else None, "login.failed", _email_key(email), ip=ip)
+        if counters.count(db, pair, settings.login_window_s) >= settings.login_max_failures:
+            counters.lock(db, pair, settings.lockout_s)
+        raise Problem(401, "wrong email or password")
+    counters.clear(db, pair)
+    if verdict.rehash:  # an old scheme or weaker parameters: bring it up to today's
+        user.password_hash = await passwords.hash(credentials.password)
+        db.add(user)
+        db.commit()
+    audit.record(db, user.id, "login", user.id, ip=ip)
+    return user
+
+
+def issue_token(
+    db: Session, settings: Settings, user: User, name: str, ip: str | None = None
+) -> tuple[ApiToken, str]:
+    """A new token and its secret, which is shown this once: only its hash is kept."""
+    secret = new_token_secret()
+    row = ApiToken(
+        user_id=user.id,
+        name=name,
+        token_hash=token_hashes(user_keys(settings), secret)[0],
+        expires_at=utcnow() + timedelta(hours=settings.token_ttl_hours),
+    )
+    db.add(row)
+    db.commit()
+    audit.record(db, user.id, "token.create", row.id, {"name": name}, ip=ip)
+    db.refresh(row)
+    return row, secret
+
+
+def authenticate(db: Session, settings: Settings, secret: str) -> tuple[User, ApiToken] | None:
+    """The user and token a bearer secret names, if it is live."""
+    hashes = token_hashes(user_keys(settings), secret)
+    found = db.exec(
+        select(ApiToken, User)
+        .join(User, col(User.id) == ApiToken.user_id)
+        .where(col(ApiToken.token_hash).in_(hashes), col(ApiToken.revoked_at).is_(None))
+    ).first()
+    if found is None or found[0].expires_at <= utcnow():
+        return None
+    token, user = found
+    if token.token_hash != hashes[0]:
+        # Hashed under a previous key: move it to the current one while the grace lasts.
+        token.token_hash = hashes[0]
+        db.add(token)
+        db.commit()
+        db.refresh(user)
+    return user, token
+
+
+def list_tokens(db: Session, user: User, limit: int, after: str | None) -> list[ApiToken]:
+    query = select(ApiToken).where(
+        ApiToken.user_id == user.id,
+        col(ApiToken.revoked_at).is_(None),
+        col(ApiToken.expires_at) > utcnow(),
+    )
+    if after is not None:
+        query = query.where(col(ApiToken.id) > after)
+    return list(db.exec(query.order_by(col(ApiToken.id)).limit(limit)))
+
+
+def revoke(db: Session, user: User, token_id: str, ip: str | None = None) -> ApiToken:
+    token = db.get(ApiToken, token_id)
+    if token is None or token.user_id != user.id:
+        raise Problem(404, f"no token {token_id}")
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+        db.add(token)
+        db.commit()
+        audit.record(db, user.id, "token.revoke", token.id, {"name": token.name}, ip=ip)
+    return token
+
+
+async def make_admin(db: Session, passwords: Passwords, email: str, password: str) -> User:
+    """Creates the admin, or makes an existing user one (with this password)."""
+    email = email.lower()
+    user = db.exec(select(User).where(User.email == email)).first() or User(
+        email=email, password_hash=""
+    )
+    user.password_hash = await passwords.hash(password)
+    user.is_admin = True
+    db.add(user)
+    db.commit()
+    db.refresh(user)
+    audit.record(db, None, "admin.create", user.id, {"via": "cli"})
+    return user

@@ -1,0 +1,118 @@
+"""Admin routes: the audit trail. For one session it merges the audit log's entries about the
+session with the commands its sandbox ran (each step's ``step.started`` event), in time order."""
+
+from __future__ import annotations
+
+import heapq
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel
+from sqlalchemy import false, true
+from sqlmodel import Session, col, or_, select
+
+from api import cursors
+from api.deps import AdminDep, DbDep, IpDep, Problem
+from api.problems import problems
+from store import audit
+from store.models import AuditEntry, Event, SessionRow
+
+router = APIRouter(prefix="/api/admin", tags=["admin"])
+Kind = Literal["audit", "command"]
+Position = tuple[datetime, str, int]  # where a page ends in the merged order
+
+
+class AuditItem(BaseModel):
+    kind: Kind  # an audit log entry, or a command a sandbox ran
+    id: int
+    at: datetime
+    actor_id: str | None
+    action: str
+    target: str | None
+    detail: dict[str, Any]
+    ip: str | None = None
+
+
+def _entries(
+    db: Session, session_id: str | None, after: Position | None, n: int
+) -> list[AuditItem]:
+    query = select(AuditEntry)
+    if session_id is not None:
+        query = query.where(AuditEntry.target == session_id)
+    query = _after(query, AuditEntry, "audit", after)
+    rows = db.exec(query.order_by(col(AuditEntry.at), col(AuditEntry.id)).limit(n))
+    return [AuditItem(kind="audit", **row.model_dump()) for row in rows]
+
+
+def _commands(db: Session, row: SessionRow, after: Position | None, n: int) -> list[AuditItem]:
+    query = select(Event).where(Event.session_id == row.id, Event.type == "step.started")
+    query = _after(query, Event, "command", after)
+    events = db.exec(query.order_by(col(Event.created_at), col(Event.id)).limit(n))
+    return [
+        AuditItem(
+            kind="command",
+            id=event.id or 0,
+            at=event.created_at,
+            actor_id=row.user_id,
+            action="command",
+            target=row.id,
+            detail={
+                "task_id": event.data.get("task_id"),
+                "index": event.data.get("index"),
+                "command": event.data.get("step", {}).get("command"),
+            },
+        )
+        for event in events
+    ]
+
+
+def _after(query: Any, table: Any, kind: Kind, after: Position | None) -> Any:
+    """Rows past ``after`` in the merged order (time, kind, id)."""
+    if after is None:
+        return query
+    moment, last_kind, last_id = after
+    at = col(table.at) if table is AuditEntry else col(table.created_at)
+    # Equal times: the other kind's rows come wholly before or after; the same kind's by id.
+    later_kind = true() if kind > last_kind else false()
+    tie = col(table.id) > last_id if kind == last_kind else later_kind
+    return query.where(or_(at > moment, (at == moment) & tie))
+
+
+def _position(cursor: str) -> Position:
+    moment, ident = cursors.decode_moment(cursor)
+    kind, _, number = ident.partition(":")
+    if kind not in ("audit", "command") or not number.isdigit():
+        raise Problem(400, "invalid cursor: pass the one from a Link header as it is")
+    return moment, kind, int(number)
+
+
+@router.get("/audit", responses={**problems(400, 401, 403, 404)})
+def audit_trail(
+    db: DbDep,
+    admin: AdminDep,
+    ip: IpDep,
+    page: cursors.PagingDep,
+    session_id: Annotated[str | None, Query(max_length=64)] = None,
+) -> list[AuditItem]:
+    """The audit log, oldest first; with ``session_id``, that session's trail: its audit
+    entries and every command its sandbox ran. Reading it is itself audited."""
+    after = _position(page.cursor) if page.cursor else None
+    items = _entries(db, session_id, after, page.fetch)
+    if session_id is not None:
+        row = db.get(SessionRow, session_id)
+        if row is None:
+            raise Problem(404, f"no session {session_id}")
+        merged = heapq.merge(items, _commands(db, row, after, page.fetch), key=_order)
+        items = list(merged)[: page.fetch]
+    # Not targeted at the session: its trail would grow with every read of it.
+    audit.record(db, admin.id, "admin.audit.read", detail={"session_id": session_id}, ip=ip)
+    return page.take(items, _cursor_of)
+
+
+def _order(item: AuditItem) -> tuple[datetime, str, int]:
+    return item.at, item.kind, item.id
+
+
+def _cursor_of(item: AuditItem) -> tuple[str, str]:
+    return item.at.isoformat(), f"{item.kind}:{item.id}"

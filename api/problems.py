@@ -1,0 +1,157 @@
+"""One error shape everywhere: RFC 9457 problem details (``application/problem+json``).
+
+``type`` is ``about:blank`` (the status says it all), ``title`` the status's phrase,
+``detail`` what this caller can act on; a 422 adds ``errors``, where and why, never the
+rejected value (it may be a password).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+MEDIA_TYPE = "application/problem+json"
+log = logging.getLogger("berth.api")
+
+
+class Problem(Exception):
+    """An error with an HTTP status and a message meant for the user."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = dict(headers or {})
+        self.errors = errors
+        if status == 401:
+            self.headers.setdefault("WWW-Authenticate", "Bearer")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ProblemOut(BaseModel):
+    """A problem document (RFC 9457)."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | None = None
+
+
+def document(problem: Problem) -> dict[str, Any]:
+    body = ProblemOut(
+        title=HTTPStatus(problem.status).phrase,
+        status=problem.status,
+        detail=problem.detail,
+        errors=[FieldError.model_validate(e) for e in problem.errors] if problem.errors else None,
+    )
+    return body.model_dump(exclude_none=True)
+
+
+def response(problem: Problem) -> Response:
+    return JSONResponse(
+        document(problem), problem.status, headers=problem.headers, media_type=MEDIA_TYPE
+    )
+
+
+def from_validation(exc: RequestValidationError) -> Problem:
+    errors = [
+        {"loc": [str(p) if not isinstance(p, int) else p for p in e["loc"]], **_why(e)}
+        for e in exc.errors()
+    ]
+    where = ", ".join(".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0]) for e in errors)
+    return Problem(422, f"invalid request: {where}", errors=errors)
+
+
+def _why(error: Any) -> dict[str, str]:
+    return {"msg": str(error.get("msg", "invalid")), "type": str(error.get("type", "invalid"))}
+
+
+def from_http(exc: HTTPException) -> Problem:
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    return Problem(exc.status_code, detail, headers=dict(exc.headers or {}))
+
+
+Render = Callable[[Request, Problem], Response]
+
+
+def install(app: FastAPI, render: Render) -> None:
+    """Every error through ``render``: ours, FastAPI's and Starlette's, and crashes."""
+
+    @app.exception_handler(Problem)
+    async def problem(request: Request, exc: Problem) -> Response:
+        return render(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        return render(request, from_validation(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return render(request, from_http(exc))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return render(request, Problem(500, "internal error; it has been logged"))
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a route that may answer these errors, for its OpenAPI entry."""
+    return {
+        status: {
+            "description": HTTPStatus(status).phrase,
+            "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+        for status in statuses
+    }
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        routes=app.routes,
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    problem = ProblemOut.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(problem.pop("$defs", {}))
+    components["Problem"] = problem
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    invalid = problems(422)[422]
+    for operation in _operations(schema):
+        answers = operation.setdefault("responses", {})
+        if "422" in answers:  # FastAPI's own entry names its default body: ours replaces it
+            answers["422"] = invalid
+    app.openapi_schema = schema
+    return schema
+
+
+def _operations(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    return [op for path in schema.get("paths", {}).values() for op in path.values()]

@@ -1,0 +1,85 @@
+"""Keys, each derived from a secret of its own purpose, so rotating one (after a leak, say)
+leaves the others alone: user tokens, guest tokens, Temporal payloads.
+
+A purpose's keyring holds the current key first, then the keys of its previous secrets,
+which stay valid for a grace period: until the operator drops them from the settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from berth.settings import Settings
+
+# Before secrets were split, one generated file keyed both kinds of tokens: running sandboxes
+# still hold guest tokens made with it.
+LEGACY_SECRET_FILE = "secret_key"
+
+
+@dataclass(frozen=True)
+class Keyring:
+    keys: tuple[bytes, ...]  # current first
+
+    @property
+    def current(self) -> bytes:
+        return self.keys[0]
+
+
+def derive(secret: str, purpose: str) -> bytes:
+    """An HKDF-style expansion: a key that says nothing about the secret or other purposes."""
+    return hmac.new(secret.encode(), f"berth/{purpose}".encode(), hashlib.sha256).digest()
+
+
+def generated_secret(data_dir: Path, name: str) -> str:
+    """A secret generated once and kept in the data dir (mode 0600)."""
+    path = data_dir / name
+    if not path.exists():
+        # API and worker may start together: write aside, then link, so one secret wins.
+        data_dir.mkdir(parents=True, exist_ok=True)
+        draft = path.with_suffix(f".{os.getpid()}")
+        draft.write_text(secrets.token_urlsafe(48))
+        draft.chmod(0o600)
+        with contextlib.suppress(FileExistsError):
+            os.link(draft, path)
+        draft.unlink()
+    return path.read_text().strip()
+
+
+def _keyring(settings: Settings, purpose: str, current: str | None, previous: list[str]) -> Keyring:
+    secret = current or generated_secret(settings.data_dir, f"{purpose}_secret")
+    return Keyring(tuple(derive(s, purpose) for s in (secret, *previous)))
+
+
+def user_keys(settings: Settings) -> Keyring:
+    return _keyring(
+        settings, "user_token", settings.user_token_secret, settings.user_token_previous_secrets
+    )
+
+
+def guest_keys(settings: Settings) -> Keyring:
+    previous = list(settings.guest_token_previous_secrets)
+    legacy = settings.data_dir / LEGACY_SECRET_FILE
+    ring = _keyring(settings, "guest_token", settings.guest_token_secret, previous)
+    if legacy.exists():
+        # The legacy key was the raw secret, not a derived one.
+        ring = Keyring((*ring.keys, legacy.read_text().strip().encode()))
+    return ring
+
+
+def payload_keys(settings: Settings) -> Keyring:
+    return _keyring(settings, "payload", settings.payload_secret, settings.payload_previous_secrets)
+
+
+def key_id(key: bytes) -> str:
+    """A short public name of a key, so a ciphertext says which key opens it."""
+    return hashlib.sha256(b"key-id:" + key).hexdigest()[:16]
+
+
+def keyed_hash(key: bytes, purpose: str, value: str) -> str:
+    return hmac.new(key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
