@@ -48,11 +48,23 @@ class Settings(BaseSettings):
         default="local", description="Name of this sandbox host, whose task queue its sessions use"
     )
 
-    sandbox_provider: Literal["docker"] = "docker"
+    sandbox_provider: Literal["docker", "libvirt"] = Field(
+        default="docker", description="docker (containers, mock mode) or libvirt (VMs)"
+    )
     sandbox_cpus: float = 1.0
     sandbox_memory_mb: int = 1024
     sandbox_pids: int = 512
     sandbox_connect_timeout_s: float = 60.0
+    # Virtual machines (libvirt provider); a VM's size, limits and egress are its template's.
+    libvirt_uri: str = Field(default="qemu:///system", description="The libvirt daemon to use")
+    vm_bridge: str = Field(default="berthvm0", description="Linux bridge the VMs sit on")
+    vm_subnet: str = Field(
+        default="10.213.0.0/16", description="VMs' addresses; the host takes the first"
+    )
+    vm_shutdown_timeout_s: float = Field(
+        default=5.0, description="How long a VM may take to power off before it is destroyed"
+    )
+    vm_max_running: int = Field(default=20, description="VMs this host runs at most at once")
     debian_mirror: str = Field(
         default="http://deb.debian.org/debian",
         description="Where sandbox images' packages come from",

@@ -1,9 +1,9 @@
 """Docker containers as sandboxes: the seed's "mock mode".
 
-No registry is reachable, so images are made here: debootstrap builds the template's root
-filesystem, ``docker import`` turns it into a base image, and the template's Dockerfile adds
-the guest agent. Containers sit on an internal bridge whose only way out is the guest
-gateway's port on the host.
+No registry is reachable, so images are made here: the template's debootstrap root
+filesystem (sandboxes.rootfs, shared with the VM images) goes through ``docker import`` into
+a base image, and the template's Dockerfile adds the guest agent. Containers sit on an
+internal bridge whose only way out is the guest gateway's port on the host.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import vm_templates
 from sandboxes.gateway import GuestGateway
 from sandboxes.models import Machine
 from sandboxes.provider import SandboxProvider, machine_name
+from sandboxes.rootfs import rootfs
 
 log = logging.getLogger("berth.docker")
 
@@ -274,33 +275,11 @@ class DockerProvider(SandboxProvider):
         return image
 
     def _build_base(self, template: str, tag: str) -> None:
-        """debootstrap the template's packages and import the tree as an image (~1 min)."""
-        if shutil.which("debootstrap") is None:
-            raise DockerError("debootstrap is not installed: run `make setup`")
-        self.build_dir.mkdir(parents=True, exist_ok=True)
-        rootfs = Path(tempfile.mkdtemp(prefix="rootfs-", dir=self.build_dir))
-        try:
-            log.info("debootstrap of template %r into %s (about a minute)", template, rootfs)
-            subprocess.run(
-                [
-                    "debootstrap",
-                    "--variant=minbase",
-                    "--include=" + ",".join(vm_templates.packages(template)),
-                    "bookworm",
-                    str(rootfs),
-                    self.mirror,
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-            tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-            subprocess.run(
-                ["docker", "import", "-", tag],
-                stdin=tar.stdout,
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-            if tar.wait() != 0:
-                raise DockerError("tar of the root filesystem failed")
-        finally:
-            shutil.rmtree(rootfs, ignore_errors=True)
+        """Import the template's root filesystem (debootstrapped once, shared with VMs)."""
+        root = rootfs(template, self.mirror, self.build_dir)
+        tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(
+            ["docker", "import", "-", tag], stdin=tar.stdout, check=True, stdout=subprocess.DEVNULL
+        )
+        if tar.wait() != 0:
+            raise DockerError("tar of the root filesystem failed")

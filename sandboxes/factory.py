@@ -5,6 +5,7 @@ from __future__ import annotations
 from berth.settings import Settings
 from sandboxes.docker import DockerProvider
 from sandboxes.gateway import GuestGateway
+from sandboxes.libvirt import LibvirtProvider
 from sandboxes.provider import SandboxProvider
 
 
@@ -22,4 +23,19 @@ def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
                 cpus=settings.sandbox_cpus,
                 memory_mb=settings.sandbox_memory_mb,
                 pids=settings.sandbox_pids,
+            )
+        case "libvirt":
+            return LibvirtProvider(
+                gateway,
+                settings.signing_key(),
+                settings.host_id,
+                settings.host_task_queue,
+                gateway_port=settings.gateway_port,
+                data_dir=settings.data_dir,
+                mirror=settings.debian_mirror,
+                uri=settings.libvirt_uri,
+                bridge=settings.vm_bridge,
+                subnet=settings.vm_subnet,
+                shutdown_timeout_s=settings.vm_shutdown_timeout_s,
+                max_running=settings.vm_max_running,
             )

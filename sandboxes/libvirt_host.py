@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +35,7 @@ PROBE_TIMEOUT_S = 20.0  # a KVM boot takes ~1 s; a broken KVM hangs
 DAEMON_TIMEOUT_S = 30.0
 FIREWALL_IN = "BERTH-VM-IN"
 FIREWALL_OUT = "BERTH-VM-OUT"
+REPLIES = ("-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED")
 # Never reachable from a guest, whatever its template says: private, shared, link-local,
 # loopback, multicast and reserved ranges.
 NON_PUBLIC = (
@@ -79,11 +81,11 @@ def accel(kernel: vm_image.Kernel) -> Accel:
     """KVM if a guest boots with it, else TCG; decided once per host boot and logged."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     decided = STATE_DIR / "accel"
-    if decided.exists():
-        choice = decided.read_text().strip()
-        if choice in ("kvm", "tcg"):
-            return choice  # type: ignore[return-value]
-    choice = "kvm" if probe_kvm(kernel) else "tcg"
+    cached = decided.read_text().strip() if decided.exists() else ""
+    if cached in ("kvm", "tcg"):
+        log.info("VM acceleration: %s (decided earlier, %s)", cached, decided)
+        return "kvm" if cached == "kvm" else "tcg"
+    choice: Accel = "kvm" if probe_kvm(kernel) else "tcg"
     log.info(
         "VM acceleration: %s (%s)",
         choice,
@@ -147,12 +149,13 @@ def _ensure_rule(chain: str, *rule: str, table: str = "filter", first: bool = Fa
             raise HostError(f"could not add iptables rule {chain} {' '.join(rule)}")
 
 
-def ensure_network(bridge: str, subnet: str, gateway_port: int) -> str:
+def ensure_network(bridge: str, subnet: str, gateway_port: int, nameserver: str | None) -> str:
     """The guests' bridge, its address (returned: the guests' router and the gateway's
     address for them), NAT to the outside, and the host-side egress policy.
 
     Guests may reach the host only on the gateway's port; beyond the host, public addresses
-    only. Guests never reach each other: their bridge ports are isolated (domain XML).
+    and the host's nameserver (DNS only). Guests never reach each other: their bridge ports
+    are isolated (domain XML). Templates narrow this per VM (deny_egress).
     """
     network = ipaddress.ip_network(subnet)
     host_ip = str(next(network.hosts()))
@@ -167,26 +170,71 @@ def ensure_network(bridge: str, subnet: str, gateway_port: int) -> str:
         _iptables("-N", chain)
     # Additive: installs on one host (tests) each add their gateway's port.
     _ensure_rule(FIREWALL_IN, "-p", "tcp", "--dport", str(gateway_port), "-j", "ACCEPT", first=True)
-    _ensure_rule(FIREWALL_IN, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+    _ensure_rule(FIREWALL_IN, *REPLIES, "-j", "ACCEPT")
     _ensure_rule(FIREWALL_IN, "-j", "DROP")
-    _ensure_rule(FIREWALL_OUT, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+    _ensure_rule(FIREWALL_OUT, *REPLIES, "-j", "ACCEPT")
+    if nameserver:
+        for protocol in ("udp", "tcp"):
+            rule = ("-d", nameserver, "-p", protocol, "--dport", "53", "-j", "ACCEPT")
+            _ensure_rule(FIREWALL_OUT, *rule)
     for blocked in NON_PUBLIC:
         _ensure_rule(FIREWALL_OUT, "-d", blocked, "-j", "DROP")
     _ensure_rule(FIREWALL_OUT, "-j", "ACCEPT")
     _ensure_rule("INPUT", "-i", bridge, "-j", FIREWALL_IN, first=True)
     # Before Docker's FORWARD rules (its policy is DROP): out through ours, replies back in.
     _ensure_rule("FORWARD", "-i", bridge, "-j", FIREWALL_OUT, first=True)
-    _ensure_rule(
-        "FORWARD", "-o", bridge, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
-        "-j", "ACCEPT", first=True,
-    )  # fmt: skip
+    _ensure_rule("FORWARD", "-o", bridge, *REPLIES, "-j", "ACCEPT", first=True)
     _ensure_rule("POSTROUTING", "-s", subnet, "!", "-o", bridge, "-j", "MASQUERADE", table="nat")
     return host_ip
 
 
-def prepare_host(bridge: str, subnet: str, gateway_port: int) -> tuple[Accel, str]:
-    """Everything the host needs before a VM starts: the acceleration chosen, and the
-    guests' router address."""
+def bandwidth_limits_work() -> bool:
+    """Whether libvirt's <bandwidth> can be applied: it shapes with the kernel's htb and sfq
+    qdiscs and polices with a tc action, which some hosts' kernels lack (this one did).
+    Tried once on a scratch TAP device."""
+    tap = "berth-tcprobe"
+    _run("ip", "tuntap", "add", "dev", tap, "mode", "tap", check=False)
+    try:
+        steps = (
+            ("qdisc", "add", "dev", tap, "root", "handle", "1:", "htb", "default", "1"),
+            ("class", "add", "dev", tap, "parent", "1:", "classid", "1:1", "htb", "rate", "1mbit"),
+            ("qdisc", "add", "dev", tap, "parent", "1:1", "handle", "2:", "sfq", "perturb", "10"),
+            ("qdisc", "add", "dev", tap, "ingress"),
+            ("filter", "add", "dev", tap, "parent", "ffff:", "protocol", "all", "u32", "match",
+             "u32", "0", "0", "police", "rate", "1mbit", "burst", "64k", "drop"),
+        )  # fmt: skip
+        return all(_run("tc", *step, check=False).returncode == 0 for step in steps)
+    finally:
+        _run("ip", "link", "del", tap, check=False)
+
+
+def deny_egress(address: str) -> None:
+    """The guest at ``address`` reaches the gateway and nothing beyond the host."""
+    _ensure_rule(FIREWALL_OUT, "-s", f"{address}/32", "-j", "DROP", first=True)
+
+
+def allow_egress(address: str) -> None:
+    """Undo deny_egress, for the next guest that gets the address."""
+    while _iptables("-D", FIREWALL_OUT, "-s", f"{address}/32", "-j", "DROP"):
+        pass
+
+
+@dataclass(frozen=True)
+class Host:
+    accel: Accel
+    router: str  # the host's address on the guests' bridge
+    bandwidth_limits: bool
+
+
+def prepare_host(bridge: str, subnet: str, gateway_port: int, nameserver: str | None) -> Host:
+    """Everything the host needs before a VM starts, and what it can do."""
     choice = accel(vm_image.host_kernel())
     ensure_daemons(choice)
-    return choice, ensure_network(bridge, subnet, gateway_port)
+    router = ensure_network(bridge, subnet, gateway_port, nameserver)
+    shaping = bandwidth_limits_work()
+    if not shaping:
+        log.warning(
+            "this host's kernel cannot shape traffic (tc sfq/police): VMs run without "
+            "bandwidth limits"
+        )
+    return Host(choice, router, shaping)

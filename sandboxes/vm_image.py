@@ -83,7 +83,9 @@ class Cpio:
         self._out = io.BytesIO()
         self._ino = 0
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         self._ino += 1
         fields = (self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, *rdev, len(name) + 1, 0)
         header = "070701" + "".join(f"{value:08x}" for value in fields)
