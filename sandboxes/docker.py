@@ -201,6 +201,15 @@ class DockerProvider(SandboxProvider):
         if code != 0 and await exists("container", handle):
             raise DockerError(f"could not remove container {handle[:12]}: {err}")
 
+    async def suspend(self, handle: str) -> None:
+        # The mock of a VM's hibernation: frozen processes, memory kept in place.
+        if (await self.is_running(handle))[0]:
+            await docker("pause", handle)
+
+    async def resume(self, handle: str) -> None:
+        if (await self.is_running(handle))[1] == "paused":
+            await docker("unpause", handle)
+
     async def is_running(self, handle: str) -> tuple[bool, str]:
         code, state, _ = await _run("inspect", "--format", "{{.State.Status}}", handle)
         return code == 0 and state == "running", state if code == 0 else "missing"

@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import shutil
 import subprocess
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -66,6 +67,46 @@ libvirt.registerErrorHandler(_quiet, None)
 
 class LibvirtError(RuntimeError):
     pass
+
+
+# Lifecycle events of the domains, by name: (when, what). libvirt delivers them on a thread
+# of its own running its default event loop, registered before any connection is opened.
+EVENTS = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "paused",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutting down",
+    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "suspended by the guest",
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+}
+STOPPED_DETAILS = {
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shut down",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED: "migrated",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
+}
+_event_loop = threading.Lock()
+_event_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    global _event_loop_started
+    with _event_loop:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
 
 
 @contextlib.contextmanager
@@ -133,6 +174,7 @@ class LibvirtProvider(SandboxProvider):
         self.max_running = max_running
         self.host: libvirt_host.Host | None = None
         self._conn: libvirt.virConnect | None = None
+        self.last_event: dict[str, tuple[datetime, str]] = {}
 
     @property
     def images(self) -> Path:
@@ -178,8 +220,31 @@ class LibvirtProvider(SandboxProvider):
     @property
     def conn(self) -> libvirt.virConnect:
         if self._conn is None or not self._conn.isAlive():
-            self._conn = libvirt.open(self.uri)
+            _ensure_event_loop()
+            conn = libvirt.open(self.uri)
+            conn.setKeepAlive(5, 3)
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+            )
+            self._conn = conn
         return self._conn
+
+    def _on_lifecycle(
+        self, _conn: libvirt.virConnect, domain: libvirt.virDomain, event: int, detail: int, _: None
+    ) -> None:
+        name = domain.name()
+        if not name.startswith(f"{PREFIX}-"):
+            return
+        what = EVENTS.get(event, f"event {event}")
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            what = f"stopped ({STOPPED_DETAILS.get(detail, detail)})"
+        self.last_event[name] = (datetime.now(UTC), what)
+        unexpected = event == libvirt.VIR_DOMAIN_EVENT_CRASHED or (
+            event == libvirt.VIR_DOMAIN_EVENT_STOPPED
+            and detail
+            in (libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED, libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED)
+        )
+        (log.warning if unexpected else log.debug)("domain %s: %s", name, what)
 
     def guest_url(self) -> str:
         assert self.host, "prepare() first"
@@ -340,12 +405,43 @@ class LibvirtProvider(SandboxProvider):
                 libvirt_host.allow_egress(meta["address"])
         shutil.rmtree(self.vm_dir(handle.removeprefix(f"{PREFIX}-")), ignore_errors=True)
 
+    async def suspend(self, handle: str) -> None:
+        await asyncio.to_thread(self._suspend, handle)
+
+    def _suspend(self, handle: str) -> None:
+        """Managed save: the guest's RAM goes to a file, QEMU ends; the overlay stays."""
+        domain = self._domain(handle)
+        if domain is None:
+            raise LibvirtError(f"no domain {handle} to suspend")
+        if domain.isActive():
+            started = time.monotonic()
+            domain.managedSave(0)
+            log.info("domain %s saved in %.2f s", handle, time.monotonic() - started)
+
+    async def resume(self, handle: str) -> None:
+        await asyncio.to_thread(self._resume, handle)
+
+    def _resume(self, handle: str) -> None:
+        domain = self._domain(handle)
+        if domain is None:
+            raise LibvirtError(f"no domain {handle} to resume")
+        state, _ = domain.state()
+        if state == libvirt.VIR_DOMAIN_PAUSED:
+            domain.resume()
+        elif not domain.isActive():
+            started = time.monotonic()
+            domain.create()  # from the managed save image
+            log.info("domain %s restored in %.2f s", handle, time.monotonic() - started)
+
     async def is_running(self, handle: str) -> tuple[bool, str]:
         return await asyncio.to_thread(self._is_running, handle)
 
     def _is_running(self, handle: str) -> tuple[bool, str]:
+        """The domain's state, and its last lifecycle event since this worker started."""
         domain = self._domain(handle)
         if domain is None:
             return False, "missing"
         state = self._state(domain)
-        return state == "running", state
+        event = self.last_event.get(handle)
+        detail = f"{state}; last event {event[1]} at {event[0]:%H:%M:%S}" if event else state
+        return state == "running", detail

@@ -54,6 +54,16 @@ class SandboxProvider(abc.ABC):
         """Stop and delete the machine. Removing one that is gone is not an error."""
 
     @abc.abstractmethod
+    async def suspend(self, handle: str) -> None:
+        """Stop the machine with its memory and disk kept (hibernation), until resume().
+        Suspending a suspended machine is not an error."""
+
+    @abc.abstractmethod
+    async def resume(self, handle: str) -> None:
+        """Continue a suspended machine where it stopped, its processes included. Resuming a
+        running machine is not an error."""
+
+    @abc.abstractmethod
     async def is_running(self, handle: str) -> tuple[bool, str]:
         """Whether the machine runs, and the provider's word on its state."""
 

@@ -1,0 +1,192 @@
+"""The libvirt provider on real libvirt and QEMU (TCG here): a VM boots from the template
+image, its guest agent dials a real gateway, steps run through RunStep, suspend and resume
+keep files and processes, reconciliation finds VMs by their metadata, and nothing is left
+behind. At most two VMs run at once (the machine is shared)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+import vm_templates
+from activities.sandbox import SandboxActivities
+from berth.local import free_port
+from berth.settings import Settings
+from sandboxes.factory import make_provider
+from sandboxes.gateway import GuestGateway
+from sandboxes.libvirt import LibvirtProvider
+from sandboxes.models import SandboxInfo
+from sandboxes.reconcile import reconcile
+from sandboxes.tokens import guest_token
+from tests.test_run_step import attempt, sqlite_engine, step_request, stored
+
+__all__ = ["sqlite_engine"]  # a fixture of test_run_step's, used here too
+
+CONNECT_TIMEOUT_S = 180.0  # TCG on a shared 2-core machine: ~12 s when idle
+
+
+def unavailable() -> str | None:
+    """Why libvirt VMs cannot run on this machine at all, or None. `make test` installs
+    everything they need, so there this is None."""
+    if os.geteuid() != 0:
+        return "libvirt VMs need root (daemons, bridge, firewall)"
+    for tool in ("libvirtd", "virtlogd", "qemu-system-x86_64", "qemu-img", "mkfs.ext4"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (`make setup` installs it)"
+    if not list(Path("/boot").glob("vmlinuz-*-cloud-amd64")):
+        return "no Debian cloud kernel (`make setup` installs linux-image-cloud-amd64)"
+    if not Path("/dev/net/tun").exists():
+        return "no /dev/net/tun for the VMs' network devices"
+    return None
+
+
+pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
+
+
+@pytest.fixture(scope="module")
+async def vms() -> AsyncIterator[LibvirtProvider]:
+    # A host id of its own, so the test sees only its VMs; the image cache is the data dir's.
+    port = free_port()
+    settings = Settings(
+        sandbox_provider="libvirt",
+        host_id=f"vmtest-{uuid.uuid4().hex[:8]}",
+        secret_key="libvirt-test",
+        gateway_port=port,
+    )
+    gateway = GuestGateway(settings.signing_key(), reconnect_grace_s=60)
+    await gateway.start("0.0.0.0", port)
+    provider = make_provider(settings, gateway)
+    assert isinstance(provider, LibvirtProvider)
+    await provider.prepare()
+    try:
+        yield provider
+    finally:
+        for machine in await provider.machines():
+            await provider.remove(machine.handle)
+        await gateway.stop()
+
+
+async def boot(provider: LibvirtProvider) -> SandboxInfo:
+    sandbox = await provider.provision(uuid.uuid4().hex, uuid.uuid4().hex, vm_templates.DEFAULT)
+    await provider.wait_connected(sandbox, CONNECT_TIMEOUT_S)
+    return sandbox
+
+
+async def run(
+    provider: LibvirtProvider, engine: Engine, sandbox: SandboxInfo, command: str
+) -> tuple[int, str]:
+    """One step through the RunStep activity: its exit code and stored output."""
+    request = step_request(engine, sandbox.id, command, task_id=uuid.uuid4().hex)
+    request = request.model_copy(
+        update={"sandbox": sandbox.model_copy(update={"session_id": request.sandbox.session_id})}
+    )
+    activities = SandboxActivities(provider, engine, CONNECT_TIMEOUT_S)
+    _, task = await attempt(activities, request, 1)
+    outcome = await asyncio.wait_for(task, 120)
+    row, _ = stored(engine, request)
+    return outcome.exit_code, row.output
+
+
+async def gone(provider: LibvirtProvider, sandbox: SandboxInfo) -> bool:
+    running, state = await provider.is_running(sandbox.handle)
+    return not running and state == "missing" and not provider.vm_dir(sandbox.id).exists()
+
+
+async def test_a_vm_boots_runs_a_step_and_is_removed_without_a_trace(
+    vms: LibvirtProvider, sqlite_engine: Engine
+) -> None:
+    sandbox = await boot(vms)
+    (machine,) = await vms.machines()
+    assert (machine.sandbox_id, machine.session_id, machine.state) == (
+        sandbox.id, sandbox.session_id, "running",
+    )  # fmt: skip
+    code, output = await run(vms, sqlite_engine, sandbox, "uname -r; cat /etc/berth-template")
+    assert code == 0
+    assert "cloud-amd64" in output and "default" in output
+    # The token reached the guest through its seed disk, not its kernel's command line.
+    code, output = await run(vms, sqlite_engine, sandbox, "cat /proc/cmdline")
+    assert code == 0 and "console=ttyS0" in output
+    assert guest_token(b"libvirt-test", sandbox.id) not in output
+
+    await vms.destroy(sandbox)
+    assert await gone(vms, sandbox)
+    assert await vms.machines() == []
+
+
+async def test_the_guest_reaches_the_gateway_but_no_other_port_of_the_host(
+    vms: LibvirtProvider, sqlite_engine: Engine
+) -> None:
+    knocks: list[str] = []
+
+    async def knocked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        knocks.append("knock")
+        writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(knocked, "0.0.0.0", port)
+    sandbox = await boot(vms)
+    try:
+        assert vms.host is not None
+        probe = (
+            "python3 -c 'import socket, sys; "
+            f'socket.create_connection(("{vms.host.router}", int(sys.argv[1])), timeout=3)\''
+        )
+        code, _ = await run(vms, sqlite_engine, sandbox, f"{probe} {vms.gateway_port}")
+        assert code == 0
+        code, output = await run(vms, sqlite_engine, sandbox, f"{probe} {port}")
+        assert code != 0 and "timed out" in output
+        assert knocks == []
+    finally:
+        server.close()
+        await vms.destroy(sandbox)
+
+
+async def test_suspend_and_resume_keep_files_and_running_processes(
+    vms: LibvirtProvider, sqlite_engine: Engine
+) -> None:
+    sandbox = await boot(vms)
+    start = "echo kept > /root/kept; nohup sleep 3600 >/dev/null 2>&1 & echo $! > /root/pid"
+    assert (await run(vms, sqlite_engine, sandbox, start))[0] == 0
+
+    await vms.suspend(sandbox.handle)
+    running, state = await vms.is_running(sandbox.handle)
+    assert not running and state.startswith("hibernated")
+    assert [m.state for m in await vms.machines()] == ["hibernated"]
+    await vms.suspend(sandbox.handle)  # again: nothing to do
+
+    await vms.resume(sandbox.handle)
+    await vms.resume(sandbox.handle)  # again: nothing to do
+    assert (await vms.is_running(sandbox.handle))[0]
+    await vms.wait_connected(sandbox, CONNECT_TIMEOUT_S)
+    check = "cat /root/kept; kill -0 $(cat /root/pid) && echo alive"
+    code, output = await run(vms, sqlite_engine, sandbox, check)
+    assert code == 0 and output == "kept\nalive\n"
+
+    await vms.destroy(sandbox)
+    assert await gone(vms, sandbox)
+
+
+async def test_reconcile_destroys_an_orphan_vm_and_keeps_a_live_one(
+    vms: LibvirtProvider,
+) -> None:
+    live, orphan = [
+        await vms.provision(uuid.uuid4().hex, uuid.uuid4().hex, vm_templates.DEFAULT)
+        for _ in range(2)
+    ]
+
+    async def owner(session_id: str) -> str | None:
+        return live.id if session_id == live.session_id else None
+
+    report = await reconcile(vms, owner, grace_s=0)
+    assert report.adopted == [live.id] and report.destroyed == [orphan.id]
+    assert await gone(vms, orphan)
+    assert [m.sandbox_id for m in await vms.machines()] == [live.id]
+    await vms.destroy(live)
+    assert await gone(vms, live)
