@@ -357,6 +357,18 @@ def table(metrics: list[Metric]) -> str:
     return "\n".join(rows)
 
 
+def write_results(
+    bench: str, started: str, info: dict[str, Any], duration: float, metrics: list[Metric]
+) -> None:
+    """JSON to ``$BERTH_BENCH_OUT``, default ``.berth/bench/<bench>.json``."""
+    out = Path(os.environ.get("BERTH_BENCH_OUT") or f".berth/bench/{bench}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = [{**asdict(m), "met": m.met} for m in metrics]
+    report = {"date": started, "machine": info, "seconds": round(duration), "metrics": results}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results: {out} (took {duration:.0f} s)")
+
+
 def main() -> int:
     began, started = time.monotonic(), datetime.now(UTC).isoformat(timespec="seconds")
     info = machine()
@@ -387,12 +399,7 @@ def main() -> int:
         print("50 open streams do not slow other requests")
     elif ratio is not None:
         print(f"50 open streams slow other requests: x{ratio.p50:.1f}")
-    out = Path(os.environ.get("BERTH_BENCH_OUT") or ".berth/bench/spine.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    results = [{**asdict(m), "met": m.met} for m in metrics]
-    report = {"date": started, "machine": info, "seconds": round(duration), "metrics": results}
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results: {out} (took {duration:.0f} s)")
+    write_results("spine", started, info, duration, metrics)
     return 1 if any(m.error for m in metrics) else 0
 
 

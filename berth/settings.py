@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     sandbox_connect_timeout_s: float = 60.0
     # Virtual machines (libvirt provider); a VM's size, limits and egress are its template's.
     libvirt_uri: str = Field(default="qemu:///system", description="The libvirt daemon to use")
+    vm_images_dir: Path | None = Field(
+        default=None, description="Where VM template images are cached; unset: data dir/images"
+    )
     vm_bridge: str = Field(default="berthvm0", description="Linux bridge the VMs sit on")
     vm_subnet: str = Field(
         default="10.213.0.0/16", description="VMs' addresses; the host takes the first"

@@ -10,13 +10,11 @@ from sandboxes.provider import SandboxProvider
 
 
 def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
+    host = (gateway, settings.signing_key(), settings.host_id, settings.host_task_queue)
     match settings.sandbox_provider:
         case "docker":
             return DockerProvider(
-                gateway,
-                settings.signing_key(),
-                settings.host_id,
-                settings.host_task_queue,
+                *host,
                 gateway_port=settings.gateway_port,
                 build_dir=settings.data_dir / "build",
                 mirror=settings.debian_mirror,
@@ -26,12 +24,10 @@ def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
             )
         case "libvirt":
             return LibvirtProvider(
-                gateway,
-                settings.signing_key(),
-                settings.host_id,
-                settings.host_task_queue,
+                *host,
                 gateway_port=settings.gateway_port,
                 data_dir=settings.data_dir,
+                images_dir=settings.vm_images_dir or settings.data_dir / "images",
                 mirror=settings.debian_mirror,
                 uri=settings.libvirt_uri,
                 bridge=settings.vm_bridge,

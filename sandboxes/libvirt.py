@@ -15,7 +15,6 @@ import fcntl
 import ipaddress
 import logging
 import shutil
-import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -67,6 +66,11 @@ libvirt.registerErrorHandler(_quiet, None)
 
 class LibvirtError(RuntimeError):
     pass
+
+
+def qemu_pid(handle: str) -> int:
+    """The QEMU process of a running domain (libvirt's pid file)."""
+    return int(Path(f"/run/libvirt/qemu/{handle}.pid").read_text().strip())
 
 
 # Lifecycle events of the domains, by name: (when, what). libvirt delivers them on a thread
@@ -156,6 +160,7 @@ class LibvirtProvider(SandboxProvider):
         *,
         gateway_port: int,
         data_dir: Path,
+        images_dir: Path,
         mirror: str,
         uri: str,
         bridge: str,
@@ -166,6 +171,7 @@ class LibvirtProvider(SandboxProvider):
         super().__init__(gateway, key, host_id, task_queue)
         self.gateway_port = gateway_port
         self.data_dir = data_dir.resolve()
+        self.images = images_dir.resolve()
         self.mirror = mirror
         self.uri = uri
         self.bridge = bridge
@@ -175,10 +181,6 @@ class LibvirtProvider(SandboxProvider):
         self.host: libvirt_host.Host | None = None
         self._conn: libvirt.virConnect | None = None
         self.last_event: dict[str, tuple[datetime, str]] = {}
-
-    @property
-    def images(self) -> Path:
-        return self.data_dir / "images"
 
     @property
     def vms(self) -> Path:
@@ -315,21 +317,8 @@ class LibvirtProvider(SandboxProvider):
         folder.mkdir(parents=True, exist_ok=True)
         folder.chmod(0o711)
         overlay, seed = folder / "disk.qcow2", folder / "seed.raw"
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-             "-b", str(image.disk), str(overlay)],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        values = {
-            **env,
-            "BERTH_GUEST_IP": f"{address}/{self.subnet.prefixlen}",
-            "BERTH_GUEST_ROUTER": str(router),
-            "BERTH_HOSTNAME": f"berth-{sandbox_id[:12]}",
-        }
-        nameserver = _host_nameserver()
-        if nameserver and spec.network.egress == "public":
-            values["BERTH_DNS"] = nameserver
-        vm_image.write_seed(seed, values)
+        vm_image.overlay(image.disk, overlay)
+        vm_image.write_seed(seed, self.seed_values(env, address, spec))
         if spec.network.egress == "gateway":
             libvirt_host.deny_egress(str(address))
         xml = _templates.get_template("domain.xml.j2").render(
@@ -354,6 +343,22 @@ class LibvirtProvider(SandboxProvider):
             mac=_mac(address),
         )
         return self.conn.defineXML(xml)
+
+    def seed_values(
+        self, env: dict[str, str], address: ipaddress.IPv4Address, spec: vm_templates.TemplateSpec
+    ) -> dict[str, str]:
+        """The seed disk's contents: the guest agent's ``env``, the guest's network."""
+        assert self.host, "prepare() first"
+        values = {
+            **env,
+            "BERTH_GUEST_IP": f"{address}/{self.subnet.prefixlen}",
+            "BERTH_GUEST_ROUTER": self.host.router,
+            "BERTH_HOSTNAME": f"berth-{env['BERTH_SANDBOX_ID'][:12]}",
+        }
+        nameserver = _host_nameserver()
+        if nameserver and spec.network.egress == "public":
+            values["BERTH_DNS"] = nameserver
+        return values
 
     async def machines(self) -> list[Machine]:
         return await asyncio.to_thread(self._machines)

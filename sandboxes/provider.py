@@ -71,13 +71,16 @@ class SandboxProvider(abc.ABC):
     def guest_url(self) -> str:
         """The gateway's address as seen from inside a machine."""
 
-    async def provision(self, sandbox_id: str, session_id: str, template: str) -> SandboxInfo:
-        env = {
+    def guest_env(self, sandbox_id: str) -> dict[str, str]:
+        """What a sandbox's guest agent needs to dial in: where, as whom, its token."""
+        return {
             "BERTH_GUEST_URL": self.guest_url(),
             "BERTH_SANDBOX_ID": sandbox_id,
             "BERTH_GUEST_TOKEN": guest_token(self._key, sandbox_id),
         }
-        handle = await self.create(sandbox_id, session_id, template, env)
+
+    async def provision(self, sandbox_id: str, session_id: str, template: str) -> SandboxInfo:
+        handle = await self.create(sandbox_id, session_id, template, self.guest_env(sandbox_id))
         return SandboxInfo(
             id=sandbox_id,
             session_id=session_id,

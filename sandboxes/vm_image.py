@@ -158,6 +158,15 @@ def initramfs(kernel: Kernel) -> bytes:
     return archive.gzipped()
 
 
+def overlay(base: Path, path: Path) -> None:
+    """A qcow2 disk at ``path`` whose reads fall through to ``base`` until written."""
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(path)],
+        check=True,
+        capture_output=True,
+    )
+
+
 # --- the seed disk ---
 
 

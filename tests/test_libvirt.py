@@ -8,23 +8,28 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
+import libvirt
 import pytest
 from sqlalchemy import Engine
 
 import vm_templates
 from activities.sandbox import SandboxActivities
-from berth.local import free_port
+from berth.local import LocalSystem, free_port
 from berth.settings import Settings
 from sandboxes.factory import make_provider
 from sandboxes.gateway import GuestGateway
-from sandboxes.libvirt import LibvirtProvider
+from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import SandboxInfo
 from sandboxes.reconcile import reconcile
 from sandboxes.tokens import guest_token
+from tests.test_e2e import DONE, read_events, token_for, wait_status
 from tests.test_run_step import attempt, sqlite_engine, step_request, stored
 
 __all__ = ["sqlite_engine"]  # a fixture of test_run_step's, used here too
@@ -190,3 +195,50 @@ async def test_reconcile_destroys_an_orphan_vm_and_keeps_a_live_one(
     assert [m.sandbox_id for m in await vms.machines()] == [live.id]
     await vms.destroy(live)
     assert await gone(vms, live)
+
+
+async def test_a_vm_that_dies_is_seen_in_its_health(vms: LibvirtProvider) -> None:
+    sandbox = await vms.provision(uuid.uuid4().hex, uuid.uuid4().hex, vm_templates.DEFAULT)
+    assert (await vms.health(sandbox)).running
+    os.kill(qemu_pid(sandbox.handle), signal.SIGKILL)
+    for _ in range(100):  # libvirt notices QEMU's end on its monitor socket
+        health = await vms.health(sandbox)
+        if not health.running:
+            break
+        await asyncio.sleep(0.1)
+    assert not health.ok and not health.running
+    assert "last event stopped (" in health.detail
+    await vms.destroy(sandbox)
+    assert await gone(vms, sandbox)
+
+
+@pytest.mark.e2e
+def test_a_session_runs_its_task_in_a_vm_of_its_own(vms: LibvirtProvider) -> None:
+    """The whole system with ``BERTH_SANDBOX_PROVIDER=libvirt``: session, VM, command, end."""
+    # QEMU (an unprivileged user) must reach the VMs' files: not under pytest's 0700 tmp.
+    data = Path(tempfile.mkdtemp(prefix="e2e-vm-", dir=vms.data_dir))
+    env = {"BERTH_SANDBOX_PROVIDER": "libvirt", "BERTH_VM_IMAGES_DIR": str(vms.images)}
+    system = LocalSystem.start(data, "e2evm", env=env)
+    try:
+        headers = token_for(system.base, "vm@example.com")
+        session = httpx.post(f"{system.base}/api/sessions", json={}, headers=headers)
+        sid = session.json()["id"]
+        wait_status(system.base, headers, sid, "ready")
+        prompt = "$ echo hello from $(cat /etc/berth-template) && uname -r"
+        task = httpx.post(
+            f"{system.base}/api/sessions/{sid}/tasks", json={"prompt": prompt}, headers=headers
+        )
+        assert task.status_code == 202
+        events = read_events(system.base, headers, sid, DONE)
+        output = "".join(e["data"]["text"] for e in events if e["type"] == "step.output")
+        assert output.startswith("hello from default\n") and "cloud-amd64" in output
+        sandbox = next(e["data"] for e in events if e["type"] == "sandbox.ready")
+        assert sandbox["provider"] == "libvirt"
+        assert httpx.delete(f"{system.base}/api/sessions/{sid}", headers=headers).status_code == 202
+        wait_status(system.base, headers, sid, "ended")
+        names = [domain.name() for domain in libvirt.open(vms.uri).listAllDomains()]
+        assert sandbox["handle"] not in names
+        assert not (data / "vms" / sandbox["sandbox_id"]).exists()
+    finally:
+        assert system.stop() == 0
+        shutil.rmtree(data, ignore_errors=True)
