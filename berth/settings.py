@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         default=5.0, description="How long a VM may take to power off before it is destroyed"
     )
     vm_max_running: int = Field(default=20, description="VMs this host runs at most at once")
+    vm_pool_min: int = Field(default=1, ge=0, description="Booted VMs kept ready per template")
+    vm_pool_max: int = Field(
+        default=4,
+        ge=0,
+        description="Most VMs a template's pool grows to with claims; 0: none",
+    )
     debian_mirror: str = Field(
         default="http://deb.debian.org/debian",
         description="Where sandbox images' packages come from",

@@ -438,6 +438,29 @@ class LibvirtProvider(SandboxProvider):
             domain.create()  # from the managed save image
             log.info("domain %s restored in %.2f s", handle, time.monotonic() - started)
 
+    async def assign(self, handle: str, session_id: str) -> None:
+        await asyncio.to_thread(self._assign, handle, session_id)
+
+    def _assign(self, handle: str, session_id: str) -> None:
+        domain = self._domain(handle)
+        meta = _metadata(domain) if domain is not None else None
+        if domain is None or meta is None:
+            raise LibvirtError(f"no Berth domain {handle} to assign")
+        meta["session"] = session_id
+        element = ET.Element("sandbox")
+        for key, value in meta.items():
+            ET.SubElement(element, key).text = value
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if domain.isActive():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        domain.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            ET.tostring(element, encoding="unicode"),
+            PREFIX,
+            NAMESPACE,
+            flags,
+        )
+
     async def is_running(self, handle: str) -> tuple[bool, str]:
         return await asyncio.to_thread(self._is_running, handle)
 

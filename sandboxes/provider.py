@@ -63,6 +63,12 @@ class SandboxProvider(abc.ABC):
         """Continue a suspended machine where it stopped, its processes included. Resuming a
         running machine is not an error."""
 
+    async def assign(self, handle: str, session_id: str) -> None:
+        """Record ``session_id`` as the machine's owner (a warm pool's machine, claimed), so
+        reconciliation finds it the session's. Only providers whose machines can change
+        owner can serve a warm pool."""
+        raise NotImplementedError(f"{self.name} machines cannot change owner (no warm pool)")
+
     @abc.abstractmethod
     async def is_running(self, handle: str) -> tuple[bool, str]:
         """Whether the machine runs, and the provider's word on its state."""

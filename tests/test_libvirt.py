@@ -11,26 +11,35 @@ import shutil
 import signal
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import libvirt
 import pytest
 from sqlalchemy import Engine
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.worker import Worker
 
 import vm_templates
+from activities.pool import ClaimRequest, PoolActivities
 from activities.sandbox import SandboxActivities
 from berth.local import LocalSystem, free_port
 from berth.settings import Settings
+from berth.worker import session_owner
 from sandboxes.factory import make_provider
 from sandboxes.gateway import GuestGateway
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import SandboxInfo
 from sandboxes.reconcile import reconcile
 from sandboxes.tokens import guest_token
+from tests.conftest import TEMPORAL
 from tests.test_e2e import DONE, read_events, token_for, wait_status
 from tests.test_run_step import attempt, sqlite_engine, step_request, stored
+from workflows.pool import PoolInput, PoolState, PoolWorkflow, pool_workflow_id
 
 __all__ = ["sqlite_engine"]  # a fixture of test_run_step's, used here too
 
@@ -217,7 +226,12 @@ def test_a_session_runs_its_task_in_a_vm_of_its_own(vms: LibvirtProvider) -> Non
     """The whole system with ``BERTH_SANDBOX_PROVIDER=libvirt``: session, VM, command, end."""
     # QEMU (an unprivileged user) must reach the VMs' files: not under pytest's 0700 tmp.
     data = Path(tempfile.mkdtemp(prefix="e2e-vm-", dir=vms.data_dir))
-    env = {"BERTH_SANDBOX_PROVIDER": "libvirt", "BERTH_VM_IMAGES_DIR": str(vms.images)}
+    # No warm pool: its VMs would outlive the system (they do, by design, across restarts).
+    env = {
+        "BERTH_SANDBOX_PROVIDER": "libvirt",
+        "BERTH_VM_IMAGES_DIR": str(vms.images),
+        "BERTH_VM_POOL_MAX": "0",
+    }
     system = LocalSystem.start(data, "e2evm", env=env)
     try:
         headers = token_for(system.base, "vm@example.com")
@@ -242,3 +256,72 @@ def test_a_session_runs_its_task_in_a_vm_of_its_own(vms: LibvirtProvider) -> Non
     finally:
         assert system.stop() == 0
         shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+async def temporal() -> AsyncIterator[WorkflowEnvironment]:
+    async with await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(TEMPORAL),
+        data_converter=pydantic_data_converter,
+        dev_server_extra_args=["--log-level", "warn"],
+    ) as env:
+        yield env
+
+
+async def pool_state(handle: Any, wanted: Callable[[PoolState], bool]) -> PoolState:
+    async with asyncio.timeout(CONNECT_TIMEOUT_S):
+        while True:
+            state: PoolState = await handle.query(PoolWorkflow.state)
+            if wanted(state):
+                return state
+            await asyncio.sleep(0.5)
+
+
+async def test_a_warm_pool_hands_out_ready_vms_refills_and_falls_back_to_cold(
+    vms: LibvirtProvider, temporal: WorkflowEnvironment, sqlite_engine: Engine
+) -> None:
+    client, queue = temporal.client, f"pool-{uuid.uuid4().hex[:8]}"
+    sandboxes = SandboxActivities(vms, sqlite_engine, CONNECT_TIMEOUT_S)
+    pool = PoolActivities(vms, client)
+
+    async def claim(session_id: str) -> SandboxInfo | None:
+        request = ClaimRequest(session_id=session_id, template=vm_templates.DEFAULT)
+        claimed: SandboxInfo | None = await ActivityEnvironment().run(pool.claim, request)
+        return claimed
+
+    async with Worker(
+        client,
+        task_queue=queue,
+        workflows=[PoolWorkflow],
+        activities=[sandboxes.provision, sandboxes.destroy, pool.claim],
+        max_heartbeat_throttle_interval=timedelta(seconds=1),
+    ):
+        handle = await client.start_workflow(
+            PoolWorkflow.run,
+            PoolInput(template=vm_templates.DEFAULT, host_task_queue=queue, min_size=1, max_size=1),
+            id=pool_workflow_id(vms.host_id, vm_templates.DEFAULT),
+            task_queue=queue,
+        )
+        # Still booting: the claim says so at once, and the session would create one cold.
+        assert await claim(uuid.uuid4().hex) is None
+        first = (await pool_state(handle, lambda s: len(s.ready) == 1)).ready[0]
+
+        session_id = uuid.uuid4().hex
+        claimed = await claim(session_id)
+        assert claimed is not None and claimed.id == first.id
+        assert claimed.session_id == session_id and (await vms.health(claimed)).ok
+        again = await claim(session_id)  # a retried claim: the same VM, not another
+        assert again is not None and again.id == first.id
+        (machine,) = [m for m in await vms.machines() if m.sandbox_id == first.id]
+        assert machine.session_id == session_id  # now the session's, for reconciliation
+        await vms.destroy(claimed)  # the session's end
+
+        state = await pool_state(handle, lambda s: len(s.ready) == 1 and s.ready[0].id != first.id)
+        assert (state.hits, state.misses) == (1, 1)
+        # Reconciliation asks the pool about its members, and keeps them.
+        report = await reconcile(vms, session_owner(client, vms.host_id), grace_s=0)
+        assert report.adopted == [state.ready[0].id] and report.destroyed == []
+
+        await handle.signal(PoolWorkflow.stop)
+        await handle.result()
+    assert await vms.machines() == []

@@ -1,0 +1,56 @@
+"""Claiming a warm pool's VM for a session: the pool hands one out, the host checks it and
+makes it the session's."""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import BaseModel
+from temporalio import activity
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError
+
+from sandboxes.models import SandboxInfo
+from sandboxes.provider import SandboxProvider
+from workflows.pool import PoolClaim, PoolWorkflow, pool_workflow_id
+
+log = logging.getLogger("berth.pool")
+
+# Unhealthy members handed out in a row before the claim gives up (a cold create follows).
+CLAIM_TRIES = 3
+
+
+class ClaimRequest(BaseModel):
+    session_id: str
+    template: str
+
+
+class PoolActivities:
+    def __init__(self, provider: SandboxProvider, client: Client) -> None:
+        self.provider = provider
+        self.client = client
+
+    @activity.defn(name="ClaimSandbox")
+    async def claim(self, request: ClaimRequest) -> SandboxInfo | None:
+        """A ready VM from the template's pool, now the session's; None when the pool is
+        empty, missing or only held broken VMs: the caller then creates one cold."""
+        pool = self.client.get_workflow_handle(
+            pool_workflow_id(self.provider.host_id, request.template)
+        )
+        for attempt in range(CLAIM_TRIES):
+            # Keyed by session and try: a retried activity gets its VM again, a try after a
+            # broken VM gets another.
+            key = f"{request.session_id}/{attempt}"
+            try:
+                sandbox = await pool.execute_update(PoolWorkflow.claim, PoolClaim(session_id=key))
+            except (RPCError, WorkflowUpdateFailedError) as exc:
+                log.warning("no pool for template %r: %s", request.template, exc)
+                return None
+            if sandbox is None:
+                return None
+            if (await self.provider.health(sandbox)).ok:
+                await self.provider.assign(sandbox.handle, request.session_id)
+                return sandbox.model_copy(update={"session_id": request.session_id})
+            log.warning("pool VM %s is unhealthy: destroyed, claiming another", sandbox.id)
+            await self.provider.destroy(sandbox)
+        return None
