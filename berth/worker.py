@@ -24,9 +24,9 @@ from temporalio.worker import Worker
 
 import vm_templates
 from activities.planning import PlanningActivities, chat_model
-from activities.pool import PoolActivities
 from activities.progress import ProgressActivities
 from activities.sandbox import SandboxActivities
+from activities.vm import VmActivities
 from berth.settings import Settings, get_settings
 from berth.temporal import connect
 from sandboxes.factory import make_provider
@@ -97,7 +97,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     progress = ProgressActivities(engine)
     planning = PlanningActivities(chat_model(settings))
     sandbox = SandboxActivities(provider, engine, settings.sandbox_connect_timeout_s)
-    pool = PoolActivities(provider, client)
+    vm = VmActivities(provider, client, settings.sandbox_connect_timeout_s)
     with ThreadPoolExecutor(max_workers=16) as executor:
         host = Worker(
             client,
@@ -110,7 +110,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 sandbox.run_step,
                 sandbox.stop_step,
                 sandbox.destroy,
-                pool.claim,
+                vm.claim,
+                vm.hibernate,
+                vm.wake,
             ],
             activity_executor=executor,
             # Cancelling a step reaches it through a heartbeat: send one every second.

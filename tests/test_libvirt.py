@@ -25,8 +25,8 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
 import vm_templates
-from activities.pool import ClaimRequest, PoolActivities
 from activities.sandbox import SandboxActivities
+from activities.vm import ClaimRequest, VmActivities
 from berth.local import LocalSystem, free_port
 from berth.settings import Settings
 from berth.worker import session_owner
@@ -163,22 +163,23 @@ async def test_the_guest_reaches_the_gateway_but_no_other_port_of_the_host(
 
 
 async def test_suspend_and_resume_keep_files_and_running_processes(
-    vms: LibvirtProvider, sqlite_engine: Engine
+    vms: LibvirtProvider, temporal: WorkflowEnvironment, sqlite_engine: Engine
 ) -> None:
     sandbox = await boot(vms)
     start = "echo kept > /root/kept; nohup sleep 3600 >/dev/null 2>&1 & echo $! > /root/pid"
     assert (await run(vms, sqlite_engine, sandbox, start))[0] == 0
 
-    await vms.suspend(sandbox.handle)
+    # Through the activities a session would run.
+    activities = VmActivities(vms, temporal.client, CONNECT_TIMEOUT_S)
+    await ActivityEnvironment().run(activities.hibernate, sandbox)
     running, state = await vms.is_running(sandbox.handle)
     assert not running and state.startswith("hibernated")
     assert [m.state for m in await vms.machines()] == ["hibernated"]
     await vms.suspend(sandbox.handle)  # again: nothing to do
 
-    await vms.resume(sandbox.handle)
+    await ActivityEnvironment().run(activities.wake, sandbox)
     await vms.resume(sandbox.handle)  # again: nothing to do
     assert (await vms.is_running(sandbox.handle))[0]
-    await vms.wait_connected(sandbox, CONNECT_TIMEOUT_S)
     check = "cat /root/kept; kill -0 $(cat /root/pid) && echo alive"
     code, output = await run(vms, sqlite_engine, sandbox, check)
     assert code == 0 and output == "kept\nalive\n"
@@ -282,7 +283,7 @@ async def test_a_warm_pool_hands_out_ready_vms_refills_and_falls_back_to_cold(
 ) -> None:
     client, queue = temporal.client, f"pool-{uuid.uuid4().hex[:8]}"
     sandboxes = SandboxActivities(vms, sqlite_engine, CONNECT_TIMEOUT_S)
-    pool = PoolActivities(vms, client)
+    pool = VmActivities(vms, client, CONNECT_TIMEOUT_S)
 
     async def claim(session_id: str) -> SandboxInfo | None:
         request = ClaimRequest(session_id=session_id, template=vm_templates.DEFAULT)

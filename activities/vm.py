@@ -1,5 +1,6 @@
-"""Claiming a warm pool's VM for a session: the pool hands one out, the host checks it and
-makes it the session's."""
+"""Activities of a session's VM beyond the basic sandbox ones: claiming a warm pool's VM
+(the pool hands one out, the host checks it and makes it the session's), and hibernating
+and waking it. They run on the VM's host queue."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
+from activities.heartbeat import heartbeating
 from sandboxes.models import SandboxInfo
 from sandboxes.provider import SandboxProvider
 from workflows.pool import PoolClaim, PoolWorkflow, pool_workflow_id
@@ -25,10 +27,11 @@ class ClaimRequest(BaseModel):
     template: str
 
 
-class PoolActivities:
-    def __init__(self, provider: SandboxProvider, client: Client) -> None:
+class VmActivities:
+    def __init__(self, provider: SandboxProvider, client: Client, connect_timeout_s: float) -> None:
         self.provider = provider
         self.client = client
+        self.connect_timeout_s = connect_timeout_s
 
     @activity.defn(name="ClaimSandbox")
     async def claim(self, request: ClaimRequest) -> SandboxInfo | None:
@@ -54,3 +57,17 @@ class PoolActivities:
             log.warning("pool VM %s is unhealthy: destroyed, claiming another", sandbox.id)
             await self.provider.destroy(sandbox)
         return None
+
+    @activity.defn(name="HibernateSandbox")
+    async def hibernate(self, sandbox: SandboxInfo) -> None:
+        """Suspend the machine with its memory saved (idempotent). Its guest drops its link;
+        the session must not run a step until it is woken."""
+        async with heartbeating():
+            await self.provider.suspend(sandbox.handle)
+
+    @activity.defn(name="WakeSandbox")
+    async def wake(self, sandbox: SandboxInfo) -> None:
+        """Resume a hibernated machine (idempotent) and wait until its guest is back."""
+        async with heartbeating():
+            await self.provider.resume(sandbox.handle)
+            await self.provider.wait_connected(sandbox, self.connect_timeout_s)
