@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import Response, StreamingResponse
+from temporalio.service import RPCError, RPCStatusCode
 
 from api import service
 from api.deps import (
@@ -22,6 +23,7 @@ from api.events import stream
 from api.schemas import (
     Credentials,
     Modification,
+    PoolOut,
     SessionCreate,
     SessionOut,
     TaskCreate,
@@ -31,6 +33,7 @@ from api.schemas import (
     UserOut,
 )
 from workflows.models import TaskControl, TaskModification, TaskSubmission
+from workflows.pool import PoolWorkflow, pool_workflow_id
 
 router = APIRouter(prefix="/api")
 
@@ -136,3 +139,22 @@ def session_events(
     row = service.own_session(db, user, sid)
     start = last_event_id if last_event_id is not None else (after or 0)
     return stream(db, engine, hub, streams, row, start)
+
+
+@router.get("/pools/{template}", tags=["pools"])
+async def pool_state(
+    template: str, temporal: TemporalDep, settings: SettingsDep, user: UserDep
+) -> PoolOut:
+    """The warm pool of VMs of a template on this host (libvirt provider)."""
+    handle = temporal.get_workflow_handle(pool_workflow_id(settings.host_id, template))
+    try:
+        state = await handle.query(PoolWorkflow.state)
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise Problem(404, f"no warm pool of template {template!r} on this host") from exc
+        raise
+    return PoolOut(
+        template=state.template, target=state.target, ready=len(state.ready),
+        booting=len(state.booting), hits=state.hits, misses=state.misses,
+        boot_failures=state.boot_failures,
+    )  # fmt: skip

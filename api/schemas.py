@@ -78,3 +78,15 @@ class TaskOut(BaseModel):
     result: str | None
     error: str | None
     created_at: datetime
+
+
+class PoolOut(BaseModel):
+    """A warm pool's state, without whose sessions it served."""
+
+    template: str
+    target: int
+    ready: int
+    booting: int
+    hits: int
+    misses: int
+    boot_failures: int

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -34,6 +35,7 @@ from sandboxes.factory import make_provider
 from sandboxes.gateway import GuestGateway
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import SandboxInfo
+from sandboxes.provider import SandboxProvider
 from sandboxes.reconcile import reconcile
 from sandboxes.tokens import guest_token
 from tests.conftest import TEMPORAL
@@ -82,9 +84,13 @@ async def vms() -> AsyncIterator[LibvirtProvider]:
     try:
         yield provider
     finally:
-        for machine in await provider.machines():
-            await provider.remove(machine.handle)
+        await remove_all(provider)
         await gateway.stop()
+
+
+async def remove_all(provider: SandboxProvider) -> None:
+    for machine in await provider.machines():
+        await provider.remove(machine.handle)
 
 
 async def boot(provider: LibvirtProvider) -> SandboxInfo:
@@ -224,38 +230,52 @@ async def test_a_vm_that_dies_is_seen_in_its_health(vms: LibvirtProvider) -> Non
 
 @pytest.mark.e2e
 def test_a_session_runs_its_task_in_a_vm_of_its_own(vms: LibvirtProvider) -> None:
-    """The whole system with ``BERTH_SANDBOX_PROVIDER=libvirt``: session, VM, command, end."""
+    """The whole system with ``BERTH_SANDBOX_PROVIDER=libvirt``: a warm pool of one VM, and
+    a session's task on a VM of its own; the session's end removes its VM."""
     # QEMU (an unprivileged user) must reach the VMs' files: not under pytest's 0700 tmp.
     data = Path(tempfile.mkdtemp(prefix="e2e-vm-", dir=vms.data_dir))
-    # No warm pool: its VMs would outlive the system (they do, by design, across restarts).
     env = {
         "BERTH_SANDBOX_PROVIDER": "libvirt",
         "BERTH_VM_IMAGES_DIR": str(vms.images),
-        "BERTH_VM_POOL_MAX": "0",
+        "BERTH_VM_POOL_MIN": "1",
+        "BERTH_VM_POOL_MAX": "1",
     }
     system = LocalSystem.start(data, "e2evm", env=env)
     try:
-        headers = token_for(system.base, "vm@example.com")
-        session = httpx.post(f"{system.base}/api/sessions", json={}, headers=headers)
+        base = system.base
+        headers = token_for(base, "vm@example.com")
+        session = httpx.post(f"{base}/api/sessions", json={}, headers=headers)
         sid = session.json()["id"]
-        wait_status(system.base, headers, sid, "ready")
+        wait_status(base, headers, sid, "ready")
         prompt = "$ echo hello from $(cat /etc/berth-template) && uname -r"
         task = httpx.post(
-            f"{system.base}/api/sessions/{sid}/tasks", json={"prompt": prompt}, headers=headers
+            f"{base}/api/sessions/{sid}/tasks", json={"prompt": prompt}, headers=headers
         )
         assert task.status_code == 202
-        events = read_events(system.base, headers, sid, DONE)
+        events = read_events(base, headers, sid, DONE)
         output = "".join(e["data"]["text"] for e in events if e["type"] == "step.output")
         assert output.startswith("hello from default\n") and "cloud-amd64" in output
         sandbox = next(e["data"] for e in events if e["type"] == "sandbox.ready")
         assert sandbox["provider"] == "libvirt"
-        assert httpx.delete(f"{system.base}/api/sessions/{sid}", headers=headers).status_code == 202
-        wait_status(system.base, headers, sid, "ended")
+        assert httpx.delete(f"{base}/api/sessions/{sid}", headers=headers).status_code == 202
+        wait_status(base, headers, sid, "ended")
         names = [domain.name() for domain in libvirt.open(vms.uri).listAllDomains()]
         assert sandbox["handle"] not in names
         assert not (data / "vms" / sandbox["sandbox_id"]).exists()
+
+        assert httpx.get(f"{base}/api/pools/nope", headers=headers).status_code == 404
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while (pool := httpx.get(f"{base}/api/pools/default", headers=headers).json())[
+            "ready"
+        ] < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert pool["target"] == 1 and pool["ready"] == 1
     finally:
         assert system.stop() == 0
+        # The pool's VM outlives the system, as it would a restart: removed here.
+        host_id = f"e2evm{system.base.rsplit(':', 1)[1]}"
+        settings = Settings(data_dir=data, sandbox_provider="libvirt", host_id=host_id)
+        asyncio.run(remove_all(make_provider(settings, GuestGateway(settings.signing_key()))))
         shutil.rmtree(data, ignore_errors=True)
 
 
