@@ -67,7 +67,7 @@ class VmActivities:
 
     @activity.defn(name="WakeSandbox")
     async def wake(self, sandbox: SandboxInfo) -> None:
-        """Resume a hibernated machine (idempotent) and wait until its guest is back."""
+        """Resume a hibernated machine (idempotent), wait until its guest is back, set its
+        clock."""
         async with heartbeating():
-            await self.provider.resume(sandbox.handle)
-            await self.provider.wait_connected(sandbox, self.connect_timeout_s)
+            await self.provider.wake(sandbox, self.connect_timeout_s)

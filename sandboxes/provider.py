@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import logging
+import time
+import uuid
 
 from sandboxes.gateway import GuestGateway, OutputSink
-from sandboxes.models import Health, Machine, SandboxInfo, Step, StepOutcome
+from sandboxes.models import Health, Machine, SandboxInfo, Step, StepOutcome, TerminalStep
 from sandboxes.tokens import guest_token
+
+log = logging.getLogger("berth.sandboxes")
+
+
+async def _discard(seq: int, stream: str, text: str) -> None:
+    """Output of the provider's own commands in a guest is not kept."""
 
 
 def machine_name(sandbox_id: str) -> str:
@@ -118,6 +127,16 @@ class SandboxProvider(abc.ABC):
         self.gateway.forget(sandbox.id)
         # No handle yet when the session ended during provisioning: the name is known.
         await self.remove(sandbox.handle or machine_name(sandbox.id))
+
+    async def wake(self, sandbox: SandboxInfo, timeout_s: float) -> None:
+        """Resume a suspended machine, wait for its guest, and set the guest's clock, which
+        stood still while the machine was suspended."""
+        await self.resume(sandbox.handle)
+        await self.wait_connected(sandbox, timeout_s)
+        clock = TerminalStep(command=f"date -s @{time.time():.3f} >/dev/null")
+        outcome = await self.run_step(sandbox, f"clock-{uuid.uuid4().hex}", clock, 30, _discard)
+        if not outcome.ok:
+            log.warning("sandbox %s: could not set its clock: %s", sandbox.id, outcome)
 
     async def health(self, sandbox: SandboxInfo) -> Health:
         running, detail = await self.is_running(sandbox.handle)

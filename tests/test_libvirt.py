@@ -183,9 +183,13 @@ async def test_suspend_and_resume_keep_files_and_running_processes(
     assert [m.state for m in await vms.machines()] == ["hibernated"]
     await vms.suspend(sandbox.handle)  # again: nothing to do
 
+    await asyncio.sleep(3)  # the guest's clock stands still meanwhile
     await ActivityEnvironment().run(activities.wake, sandbox)
     await vms.resume(sandbox.handle)  # again: nothing to do
     assert (await vms.is_running(sandbox.handle))[0]
+    before = time.time()
+    code, output = await run(vms, sqlite_engine, sandbox, "date +%s.%N")
+    assert code == 0 and float(output) >= before - 1, "the guest's clock was not set on wake"
     check = "cat /root/kept; kill -0 $(cat /root/pid) && echo alive"
     code, output = await run(vms, sqlite_engine, sandbox, check)
     assert code == 0 and output == "kept\nalive\n"
