@@ -180,6 +180,7 @@ class LibvirtProvider(SandboxProvider):
         self.max_running = max_running
         self.host: libvirt_host.Host | None = None
         self._conn: libvirt.virConnect | None = None
+        self._conn_lock = threading.Lock()
         self.last_event: dict[str, tuple[datetime, str]] = {}
 
     @property
@@ -221,21 +222,26 @@ class LibvirtProvider(SandboxProvider):
 
     @property
     def conn(self) -> libvirt.virConnect:
-        if self._conn is None or not self._conn.isAlive():
-            _ensure_event_loop()
-            conn = libvirt.open(self.uri)
-            conn.setKeepAlive(5, 3)
-            conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
-            )
-            self._conn = conn
-        return self._conn
+        """One connection, shared by the threads the provider's calls run in."""
+        with self._conn_lock:
+            if self._conn is None or not self._conn.isAlive():
+                _ensure_event_loop()
+                conn = libvirt.open(self.uri)
+                conn.setKeepAlive(5, 3)
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+                )
+                self._conn = conn
+            return self._conn
 
     def _on_lifecycle(
         self, _conn: libvirt.virConnect, domain: libvirt.virDomain, event: int, detail: int, _: None
     ) -> None:
         name = domain.name()
         if not name.startswith(f"{PREFIX}-"):
+            return
+        if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
+            self.last_event.pop(name, None)  # gone for good: nothing more to tell
             return
         what = EVENTS.get(event, f"event {event}")
         if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:

@@ -21,7 +21,6 @@ import httpx
 import libvirt
 import pytest
 from sqlalchemy import Engine
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -38,12 +37,12 @@ from sandboxes.models import SandboxInfo
 from sandboxes.provider import SandboxProvider
 from sandboxes.reconcile import reconcile
 from sandboxes.tokens import guest_token
-from tests.conftest import TEMPORAL
 from tests.test_e2e import DONE, read_events, token_for, wait_status
 from tests.test_run_step import attempt, sqlite_engine, step_request, stored
+from tests.test_workflow import env
 from workflows.pool import PoolInput, PoolState, PoolWorkflow, pool_workflow_id
 
-__all__ = ["sqlite_engine"]  # a fixture of test_run_step's, used here too
+__all__ = ["env", "sqlite_engine"]  # fixtures of other tests' (a Temporal dev server, SQLite)
 
 CONNECT_TIMEOUT_S = 180.0  # TCG on a shared 2-core machine: ~12 s when idle
 
@@ -169,14 +168,14 @@ async def test_the_guest_reaches_the_gateway_but_no_other_port_of_the_host(
 
 
 async def test_suspend_and_resume_keep_files_and_running_processes(
-    vms: LibvirtProvider, temporal: WorkflowEnvironment, sqlite_engine: Engine
+    vms: LibvirtProvider, env: WorkflowEnvironment, sqlite_engine: Engine
 ) -> None:
     sandbox = await boot(vms)
     start = "echo kept > /root/kept; nohup sleep 3600 >/dev/null 2>&1 & echo $! > /root/pid"
     assert (await run(vms, sqlite_engine, sandbox, start))[0] == 0
 
     # Through the activities a session would run.
-    activities = VmActivities(vms, temporal.client, CONNECT_TIMEOUT_S)
+    activities = VmActivities(vms, env.client, CONNECT_TIMEOUT_S)
     await ActivityEnvironment().run(activities.hibernate, sandbox)
     running, state = await vms.is_running(sandbox.handle)
     assert not running and state.startswith("hibernated")
@@ -283,16 +282,6 @@ def test_a_session_runs_its_task_in_a_vm_of_its_own(vms: LibvirtProvider) -> Non
         shutil.rmtree(data, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-async def temporal() -> AsyncIterator[WorkflowEnvironment]:
-    async with await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(TEMPORAL),
-        data_converter=pydantic_data_converter,
-        dev_server_extra_args=["--log-level", "warn"],
-    ) as env:
-        yield env
-
-
 async def pool_state(handle: Any, wanted: Callable[[PoolState], bool]) -> PoolState:
     async with asyncio.timeout(CONNECT_TIMEOUT_S):
         while True:
@@ -303,9 +292,9 @@ async def pool_state(handle: Any, wanted: Callable[[PoolState], bool]) -> PoolSt
 
 
 async def test_a_warm_pool_hands_out_ready_vms_refills_and_falls_back_to_cold(
-    vms: LibvirtProvider, temporal: WorkflowEnvironment, sqlite_engine: Engine
+    vms: LibvirtProvider, env: WorkflowEnvironment, sqlite_engine: Engine
 ) -> None:
-    client, queue = temporal.client, f"pool-{uuid.uuid4().hex[:8]}"
+    client, queue = env.client, f"pool-{uuid.uuid4().hex[:8]}"
     sandboxes = SandboxActivities(vms, sqlite_engine, CONNECT_TIMEOUT_S)
     pool = VmActivities(vms, client, CONNECT_TIMEOUT_S)
 
