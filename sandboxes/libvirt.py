@@ -204,6 +204,9 @@ class LibvirtProvider(SandboxProvider):
         for template in vm_templates.names():
             self.build_image(template)
 
+    def spec(self, template: str) -> vm_templates.TemplateSpec:
+        return vm_templates.spec(template)
+
     def build_image(self, template: str) -> vm_image.Image:
         return vm_image.build_image(self.images, template, self.mirror, self.data_dir / "build")
 
@@ -317,7 +320,7 @@ class LibvirtProvider(SandboxProvider):
         address = next((a for a in self.subnet.hosts() if a != router and str(a) not in used), None)
         if address is None:
             raise LibvirtError(f"no free guest address left in {self.subnet}")
-        spec = vm_templates.spec(template)
+        spec = self.spec(template)
         image = self.build_image(template)
         folder = self.vm_dir(sandbox_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -325,8 +328,8 @@ class LibvirtProvider(SandboxProvider):
         overlay, seed = folder / "disk.qcow2", folder / "seed.raw"
         vm_image.overlay(image.disk, overlay)
         vm_image.write_seed(seed, self.seed_values(env, address, spec))
-        if spec.network.egress == "gateway":
-            libvirt_host.deny_egress(str(address))
+        if spec.network.egress != "public":
+            libvirt_host.restrict_egress(str(address), [str(n) for n in spec.network.allow])
         xml = _templates.get_template("domain.xml.j2").render(
             domain_type="kvm" if self.host.accel == "kvm" else "qemu",
             bandwidth=self.host.bandwidth_limits,
@@ -413,7 +416,7 @@ class LibvirtProvider(SandboxProvider):
             if self._domain(handle) is not None:
                 raise LibvirtError(f"could not undefine domain {handle}")
             if meta.get("address"):
-                libvirt_host.allow_egress(meta["address"])
+                libvirt_host.lift_restrictions(meta["address"])
         shutil.rmtree(self.vm_dir(handle.removeprefix(f"{PREFIX}-")), ignore_errors=True)
 
     async def suspend(self, handle: str) -> None:

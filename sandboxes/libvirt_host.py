@@ -155,7 +155,7 @@ def ensure_network(bridge: str, subnet: str, gateway_port: int, nameserver: str 
 
     Guests may reach the host only on the gateway's port; beyond the host, public addresses
     and the host's nameserver (DNS only). Guests never reach each other: their bridge ports
-    are isolated (domain XML). Templates narrow this per VM (deny_egress).
+    are isolated (domain XML). Templates narrow this per VM (restrict_egress).
     """
     network = ipaddress.ip_network(subnet)
     host_ip = str(next(network.hosts()))
@@ -208,15 +208,20 @@ def bandwidth_limits_work() -> bool:
         _run("ip", "link", "del", tap, check=False)
 
 
-def deny_egress(address: str) -> None:
-    """The guest at ``address`` reaches the gateway and nothing beyond the host."""
+def restrict_egress(address: str, allowed: list[str]) -> None:
+    """The guest at ``address`` reaches, beyond the host, only the ``allowed`` networks
+    (none: the gateway alone), whatever they are, private ones included."""
     _ensure_rule(FIREWALL_OUT, "-s", f"{address}/32", "-j", "DROP", first=True)
+    for network in allowed:
+        _ensure_rule(FIREWALL_OUT, "-s", f"{address}/32", "-d", network, "-j", "ACCEPT", first=True)
 
 
-def allow_egress(address: str) -> None:
-    """Undo deny_egress, for the next guest that gets the address."""
-    while _iptables("-D", FIREWALL_OUT, "-s", f"{address}/32", "-j", "DROP"):
-        pass
+def lift_restrictions(address: str) -> None:
+    """Undo restrict_egress, for the next guest that gets the address."""
+    source = f"-s {address}/32 "
+    for rule in _run("iptables", "-w", "-S", FIREWALL_OUT).stdout.splitlines():
+        if source in rule:
+            _iptables("-D", *rule.split()[1:])
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,17 @@ behind. At most two VMs run at once (the machine is shared)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ from activities.vm import ClaimRequest, VmActivities
 from berth.local import LocalSystem, free_port
 from berth.settings import Settings
 from berth.worker import session_owner
+from sandboxes import libvirt_host
 from sandboxes.factory import make_provider
 from sandboxes.gateway import GuestGateway
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
@@ -40,6 +45,7 @@ from sandboxes.tokens import guest_token
 from tests.test_e2e import DONE, read_events, token_for, wait_status
 from tests.test_run_step import attempt, sqlite_engine, step_request, stored
 from tests.test_workflow import env
+from vm_templates import NetworkSpec
 from workflows.pool import PoolInput, PoolState, PoolWorkflow, pool_workflow_id
 
 __all__ = ["env", "sqlite_engine"]  # fixtures of other tests' (a Temporal dev server, SQLite)
@@ -165,6 +171,78 @@ async def test_the_guest_reaches_the_gateway_but_no_other_port_of_the_host(
     finally:
         server.close()
         await vms.destroy(sandbox)
+
+
+@contextlib.contextmanager
+def page_host(tmp: Path) -> Iterator[tuple[str, str, int]]:
+    """A host of the test's own beyond the VMs' host: a network namespace behind a veth pair,
+    serving a page on two addresses, (first, second, port)."""
+    tag = uuid.uuid4().hex[:6]
+    namespace, outside, inside = f"berth-t{tag}", f"bt{tag}h", f"bt{tag}n"
+    # A documentation range (TEST-NET-2), public to the firewall: only the template's list
+    # keeps a guest from the second address.
+    low = 8 * (int(tag[:2], 16) % 32)
+    net = "198.51.100"
+    first, second, port = f"{net}.{low + 2}", f"{net}.{low + 3}", free_port()
+    (tmp / "index.html").write_text("the allowed page\n")
+    steps = [
+        ["ip", "netns", "add", namespace],
+        ["ip", "link", "add", outside, "type", "veth", "peer", "name", inside],
+        ["ip", "link", "set", inside, "netns", namespace],
+        ["ip", "addr", "add", f"{net}.{low + 1}/29", "dev", outside],
+        ["ip", "link", "set", outside, "up"],
+        ["ip", "-n", namespace, "addr", "add", f"{first}/29", "dev", inside],
+        ["ip", "-n", namespace, "addr", "add", f"{second}/29", "dev", inside],
+        ["ip", "-n", namespace, "link", "set", inside, "up"],
+    ]
+    server = None
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True)
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, sys.executable, "-m", "http.server", str(port)],
+            cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection((first, port), 0.5):
+                break
+            time.sleep(0.1)
+        yield first, second, port
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)  # takes the veths
+
+
+def egress_rules() -> str:
+    return subprocess.run(
+        ["iptables", "-S", libvirt_host.FIREWALL_OUT], capture_output=True, text=True, check=True
+    ).stdout
+
+
+async def test_an_allow_list_template_reaches_its_networks_and_nothing_else(
+    vms: LibvirtProvider, sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with page_host(tmp_path) as (allowed, other, port):
+        # The default template, narrowed to one address of the test's page host.
+        spec = vm_templates.spec(vm_templates.DEFAULT).model_copy(
+            update={"network": NetworkSpec(egress="allow", allow=[f"{allowed}/32"])}
+        )
+        monkeypatch.setattr(vms, "spec", lambda template: spec)
+        rules = await asyncio.to_thread(egress_rules)
+        sandbox = await boot(vms)  # the gateway is reachable, whatever the list says
+        fetch = (
+            "python3 -c 'import sys, urllib.request as u; "
+            'print(u.urlopen(sys.argv[1], timeout=3).read().decode(), end="")\''
+        )
+        code, output = await run(vms, sqlite_engine, sandbox, f"{fetch} http://{allowed}:{port}/")
+        assert code == 0 and output == "the allowed page\n"
+        code, output = await run(vms, sqlite_engine, sandbox, f"{fetch} http://{other}:{port}/")
+        assert code != 0 and "timed out" in output
+        await vms.destroy(sandbox)
+        assert await gone(vms, sandbox)
+        assert await asyncio.to_thread(egress_rules) == rules  # its own rules went with it
 
 
 async def test_suspend_and_resume_keep_files_and_running_processes(

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ROOT = Path(__file__).parent
 DEFAULT = "default"
@@ -52,7 +53,18 @@ class LimitsSpec(_Strict):
 
 
 class NetworkSpec(_Strict):
-    egress: Literal["public", "gateway"] = "public"
+    """Where a guest may connect beyond the guest gateway (always allowed): any public
+    address and the host's DNS ("public"), nowhere ("gateway"), or only the networks of
+    ``allow`` ("allow")."""
+
+    egress: Literal["public", "gateway", "allow"] = "public"
+    allow: list[IPv4Network] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _allow_list_goes_with_allow(self) -> NetworkSpec:
+        if bool(self.allow) != (self.egress == "allow"):
+            raise ValueError('`allow` (a list of networks) goes with egress = "allow" only')
+        return self
 
 
 class TemplateSpec(_Strict):
