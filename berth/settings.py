@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         default=5.0, description="How long a VM may take to power off before it is destroyed"
     )
     vm_max_running: int = Field(default=20, description="VMs this host runs at most at once")
+    vm_max_booting: int = Field(
+        default=2, ge=1, description="VMs this host boots at most at once (until their guest is up)"
+    )
     vm_pool_min: int = Field(default=1, ge=0, description="Booted VMs kept ready per template")
     vm_pool_max: int = Field(
         default=4,

@@ -34,4 +34,5 @@ def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
                 subnet=settings.vm_subnet,
                 shutdown_timeout_s=settings.vm_shutdown_timeout_s,
                 max_running=settings.vm_max_running,
+                max_booting=settings.vm_max_booting,
             )

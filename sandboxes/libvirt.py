@@ -27,7 +27,7 @@ import libvirt
 
 import vm_templates
 from sandboxes import libvirt_host, vm_image
-from sandboxes.gateway import GuestGateway
+from sandboxes.gateway import GuestGateway, GuestUnavailable
 from sandboxes.models import Machine
 from sandboxes.provider import SandboxProvider, machine_name
 
@@ -38,6 +38,8 @@ PREFIX = "berth"
 # Under TCG, QEMU keeps translated guest code here; its default (1 GiB) would be host RAM.
 TB_CACHE_MB = 128
 HIBERNATED = "hibernated"
+# Longest a boot holds its slot waiting for the guest (TCG boots take ~10 s).
+BOOT_SLOT_S = 60.0
 STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: "unknown",
     libvirt.VIR_DOMAIN_RUNNING: "running",
@@ -167,6 +169,7 @@ class LibvirtProvider(SandboxProvider):
         subnet: str,
         shutdown_timeout_s: float,
         max_running: int,
+        max_booting: int,
     ) -> None:
         super().__init__(gateway, key, host_id, task_queue)
         self.gateway_port = gateway_port
@@ -178,6 +181,7 @@ class LibvirtProvider(SandboxProvider):
         self.subnet = ipaddress.IPv4Network(subnet)
         self.shutdown_timeout_s = shutdown_timeout_s
         self.max_running = max_running
+        self.boots = asyncio.Semaphore(max_booting)
         self.host: libvirt_host.Host | None = None
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
@@ -286,9 +290,21 @@ class LibvirtProvider(SandboxProvider):
     async def create(
         self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]
     ) -> str:
-        return await asyncio.to_thread(self._create, sandbox_id, session_id, template, env)
+        """Define and start the domain; a boot holds one of the host's boot slots until its
+        guest has connected (or BOOT_SLOT_S passed), so boots never crowd the CPUs."""
+        async with self.boots:
+            handle, booted = await asyncio.to_thread(
+                self._create, sandbox_id, session_id, template, env
+            )
+            if booted:
+                with contextlib.suppress(GuestUnavailable):  # the caller's own wait says so
+                    await self.gateway.wait_connected(sandbox_id, BOOT_SLOT_S)
+        return handle
 
-    def _create(self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]) -> str:
+    def _create(
+        self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]
+    ) -> tuple[str, bool]:
+        """The domain's name, and whether it was started now."""
         name = machine_name(sandbox_id)
         with host_lock():
             domain = self._domain(name)
@@ -297,16 +313,17 @@ class LibvirtProvider(SandboxProvider):
                 domain = self._define(sandbox_id, session_id, template, env)
             else:
                 log.info("sandbox %s: reusing domain %s", sandbox_id, name)
-        if not domain.isActive():
-            started = time.monotonic()
-            try:
-                domain.create()  # resumes from a managed save, if there is one
-            except libvirt.libvirtError:
-                if fresh:  # a retry starts from scratch rather than from this one's remains
-                    self._remove(name)
-                raise
-            log.info("sandbox %s: domain started in %.2f s", sandbox_id, time.monotonic() - started)
-        return name
+        if domain.isActive():
+            return name, False
+        started = time.monotonic()
+        try:
+            domain.create()  # resumes from a managed save, if there is one
+        except libvirt.libvirtError:
+            if fresh:  # a retry starts from scratch rather than from this one's remains
+                self._remove(name)
+            raise
+        log.info("sandbox %s: domain started in %.2f s", sandbox_id, time.monotonic() - started)
+        return name, True
 
     def _define(
         self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]

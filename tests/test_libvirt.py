@@ -39,7 +39,7 @@ from sandboxes.factory import make_provider
 from sandboxes.gateway import GuestGateway
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import SandboxInfo
-from sandboxes.provider import SandboxProvider
+from sandboxes.provider import SandboxProvider, machine_name
 from sandboxes.reconcile import reconcile
 from sandboxes.tokens import guest_token
 from tests.test_e2e import DONE, read_events, token_for, wait_status
@@ -292,6 +292,28 @@ async def test_reconcile_destroys_an_orphan_vm_and_keeps_a_live_one(
     assert [m.sandbox_id for m in await vms.machines()] == [live.id]
     await vms.destroy(live)
     assert await gone(vms, live)
+
+
+async def test_boots_wait_for_a_boot_slot(
+    vms: LibvirtProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vms, "boots", asyncio.Semaphore(1))
+    ids = [uuid.uuid4().hex for _ in range(2)]
+    creates = {
+        asyncio.create_task(vms.provision(sandbox_id, uuid.uuid4().hex, vm_templates.DEFAULT))
+        for sandbox_id in ids
+    }
+    done, pending = await asyncio.wait(creates, return_when=asyncio.FIRST_COMPLETED)
+    (first,) = [task.result() for task in done]
+    # The first holds the only slot until its guest is up; the second has not started.
+    assert vms.gateway.is_connected(first.id)
+    (other,) = [sandbox_id for sandbox_id in ids if sandbox_id != first.id]
+    assert not (await vms.is_running(machine_name(other)))[0]
+    (second,) = await asyncio.gather(*pending)
+    assert vms.gateway.is_connected(second.id)
+    for sandbox in (first, second):
+        await vms.destroy(sandbox)
+        assert await gone(vms, sandbox)
 
 
 async def test_a_vm_that_dies_is_seen_in_its_health(vms: LibvirtProvider) -> None:
