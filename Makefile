@@ -7,9 +7,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := docker.io iptables debootstrap chromium npm docker-compose
+# libvirt VMs: the daemons, QEMU, libvirt-python's build needs, the guest kernel (its vmlinuz and
+# modules are copied into images, never booted on the host), busybox for the guest's init.
+VM_PACKAGES := libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev qemu-system-x86 \
+  qemu-utils pkg-config gcc linux-image-cloud-amd64 busybox-static e2fsprogs iproute2
 STAMPS := .berth/stamps
 
-.PHONY: run test lint check setup sandbox-image lock clean bench-spine bench-llm
+.PHONY: run test lint check setup sandbox-image vm-image lock clean bench-spine bench-llm bench-vm
 
 run: setup
 	$(PY) -m berth run
@@ -23,24 +27,40 @@ bench-spine: setup
 bench-llm: $(VENV)/.installed
 	$(PY) -m bench.llm
 
+bench-vm: setup
+	$(PY) -m bench.vm
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
 
-setup: $(STAMPS)/system $(VENV)/.installed ui/static/vendor/.installed sandbox-image
+setup: $(STAMPS)/system $(STAMPS)/system-vm $(VENV)/.installed ui/static/vendor/.installed \
+  sandbox-image vm-image
+
+# Installs those of the Debian packages $(1) that are missing (apt flags $(2)); waits for an
+# apt run of another checkout to finish first.
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  command -v npm >/dev/null && missing=$$(echo $$missing | sed 's/\bnpm\b//'); \
+	  $(SUDO) apt-get -o DPkg::Lock::Timeout=900 update -q && DEBIAN_FRONTEND=noninteractive \
+	    $(SUDO) apt-get -o DPkg::Lock::Timeout=900 install -y -q $(2) $$missing; \
+	fi
+	@mkdir -p $(STAMPS) && touch $@
+endef
 
 # Again when this file changes (a package added): only what is missing gets installed.
 $(STAMPS)/system: Makefile
 	@echo "== system packages: $(SYSTEM_PACKAGES)"
-	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  command -v npm >/dev/null && missing=$$(echo $$missing | sed 's/\bnpm\b//'); \
-	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
-	fi
-	@mkdir -p $(STAMPS) && touch $@
+	$(call apt_install,$(SYSTEM_PACKAGES))
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(STAMPS)/system-vm:
+	@echo "== virtual machine packages: $(VM_PACKAGES)"
+	$(call apt_install,$(VM_PACKAGES),--no-install-recommends)
+
+# libvirt-python compiles against libvirt-dev.
+$(VENV)/.installed: pyproject.toml constraints.txt $(STAMPS)/system-vm
 	@echo "== Python virtualenv (pinned by constraints.txt)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -57,6 +77,10 @@ ui/static/vendor/.installed: ui/package.json ui/package-lock.json
 sandbox-image: $(VENV)/.installed $(STAMPS)/system
 	@echo "== sandbox engine and image"
 	$(PY) -m sandboxes prepare
+
+vm-image: $(VENV)/.installed $(STAMPS)/system-vm
+	@echo "== libvirt host and VM template image"
+	$(PY) -m sandboxes prepare --provider libvirt
 
 lock:
 	$(PY) -m pip freeze --exclude-editable > constraints.txt

@@ -114,3 +114,15 @@ class TaskOut(BaseModel):
     created_at: datetime
     # The task's LLM calls (its planning, and calls made for it): tokens and cost.
     llm: UsageTotals
+
+
+class PoolOut(BaseModel):
+    """A warm pool's state, without whose sessions it served."""
+
+    template: str
+    target: int
+    ready: int
+    booting: int
+    hits: int
+    misses: int
+    boot_failures: int

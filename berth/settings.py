@@ -105,7 +105,9 @@ class Settings(BaseSettings):
         default="local", description="Name of this sandbox host, whose task queue its sessions use"
     )
 
-    sandbox_provider: Literal["docker"] = "docker"
+    sandbox_provider: Literal["docker", "libvirt"] = Field(
+        default="docker", description="docker (containers, mock mode) or libvirt (VMs)"
+    )
     sandbox_cpus: float = 1.0
     sandbox_memory_mb: int = 1024
     sandbox_pids: int = 512
@@ -115,6 +117,29 @@ class Settings(BaseSettings):
         default=None,
         description="A policy file (TOML, as vm_templates/default/policy.toml) that replaces "
         "every template's own command policy",
+    )
+
+    # Virtual machines (libvirt provider); a VM's size, limits and egress are its template's.
+    libvirt_uri: str = Field(default="qemu:///system", description="The libvirt daemon to use")
+    vm_images_dir: Path | None = Field(
+        default=None, description="Where VM template images are cached; unset: data dir/images"
+    )
+    vm_bridge: str = Field(default="berthvm0", description="Linux bridge the VMs sit on")
+    vm_subnet: str = Field(
+        default="10.213.0.0/16", description="VMs' addresses; the host takes the first"
+    )
+    vm_shutdown_timeout_s: float = Field(
+        default=5.0, description="How long a VM may take to power off before it is destroyed"
+    )
+    vm_max_running: int = Field(default=20, description="VMs this host runs at most at once")
+    vm_max_booting: int = Field(
+        default=2, ge=1, description="VMs this host boots at most at once (until their guest is up)"
+    )
+    vm_pool_min: int = Field(default=1, ge=0, description="Booted VMs kept ready per template")
+    vm_pool_max: int = Field(
+        default=4,
+        ge=0,
+        description="Most VMs a template's pool grows to with claims; 0: none",
     )
     debian_mirror: str = Field(
         default="http://deb.debian.org/debian",

@@ -18,12 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
+import vm_templates
 from activities.planning import PlanningActivities
 from activities.progress import ProgressActivities
 from activities.sandbox import SandboxActivities
+from activities.vm import VmActivities
 from berth.settings import Settings, get_settings
 from berth.temporal import connect
 from llm.proxy import LLMProxy
@@ -31,6 +34,7 @@ from sandboxes.factory import make_gateway, make_provider
 from sandboxes.reconcile import Owner, reconcile_forever
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
+from workflows.pool import PoolInput, PoolWorkflow, pool_member, pool_workflow_id
 from workflows.session import SessionWorkflow, workflow_id
 
 log = logging.getLogger("berth.worker")
@@ -38,11 +42,14 @@ log = logging.getLogger("berth.worker")
 RECONCILE_EVERY_S = 60.0
 
 
-def session_owner(client: Client) -> Owner:
-    """The sandbox id a live session owns, asked of its workflow."""
+def session_owner(client: Client, host_id: str) -> Owner:
+    """The sandbox id a live session owns, asked of its workflow; for a warm pool's VM, its
+    own id while its pool holds it."""
 
     async def owner(session_id: str) -> str | None:
-        handle = client.get_workflow_handle(workflow_id(session_id))
+        member = pool_member(session_id)
+        workflow = pool_workflow_id(host_id, member[0]) if member else workflow_id(session_id)
+        handle = client.get_workflow_handle(workflow)
         try:
             described = await handle.describe()
         except RPCError as exc:
@@ -51,10 +58,33 @@ def session_owner(client: Client) -> Owner:
             raise
         if described.status != WorkflowExecutionStatus.RUNNING:
             return None
+        if member:
+            pool = await handle.query(PoolWorkflow.state)
+            return member[1] if pool.owns(member[1]) else None
         state = await handle.query(SessionWorkflow.state)
         return state.sandbox.id if state.sandbox else None
 
     return owner
+
+
+async def start_pools(client: Client, settings: Settings) -> None:
+    """One warm pool per template, where VMs can change owner (libvirt); an existing one
+    carries on."""
+    if settings.sandbox_provider != "libvirt" or settings.vm_pool_max == 0:
+        return
+    for template in vm_templates.names():
+        await client.start_workflow(
+            PoolWorkflow.run,
+            PoolInput(
+                template=template,
+                host_task_queue=settings.host_task_queue,
+                min_size=min(settings.vm_pool_min, settings.vm_pool_max),
+                max_size=settings.vm_pool_max,
+            ),
+            id=pool_workflow_id(settings.host_id, template),
+            task_queue=settings.host_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -75,11 +105,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         artifacts,
         command_policy_path=settings.command_policy_path,
     )
+    vm = VmActivities(provider, client, settings.sandbox_connect_timeout_s)
     with ThreadPoolExecutor(max_workers=16) as executor:
         host = Worker(
             client,
             task_queue=settings.host_task_queue,
-            workflows=[SessionWorkflow],
+            workflows=[SessionWorkflow, PoolWorkflow],
             activities=[
                 progress.record,
                 planning.plan,
@@ -88,15 +119,21 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 sandbox.run_step,
                 sandbox.stop_step,
                 sandbox.destroy,
+                vm.claim,
+                vm.hibernate,
+                vm.wake,
             ],
             activity_executor=executor,
             # Cancelling a step reaches it through a heartbeat: send one every second.
             max_heartbeat_throttle_interval=timedelta(seconds=1),
         )
         reconciler = asyncio.create_task(
-            reconcile_forever(provider, session_owner(client), RECONCILE_EVERY_S, stop)
+            reconcile_forever(
+                provider, session_owner(client, settings.host_id), RECONCILE_EVERY_S, stop
+            )
         )
         async with host:
+            await start_pools(client, settings)
             log.info(
                 "worker up: queue %s, guest gateway on %s:%d",
                 settings.host_task_queue, settings.gateway_host, settings.gateway_port,

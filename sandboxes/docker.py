@@ -1,9 +1,10 @@
 """Docker containers as sandboxes: the seed's "mock mode".
 
-No registry is reachable, so images are made here: debootstrap builds the template's root
-filesystem, ``docker import`` turns it into a base image, and the template's Dockerfile adds
-the guest agent. Containers sit on an internal bridge whose only way out is the guest
-gateway's port on the host (and the host ports the settings allow besides).
+No registry is reachable, so images are made here: the template's debootstrap root
+filesystem (sandboxes.rootfs, shared with the VM images) goes through ``docker import`` into
+a base image, and the template's Dockerfile adds the guest agent. Containers sit on an
+internal bridge whose only way out is the guest gateway's port on the host (and the host
+ports the settings allow besides).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import vm_templates
 from sandboxes.gateway import GuestGateway
 from sandboxes.models import Machine
 from sandboxes.provider import SandboxProvider, machine_name
+from sandboxes.rootfs import rootfs
 
 log = logging.getLogger("berth.docker")
 
@@ -236,6 +238,15 @@ class DockerProvider(SandboxProvider):
         if code != 0 and await exists("container", handle):
             raise DockerError(f"could not remove container {handle[:12]}: {err}")
 
+    async def suspend(self, handle: str) -> None:
+        # The mock of a VM's hibernation: frozen processes, memory kept in place.
+        if (await self.is_running(handle))[0]:
+            await docker("pause", handle)
+
+    async def resume(self, handle: str) -> None:
+        if (await self.is_running(handle))[1] == "paused":
+            await docker("unpause", handle)
+
     async def is_running(self, handle: str) -> tuple[bool, str]:
         code, state, _ = await _run("inspect", "--format", "{{.State.Status}}", handle)
         return code == 0 and state == "running", state if code == 0 else "missing"
@@ -315,33 +326,11 @@ class DockerProvider(SandboxProvider):
         return image
 
     def _build_base(self, template: str, tag: str) -> None:
-        """debootstrap the template's packages and import the tree as an image (~4 min)."""
-        if shutil.which("debootstrap") is None:
-            raise DockerError("debootstrap is not installed: run `make setup`")
-        self.build_dir.mkdir(parents=True, exist_ok=True)
-        rootfs = Path(tempfile.mkdtemp(prefix="rootfs-", dir=self.build_dir))
-        try:
-            log.info("debootstrap of template %r into %s (about four minutes)", template, rootfs)
-            subprocess.run(
-                [
-                    "debootstrap",
-                    "--variant=minbase",
-                    "--include=" + ",".join(vm_templates.packages(template)),
-                    "bookworm",
-                    str(rootfs),
-                    self.mirror,
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-            tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-            subprocess.run(
-                ["docker", "import", "-", tag],
-                stdin=tar.stdout,
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-            if tar.wait() != 0:
-                raise DockerError("tar of the root filesystem failed")
-        finally:
-            shutil.rmtree(rootfs, ignore_errors=True)
+        """Import the template's root filesystem (debootstrapped once, shared with VMs)."""
+        root = rootfs(template, self.mirror, self.build_dir)
+        tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(
+            ["docker", "import", "-", tag], stdin=tar.stdout, check=True, stdout=subprocess.DEVNULL
+        )
+        if tar.wait() != 0:
+            raise DockerError("tar of the root filesystem failed")

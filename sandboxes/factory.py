@@ -6,6 +6,7 @@ from berth.keys import guest_keys
 from berth.settings import Settings
 from sandboxes.docker import DockerProvider
 from sandboxes.gateway import GuestGateway
+from sandboxes.libvirt import LibvirtProvider
 from sandboxes.provider import SandboxProvider
 
 
@@ -15,13 +16,11 @@ def make_gateway(settings: Settings) -> GuestGateway:
 
 
 def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
+    host = (gateway, guest_keys(settings).current, settings.host_id, settings.host_task_queue)
     match settings.sandbox_provider:
         case "docker":
             return DockerProvider(
-                gateway,
-                guest_keys(settings).current,
-                settings.host_id,
-                settings.host_task_queue,
+                *host,
                 gateway_port=settings.gateway_port,
                 build_dir=settings.data_dir / "build",
                 mirror=settings.debian_mirror,
@@ -29,4 +28,18 @@ def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
                 memory_mb=settings.sandbox_memory_mb,
                 pids=settings.sandbox_pids,
                 host_ports=tuple(settings.sandbox_host_ports),
+            )
+        case "libvirt":
+            return LibvirtProvider(
+                *host,
+                gateway_port=settings.gateway_port,
+                data_dir=settings.data_dir,
+                images_dir=settings.vm_images_dir or settings.data_dir / "images",
+                mirror=settings.debian_mirror,
+                uri=settings.libvirt_uri,
+                bridge=settings.vm_bridge,
+                subnet=settings.vm_subnet,
+                shutdown_timeout_s=settings.vm_shutdown_timeout_s,
+                max_running=settings.vm_max_running,
+                max_booting=settings.vm_max_booting,
             )

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import logging
+import time
+import uuid
 
 from sandboxes.gateway import ArtifactSink, GuestGateway, OutputSink
-from sandboxes.models import Health, Machine, SandboxInfo, Step, StepOutcome
+from sandboxes.models import Health, Machine, SandboxInfo, Step, StepOutcome, TerminalStep
 from sandboxes.tokens import guest_token
+
+log = logging.getLogger("berth.sandboxes")
+
+
+async def _discard(seq: int, stream: str, text: str) -> None:
+    """Output of the provider's own commands in a guest is not kept."""
 
 
 def machine_name(sandbox_id: str) -> str:
@@ -54,6 +63,22 @@ class SandboxProvider(abc.ABC):
         """Stop and delete the machine. Removing one that is gone is not an error."""
 
     @abc.abstractmethod
+    async def suspend(self, handle: str) -> None:
+        """Stop the machine with its memory and disk kept (hibernation), until resume().
+        Suspending a suspended machine is not an error."""
+
+    @abc.abstractmethod
+    async def resume(self, handle: str) -> None:
+        """Continue a suspended machine where it stopped, its processes included. Resuming a
+        running machine is not an error."""
+
+    async def assign(self, handle: str, session_id: str) -> None:
+        """Record ``session_id`` as the machine's owner (a warm pool's machine, claimed), so
+        reconciliation finds it the session's. Only providers whose machines can change
+        owner can serve a warm pool."""
+        raise NotImplementedError(f"{self.name} machines cannot change owner (no warm pool)")
+
+    @abc.abstractmethod
     async def is_running(self, handle: str) -> tuple[bool, str]:
         """Whether the machine runs, and the provider's word on its state."""
 
@@ -61,13 +86,16 @@ class SandboxProvider(abc.ABC):
     def guest_url(self) -> str:
         """The gateway's address as seen from inside a machine."""
 
-    async def provision(self, sandbox_id: str, session_id: str, template: str) -> SandboxInfo:
-        env = {
+    def guest_env(self, sandbox_id: str) -> dict[str, str]:
+        """What a sandbox's guest agent needs to dial in: where, as whom, its token."""
+        return {
             "BERTH_GUEST_URL": self.guest_url(),
             "BERTH_SANDBOX_ID": sandbox_id,
             "BERTH_GUEST_TOKEN": guest_token(self._key, sandbox_id),
         }
-        handle = await self.create(sandbox_id, session_id, template, env)
+
+    async def provision(self, sandbox_id: str, session_id: str, template: str) -> SandboxInfo:
+        handle = await self.create(sandbox_id, session_id, template, self.guest_env(sandbox_id))
         return SandboxInfo(
             id=sandbox_id,
             session_id=session_id,
@@ -102,6 +130,16 @@ class SandboxProvider(abc.ABC):
         self.gateway.forget(sandbox.id)
         # No handle yet when the session ended during provisioning: the name is known.
         await self.remove(sandbox.handle or machine_name(sandbox.id))
+
+    async def wake(self, sandbox: SandboxInfo, timeout_s: float) -> None:
+        """Resume a suspended machine, wait for its guest, and set the guest's clock, which
+        stood still while the machine was suspended."""
+        await self.resume(sandbox.handle)
+        await self.wait_connected(sandbox, timeout_s)
+        clock = TerminalStep(command=f"date -s @{time.time():.3f} >/dev/null")
+        outcome = await self.run_step(sandbox, f"clock-{uuid.uuid4().hex}", clock, 30, _discard)
+        if not outcome.ok:
+            log.warning("sandbox %s: could not set its clock: %s", sandbox.id, outcome)
 
     async def health(self, sandbox: SandboxInfo) -> Health:
         running, detail = await self.is_running(sandbox.handle)

@@ -83,6 +83,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/models"): R(200, 200, 401, 200),
     ("GET", "/api/usage"): R(200, 200, 401, 200),
     # Admins only.
+    ("GET", "/api/pools/{template}"): R(403, 403, 401, 404),  # no pool runs here
     ("GET", "/api/admin/audit"): R(403, 403, 401, 200, query="?session_id={sid}"),
     ("POST", "/codec/{operation}"): R(403, 403, 401, 200, json={"payloads": []}),
     ("OPTIONS", "/codec/{operation}"): R(204, 204, 204, 204),  # a CORS preflight carries no token
@@ -155,6 +156,7 @@ class Stage:
             "operation": "decode",
             "token_id": token.id,
             "artifact_id": self.artifact_id,
+            "template": "default",
         }
 
     def login_form(self, form: dict[str, str]) -> dict[str, str]:

@@ -60,6 +60,8 @@ class LinkOnly(SandboxProvider):
         raise NotImplementedError
 
     async def remove(self, handle: str) -> None: ...
+    async def suspend(self, handle: str) -> None: ...
+    async def resume(self, handle: str) -> None: ...
     async def is_running(self, handle: str) -> tuple[bool, str]:
         return True, "running"
 
@@ -70,17 +72,19 @@ class LinkOnly(SandboxProvider):
         raise NotImplementedError
 
 
-def step_request(engine: Engine, sandbox_id: str, step: Step | str) -> StepRequest:
+def step_request(
+    engine: Engine, sandbox_id: str, step: Step | str, task_id: str = "t"
+) -> StepRequest:
     sid = new_session(engine)
     step = TerminalStep(command=step) if isinstance(step, str) else step
     with Session(engine) as db:
-        events.record(db, sid, "task.queued", {"task_id": "t", "prompt": step.describe()})
-        events.record(db, sid, "task.plan", {"task_id": "t", "steps": [step.model_dump()]})
+        events.record(db, sid, "task.queued", {"task_id": task_id, "prompt": step.describe()})
+        events.record(db, sid, "task.plan", {"task_id": task_id, "steps": [step.model_dump()]})
     sandbox = SandboxInfo(
         id=sandbox_id, session_id=sid, provider="test", host_id="h", task_queue="q",
         template="default", handle="h",
     )  # fmt: skip
-    return StepRequest(sandbox=sandbox, task_id="t", index=0, step=step, timeout_s=30)
+    return StepRequest(sandbox=sandbox, task_id=task_id, index=0, step=step, timeout_s=30)
 
 
 def link_activities(gateway: GuestGateway, engine: Engine, tmp_path: Path) -> SandboxActivities:
@@ -90,7 +94,7 @@ def link_activities(gateway: GuestGateway, engine: Engine, tmp_path: Path) -> Sa
 
 def stored(engine: Engine, request: StepRequest) -> tuple[StepRow, list[str]]:
     with Session(engine) as db:
-        row = db.exec(select(StepRow).where(StepRow.task_id == "t")).one()
+        row = db.exec(select(StepRow).where(StepRow.task_id == request.task_id)).one()
         kinds = [e.type for e in events.read_after(db, request.sandbox.session_id, 0)]
         return row, kinds
 

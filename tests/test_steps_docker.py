@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 from fastapi.testclient import TestClient
-from sqlmodel import Session
+from sqlmodel import Session, select
 from temporalio.testing import ActivityEnvironment
 
 import vm_templates
@@ -25,7 +25,7 @@ from sandboxes.models import BrowserStep, Check, SandboxInfo
 from store import events
 from store.artifacts import ArtifactStore
 from store.db import get_engine
-from store.models import SessionRow
+from store.models import SessionRow, User
 from tests.test_guest_browser import serve_pages
 from workflows.models import StepRequest
 
@@ -33,9 +33,11 @@ from workflows.models import StepRequest
 def sign_up(client: TestClient, email: str) -> tuple[str, dict[str, str]]:
     """The new user's id and the headers of their token."""
     credentials = {"email": email, "password": "a long password"}
-    user = client.post("/api/auth/signup", json=credentials).json()
+    assert client.post("/api/auth/signup", json=credentials).status_code == 201
     token = client.post("/api/auth/token", json=credentials).json()["token"]
-    return user["id"], {"Authorization": f"Bearer {token}"}
+    with Session(client.app.state.engine) as db:  # type: ignore[attr-defined]
+        user = db.exec(select(User).where(User.email == email)).one()
+    return user.id, {"Authorization": f"Bearer {token}"}
 
 
 async def test_a_browser_step_in_a_sandbox_leaves_a_screenshot_for_its_owner(

@@ -1,0 +1,73 @@
+"""Activities of a session's VM beyond the basic sandbox ones: claiming a warm pool's VM
+(the pool hands one out, the host checks it and makes it the session's), and hibernating
+and waking it. They run on the VM's host queue."""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import BaseModel
+from temporalio import activity
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError
+
+from activities.heartbeat import heartbeating
+from sandboxes.models import SandboxInfo
+from sandboxes.provider import SandboxProvider
+from workflows.pool import PoolClaim, PoolWorkflow, pool_workflow_id
+
+log = logging.getLogger("berth.pool")
+
+# Unhealthy members handed out in a row before the claim gives up (a cold create follows).
+CLAIM_TRIES = 3
+
+
+class ClaimRequest(BaseModel):
+    session_id: str
+    template: str
+
+
+class VmActivities:
+    def __init__(self, provider: SandboxProvider, client: Client, connect_timeout_s: float) -> None:
+        self.provider = provider
+        self.client = client
+        self.connect_timeout_s = connect_timeout_s
+
+    @activity.defn(name="ClaimSandbox")
+    async def claim(self, request: ClaimRequest) -> SandboxInfo | None:
+        """A ready VM from the template's pool, now the session's; None when the pool is
+        empty, missing or only held broken VMs: the caller then creates one cold."""
+        pool = self.client.get_workflow_handle(
+            pool_workflow_id(self.provider.host_id, request.template)
+        )
+        for attempt in range(CLAIM_TRIES):
+            # Keyed by session and try: a retried activity gets its VM again, a try after a
+            # broken VM gets another.
+            key = f"{request.session_id}/{attempt}"
+            try:
+                sandbox = await pool.execute_update(PoolWorkflow.claim, PoolClaim(session_id=key))
+            except (RPCError, WorkflowUpdateFailedError) as exc:
+                log.warning("no pool for template %r: %s", request.template, exc)
+                return None
+            if sandbox is None:
+                return None
+            if (await self.provider.health(sandbox)).ok:
+                await self.provider.assign(sandbox.handle, request.session_id)
+                return sandbox.model_copy(update={"session_id": request.session_id})
+            log.warning("pool VM %s is unhealthy: destroyed, claiming another", sandbox.id)
+            await self.provider.destroy(sandbox)
+        return None
+
+    @activity.defn(name="HibernateSandbox")
+    async def hibernate(self, sandbox: SandboxInfo) -> None:
+        """Suspend the machine with its memory saved (idempotent). Its guest drops its link;
+        the session must not run a step until it is woken."""
+        async with heartbeating():
+            await self.provider.suspend(sandbox.handle)
+
+    @activity.defn(name="WakeSandbox")
+    async def wake(self, sandbox: SandboxInfo) -> None:
+        """Resume a hibernated machine (idempotent), wait until its guest is back, set its
+        clock."""
+        async with heartbeating():
+            await self.provider.wake(sandbox, self.connect_timeout_s)

@@ -1,0 +1,229 @@
+"""Cost of a sandbox VM on this host: ``make bench-vm`` (``python -m bench.vm``).
+
+Measures, with the template image of the data dir (built by ``make setup``) and a real guest
+gateway: building the image from the cached root filesystem; a cold create until the guest
+agent is connected, through libvirt; the physical floor, the same kernel, initramfs and disk
+booted by a bare ``qemu-system-x86_64`` on the same bridge until its agent connects;
+suspend (managed save) and resume until a command answers; host RAM per idle VM (RSS of its
+QEMU process). Prints a markdown table, writes JSON to ``$BERTH_BENCH_OUT`` (default
+``.berth/bench/vm.json``). ``BERTH_BENCH_VM_RUNS`` (default 3) sets the repetitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import vm_templates
+from bench.spine import Metric, machine, table, timed, write_report
+from berth.local import free_port
+from berth.settings import Settings
+from sandboxes import vm_image
+from sandboxes.factory import make_gateway, make_provider
+from sandboxes.libvirt import LibvirtProvider, qemu_pid
+from sandboxes.models import SandboxInfo, TerminalStep
+
+CONNECT_TIMEOUT_S = 300.0
+IDLE_S = 10.0  # a booted guest settles before its RSS is read
+TAP = "berth-benchtap"
+
+
+async def quiet(seq: int, stream: str, text: str) -> None:
+    """Output of the bench's commands is not kept."""
+
+
+async def connected(provider: LibvirtProvider) -> tuple[SandboxInfo, float]:
+    started = time.monotonic()
+    sandbox = await provider.provision(uuid.uuid4().hex, uuid.uuid4().hex, vm_templates.DEFAULT)
+    await provider.wait_connected(sandbox, CONNECT_TIMEOUT_S)
+    return sandbox, time.monotonic() - started
+
+
+async def answered(provider: LibvirtProvider, sandbox: SandboxInfo) -> None:
+    outcome = await provider.run_step(
+        sandbox, uuid.uuid4().hex, TerminalStep(command="true"), 60, quiet
+    )
+    if not outcome.ok:
+        raise RuntimeError(f"a command in the guest failed: {outcome}")
+
+
+def qemu_rss_mib(handle: str) -> float:
+    for line in Path(f"/proc/{qemu_pid(handle)}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS for QEMU")
+
+
+async def cold_creates(provider: LibvirtProvider, runs: int) -> list[Metric]:
+    creates, rss, removes = [], [], []
+    for _ in range(runs):
+        sandbox, seconds = await connected(provider)
+        creates.append(seconds)
+        await asyncio.sleep(IDLE_S)
+        rss.append(qemu_rss_mib(sandbox.handle))
+        started = time.monotonic()
+        await provider.destroy(sandbox)
+        removes.append(time.monotonic() - started)
+    memory_mb = vm_templates.spec(vm_templates.DEFAULT).machine.memory_mb
+    rss.sort()
+    ram = f"host RAM per idle VM (QEMU RSS; guest has {memory_mb} MiB)"
+    p50, top = round(rss[len(rss) // 2], 1), round(rss[-1], 1)
+    return [
+        timed("cold create to guest connected (libvirt)", creates),
+        Metric(ram, p50, top, " MiB", memory_mb + 40, "p50", len(rss)),
+        timed("remove (ACPI shutdown, undefine, delete overlay)", removes),
+    ]
+
+
+async def hibernation(provider: LibvirtProvider, runs: int) -> list[Metric]:
+    sandbox, _ = await connected(provider)
+    suspends, resumes = [], []
+    try:
+        for _ in range(runs):
+            await answered(provider, sandbox)
+            started = time.monotonic()
+            await provider.suspend(sandbox.handle)
+            suspends.append(time.monotonic() - started)
+            started = time.monotonic()
+            await provider.resume(sandbox.handle)
+            await answered(provider, sandbox)
+            resumes.append(time.monotonic() - started)
+    finally:
+        await provider.destroy(sandbox)
+    return [
+        timed("suspend (managed save of guest RAM)", suspends),
+        timed("resume until a command answers", resumes),
+    ]
+
+
+@contextlib.contextmanager
+def tap(bridge: str) -> Any:
+    subprocess.run(["ip", "tuntap", "add", "dev", TAP, "mode", "tap"], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", TAP, "master", bridge, "up"], check=True)
+        yield TAP
+    finally:
+        subprocess.run(["ip", "link", "del", TAP], check=False)
+
+
+async def bare_qemu(provider: LibvirtProvider, runs: int) -> list[Metric]:
+    """The floor: the same image booted by QEMU alone, no libvirt, to guest connected."""
+    assert provider.host is not None
+    image = provider.build_image(vm_templates.DEFAULT)
+    spec = vm_templates.spec(vm_templates.DEFAULT)
+    accel = "kvm" if provider.host.accel == "kvm" else "tcg"
+    # The subnet's last address: libvirt VMs get the lowest free ones.
+    address = provider.subnet.broadcast_address - 1
+    seconds = []
+    with tap(provider.bridge), tempfile.TemporaryDirectory() as tmp:
+        for _ in range(runs):
+            sandbox_id = uuid.uuid4().hex
+            overlay, seed = Path(tmp) / "disk.qcow2", Path(tmp) / "seed.raw"
+            overlay.unlink(missing_ok=True)
+            await asyncio.to_thread(vm_image.overlay, image.disk, overlay)
+            env = provider.guest_env(sandbox_id)
+            vm_image.write_seed(seed, provider.seed_values(env, address, spec))
+            started = time.monotonic()
+            qemu = await asyncio.create_subprocess_exec(
+                "qemu-system-x86_64", "-accel", accel, "-machine", "pc", "-nodefaults",
+                "-m", str(spec.machine.memory_mb), "-smp", str(spec.machine.vcpus),
+                "-display", "none", "-serial", "null", "-no-reboot",
+                "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+                "-append", "console=ttyS0 panic=-1 quiet",
+                "-drive", f"file={overlay},if=virtio,format=qcow2",
+                "-drive", f"file={seed},if=virtio,format=raw,readonly=on",
+                "-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
+                "-device", f"virtio-net-pci,netdev=net0,romfile=,mac={bare_mac(address)}",
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                await provider.gateway.wait_connected(sandbox_id, CONNECT_TIMEOUT_S)
+                seconds.append(time.monotonic() - started)
+            finally:
+                qemu.kill()
+                await qemu.wait()
+                provider.gateway.forget(sandbox_id)
+    return [timed("floor: bare qemu-system-x86_64 to guest connected", seconds)]
+
+
+def bare_mac(address: ipaddress.IPv4Address) -> str:
+    return "52:54:ff:" + ":".join(f"{b:02x}" for b in address.packed[1:])
+
+
+async def image_build(provider: LibvirtProvider) -> list[Metric]:
+    """Building the template image again, into a scratch dir (root filesystem cached)."""
+    with tempfile.TemporaryDirectory(dir=provider.data_dir) as tmp:
+        started = time.monotonic()
+        await asyncio.to_thread(
+            vm_image.build_image,
+            Path(tmp),
+            vm_templates.DEFAULT,
+            provider.mirror,
+            provider.data_dir / "build",
+        )
+        return [timed("image build (root filesystem cached)", [time.monotonic() - started])]
+
+
+Measure = Callable[[], Awaitable[list[Metric]]]
+
+
+async def measure(runs: int) -> list[Metric]:
+    port = free_port()
+    settings = Settings(
+        sandbox_provider="libvirt", host_id=f"bench-{uuid.uuid4().hex[:8]}", gateway_port=port
+    )
+    gateway = make_gateway(settings)
+    await gateway.start("0.0.0.0", port)
+    provider = make_provider(settings, gateway)
+    assert isinstance(provider, LibvirtProvider)
+    metrics: list[Metric] = []
+    try:
+        await provider.prepare()
+        steps: list[tuple[str, Measure]] = [
+            ("image build", lambda: image_build(provider)),
+            ("cold create", lambda: cold_creates(provider, runs)),
+            ("bare qemu floor", lambda: bare_qemu(provider, runs)),
+            ("hibernation", lambda: hibernation(provider, runs)),
+        ]
+        for name, step in steps:
+            print(f"measuring: {name}", flush=True)
+            try:
+                metrics += await step()
+            except Exception as exc:
+                metrics.append(Metric(name, None, None, "ms", error=repr(exc)))
+    finally:
+        for left in await provider.machines():
+            await provider.remove(left.handle)
+        await gateway.stop()
+    return metrics
+
+
+def main() -> int:
+    began, started = time.monotonic(), datetime.now(UTC).isoformat(timespec="seconds")
+    info = machine()
+    runs = int(os.environ.get("BERTH_BENCH_VM_RUNS", "3"))
+    print(f"machine: {info['nproc']} CPUs, {info['cpu']}; date: {started}", flush=True)
+    metrics = asyncio.run(measure(runs))
+    floor = next((m for m in metrics if m.name.startswith("floor") and m.p50), None)
+    cold = next((m for m in metrics if m.name.startswith("cold create") and m.p50), None)
+    if floor and cold and floor.p50 and cold.p50:
+        ratio = cold.p50 / floor.p50
+        metrics.append(Metric("cold create / floor (p50)", round(ratio, 2), None, "x", 1.5))
+    print(table(metrics))
+    write_report("vm", metrics, info, started, time.monotonic() - began)
+    return 1 if any(m.error for m in metrics) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

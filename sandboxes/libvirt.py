@@ -1,0 +1,501 @@
+"""libvirt/QEMU virtual machines as sandboxes: one domain per sandbox.
+
+A domain boots the template's image (sandboxes.vm_image) from a qcow2 overlay of its own on
+the read-only base disk, plus a seed disk with its identity and token. Its Berth metadata
+(sandbox, session, host, deployment) lives in the domain's <metadata>, which is what
+reconciliation reads after a restart. Guests sit on the host's bridge (libvirt_host) with a
+static address chosen here, and dial the guest gateway on the host's side of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import shutil
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import jinja2
+import libvirt
+
+import vm_templates
+from sandboxes import libvirt_host, vm_image
+from sandboxes.gateway import GuestGateway, GuestUnavailable
+from sandboxes.models import Machine
+from sandboxes.provider import SandboxProvider, machine_name
+
+log = logging.getLogger("berth.libvirt")
+
+NAMESPACE = "https://berth.dev/xmlns/sandbox/1"
+PREFIX = "berth"
+# Under TCG, QEMU keeps translated guest code here; its default (1 GiB) would be host RAM.
+TB_CACHE_MB = 128
+HIBERNATED = "hibernated"
+# Longest a boot holds its slot waiting for the guest (TCG boots take ~10 s).
+BOOT_SLOT_S = 60.0
+STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "unknown",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+_templates = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(vm_templates.ROOT),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def _quiet(_context: object, _error: object) -> None:
+    """libvirt prints every error to stderr by default; they are raised (and handled) here."""
+
+
+libvirt.registerErrorHandler(_quiet, None)
+
+
+class LibvirtError(RuntimeError):
+    pass
+
+
+def qemu_pid(handle: str) -> int:
+    """The QEMU process of a running domain (libvirt's pid file)."""
+    return int(Path(f"/run/libvirt/qemu/{handle}.pid").read_text().strip())
+
+
+# Lifecycle events of the domains, by name: (when, what). libvirt delivers them on a thread
+# of its own running its default event loop, registered before any connection is opened.
+EVENTS = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "paused",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutting down",
+    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "suspended by the guest",
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+}
+STOPPED_DETAILS = {
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shut down",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED: "migrated",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
+}
+_event_loop = threading.Lock()
+_event_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    global _event_loop_started
+    with _event_loop:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+@contextlib.contextmanager
+def host_lock() -> Iterator[None]:
+    """Serializes address choice and domain definition across every process of the host."""
+    libvirt_host.STATE_DIR.mkdir(parents=True, exist_ok=True)
+    with (libvirt_host.STATE_DIR / "vm.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _metadata(domain: libvirt.virDomain) -> dict[str, str] | None:
+    """A Berth domain's metadata, or None for any other domain."""
+    try:
+        text = domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE)
+    except libvirt.libvirtError:
+        return None
+    return {child.tag.rsplit("}", 1)[-1]: child.text or "" for child in ET.fromstring(text)}
+
+
+def _mac(address: ipaddress.IPv4Address) -> str:
+    a, b, c, d = address.packed
+    return f"52:54:{a:02x}:{b:02x}:{c:02x}:{d:02x}"
+
+
+def _host_nameserver() -> str | None:
+    """The host's first nameserver that a guest could use (not loopback), if any."""
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/resolv.conf").read_text().splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] == "nameserver":
+                with contextlib.suppress(ValueError):
+                    if not ipaddress.ip_address(words[1]).is_loopback and ":" not in words[1]:
+                        return words[1]
+    return None
+
+
+class LibvirtProvider(SandboxProvider):
+    name = "libvirt"
+
+    def __init__(
+        self,
+        gateway: GuestGateway,
+        key: bytes,
+        host_id: str,
+        task_queue: str,
+        *,
+        gateway_port: int,
+        data_dir: Path,
+        images_dir: Path,
+        mirror: str,
+        uri: str,
+        bridge: str,
+        subnet: str,
+        shutdown_timeout_s: float,
+        max_running: int,
+        max_booting: int,
+    ) -> None:
+        super().__init__(gateway, key, host_id, task_queue)
+        self.gateway_port = gateway_port
+        self.data_dir = data_dir.resolve()
+        self.images = images_dir.resolve()
+        self.mirror = mirror
+        self.uri = uri
+        self.bridge = bridge
+        self.subnet = ipaddress.IPv4Network(subnet)
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.max_running = max_running
+        self.boots = asyncio.Semaphore(max_booting)
+        self.host: libvirt_host.Host | None = None
+        self._conn: libvirt.virConnect | None = None
+        self._conn_lock = threading.Lock()
+        self.last_event: dict[str, tuple[datetime, str]] = {}
+
+    @property
+    def vms(self) -> Path:
+        return self.data_dir / "vms"
+
+    def vm_dir(self, sandbox_id: str) -> Path:
+        return self.vms / sandbox_id
+
+    # --- host ---
+
+    async def prepare(self) -> None:
+        await asyncio.to_thread(self._prepare)
+
+    def _prepare(self) -> None:
+        nameserver = _host_nameserver()
+        self.host = libvirt_host.prepare_host(
+            self.bridge, str(self.subnet), self.gateway_port, nameserver
+        )
+        self._reachable_by_qemu(self.vms)
+        for template in vm_templates.names():
+            self.build_image(template)
+
+    def spec(self, template: str) -> vm_templates.TemplateSpec:
+        return vm_templates.spec(template)
+
+    def build_image(self, template: str) -> vm_image.Image:
+        return vm_image.build_image(self.images, template, self.mirror, self.data_dir / "build")
+
+    def _reachable_by_qemu(self, folder: Path) -> None:
+        """QEMU runs as an unprivileged user: it must be able to walk down to the VMs' files."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in (folder, *folder.parents):
+            if not path.stat().st_mode & 0o001:
+                if path.is_relative_to(self.data_dir):
+                    path.chmod(path.stat().st_mode | 0o011)
+                else:
+                    raise LibvirtError(
+                        f"{path} is not searchable by other users, so QEMU cannot reach "
+                        f"{folder}: choose a data dir elsewhere"
+                    )
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        """One connection, shared by the threads the provider's calls run in."""
+        with self._conn_lock:
+            if self._conn is None or not self._conn.isAlive():
+                _ensure_event_loop()
+                conn = libvirt.open(self.uri)
+                conn.setKeepAlive(5, 3)
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+                )
+                self._conn = conn
+            return self._conn
+
+    def _on_lifecycle(
+        self, _conn: libvirt.virConnect, domain: libvirt.virDomain, event: int, detail: int, _: None
+    ) -> None:
+        name = domain.name()
+        if not name.startswith(f"{PREFIX}-"):
+            return
+        if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
+            self.last_event.pop(name, None)  # gone for good: nothing more to tell
+            return
+        what = EVENTS.get(event, f"event {event}")
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            what = f"stopped ({STOPPED_DETAILS.get(detail, detail)})"
+        self.last_event[name] = (datetime.now(UTC), what)
+        unexpected = event == libvirt.VIR_DOMAIN_EVENT_CRASHED or (
+            event == libvirt.VIR_DOMAIN_EVENT_STOPPED
+            and detail
+            in (libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED, libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED)
+        )
+        (log.warning if unexpected else log.debug)("domain %s: %s", name, what)
+
+    def guest_url(self) -> str:
+        assert self.host, "prepare() first"
+        return f"ws://{self.host.router}:{self.gateway_port}/guest"
+
+    # --- machines ---
+
+    def _domain(self, handle: str) -> libvirt.virDomain | None:
+        try:
+            return self.conn.lookupByName(handle)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def _berth_domains(self) -> list[tuple[libvirt.virDomain, dict[str, str]]]:
+        found = []
+        for domain in self.conn.listAllDomains():
+            if domain.name().startswith(f"{PREFIX}-"):
+                meta = _metadata(domain)
+                if meta is not None:
+                    found.append((domain, meta))
+        return found
+
+    def _ours(self, meta: dict[str, str]) -> bool:
+        return meta.get("host") == self.host_id and meta.get("deployment") == self.deployment
+
+    async def create(
+        self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]
+    ) -> str:
+        """Define and start the domain; a boot holds one of the host's boot slots until its
+        guest has connected (or BOOT_SLOT_S passed), so boots never crowd the CPUs."""
+        async with self.boots:
+            handle, booted = await asyncio.to_thread(
+                self._create, sandbox_id, session_id, template, env
+            )
+            if booted:
+                with contextlib.suppress(GuestUnavailable):  # the caller's own wait says so
+                    await self.gateway.wait_connected(sandbox_id, BOOT_SLOT_S)
+        return handle
+
+    def _create(
+        self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]
+    ) -> tuple[str, bool]:
+        """The domain's name, and whether it was started now."""
+        name = machine_name(sandbox_id)
+        with host_lock():
+            domain = self._domain(name)
+            fresh = domain is None
+            if domain is None:
+                domain = self._define(sandbox_id, session_id, template, env)
+            else:
+                log.info("sandbox %s: reusing domain %s", sandbox_id, name)
+        if domain.isActive():
+            return name, False
+        started = time.monotonic()
+        try:
+            domain.create()  # resumes from a managed save, if there is one
+        except libvirt.libvirtError:
+            if fresh:  # a retry starts from scratch rather than from this one's remains
+                self._remove(name)
+            raise
+        log.info("sandbox %s: domain started in %.2f s", sandbox_id, time.monotonic() - started)
+        return name, True
+
+    def _define(
+        self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]
+    ) -> libvirt.virDomain:
+        domains = self._berth_domains()
+        if sum(domain.isActive() for domain, _ in domains) >= self.max_running:
+            raise LibvirtError(f"this host already runs {self.max_running} VMs (its cap)")
+        used = {meta.get("address") for _, meta in domains}
+        assert self.host, "prepare() first"
+        router = ipaddress.IPv4Address(self.host.router)
+        address = next((a for a in self.subnet.hosts() if a != router and str(a) not in used), None)
+        if address is None:
+            raise LibvirtError(f"no free guest address left in {self.subnet}")
+        spec = self.spec(template)
+        image = self.build_image(template)
+        folder = self.vm_dir(sandbox_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o711)
+        overlay, seed = folder / "disk.qcow2", folder / "seed.raw"
+        vm_image.overlay(image.disk, overlay)
+        vm_image.write_seed(seed, self.seed_values(env, address, spec))
+        if spec.network.egress != "public":
+            libvirt_host.restrict_egress(str(address), [str(n) for n in spec.network.allow])
+        xml = _templates.get_template("domain.xml.j2").render(
+            domain_type="kvm" if self.host.accel == "kvm" else "qemu",
+            bandwidth=self.host.bandwidth_limits,
+            name=machine_name(sandbox_id),
+            namespace=NAMESPACE,
+            sandbox_id=sandbox_id,
+            session_id=session_id,
+            host_id=self.host_id,
+            deployment=self.deployment,
+            template=template,
+            address=str(address),
+            created=datetime.now(UTC).isoformat(),
+            spec=spec,
+            image=image,
+            tb_cache_mb=TB_CACHE_MB,
+            overlay=overlay,
+            seed=seed,
+            console=folder / "console.log",
+            bridge=self.bridge,
+            mac=_mac(address),
+        )
+        return self.conn.defineXML(xml)
+
+    def seed_values(
+        self, env: dict[str, str], address: ipaddress.IPv4Address, spec: vm_templates.TemplateSpec
+    ) -> dict[str, str]:
+        """The seed disk's contents: the guest agent's ``env``, the guest's network."""
+        assert self.host, "prepare() first"
+        values = {
+            **env,
+            "BERTH_GUEST_IP": f"{address}/{self.subnet.prefixlen}",
+            "BERTH_GUEST_ROUTER": self.host.router,
+            "BERTH_HOSTNAME": f"berth-{env['BERTH_SANDBOX_ID'][:12]}",
+        }
+        nameserver = _host_nameserver()
+        if nameserver and spec.network.egress == "public":
+            values["BERTH_DNS"] = nameserver
+        return values
+
+    async def machines(self) -> list[Machine]:
+        return await asyncio.to_thread(self._machines)
+
+    def _machines(self) -> list[Machine]:
+        return [
+            Machine(
+                sandbox_id=meta["id"],
+                session_id=meta["session"],
+                handle=domain.name(),
+                state=self._state(domain),
+                created_at=datetime.fromisoformat(meta["created"]),
+            )
+            for domain, meta in self._berth_domains()
+            if self._ours(meta)
+        ]
+
+    def _state(self, domain: libvirt.virDomain) -> str:
+        state, _ = domain.state()
+        if state == libvirt.VIR_DOMAIN_SHUTOFF and domain.hasManagedSaveImage():
+            return HIBERNATED
+        return STATES.get(state, "unknown")
+
+    async def remove(self, handle: str) -> None:
+        await asyncio.to_thread(self._remove, handle)
+
+    def _remove(self, handle: str) -> None:
+        """ACPI shutdown, destroy past the deadline, undefine, then the VM's files."""
+        domain = self._domain(handle)
+        if domain is not None:
+            meta = _metadata(domain) or {}
+            if domain.isActive():
+                with contextlib.suppress(libvirt.libvirtError):
+                    domain.shutdown()
+                deadline = time.monotonic() + self.shutdown_timeout_s
+                while domain.isActive() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if domain.isActive():
+                    with contextlib.suppress(libvirt.libvirtError):  # it may just have ended
+                        domain.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                domain.undefineFlags(
+                    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                )
+            if self._domain(handle) is not None:
+                raise LibvirtError(f"could not undefine domain {handle}")
+            if meta.get("address"):
+                libvirt_host.lift_restrictions(meta["address"])
+        shutil.rmtree(self.vm_dir(handle.removeprefix(f"{PREFIX}-")), ignore_errors=True)
+
+    async def suspend(self, handle: str) -> None:
+        await asyncio.to_thread(self._suspend, handle)
+
+    def _suspend(self, handle: str) -> None:
+        """Managed save: the guest's RAM goes to a file, QEMU ends; the overlay stays."""
+        domain = self._domain(handle)
+        if domain is None:
+            raise LibvirtError(f"no domain {handle} to suspend")
+        if domain.isActive():
+            started = time.monotonic()
+            domain.managedSave(0)
+            log.info("domain %s saved in %.2f s", handle, time.monotonic() - started)
+
+    async def resume(self, handle: str) -> None:
+        await asyncio.to_thread(self._resume, handle)
+
+    def _resume(self, handle: str) -> None:
+        domain = self._domain(handle)
+        if domain is None:
+            raise LibvirtError(f"no domain {handle} to resume")
+        state, _ = domain.state()
+        if state == libvirt.VIR_DOMAIN_PAUSED:
+            domain.resume()
+        elif not domain.isActive():
+            started = time.monotonic()
+            domain.create()  # from the managed save image
+            log.info("domain %s restored in %.2f s", handle, time.monotonic() - started)
+
+    async def assign(self, handle: str, session_id: str) -> None:
+        await asyncio.to_thread(self._assign, handle, session_id)
+
+    def _assign(self, handle: str, session_id: str) -> None:
+        domain = self._domain(handle)
+        meta = _metadata(domain) if domain is not None else None
+        if domain is None or meta is None:
+            raise LibvirtError(f"no Berth domain {handle} to assign")
+        meta["session"] = session_id
+        element = ET.Element("sandbox")
+        for key, value in meta.items():
+            ET.SubElement(element, key).text = value
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if domain.isActive():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        domain.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            ET.tostring(element, encoding="unicode"),
+            PREFIX,
+            NAMESPACE,
+            flags,
+        )
+
+    async def is_running(self, handle: str) -> tuple[bool, str]:
+        return await asyncio.to_thread(self._is_running, handle)
+
+    def _is_running(self, handle: str) -> tuple[bool, str]:
+        """The domain's state, and its last lifecycle event since this worker started."""
+        domain = self._domain(handle)
+        if domain is None:
+            return False, "missing"
+        state = self._state(domain)
+        event = self.last_event.get(handle)
+        detail = f"{state}; last event {event[1]} at {event[0]:%H:%M:%S}" if event else state
+        return state == "running", detail

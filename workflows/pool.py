@@ -1,0 +1,204 @@
+"""PoolWorkflow: a warm pool of booted, generic VMs for one template on one host.
+
+It keeps ``target`` VMs ready (booted, their guest agent connected), between ``min_size``
+and ``max_size`` as the recent claim rate asks. A session claims one with the ``claim``
+update (through the ClaimSandbox activity, which also makes the VM the session's); an empty
+pool answers None at once and the session creates one cold: never an error, never a wait.
+Boots are paced: at most ``max_booting`` at a time, counted from the moment they are asked
+for, so a slow or failing boot never leads to more boots than the target (failures back
+off). A VM is never given back: a session's end destroys it, and the pool boots a fresh one.
+
+Each member's machine is labelled with a session id of its own (``pool-<template>-<id>``),
+which reconciliation asks this workflow about (``owns``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel, Field
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.sandbox import SandboxActivities
+    from sandboxes.models import SandboxInfo
+    from workflows.models import SandboxRequest
+
+MEMBER_PREFIX = "pool-"
+# Claims within this window set the pool's size.
+RATE_WINDOW = timedelta(minutes=5)
+RESIZE_EVERY = timedelta(seconds=30)
+# Claims answered, remembered per session: a retried claim gets the same VM.
+REMEMBERED_CLAIMS = 100
+BOOT_TIMEOUT = timedelta(minutes=10)
+MAX_BACKOFF_S = 300.0
+
+
+def pool_workflow_id(host_id: str, template: str) -> str:
+    return f"pool-{host_id}-{template}"
+
+
+def member_session_id(template: str, sandbox_id: str) -> str:
+    return f"{MEMBER_PREFIX}{template}-{sandbox_id}"
+
+
+def pool_member(session_id: str) -> tuple[str, str] | None:
+    """(template, sandbox id) of a pool member's session id, else None."""
+    if not session_id.startswith(MEMBER_PREFIX):
+        return None
+    template, _, sandbox_id = session_id.removeprefix(MEMBER_PREFIX).rpartition("-")
+    return (template, sandbox_id) if template and sandbox_id else None
+
+
+class PoolState(BaseModel):
+    template: str
+    target: int
+    ready: list[SandboxInfo] = Field(default_factory=list)
+    booting: list[str] = Field(default_factory=list)  # sandbox ids asked for, not ready yet
+    claim_times: list[datetime] = Field(default_factory=list)
+    claimed: dict[str, SandboxInfo] = Field(default_factory=dict)  # by session id
+    hits: int = 0
+    misses: int = 0
+    boot_failures: int = 0  # in a row
+
+    def owns(self, sandbox_id: str) -> bool:
+        """Whether the sandbox is this pool's: ready, booting, or just handed out (its new
+        owner may not have recorded it yet)."""
+        return (
+            sandbox_id in self.booting
+            or any(s.id == sandbox_id for s in self.ready)
+            or any(s.id == sandbox_id for s in self.claimed.values())
+        )
+
+
+class PoolInput(BaseModel):
+    template: str
+    host_task_queue: str
+    min_size: int = Field(ge=0)
+    max_size: int = Field(ge=0)
+    max_booting: int = Field(default=1, ge=1)
+    carried: PoolState | None = None
+
+
+class PoolClaim(BaseModel):
+    session_id: str  # or any key the claimer gets the same answer for
+
+
+@workflow.defn(name="SandboxPool")
+class PoolWorkflow:
+    @workflow.init
+    def __init__(self, params: PoolInput) -> None:
+        self.params = params
+        self.s = params.carried or PoolState(template=params.template, target=params.min_size)
+        self.stopping = False
+        self.changed = False
+        self.boots: set[asyncio.Task[None]] = set()
+
+    @workflow.run
+    async def run(self, params: PoolInput) -> None:
+        while not self.stopping:
+            self.resize()
+            while (
+                len(self.s.ready) + len(self.s.booting) < self.s.target
+                and len(self.s.booting) < params.max_booting
+            ):
+                self.start_boot()
+            if (
+                workflow.info().is_continue_as_new_suggested()
+                and not self.s.booting
+                and workflow.all_handlers_finished()
+            ):
+                workflow.continue_as_new(params.model_copy(update={"carried": self.s}))
+            self.changed = False
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: self.changed or self.stopping, timeout=RESIZE_EVERY
+                )
+        await workflow.wait_condition(lambda: not self.s.booting)
+        await asyncio.gather(*(self.destroy(sandbox) for sandbox in self.s.ready))
+        self.s.ready = []
+
+    def resize(self) -> None:
+        since = workflow.now() - RATE_WINDOW
+        self.s.claim_times = [t for t in self.s.claim_times if t > since]
+        wanted = max(self.params.min_size, len(self.s.claim_times))
+        self.s.target = min(self.params.max_size, wanted)
+
+    def start_boot(self) -> None:
+        sandbox_id = workflow.uuid4().hex
+        self.s.booting.append(sandbox_id)
+        task = asyncio.create_task(self.boot(sandbox_id))
+        self.boots.add(task)
+        task.add_done_callback(self.boots.discard)
+
+    async def boot(self, sandbox_id: str) -> None:
+        request = SandboxRequest(
+            session_id=member_session_id(self.params.template, sandbox_id),
+            sandbox_id=sandbox_id,
+            template=self.params.template,
+        )
+        try:
+            sandbox = await workflow.execute_activity_method(
+                SandboxActivities.provision,
+                request,
+                task_queue=self.params.host_task_queue,
+                start_to_close_timeout=BOOT_TIMEOUT,
+                heartbeat_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=2),
+                summary=f"boot a {self.params.template!r} pool VM",
+            )
+        except ActivityError:
+            # The activity destroyed its machine. Back off, still counted as booting, so a
+            # failing template does not spin.
+            self.s.boot_failures += 1
+            workflow.logger.warning("a pool VM failed to boot (%d in a row)", self.s.boot_failures)
+            await workflow.sleep(min(MAX_BACKOFF_S, 2.0**self.s.boot_failures))
+        else:
+            self.s.boot_failures = 0
+            if self.stopping:
+                await self.destroy(sandbox)
+            else:
+                self.s.ready.append(sandbox)
+        finally:
+            self.s.booting.remove(sandbox_id)
+            self.changed = True
+
+    async def destroy(self, sandbox: SandboxInfo) -> None:
+        await workflow.execute_activity_method(
+            SandboxActivities.destroy,
+            sandbox,
+            task_queue=self.params.host_task_queue,
+            start_to_close_timeout=timedelta(minutes=3),
+            summary="destroy a pool VM",
+        )
+
+    @workflow.update
+    def claim(self, request: PoolClaim) -> SandboxInfo | None:
+        """A ready VM for the session (the same one if it asked before), or None at once."""
+        known = self.s.claimed.get(request.session_id)
+        if known is not None:
+            return known
+        self.s.claim_times.append(workflow.now())
+        self.changed = True
+        if not self.s.ready or self.stopping:
+            self.s.misses += 1
+            return None
+        sandbox = self.s.ready.pop(0)
+        self.s.hits += 1
+        self.s.claimed[request.session_id] = sandbox
+        while len(self.s.claimed) > REMEMBERED_CLAIMS:
+            del self.s.claimed[next(iter(self.s.claimed))]
+        return sandbox
+
+    @workflow.signal
+    def stop(self) -> None:
+        """Destroy every member and end."""
+        self.stopping = True
+
+    @workflow.query
+    def state(self) -> PoolState:
+        return self.s
