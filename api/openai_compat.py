@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from api.deps import DbDep, Problem, UserDep
+from api.problems import problems
 from llm.accounting import user_usage
 from llm.models import (
     AllProvidersFailed,
@@ -38,7 +39,7 @@ from llm.proxy import LLMProxy
 from llm.shapes import completion
 from store.models import SessionRow, TaskRow
 
-router = APIRouter()
+router = APIRouter(responses=problems(401, 422))
 
 STATUS: dict[type[LLMError], int] = {
     InvalidRequest: 400,
@@ -98,6 +99,7 @@ def sse(data: dict[str, Any] | str) -> str:
     "/v1/chat/completions",
     tags=["llm"],
     response_model=None,
+    responses=problems(400, 404, 429, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
