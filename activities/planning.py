@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError, field_validator
 from temporalio import activity
@@ -151,6 +152,7 @@ def done_step(done: DoneStep) -> str:
 
 
 Messages = list[dict[str, Any]]
+T = TypeVar("T")
 
 
 def planner_messages(request: PlanRequest) -> Messages:
@@ -185,36 +187,42 @@ class PlanningActivities:
     def __init__(self, proxy: LLMProxy) -> None:
         self.proxy = proxy
 
-    async def ask(self, messages: Messages, session_id: str, task_id: str) -> ChatResult:
+    async def ask(
+        self,
+        messages: Messages,
+        request: PlanRequest | VerifyRequest,
+        parse: Callable[[str], T],
+        unparsed: str,
+    ) -> tuple[T, dict[str, Any]]:
+        """The model's reply to ``messages``, parsed, and who answered; a reply that does not
+        parse is an error of type ``unparsed``, which a retry asks again."""
         if not self.proxy.configured:
             raise ApplicationError(NO_MODEL, type="NoPlannerModel", non_retryable=True)
-        caller = await asyncio.to_thread(caller_for_session, self.proxy.engine, session_id, task_id)
+        caller = await asyncio.to_thread(
+            caller_for_session, self.proxy.engine, request.session_id, request.task_id
+        )
         chat = ChatRequest(messages=messages, temperature=0)
         # A retry follows a reply that did not parse: ask again rather than read it back.
         cache = None if activity.info().attempt == 1 else False
         try:
-            return await self.proxy.complete(chat, caller, cache=cache)
+            result = await self.proxy.complete(chat, caller, cache=cache)
         except LLMError as exc:
             kind, retryable = next(v for k, v in FAILURES.items() if isinstance(exc, k))
             message = NO_MODEL if isinstance(exc, NoProvider) else str(exc)
             raise ApplicationError(message, type=kind, non_retryable=not retryable) from exc
+        try:
+            return parse(result.message.get("content") or ""), answer(result)
+        except ValueError as exc:
+            raise ApplicationError(str(exc), type=unparsed) from exc
 
     @activity.defn(name="PlanTask")
     async def plan(self, request: PlanRequest) -> Plan:
-        result = await self.ask(planner_messages(request), request.session_id, request.task_id)
-        try:
-            steps = parse_reply(result.message.get("content") or "")
-        except ValueError as exc:
-            raise ApplicationError(str(exc), type="BadPlan") from exc
-        return Plan(steps=steps, **answer(result))
+        steps, by = await self.ask(planner_messages(request), request, parse_reply, "BadPlan")
+        return Plan(steps=steps, **by)
 
     @activity.defn(name="VerifyTask")
     async def verify(self, request: VerifyRequest) -> Verdict:
-        result = await self.ask(verifier_messages(request), request.session_id, request.task_id)
-        try:
-            verdict = parse_verdict(result.message.get("content") or "")
-        except ValueError as exc:
-            raise ApplicationError(str(exc), type="BadVerdict") from exc
-        return Verdict(
-            ok=verdict.ok, answer=verdict.answer, reason=verdict.reason, **answer(result)
+        verdict, by = await self.ask(
+            verifier_messages(request), request, parse_verdict, "BadVerdict"
         )
+        return Verdict(ok=verdict.ok, answer=verdict.answer, reason=verdict.reason, **by)
