@@ -68,6 +68,7 @@ async def start_session(
                 template=template,
                 host_task_queue=settings.host_task_queue,
                 idle_timeout_s=settings.session_idle_timeout_s,
+                hibernate_after_s=settings.session_hibernate_after_s,
                 step_timeout_s=settings.step_timeout_s,
                 max_steps=settings.agent_max_steps,
                 max_revisions=settings.agent_max_revisions,

@@ -160,6 +160,11 @@ class Settings(BaseSettings):
     session_idle_timeout_s: float = Field(
         default=3600.0, description="An idle session ends itself after this long"
     )
+    session_hibernate_after_s: float | None = Field(
+        default=600.0,
+        description="An idle session's sandbox is suspended after this long (a VM's memory "
+        "saved to disk) and woken by the next task; unset: never",
+    )
 
     # Agent loop
     agent_max_steps: int = Field(

@@ -77,6 +77,8 @@ def system(
             "OPENAI_BASE_URL": f"{llm.url}/v1",
             "OPENAI_API_KEY": "sk-scripted",
             "BERTH_AGENT_MAX_STEPS": "4",
+            # Sessions idle for 3 s hibernate: tasks here wake them (Docker: pause/unpause).
+            "BERTH_SESSION_HIBERNATE_AFTER_S": "3",
             # The page the browser test serves: the one host port sandboxes may reach.
             "BERTH_SANDBOX_HOST_PORTS": f"[{page_port}]",
         },
@@ -217,3 +219,16 @@ def test_a_browser_task_reads_a_page_title_and_its_screenshot_is_served(
     assert image.content.startswith(b"\xff\xd8")  # a JPEG
     stranger = token_for(system, "stranger@example.com")
     assert httpx.get(url, headers=stranger).status_code == 404
+
+
+def test_a_hibernated_session_wakes_for_the_next_task_with_its_files(
+    system: str, session: tuple[dict[str, str], str]
+) -> None:
+    ran = run_task(system, session, "$ echo kept > kept.txt")
+    assert ran["task"]["status"] == "succeeded", ran
+    headers, sid = session
+    wait_status(system, headers, sid, "hibernated")
+    ran = run_task(system, session, "$ cat kept.txt")
+    assert ran["task"]["status"] == "succeeded" and ran["task"]["result"] == "kept\n", ran
+    woken = read_events(system, headers, sid, lambda e: e["type"] == "sandbox.woken")
+    assert woken[-1]["type"] == "sandbox.woken"

@@ -72,6 +72,7 @@ class Stubs:
         self.plans: list[list[str]] = []
         self.verdicts: list[Verdict] = []
         self.plan_requests: list[PlanRequest] = []
+        self.power: list[str] = []
 
     @activity.defn(name="ProvisionSandbox")
     async def provision(self, request: SandboxRequest) -> SandboxInfo:
@@ -144,10 +145,18 @@ class Stubs:
     async def stop_step(self, request: StepRequest) -> None:
         self.stopped.append(request.step.describe()[2:])
 
+    @activity.defn(name="HibernateSandbox")
+    async def hibernate(self, sandbox: SandboxInfo) -> None:
+        self.power.append(f"hibernate {sandbox.id}")
+
+    @activity.defn(name="WakeSandbox")
+    async def wake(self, sandbox: SandboxInfo) -> None:
+        self.power.append(f"wake {sandbox.id}")
+
     def all(self) -> list[Callable[..., Any]]:
         return [
             self.provision, self.destroy, self.plan, self.verify, self.run_step, self.stop_step,
-            self.record,
+            self.record, self.hibernate, self.wake,
         ]  # fmt: skip
 
 
@@ -616,3 +625,26 @@ async def test_a_task_that_runs_out_of_steps_fails_and_says_so(env: WorkflowEnvi
     assert stubs.commands == ["false"] * 3
     failed = [e.data for e in stubs.events if e.type == "task.status"][-1]
     assert "ran out of its step budget: 3 steps" in failed["error"]
+
+
+async def test_an_idle_session_hibernates_and_the_next_task_wakes_it(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    session = params(stubs).model_copy(update={"hibernate_after_s": 0.5})
+    async with running(env, stubs, session) as handle:
+        await until(lambda: "sandbox.hibernated" in stubs.types())
+        assert (await handle.query(SessionWorkflow.state)).status == "hibernated"
+        ref = await submit(env.client, handle.id, "$ echo awake")
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await end(handle)
+        save_history("hibernate", await handle.fetch_history())
+    (sandbox,) = stubs.provisioned
+    # Hibernated once while idle, woken for the task, and hibernated again before the end.
+    assert stubs.power[:2] == [f"hibernate {sandbox}", f"wake {sandbox}"]
+    assert stubs.commands == ["echo awake"]
+    kinds = stubs.types()
+    assert kinds.index("sandbox.hibernated") < kinds.index("sandbox.woken")
+    statuses = [e.data["status"] for e in stubs.events if e.type == "session.status"]
+    assert statuses[:4] == ["ready", "hibernated", "ready", "busy"]
+    assert stubs.destroyed == stubs.provisioned

@@ -21,6 +21,8 @@ class SessionInput(BaseModel):
     # Where sandbox activities go until the sandbox exists; then the sandbox's own queue.
     host_task_queue: str
     idle_timeout_s: float = 3600.0
+    # Idle this long, the sandbox is suspended until the next task (None: never).
+    hibernate_after_s: float | None = None
     step_timeout_s: float = 600.0
     # The agent loop's bounds, per task.
     max_steps: int = 30
@@ -63,6 +65,7 @@ class Carried(BaseModel):
     tasks: list[TaskState] = Field(default_factory=list)
     running: str | None = None
     paused: bool = False
+    hibernated: bool = False
     instructions: dict[str, str] = Field(default_factory=dict)
     # Recently finished tasks, so a late control of one says what became of it.
     finished: dict[str, TaskStatus] = Field(default_factory=dict)

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.planning import PlanningActivities
     from activities.progress import ProgressActivities
     from activities.sandbox import SandboxActivities, step_key
+    from activities.vm import VmActivities
     from sandboxes.models import SandboxInfo, StepOutcome
     from store.events import NewEvent
     from store.models import SessionStatus, TaskStatus
@@ -107,6 +108,8 @@ class SessionWorkflow:
         running = carried.running if carried else None
         if carried:
             self.status = SessionStatus.busy if running else SessionStatus.ready
+            if carried.hibernated:
+                self.status = SessionStatus.hibernated
         else:
             self.status = SessionStatus.provisioning
         tasks = carried.tasks if carried else []
@@ -114,6 +117,7 @@ class SessionWorkflow:
         self.running: TaskState | None = self.tasks[running] if running else None
         self.queue: list[str] = [t.id for t in tasks if t.id != running]
         self.paused = carried.paused if carried else False
+        self.hibernated = carried.hibernated if carried else False
         self.instructions: dict[str, str] = dict(carried.instructions) if carried else {}
         self.finished: dict[str, TaskStatus] = dict(carried.finished) if carried else {}
         self.submitted: dict[str, str] = dict(carried.submitted) if carried else {}
@@ -151,19 +155,74 @@ class SessionWorkflow:
         return self.state()
 
     async def next_task(self) -> bool:
-        """Wait for a queued task; False once the session has been idle too long."""
+        """Wait for a queued task; False once the session has been idle too long. Idle for
+        ``hibernate_after_s`` first, the sandbox is suspended, and the next task wakes it."""
+        idle_since, tried = workflow.now(), False
         while not self.queue:
             check_cancelled()
             self.continue_as_new_if_suggested()
+            after = self.params.hibernate_after_s
+            hibernating = (
+                after is not None
+                and after < self.params.idle_timeout_s
+                and not (self.hibernated or tried)
+            )
+            until = after if hibernating and after is not None else self.params.idle_timeout_s
+            idle = (workflow.now() - idle_since).total_seconds()
             try:
                 await workflow.wait_condition(
                     lambda: bool(self.queue) or self.may_continue_as_new(),
-                    timeout=timedelta(seconds=self.params.idle_timeout_s),
-                    timeout_summary="idle timeout",
+                    timeout=timedelta(seconds=max(until - idle, 0.001)),
+                    timeout_summary="hibernate" if hibernating else "idle timeout",
                 )
             except TimeoutError:
-                return False
+                if not hibernating:
+                    return False
+                tried = True
+                await self.hibernate()
+        if self.hibernated:
+            await self.wake()
         return True
+
+    async def hibernate(self) -> None:
+        """Suspend the idle sandbox (a VM's memory saved to disk); one that cannot be
+        suspended stays up, and says so."""
+        assert self.sandbox is not None
+        try:
+            await workflow.execute_activity_method(
+                VmActivities.hibernate,
+                self.sandbox,
+                task_queue=self.sandbox.task_queue,
+                start_to_close_timeout=timedelta(minutes=2),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+                summary="hibernate the idle sandbox",
+            )
+        except ActivityError as exc:
+            await self.record(self.event("sandbox.hibernation_failed", error=failure_message(exc)))
+            return
+        self.hibernated, self.status = True, SessionStatus.hibernated
+        await self.record(
+            self.event("sandbox.hibernated", sandbox_id=self.sandbox.id),
+            self.event("session.status", status=self.status.value),
+        )
+
+    async def wake(self) -> None:
+        """Resume the hibernated sandbox, its files and processes as they were."""
+        assert self.sandbox is not None
+        await workflow.execute_activity_method(
+            VmActivities.wake,
+            self.sandbox,
+            task_queue=self.sandbox.task_queue,
+            start_to_close_timeout=timedelta(minutes=3),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(maximum_attempts=3),
+            summary="wake the sandbox",
+        )
+        self.hibernated, self.status = False, SessionStatus.ready
+        await self.record(
+            self.event("sandbox.woken", sandbox_id=self.sandbox.id),
+            self.event("session.status", status=self.status.value),
+        )
 
     def may_continue_as_new(self) -> bool:
         """Temporal suggests it, and this is a moment to: no handler half-way and no
@@ -184,6 +243,7 @@ class SessionWorkflow:
             tasks=([self.running] if self.running else []) + [self.tasks[i] for i in self.queue],
             running=self.running.id if self.running else None,
             paused=self.paused,
+            hibernated=self.hibernated,
             instructions=self.instructions,
             finished=self.finished,
             submitted=self.submitted,
