@@ -202,16 +202,26 @@ class PlanningActivities:
             caller_for_session, self.proxy.engine, request.session_id, request.task_id
         )
         chat = ChatRequest(messages=messages, temperature=0)
-        # A retry follows a reply that did not parse: ask again rather than read it back.
-        cache = None if activity.info().attempt == 1 else False
+
+        def parsed(result: ChatResult) -> T:
+            return parse(result.message.get("content") or "")
+
+        def usable(result: ChatResult) -> bool:
+            try:
+                parsed(result)
+            except ValueError:
+                return False
+            return True
+
         try:
-            result = await self.proxy.complete(chat, caller, cache=cache)
+            # Only a reply that parses is cached: a retry asks the model again.
+            result = await self.proxy.complete(chat, caller, keep=usable)
         except LLMError as exc:
             kind, retryable = next(v for k, v in FAILURES.items() if isinstance(exc, k))
             message = NO_MODEL if isinstance(exc, NoProvider) else str(exc)
             raise ApplicationError(message, type=kind, non_retryable=not retryable) from exc
         try:
-            return parse(result.message.get("content") or ""), answer(result)
+            return parsed(result), answer(result)
         except ValueError as exc:
             raise ApplicationError(str(exc), type=unparsed) from exc
 

@@ -235,8 +235,8 @@ class SandboxActivities:
         except GuestUnavailable as exc:
             raise ApplicationError(str(exc), type="GuestUnavailable") from exc
         except StepKindUnsupported as exc:
-            # No retry can help: the machine's guest lacks what the step needs.
-            await recorder.finish("failed", None, str(exc))
+            # No retry can help: the machine's guest lacks what the step needs; it never ran.
+            await recorder.finish("refused", None, str(exc))
             raise ApplicationError(
                 str(exc), type="StepKindUnsupported", non_retryable=True
             ) from exc

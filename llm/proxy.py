@@ -86,10 +86,16 @@ class LLMProxy:
         return names if self.providers else []
 
     async def complete(
-        self, request: ChatRequest, caller: Caller, *, cache: bool | None = None
+        self,
+        request: ChatRequest,
+        caller: Caller,
+        *,
+        cache: bool | None = None,
+        keep: Callable[[ChatResult], bool] | None = None,
     ) -> ChatResult:
         """The answer to a request; ``cache`` None means cache it if deterministic, False
-        means neither read nor write the cache, True caches it whatever its temperature."""
+        means neither read nor write the cache, True caches it whatever its temperature.
+        An answer ``keep`` refuses (one its caller cannot use) is never cached."""
         started = time.perf_counter()
         providers, keys = self._prepare(request, cache)
         hit = await self._open(caller, keys, started)
@@ -97,7 +103,8 @@ class LLMProxy:
             return hit
         provider, answer = await self._first_to_answer(providers, lambda p: p.invoke(request))
         result = self._result(provider, answer)
-        await self._close(caller, result, keys.get(provider.name), started)
+        key = keys.get(provider.name) if keep is None or keep(result) else None
+        await self._close(caller, result, key, started)
         return result
 
     async def stream(

@@ -126,12 +126,16 @@ async def test_the_verifier_judges_the_result_and_writes_the_answer(
 
 
 async def test_a_bad_reply_is_a_retryable_error(llm: ScriptedLLM, engine: Engine) -> None:
-    llm.replies.append(Reply("I cannot help with that."))
+    llm.replies += [Reply("I cannot help with that."), Reply('{"steps": [{"command": "ls"}]}')]
+    planner, request = planner_for(engine, llm), PlanRequest(task_id="t", prompt="x")
     with pytest.raises(ApplicationError) as caught:
-        await ActivityEnvironment().run(
-            planner_for(engine, llm).plan, PlanRequest(task_id="t", prompt="x")
-        )
+        await ActivityEnvironment().run(planner.plan, request)
     assert caught.value.type == "BadPlan" and not caught.value.non_retryable
+    # The bad reply was not cached: the retry asks the model again, and its plan is kept.
+    plan = await ActivityEnvironment().run(planner.plan, request)
+    assert plan.steps == [TerminalStep(command="ls")] and not plan.cached
+    again = await ActivityEnvironment().run(planner.plan, request)
+    assert again.cached and len(llm.requests) == 2
 
 
 async def test_prose_without_a_model_fails_fast_and_says_how_to_configure(

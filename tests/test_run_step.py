@@ -218,5 +218,5 @@ async def test_a_step_kind_the_guest_lacks_is_refused_for_good(
     assert "does not run browser steps" in str(refused.value)
     assert not link.agent.executions  # nothing was sent to the guest
     row, kinds = stored(sqlite_engine, request)
-    assert row.status == "failed" and "does not run browser steps" in (row.error or "")
+    assert row.status == "refused" and "does not run browser steps" in (row.error or "")
     assert kinds[-1] == "step.finished"

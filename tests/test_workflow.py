@@ -648,3 +648,42 @@ async def test_an_idle_session_hibernates_and_the_next_task_wakes_it(
     statuses = [e.data["status"] for e in stubs.events if e.type == "session.status"]
     assert statuses[:4] == ["ready", "hibernated", "ready", "busy"]
     assert stubs.destroyed == stubs.provisioned
+
+
+async def test_cancelling_a_task_while_the_model_plans_does_not_wait_for_it(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    stubs.thinking.clear()  # the model never answers
+    async with running(env, stubs, params(stubs)) as handle:
+        ref = await submit(env.client, handle.id, "say hello")
+        await until(lambda: stubs.task_statuses().get(ref.id) == "planning")
+        cancelled = await asyncio.wait_for(
+            handle.execute_update(
+                "cancel_task", result_type=TaskRef, arg=TaskControl(task_id=ref.id)
+            ),
+            10,
+        )
+        assert cancelled.status == "cancelled"
+        stubs.thinking.set()
+        await end(handle)
+    assert stubs.commands == []
+
+
+async def test_a_modification_during_the_last_step_is_planned_before_verifying(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    stubs.plans = [["wait"], ["echo changed"]]
+    async with running(env, stubs, params(stubs)) as handle:
+        ref = await submit(env.client, handle.id, "do something")
+        await until(lambda: stubs.commands == ["wait"])
+        change = TaskModification(task_id=ref.id, instruction="say changed instead")
+        await handle.execute_update("modify_task", result_type=TaskRef, arg=change)
+        stubs.release.set()
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await end(handle)
+    assert stubs.commands == ["wait", "echo changed"]
+    assert stubs.plan_requests[1].notes == ["say changed instead"]
+    final = [e.data for e in stubs.events if e.type == "task.status"][-1]
+    assert final["result"] == "ran echo changed"

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -46,9 +46,13 @@ with workflow.unsafe.imports_passed_through():
         TaskRef,
         TaskState,
         TaskSubmission,
+        Verdict,
         VerifyRequest,
     )
     from workflows.plans import check_plan_size, user_plan
+
+Request = TypeVar("Request", PlanRequest, VerifyRequest)
+Answer = TypeVar("Answer", Plan, Verdict)
 
 MAX_QUEUED_TASKS = 20
 FINISHED = (TaskStatus.succeeded, TaskStatus.failed, TaskStatus.cancelled)
@@ -349,7 +353,11 @@ class SessionWorkflow:
                 self.paused = False
                 await self.plan(task)
             while not self.cancelling:
-                if task.position < len(task.steps):
+                # A modification is taken between steps, and before the result is verified.
+                instruction = self.instructions.pop(task.id, None)
+                if instruction is not None:
+                    await self.revise(task, instruction=instruction)
+                elif task.position < len(task.steps):
                     await self.next_step(task)
                 elif not task.agent or await self.verify(task):
                     break
@@ -371,12 +379,8 @@ class SessionWorkflow:
         continue-as-new; a step that fails sends the agent back to planning."""
         check_cancelled()
         await workflow.wait_condition(lambda: not self.paused or self.cancelling)
-        if self.cancelling:
-            return
-        instruction = self.instructions.pop(task.id, None)
-        if instruction is not None:
-            await self.revise(task, instruction=instruction)
-            return
+        if self.cancelling or task.id in self.instructions:
+            return  # a modification that came during the pause goes first
         if task.agent and task.executed >= self.params.max_steps:
             raise ApplicationError(
                 f"the task ran out of its step budget: {task.executed} steps ran "
@@ -391,7 +395,7 @@ class SessionWorkflow:
         task.recent = [*task.recent, DoneStep(step=step, outcome=outcome)][-RECENT_STEPS:]
         task.executed += 1
         task.position += 1
-        if not outcome.ok:
+        if not outcome.ok and not self.cancelling:
             failure = f"step {task.position} ({step.describe()}) {outcome.problem()}"
             if not task.agent:
                 raise ApplicationError(failure)
@@ -408,6 +412,8 @@ class SessionWorkflow:
             await self.record(*opening, self.set_task(task, TaskStatus.planning))
             opening = []
             plan = await self.ask_planner(task)
+            if plan is None:
+                return  # cancelled while the model planned
         task.steps = list(plan.steps)
         # A pause that came while the model planned holds from the first step on.
         running = self.set_task(task, TaskStatus.paused if self.paused else TaskStatus.running)
@@ -422,22 +428,26 @@ class SessionWorkflow:
         if plan is None:
             if instruction:
                 task.notes.append(instruction)
-            if task.revisions >= self.params.max_revisions and task.agent:
-                raise ApplicationError(
-                    f"the task did not reach its goal in {task.revisions} revised plans; "
-                    f"the last problem: {feedback}",
-                    type="RevisionBudgetExhausted",
-                )
-            task.revisions += 1
+            if feedback and task.agent:
+                # The user's modifications are theirs to make; only failures count.
+                if task.revisions >= self.params.max_revisions:
+                    raise ApplicationError(
+                        f"the task did not reach its goal in {task.revisions} revised plans; "
+                        f"the last problem: {feedback}",
+                        type="RevisionBudgetExhausted",
+                    )
+                task.revisions += 1
             plan = await self.ask_planner(task, instruction, feedback)
+            if plan is None:
+                return  # cancelled while the model planned
         task.steps = task.steps[: task.position] + list(plan.steps)
         reason = f"modified: {instruction}" if instruction else feedback
         await self.record(self.plan_event(task, task.position, plan, reason))
 
     async def ask_planner(
         self, task: TaskState, instruction: str | None = None, feedback: str | None = None
-    ) -> Plan:
-        return await workflow.execute_activity_method(
+    ) -> Plan | None:
+        return await self.consult(
             PlanningActivities.plan,
             PlanRequest(
                 task_id=task.id,
@@ -448,15 +458,39 @@ class SessionWorkflow:
                 done=task.recent,
                 feedback=feedback,
             ),
+            "revise the plan" if instruction or feedback else "plan the task",
+        )
+
+    async def consult(
+        self,
+        call: Callable[[Any, Request], Awaitable[Answer]],
+        request: Request,
+        summary: str,
+    ) -> Answer | None:
+        """A model call (planning, verification); None if the task is cancelled meanwhile,
+        which does not wait for the model."""
+        handle = workflow.start_activity_method(
+            call,
+            request,
             start_to_close_timeout=timedelta(minutes=3),
             retry_policy=RetryPolicy(maximum_attempts=3),
-            summary="revise the plan" if instruction or feedback else "plan the task",
+            summary=summary,
         )
+        # Waited on, never awaited (see run_step): the session's own end is end()'s.
+        await workflow.wait_condition(lambda: handle.done() or self.cancelling)
+        if not handle.done():
+            handle.cancel()
+            await workflow.wait_condition(handle.done)
+        if self.cancelling:
+            with contextlib.suppress(ActivityError, asyncio.CancelledError):
+                handle.result()  # taken: the task is cancelled, whatever the model said
+            return None
+        return handle.result()
 
     async def verify(self, task: TaskState) -> bool:
         """Have the model check what the steps did against the goal and give the answer;
-        a result that falls short is planned again."""
-        verdict = await workflow.execute_activity_method(
+        a result that falls short is planned again. True once the task is over."""
+        verdict = await self.consult(
             PlanningActivities.verify,
             VerifyRequest(
                 task_id=task.id,
@@ -465,10 +499,10 @@ class SessionWorkflow:
                 notes=task.notes,
                 done=task.recent,
             ),
-            start_to_close_timeout=timedelta(minutes=3),
-            retry_policy=RetryPolicy(maximum_attempts=3),
-            summary="verify the result",
+            "verify the result",
         )
+        if verdict is None:
+            return True  # cancelled
         await self.record(
             self.event(
                 "task.verified",
@@ -482,7 +516,13 @@ class SessionWorkflow:
         if verdict.ok:
             task.result = verdict.answer
             return True
-        await self.revise(task, feedback=f"the result falls short of the goal: {verdict.reason}")
+        shortfall = f"the result falls short of the goal: {verdict.reason}"
+        await self.revise(task, feedback=shortfall)
+        if task.position == len(task.steps) and not self.cancelling:
+            # Nothing new to run: verifying the same work again would say the same.
+            raise ApplicationError(
+                f"{shortfall}; the agent has no further steps to try", type="GoalNotReached"
+            )
         return False
 
     async def run_step(self, task: TaskState) -> StepOutcome | None:
