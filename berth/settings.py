@@ -212,6 +212,11 @@ class Settings(BaseSettings):
         'e.g. {"gpt-4o-mini": [0.15, 0.6]}',
     )
     llm_cache_ttl_s: float = Field(default=86400.0, description="How long an answer is cached")
+    llm_cache_shared: bool = Field(
+        default=False,
+        description="One cache for every user (more hits; a hit tells that someone asked the "
+        "same); unset, each user's answers are cached for them alone",
+    )
     redis_url: str | None = Field(
         default=None, description="Redis for the LLM response cache; unset means the database"
     )

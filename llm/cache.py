@@ -27,8 +27,11 @@ REDIS_PREFIX = "berth:llm:"
 ENTRIES: Table = LLMCacheEntry.__table__  # type: ignore[attr-defined]
 
 
-def cache_key(provider: Provider, request: ChatRequest) -> str:
+def cache_key(provider: Provider, request: ChatRequest, scope: str) -> str:
+    """The key of an answer: the provider, every parameter, the messages, and whose it is
+    (``scope``: a user's id, or empty when answers are shared by every user)."""
     shape: dict[str, Any] = {
+        "scope": scope,
         "provider": provider.identity(),
         "params": provider.params(request),
         "tools": request.tools,

@@ -9,6 +9,7 @@ The SDKs' own retries are off: the proxy is the only retry loop, so it sees ever
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -24,6 +25,8 @@ from berth.settings import LLMProvider, Settings
 from llm.models import ChatRequest, Usage
 
 # OpenAI request fields forwarded to the provider besides the named ones of ChatRequest.
+log = logging.getLogger("berth.llm")
+
 FORWARDED = {
     "openai": ("top_p", "stop", "seed", "presence_penalty", "frequency_penalty"),
     "anthropic": ("top_p", "stop"),
@@ -217,10 +220,11 @@ def is_refusal(exc: BaseException) -> bool:
 
 
 def describe(exc: BaseException) -> str:
+    """Why a provider failed, in words fit for a user: its status and the kind of error.
+    The provider's own text (which may name an account or part of a key) goes to the log."""
+    log.warning("LLM provider error: %s", str(exc)[:2000])
     if isinstance(exc, TimeoutError):
         return "timed out"
     status = status_of(exc)
-    text = str(exc).strip() or type(exc).__name__
-    if status is not None and not text.startswith(f"Error code: {status}"):
-        text = f"HTTP {status}: {text}"
-    return text[:300]
+    kind = type(exc).__name__
+    return f"HTTP {status} ({kind})" if status is not None else kind

@@ -97,7 +97,7 @@ class LLMProxy:
         means neither read nor write the cache, True caches it whatever its temperature.
         An answer ``keep`` refuses (one its caller cannot use) is never cached."""
         started = time.perf_counter()
-        providers, keys = self._prepare(request, cache)
+        providers, keys = self._prepare(request, caller, cache)
         hit = await self._open(caller, keys, started)
         if hit is not None:
             return hit
@@ -112,7 +112,7 @@ class LLMProxy:
     ) -> AsyncGenerator[dict[str, Any], None]:
         """The answer as OpenAI ``chat.completion.chunk`` dicts, the last one with usage."""
         started = time.perf_counter()
-        providers, keys = self._prepare(request, cache)
+        providers, keys = self._prepare(request, caller, cache)
         hit = await self._open(caller, keys, started)
         if hit is not None:
             for chunk in Chunks(hit.model).replay(hit):
@@ -158,14 +158,17 @@ class LLMProxy:
     # ---- the steps of a call
 
     def _prepare(
-        self, request: ChatRequest, cache: bool | None
+        self, request: ChatRequest, caller: Caller, cache: bool | None
     ) -> tuple[list[Provider], dict[str, str]]:
         """The providers to try, in order, and the cache key for each (none when the
         request is not to be cached)."""
         providers = self._route(request)
         if cache is False or (cache is None and request.temperature != 0):
             return providers, {}
-        return providers, {p.name: cache_key(p, request) for p in providers}
+        # Each user's answers are their own unless the operator shares them: a hit would
+        # tell one user what another asked.
+        scope = "" if self.settings.llm_cache_shared else caller.user_id
+        return providers, {p.name: cache_key(p, request, scope) for p in providers}
 
     async def _open(
         self, caller: Caller, keys: dict[str, str], started: float

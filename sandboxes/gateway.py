@@ -41,6 +41,8 @@ MAX_ERROR_CHARS = 4000
 STREAMS = ("stdout", "stderr")
 # The end of a command's output carried in its outcome (and so in Temporal's history).
 OUTPUT_TAIL_CHARS = 4000
+# Artifacts one step may leave (each at most one frame: see protocol.MAX_ARTIFACT_BYTES).
+MAX_ARTIFACTS_PER_STEP = 8
 LOGGED_ID_CHARS = 64
 
 # Called as ``on_output(seq, stream, text)``; ``seq`` is the guest's per-command line number,
@@ -174,7 +176,12 @@ class GuestGateway:
                     await on_output(message["seq"], message["stream"], message["text"])
                 elif message["type"] == protocol.ARTIFACT:
                     name = message["name"]
+                    # A step makes a few (its screenshot); a guest that sends more is
+                    # ignored past the cap, so it cannot fill the host's disk.
                     if on_artifact is not None and name not in artifacts:
+                        if len(artifacts) >= MAX_ARTIFACTS_PER_STEP:
+                            log.warning("sandbox %s: artifact %s past the cap", sandbox_id, name)
+                            continue
                         artifacts[name] = await on_artifact(
                             name, message["media_type"], message["data"]
                         )

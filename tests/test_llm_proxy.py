@@ -143,6 +143,21 @@ async def test_deterministic_requests_are_cached_and_others_are_not(
     assert len(up.requests) == 9
 
 
+async def test_each_users_answers_are_their_own_unless_shared(
+    engine: Engine, up: ScriptedLLM
+) -> None:
+    request, other = ask("is my password hunter2?"), Caller(user_id="another user")
+    own = proxy_for(engine, provider(up, "own"))
+    assert not (await own.complete(request, USER)).cached
+    # Another user's identical request is not answered from the first one's cache: a hit
+    # would tell them what the first asked.
+    assert not (await own.complete(request, other)).cached
+    assert (await own.complete(request, other)).cached and len(up.requests) == 2
+    shared = proxy_for(engine, provider(up, "shared"), llm_cache_shared=True)
+    await shared.complete(request, USER)
+    assert (await shared.complete(request, other)).cached and len(up.requests) == 3
+
+
 async def collect(proxy: LLMProxy, request: ChatRequest) -> tuple[str, list[dict[str, Any]]]:
     chunks = [c async for c in proxy.stream(request, USER)]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
