@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import posixpath
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -48,8 +49,8 @@ class ProgramRule(BaseModel):
     # tar: the first word is an option cluster even without a dash (`tar xzf a.tgz`).
     bundled_first_arg: bool = False
     # A check of the program's own language, written in code (sed scripts, chmod modes...).
-    check: Literal["sed", "chmod", "git-config", "cd"] | None = None
-    config_keys: list[str] = Field(default=[], description="git-config: keys that may be set")
+    check: Literal["sed", "chmod", "git", "cd"] | None = None
+    config_keys: list[str] = Field(default=[], description="git: keys `git config` may set")
 
 
 class CommandPolicy(BaseModel):
@@ -84,7 +85,10 @@ def judge(command: str, policy: CommandPolicy, cwd: str | None = None) -> Verdic
     """Whether the policy lets the guest run ``command`` (started in ``cwd``, the home by
     default), and if not, a sentence saying what was refused and what to do instead."""
     try:
-        Judge(policy, cwd).line(command)
+        judge = Judge(policy, cwd)
+        if cwd is not None:
+            judge.inside(".", f"the step's working directory `{cwd}`")
+        judge.line(command)
     except (Refused, ShellSyntaxRefused) as exc:
         return Verdict(allowed=False, reason=str(exc))
     return ALLOWED
@@ -117,7 +121,7 @@ class Judge:
     def simple(self, simple: SimpleCommand, alone: bool) -> None:
         for redirect in simple.redirects:
             target = self.expand(redirect.target)
-            if redirect.op in (">&", "<&") and (target.text.isdigit() or target.text == "-"):
+            if redirect.op in (">&", "<&") and (is_number(target.text) or target.text == "-"):
                 continue  # 2>&1: one of the command's own streams, no file
             if redirect.target.glob:
                 raise Refused(f"the redirection target `{target.text}` is a glob; name one file")
@@ -219,33 +223,33 @@ class Arguments:
         if rule.max_args is not None and len(args) > rule.max_args:
             return self.fail_count("arguments", rule.max_args)
         i = 0
+        options_ended = False  # after `--` every word is an operand
         while i < len(args):
             arg = args[i]
             text = arg.text
             if arg.wildcard_first and rule.model_fields_set:
+                starts = "with `-`" if text.startswith("-") else "with a wildcard"
                 raise self.refuse(
                     text,
-                    f"starts with a wildcard, which could expand to a file named like an "
+                    f"starts {starts}, which could expand to a file named like an "
                     f"option; write `./{text}`",
                 )
             if rule.script and (self.operands or self.module):
-                # The script's own arguments; a module that is also a listed program
-                # (python3 -m pip) is held to that program's rule.
-                programs = self.judge.policy.programs
-                if self.module in programs:
-                    Arguments(self.judge, self.module, programs[self.module], args[i:]).check()
+                self.script_arguments(args[i:])
                 break
-            option = text.startswith("-") and text != "-"
-            if i == 0 and rule.bundled_first_arg and not option:
+            option = not options_ended and text.startswith("-") and text != "-"
+            if option and text == "--":
+                options_ended = True
+            elif i == 0 and rule.bundled_first_arg and not option:
                 self.options("-" + text)
-            elif option and text != "--":
+            elif option:
                 i += self.option(i)
             else:
                 self.operand(text)
             i += 1
         if rule.max_operands is not None and len(self.operands) > rule.max_operands:
             return self.fail_count("operands", rule.max_operands)
-        if rule.script and self.module is None and self.operands[:1] in ([], ["-"]):
+        if rule.script and self.module is None and self.operands[:1] in ([], ["-"], ["--"]):
             raise Refused(
                 f"`{self.program}` without a script file reads its program from its input, "
                 "which this policy refuses; write a script file and run it"
@@ -259,6 +263,17 @@ class Arguments:
         if rule.check is not None and rule.check != "cd":
             CHECKS[rule.check](self)
         return None
+
+    def script_arguments(self, args: list[Word]) -> None:
+        """The script's own arguments are its own; a module's are held to the program's
+        rule of that name (python3 -m pip), or else to this program's path rule."""
+        if self.module is None:
+            return
+        programs = self.judge.policy.programs
+        name, rule = self.module, programs.get(self.module)
+        if rule is None:
+            name, rule = f"{self.program} -m {self.module}", ProgramRule(paths=self.rule.paths)
+        Arguments(self.judge, name, rule, args).check()
 
     def fail_count(self, what: str, limit: int) -> None:
         raise Refused(
@@ -284,8 +299,8 @@ class Arguments:
                     value = self.next_value(i, name)
                 self.value(takes, value)
                 return 0 if eq else 1
-            if eq:
-                self.path_like(value, text)
+            # An option with no `=` may be a file name that getopt will reject; check it too.
+            self.path_like(value if eq else text, text)
             return 0
         word = text.split("=", 1)[0]
         if word in self.rule.forbid:  # find -exec, java-style single-dash words
@@ -381,34 +396,45 @@ ADVICE = {
 def check_sed(args: Arguments) -> None:
     """sed's own language: only editing commands, never `e` (run a command), `w`/`W`
     (write a file), `r`/`R` (read one) or the `s///e` and `s///w` flags. With `-i` it
-    writes its files, which must then be in the workspace."""
+    writes its files, which must then be in the workspace. Options are read as GNU getopt
+    reads them, long ones by any unique prefix."""
     scripts: list[str] = []
     operands: list[str] = []
-    in_place = False
+    in_place = options_ended = False
     texts = [a.text for a in args.args]
     k = 0
+
+    def next_word() -> str:
+        nonlocal k
+        k += 1
+        return texts[k - 1] if k <= len(texts) else ""
+
     while k < len(texts):
-        text = texts[k]
-        if text.startswith("--"):
-            name, _, value = text.partition("=")
-            if "--expression".startswith(name) and len(name) > 3:
-                scripts.append(value if value else texts[k + 1] if k + 1 < len(texts) else "")
-                k += 0 if value else 1
-            in_place = in_place or ("--in-place".startswith(name) and len(name) > 4)
-        elif text.startswith("-") and text != "-":
+        text = next_word()
+        if options_ended or text == "-" or not text.startswith("-"):
+            operands.append(text)
+        elif text == "--":
+            options_ended = True
+        elif text.startswith("--"):
+            name, eq, value = text.partition("=")
+            option = getopt_long(name, SED_LONG)
+            if option is None:
+                raise args.refuse(text, "is not an option sed reads unambiguously")
+            if SED_LONG[option] and not eq:
+                value = next_word()
+            if option == "--expression":
+                scripts.append(value)
+            in_place = in_place or option == "--in-place"
+        else:
             for j, letter in enumerate(text[1:], start=1):
                 if letter == "i":
                     in_place = True
                     break  # the rest is a backup suffix
-                if letter in "el":
-                    rest = text[j + 1 :] or (texts[k + 1] if k + 1 < len(texts) else "")
-                    k += 0 if text[j + 1 :] else 1
+                if letter in "efl":  # the rest of the word, or the next word, is the value
+                    value = text[j + 1 :] or next_word()
                     if letter == "e":
-                        scripts.append(rest)
+                        scripts.append(value)
                     break
-        else:
-            operands.append(text)
-        k += 1
     if not scripts and operands:
         scripts, operands = [operands[0]], operands[1:]
     for script in scripts:
@@ -416,6 +442,35 @@ def check_sed(args: Arguments) -> None:
     if in_place:
         for operand in operands:
             args.judge.inside(operand, f"`sed -i {operand}`")
+
+
+# GNU sed's long options; True for those that must have a value (--in-place takes one only
+# after `=`).
+SED_LONG = {
+    **dict.fromkeys(("--expression", "--file", "--line-length"), True),
+    **dict.fromkeys(
+        (
+            *("--in-place", "--quiet", "--silent", "--debug", "--posix", "--regexp-extended"),
+            *("--separate", "--sandbox", "--unbuffered", "--null-data", "--zero-terminated"),
+            *("--follow-symlinks", "--binary", "--help", "--version"),
+        ),
+        False,
+    ),
+}
+
+
+def getopt_long(name: str, options: Iterable[str]) -> str | None:
+    """The long option getopt reads ``name`` as: an exact name, or the one it is a prefix
+    of; None if it is unknown or ambiguous."""
+    matches = [option for option in options if option.startswith(name)]
+    if name in matches:
+        return name
+    return matches[0] if len(matches) == 1 else None
+
+
+def is_number(text: str) -> bool:
+    """Only ASCII digits: str.isdigit also accepts `²`, which int() and bash do not."""
+    return text.isascii() and text.isdigit()
 
 
 class SedScript:
@@ -438,7 +493,7 @@ class SedScript:
         s = self.s
         while self.i < len(s):
             ch = s[self.i]
-            if ch in " \t\n;!{}" or ch.isdigit() or ch in "$,~+":
+            if ch in " \t\n;!{}" or is_number(ch) or ch in "$,~+":
                 self.i += 1
             elif ch in "/\\":
                 self.delimited(
@@ -455,7 +510,9 @@ class SedScript:
                 self.delimited(0, delim)
             elif ch in self.EDITS:
                 self.i += 1
-            elif ch in self.LABELS or ch in self.TEXT or ch == "#":
+            elif ch in self.LABELS:
+                self.label()
+            elif ch in self.TEXT or ch == "#":
                 self.to_line_end()
             elif ch in "eWwRrFvz":
                 raise self.refuse(f"the `{ch}` command ({SED_WHY.get(ch, 'not an edit')})")
@@ -491,8 +548,17 @@ class SedScript:
             flag = self.s[self.i]
             if flag in "ew":
                 raise self.refuse(f"the `s///{flag}` flag ({SED_WHY[flag]})")
-            if not (flag.isdigit() or flag in "gpiImM \t"):
+            if not (is_number(flag) or flag in "gpiImM \t"):
                 raise self.refuse(f"the `s///{flag}` flag, which this policy does not know")
+            self.i += 1
+
+    def label(self) -> None:
+        """GNU sed ends a label at `;` or `}` as well as at a line end: what follows is
+        a command. (Ending at a blank too only ever reads more of the script as commands.)"""
+        self.i += 1
+        while self.i < len(self.s) and self.s[self.i] in " \t":
+            self.i += 1
+        while self.i < len(self.s) and self.s[self.i] not in " \t\n;}":
             self.i += 1
 
     def to_line_end(self) -> None:
@@ -517,18 +583,27 @@ def check_chmod(args: Arguments) -> None:
     if not args.operands:
         return
     mode = args.operands[0]
-    special = "s" in mode or "t" in mode or (mode.isdigit() and len(mode) >= 4 and mode[0] != "0")
+    # An octal mode's digits before the last three are the special bits, however padded.
+    special = "s" in mode or "t" in mode or (is_number(mode) and len(mode.lstrip("0")) >= 4)
     if special:
         raise args.refuse(mode, "sets the setuid, setgid or sticky bit, which this policy refuses")
 
 
-def check_git_config(args: Arguments) -> None:
-    """`git config` may set only the listed keys: others (aliases, pagers, hooks, ssh
+def check_git(args: Arguments) -> None:
+    """No global options before the subcommand (some take a value the judge would read as
+    the subcommand, others move git's ground), bar a lone `--version` or `--help`; and
+    `git config` may set only the listed keys: others (aliases, pagers, hooks, ssh
     commands) make git run programs."""
+    words = [a.text for a in args.args]
+    if words and words[0].startswith("-") and words not in (["--version"], ["--help"]):
+        raise args.refuse(
+            words[0],
+            "is a global option before the subcommand, which this policy refuses; "
+            "give options after the subcommand",
+        )
     operands = args.operands
     if not operands or operands[0] != "config":
         return
-    words = [a.text for a in args.args]
     at = words.index("config")
     for word in words[at + 1 :]:
         if word.startswith("-") and word not in ("--global", "--local", "--get", "--list", "-l"):
@@ -542,7 +617,7 @@ def check_git_config(args: Arguments) -> None:
         )
 
 
-CHECKS = {"sed": check_sed, "chmod": check_chmod, "git-config": check_git_config}
+CHECKS = {"sed": check_sed, "chmod": check_chmod, "git": check_git}
 
 
 def load_policy(template: str, override: Path | None = None) -> CommandPolicy:

@@ -33,7 +33,8 @@ class Word:
     text: str  # after quote removal
     glob: bool = False  # an unquoted * ? or [ : bash may expand it to file names
     assignment: bool = False  # NAME=value before any quoting: a variable assignment
-    wildcard_first: bool = False  # starts with an unquoted wildcard, may expand to "-x"
+    # Starts with an unquoted wildcard or is a glob starting with `-`: may expand to "-x".
+    wildcard_first: bool = False
 
 
 @dataclass
@@ -194,11 +195,13 @@ class Lexer:
             # A word of digits right before < or > is the file descriptor of a redirection.
         text = "".join(chars)
         nxt = self.peek()
-        if nxt in ("<", ">") and self.text[start : self.i].isdigit():
+        spelled = self.text[start : self.i]
+        if nxt in ("<", ">") and spelled.isascii() and spelled.isdigit():
             self.operator(int(text))
             return
         if self.text[start : self.i] in ("[", "]"):
             glob = wildcard_first = False  # `[ -f x ]`: a lone bracket is the test builtin
+        wildcard_first = wildcard_first or (glob and text.startswith("-"))  # `--*`, `-*`
         self.tokens.append(Token("word", word=Word(text, glob, assignment, wildcard_first)))
 
     def double_quoted(self) -> str:

@@ -166,6 +166,56 @@ BYPASSES = [
     ("empty", "   ", "empty"),
     ("dangling-and", "ls &&", "no command after it"),
     ("step-cwd-outside", "rm -r passwd", "outside the workspace"),
+    ("step-cwd-named", "cat a.tar | tar x", "working directory `/etc`"),
+    # Found by a security review: option prefixes, `--`, globs starting with `-`, git's
+    # global options, python3's ways to read code from the input, missing options.
+    ("sed-expression-prefix", "sed -e p --e 'e id' x", "the `e` command"),
+    ("sed-label-semicolon", "sed 't;e id' x", "the `e` command"),
+    ("sed-label-brace", "sed '/a/{b end};e id' x", "the `e` command"),
+    ("sed-line-length", "sed --line-length 1 'e id' x", "the `e` command"),
+    ("sed-l-value", "sed -l 1 'e id' x", "the `e` command"),
+    ("sed-in-place-prefix", "sed --in 's/a/b/' /etc/passwd", "outside the workspace"),
+    ("sed-in-place-short-prefix", "sed --i 's/a/b/' /etc/passwd", "outside the workspace"),
+    ("sed-ambiguous-long", "sed --s 's/a/b/' x", "unambiguously"),
+    ("rm-after-dashdash", "mkdir ./-- && rm -rf -- --/../../etc", "outside the workspace"),
+    ("cp-after-dashdash", "cp x -- --/../../etc/cron.d/x", "outside the workspace"),
+    ("tee-after-dashdash", "tee -- --/../../etc/x", "outside the workspace"),
+    ("rm-long-word-path", "rm -rf --/../../etc", "outside the workspace"),
+    ("glob-dash-dash", "tar cf a.tar --*", "starts with `-`"),
+    ("glob-dash", "tar cf a.tar -*", "starts with `-`"),
+    ("glob-dash-after-dashdash", "rm -rf -- --*/../../etc", "starts with `-`"),
+    (
+        "git-namespace-log",
+        "git --namespace log filter-branch -f --tree-filter 'id>o' HEAD",
+        "global",
+    ),
+    ("git-namespace-status", "git --namespace status config core.fsmonitor 'id>o'", "global"),
+    ("git-git-dir", "git --git-dir=x log", "global option"),
+    ("python-dashdash-stdin", "echo 'print(1)' | python3 --", "without a script file"),
+    ("python-dashdash-dash", "python3 -- -", "without a script file"),
+    ("python-dashdash-dashdash", "python3 -- --", "without a script file"),
+    ("python-interactive", "python3 -i x.py", "python3 -i"),
+    ("python-json-tool-outside", "python3 -m json.tool in.json /etc/x", "outside the workspace"),
+    ("python-venv-outside", "python3 -m venv /opt/v", "outside the workspace"),
+    ("python-pytest", "python3 -m pytest --basetemp=/etc", "pytest"),
+    ("python-hash-pycs", "python3 --check-hash-based-pycs always /usr/lib/x.py", "check-hash"),
+    ("tar-rmt-command", "tar -xf a.tar --rmt-command=sh", "--rmt-command"),
+    ("tar-rsh-command", "tar -xf h:a.tar --rsh-command=sh", "--rsh-command"),
+    ("tar-use-compress-prefix", "tar -xf a.tar --use-comp sh", "--use-compress-program"),
+    ("tar-I", "tar -I sh -xf a.tar", "tar -I"),
+    ("tar-to-command-space", "tar -xf a.tar --to-command sh", "--to-command"),
+    ("tar-checkpoint-action-prefix", "tar -cf a.tar --checkpoint-ac=exec=sh .", "checkpoint"),
+    ("curl-write-out", "curl -w '%output{/etc/x}' http://h/", "curl -w"),
+    ("curl-write-out-long", "curl --write-out x http://h/", "--write-out"),
+    ("wget-rejected-log", "wget --rejected-log /etc/x http://h/", "outside the workspace"),
+    ("wget-hsts-file", "wget --hsts-file=/etc/x http://h/", "outside the workspace"),
+    ("sort-temp-dir", "sort -T /etc x", "outside the workspace"),
+    ("sort-temp-dir-long", "sort --temporary-directory=/etc x", "outside the workspace"),
+    ("chmod-setuid-padded", "chmod 04755 x", "setuid"),
+    ("chmod-setuid-dashdash", "chmod -- 4755 x", "setuid"),
+    ("pip-python", "pip --python /usr/bin/python3 install x", "--python"),
+    ("python-m-pip-python", "python3 -m pip --python=/tmp/p install x", "--python"),
+    ("non-ascii-digit-fd", "echo \u00b2>/etc/x", "outside the workspace"),
 ]
 ALLOWED = [
     "ls -la /",
@@ -214,6 +264,10 @@ ALLOWED = [
     "python3 -m py_compile s.py",
     "echo '{\"a\": 1}' > j.json && python3 -m json.tool j.json",
     "cd src && ls && cd pkg && ls",
+    "sed -n -e '/alpha/b end' -e p -e ':end' notes.txt",
+    "sed --expression=p --quiet notes.txt",
+    "chmod -- 0755 notes.txt",
+    "rm -f -- ./-x",
     "ls ./*.txt",
     "grep -rn alpha .\nwc -c notes.txt",
 ]
@@ -229,7 +283,7 @@ def test_the_corpus_is_large_and_distinct() -> None:
     ("command", "named"), [(c, n) for _, c, n in BYPASSES], ids=[i for i, _, _ in BYPASSES]
 )
 def test_a_bypass_is_refused_with_a_reason(command: str, named: str) -> None:
-    cwd = "/etc" if command == "rm -r passwd" else None  # the step's own cwd is judged
+    cwd = "/etc" if command in ("rm -r passwd", "cat a.tar | tar x") else None  # judged too
     verdict = judge(command, POLICY, cwd=cwd)
     assert not verdict.allowed
     assert named in verdict.reason, verdict.reason
@@ -239,6 +293,14 @@ def test_a_bypass_is_refused_with_a_reason(command: str, named: str) -> None:
 def test_an_allowed_command_is_allowed(command: str) -> None:
     verdict = judge(command, POLICY)
     assert verdict.allowed, verdict.reason
+
+
+def test_edge_words_get_a_verdict_not_an_exception() -> None:
+    assert judge("echo \u00b2>x", POLICY).allowed  # `²` is a word, not a file descriptor
+    assert judge("git --version", POLICY).allowed
+    assert judge("git status --short", POLICY).allowed
+    assert judge("python3 -m venv .venv", POLICY).allowed
+    assert "`/etc`" in judge("ls", POLICY, cwd="/etc").reason
 
 
 def workspace_policy(workspace: Path) -> CommandPolicy:
