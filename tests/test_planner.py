@@ -14,9 +14,9 @@ from temporalio.testing import ActivityEnvironment
 from activities.planning import PlanningActivities, parse_reply
 from berth.settings import LLMProvider, Settings
 from llm.proxy import LLMProxy
-from sandboxes.models import StepOutcome, TerminalStep
+from sandboxes.models import FileStep, StepOutcome, StepResult, TerminalStep
 from tests.scripted_llm import Reply, ScriptedLLM
-from workflows.models import DoneStep, PlanRequest, VerifyRequest
+from workflows.models import BRIEF_CHARS, DoneStep, PlanRequest, VerifyRequest
 from workflows.plans import MAX_PLAN_STEPS, check_plan_size, user_plan
 
 
@@ -184,3 +184,15 @@ async def test_when_every_provider_fails_the_error_names_each(engine: Engine) ->
     assert caught.value.type == "LLMUnavailable" and not caught.value.non_retryable
     assert "p0 (test-model)" in str(caught.value) and "503" in str(caught.value)
     assert "p1 (test-model)" in str(caught.value) and "401" in str(caught.value)
+
+
+def test_the_models_context_keeps_steps_brief() -> None:
+    done = DoneStep(
+        step=FileStep(op="write", path="big.py", content="x" * 50_000),
+        outcome=StepOutcome(exit_code=0, result=StepResult(content="y" * 7000, title="T")),
+    ).brief()
+    assert isinstance(done.step, FileStep) and len(done.step.content or "") == BRIEF_CHARS + 1
+    assert done.outcome.result is not None
+    assert (
+        len(done.outcome.result.content or "") == BRIEF_CHARS and done.outcome.result.title == "T"
+    )

@@ -8,11 +8,13 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from llm.models import Usage
-from sandboxes.models import SandboxInfo, Step, StepOutcome
+from sandboxes.models import FileStep, SandboxInfo, Step, StepOutcome
 from store.events import NewEvent
 from store.models import SessionStatus, TaskStatus
 
 MAX_PROMPT_CHARS = 20_000
+# What the model is shown of a step's file content or result texts, at most.
+BRIEF_CHARS = 2000
 
 
 class SessionInput(BaseModel):
@@ -34,6 +36,19 @@ class SessionInput(BaseModel):
 class DoneStep(BaseModel):
     step: Step
     outcome: StepOutcome
+
+    def brief(self) -> DoneStep:
+        """As kept for the model's context: a written file's content and a result's texts
+        cut short, so every planning call's input (and the history) stays small."""
+        step = self.step
+        if isinstance(step, FileStep) and step.content and len(step.content) > BRIEF_CHARS:
+            step = step.model_copy(update={"content": step.content[:BRIEF_CHARS] + "…"})
+        outcome = self.outcome
+        if outcome.result is not None:
+            texts = outcome.result.model_dump(exclude_none=True)
+            cut = {k: v[:BRIEF_CHARS] for k, v in texts.items() if isinstance(v, str)}
+            outcome = outcome.model_copy(update={"result": outcome.result.model_copy(update=cut)})
+        return DoneStep(step=step, outcome=outcome)
 
 
 class TaskState(BaseModel):

@@ -102,16 +102,16 @@ class PoolWorkflow:
     async def run(self, params: PoolInput) -> None:
         while not self.stopping:
             self.resize()
+            # Once Temporal suggests continuing as new, no boot starts: the ones in flight
+            # end, and then the pool moves on (boots that keep failing cannot postpone it).
+            suggested = workflow.info().is_continue_as_new_suggested()
             while (
-                len(self.s.ready) + len(self.s.booting) < self.s.target
+                not suggested
+                and len(self.s.ready) + len(self.s.booting) < self.s.target
                 and len(self.s.booting) < params.max_booting
             ):
                 self.start_boot()
-            if (
-                workflow.info().is_continue_as_new_suggested()
-                and not self.s.booting
-                and workflow.all_handlers_finished()
-            ):
+            if suggested and not self.s.booting and workflow.all_handlers_finished():
                 workflow.continue_as_new(params.model_copy(update={"carried": self.s}))
             self.changed = False
             with contextlib.suppress(TimeoutError):

@@ -392,7 +392,8 @@ class SessionWorkflow:
         if outcome is None:
             return  # cancelled while it ran
         step = task.steps[task.position]
-        task.recent = [*task.recent, DoneStep(step=step, outcome=outcome)][-RECENT_STEPS:]
+        done = DoneStep(step=step, outcome=outcome).brief()
+        task.recent = [*task.recent, done][-RECENT_STEPS:]
         task.executed += 1
         task.position += 1
         if not outcome.ok and not self.cancelling:
