@@ -1,16 +1,16 @@
 """Server-Sent Events from a session's event log.
 
 The stream replays everything after the client's last seen sequence number, then follows
-the log: it sleeps until the store's notification says the session's log grew (see
-store/notify.py), reads what is new with a short-lived connection, and ends after the
-session's final event. An idle stream holds no database connection.
+the log a batch of new events at a time: it sleeps until the store's notification says the
+session's log grew (see store/notify.py), reads what is new with a short-lived connection,
+and ends after the session's final event. An idle stream holds no database connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Engine
@@ -36,13 +36,29 @@ def as_json(event: Event) -> str:
     return sse(event, json.dumps(events.as_json(event)), name=event.type)
 
 
+# Renders a batch of new events as SSE messages.
+Render = Callable[[Sequence[Event]], str]
+
+
+def each(render: Callable[[Event], str]) -> Render:
+    """A batch as one message per event."""
+    return lambda batch: "".join(render(event) for event in batch)
+
+
+JSON_MESSAGES = each(as_json)
+
+
 async def follow(
     engine: Engine,
     hub: Hub,
     session_id: str,
     after: int,
-    render: Callable[[Event], str] = as_json,
+    render: Render,
+    pace_s: float = 0.0,
 ) -> AsyncIterator[str]:
+    """The log after ``after``, rendered a batch (all that is new) at a time; at least
+    ``pace_s`` between batches, so a fast writer's events are coalesced, not sent one each."""
+
     def read(after: int) -> list[Event]:
         with Session(engine) as db:
             return events.read_after(db, session_id, after, READ_BATCH)
@@ -52,13 +68,18 @@ async def follow(
         while True:
             bell.clear()  # before the read, so a write during it wakes the next wait
             batch = await asyncio.to_thread(read, after)
-            for event in batch:
-                yield render(event)
-                after = event.seq
-                if events.is_final(event):
-                    return
+            final = next((n for n, e in enumerate(batch) if events.is_final(e)), None)
+            if final is not None:
+                batch = batch[: final + 1]
+            if batch:
+                yield render(batch)
+                after = batch[-1].seq
+            if final is not None:
+                return
             if len(batch) == READ_BATCH:
                 continue
+            if batch and pace_s:
+                await asyncio.sleep(pace_s)
             try:
                 await asyncio.wait_for(bell.wait(), KEEPALIVE_S)
             except TimeoutError:
@@ -79,7 +100,8 @@ def stream(
     count: StreamCount,
     row: SessionRow,
     after: int,
-    render: Callable[[Event], str] = as_json,
+    render: Render = JSON_MESSAGES,
+    pace_s: float = 0.0,
 ) -> Response:
     """The response to a request for ``row``'s events after ``after``."""
     if after > row.last_seq:
@@ -92,7 +114,7 @@ def stream(
         # Nothing will follow; 204 tells an EventSource to stop reconnecting.
         return Response(status_code=204)
     return StreamingResponse(
-        counted(count, row.user_id, follow(engine, hub, row.id, after, render)),
+        counted(count, row.user_id, follow(engine, hub, row.id, after, render, pace_s)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -88,13 +88,31 @@ async def start_session(
 
 
 def list_sessions(
-    db: Session, user: User | None, limit: int, after: tuple[datetime, str] | None = None
+    db: Session,
+    user: User | None,
+    limit: int,
+    after: tuple[datetime, str] | None = None,
+    search: str | None = None,
 ) -> list[SessionRow]:
     """Newest first; ``user`` None lists everyone's (admins); ``after`` is the
-    (created_at, id) of the last row of the previous page."""
+    (created_at, id) of the last row of the previous page; ``search`` keeps the sessions
+    whose id starts with it, whose status or template it is, or with a task that mentions it."""
     query = select(SessionRow)
     if user is not None:
         query = query.where(SessionRow.user_id == user.id)
+    if search:
+        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        mentioned = select(TaskRow.session_id).where(
+            col(TaskRow.prompt).ilike(f"%{escaped}%", escape="\\")
+        )
+        query = query.where(
+            or_(
+                col(SessionRow.id).startswith(search, autoescape=True),
+                col(SessionRow.status) == search,
+                col(SessionRow.template) == search,
+                col(SessionRow.id).in_(mentioned),
+            )
+        )
     return list(db.exec(_keyset(query, SessionRow, after, newest_first=True).limit(limit)))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, event, make_url, text
-from sqlmodel import create_engine
+from sqlmodel import Session, create_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Key of the PostgreSQL advisory lock that serialises migrations ("berth" in ASCII).
@@ -50,6 +50,24 @@ def get_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+@contextmanager
+def snapshot(engine: Engine) -> Iterator[Session]:
+    """A read-only session whose queries all see the database as of its first one: a page
+    drawn from several tables, and the event number it was drawn at, agree."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            # pysqlite begins no transaction for reads: without BEGIN each query sees the
+            # latest commit. In WAL mode the read snapshot starts at the first query.
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with Session(conn) as db:
+            try:
+                yield db
+            finally:
+                conn.rollback()
 
 
 def alembic_config(url: str) -> Config:

@@ -275,6 +275,7 @@ def _task_plan(db: Session, event: Event) -> None:
     ):
         db.delete(old)
     db.flush()
+    revised = event.data.get("revised")
     for offset, step in enumerate(event.data["steps"]):
         db.add(
             StepRow(
@@ -282,6 +283,7 @@ def _task_plan(db: Session, event: Event) -> None:
                 index=first + offset,
                 kind=step["kind"],
                 spec=step,
+                revised=revised if offset == 0 else None,
             )
         )
 

@@ -111,6 +111,8 @@ class StepRow(SQLModel, table=True):
     check_result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     artifacts: list[str] | None = Field(default=None, sa_column=Column(JSON))
+    # On the first step of a revised plan's tail: why the plan was revised.
+    revised: str | None = Field(default=None, sa_column=Column(Text))
     started_at: datetime | None = None
     finished_at: datetime | None = None
 

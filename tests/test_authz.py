@@ -35,6 +35,7 @@ from ui.pages import COOKIE, is_dashboard
 CALLERS = ("owner", "other", "anonymous", "admin")
 CREDENTIALS = {"email": "owner@example.com", "password": PASSWORD}
 PROMPT = {"prompt": "$ true"}
+CHANGE = {"instruction": "also say hello"}
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,10 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/sessions/{sid}"): R(200, 404, 303, 200),
     ("GET", "/ui/sessions/{sid}/events"): R(200, 404, 303, 200),
     ("POST", "/ui/sessions/{sid}/tasks"): R(409, 404, 401, 404, form=PROMPT),
+    ("POST", "/ui/sessions/{sid}/tasks/{tid}/modify"): R(409, 404, 401, 404, form=CHANGE),
     ("POST", "/ui/sessions/{sid}/tasks/{tid}/{action}"): R(409, 404, 401, 404),
+    ("GET", "/ui/sessions/{sid}/machine"): R(200, 404, 303, 200),
+    ("GET", "/ui/sessions/{sid}/artifacts/{artifact_id}"): R(200, 404, 303, 200),
     ("POST", "/ui/sessions/{sid}/end"): R(200, 404, 401, 404),
 }
 # fmt: on

@@ -6,11 +6,13 @@ comes from a cookie and answers are HTML.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Form, Header, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi import APIRouter, Depends, Form, Header, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import escape
 from pydantic import TypeAdapter, ValidationError
@@ -18,7 +20,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 import vm_templates
-from api import accounts, service
+from api import accounts, cursors, service
 from api.deps import (
     DbDep,
     EngineDep,
@@ -34,15 +36,18 @@ from api.events import sse, stream
 from api.schemas import Credentials
 from berth.settings import Settings
 from sandboxes.models import Step
-from store.models import ApiToken, Event, StepRow, User
-from ui import guard
-from workflows.models import TaskControl, TaskSubmission
+from store.events import is_final
+from store.models import ApiToken, Event, StepRow, TaskRow, User, utcnow
+from ui import ansi, guard, state
+from workflows.models import TaskControl, TaskModification, TaskSubmission
 
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"
 COOKIE = "berth_token"
 DASHBOARD_TOKEN = "dashboard"  # the name of the token each dashboard login makes
-HOME_SESSIONS = 100  # the home page lists this many of the newest sessions
+SESSIONS_PAGE = 25  # sessions per page of the home page's list
+# Live updates go out at most this often: a fast command's output arrives as one swap.
+FRAME_S = 0.1
 
 templates = Jinja2Templates(directory=HERE / "templates")
 # Every unsafe request to the dashboard must come from its own pages.
@@ -53,13 +58,23 @@ STEP = TypeAdapter(Step)
 def step_text(spec: dict[str, Any]) -> str:
     """A step as a line of the plan (steps in events and rows are plain JSON)."""
     try:
-        step = STEP.validate_python(spec)
+        return STEP.validate_python(spec).describe()
     except ValidationError:
         return str(spec.get("kind", "step"))
-    return step.describe() + (f" (check: {step.check.describe()})" if step.check else "")
 
 
-templates.env.filters["step_text"] = step_text
+def step_check(spec: dict[str, Any]) -> str:
+    """A step's success criterion, in words."""
+    try:
+        check = STEP.validate_python(spec).check
+    except ValidationError:
+        return ""
+    return check.describe() if check else ""
+
+
+templates.env.filters.update(
+    step_text=step_text, step_check=step_check, ansi=ansi.to_html, age=state.age
+)
 
 
 def cookie_caller(
@@ -122,18 +137,48 @@ def problem_page(request: Request, problem: Problem) -> Response:
 
 
 @router.get("/", response_class=HTMLResponse)
-def home(request: Request, db: DbDep, settings: SettingsDep) -> Response:
+def home(
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    q: Annotated[str, Query(max_length=200)] = "",
+    cursor: cursors.Cursor = None,
+) -> Response:
+    """The user's sessions, newest first, a page at a time; ``q`` searches them."""
     found = cookie_caller(request, db, settings)
     if found is None:
         return RedirectResponse("/login", status_code=303)
+    after = cursors.decode_moment(cursor) if cursor else None
+    rows = service.list_sessions(db, found[0], SESSIONS_PAGE + 1, after, q.strip() or None)
+    more = len(rows) > SESSIONS_PAGE
+    rows = rows[:SESSIONS_PAGE]
+    ids = [r.id for r in rows]
+    older = None
+    if more:
+        older = request.url.include_query_params(cursor=cursors.encode(*cursors.moment(rows[-1])))
     return render_page(
         request,
         "index.html",
         settings,
         found,
-        sessions=service.list_sessions(db, found[0], limit=HOME_SESSIONS),
-        templates=vm_templates.names(),
+        sessions=rows,
+        usage=state.usage_by_session(db, ids),
+        tasks=state.task_counts(db, ids),
+        q=q,
+        paged=cursor is not None,
+        older=f"{older.path}?{older.query}" if older else None,
+        now=utcnow(),
+        templates={name: _spec(name) for name in vm_templates.names()},
+        default_template=vm_templates.DEFAULT,
     )
+
+
+def _spec(template: str) -> vm_templates.TemplateSpec | None:
+    """A template's machine spec; None if its file is broken (the page still draws)."""
+    try:
+        return vm_templates.spec(template)
+    except (KeyError, ValueError, OSError):
+        return None
 
 
 def login_form(
@@ -215,10 +260,41 @@ async def start_session(
 
 @router.get("/sessions/{sid}", response_class=HTMLResponse)
 def session_page(
-    sid: str, request: Request, db: DbDep, settings: SettingsDep, caller: PageCaller
+    sid: str,
+    request: Request,
+    db: DbDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    caller: PageCaller,
 ) -> Response:
-    row = service.visible_session(db, caller[0], sid)
-    return render_page(request, "session.html", settings, caller, session=row)
+    service.visible_session(db, caller[0], sid)
+    return render_page(request, "session.html", settings, caller, **_machine_context(engine, sid))
+
+
+@router.get("/ui/sessions/{sid}/machine", response_class=HTMLResponse)
+def machine(sid: str, request: Request, db: DbDep, engine: EngineDep, user: PageUser) -> Response:
+    """The machine panel, which the session page polls while the session is live."""
+    service.visible_session(db, user, sid)
+    return templates.TemplateResponse(request, "machine.html", _machine_context(engine, sid))
+
+
+def _machine_context(engine: Engine, sid: str) -> dict[str, Any]:
+    view = state.session_view(engine, sid)
+    if view is None:
+        raise Problem(404, f"no session {sid}")
+    return {"view": view, "spec": _spec(view.session.template)}
+
+
+@router.get("/ui/sessions/{sid}/artifacts/{artifact_id}")
+def artifact(
+    sid: str, artifact_id: str, db: DbDep, settings: SettingsDep, user: PageUser
+) -> Response:
+    """A screenshot, for the signed-in owner (or an admin)."""
+    row = service.visible_session(db, user, sid)
+    found, path = service.artifact_file(db, settings, row, artifact_id)
+    return FileResponse(
+        path, media_type=found.media_type, headers={"Cache-Control": "private, max-age=86400"}
+    )
 
 
 @router.post("/ui/sessions/{sid}/tasks", response_class=HTMLResponse)
@@ -237,7 +313,25 @@ async def submit_task(
             422, "Type a task first: a description, or commands as '$ ...' lines."
         ) from None
     ref = await service.update(temporal, row, "submit_task", submission)
-    return HTMLResponse(f'<p class="ok">Task {ref.id[:8]} queued.</p>')
+    return HTMLResponse(f'<span class="ok">Task {ref.id[:8]} queued.</span>')
+
+
+@router.post("/ui/sessions/{sid}/tasks/{tid}/modify", response_class=HTMLResponse)
+async def modify_task(
+    sid: str,
+    tid: str,
+    db: DbDep,
+    temporal: TemporalDep,
+    user: PageUser,
+    instruction: Annotated[str, Form()] = "",
+) -> Response:
+    row = service.own_session(db, user, sid)
+    try:
+        change = TaskModification(task_id=tid, instruction=instruction)
+    except ValidationError:
+        raise Problem(422, "Say how to change the task (up to 20,000 characters).") from None
+    await service.update(temporal, row, "modify_task", change)
+    return HTMLResponse('<span class="ok">Sent: the agent takes it into account.</span>')
 
 
 @router.post("/ui/sessions/{sid}/tasks/{tid}/{action}", response_class=HTMLResponse)
@@ -256,7 +350,7 @@ async def end_session(
     sid: str, db: DbDep, temporal: TemporalDep, user: PageUser, ip: IpDep
 ) -> Response:
     await service.end_session(db, temporal, user, service.own_session(db, user, sid), ip)
-    return HTMLResponse('<p class="ok">Ending the session…</p>')
+    return HTMLResponse('<span class="ok">Ending the session…</span>')
 
 
 @router.get("/ui/sessions/{sid}/events")
@@ -267,25 +361,64 @@ def session_events(
     hub: HubDep,
     streams: StreamCountDep,
     user: PageUser,
+    after: Annotated[int, Query(ge=0)] = 0,
     last_event_id: Annotated[int | None, Header(ge=0)] = None,
 ) -> Response:
+    """The session page's live updates after event ``after`` (the page's own), or after the
+    browser's Last-Event-ID when it reconnects: each batch of new events is one message of
+    out-of-band swaps, at most one per ``FRAME_S``, so fast output costs few DOM updates."""
     row = service.visible_session(db, user, sid)
+    return stream(
+        db,
+        engine,
+        hub,
+        streams,
+        row,
+        max(after, last_event_id or 0),
+        partial(render_batch, engine),
+        pace_s=FRAME_S,
+    )
+
+
+def render_batch(engine: Engine, batch: Sequence[Event]) -> str:
+    """New events as one SSE message (and, after the session's last, an ``end`` one that
+    closes the page's stream)."""
     fragments = templates.get_template("events.html").module
-
-    def render(event: Event) -> str:
+    parts = []
+    for event in coalesce(batch):
         context: dict[str, Any] = {"e": event, "d": event.data}
-        # A plan, and a task's end that skipped the steps left, redraw its steps.
-        if event.type == "task.plan" or (
-            event.type == "task.status" and event.data["status"] in ("failed", "cancelled")
-        ):
-            context["steps"] = _steps(engine, event.data["task_id"])
+        # A plan, and a task's end, redraw the task from its rows.
+        if event.type in ("task.plan", "task.status"):
+            context["view"] = _task_view(engine, event.data["task_id"])
         macro: Any = getattr(fragments, event.type.replace(".", "_"), None) or fragments.other  # type: ignore[attr-defined]
-        return sse(event, str(macro(**context)).strip())
+        parts.append(str(macro(**context)).strip())
+    last = batch[-1]
+    message = sse(last, "\n".join(parts))
+    return message + (sse(last, "", name="end") if is_final(last) else "")
 
-    return stream(db, engine, hub, streams, row, last_event_id or 0, render)
+
+def coalesce(batch: Sequence[Event]) -> list[Event]:
+    """Runs of one step's output on one stream as one event (the last one's number)."""
+    out: list[Event] = []
+    for event in batch:
+        prev = out[-1] if out else None
+        if (
+            prev is not None
+            and event.type == prev.type == "step.output"
+            and all(event.data[k] == prev.data[k] for k in ("task_id", "index", "stream"))
+        ):
+            text = prev.data["text"] + event.data["text"]
+            data = {**event.data, "text": text}
+            out[-1] = Event(session_id=event.session_id, seq=event.seq, type=event.type, data=data)
+        else:
+            out.append(event)
+    return out
 
 
-def _steps(engine: Engine, task_id: str) -> list[StepRow]:
+def _task_view(engine: Engine, task_id: str) -> state.TaskView | None:
     with Session(engine) as db:
+        task = db.get(TaskRow, task_id)
+        if task is None:
+            return None
         query = select(StepRow).where(StepRow.task_id == task_id).order_by(col(StepRow.index))
-        return list(db.exec(query))
+        return state.TaskView(task, list(db.exec(query)))

@@ -100,7 +100,8 @@ class SessionState(BaseModel):
 
 
 class TaskSubmission(BaseModel):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    # Something other than blanks: an empty task would go to the planner as it is.
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")
     # The client's Idempotency-Key (hashed): a submission sent again with it is answered
     # with the task it queued, in this run or a later one.
     key: str | None = Field(default=None, max_length=100)
@@ -117,7 +118,7 @@ class TaskControl(BaseModel):
 
 class TaskModification(BaseModel):
     task_id: str
-    instruction: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    instruction: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")
 
 
 class SandboxRequest(BaseModel):

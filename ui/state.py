@@ -1,0 +1,152 @@
+"""What a dashboard page shows, read from the database in one snapshot.
+
+A page is drawn from the projections (sessions, tasks, steps, artifacts) and the tail of the
+event log, all as of one event number, ``seq``; its live stream then starts after ``seq``,
+so a reload shows no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, func
+from sqlmodel import Session, col, select
+
+from store.db import snapshot
+from store.models import ArtifactRow, Event, LLMCall, SandboxRow, SessionRow, StepRow, TaskRow
+
+# Terminal events (commands, output, exits) drawn on a page load: its scrollback.
+TERMINAL_EVENTS = 400
+TERMINAL_TYPES = ("step.started", "step.output", "step.finished")
+TIMELINE_EVENTS = 100
+SCREENSHOTS = 24
+
+
+@dataclass
+class Usage:
+    calls: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+
+
+@dataclass
+class TaskView:
+    task: TaskRow
+    steps: list[StepRow]
+
+
+@dataclass
+class SessionView:
+    session: SessionRow
+    seq: int
+    tasks: list[TaskView]
+    terminal: list[Event]
+    timeline: list[Event]
+    screenshots: list[ArtifactRow]
+    sandbox: SandboxRow | None
+    usage: Usage = field(default_factory=Usage)
+
+
+def usage_by_session(db: Session, session_ids: list[str]) -> dict[str, Usage]:
+    """Model calls, tokens and cost of each session."""
+    if not session_ids:
+        return {}
+    tokens = col(LLMCall.prompt_tokens) + col(LLMCall.completion_tokens)
+    query = (
+        select(LLMCall.session_id, func.count(), func.sum(tokens), func.sum(col(LLMCall.cost_usd)))
+        .where(col(LLMCall.session_id).in_(session_ids))
+        .group_by(col(LLMCall.session_id))
+    )
+    return {
+        sid: Usage(calls, int(spent or 0), float(cost or 0.0))
+        for sid, calls, spent, cost in db.exec(query)
+        if sid is not None
+    }
+
+
+def task_counts(db: Session, session_ids: list[str]) -> dict[str, int]:
+    if not session_ids:
+        return {}
+    query = (
+        select(TaskRow.session_id, func.count())
+        .where(col(TaskRow.session_id).in_(session_ids))
+        .group_by(col(TaskRow.session_id))
+    )
+    return {sid: count for sid, count in db.exec(query)}
+
+
+def _events(
+    db: Session, session_id: str, seq: int, limit: int, only: Sequence[str] = (), but: str = ""
+) -> list[Event]:
+    """The session's newest ``limit`` events up to ``seq``, oldest first: those of types
+    ``only`` if given, and not of type ``but``."""
+    query = select(Event).where(Event.session_id == session_id, col(Event.seq) <= seq)
+    if only:
+        query = query.where(col(Event.type).in_(only))
+    if but:
+        query = query.where(Event.type != but)
+    newest = db.exec(query.order_by(col(Event.seq).desc()).limit(limit))
+    return list(reversed(list(newest)))
+
+
+def session_view(engine: Engine, session_id: str) -> SessionView | None:
+    with snapshot(engine) as db:
+        row = db.get(SessionRow, session_id)
+        if row is None:
+            return None
+        tasks = list(
+            db.exec(
+                select(TaskRow)
+                .where(TaskRow.session_id == session_id)
+                .order_by(col(TaskRow.created_at).desc(), col(TaskRow.id).desc())
+            )
+        )
+        steps: dict[str, list[StepRow]] = {t.id: [] for t in tasks}
+        if tasks:
+            query = (
+                select(StepRow)
+                .where(col(StepRow.task_id).in_(list(steps)))
+                .order_by(col(StepRow.index))
+            )
+            for step in db.exec(query):
+                steps[step.task_id].append(step)
+        shots = db.exec(
+            select(ArtifactRow)
+            .where(ArtifactRow.session_id == session_id)
+            .order_by(col(ArtifactRow.created_at).desc(), col(ArtifactRow.id).desc())
+            .limit(SCREENSHOTS)
+        )
+        return SessionView(
+            session=row,
+            seq=row.last_seq,
+            tasks=[TaskView(t, steps[t.id]) for t in tasks],
+            terminal=_events(db, session_id, row.last_seq, TERMINAL_EVENTS, only=TERMINAL_TYPES),
+            timeline=_events(db, session_id, row.last_seq, TIMELINE_EVENTS, but="step.output"),
+            screenshots=list(shots),
+            sandbox=current_sandbox(db, session_id),
+            usage=usage_by_session(db, [session_id]).get(session_id, Usage()),
+        )
+
+
+def current_sandbox(db: Session, session_id: str) -> SandboxRow | None:
+    """The session's newest machine."""
+    query = (
+        select(SandboxRow)
+        .where(SandboxRow.session_id == session_id)
+        .order_by(col(SandboxRow.created_at).desc())
+    )
+    return db.exec(query).first()
+
+
+def age(moment: datetime, now: datetime) -> str:
+    """'5 s', '3 min', '2 h', '4 d': how long ago, shortly."""
+    # SQLite gives back naive datetimes; they are UTC like every time the store writes.
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    seconds = max(0, int((now - moment).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
