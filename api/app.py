@@ -16,7 +16,7 @@ from sqlalchemy import text
 from api import problems
 from api.admin import router as admin_router
 from api.codec import router as codec_router
-from api.deps import EngineDep, Problem, StreamCount, TemporalLink
+from api.deps import EngineDep, Problem, Streams, TemporalLink
 from api.headers import SecurityHeaders
 from api.openai_compat import router as llm_router
 from api.routes import router
@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = get_engine(settings.db_url)
     app.state.temporal = TemporalLink(settings)
     app.state.hub = Hub(app.state.engine)
-    app.state.streams = StreamCount(settings.max_streams_per_user)
+    app.state.streams = Streams(settings.max_streams_per_user, settings.stream_lifetime_s)
     app.state.passwords = Passwords(settings)
     app.state.codec = EncryptionCodec(payload_keys(settings))
     problems.install(app, render_problem)

@@ -41,12 +41,14 @@ def get_db(engine: Annotated[Engine, Depends(get_engine)]) -> Iterator[Session]:
         yield db
 
 
-class StreamCount:
+class Streams:
     """Open streams per user in this process, so one user cannot hold the server's threads
-    and connections with thousands of them."""
+    and connections with thousands of them; and how long one may last before the client is
+    asked to reconnect (which it does where it left off), so none is held forever."""
 
-    def __init__(self, most: int) -> None:
+    def __init__(self, most: int, lifetime_s: float = 900.0) -> None:
         self.most = most
+        self.lifetime_s = lifetime_s
         self._open: dict[str, int] = {}
 
     @contextlib.contextmanager
@@ -93,8 +95,8 @@ def get_hub(request: Request) -> Hub:
     return hub
 
 
-def get_stream_count(request: Request) -> StreamCount:
-    count: StreamCount = request.app.state.streams
+def get_stream_count(request: Request) -> Streams:
+    count: Streams = request.app.state.streams
     return count
 
 
@@ -117,7 +119,7 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 DbDep = Annotated[Session, Depends(get_db)]
 TemporalDep = Annotated[TemporalLink, Depends(get_temporal)]
 HubDep = Annotated[Hub, Depends(get_hub)]
-StreamCountDep = Annotated[StreamCount, Depends(get_stream_count)]
+StreamsDep = Annotated[Streams, Depends(get_stream_count)]
 PasswordsDep = Annotated[Passwords, Depends(get_passwords)]
 IpDep = Annotated[str, Depends(client_ip)]
 

@@ -16,7 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from api.deps import Problem, StreamCount
+from api.deps import Problem, Streams
 from store import events
 from store.models import Event, SessionRow
 from store.notify import Hub
@@ -54,10 +54,13 @@ async def follow(
     session_id: str,
     after: int,
     render: Render,
+    lifetime_s: float,
     pace_s: float = 0.0,
 ) -> AsyncIterator[str]:
     """The log after ``after``, rendered a batch (all that is new) at a time; at least
-    ``pace_s`` between batches, so a fast writer's events are coalesced, not sent one each."""
+    ``pace_s`` between batches, so a fast writer's events are coalesced, not sent one each.
+    After ``lifetime_s`` it ends, and the client reconnects with its Last-Event-ID."""
+    deadline = asyncio.get_running_loop().time() + lifetime_s
 
     def read(after: int) -> list[Event]:
         with Session(engine) as db:
@@ -80,14 +83,17 @@ async def follow(
                 continue
             if batch and pace_s:
                 await asyncio.sleep(pace_s)
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
             try:
-                await asyncio.wait_for(bell.wait(), KEEPALIVE_S)
+                await asyncio.wait_for(bell.wait(), min(KEEPALIVE_S, left))
             except TimeoutError:
                 # Also a read: a wake-up lost with a dropped notification costs no event.
                 yield ": keepalive\n\n"
 
 
-async def counted(count: StreamCount, user_id: str, body: AsyncIterator[str]) -> AsyncIterator[str]:
+async def counted(count: Streams, user_id: str, body: AsyncIterator[str]) -> AsyncIterator[str]:
     with count.hold(user_id):
         async for chunk in body:
             yield chunk
@@ -97,7 +103,7 @@ def stream(
     db: Session,
     engine: Engine,
     hub: Hub,
-    count: StreamCount,
+    count: Streams,
     row: SessionRow,
     after: int,
     render: Render = JSON_MESSAGES,
@@ -113,8 +119,9 @@ def stream(
     if finished:
         # Nothing will follow; 204 tells an EventSource to stop reconnecting.
         return Response(status_code=204)
+    body = follow(engine, hub, row.id, after, render, count.lifetime_s, pace_s)
     return StreamingResponse(
-        counted(count, row.user_id, follow(engine, hub, row.id, after, render, pace_s)),
+        counted(count, row.user_id, body),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -156,6 +156,11 @@ class Settings(BaseSettings):
     max_streams_per_user: int = Field(
         default=100, description="Event streams one user may hold open at once (per API process)"
     )
+    stream_lifetime_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="An event stream ends after this long; clients reconnect where they were",
+    )
     step_timeout_s: float = Field(default=600.0, description="Longest a single step may run")
     session_idle_timeout_s: float = Field(
         default=3600.0, description="An idle session ends itself after this long"

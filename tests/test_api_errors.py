@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
 from api.app import create_app
-from api.deps import Problem, StreamCount
+from api.deps import Problem, Streams
 from berth.local import free_port
 from berth.settings import Settings
 from store.models import SessionRow, User, utcnow
@@ -50,7 +50,7 @@ def test_a_rejected_body_is_not_echoed(client: TestClient) -> None:
 
 
 def test_a_user_holds_at_most_so_many_streams() -> None:
-    count = StreamCount(most=2)
+    count = Streams(most=2)
     with count.hold("ann"), count.hold("ann"):
         with pytest.raises(Problem) as refused:
             count.check("ann")

@@ -12,7 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Locator, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Locator,
+    Page,
+    Request,
+    ViewportSize,
+    expect,
+    sync_playwright,
+)
 
 from berth.local import LocalSystem, free_port, python_script
 from sandboxes.docker import NETWORK
@@ -32,10 +41,10 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-DESKTOP = {"width": 1280, "height": 800}
-PHONE = {"width": 375, "height": 812}
+DESKTOP = ViewportSize(width=1280, height=800)
+PHONE = ViewportSize(width=375, height=812)
 PASSWORD = "correct horse battery"
-SLOW = 30  # lines the slow command prints, 0.1 s apart
+SLOW = 40  # lines the slow command prints, 0.15 s apart
 ARTIFACTS = Path(
     os.environ.get("BERTH_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts")
 )
@@ -63,6 +72,8 @@ def system(tmp_path_factory: pytest.TempPathFactory, agent: Agent, page_port: in
                 "OPENAI_BASE_URL": f"{llm.url}/v1",
                 "OPENAI_API_KEY": "sk-scripted",
                 "BERTH_SESSION_HIBERNATE_AFTER_S": "4",
+                # Streams end this often and the pages reconnect: drops, on purpose.
+                "BERTH_STREAM_LIFETIME_S": "2",
                 "BERTH_SANDBOX_HOST_PORTS": f"[{page_port}]",
             },
         )
@@ -92,10 +103,17 @@ def console() -> list[str]:
     return []
 
 
+# What htmx logs when an EventSource reconnects (here every 2 s, on purpose).
+RECONNECTED = "Event"
+
+
 @pytest.fixture(scope="module")
 def page(context: BrowserContext, console: list[str]) -> Iterator[Page]:
     opened = context.new_page()
-    opened.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+    opened.on(
+        "console",
+        lambda m: console.append(m.text) if m.type == "error" and m.text != RECONNECTED else None,
+    )
     opened.on("pageerror", lambda e: console.append(str(e)))
     yield opened
     assert console == []
@@ -152,15 +170,28 @@ def test_a_command_streams_in_and_a_reload_mid_stream_has_no_gap_or_duplicate(
 ) -> None:
     script = python_script(
         "slow.py", "import time", f"for i in range({SLOW}):", "    print(f'line-{i}', flush=True)",
-        "    time.sleep(0.1)",
+        "    time.sleep(0.15)",
     )  # fmt: skip
+    streams: list[int] = []  # the event each stream (re)connection goes on after
+
+    def connected(request: Request) -> None:
+        if "/events?" in request.url:
+            after = int(request.url.rsplit("after=", 1)[1])
+            resumed = int(request.all_headers().get("last-event-id", 0))
+            streams.append(max(after, resumed))
+
+    page.on("request", connected)
     tid = run(page, f"$ {script}")
     expect(page.locator("#terminal")).to_contain_text("line-3")
     assert "line-29" not in terminal(page), "the output came all at once, not streamed"
     page.reload()  # mid-stream: the page is drawn as of now, the stream goes on from there
+    expect(page.locator("#terminal")).to_contain_text("line-12")
     expect(status_of(page, tid)).to_have_text("succeeded")
     lines = re.findall(r"line-\d+", terminal(page))
     assert lines == [f"line-{i}" for i in range(SLOW)]
+    # The system ends streams after 2 s (BERTH_STREAM_LIFETIME_S): the page reconnected,
+    # each time after the last event it had.
+    assert len(streams) >= 2 and streams == sorted(streams) and streams[-1] > streams[0], streams
     expect(page.locator(f"#step-{tid}-0")).to_contain_text("succeeded")
     shoot(page, "session-command")
 

@@ -29,7 +29,7 @@ from api.deps import (
     PasswordsDep,
     Problem,
     SettingsDep,
-    StreamCountDep,
+    StreamsDep,
     TemporalDep,
 )
 from api.events import sse, stream
@@ -359,7 +359,7 @@ def session_events(
     db: DbDep,
     engine: EngineDep,
     hub: HubDep,
-    streams: StreamCountDep,
+    streams: StreamsDep,
     user: PageUser,
     after: Annotated[int, Query(ge=0)] = 0,
     last_event_id: Annotated[int | None, Header(ge=0)] = None,
