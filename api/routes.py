@@ -122,6 +122,8 @@ async def create_session(
     ip: IpDep,
     body: SessionCreate | None = None,
 ) -> SessionOut:
+    """Starts a session of ``template``, by default the caller's preferred one (GET
+    /api/preferences), with the caller's preferred model and timeouts."""
     template = (body or SessionCreate()).template
     row = await service.start_session(db, temporal, settings, user, template, ip)
     return service.session_out(row)

@@ -19,6 +19,7 @@ from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 import vm_templates
+from api import preferences
 from api.deps import Problem, TemporalLink
 from api.schemas import SessionOut, StepOut, TaskOut, TaskRefOut
 from berth.settings import Settings
@@ -37,9 +38,13 @@ async def start_session(
     temporal: TemporalLink,
     settings: Settings,
     user: User,
-    template: str,
+    template: str | None,
     ip: str | None = None,
 ) -> SessionRow:
+    """Starts a session of ``template`` (None: the user's preferred one, else the default),
+    with the user's other preferences."""
+    prefs = preferences.load(db, user)
+    template = template or prefs.template or vm_templates.DEFAULT
     if template not in vm_templates.names():
         known = ", ".join(vm_templates.names())
         raise Problem(422, f"no sandbox template {template!r}; known: {known}")
@@ -67,11 +72,12 @@ async def start_session(
                 session_id=row.id,
                 template=template,
                 host_task_queue=settings.host_task_queue,
-                idle_timeout_s=settings.session_idle_timeout_s,
-                hibernate_after_s=settings.session_hibernate_after_s,
+                idle_timeout_s=prefs.idle_timeout_s or settings.session_idle_timeout_s,
+                hibernate_after_s=prefs.hibernate_after_s or settings.session_hibernate_after_s,
                 step_timeout_s=settings.step_timeout_s,
                 max_steps=settings.agent_max_steps,
                 max_revisions=settings.agent_max_revisions,
+                model=prefs.model,
             ),
             id=workflow_id(row.id),
             task_queue=settings.host_task_queue,  # the session lives on its host

@@ -82,6 +82,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/chat/completions"): R(503, 503, 401, 503, json={"messages": [{"role": "user", "content": "hi"}]}),  # noqa: E501
     ("GET", "/v1/models"): R(200, 200, 401, 200),
     ("GET", "/api/usage"): R(200, 200, 401, 200),
+    # The caller's own preferences (an empty body puts the defaults back).
+    ("GET", "/api/preferences"): R(200, 200, 401, 200),
+    ("PUT", "/api/preferences"): R(200, 200, 401, 200, json={}),
     # Admins only.
     ("GET", "/api/pools/{template}"): R(403, 403, 401, 404),  # no pool runs here
     ("GET", "/api/admin/audit"): R(403, 403, 401, 200, query="?session_id={sid}"),
@@ -98,6 +101,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/ui/sessions/{sid}/tasks"): R(409, 404, 401, 404, form=PROMPT),
     ("POST", "/ui/sessions/{sid}/tasks/{tid}/{action}"): R(409, 404, 401, 404),
     ("POST", "/ui/sessions/{sid}/end"): R(200, 404, 401, 404),
+    ("GET", "/preferences"): R(200, 200, 303, 200),
+    ("POST", "/ui/preferences"): R(200, 200, 401, 200),
 }
 # fmt: on
 
