@@ -30,6 +30,7 @@ from store.notify import Hub
 from ui.pages import STATIC_DIR, is_dashboard, problem_page
 from ui.pages import router as ui_router
 from ui.preferences import router as preferences_page_router
+from ui.tokens import router as tokens_page_router
 
 log = logging.getLogger("berth.api")
 
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(preferences_router)
     app.include_router(ui_router)
     app.include_router(preferences_page_router)
+    app.include_router(tokens_page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(SecurityHeaders)
     return app

@@ -49,6 +49,7 @@ class TokenInfo(BaseModel):
     name: str
     created_at: datetime
     expires_at: datetime
+    last_used_at: datetime | None = None  # to within a minute
 
 
 class SessionCreate(BaseModel):

@@ -204,6 +204,8 @@ class ApiToken(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime
     revoked_at: datetime | None = None
+    # When it last opened a request, to within accounts.LAST_USED_RESOLUTION.
+    last_used_at: datetime | None = None
 
 
 class AuthCounter(SQLModel, table=True):

@@ -103,6 +103,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/ui/sessions/{sid}/end"): R(200, 404, 401, 404),
     ("GET", "/preferences"): R(200, 200, 303, 200),
     ("POST", "/ui/preferences"): R(200, 200, 401, 200),
+    ("GET", "/tokens"): R(200, 200, 303, 200),
+    ("POST", "/ui/tokens"): R(200, 200, 401, 200, form={"name": "script"}),
+    ("POST", "/ui/tokens/{token_id}/revoke"): R(200, 404, 401, 404),
 }
 # fmt: on
 

@@ -54,6 +54,10 @@ def field_errors(exc: ValidationError) -> dict[str, str]:
             message = f"at least {context['ge']}"
         elif error["type"] == "less_than_equal":
             message = f"at most {context['le']}"
+        elif error["type"] == "string_too_short":
+            message = "needed" if context["min_length"] == 1 else error["msg"]
+        elif error["type"] == "string_too_long":
+            message = f"at most {context['max_length']} characters"
         elif error["type"] == "int_parsing":
             message = "a whole number"
         else:
