@@ -27,6 +27,7 @@ from berth.keys import payload_keys
 from berth.settings import Settings, get_settings
 from store.db import get_engine, migrate
 from store.notify import Hub
+from ui.admin_pages import router as admin_page_router
 from ui.pages import STATIC_DIR, is_dashboard, problem_page
 from ui.pages import router as ui_router
 from ui.preferences import router as preferences_page_router
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ui_router)
     app.include_router(preferences_page_router)
     app.include_router(tokens_page_router)
+    app.include_router(admin_page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(SecurityHeaders)
     return app

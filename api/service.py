@@ -21,13 +21,14 @@ from temporalio.service import RPCError, RPCStatusCode
 import vm_templates
 from api import preferences
 from api.deps import Problem, TemporalLink
-from api.schemas import SessionOut, StepOut, TaskOut, TaskRefOut
+from api.schemas import PoolOut, SessionOut, StepOut, TaskOut, TaskRefOut
 from berth.settings import Settings
 from llm.accounting import task_usage
 from store import audit
 from store.artifacts import ArtifactStore
 from store.models import ArtifactRow, SessionRow, SessionStatus, StepRow, TaskRow, User, utcnow
 from workflows.models import SessionInput, TaskRef
+from workflows.pool import PoolWorkflow, pool_workflow_id
 from workflows.session import SessionWorkflow, workflow_id
 
 log = logging.getLogger("berth.api")
@@ -234,3 +235,21 @@ def artifact_file(
         return store.find(db, row.id, artifact_id)
     except LookupError:
         raise Problem(404, f"no artifact {artifact_id[:80]} in session {row.id}") from None
+
+
+async def pool_state(temporal: TemporalLink, settings: Settings, template: str) -> PoolOut:
+    """The warm pool of a template on this host, from its workflow; 404 if none runs."""
+    handle = (await temporal.client()).get_workflow_handle(
+        pool_workflow_id(settings.host_id, template)
+    )
+    try:
+        state = await handle.query(PoolWorkflow.state)
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise Problem(404, f"no warm pool of template {template!r} on this host") from exc
+        raise _unavailable(exc) from exc
+    return PoolOut(
+        template=state.template, target=state.target, ready=len(state.ready),
+        booting=len(state.booting), hits=state.hits, misses=state.misses,
+        boot_failures=state.boot_failures,
+    )  # fmt: skip

@@ -106,6 +106,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/tokens"): R(200, 200, 303, 200),
     ("POST", "/ui/tokens"): R(200, 200, 401, 200, form={"name": "script"}),
     ("POST", "/ui/tokens/{token_id}/revoke"): R(200, 404, 401, 404),
+    ("GET", "/admin"): R(403, 403, 303, 200),
 }
 # fmt: on
 
