@@ -215,7 +215,7 @@ class PlanningActivities:
 
         try:
             # Only a reply that parses is cached: a retry asks the model again.
-            result = await self.proxy.complete(chat, caller, keep=usable)
+            result = await self.proxy.complete(chat, caller, keep=usable, prefer=request.model)
         except LLMError as exc:
             kind, retryable = next(v for k, v in FAILURES.items() if isinstance(exc, k))
             message = NO_MODEL if isinstance(exc, NoProvider) else str(exc)

@@ -22,6 +22,9 @@ from berth.settings import Settings
 from store import audit, counters
 from store.models import ApiToken, User, utcnow
 
+# A token's last use is written at most this often: not a database write per request.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
 
 def _refuse_if_locked(db: Session, *keys: str) -> None:
     until = counters.locked_until(db, *keys)
@@ -114,9 +117,13 @@ def authenticate(db: Session, settings: Settings, secret: str) -> tuple[User, Ap
     if found is None or found[0].expires_at <= utcnow():
         return None
     token, user = found
+    now, changed = utcnow(), False
     if token.token_hash != hashes[0]:
         # Hashed under a previous key: move it to the current one while the grace lasts.
-        token.token_hash = hashes[0]
+        token.token_hash, changed = hashes[0], True
+    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
+        token.last_used_at, changed = now, True
+    if changed:
         db.add(token)
         db.commit()
         db.refresh(user)

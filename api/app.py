@@ -19,6 +19,7 @@ from api.codec import router as codec_router
 from api.deps import EngineDep, Problem, Streams, TemporalLink
 from api.headers import SecurityHeaders
 from api.openai_compat import router as llm_router
+from api.preferences import router as preferences_router
 from api.routes import router
 from api.security import Passwords
 from berth.codec import EncryptionCodec
@@ -26,8 +27,11 @@ from berth.keys import payload_keys
 from berth.settings import Settings, get_settings
 from store.db import get_engine, migrate
 from store.notify import Hub
+from ui.admin_pages import router as admin_page_router
 from ui.pages import STATIC_DIR, is_dashboard, problem_page
 from ui.pages import router as ui_router
+from ui.preferences import router as preferences_page_router
+from ui.tokens import router as tokens_page_router
 
 log = logging.getLogger("berth.api")
 
@@ -92,7 +96,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(llm_router)
     app.include_router(codec_router)
     app.include_router(admin_router)
+    app.include_router(preferences_router)
     app.include_router(ui_router)
+    app.include_router(preferences_page_router)
+    app.include_router(tokens_page_router)
+    app.include_router(admin_page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(SecurityHeaders)
     return app

@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import FileResponse, Response, StreamingResponse
-from temporalio.service import RPCError, RPCStatusCode
 
 from api import accounts, cursors, service
 from api.deps import (
@@ -43,7 +42,6 @@ from api.schemas import (
 from store import audit
 from store.models import ApiToken
 from workflows.models import TaskControl, TaskModification, TaskSubmission
-from workflows.pool import PoolWorkflow, pool_workflow_id
 
 # Every route under /api may be refused for its input; the others are named per route.
 router = APIRouter(prefix="/api", responses=problems(422))
@@ -122,6 +120,8 @@ async def create_session(
     ip: IpDep,
     body: SessionCreate | None = None,
 ) -> SessionOut:
+    """Starts a session of ``template``, by default the caller's preferred one (GET
+    /api/preferences), with the caller's preferred model and timeouts."""
     template = (body or SessionCreate()).template
     row = await service.start_session(db, temporal, settings, user, template, ip)
     return service.session_out(row)
@@ -272,16 +272,4 @@ async def pool_state(
     template: str, temporal: TemporalDep, settings: SettingsDep, admin: AdminDep
 ) -> PoolOut:
     """The warm pool of VMs of a template on this host (libvirt provider), for admins."""
-    client = await temporal.client()
-    handle = client.get_workflow_handle(pool_workflow_id(settings.host_id, template))
-    try:
-        state = await handle.query(PoolWorkflow.state)
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.NOT_FOUND:
-            raise Problem(404, f"no warm pool of template {template!r} on this host") from exc
-        raise
-    return PoolOut(
-        template=state.template, target=state.target, ready=len(state.ready),
-        booting=len(state.booting), hits=state.hits, misses=state.misses,
-        boot_failures=state.boot_failures,
-    )  # fmt: skip
+    return await service.pool_state(temporal, settings, template)

@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
-import vm_templates
 from llm.models import UsageTotals
 from store.models import SessionStatus, StepStatus, TaskStatus
 from workflows.models import MAX_PROMPT_CHARS
@@ -50,10 +49,12 @@ class TokenInfo(BaseModel):
     name: str
     created_at: datetime
     expires_at: datetime
+    last_used_at: datetime | None = None  # to within a minute
 
 
 class SessionCreate(BaseModel):
-    template: str = Field(default=vm_templates.DEFAULT, max_length=64)
+    # None: the user's preferred template, else the default one.
+    template: str | None = Field(default=None, max_length=64)
 
 
 class SessionOut(BaseModel):
@@ -126,3 +127,47 @@ class PoolOut(BaseModel):
     hits: int
     misses: int
     boot_failures: int
+
+
+# Bounds of a user's session timeouts: hibernating sooner than a minute would suspend a
+# sandbox between a user's tasks; a session idle past a week holds its resources for nothing.
+HIBERNATE_MIN_S, HIBERNATE_MAX_S = 60, 24 * 3600
+IDLE_MIN_S, IDLE_MAX_S = 5 * 60, 7 * 24 * 3600
+
+
+class Preferences(BaseModel):
+    """What the user's new sessions start with; each null means the system's default."""
+
+    template: str | None = Field(default=None, max_length=64, description="Sandbox template")
+    model: str | None = Field(
+        default=None,
+        max_length=200,
+        description="An LLM provider's name or model (GET /v1/models), tried first when the "
+        "agent plans; null: the configured order",
+    )
+    hibernate_after_s: int | None = Field(
+        default=None,
+        ge=HIBERNATE_MIN_S,
+        le=HIBERNATE_MAX_S,
+        description="Idle this long, a session's sandbox hibernates until the next task",
+    )
+    idle_timeout_s: int | None = Field(
+        default=None,
+        ge=IDLE_MIN_S,
+        le=IDLE_MAX_S,
+        description="Idle this long, a session ends; longer than hibernate_after_s",
+    )
+
+
+class PreferenceDefaults(BaseModel):
+    template: str
+    hibernate_after_s: float | None  # None: sandboxes never hibernate
+    idle_timeout_s: float
+
+
+class PreferencesOut(Preferences):
+    """The user's preferences, the system's defaults, and the choices offered."""
+
+    defaults: PreferenceDefaults
+    templates: list[str]
+    models: list[str]

@@ -19,14 +19,16 @@ from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 import vm_templates
+from api import preferences
 from api.deps import Problem, TemporalLink
-from api.schemas import SessionOut, StepOut, TaskOut, TaskRefOut
+from api.schemas import PoolOut, SessionOut, StepOut, TaskOut, TaskRefOut
 from berth.settings import Settings
 from llm.accounting import task_usage
 from store import audit
 from store.artifacts import ArtifactStore
 from store.models import ArtifactRow, SessionRow, SessionStatus, StepRow, TaskRow, User, utcnow
 from workflows.models import SessionInput, TaskRef
+from workflows.pool import PoolWorkflow, pool_workflow_id
 from workflows.session import SessionWorkflow, workflow_id
 
 log = logging.getLogger("berth.api")
@@ -37,9 +39,13 @@ async def start_session(
     temporal: TemporalLink,
     settings: Settings,
     user: User,
-    template: str,
+    template: str | None,
     ip: str | None = None,
 ) -> SessionRow:
+    """Starts a session of ``template`` (None: the user's preferred one, else the default),
+    with the user's other preferences."""
+    prefs = preferences.load(db, user)
+    template = template or prefs.template or vm_templates.DEFAULT
     if template not in vm_templates.names():
         known = ", ".join(vm_templates.names())
         raise Problem(422, f"no sandbox template {template!r}; known: {known}")
@@ -67,11 +73,12 @@ async def start_session(
                 session_id=row.id,
                 template=template,
                 host_task_queue=settings.host_task_queue,
-                idle_timeout_s=settings.session_idle_timeout_s,
-                hibernate_after_s=settings.session_hibernate_after_s,
+                idle_timeout_s=prefs.idle_timeout_s or settings.session_idle_timeout_s,
+                hibernate_after_s=prefs.hibernate_after_s or settings.session_hibernate_after_s,
                 step_timeout_s=settings.step_timeout_s,
                 max_steps=settings.agent_max_steps,
                 max_revisions=settings.agent_max_revisions,
+                model=prefs.model,
             ),
             id=workflow_id(row.id),
             task_queue=settings.host_task_queue,  # the session lives on its host
@@ -246,3 +253,21 @@ def artifact_file(
         return store.find(db, row.id, artifact_id)
     except LookupError:
         raise Problem(404, f"no artifact {artifact_id[:80]} in session {row.id}") from None
+
+
+async def pool_state(temporal: TemporalLink, settings: Settings, template: str) -> PoolOut:
+    """The warm pool of a template on this host, from its workflow; 404 if none runs."""
+    handle = (await temporal.client()).get_workflow_handle(
+        pool_workflow_id(settings.host_id, template)
+    )
+    try:
+        state = await handle.query(PoolWorkflow.state)
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise Problem(404, f"no warm pool of template {template!r} on this host") from exc
+        raise _unavailable(exc) from exc
+    return PoolOut(
+        template=state.template, target=state.target, ready=len(state.ready),
+        booting=len(state.booting), hits=state.hits, misses=state.misses,
+        boot_failures=state.boot_failures,
+    )  # fmt: skip

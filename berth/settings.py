@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     temporal_port: int = Field(default=7233, description="Port of the embedded Temporal server")
     temporal_namespace: str = "default"
     temporal_ui_port: int = 8233
+    temporal_ui_url: str | None = Field(
+        default=None,
+        description="Base URL of the Temporal Web UI, for admins' links to session workflows; "
+        "unset: the embedded one (http://127.0.0.1:<temporal_ui_port>)",
+    )
     temporal_suggest_continue_as_new: int | None = Field(
         default=None,
         description="Embedded server: history length at which sessions continue as new "
@@ -251,6 +256,10 @@ class Settings(BaseSettings):
     @property
     def temporal_target(self) -> str:
         return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
+
+    @property
+    def temporal_ui_base(self) -> str:
+        return (self.temporal_ui_url or f"http://127.0.0.1:{self.temporal_ui_port}").rstrip("/")
 
     @property
     def host_task_queue(self) -> str:

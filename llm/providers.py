@@ -56,6 +56,15 @@ def provider_configs(settings: Settings) -> list[LLMProvider]:
     return [with_defaults(config, settings) for config in configs]
 
 
+def model_names(configs: list[LLMProvider]) -> list[str]:
+    """What may name one provider (in a request's ``model``, a user's preference): each
+    one's model and name, in order."""
+    names: list[str] = []
+    for config in configs:
+        names += [n for n in (config.model, config.name) if n not in names]
+    return names
+
+
 def with_defaults(config: LLMProvider, settings: Settings) -> LLMProvider:
     if config.kind == "openai":
         key, url = settings.openai_api_key, settings.openai_base_url

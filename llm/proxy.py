@@ -44,6 +44,7 @@ from llm.providers import (
     describe,
     is_refusal,
     is_transient,
+    model_names,
     provider_configs,
     usage_of,
 )
@@ -80,10 +81,8 @@ class LLMProxy:
     def models(self) -> list[str]:
         """What a request's ``model`` may name: ``berth`` (every provider, in order), or
         one provider's model or name."""
-        names = [DEFAULT_MODEL]
-        for provider in self.providers:
-            names += [n for n in (provider.config.model, provider.name) if n not in names]
-        return names if self.providers else []
+        names = model_names([provider.config for provider in self.providers])
+        return [DEFAULT_MODEL, *(n for n in names if n != DEFAULT_MODEL)] if names else []
 
     async def complete(
         self,
@@ -92,12 +91,15 @@ class LLMProxy:
         *,
         cache: bool | None = None,
         keep: Callable[[ChatResult], bool] | None = None,
+        prefer: str | None = None,
     ) -> ChatResult:
         """The answer to a request; ``cache`` None means cache it if deterministic, False
         means neither read nor write the cache, True caches it whatever its temperature.
-        An answer ``keep`` refuses (one its caller cannot use) is never cached."""
+        An answer ``keep`` refuses (one its caller cannot use) is never cached. ``prefer``
+        (a provider's name or model) is tried first, the others after it; one no provider
+        answers to is ignored (the configuration may have changed since it was chosen)."""
         started = time.perf_counter()
-        providers, keys = self._prepare(request, caller, cache)
+        providers, keys = self._prepare(request, caller, cache, prefer)
         hit = await self._open(caller, keys, started)
         if hit is not None:
             return hit
@@ -158,11 +160,11 @@ class LLMProxy:
     # ---- the steps of a call
 
     def _prepare(
-        self, request: ChatRequest, caller: Caller, cache: bool | None
+        self, request: ChatRequest, caller: Caller, cache: bool | None, prefer: str | None = None
     ) -> tuple[list[Provider], dict[str, str]]:
         """The providers to try, in order, and the cache key for each (none when the
         request is not to be cached)."""
-        providers = self._route(request)
+        providers = self._route(request, prefer)
         if cache is False or (cache is None and request.temperature != 0):
             return providers, {}
         # Each user's answers are their own unless the operator shares them: a hit would
@@ -214,7 +216,7 @@ class LLMProxy:
 
         return await asyncio.to_thread(transaction)
 
-    def _route(self, request: ChatRequest) -> list[Provider]:
+    def _route(self, request: ChatRequest, prefer: str | None) -> list[Provider]:
         if not self.providers:
             raise NoProvider(NO_PROVIDER)
         if not request.messages:
@@ -231,8 +233,11 @@ class LLMProxy:
                 raise InvalidRequest(
                     f"unknown model {request.model!r}; the models are {', '.join(self.models())}"
                 )
+        if prefer:
+            chosen = sorted(chosen, key=lambda p: prefer not in (p.name, p.config.model))
         now = time.monotonic()
-        return sorted(chosen, key=lambda p: self.cooling.get(p.name, 0.0) > now)  # stable
+        # Stable: the preferred provider stays first unless it is cooling down.
+        return sorted(chosen, key=lambda p: self.cooling.get(p.name, 0.0) > now)
 
     async def _first_to_answer(
         self, providers: list[Provider], call: Callable[[Provider], Awaitable[T]]

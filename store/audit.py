@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from store.models import AuditEntry
 
@@ -23,3 +23,8 @@ def record(
     db.add(entry)
     db.commit()
     return entry
+
+
+def newest(db: Session, limit: int) -> list[AuditEntry]:
+    query = select(AuditEntry).order_by(col(AuditEntry.at).desc(), col(AuditEntry.id).desc())
+    return list(db.exec(query.limit(limit)))

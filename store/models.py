@@ -206,6 +206,8 @@ class ApiToken(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime
     revoked_at: datetime | None = None
+    # When it last opened a request, to within accounts.LAST_USED_RESOLUTION.
+    last_used_at: datetime | None = None
 
 
 class AuthCounter(SQLModel, table=True):
@@ -232,3 +234,17 @@ class AuditEntry(SQLModel, table=True):
     target: str | None = Field(default=None, index=True, max_length=200)
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     ip: str | None = Field(default=None, max_length=64)
+
+
+class UserPreferences(SQLModel, table=True):
+    """What a user's new sessions start with; each None means the system's default."""
+
+    __tablename__ = "user_preferences"
+
+    user_id: str = Field(foreign_key="users.id", primary_key=True)
+    template: str | None = Field(default=None, max_length=64)
+    # A configured LLM provider's name or model, tried first (the others remain fallbacks).
+    model: str | None = Field(default=None, max_length=200)
+    hibernate_after_s: int | None = None
+    idle_timeout_s: int | None = None
+    updated_at: datetime = Field(default_factory=utcnow)

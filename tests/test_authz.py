@@ -83,6 +83,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/chat/completions"): R(503, 503, 401, 503, json={"messages": [{"role": "user", "content": "hi"}]}),  # noqa: E501
     ("GET", "/v1/models"): R(200, 200, 401, 200),
     ("GET", "/api/usage"): R(200, 200, 401, 200),
+    # The caller's own preferences (an empty body puts the defaults back).
+    ("GET", "/api/preferences"): R(200, 200, 401, 200),
+    ("PUT", "/api/preferences"): R(200, 200, 401, 200, json={}),
     # Admins only.
     ("GET", "/api/pools/{template}"): R(403, 403, 401, 404),  # no pool runs here
     ("GET", "/api/admin/audit"): R(403, 403, 401, 200, query="?session_id={sid}"),
@@ -102,6 +105,12 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/ui/sessions/{sid}/machine"): R(200, 404, 303, 200),
     ("GET", "/ui/sessions/{sid}/artifacts/{artifact_id}"): R(200, 404, 303, 200),
     ("POST", "/ui/sessions/{sid}/end"): R(200, 404, 401, 404),
+    ("GET", "/preferences"): R(200, 200, 303, 200),
+    ("POST", "/ui/preferences"): R(200, 200, 401, 200),
+    ("GET", "/tokens"): R(200, 200, 303, 200),
+    ("POST", "/ui/tokens"): R(200, 200, 401, 200, form={"name": "script"}),
+    ("POST", "/ui/tokens/{token_id}/revoke"): R(200, 404, 401, 404),
+    ("GET", "/admin"): R(403, 403, 303, 200),
 }
 # fmt: on
 

@@ -29,6 +29,8 @@ class SessionInput(BaseModel):
     # The agent loop's bounds, per task.
     max_steps: int = 30
     max_revisions: int = 8
+    # The user's preferred LLM provider (its name or model), tried first when planning.
+    model: str | None = None
     # Set by continue-as-new: the session as the previous run left it.
     carried: Carried | None = None
 
@@ -149,6 +151,8 @@ class PlanRequest(BaseModel):
     # Why the plan is being revised (a failed check, a refused command, a verification
     # that fell short): the model is told, so it does not repeat the mistake.
     feedback: str | None = None
+    # The LLM provider (name or model) to try first: the session's user's preference.
+    model: str | None = None
 
 
 class ModelAnswer(BaseModel):
@@ -170,6 +174,7 @@ class VerifyRequest(BaseModel):
     prompt: str
     notes: list[str] = Field(default_factory=list)
     done: list[DoneStep] = Field(default_factory=list)
+    model: str | None = None  # as PlanRequest's
 
 
 class Verdict(ModelAnswer):

@@ -458,6 +458,7 @@ class SessionWorkflow:
                 notes=task.notes,
                 done=task.recent,
                 feedback=feedback,
+                model=self.params.model,
             ),
             "revise the plan" if instruction or feedback else "plan the task",
         )
@@ -499,6 +500,7 @@ class SessionWorkflow:
                 prompt=task.prompt,
                 notes=task.notes,
                 done=task.recent,
+                model=self.params.model,
             ),
             "verify the result",
         )

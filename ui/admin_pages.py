@@ -1,0 +1,71 @@
+"""The admins' page: each template's warm pool on this host, every user's sessions (newest
+first, each linked to its workflow in the Temporal Web UI) and the audit log's newest
+entries. Anyone else gets a 403, as the admin API answers them; reading it is audited."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, Response
+
+import vm_templates
+from api import service
+from api.deps import DbDep, IpDep, Problem, SettingsDep, TemporalDep
+from api.schemas import PoolOut
+from berth.settings import Settings
+from store import audit
+from ui import guard
+from ui.pages import PageCaller, render_page
+from workflows.session import workflow_id
+
+router = APIRouter(include_in_schema=False, dependencies=[Depends(guard.check_origin)])
+SESSIONS_SHOWN = 100
+AUDIT_SHOWN = 50
+
+
+def workflow_url(settings: Settings, session_id: str) -> str:
+    """A session's workflow in the Temporal Web UI."""
+    namespace = quote(settings.temporal_namespace, safe="")
+    return f"{settings.temporal_ui_base}/namespaces/{namespace}/workflows/" + quote(
+        workflow_id(session_id), safe=""
+    )
+
+
+async def _pools(temporal: TemporalDep, settings: Settings) -> list[tuple[str, PoolOut | str]]:
+    """Each template's pool, or why there is none to show."""
+    found: list[tuple[str, PoolOut | str]] = []
+    for template in vm_templates.names():
+        try:
+            found.append((template, await service.pool_state(temporal, settings, template)))
+        except Problem as exc:
+            if exc.status == 404:
+                found.append((template, "no warm pool on this host"))
+            else:
+                found.append((template, exc.detail))
+    return found
+
+
+@router.get("/admin", response_class=HTMLResponse)
+async def admin_page(
+    request: Request,
+    db: DbDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    caller: PageCaller,
+    ip: IpDep,
+) -> Response:
+    if not caller[0].is_admin:
+        raise Problem(403, "only an admin may see this page")
+    audit.record(db, caller[0].id, "admin.page.read", ip=ip)
+    sessions = service.list_sessions(db, None, limit=SESSIONS_SHOWN)
+    return render_page(
+        request,
+        "admin.html",
+        settings,
+        caller,
+        pools=await _pools(temporal, settings),
+        sessions=[(row, workflow_url(settings, row.id)) for row in sessions],
+        entries=audit.newest(db, AUDIT_SHOWN),
+        provider=settings.sandbox_provider,
+    )
