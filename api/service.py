@@ -61,7 +61,15 @@ async def start_session(
             "end one first",
         )
     client = await temporal.client()  # before the row: no session is left half-made
-    row = SessionRow(user_id=user.id, template=template)
+    idle_timeout_s = prefs.idle_timeout_s or settings.session_idle_timeout_s
+    hibernate_after_s = prefs.hibernate_after_s or settings.session_hibernate_after_s
+    row = SessionRow(
+        user_id=user.id,
+        template=template,
+        idle_timeout_s=idle_timeout_s,
+        hibernate_after_s=hibernate_after_s,
+        model=prefs.model,
+    )
     db.add(row)
     db.commit()
     db.refresh(row)
@@ -73,12 +81,12 @@ async def start_session(
                 session_id=row.id,
                 template=template,
                 host_task_queue=settings.host_task_queue,
-                idle_timeout_s=prefs.idle_timeout_s or settings.session_idle_timeout_s,
-                hibernate_after_s=prefs.hibernate_after_s or settings.session_hibernate_after_s,
+                idle_timeout_s=idle_timeout_s,
+                hibernate_after_s=hibernate_after_s,
                 step_timeout_s=settings.step_timeout_s,
                 max_steps=settings.agent_max_steps,
                 max_revisions=settings.agent_max_revisions,
-                model=prefs.model,
+                model=row.model,
             ),
             id=workflow_id(row.id),
             task_queue=settings.host_task_queue,  # the session lives on its host

@@ -66,6 +66,10 @@ class SessionRow(SQLModel, table=True):
     user_id: str = Field(foreign_key="users.id", index=True)
     template: str = "default"
     status: SessionStatus = Field(default=SessionStatus.provisioning, sa_type=String(16))
+    # As started (the user's preferences, else the system's defaults); None: never.
+    idle_timeout_s: float | None = None
+    hibernate_after_s: float | None = None
+    model: str | None = Field(default=None, max_length=200)
     error: str | None = Field(default=None, sa_column=Column(Text))
     # Highest event sequence number handed out; bumped atomically by each append.
     last_seq: int = 0

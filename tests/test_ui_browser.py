@@ -300,6 +300,33 @@ def test_the_session_list_searches_and_shows_usage(page: Page, session: str) -> 
     page.goto(f"/sessions/{session}")
 
 
+def test_a_changed_preference_applies_to_the_next_session(
+    page: Page, session: str, console: list[str]
+) -> None:
+    page.goto("/preferences")
+    page.get_by_label("Hibernate after (seconds idle)").fill("600")
+    page.get_by_label("Idle timeout (seconds)").fill("300")  # refused: hibernation comes first
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("#preferences")).to_contain_text("Not saved")
+    assert page.get_by_label("Hibernate after (seconds idle)").input_value() == "600"
+    page.get_by_label("Hibernate after (seconds idle)").fill("90")
+    page.get_by_label("Idle timeout (seconds)").fill("7200")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("#preferences")).to_contain_text("Saved")
+    shoot(page, "preferences")
+    # The refusal was a 422, which the browser and htmx log.
+    assert console and all("422" in line or "Response Status Error" in line for line in console)
+    console.clear()
+    page.goto("/")
+    page.get_by_role("button", name="Start a session").click()
+    expect(page).to_have_url(re.compile(r"/sessions/[0-9a-f]{32}$"))
+    expect(page.locator("#machine")).to_contain_text("hibernates after 1 min 30 s, ends after 2 h")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="End session").click()
+    expect(page.locator("#session-status")).to_have_text("ended", timeout=60_000)
+    page.goto(f"/sessions/{session}")
+
+
 def test_end_the_session(page: Page, session: str) -> None:
     page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_role("button", name="End session").click()

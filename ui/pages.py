@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 import vm_templates
-from api import accounts, cursors, service
+from api import accounts, cursors, preferences, service
 from api.deps import (
     DbDep,
     EngineDep,
@@ -117,7 +117,9 @@ def render_page(
 
 def is_dashboard(path: str) -> bool:
     """Whether a path is one of the dashboard's (HTML) rather than an API's."""
-    return path in ("/", "/login", "/logout") or path.startswith(("/sessions/", "/ui/"))
+    return path in ("/", "/login", "/logout", "/preferences", "/tokens", "/admin") or (
+        path.startswith(("/sessions/", "/ui/"))
+    )
 
 
 def problem_page(request: Request, problem: Problem) -> Response:
@@ -169,7 +171,7 @@ def home(
         older=f"{older.path}?{older.query}" if older else None,
         now=utcnow(),
         templates={name: _spec(name) for name in vm_templates.names()},
-        default_template=vm_templates.DEFAULT,
+        preferred=preferences.load(db, found[0]).template or vm_templates.DEFAULT,
     )
 
 
@@ -252,9 +254,10 @@ async def start_session(
     settings: SettingsDep,
     user: PageUser,
     ip: IpDep,
-    template: Annotated[str, Form()] = vm_templates.DEFAULT,
+    # Empty: the user's preferred template.
+    template: Annotated[str | None, Form()] = None,
 ) -> Response:
-    row = await service.start_session(db, temporal, settings, user, template, ip)
+    row = await service.start_session(db, temporal, settings, user, template or None, ip)
     return Response(status_code=204, headers={"HX-Redirect": f"/sessions/{row.id}"})
 
 
