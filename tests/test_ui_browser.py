@@ -196,6 +196,32 @@ def test_a_command_streams_in_and_a_reload_mid_stream_has_no_gap_or_duplicate(
     shoot(page, "session-command")
 
 
+def test_fast_output_arrives_in_few_updates(page: Page, session: str) -> None:
+    page.evaluate(
+        "window.updates = 0;"
+        "document.addEventListener('htmx:sseMessage', () => { window.updates += 1; });"
+    )
+    tid = run(page, "$ seq 1 5000")
+    expect(status_of(page, tid)).to_have_text("succeeded")
+    expect(page.locator("#terminal")).to_contain_text("4999\n5000")
+    updates = page.evaluate("window.updates")
+    # 5,000 lines, a handful of status changes: coalesced into batches, not a swap per line.
+    assert 0 < updates < 50, updates
+    text = terminal(page)
+    assert text.count("\n5000\n") == 1 and "\n2500\n" in text
+
+
+def test_a_task_that_falls_short_shows_why(page: Page, session: str, agent: Agent) -> None:
+    agent.plans["unreachable"] = [
+        {"steps": [{"kind": "terminal", "command": "echo trying"}]},
+        {"steps": []},  # nothing more to try
+    ]
+    agent.verdicts["unreachable"] = [{"ok": False, "reason": "the moon is not in /tmp"}]
+    tid = run(page, "unreachable: find the moon in /tmp")
+    expect(status_of(page, tid)).to_have_text("failed", timeout=60_000)
+    expect(page.locator(f"#task-{tid}-result .error")).to_contain_text("the moon is not in /tmp")
+
+
 def test_a_browser_task_shows_its_plan_check_and_screenshot(
     page: Page, session: str, agent: Agent, page_port: int
 ) -> None:
