@@ -19,6 +19,10 @@ from sandboxes.tokens import guest_token
 
 log = logging.getLogger("berth.sandboxes")
 
+# The guest token's name in guest_env(): a provider hands it to the guest agent by a way no
+# step can read (never the machine's environment).
+TOKEN_VARIABLE = "BERTH_GUEST_TOKEN"
+
 
 async def _discard(seq: int, stream: str, text: str) -> None:
     """Output of the provider's own commands in a guest is not kept."""
@@ -91,7 +95,7 @@ class SandboxProvider(abc.ABC):
         return {
             "BERTH_GUEST_URL": self.guest_url(),
             "BERTH_SANDBOX_ID": sandbox_id,
-            "BERTH_GUEST_TOKEN": guest_token(self._key, sandbox_id),
+            TOKEN_VARIABLE: guest_token(self._key, sandbox_id),
         }
 
     async def provision(self, sandbox_id: str, session_id: str, template: str) -> SandboxInfo:
