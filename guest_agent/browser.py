@@ -25,7 +25,8 @@ from guest_agent.user import StepUser
 
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
 # In a machine without a GPU or a way out: no sandbox of its own (the machine is one, and
-# Chromium's needs privileges its user lacks), and none of the background traffic that would only meet refused connections.
+# Chromium's needs privileges its user lacks), and none of the background traffic that
+# would only meet refused connections.
 FLAGS = [
     "--no-sandbox",
     "--disable-gpu",

@@ -16,6 +16,13 @@ import pwd
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+# The step user of Berth's images (Docker's and VMs'), and its home: the workspace, steps'
+# cwd. Mode 0711, so the agent (root, without CAP_DAC_* in a container) can start steps in it.
+STEP_USER = "berth"
+STEP_UID = 1000
+WORKSPACE = "/home/berth"
+WORKSPACE_MODE = 0o711
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 

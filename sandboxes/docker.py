@@ -29,6 +29,7 @@ from pathlib import Path
 
 import guest_agent
 import vm_templates
+from guest_agent.user import STEP_UID, WORKSPACE, WORKSPACE_MODE
 from sandboxes.gateway import GuestGateway
 from sandboxes.models import Machine
 from sandboxes.provider import TOKEN_VARIABLE, SandboxProvider, machine_name
@@ -43,11 +44,8 @@ LABEL = "berth.sandbox"
 SESSION_LABEL = "berth.session"
 HOST_LABEL = "berth.host"
 DEPLOYMENT_LABEL = "berth.deployment"
-# The steps' user (the image's `berth`) and its home, the workspace: steps' cwd, and what a
-# session's files are. A tmpfs, which `docker cp` does not see: copy it with `docker exec`
-# and tar. Mode 0711: the agent (root, but without CAP_DAC_*) must enter it to start steps.
-STEP_UID = 1000
-WORKSPACE = "/home/berth"
+# The workspace (guest_agent.user.WORKSPACE) is a tmpfs, which `docker cp` does not see:
+# copy a session's files with `docker exec` and tar.
 TOKEN_FILE = "/run/berth/token"
 # Writes the token from standard input, whole or not at all (the agent waits for the file).
 WRITE_TOKEN = (
@@ -226,7 +224,7 @@ class DockerProvider(SandboxProvider):
             "--read-only",
             "--tmpfs",
             f"{WORKSPACE}:rw,exec,nosuid,nodev,size={self.workspace_mb}m,"
-            f"uid={STEP_UID},gid={STEP_UID},mode=0711",
+            f"uid={STEP_UID},gid={STEP_UID},mode={WORKSPACE_MODE:o}",
             "--tmpfs",
             f"/tmp:rw,exec,nosuid,nodev,size={self.tmp_mb}m,mode=1777",
             "--tmpfs",

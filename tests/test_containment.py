@@ -9,6 +9,7 @@ beside it but the gateway.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,18 +25,21 @@ import pytest
 import vm_templates
 from berth.local import free_port
 from berth.settings import Settings
-from sandboxes.docker import FIREWALL_CHAIN, WORKSPACE, DockerProvider
+from guest_agent.user import WORKSPACE
+from sandboxes.docker import FIREWALL_CHAIN, DockerProvider
 from sandboxes.factory import make_gateway, make_provider
 from sandboxes.gateway import CLOSE_IN_USE, GuestGateway
 from sandboxes.models import FileStep, SandboxInfo, TerminalStep
-from sandboxes.provider import TOKEN_VARIABLE
+from sandboxes.provider import TOKEN_VARIABLE, SandboxProvider
 
 WORKSPACE_MB = 64
 
 
 @dataclass
 class Sandbox:
-    provider: DockerProvider
+    """A sandbox whose guest is driven straight through the gateway (no command policy)."""
+
+    provider: SandboxProvider
     info: SandboxInfo
 
     @property
@@ -50,9 +54,7 @@ class Sandbox:
             lines.append(text)
 
         step = TerminalStep(command=command)
-        outcome = await self.provider.run_step(
-            self.info, uuid.uuid4().hex, step, timeout_s, keep
-        )
+        outcome = await self.provider.run_step(self.info, uuid.uuid4().hex, step, timeout_s, keep)
         return outcome.exit_code, "".join(lines)
 
     def inspect(self) -> str:
@@ -116,7 +118,7 @@ async def test_steps_run_unprivileged_without_capabilities(host: Host) -> None:
 
 async def test_the_guest_token_is_nowhere_a_step_can_read(host: Host) -> None:
     token = host.first.token
-    code, out = await host.first.run(
+    _, out = await host.first.run(
         "env; cat /proc/1/environ /proc/1/cmdline; ps -eo args;"
         "for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < $f; done;"
         "echo found:$(grep -rlsF --exclude-dir=proc --exclude-dir=sys -e" + f" {token[:16]} /);"
@@ -149,28 +151,33 @@ async def test_a_step_cannot_take_over_the_link_with_or_without_the_token(host: 
     await host.first.run(f"cat > probe.py <<'EOF'\n{probe}EOF")
     # A forged token is refused; even the real one (say it leaked) cannot open a second link
     # while the agent's is up.
-    code, out = await host.first.run(f"python3 probe.py forged {host.first.token}")
+    _, out = await host.first.run(f"python3 probe.py forged {host.first.token}")
     assert out.split() == ["4401", str(CLOSE_IN_USE)], out
     assert await host.first.run("echo the agent is still here") == (0, "the agent is still here\n")
 
 
 async def test_the_root_filesystem_is_read_only_and_the_workspace_is_bounded(host: Host) -> None:
-    code, out = await host.first.run(
+    _, out = await host.first.run(
         "for p in /x /etc/x /usr/bin/x /opt/berth/x /var/tmp/x /run/x; do"
         " touch $p 2>/dev/null && echo wrote $p; done; touch /tmp/ok ~/ok && echo ok"
     )
     assert out == "ok\n"
     # Filling the workspace stops at its size, in the sandbox's tmpfs, not on the host.
-    code, out = await host.first.run(
-        "trap 'rm -f big fill' EXIT; fallocate -l 200G big; dd if=/dev/zero of=fill bs=1M count=1000 status=none;"
+    _, out = await host.first.run(
+        "trap 'rm -f big fill' EXIT; fallocate -l 200G big;"
+        " dd if=/dev/zero of=fill bs=1M count=1000 status=none;"
         " df --output=size,target -BM . | tail -n 1; du -sBM fill"
     )
     assert out.count("No space left on device") == 2, out
     size, filled = out.splitlines()[-2:]
     assert size.split() == [f"{WORKSPACE_MB}M", WORKSPACE]
     assert int(filled.split()[0].removesuffix("M")) <= WORKSPACE_MB
-    diff = subprocess.run(
-        ["docker", "diff", host.first.info.handle], capture_output=True, text=True, check=True
+    diff = await asyncio.to_thread(
+        subprocess.run,
+        ["docker", "diff", host.first.info.handle],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     # Nothing of it in the container's layer on the host's disk (--init's binary aside).
     assert set(diff.stdout.splitlines()) <= {"C /usr", "C /usr/sbin", "A /usr/sbin/docker-init"}
@@ -198,7 +205,7 @@ async def test_file_steps_act_with_the_users_rights(host: Host) -> None:
 
 
 async def test_no_raw_or_icmp_sockets(host: Host) -> None:
-    code, out = await host.first.run(
+    _, out = await host.first.run(
         "python3 - <<'EOF'\n"
         "import socket\n"
         "for kind, proto in ((socket.SOCK_RAW, socket.IPPROTO_ICMP),"

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,14 +312,18 @@ async def closed_with(ws: ClientConnection) -> int | None:
     return ws.close_code
 
 
-async def gone(gateway: GuestGateway, sandbox_id: str) -> bool:
-    """Whether the gateway lets go of ``sandbox_id``'s link (its handler ends after the
-    guest has seen the close)."""
+async def until(condition: Callable[[], bool]) -> bool:
+    """Whether ``condition`` comes true within a few seconds (the gateway's side of a
+    connection moves on after the guest's)."""
     for _ in range(500):
-        if not gateway.is_connected(sandbox_id):
+        if condition():
             return True
         await asyncio.sleep(0.01)
     return False
+
+
+async def gone(gateway: GuestGateway, sandbox_id: str) -> bool:
+    return await until(lambda: not gateway.is_connected(sandbox_id))
 
 
 async def test_a_token_opens_one_link_at_a_time(tmp_path: Path) -> None:
@@ -383,15 +387,12 @@ async def test_connections_that_say_no_hello_are_capped_per_address(tmp_path: Pa
         await link.gateway.wait_connected(link.sandbox_id, 10)
         silent = [await connect(link.url) for _ in range(MAX_PENDING_PER_ADDRESS)]
         # Each is counted once its handler runs: the next one after that is turned away.
-        await asyncio.sleep(0)
-        while sum(link.gateway._pending.values()) < MAX_PENDING_PER_ADDRESS:
-            await asyncio.sleep(0.01)
+        assert await until(lambda: sum(link.gateway._pending.values()) == len(silent))
         one_more = await connect(link.url)
         assert await closed_with(one_more) == CLOSE_TRY_LATER
         for ws in silent:
             await ws.close()
-        while link.gateway._pending:
-            await asyncio.sleep(0.01)
+        assert await until(lambda: not link.gateway._pending)
         late = await hello_with(link.url, "sbx-late")  # room again
         assert json.loads(await late.recv())["type"] == protocol.WELCOME
         await late.close()
