@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import signal
+import time
 from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -115,6 +116,11 @@ class GuestAgent:
             known = self.executions.get(message["exec_id"])
             if known is not None:
                 known.kill()
+        elif kind == protocol.CLOCK:
+            try:
+                time.clock_settime(time.CLOCK_REALTIME, float(message["time"]))
+            except OSError as exc:  # a container shares the host's clock, and may not set it
+                log.info("clock not set: %s", exc)
         elif kind != protocol.WELCOME:
             log.warning("ignoring unknown message type %r", kind)
 

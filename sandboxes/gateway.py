@@ -236,6 +236,10 @@ class GuestGateway:
             command.cancelled = True  # sent again on re-attach, should this one be lost
         await self._send(guest, _cancel_message(exec_id))
 
+    async def set_clock(self, sandbox_id: str, now: float) -> None:
+        """Set the guest's clock (it stood still while its machine was suspended)."""
+        await self._send(self._guest(sandbox_id), json.dumps({"type": protocol.CLOCK, "time": now}))
+
     def last_seq(self, sandbox_id: str, exec_id: str) -> int:
         command = self._guest(sandbox_id).open.get(exec_id)
         return command.last_seq if command else 0

@@ -276,7 +276,10 @@ async def test_nothing_but_the_gateway_answers_from_inside(host: Host) -> None:
     gateway = (host.provider.host_address, host.settings.gateway_port)
     api = closed_port()
     # The other guest serves on a port of its own, which it reaches itself.
-    await host.second.run("python3 -m http.server 8000 >/dev/null 2>&1 &")
+    await host.second.run(
+        "python3 -m http.server 8000 >/dev/null 2>&1 & for _ in $(seq 100); do"
+        " (exec 3<>/dev/tcp/127.0.0.1/8000) 2>/dev/null && break; sleep 0.1; done"
+    )
     second_ip = (await host.second.run("hostname -i"))[1].split()[0]
     assert (await probe(host.second, [("127.0.0.1", 8000)]))["127.0.0.1:8000"] == "open"
     targets = [gateway, (second_ip, 8000)]

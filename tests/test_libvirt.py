@@ -274,11 +274,11 @@ async def test_suspend_and_resume_keep_files_and_running_processes(
     start = python_script(
         "start.py",
         "import subprocess",
-        "open('/root/kept', 'w').write('kept\\n')",
+        "open('kept', 'w').write('kept\\n')",
         "quiet = subprocess.DEVNULL",
         "sleeper = subprocess.Popen(['sleep', '3600'], stdout=quiet, stderr=quiet,"
         " start_new_session=True)",
-        "open('/root/pid', 'w').write(str(sleeper.pid))",
+        "open('pid', 'w').write(str(sleeper.pid))",
     )
     assert (await run(vms, sqlite_engine, sandbox, start))[0] == 0
 
@@ -300,8 +300,8 @@ async def test_suspend_and_resume_keep_files_and_running_processes(
     check = python_script(
         "check.py",
         "import os",
-        "print(open('/root/kept').read(), end='')",
-        "os.kill(int(open('/root/pid').read()), 0)",
+        "print(open('kept').read(), end='')",
+        "os.kill(int(open('pid').read()), 0)",
         "print('alive')",
     )
     code, output = await run(vms, sqlite_engine, sandbox, check)
