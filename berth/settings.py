@@ -116,6 +116,12 @@ class Settings(BaseSettings):
     sandbox_cpus: float = 1.0
     sandbox_memory_mb: int = 1024
     sandbox_pids: int = 512
+    # A container's root filesystem is read-only; these tmpfs are all it may write, and
+    # count against its memory, so they stay below sandbox_memory_mb.
+    sandbox_workspace_mb: int = Field(
+        default=512, ge=1, description="Size of a container's workspace, /home/berth"
+    )
+    sandbox_tmp_mb: int = Field(default=128, ge=1, description="Size of a container's /tmp")
     sandbox_connect_timeout_s: float = 60.0
     # Command policy
     command_policy_path: Path | None = Field(

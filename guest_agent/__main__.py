@@ -1,4 +1,11 @@
-"""Entry point: ``python3 -m guest_agent``, configured by the environment the provider sets."""
+"""Entry point: ``python3 -m guest_agent``, configured by the environment the machine sets.
+
+``BERTH_GUEST_URL`` and ``BERTH_SANDBOX_ID`` say where to dial and as whom. The token comes
+from ``BERTH_GUEST_TOKEN_FILE`` (a root-only file the provider writes after the machine
+starts, so it is in no image, argument list or environment); ``BERTH_GUEST_TOKEN`` is read
+too, for an agent run by hand, and removed from the environment either way, so that nothing
+the agent starts inherits it. ``BERTH_GUEST_USER`` names the unprivileged user steps run as.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +13,46 @@ import asyncio
 import logging
 import os
 import sys
+import time
+from pathlib import Path
 
 from guest_agent.agent import GuestAgent, GuestConfig
+from guest_agent.user import StepUser
+
+TOKEN_VARIABLE = "BERTH_GUEST_TOKEN"
+# How long the agent waits for its token file: the provider writes it right after start.
+TOKEN_WAIT_S = 120.0
+
+
+def read_token(path: Path, wait_s: float = TOKEN_WAIT_S) -> str:
+    deadline = time.monotonic() + wait_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            sys.exit(f"guest_agent: no token in {path} after {wait_s:.0f} s")
+        time.sleep(0.05)
+    return path.read_text().strip()
 
 
 def config_from_env() -> GuestConfig:
-    missing = [
-        name
-        for name in ("BERTH_GUEST_URL", "BERTH_SANDBOX_ID", "BERTH_GUEST_TOKEN")
-        if not os.environ.get(name)
-    ]
+    token = os.environ.pop(TOKEN_VARIABLE, "")
+    token_file = os.environ.get("BERTH_GUEST_TOKEN_FILE")
+    if token_file:
+        token = read_token(Path(token_file))
+    missing = [name for name in ("BERTH_GUEST_URL", "BERTH_SANDBOX_ID") if not os.environ.get(name)]
+    if not token:
+        missing.append(f"{TOKEN_VARIABLE}_FILE")
     if missing:
         sys.exit(f"guest_agent: set {', '.join(missing)}")
+    user_name = os.environ.get("BERTH_GUEST_USER")
+    user = StepUser.named(user_name) if user_name else None
+    if user is not None:
+        os.environ.update(user.environment())  # what steps and the browser inherit
     return GuestConfig(
         url=os.environ["BERTH_GUEST_URL"],
         sandbox_id=os.environ["BERTH_SANDBOX_ID"],
-        token=os.environ["BERTH_GUEST_TOKEN"],
-        workdir=os.environ.get("BERTH_GUEST_WORKDIR", os.path.expanduser("~")),
+        token=token,
+        workdir=os.environ.get("BERTH_GUEST_WORKDIR") or os.path.expanduser("~"),
+        user=user,
     )
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import signal
+import time
 from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import websockets
 from guest_agent import checks, files, protocol
 from guest_agent.execution import Execution
 from guest_agent.terminal import run_command
+from guest_agent.user import StepUser
 
 if TYPE_CHECKING:  # Playwright is optional in the guest
     from guest_agent.browser import Browser
@@ -43,6 +45,8 @@ class GuestConfig:
     sandbox_id: str
     token: str
     workdir: str = "/root"
+    # Whom steps run as; None: as the agent itself (an agent run by hand, the tests').
+    user: StepUser | None = None
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 10.0
 
@@ -52,7 +56,7 @@ class GuestAgent:
         self.config = config
         self.executions: OrderedDict[str, Execution] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.browser = load_browser()
+        self.browser = load_browser(config.user)
         self.capabilities = ["terminal", "file"] + (["browser"] if self.browser else [])
 
     async def close(self) -> None:
@@ -112,6 +116,11 @@ class GuestAgent:
             known = self.executions.get(message["exec_id"])
             if known is not None:
                 known.kill()
+        elif kind == protocol.CLOCK:
+            try:
+                time.clock_settime(time.CLOCK_REALTIME, float(message["time"]))
+            except OSError as exc:  # a container shares the host's clock, and may not set it
+                log.info("clock not set: %s", exc)
         elif kind != protocol.WELCOME:
             log.warning("ignoring unknown message type %r", kind)
 
@@ -141,7 +150,9 @@ class GuestAgent:
                 code, error = -signal.SIGKILL, "cancelled before it started"
             elif step.get("kind") == "terminal":
                 cwd = str(step.get("cwd") or self.config.workdir)
-                code, error = await run_command(execution, str(step["command"]), cwd)
+                code, error = await run_command(
+                    execution, str(step["command"]), cwd, self.config.user
+                )
             else:
                 work = self._other(execution, step, facts)
                 code, error = await self._within_timeout(execution, work)
@@ -159,7 +170,9 @@ class GuestAgent:
         kind = step.get("kind")
         if kind == "file":
             try:
-                execution.result = await files.run(execution, step, self.config.workdir)
+                execution.result = await files.run(
+                    execution, step, self.config.workdir, self.config.user
+                )
             except files.Refused as exc:
                 return 1, str(exc)
             return 0, None
@@ -241,14 +254,14 @@ class GuestAgent:
                 return
 
 
-def load_browser() -> Browser | None:
+def load_browser(user: StepUser | None) -> Browser | None:
     """The guest's browser, if Playwright imports and a Chromium is there; else None."""
     try:
         from guest_agent.browser import Browser, chromium_path
     except ImportError:
         return None
     executable = chromium_path()
-    return Browser(executable) if executable else None
+    return Browser(executable, user) if executable else None
 
 
 def _has_news(execution: Execution, after: int) -> bool:

@@ -18,12 +18,15 @@ from playwright.async_api import Browser as Chromium
 from playwright.async_api import BrowserContext, Page, Playwright, async_playwright
 from playwright.async_api import Error as PlaywrightError
 
+from guest_agent import chromium as wrapper
 from guest_agent.execution import Artifact, Execution
 from guest_agent.protocol import MAX_ARTIFACT_BYTES, MAX_RESULT_CHARS
+from guest_agent.user import StepUser
 
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
-# As root in a machine without a GPU or a way out: no sandbox (the machine is one), and
-# none of the background traffic that would only meet refused connections.
+# In a machine without a GPU or a way out: no sandbox of its own (the machine is one, and
+# Chromium's needs privileges its user lacks), and none of the background traffic that
+# would only meet refused connections.
 FLAGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -57,8 +60,9 @@ class Ran:
 
 
 class Browser:
-    def __init__(self, executable: str) -> None:
+    def __init__(self, executable: str, user: StepUser | None = None) -> None:
         self.executable = executable
+        self.user = user
         self._lock = asyncio.Lock()  # one step at a time drives the page
         self._playwright: Playwright | None = None
         self._chromium: Chromium | None = None
@@ -70,9 +74,7 @@ class Browser:
         if self._chromium is None or not self._chromium.is_connected():
             if self._playwright is None:
                 self._playwright = await async_playwright().start()
-            self._chromium = await self._playwright.chromium.launch(
-                executable_path=self.executable, args=FLAGS, headless=True
-            )
+            self._chromium = await self._playwright.chromium.launch(**self._launch())
             self._context = await self._chromium.new_context(
                 viewport={"width": VIEWPORT["width"], "height": VIEWPORT["height"]}
             )
@@ -81,6 +83,17 @@ class Browser:
             assert self._context is not None
             self._page = await self._context.new_page()
         return self._page
+
+    def _launch(self) -> dict[str, Any]:
+        """How Playwright starts Chromium: through the step user's wrapper if there is one."""
+        options: dict[str, Any] = {"args": FLAGS, "headless": True}
+        if self.user is None:
+            return {**options, "executable_path": self.executable}
+        return {
+            **options,
+            "executable_path": wrapper.__file__,
+            "env": {**os.environ, "BERTH_CHROMIUM": self.executable},
+        }
 
     async def close(self) -> None:
         chromium, playwright = self._chromium, self._playwright

@@ -3,7 +3,9 @@
 A path is resolved with every symlink followed before it is used, and refused if it ends
 up outside the workspace; the last component is then opened without following a symlink,
 so one planted in between is not followed either. (The machine is the real boundary; this
-keeps a step to what it was meant to touch.)
+keeps a step to what it was meant to touch.) With a step user, every access is made with that
+user's rights, so a directory swapped for a symlink mid-way (by a step's background process)
+leads nowhere the user could not go anyway.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from guest_agent.execution import Execution
 from guest_agent.protocol import MAX_RESULT_CHARS
+from guest_agent.user import StepUser
 
 # What a read takes from a file (all of it goes to the output; a prefix to the result).
 MAX_READ_BYTES = 1024 * 1024
 MAX_LISTED = 1000
+T = TypeVar("T")
 
 
 class Refused(Exception):
@@ -36,28 +41,42 @@ def resolve(workspace: str, path: str) -> Path:
     return real
 
 
-async def run(execution: Execution, step: dict[str, Any], workspace: str) -> dict[str, Any]:
-    """Do the step; returns its result. Refused (with the reason) when it cannot."""
+async def run(
+    execution: Execution, step: dict[str, Any], workspace: str, user: StepUser | None = None
+) -> dict[str, Any]:
+    """Do the step (with ``user``'s rights, if given); returns its result. Refused (with the
+    reason) when it cannot."""
     op, path = step.get("op"), str(step.get("path", ""))
-    target = resolve(workspace, path)
+
+    def access(work: Callable[..., T], *args: Any) -> Awaitable[T]:
+        return asyncio.to_thread(_as_user, user, work, *args)
+
+    target = await access(resolve, workspace, path)
     try:
         if op == "write":
             data = str(step.get("content", "")).encode()
-            await asyncio.to_thread(_write, target, data)
+            await access(_write, target, data)
             await execution.say(f"wrote {len(data)} bytes to {target}")
             return {}
         if op == "read":
-            text = await asyncio.to_thread(_read, target)
+            text = await access(_read, target)
             if text:
                 await execution.say(text.removesuffix("\n"))
             return {"content": text[:MAX_RESULT_CHARS]}
         if op == "list":
-            entries = await asyncio.to_thread(_list, target)
+            entries = await access(_list, target)
             await execution.say("\n".join(entries) if entries else f"{path} is empty")
             return {"content": "\n".join(entries)[:MAX_RESULT_CHARS]}
     except OSError as exc:
         raise Refused(f"{op} {path}: {exc.strerror or exc}") from None
     raise Refused(f"unknown file operation {op!r}")
+
+
+def _as_user(user: StepUser | None, work: Callable[..., T], *args: Any) -> T:
+    if user is None:
+        return work(*args)
+    with user.filesystem():
+        return work(*args)
 
 
 def _write(target: Path, data: bytes) -> None:

@@ -2,7 +2,8 @@
 
 Guest -> backend: ``hello`` (first frame: who it is, its token, protocol ``version`` and
 ``capabilities``: the step kinds it runs), ``output``, ``artifact``, ``exit``.
-Backend -> guest: ``welcome``, ``exec``, ``cancel``.
+Backend -> guest: ``welcome``, ``exec``, ``cancel``, ``clock`` (set the machine's clock to
+``time``, after a suspension: the agent does it, steps cannot).
 
 ``exec`` carries the ``step`` as a JSON object with its ``kind`` (terminal, browser, file)
 and its ``check``. A step's ``artifact`` frames (a browser step's screenshot, base64) come
@@ -21,6 +22,7 @@ HELLO = "hello"
 WELCOME = "welcome"
 EXEC = "exec"
 CANCEL = "cancel"
+CLOCK = "clock"
 OUTPUT = "output"
 ARTIFACT = "artifact"
 EXIT = "exit"

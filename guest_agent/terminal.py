@@ -10,16 +10,18 @@ import signal
 
 from guest_agent.execution import Execution
 from guest_agent.protocol import EXIT_TIMED_OUT, MAX_OUTPUT_CHUNK
+from guest_agent.user import StepUser
 
 
-async def run_command(execution: Execution, command: str, workdir: str) -> tuple[int, str | None]:
-    """Run ``command`` under bash until it exits or its execution's timeout; returns the
-    exit code and an error (the command could not start)."""
+async def run_command(
+    execution: Execution, command: str, workdir: str, user: StepUser | None = None
+) -> tuple[int, str | None]:
+    """Run ``command`` under bash (as ``user``, if given) until it exits or its execution's
+    timeout; returns the exit code and an error (the command could not start)."""
+    argv = ["/bin/bash", "-c", command]
     try:
         process = await asyncio.create_subprocess_exec(
-            "/bin/bash",
-            "-c",
-            command,
+            *(user.command(argv) if user else argv),
             cwd=workdir,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,

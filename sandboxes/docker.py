@@ -5,6 +5,13 @@ filesystem (sandboxes.rootfs, shared with the VM images) goes through ``docker i
 a base image, and the template's Dockerfile adds the guest agent. Containers sit on an
 internal bridge whose only way out is the guest gateway's port on the host (and the host
 ports the settings allow besides).
+
+Inside, the guest agent is root with only the capabilities it needs to run steps as the
+unprivileged `berth` (see guest_agent/user.py) and kill them; the root filesystem is
+read-only, and the writable places are size-limited tmpfs: the workspace, /tmp and /run.
+The guest token is never in the container's configuration (environment, arguments: all of
+it shows in `docker inspect`): it goes in through `docker exec`'s standard input into a
+root-only file, once the container runs.
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ from pathlib import Path
 
 import guest_agent
 import vm_templates
+from guest_agent.user import STEP_UID, WORKSPACE, WORKSPACE_MODE
 from sandboxes.gateway import GuestGateway
 from sandboxes.models import Machine
-from sandboxes.provider import SandboxProvider, machine_name
+from sandboxes.provider import TOKEN_VARIABLE, SandboxProvider, machine_name
 from sandboxes.rootfs import rootfs
 
 log = logging.getLogger("berth.docker")
@@ -36,6 +44,17 @@ LABEL = "berth.sandbox"
 SESSION_LABEL = "berth.session"
 HOST_LABEL = "berth.host"
 DEPLOYMENT_LABEL = "berth.deployment"
+# The workspace (guest_agent.user.WORKSPACE) is a tmpfs, which `docker cp` does not see:
+# copy a session's files with `docker exec` and tar.
+TOKEN_FILE = "/run/berth/token"
+# Writes the token from standard input, whole or not at all (the agent waits for the file).
+WRITE_TOKEN = (
+    f"umask 077 && mkdir -p {os.path.dirname(TOKEN_FILE)} && cat > {TOKEN_FILE}.part "
+    f"&& chmod 0400 {TOKEN_FILE}.part && mv {TOKEN_FILE}.part {TOKEN_FILE}"
+)
+# The agent's capabilities: to become the steps' user (setpriv), to signal its processes,
+# to give Chromium's profile directory to that user. Nothing else; no NET_RAW.
+AGENT_CAPABILITIES = ("SETUID", "SETGID", "KILL", "CHOWN")
 # `docker ps` line of a machine: labels are ids (no tabs); CreatedAt, with spaces, comes last.
 MACHINE_FORMAT = (
     '{{.ID}}\t{{.Label "berth.sandbox"}}\t{{.Label "berth.session"}}\t{{.State}}\t{{.CreatedAt}}'
@@ -136,6 +155,8 @@ class DockerProvider(SandboxProvider):
         cpus: float,
         memory_mb: int,
         pids: int,
+        workspace_mb: int = 512,
+        tmp_mb: int = 128,
         host_ports: tuple[int, ...] = (),
     ) -> None:
         super().__init__(gateway, key, host_id, task_queue)
@@ -145,6 +166,8 @@ class DockerProvider(SandboxProvider):
         self.cpus = cpus
         self.memory_mb = memory_mb
         self.pids = pids
+        self.workspace_mb = workspace_mb
+        self.tmp_mb = tmp_mb
         self.host_ports = host_ports
         self._gateway_ip: str | None = None
 
@@ -192,11 +215,27 @@ class DockerProvider(SandboxProvider):
             f"--pids-limit={self.pids}",
             "--security-opt",
             "no-new-privileges",
+            "--cap-drop",
+            "ALL",
+            *(f"--cap-add={capability}" for capability in AGENT_CAPABILITIES),
+            # No unprivileged ICMP sockets either (Docker allows them by default).
+            "--sysctl",
+            "net.ipv4.ping_group_range=1 0",
+            "--read-only",
+            "--tmpfs",
+            f"{WORKSPACE}:rw,exec,nosuid,nodev,size={self.workspace_mb}m,"
+            f"uid={STEP_UID},gid={STEP_UID},mode={WORKSPACE_MODE:o}",
+            "--tmpfs",
+            f"/tmp:rw,exec,nosuid,nodev,size={self.tmp_mb}m,mode=1777",
+            "--tmpfs",
+            "/run:rw,noexec,nosuid,nodev,size=1m,mode=0755",
         ]
         for key, value in env.items():
-            args += ["--env", f"{key}={value}"]
+            if key != TOKEN_VARIABLE:
+                args += ["--env", f"{key}={value}"]
         code, handle, err = await _run(*args, image)
         if code == 0:
+            await self._give_token(handle, env[TOKEN_VARIABLE])
             return handle
         # A retried provisioning finds the container of an earlier attempt under the name.
         found, existing, _ = await _run(
@@ -207,8 +246,18 @@ class DockerProvider(SandboxProvider):
         handle, state = existing.split()
         if state != "running":
             await docker("start", handle)
+        await self._give_token(handle, env[TOKEN_VARIABLE])  # /run is a tmpfs: gone if stopped
         log.info("sandbox %s: reusing container %s (was %s)", sandbox_id, handle[:12], state)
         return handle
+
+    async def _give_token(self, handle: str, token: str) -> None:
+        process = await asyncio.create_subprocess_exec(
+            "docker", "exec", "--interactive", "--user", "0", handle, "/bin/sh", "-c", WRITE_TOKEN,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await process.communicate(token.encode())
+        if process.returncode != 0:
+            raise DockerError(f"could not give container {handle[:12]} its token: {err.decode()}")
 
     async def machines(self) -> list[Machine]:
         out = await docker(

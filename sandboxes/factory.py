@@ -27,6 +27,8 @@ def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
                 cpus=settings.sandbox_cpus,
                 memory_mb=settings.sandbox_memory_mb,
                 pids=settings.sandbox_pids,
+                workspace_mb=settings.sandbox_workspace_mb,
+                tmp_mb=settings.sandbox_tmp_mb,
                 host_ports=tuple(settings.sandbox_host_ports),
             )
         case "libvirt":

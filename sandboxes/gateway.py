@@ -8,6 +8,13 @@ guest replays only what was missed.
 Each command's messages go through a bounded inbox: when its consumer (recording output)
 falls behind, the connection stops being read and TCP holds the guest back, instead of the
 backend buffering without bound.
+
+A guest is not trusted. Its token opens one connection at a time: while its sandbox has a
+live link, another hello with the same token is refused (so a stolen token could not take
+over a session's link; a dead link is found within the ping timeout). A malformed message
+cuts the guest off, and so do more than MAX_STRAY_MESSAGES messages for no open command
+(the only ones nothing holds back); each address may hold MAX_PENDING_PER_ADDRESS
+connections that have not said hello yet.
 """
 
 from __future__ import annotations
@@ -44,6 +51,19 @@ OUTPUT_TAIL_CHARS = 4000
 # Artifacts one step may leave (each at most one frame: see protocol.MAX_ARTIFACT_BYTES).
 MAX_ARTIFACTS_PER_STEP = 8
 LOGGED_ID_CHARS = 64
+# Pings every 5 s; a link that answers none for this long is dead, and its sandbox free to
+# connect again.
+PING_INTERVAL_S = 5.0
+PING_TIMEOUT_S = 10.0
+# Messages a connection may send for commands that are not open (the tail of a run that was
+# given up) before it is cut off as a flood.
+MAX_STRAY_MESSAGES = 1000
+MAX_PENDING_PER_ADDRESS = 8
+# Close codes: the sandbox has a live link already; the guest broke the protocol; too many
+# connections waiting for their hello.
+CLOSE_IN_USE = 4409
+CLOSE_POLICY = 1008
+CLOSE_TRY_LATER = 1013
 
 # Called as ``on_output(seq, stream, text)``; ``seq`` is the guest's per-command line number,
 # strictly increasing, so a consumer can store each line once across retries.
@@ -105,10 +125,16 @@ class GuestGateway:
         self._grace = reconnect_grace_s
         self._guests: dict[str, _Guest] = {}
         self._server: Server | None = None
+        self._pending: dict[str, int] = {}  # connections without a hello yet, by address
 
     async def start(self, host: str, port: int) -> None:
         self._server = await serve(
-            self._serve, host, port, ping_interval=5, max_size=protocol.MAX_HELLO_SIZE
+            self._serve,
+            host,
+            port,
+            ping_interval=PING_INTERVAL_S,
+            ping_timeout=PING_TIMEOUT_S,
+            max_size=protocol.MAX_HELLO_SIZE,
         )
         log.info("guest gateway listening on %s:%d", host, port)
 
@@ -210,6 +236,10 @@ class GuestGateway:
             command.cancelled = True  # sent again on re-attach, should this one be lost
         await self._send(guest, _cancel_message(exec_id))
 
+    async def set_clock(self, sandbox_id: str, now: float) -> None:
+        """Set the guest's clock (it stood still while its machine was suspended)."""
+        await self._send(self._guest(sandbox_id), json.dumps({"type": protocol.CLOCK, "time": now}))
+
     def last_seq(self, sandbox_id: str, exec_id: str) -> int:
         command = self._guest(sandbox_id).open.get(exec_id)
         return command.last_seq if command else 0
@@ -234,14 +264,31 @@ class GuestGateway:
                     ) from None
                 # Connected and quiet: a long command with no output. Keep waiting.
 
-    async def _serve(self, ws: ServerConnection) -> None:
-        # An oversized hello never gets here: the connection closes with 1009 first.
+    async def _hello(self, ws: ServerConnection) -> dict[str, Any] | None:
+        """The connection's hello, if one comes in time; counted against its address while
+        it is awaited."""
+        address = str(ws.remote_address[0]) if ws.remote_address else ""
+        if self._pending.get(address, 0) >= MAX_PENDING_PER_ADDRESS:
+            await ws.close(CLOSE_TRY_LATER, "too many connections")
+            return None
+        self._pending[address] = self._pending.get(address, 0) + 1
         try:
+            # An oversized hello never gets here: the connection closes with 1009 first.
             hello = json.loads(await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S))
         except (TimeoutError, ConnectionClosed, ValueError):
             hello = None
+        finally:
+            self._pending[address] -= 1
+            if not self._pending[address]:
+                del self._pending[address]
         if not isinstance(hello, dict):
             await ws.close(protocol.CLOSE_UNAUTHORIZED, "expected hello")
+            return None
+        return hello
+
+    async def _serve(self, ws: ServerConnection) -> None:
+        hello = await self._hello(ws)
+        if hello is None:
             return
         sandbox_id = str(hello.get("sandbox_id", ""))
         if hello.get("type") != protocol.HELLO or not any(
@@ -250,11 +297,13 @@ class GuestGateway:
             log.warning("refused guest claiming sandbox %r", sandbox_id[:LOGGED_ID_CHARS])
             await ws.close(protocol.CLOSE_UNAUTHORIZED, "bad token")
             return
-        # Before the welcome, after which the guest may send output.
-        ws.protocol.max_message_size = protocol.MAX_FRAME_SIZE
         guest = self._guest(sandbox_id)
         if guest.connection is not None:
-            await guest.connection.close()  # the newer link wins
+            log.warning("refused a second link for sandbox %s", sandbox_id)
+            await ws.close(CLOSE_IN_USE, "sandbox connected already")
+            return
+        # Before the welcome, after which the guest may send output.
+        ws.protocol.max_message_size = protocol.MAX_FRAME_SIZE
         guest.connection = ws
         guest.capabilities, guest.version = _announced(hello)
         guest.connected.set()
@@ -268,14 +317,22 @@ class GuestGateway:
                 await ws.send(command.exec_message())  # re-attach after a reconnect
                 if command.cancelled:
                     await ws.send(_cancel_message(command.exec_id))
+            strays = 0
             async for raw in ws:
                 message = _checked(raw)
                 if message is None:
-                    log.warning("dropped a malformed message from sandbox %s", sandbox_id)
-                    continue
+                    log.warning("sandbox %s sent a malformed message: cut off", sandbox_id)
+                    await ws.close(CLOSE_POLICY, "malformed message")
+                    break
                 target = guest.open.get(message["exec_id"])
                 if target is not None:
                     await target.inbox.put(message)  # blocks reading while the inbox is full
+                    continue
+                strays += 1
+                if strays > MAX_STRAY_MESSAGES:
+                    log.warning("sandbox %s floods messages for no command: cut off", sandbox_id)
+                    await ws.close(CLOSE_POLICY, "too many messages for no command")
+                    break
         except ConnectionClosed:
             pass
         finally:

@@ -11,17 +11,16 @@ import abc
 import hashlib
 import logging
 import time
-import uuid
 
 from sandboxes.gateway import ArtifactSink, GuestGateway, OutputSink
-from sandboxes.models import Health, Machine, SandboxInfo, Step, StepOutcome, TerminalStep
+from sandboxes.models import Health, Machine, SandboxInfo, Step, StepOutcome
 from sandboxes.tokens import guest_token
 
 log = logging.getLogger("berth.sandboxes")
 
-
-async def _discard(seq: int, stream: str, text: str) -> None:
-    """Output of the provider's own commands in a guest is not kept."""
+# The guest token's name in guest_env(): a provider hands it to the guest agent by a way no
+# step can read (never the machine's environment).
+TOKEN_VARIABLE = "BERTH_GUEST_TOKEN"
 
 
 def machine_name(sandbox_id: str) -> str:
@@ -91,7 +90,7 @@ class SandboxProvider(abc.ABC):
         return {
             "BERTH_GUEST_URL": self.guest_url(),
             "BERTH_SANDBOX_ID": sandbox_id,
-            "BERTH_GUEST_TOKEN": guest_token(self._key, sandbox_id),
+            TOKEN_VARIABLE: guest_token(self._key, sandbox_id),
         }
 
     async def provision(self, sandbox_id: str, session_id: str, template: str) -> SandboxInfo:
@@ -136,10 +135,8 @@ class SandboxProvider(abc.ABC):
         stood still while the machine was suspended."""
         await self.resume(sandbox.handle)
         await self.wait_connected(sandbox, timeout_s)
-        clock = TerminalStep(command=f"date -s @{time.time():.3f} >/dev/null")
-        outcome = await self.run_step(sandbox, f"clock-{uuid.uuid4().hex}", clock, 30, _discard)
-        if not outcome.ok:
-            log.warning("sandbox %s: could not set its clock: %s", sandbox.id, outcome)
+        # The agent sets it (steps are unprivileged), before it takes the next step.
+        await self.gateway.set_clock(sandbox.id, time.time())
 
     async def health(self, sandbox: SandboxInfo) -> Health:
         running, detail = await self.is_running(sandbox.handle)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import guest_agent
 import vm_templates
+from guest_agent.user import STEP_UID, STEP_USER, WORKSPACE, WORKSPACE_MODE
 from sandboxes.rootfs import rootfs
 
 GUEST_FILES = vm_templates.ROOT / "guest"
@@ -238,6 +239,19 @@ def _guest_tree(root: Path, stage: Path, template: str) -> None:
         target.unlink(missing_ok=True)  # a hard link into the shared tree: replace, not write
         target.write_text(text)
     (stage / "etc" / "berth-template").write_text(f"{template}\n")
+    # The user steps run as (guest_agent/user.py), as in the Docker image.
+    for name, line in (
+        ("passwd", f"{STEP_USER}:x:{STEP_UID}:{STEP_UID}::{WORKSPACE}:/bin/bash\n"),
+        ("group", f"{STEP_USER}:x:{STEP_UID}:\n"),
+    ):
+        target = stage / "etc" / name
+        text = target.read_text() + line
+        target.unlink()
+        target.write_text(text)
+    home = stage / WORKSPACE.lstrip("/")
+    home.mkdir()
+    home.chmod(WORKSPACE_MODE)
+    os.chown(home, STEP_UID, STEP_UID)
 
 
 def build_image(images: Path, template: str, mirror: str, build_dir: Path) -> Image:

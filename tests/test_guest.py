@@ -7,18 +7,27 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from berth.local import free_port
 from guest_agent import protocol
 from guest_agent.agent import GuestAgent, GuestConfig
-from sandboxes.gateway import INBOX_SIZE, GuestGateway, GuestUnavailable
+from sandboxes.gateway import (
+    CLOSE_IN_USE,
+    CLOSE_POLICY,
+    CLOSE_TRY_LATER,
+    INBOX_SIZE,
+    MAX_PENDING_PER_ADDRESS,
+    MAX_STRAY_MESSAGES,
+    GuestGateway,
+    GuestUnavailable,
+)
 from sandboxes.models import TerminalStep
 from sandboxes.tokens import guest_token
 
@@ -215,7 +224,8 @@ async def test_an_oversized_frame_is_refused_before_and_after_the_hello(
                 json.dumps({"type": protocol.HELLO, "sandbox_id": "sbx-raw", "token": token})
             )
             assert json.loads(await ws.recv())["type"] == protocol.WELCOME
-            await ws.send(json.dumps({"type": protocol.OUTPUT, "text": "x" * 500_000}))
+            stray = {"type": protocol.OUTPUT, "exec_id": "none", "seq": 1, "stream": "stdout"}
+            await ws.send(json.dumps({**stray, "text": "x" * 500_000}))
             await asyncio.wait_for(await ws.ping(), 5)  # taken, and the link stays up
             await ws.send("x" * (protocol.MAX_FRAME_SIZE + 1))
             with pytest.raises(ConnectionClosed):
@@ -285,3 +295,104 @@ async def test_a_new_run_does_not_take_the_tail_of_a_replaced_one(tmp_path: Path
         outcome = await link.gateway.run(link.sandbox_id, "e10", step, 20, out, after_seq=10)
         assert outcome.exit_code == 0
         assert out.seqs == list(range(11, 3001))
+
+
+async def hello_with(url: str, sandbox_id: str) -> ClientConnection:
+    ws = await connect(url, max_size=None)
+    token = guest_token(KEY, sandbox_id)
+    await ws.send(json.dumps({"type": protocol.HELLO, "sandbox_id": sandbox_id, "token": token}))
+    return ws
+
+
+async def closed_with(ws: ClientConnection) -> int | None:
+    """The close code the gateway ends ``ws`` with (whatever it sent before)."""
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await ws.recv()
+    return ws.close_code
+
+
+async def until(condition: Callable[[], bool]) -> bool:
+    """Whether ``condition`` comes true within a few seconds (the gateway's side of a
+    connection moves on after the guest's)."""
+    for _ in range(500):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+async def gone(gateway: GuestGateway, sandbox_id: str) -> bool:
+    return await until(lambda: not gateway.is_connected(sandbox_id))
+
+
+async def test_a_token_opens_one_link_at_a_time(tmp_path: Path) -> None:
+    async with guest_link(tmp_path) as link:
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        # The real token, while the guest is connected: refused, the guest's link kept.
+        second = await hello_with(link.url, link.sandbox_id)
+        assert await closed_with(second) == CLOSE_IN_USE
+        out = Collector()
+        outcome = await link.gateway.run(
+            link.sandbox_id, "one", TerminalStep(command="echo still mine"), 10, out
+        )
+        assert outcome.exit_code == 0 and out.texts == ["still mine\n"]
+        # Once the link is gone, the token opens the next one (the agent's reconnect).
+        connection = link.gateway._guests[link.sandbox_id].connection
+        assert connection is not None
+        await connection.close()
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        assert link.gateway._guests[link.sandbox_id].connection is not connection
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "not json",
+        json.dumps(["a list"]),
+        json.dumps({"type": protocol.OUTPUT, "exec_id": "e", "seq": "1", "stream": "stdout"}),
+        json.dumps({"type": protocol.EXIT, "exec_id": "e", "exit_code": None}),
+        json.dumps({"type": "who knows", "exec_id": "e"}),
+    ],
+)
+async def test_a_malformed_message_cuts_the_guest_off(tmp_path: Path, message: str) -> None:
+    async with guest_link(tmp_path) as link:
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        ws = await hello_with(link.url, "sbx-hostile")
+        assert json.loads(await ws.recv())["type"] == protocol.WELCOME
+        await ws.send(message)
+        assert await closed_with(ws) == CLOSE_POLICY
+        assert await gone(link.gateway, "sbx-hostile")
+        out = Collector()  # the other guest carries on
+        outcome = await link.gateway.run(
+            link.sandbox_id, "e", TerminalStep(command="echo fine"), 10, out
+        )
+        assert outcome.exit_code == 0 and out.texts == ["fine\n"]
+
+
+async def test_a_flood_of_messages_for_no_command_cuts_the_guest_off(tmp_path: Path) -> None:
+    async with guest_link(tmp_path) as link:
+        ws = await hello_with(link.url, "sbx-flood")
+        assert json.loads(await ws.recv())["type"] == protocol.WELCOME
+        line = {"type": protocol.OUTPUT, "exec_id": "gone", "stream": "stdout", "text": "x"}
+        with contextlib.suppress(ConnectionClosed):  # cut off while it still sends
+            for seq in range(1, MAX_STRAY_MESSAGES + 2):
+                await ws.send(json.dumps({**line, "seq": seq}))
+        assert await closed_with(ws) == CLOSE_POLICY
+        assert await gone(link.gateway, "sbx-flood")
+
+
+async def test_connections_that_say_no_hello_are_capped_per_address(tmp_path: Path) -> None:
+    async with guest_link(tmp_path) as link:
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        silent = [await connect(link.url) for _ in range(MAX_PENDING_PER_ADDRESS)]
+        # Each is counted once its handler runs: the next one after that is turned away.
+        assert await until(lambda: sum(link.gateway._pending.values()) == len(silent))
+        one_more = await connect(link.url)
+        assert await closed_with(one_more) == CLOSE_TRY_LATER
+        for ws in silent:
+            await ws.close()
+        assert await until(lambda: not link.gateway._pending)
+        late = await hello_with(link.url, "sbx-late")  # room again
+        assert json.loads(await late.recv())["type"] == protocol.WELCOME
+        await late.close()

@@ -43,6 +43,7 @@ from sandboxes.models import SandboxInfo
 from sandboxes.provider import SandboxProvider, machine_name
 from sandboxes.reconcile import reconcile
 from store.artifacts import ArtifactStore
+from tests.test_containment import Sandbox
 from tests.test_e2e import DONE, read_events, token_for, wait_status
 from tests.test_run_step import attempt, sqlite_engine, step_request, stored
 from tests.test_workflow import env
@@ -144,7 +145,20 @@ async def test_a_vm_boots_runs_a_step_and_is_removed_without_a_trace(
     # The token reached the guest through its seed disk, not its kernel's command line.
     code, output = await run(vms, sqlite_engine, sandbox, "cat /proc/cmdline")
     assert code == 0 and "console=ttyS0" in output
-    assert vms.guest_env(sandbox.id)["BERTH_GUEST_TOKEN"] not in output
+    token = vms.guest_env(sandbox.id)["BERTH_GUEST_TOKEN"]
+    assert token not in output
+    # Steps are berth's (as in a container: tests/test_containment.py), without capabilities;
+    # the token, root's alone, is in no file or environment they can read.
+    code, output = await Sandbox(vms, sandbox).run(
+        "id -un; pwd; grep CapEff /proc/self/status; touch /x /etc/x; cat /run/berth/token;"
+        " env; for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < $f; done;"
+        f" echo found:$(grep -rlsF --exclude-dir=proc --exclude-dir=sys -e {token[:16]} /)"
+    )
+    assert output.startswith("berth\n/home/berth\nCapEff:\t0000000000000000\n"), output
+    assert "/run/berth/token: Permission denied" in output
+    assert output.count("Permission denied") >= 3  # /x, /etc/x and the token
+    assert "\nfound:\n" in output
+    assert token not in output.replace(f"-e {token[:16]}", "")
 
     await vms.destroy(sandbox)
     assert await gone(vms, sandbox)
@@ -260,11 +274,11 @@ async def test_suspend_and_resume_keep_files_and_running_processes(
     start = python_script(
         "start.py",
         "import subprocess",
-        "open('/root/kept', 'w').write('kept\\n')",
+        "open('kept', 'w').write('kept\\n')",
         "quiet = subprocess.DEVNULL",
         "sleeper = subprocess.Popen(['sleep', '3600'], stdout=quiet, stderr=quiet,"
         " start_new_session=True)",
-        "open('/root/pid', 'w').write(str(sleeper.pid))",
+        "open('pid', 'w').write(str(sleeper.pid))",
     )
     assert (await run(vms, sqlite_engine, sandbox, start))[0] == 0
 
@@ -286,8 +300,8 @@ async def test_suspend_and_resume_keep_files_and_running_processes(
     check = python_script(
         "check.py",
         "import os",
-        "print(open('/root/kept').read(), end='')",
-        "os.kill(int(open('/root/pid').read()), 0)",
+        "print(open('kept').read(), end='')",
+        "os.kill(int(open('pid').read()), 0)",
         "print('alive')",
     )
     code, output = await run(vms, sqlite_engine, sandbox, check)

@@ -1,0 +1,30 @@
+#!/usr/bin/env python3
+"""Chromium as the step user: the executable Playwright's driver (the agent's child, root)
+starts instead of Chromium when steps run as an unprivileged user.
+
+The driver makes Chromium's profile directory itself (root's, mode 0700), so that directory
+is handed to the user first; then Chromium (``BERTH_CHROMIUM``) runs as the user, with no
+capabilities, like a terminal command.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from guest_agent.user import StepUser
+
+PROFILE_FLAG = "--user-data-dir="
+
+
+def main() -> None:
+    user = StepUser.named(os.environ["BERTH_GUEST_USER"])
+    for arg in sys.argv[1:]:
+        if arg.startswith(PROFILE_FLAG):
+            os.chown(arg.removeprefix(PROFILE_FLAG), user.uid, user.gid)
+    argv = user.command([os.environ["BERTH_CHROMIUM"], *sys.argv[1:]])
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":
+    main()

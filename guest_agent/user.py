@@ -1,0 +1,74 @@
+"""The unprivileged user that a machine's steps run as.
+
+The agent stays root (it must start, watch and kill processes), but nothing a step runs
+does: terminal commands and the browser go through ``setpriv`` to the step user, with no
+capabilities and no way to gain any (no_new_privs: setuid and file-capability binaries give
+nothing), and file steps touch the filesystem with the step user's rights. So a step cannot
+read what only root may (the guest token) nor write outside what the user owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pwd
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# The step user of Berth's images (Docker's and VMs'), and its home: the workspace, steps'
+# cwd. Mode 0711, so the agent (root, without CAP_DAC_* in a container) can start steps in it.
+STEP_USER = "berth"
+STEP_UID = 1000
+WORKSPACE = "/home/berth"
+WORKSPACE_MODE = 0o711
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class StepUser:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+    @classmethod
+    def named(cls, name: str) -> StepUser:
+        entry = pwd.getpwnam(name)
+        return cls(name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+    def command(self, argv: list[str]) -> list[str]:
+        """``argv`` run as this user: its uid and gid only, every capability dropped."""
+        return [
+            "setpriv",
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--no-new-privs",
+            "--",
+            *argv,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        """What the agent's environment says about whose it is, for its children."""
+        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+
+    @contextlib.contextmanager
+    def filesystem(self) -> Iterator[None]:
+        """File access from the calling thread (only) with this user's rights.
+
+        The filesystem ids are per thread (unlike setuid, which glibc applies to every
+        thread), so the agent's other threads keep root's; leaving the fsuid 0 also restores
+        the file capabilities root had.
+        """
+        _libc.setfsgid(self.gid)
+        _libc.setfsuid(self.uid)
+        if _libc.setfsuid(-1) != self.uid:  # -1 changes nothing and answers the current fsuid
+            raise PermissionError(f"cannot take the file rights of {self.name}")
+        try:
+            yield
+        finally:
+            _libc.setfsuid(os.getuid())
+            _libc.setfsgid(os.getgid())
