@@ -49,6 +49,15 @@ class ScriptedLLM(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host!s}:{port}"
 
+    @property
+    def settings(self) -> dict[str, str]:
+        """The environment that makes a system's planner this server."""
+        return {
+            "BERTH_LLM_MODEL": "openai:scripted",
+            "OPENAI_BASE_URL": f"{self.url}/v1",
+            "OPENAI_API_KEY": "sk-scripted",
+        }
+
     def next_reply(self, body: dict[str, Any]) -> Reply:
         if self.script is not None:
             return Reply(self.script(body))

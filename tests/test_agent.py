@@ -7,6 +7,7 @@ import json
 import subprocess
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -73,9 +74,7 @@ def system(
         tmp_path_factory.mktemp("berth-agent"),
         "agent",
         {
-            "BERTH_LLM_MODEL": "openai:scripted",
-            "OPENAI_BASE_URL": f"{llm.url}/v1",
-            "OPENAI_API_KEY": "sk-scripted",
+            **llm.settings,
             "BERTH_AGENT_MAX_STEPS": "4",
             # Sessions idle for 3 s hibernate: tasks here wake them (Docker: pause/unpause).
             "BERTH_SESSION_HIBERNATE_AFTER_S": "3",
@@ -191,21 +190,29 @@ def test_a_task_that_never_gets_there_ends_failed_when_its_steps_run_out(
     assert len(of_type(ran["events"], "step.started")) == 4
 
 
-def test_a_browser_task_reads_a_page_title_and_its_screenshot_is_served(
-    system: str, session: tuple[dict[str, str], str], agent: Agent, page_port: int
-) -> None:
+@contextmanager
+def title_task(agent: Agent, port: int) -> Iterator[str]:
+    """A page served where sandboxes may reach it (the Docker bridge's address, ``port``),
+    the agent's script to read its title, and the task's prompt."""
     bridge = subprocess.run(
         ["docker", "network", "inspect", NETWORK, "--format",
          "{{(index .IPAM.Config 0).Gateway}}"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
-    with serve_pages(bridge, page_port) as base:
+    with serve_pages(bridge, port) as base:
         agent.plans["title"] = [
             {"steps": [{"kind": "browser", "action": "navigate", "url": f"{base}/form",
                         "check": {"kind": "page_text_contains", "value": "Go"}}]}
         ]  # fmt: skip
         agent.verdicts["title"] = [{"ok": True, "answer": "Form", "reason": "the title is read"}]
-        ran = run_task(system, session, f"open the page at {base}/form and tell me its title")
+        yield f"open the page at {base}/form and tell me its title"
+
+
+def test_a_browser_task_reads_a_page_title_and_its_screenshot_is_served(
+    system: str, session: tuple[dict[str, str], str], agent: Agent, page_port: int
+) -> None:
+    with title_task(agent, page_port) as prompt:
+        ran = run_task(system, session, prompt)
     assert ran["task"]["status"] == "succeeded" and ran["task"]["result"] == "Form", ran
     (finished,) = of_type(ran["events"], "step.finished")
     assert finished["check"]["ok"] and finished["result"]["title"] == "Form"

@@ -119,3 +119,16 @@ def test_the_links_follow_the_configured_web_ui_and_a_down_temporal_is_said(
         expected = f"https://temporal.example/ui/namespaces/berth%20prod/workflows/session-{world.session_id}"
         assert f'href="{expected}"' in page.text
         assert "the orchestrator is unavailable" in page.text
+
+
+def test_a_session_page_links_admins_to_its_workflow_and_owners_not(
+    stage: tuple[TestClient, World],
+) -> None:
+    client, world = stage
+    link = f"http://127.0.0.1:8233/namespaces/default/workflows/session-{world.session_id}"
+    sign_in(client, world.admin)
+    assert link in client.get(f"/sessions/{world.session_id}").text
+    client.cookies.clear()
+    sign_in(client, world.owner)
+    page = client.get(f"/sessions/{world.session_id}")
+    assert page.status_code == 200 and "Temporal Web UI" not in page.text

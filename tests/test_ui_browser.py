@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,10 +23,8 @@ from playwright.sync_api import (
 )
 
 from berth.local import LocalSystem, free_port, python_script
-from sandboxes.docker import NETWORK
 from tests.scripted_llm import ScriptedLLM
-from tests.test_agent import Agent
-from tests.test_guest_browser import serve_pages
+from tests.test_agent import Agent, title_task
 
 pytestmark = pytest.mark.e2e
 
@@ -68,9 +65,7 @@ def system(tmp_path_factory: pytest.TempPathFactory, agent: Agent, page_port: in
             "ui",
             {
                 "BERTH_SANDBOX_PROVIDER": "docker",
-                "BERTH_LLM_MODEL": "openai:scripted",
-                "OPENAI_BASE_URL": f"{llm.url}/v1",
-                "OPENAI_API_KEY": "sk-scripted",
+                **llm.settings,
                 "BERTH_SESSION_HIBERNATE_AFTER_S": "4",
                 # Streams end this often and the pages reconnect: drops, on purpose.
                 "BERTH_STREAM_LIFETIME_S": "2",
@@ -225,18 +220,8 @@ def test_a_task_that_falls_short_shows_why(page: Page, session: str, agent: Agen
 def test_a_browser_task_shows_its_plan_check_and_screenshot(
     page: Page, session: str, agent: Agent, page_port: int
 ) -> None:
-    bridge = subprocess.run(
-        ["docker", "network", "inspect", NETWORK, "--format",
-         "{{(index .IPAM.Config 0).Gateway}}"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    with serve_pages(bridge, page_port) as base:
-        agent.plans["title"] = [
-            {"steps": [{"kind": "browser", "action": "navigate", "url": f"{base}/form",
-                        "check": {"kind": "page_text_contains", "value": "Go"}}]}
-        ]  # fmt: skip
-        agent.verdicts["title"] = [{"ok": True, "answer": "Form", "reason": "title read"}]
-        tid = run(page, f"open the page at {base}/form and tell me its title")
+    with title_task(agent, page_port) as prompt:
+        tid = run(page, prompt)
         expect(status_of(page, tid)).to_have_text("succeeded", timeout=90_000)
     step = page.locator(f"#step-{tid}-0")
     expect(step).to_contain_text("navigate")

@@ -4,8 +4,6 @@ entries. Anyone else gets a 403, as the admin API answers them; reading it is au
 
 from __future__ import annotations
 
-from urllib.parse import quote
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response
 
@@ -17,19 +15,11 @@ from berth.settings import Settings
 from store import audit
 from ui import guard
 from ui.pages import PageCaller, render_page
-from workflows.session import workflow_id
+from ui.state import workflow_url
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(guard.check_origin)])
 SESSIONS_SHOWN = 100
 AUDIT_SHOWN = 50
-
-
-def workflow_url(settings: Settings, session_id: str) -> str:
-    """A session's workflow in the Temporal Web UI."""
-    namespace = quote(settings.temporal_namespace, safe="")
-    return f"{settings.temporal_ui_base}/namespaces/{namespace}/workflows/" + quote(
-        workflow_id(session_id), safe=""
-    )
 
 
 async def _pools(temporal: TemporalDep, settings: Settings) -> list[tuple[str, PoolOut | str]]:

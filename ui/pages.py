@@ -271,7 +271,10 @@ def session_page(
     caller: PageCaller,
 ) -> Response:
     service.visible_session(db, caller[0], sid)
-    return render_page(request, "session.html", settings, caller, **_machine_context(engine, sid))
+    # Operators follow a session into its workflow's history.
+    temporal = state.workflow_url(settings, sid) if caller[0].is_admin else None
+    context = _machine_context(engine, sid)
+    return render_page(request, "session.html", settings, caller, temporal=temporal, **context)
 
 
 @router.get("/ui/sessions/{sid}/machine", response_class=HTMLResponse)

@@ -10,12 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
+from berth.settings import Settings
 from store.db import snapshot
 from store.models import ArtifactRow, Event, LLMCall, SandboxRow, SessionRow, StepRow, TaskRow
+from workflows.session import workflow_id
 
 # Terminal events (commands, output, exits) drawn on a page load: its scrollback.
 TERMINAL_EVENTS = 400
@@ -138,6 +141,14 @@ def current_sandbox(db: Session, session_id: str) -> SandboxRow | None:
         .order_by(col(SandboxRow.created_at).desc())
     )
     return db.exec(query).first()
+
+
+def workflow_url(settings: Settings, session_id: str) -> str:
+    """A session's workflow in the Temporal Web UI."""
+    namespace = quote(settings.temporal_namespace, safe="")
+    return f"{settings.temporal_ui_base}/namespaces/{namespace}/workflows/" + quote(
+        workflow_id(session_id), safe=""
+    )
 
 
 def age(moment: datetime, now: datetime) -> str:
