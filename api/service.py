@@ -67,6 +67,7 @@ async def start_session(
                 session_id=row.id,
                 template=template,
                 host_task_queue=settings.host_task_queue,
+                warm_pool=settings.warm_pool,
                 idle_timeout_s=settings.session_idle_timeout_s,
                 hibernate_after_s=settings.session_hibernate_after_s,
                 step_timeout_s=settings.step_timeout_s,

@@ -248,6 +248,11 @@ class Settings(BaseSettings):
         return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
 
     @property
+    def warm_pool(self) -> bool:
+        """Whether sessions claim VMs from warm pools (only VMs can change owner)."""
+        return self.sandbox_provider == "libvirt" and self.vm_pool_max > 0
+
+    @property
     def host_task_queue(self) -> str:
         return f"berth-host-{self.host_id}"
 

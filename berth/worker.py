@@ -70,7 +70,7 @@ def session_owner(client: Client, host_id: str) -> Owner:
 async def start_pools(client: Client, settings: Settings) -> None:
     """One warm pool per template, where VMs can change owner (libvirt); an existing one
     carries on."""
-    if settings.sandbox_provider != "libvirt" or settings.vm_pool_max == 0:
+    if not settings.warm_pool:
         return
     for template in vm_templates.names():
         await client.start_workflow(
@@ -120,6 +120,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 sandbox.stop_step,
                 sandbox.destroy,
                 vm.claim,
+                vm.assign,
                 vm.hibernate,
                 vm.wake,
             ],

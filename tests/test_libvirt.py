@@ -458,6 +458,10 @@ async def test_a_warm_pool_hands_out_ready_vms_refills_and_falls_back_to_cold(
         assert claimed.session_id == session_id and (await vms.health(claimed)).ok
         again = await claim(session_id)  # a retried claim: the same VM, not another
         assert again is not None and again.id == first.id
+        # Claimed, not yet relabelled: the pool still answers for it, so it is kept.
+        report = await reconcile(vms, session_owner(client, vms.host_id), grace_s=0)
+        assert first.id in report.adopted
+        await ActivityEnvironment().run(pool.assign, claimed)
         (machine,) = [m for m in await vms.machines() if m.sandbox_id == first.id]
         assert machine.session_id == session_id  # now the session's, for reconciliation
         await vms.destroy(claimed)  # the session's end

@@ -22,6 +22,9 @@ class SessionInput(BaseModel):
     template: str = "default"
     # Where sandbox activities go until the sandbox exists; then the sandbox's own queue.
     host_task_queue: str
+    # Claim a booted VM from the template's warm pool first (libvirt), and create one cold
+    # only when the pool has none.
+    warm_pool: bool = False
     idle_timeout_s: float = 3600.0
     # Idle this long, the sandbox is suspended until the next task (None: never).
     hibernate_after_s: float | None = None

@@ -26,7 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.planning import PlanningActivities
     from activities.progress import ProgressActivities
     from activities.sandbox import SandboxActivities, step_key
-    from activities.vm import VmActivities
+    from activities.vm import ClaimRequest, VmActivities
     from sandboxes.models import SandboxInfo, StepOutcome
     from store.events import NewEvent
     from store.models import SessionStatus, TaskStatus
@@ -75,6 +75,8 @@ RECORD_RETRY = RetryPolicy(
 # How long ending a session waits for the running command's kill, and for the sandbox.
 STOP_STEP_TIMEOUT = timedelta(seconds=60)
 DESTROY_TIMEOUT = timedelta(minutes=3)
+# A claim answers at once (a VM or none): past this the pool is in trouble; create cold.
+CLAIM_TIMEOUT = timedelta(seconds=20)
 
 
 def workflow_id(session_id: str) -> str:
@@ -129,6 +131,8 @@ class SessionWorkflow:
         # Set once the session is ending: no new work is accepted, no handler waits on.
         self.ending = False
         self.step: workflow.ActivityHandle[StepOutcome] | None = None
+        # A warm pool claim under way: an end meanwhile waits for it and destroys its VM.
+        self.claiming: workflow.ActivityHandle[SandboxInfo | None] | None = None
         self.events = 0
 
     # ---- the session's life
@@ -255,6 +259,13 @@ class SessionWorkflow:
         workflow.continue_as_new(self.params.model_copy(update={"carried": carried}))
 
     async def provision(self) -> None:
+        """The session's sandbox: a warm pool's VM if one is ready, else one created cold."""
+        if self.params.warm_pool and workflow.patched("pool-claim"):
+            claimed = await self.claim()
+            if claimed is not None:
+                await self.sandbox_ready(claimed, pooled=True)
+                return
+            check_cancelled()
         request = SandboxRequest(
             session_id=self.params.session_id,
             sandbox_id=workflow.uuid4().hex,
@@ -282,15 +293,52 @@ class SessionWorkflow:
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=f"provision a {self.params.template!r} sandbox",
         )
+        await self.sandbox_ready(self.sandbox)
+
+    async def claim(self) -> SandboxInfo | None:
+        """A ready VM of the template's warm pool, made the session's; None when the pool
+        has none (or cannot be asked): the caller creates one cold."""
+        handle = workflow.start_activity_method(
+            VmActivities.claim,
+            ClaimRequest(session_id=self.params.session_id, template=self.params.template),
+            task_queue=self.params.host_task_queue,
+            start_to_close_timeout=CLAIM_TIMEOUT,
+            retry_policy=RetryPolicy(maximum_attempts=2),
+            summary=f"claim a warm {self.params.template!r} VM",
+        )
+        # Waited on, never awaited (see run_step): an end that comes meanwhile lets the claim
+        # finish and destroys what it claimed (see end()).
+        self.claiming = handle
+        await workflow.wait_condition(handle.done)
+        self.claiming = None
+        sandbox = claimed(handle)
+        if sandbox is None:
+            return None
+        # The session's before the machine is relabelled: reconciliation asks the session
+        # (state) once the label names it, and the pool until then.
+        self.sandbox = sandbox
+        await workflow.execute_activity_method(
+            VmActivities.assign,
+            sandbox,
+            task_queue=sandbox.task_queue,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(maximum_attempts=5),
+            summary="label the claimed VM the session's",
+        )
+        return sandbox
+
+    async def sandbox_ready(self, sandbox: SandboxInfo, pooled: bool | None = None) -> None:
+        self.sandbox = sandbox
         self.status = SessionStatus.ready
         await self.record(
             self.event(
                 "sandbox.ready",
-                sandbox_id=self.sandbox.id,
-                provider=self.sandbox.provider,
-                host_id=self.sandbox.host_id,
-                template=self.sandbox.template,
-                handle=self.sandbox.handle,
+                sandbox_id=sandbox.id,
+                provider=sandbox.provider,
+                host_id=sandbox.host_id,
+                template=sandbox.template,
+                handle=sandbox.handle,
+                pooled=pooled,
             ),
             self.event("session.status", status=self.status.value),
         )
@@ -318,6 +366,11 @@ class SessionWorkflow:
         self.queue.clear()
         if drafts:
             await self.record(*drafts)
+        if self.claiming is not None:
+            # The pool may hand a VM to this session yet: it is the session's to destroy.
+            claiming = self.claiming
+            await workflow.wait_condition(claiming.done)
+            self.sandbox = claimed(claiming) or self.sandbox
         if self.sandbox is not None:
             await self.destroy(self.sandbox)
         # A submit accepted just before the end finishes its task itself (see submit_task).
@@ -755,6 +808,15 @@ class SessionWorkflow:
             retry_policy=RECORD_RETRY,
             summary=", ".join(d.type for d in drafts),
         )
+
+
+def claimed(handle: workflow.ActivityHandle[SandboxInfo | None]) -> SandboxInfo | None:
+    """What a finished claim handed out; a claim that failed got nothing (create cold)."""
+    try:
+        return handle.result()
+    except (ActivityError, asyncio.CancelledError) as exc:
+        workflow.logger.warning("claiming a warm VM failed: %s", failure_message(exc))
+        return None
 
 
 def cancel_requested() -> bool:
