@@ -106,7 +106,8 @@ class Settings(BaseSettings):
     )
 
     sandbox_provider: Literal["docker", "libvirt"] = Field(
-        default="docker", description="docker (containers, mock mode) or libvirt (VMs)"
+        default="libvirt",
+        description="libvirt (a VM per session) or docker (containers, mock mode)",
     )
     sandbox_cpus: float = 1.0
     sandbox_memory_mb: int = 1024
@@ -136,8 +137,9 @@ class Settings(BaseSettings):
         default=2, ge=1, description="VMs this host boots at most at once (until their guest is up)"
     )
     vm_pool_min: int = Field(default=1, ge=0, description="Booted VMs kept ready per template")
+    # Small: these are 2-core hosts running VMs under TCG, where each idle VM is ~300 MiB.
     vm_pool_max: int = Field(
-        default=4,
+        default=3,
         ge=0,
         description="Most VMs a template's pool grows to with claims; 0: none",
     )

@@ -353,22 +353,46 @@ async def test_a_vm_that_dies_is_seen_in_its_health(vms: LibvirtProvider) -> Non
     assert await gone(vms, sandbox)
 
 
+def admin_headers(base: str, data: Path) -> dict[str, str]:
+    subprocess.run(
+        [sys.executable, "-m", "berth", "create-admin", "admin@example.com"],
+        input="an admin's password\n", text=True, check=True,
+        env={**os.environ, "BERTH_DATA_DIR": str(data)},
+    )  # fmt: skip
+    admin = {"email": "admin@example.com", "password": "an admin's password"}
+    token = httpx.post(f"{base}/api/auth/token", json=admin).json()["token"]
+    return {"Authorization": f"Bearer {token}"}
+
+
+def warm_pool(base: str, headers: dict[str, str], ready: int) -> dict[str, Any]:
+    """The default template's pool once ``ready`` VMs are ready in it."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while (pool := httpx.get(f"{base}/api/pools/default", headers=headers).json())[
+        "ready"
+    ] < ready and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return pool  # type: ignore[no-any-return]
+
+
 @pytest.mark.e2e
-def test_a_session_runs_its_task_in_a_vm_of_its_own(vms: LibvirtProvider) -> None:
-    """The whole system with ``BERTH_SANDBOX_PROVIDER=libvirt``: a warm pool of one VM, and
-    a session's task on a VM of its own; the session's end removes its VM."""
+def test_by_default_a_session_runs_its_task_in_a_warm_vm_of_its_own(vms: LibvirtProvider) -> None:
+    """The whole system with no provider setting, as ``make run``: libvirt VMs, a warm pool
+    per template, a session served from it; the session's end removes its VM."""
     # QEMU (an unprivileged user) must reach the VMs' files: not under pytest's 0700 tmp.
     data = Path(tempfile.mkdtemp(prefix="e2e-vm-", dir=vms.data_dir))
-    env = {
-        "BERTH_SANDBOX_PROVIDER": "libvirt",
-        "BERTH_VM_IMAGES_DIR": str(vms.images),
-        "BERTH_VM_POOL_MIN": "1",
-        "BERTH_VM_POOL_MAX": "1",
-    }
-    system = LocalSystem.start(data, "e2evm", env=env)
+    env = {"BERTH_VM_IMAGES_DIR": str(vms.images)}
+    system = LocalSystem.start(data, "e2evm", env=env, provider=None)
     try:
+        assert "sandboxes: libvirt VMs, one per session, a warm pool of 1 to 3" in system.log()
         base = system.base
         headers = token_for(base, "vm@example.com")
+        # The pool's state is an admin's to read.
+        assert httpx.get(f"{base}/api/pools/default", headers=headers).status_code == 403
+        admin = admin_headers(base, data)
+        assert httpx.get(f"{base}/api/pools/nope", headers=admin).status_code == 404
+        pool = warm_pool(base, admin, ready=1)
+        assert (pool["target"], pool["ready"], pool["hits"]) == (1, 1, 0)
+
         session = httpx.post(f"{base}/api/sessions", json={}, headers=headers)
         sid = session.json()["id"]
         wait_status(base, headers, sid, "ready")
@@ -381,30 +405,13 @@ def test_a_session_runs_its_task_in_a_vm_of_its_own(vms: LibvirtProvider) -> Non
         output = "".join(e["data"]["text"] for e in events if e["type"] == "step.output")
         assert output.startswith("hello from\ndefault\n") and "cloud-amd64" in output
         sandbox = next(e["data"] for e in events if e["type"] == "sandbox.ready")
-        assert sandbox["provider"] == "libvirt"
+        assert sandbox["provider"] == "libvirt" and sandbox["pooled"] is True  # a warm hit
+        assert httpx.get(f"{base}/api/pools/default", headers=admin).json()["hits"] == 1
         assert httpx.delete(f"{base}/api/sessions/{sid}", headers=headers).status_code == 202
         wait_status(base, headers, sid, "ended")
         names = [domain.name() for domain in libvirt.open(vms.uri).listAllDomains()]
         assert sandbox["handle"] not in names
         assert not (data / "vms" / sandbox["sandbox_id"]).exists()
-
-        # The pool's state is an admin's to read.
-        assert httpx.get(f"{base}/api/pools/default", headers=headers).status_code == 403
-        subprocess.run(
-            [sys.executable, "-m", "berth", "create-admin", "admin@example.com"],
-            input="an admin's password\n", text=True, check=True,
-            env={**os.environ, "BERTH_DATA_DIR": str(data)},
-        )  # fmt: skip
-        admin = {"email": "admin@example.com", "password": "an admin's password"}
-        token = httpx.post(f"{base}/api/auth/token", json=admin).json()["token"]
-        headers = {"Authorization": f"Bearer {token}"}
-        assert httpx.get(f"{base}/api/pools/nope", headers=headers).status_code == 404
-        deadline = time.monotonic() + CONNECT_TIMEOUT_S
-        while (pool := httpx.get(f"{base}/api/pools/default", headers=headers).json())[
-            "ready"
-        ] < 1 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert pool["target"] == 1 and pool["ready"] == 1
     finally:
         assert system.stop() == 0
         # The pool's VM outlives the system, as it would a restart: removed here.
