@@ -4,6 +4,7 @@ it relabelled), and hibernating and waking it. They run on the VM's host queue."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from pydantic import BaseModel
@@ -25,6 +26,14 @@ CLAIM_TRIES = 3
 class ClaimRequest(BaseModel):
     session_id: str
     template: str
+
+
+class RestoreRequest(BaseModel):
+    """A new sandbox (its id made by the workflow) with a preserved one's disk."""
+
+    preserved: SandboxInfo
+    sandbox_id: str
+    session_id: str
 
 
 class VmActivities:
@@ -65,6 +74,32 @@ class VmActivities:
     async def assign(self, sandbox: SandboxInfo) -> None:
         """Label a claimed machine its session's (idempotent), for reconciliation."""
         await self.provider.assign(sandbox.handle, sandbox.session_id)
+
+    @activity.defn(name="PreserveSandbox")
+    async def preserve(self, sandbox: SandboxInfo) -> None:
+        """End the machine and keep its disk (a container: its workspace) for a resume."""
+        async with heartbeating():
+            await self.provider.preserve(sandbox, self.connect_timeout_s)
+
+    @activity.defn(name="RestoreSandbox")
+    async def restore(self, request: RestoreRequest) -> SandboxInfo:
+        """A new machine with the preserved disk, its guest connected; a failure removes
+        the new machine and keeps the disk, for another try."""
+        async with heartbeating():
+            try:
+                return await self.provider.restore(
+                    request.preserved.id,
+                    request.sandbox_id,
+                    request.session_id,
+                    request.preserved.template,
+                    self.connect_timeout_s,
+                )
+            except Exception:  # a cancel is the session's end, which destroys it itself
+                placeholder = request.preserved.model_copy(
+                    update={"id": request.sandbox_id, "handle": ""}
+                )
+                await asyncio.shield(self.provider.destroy(placeholder))
+                raise
 
     @activity.defn(name="HibernateSandbox")
     async def hibernate(self, sandbox: SandboxInfo) -> None:

@@ -121,6 +121,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 sandbox.destroy,
                 vm.claim,
                 vm.assign,
+                vm.preserve,
+                vm.restore,
                 vm.hibernate,
                 vm.wake,
             ],

@@ -188,6 +188,11 @@ class SandboxInfo(BaseModel):
     handle: str
 
 
+# The guest agent's home and working directory (guest_agent/__main__.py): the workspace a
+# container's preserved session keeps (a VM keeps its whole disk).
+WORKSPACE = "/root"
+
+
 class Machine(BaseModel):
     """A machine found on a host, as its provider labelled it at creation."""
 
@@ -251,6 +256,13 @@ class StepOutcome(BaseModel):
         if self.check is not None and not self.check.ok:
             return f"missed its check: {self.check.detail}"
         return f"exited with {self.exit_code}"
+
+
+class Usage(BaseModel):
+    """A machine's resource use, sampled by its host: % of one CPU, resident MiB."""
+
+    cpu_percent: float
+    memory_mb: float
 
 
 class Health(BaseModel):

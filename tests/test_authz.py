@@ -72,6 +72,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/api/sessions"): R(201, 201, 401, 201, json={}),
     ("GET", "/api/sessions/{sid}"): R(200, 404, 401, 200),
     ("DELETE", "/api/sessions/{sid}"): R(202, 404, 401, 404),
+    ("POST", "/api/sessions/{sid}/resume"): R(409, 404, 401, 404),  # ended, nothing kept
     ("GET", "/api/sessions/{sid}/events"): R(200, 404, 401, 200),
     ("GET", "/api/sessions/{sid}/tasks"): R(200, 404, 401, 200),
     ("POST", "/api/sessions/{sid}/tasks"): R(409, 404, 401, 404, json=PROMPT),  # it has ended

@@ -671,7 +671,7 @@ async def test_an_idle_session_hibernates_and_the_next_task_wakes_it(
     kinds = stubs.types()
     assert kinds.index("sandbox.hibernated") < kinds.index("sandbox.woken")
     statuses = [e.data["status"] for e in stubs.events if e.type == "session.status"]
-    assert statuses[:4] == ["ready", "hibernated", "ready", "busy"]
+    assert statuses[:5] == ["ready", "hibernated", "waking", "ready", "busy"]
     assert stubs.destroyed == stubs.provisioned
 
 

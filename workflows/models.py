@@ -34,6 +34,8 @@ class SessionInput(BaseModel):
     max_revisions: int = 8
     # Set by continue-as-new: the session as the previous run left it.
     carried: Carried | None = None
+    # Set by a resume: the sandbox whose disk the session's previous run preserved.
+    restore: SandboxInfo | None = None
 
 
 class DoneStep(BaseModel):
@@ -129,6 +131,13 @@ class SandboxRequest(BaseModel):
     # and reconciliation can tell whose a machine is.
     sandbox_id: str
     template: str
+
+
+class SandboxDeath(BaseModel):
+    """Said by the sandbox's host when its machine died (or stopped answering)."""
+
+    sandbox_id: str
+    detail: str
 
 
 class StepRequest(BaseModel):
