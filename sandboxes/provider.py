@@ -97,17 +97,17 @@ class SandboxProvider(abc.ABC):
         owner can serve a warm pool."""
         raise NotImplementedError(f"{self.name} machines cannot change owner (no warm pool)")
 
-    @abc.abstractmethod
     async def keep(self, sandbox: SandboxInfo, folder: Path) -> None:
         """Save what a preserved session keeps (a VM's disk, a container's workspace) into
         ``folder``, then remove the machine. Idempotent: a retry after the machine is gone
         keeps what was saved."""
+        raise NotImplementedError(f"{self.name} machines cannot be preserved")
 
-    @abc.abstractmethod
     async def bring_back(self, sandbox: SandboxInfo, folder: Path, timeout_s: float) -> None:
         """Give the freshly provisioned ``sandbox`` what ``keep`` saved in ``folder``.
         Called before its boot where the machine boots from it (``boots_from_kept``), else
         once its guest has connected."""
+        raise NotImplementedError(f"{self.name} machines cannot be preserved")
 
     # Whether bring_back() goes before the machine starts (a VM's disk) or after (files).
     boots_from_kept: bool = False
