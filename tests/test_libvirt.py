@@ -25,21 +25,22 @@ import httpx
 import libvirt
 import pytest
 from sqlalchemy import Engine
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
 import vm_templates
 from activities.sandbox import SandboxActivities
-from activities.vm import ClaimRequest, VmActivities
+from activities.vm import ClaimRequest, RestoreRequest, VmActivities
 from berth.keys import guest_keys
 from berth.local import LocalSystem, free_port, python_script
 from berth.settings import Settings
 from berth.worker import session_owner
-from sandboxes import libvirt_host
+from sandboxes import libvirt_host, monitor
 from sandboxes.factory import make_gateway, make_provider
 from sandboxes.gateway import GuestGateway
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
-from sandboxes.models import SandboxInfo
+from sandboxes.models import Machine, SandboxInfo
 from sandboxes.provider import SandboxProvider, machine_name
 from sandboxes.reconcile import reconcile
 from store.artifacts import ArtifactStore
@@ -482,3 +483,55 @@ async def test_a_warm_pool_hands_out_ready_vms_refills_and_falls_back_to_cold(
         await handle.signal(PoolWorkflow.stop)
         await handle.result()
     assert await vms.machines() == []
+
+
+async def test_a_preserved_vm_disk_comes_back_on_a_new_vm(
+    vms: LibvirtProvider, env: WorkflowEnvironment, sqlite_engine: Engine
+) -> None:
+    sandbox = await boot(vms)
+    assert (await run(vms, sqlite_engine, sandbox, "echo kept > /root/kept.txt"))[0] == 0
+    activities = VmActivities(vms, env.client, CONNECT_TIMEOUT_S)
+    await ActivityEnvironment().run(activities.preserve, sandbox)
+    assert await gone(vms, sandbox)  # the domain and its folder; the disk is kept aside
+    assert (vms.preserved(sandbox.id) / "disk.qcow2").exists()
+
+    request = RestoreRequest(
+        preserved=sandbox, sandbox_id=uuid.uuid4().hex, session_id=sandbox.session_id
+    )
+    restored: SandboxInfo = await ActivityEnvironment().run(activities.restore, request)
+    assert restored.id != sandbox.id and vms.gateway.is_connected(restored.id)
+    code, output = await run(vms, sqlite_engine, restored, "cat /root/kept.txt")
+    assert (code, output) == (0, "kept\n")
+    assert not vms.preserved(sandbox.id).exists()  # now the new VM's disk
+    await vms.destroy(restored)
+    assert await gone(vms, restored)
+
+
+async def test_a_destroyed_vm_is_reported_and_its_step_fails_at_once(
+    vms: LibvirtProvider, sqlite_engine: Engine
+) -> None:
+    sandbox = await boot(vms)
+    deaths: list[str] = []
+
+    async def died(machine: Machine, reason: str) -> None:
+        deaths.append(f"{machine.sandbox_id}: {reason}")
+
+    request = step_request(sqlite_engine, sandbox.id, "sleep 300", task_id=uuid.uuid4().hex)
+    request = request.model_copy(
+        update={"sandbox": sandbox.model_copy(update={"session_id": request.sandbox.session_id})}
+    )
+    activities = SandboxActivities(vms, sqlite_engine, CONNECT_TIMEOUT_S, scratch_artifacts())
+    _, step = await attempt(activities, request, 1)
+    await asyncio.sleep(1)  # the command runs
+    destroy = ["virsh", "-c", vms.uri, "destroy", sandbox.handle]  # behind Berth's back
+    virsh = await asyncio.to_thread(subprocess.run, destroy, capture_output=True)
+    assert virsh.returncode == 0, virsh.stderr
+    assert await monitor.check(vms, died, set()) == [
+        m for m in await vms.machines() if m.sandbox_id == sandbox.id
+    ]
+    assert deaths == [f"{sandbox.id}: its machine is shut off (it was not ended by Berth)"]
+    with pytest.raises(ApplicationError) as failed:
+        await asyncio.wait_for(step, 10)
+    assert failed.value.type == "SandboxDied" and failed.value.non_retryable
+    await vms.destroy(sandbox)
+    assert await gone(vms, sandbox)
