@@ -53,6 +53,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.plans import check_plan_size, user_plan
 
 Request = TypeVar("Request", PlanRequest, VerifyRequest)
+Making = TypeVar("Making", SandboxRequest, RestoreRequest)
 Answer = TypeVar("Answer", Plan, Verdict)
 
 MAX_QUEUED_TASKS = 20
@@ -293,18 +294,30 @@ class SessionWorkflow:
             sandbox_id=workflow.uuid4().hex,
             template=self.params.template,
         )
+        sandbox = await self.make_machine(
+            SandboxActivities.provision, request, f"provision a {self.params.template!r} sandbox"
+        )
+        await self.sandbox_ready(sandbox)
+
+    async def make_machine(
+        self,
+        call: Callable[[Any, Making], Awaitable[SandboxInfo]],
+        request: Making,
+        summary: str,
+    ) -> SandboxInfo:
+        """Run the activity that makes the session's machine (created cold, or restored)."""
         # Known before the machine exists, so an end during provisioning can destroy it.
         self.sandbox = SandboxInfo(
             id=request.sandbox_id,
-            session_id=request.session_id,
+            session_id=self.params.session_id,
             provider="",
             host_id="",
             task_queue=self.params.host_task_queue,
-            template=request.template,
+            template=self.params.template,
             handle="",
         )
-        self.sandbox = await workflow.execute_activity_method(
-            SandboxActivities.provision,
+        return await workflow.execute_activity_method(
+            call,
             request,
             task_queue=self.params.host_task_queue,
             start_to_close_timeout=timedelta(minutes=10),
@@ -313,9 +326,8 @@ class SessionWorkflow:
             # An end during provisioning destroys the machine only once the attempt that
             # makes it has stopped, so none is made after the destroy.
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            summary=f"provision a {self.params.template!r} sandbox",
+            summary=summary,
         )
-        await self.sandbox_ready(self.sandbox)
 
     async def claim(self) -> SandboxInfo | None:
         """A ready VM of the template's warm pool, made the session's; None when the pool
@@ -353,26 +365,10 @@ class SessionWorkflow:
         request = RestoreRequest(
             preserved=kept, sandbox_id=workflow.uuid4().hex, session_id=self.params.session_id
         )
-        # Known before the machine exists, so an end meanwhile destroys it (the kept disk
-        # stays until the new machine is up: the session can be resumed again).
-        self.sandbox = kept.model_copy(
-            update={
-                "id": request.sandbox_id,
-                "session_id": request.session_id,
-                "provider": "",
-                "handle": "",
-                "task_queue": self.params.host_task_queue,
-            }
-        )
-        sandbox = await workflow.execute_activity_method(
-            VmActivities.restore,
-            request,
-            task_queue=self.params.host_task_queue,
-            start_to_close_timeout=timedelta(minutes=10),
-            heartbeat_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_attempts=3),
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            summary="restore the preserved sandbox",
+        # An end meanwhile destroys the new machine; the kept disk stays until the new
+        # machine is up, so the session can be resumed again.
+        sandbox = await self.make_machine(
+            VmActivities.restore, request, "restore the preserved sandbox"
         )
         await self.sandbox_ready(
             sandbox, self.event("sandbox.restored", sandbox_id=sandbox.id, preserved_id=kept.id)
