@@ -76,7 +76,7 @@ ui/static/vendor/.installed: ui/package.json ui/package-lock.json
 
 sandbox-image: $(VENV)/.installed $(STAMPS)/system
 	@echo "== sandbox engine and image"
-	$(PY) -m sandboxes prepare
+	$(PY) -m sandboxes prepare --provider docker
 
 vm-image: $(VENV)/.installed $(STAMPS)/system-vm
 	@echo "== libvirt host and VM template image"

@@ -14,7 +14,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import heartbeating
-from sandboxes.gateway import GuestUnavailable, StepKindUnsupported
+from sandboxes.gateway import GuestUnavailable, SandboxDied, StepKindUnsupported
 from sandboxes.models import SandboxInfo, StepOutcome
 from sandboxes.policy import CommandPolicy, judge, load_policy
 from sandboxes.provider import SandboxProvider
@@ -232,6 +232,11 @@ class SandboxActivities:
                 killed = await asyncio.wait_for(run, KILL_WAIT_S)
             await recorder.finish("cancelled", killed, "cancelled")
             raise
+        except SandboxDied as exc:
+            # No retry can help: the session replaces the machine for its next task.
+            raise ApplicationError(
+                f"the sandbox's machine died: {exc}", type="SandboxDied", non_retryable=True
+            ) from exc
         except GuestUnavailable as exc:
             raise ApplicationError(str(exc), type="GuestUnavailable") from exc
         except StepKindUnsupported as exc:

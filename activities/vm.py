@@ -1,9 +1,10 @@
 """Activities of a session's VM beyond the basic sandbox ones: claiming a warm pool's VM
-(the pool hands one out, the host checks it and makes it the session's), and hibernating
-and waking it. They run on the VM's host queue."""
+(the pool hands one out and the host checks it; the session records it as its own, then has
+it relabelled), and hibernating and waking it. They run on the VM's host queue."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from pydantic import BaseModel
@@ -27,6 +28,14 @@ class ClaimRequest(BaseModel):
     template: str
 
 
+class RestoreRequest(BaseModel):
+    """A new sandbox (its id made by the workflow) with a preserved one's disk."""
+
+    preserved: SandboxInfo
+    sandbox_id: str
+    session_id: str
+
+
 class VmActivities:
     def __init__(self, provider: SandboxProvider, client: Client, connect_timeout_s: float) -> None:
         self.provider = provider
@@ -35,8 +44,12 @@ class VmActivities:
 
     @activity.defn(name="ClaimSandbox")
     async def claim(self, request: ClaimRequest) -> SandboxInfo | None:
-        """A ready VM from the template's pool, now the session's; None when the pool is
-        empty, missing or only held broken VMs: the caller then creates one cold."""
+        """A ready, healthy VM from the template's pool, for the session; None when the pool
+        is empty, missing or only held broken VMs: the caller then creates one cold.
+
+        The machine still carries its pool label, and the pool still owns it (reconciliation
+        keeps it): the session records it as its sandbox first, then relabels it (assign),
+        so at no moment does the machine belong to nobody."""
         pool = self.client.get_workflow_handle(
             pool_workflow_id(self.provider.host_id, request.template)
         )
@@ -52,11 +65,41 @@ class VmActivities:
             if sandbox is None:
                 return None
             if (await self.provider.health(sandbox)).ok:
-                await self.provider.assign(sandbox.handle, request.session_id)
                 return sandbox.model_copy(update={"session_id": request.session_id})
             log.warning("pool VM %s is unhealthy: destroyed, claiming another", sandbox.id)
             await self.provider.destroy(sandbox)
         return None
+
+    @activity.defn(name="AssignSandbox")
+    async def assign(self, sandbox: SandboxInfo) -> None:
+        """Label a claimed machine its session's (idempotent), for reconciliation."""
+        await self.provider.assign(sandbox.handle, sandbox.session_id)
+
+    @activity.defn(name="PreserveSandbox")
+    async def preserve(self, sandbox: SandboxInfo) -> None:
+        """End the machine and keep its disk (a container: its workspace) for a resume."""
+        async with heartbeating():
+            await self.provider.preserve(sandbox, self.connect_timeout_s)
+
+    @activity.defn(name="RestoreSandbox")
+    async def restore(self, request: RestoreRequest) -> SandboxInfo:
+        """A new machine with the preserved disk, its guest connected; a failure removes
+        the new machine and keeps the disk, for another try."""
+        async with heartbeating():
+            try:
+                return await self.provider.restore(
+                    request.preserved.id,
+                    request.sandbox_id,
+                    request.session_id,
+                    request.preserved.template,
+                    self.connect_timeout_s,
+                )
+            except Exception:  # a cancel is the session's end, which destroys it itself
+                placeholder = request.preserved.model_copy(
+                    update={"id": request.sandbox_id, "handle": ""}
+                )
+                await asyncio.shield(self.provider.destroy(placeholder))
+                raise
 
     @activity.defn(name="HibernateSandbox")
     async def hibernate(self, sandbox: SandboxInfo) -> None:

@@ -152,11 +152,33 @@ def get_session(sid: str, db: DbDep, user: UserDep) -> SessionOut:
 
 @router.delete("/sessions/{sid}", status_code=202, tags=["sessions"], responses=LIVE_SESSION)
 async def end_session(
-    sid: str, db: DbDep, temporal: TemporalDep, user: UserDep, ip: IpDep
+    sid: str,
+    db: DbDep,
+    temporal: TemporalDep,
+    user: UserDep,
+    ip: IpDep,
+    preserve: bool = False,
 ) -> SessionOut:
+    """End the session. With ``preserve=true`` its sandbox is shut down with its disk (a
+    container: its workspace) kept, and ``POST .../resume`` brings the session back."""
     row = service.own_session(db, user, sid)
-    await service.end_session(db, temporal, user, row, ip)
+    await service.end_session(db, temporal, user, row, ip, preserve=preserve)
     return service.session_out(row)
+
+
+@router.post(
+    "/sessions/{sid}/resume",
+    status_code=202,
+    tags=["sessions"],
+    responses=problems(401, 404, 409, 429, 503),
+)
+async def resume_session(
+    sid: str, db: DbDep, temporal: TemporalDep, settings: SettingsDep, user: UserDep, ip: IpDep
+) -> SessionOut:
+    """Resume a session that ended with its disk preserved: the same session (id, events,
+    tasks) on a new machine with the kept disk; 409 unless it ended preserved."""
+    row = service.own_session(db, user, sid)
+    return service.session_out(await service.resume_session(db, temporal, settings, user, row, ip))
 
 
 @router.post("/sessions/{sid}/tasks", status_code=202, tags=["tasks"], responses=LIVE_SESSION)

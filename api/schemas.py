@@ -62,6 +62,8 @@ class SessionOut(BaseModel):
     status: SessionStatus
     template: str
     error: str | None
+    # Ended with its sandbox's disk kept: POST .../resume brings it back.
+    preserved: bool = False
     created_at: datetime
     ended_at: datetime | None
     events_url: str

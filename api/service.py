@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from sqlmodel import Session, col, func, or_, select
 from sqlmodel.sql.expression import SelectOfScalar
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 import vm_templates
@@ -24,14 +25,26 @@ from api.deps import Problem, TemporalLink
 from api.schemas import PoolOut, SessionOut, StepOut, TaskOut, TaskRefOut
 from berth.settings import Settings
 from llm.accounting import task_usage
+from sandboxes.models import SandboxInfo
 from store import audit
 from store.artifacts import ArtifactStore
-from store.models import ArtifactRow, SessionRow, SessionStatus, StepRow, TaskRow, User, utcnow
+from store.models import (
+    ArtifactRow,
+    SandboxRow,
+    SessionRow,
+    SessionStatus,
+    StepRow,
+    TaskRow,
+    User,
+    utcnow,
+)
 from workflows.models import SessionInput, TaskRef
 from workflows.pool import PoolWorkflow, pool_workflow_id
 from workflows.session import SessionWorkflow, workflow_id
 
 log = logging.getLogger("berth.api")
+
+FINAL = (SessionStatus.ended, SessionStatus.failed)
 
 
 async def start_session(
@@ -49,6 +62,25 @@ async def start_session(
     if template not in vm_templates.names():
         known = ", ".join(vm_templates.names())
         raise Problem(422, f"no sandbox template {template!r}; known: {known}")
+    check_live_sessions(db, settings, user)
+    client = await temporal.client()  # before the row: no session is left half-made
+    row = SessionRow(
+        user_id=user.id,
+        template=template,
+        idle_timeout_s=prefs.idle_timeout_s or settings.session_idle_timeout_s,
+        hibernate_after_s=prefs.hibernate_after_s or settings.session_hibernate_after_s,
+        model=prefs.model,
+    )
+    db.add(row)
+    db.commit()
+    db.refresh(row)
+    audit.record(db, user.id, "session.create", row.id, {"template": template}, ip=ip)
+    await _start_run(db, client, settings, user, row)
+    return row
+
+
+def check_live_sessions(db: Session, settings: Settings, user: User) -> None:
+    """429 once the user has as many live sessions as allowed."""
     live = db.exec(
         select(func.count())
         .select_from(SessionRow)
@@ -60,45 +92,81 @@ async def start_session(
             f"you have {live} live sessions, the most allowed (BERTH_MAX_LIVE_SESSIONS); "
             "end one first",
         )
-    client = await temporal.client()  # before the row: no session is left half-made
-    idle_timeout_s = prefs.idle_timeout_s or settings.session_idle_timeout_s
-    hibernate_after_s = prefs.hibernate_after_s or settings.session_hibernate_after_s
-    row = SessionRow(
-        user_id=user.id,
-        template=template,
-        idle_timeout_s=idle_timeout_s,
-        hibernate_after_s=hibernate_after_s,
-        model=prefs.model,
-    )
-    db.add(row)
-    db.commit()
-    db.refresh(row)
-    audit.record(db, user.id, "session.create", row.id, {"template": template}, ip=ip)
+
+
+async def _start_run(
+    db: Session,
+    client: Client,
+    settings: Settings,
+    user: User,
+    row: SessionRow,
+    restore: SandboxInfo | None = None,
+) -> None:
+    """Start the session's workflow: a new session, or a resumed one's next run, with the
+    timeouts and model the session began with (sessions from before they were kept on the
+    row: the system's)."""
+    began = row.idle_timeout_s is not None
     try:
         await client.start_workflow(
             SessionWorkflow.run,
             SessionInput(
                 session_id=row.id,
-                template=template,
+                template=row.template,
                 host_task_queue=settings.host_task_queue,
-                idle_timeout_s=idle_timeout_s,
-                hibernate_after_s=hibernate_after_s,
+                warm_pool=settings.warm_pool,
+                idle_timeout_s=row.idle_timeout_s or settings.session_idle_timeout_s,
+                hibernate_after_s=(
+                    row.hibernate_after_s if began else settings.session_hibernate_after_s
+                ),
                 step_timeout_s=settings.step_timeout_s,
                 max_steps=settings.agent_max_steps,
                 max_revisions=settings.agent_max_revisions,
                 model=row.model,
+                restore=restore,
             ),
             id=workflow_id(row.id),
             task_queue=settings.host_task_queue,  # the session lives on its host
             # The user's id, not their email: operators see summaries, and so do logs.
-            static_summary=f"session of user {user.id} ({template})",
+            static_summary=f"session of user {user.id} ({row.template})",
         )
+    except WorkflowAlreadyStartedError as exc:
+        raise Problem(409, f"session {row.id} is running already") from exc
     except RPCError as exc:
         row.status, row.error = SessionStatus.failed, f"could not start: {exc.message}"
         row.ended_at = utcnow()
         db.add(row)
         db.commit()
         raise _unavailable(exc) from exc
+
+
+async def resume_session(
+    db: Session,
+    temporal: TemporalLink,
+    settings: Settings,
+    user: User,
+    row: SessionRow,
+    ip: str | None = None,
+) -> SessionRow:
+    """A new run of an ended session whose sandbox's disk was preserved: same id, same
+    event log and tasks, a new machine with the kept disk."""
+    kept = db.exec(
+        select(SandboxRow).where(SandboxRow.session_id == row.id, SandboxRow.status == "preserved")
+    ).first()
+    if row.status not in FINAL or not row.preserved or kept is None:
+        raise Problem(409, f"session {row.id} is not an ended session with its disk kept")
+    check_live_sessions(db, settings, user)
+    client = await temporal.client()
+    restore = SandboxInfo(
+        id=kept.id, session_id=row.id, provider=kept.provider, host_id=kept.host_id,
+        task_queue=settings.host_task_queue, template=kept.template, handle=kept.handle,
+    )  # fmt: skip
+    await _start_run(db, client, settings, user, row, restore)
+    # Live again from now (the workflow's events say the rest).
+    row.status, row.error, row.ended_at = SessionStatus.provisioning, None, None
+    db.add(row)
+    db.commit()
+    db.refresh(row)
+    audit.record(db, user.id, "session.resume", row.id, {"sandbox": kept.id}, ip=ip)
     return row
 
 
@@ -172,6 +240,7 @@ def session_out(row: SessionRow) -> SessionOut:
         status=row.status,
         template=row.template,
         error=row.error,
+        preserved=row.preserved,
         created_at=row.created_at,
         ended_at=row.ended_at,
         events_url=f"/api/sessions/{row.id}/events",
@@ -179,15 +248,25 @@ def session_out(row: SessionRow) -> SessionOut:
 
 
 async def end_session(
-    db: Session, temporal: TemporalLink, user: User, row: SessionRow, ip: str | None = None
+    db: Session,
+    temporal: TemporalLink,
+    user: User,
+    row: SessionRow,
+    ip: str | None = None,
+    preserve: bool = False,
 ) -> None:
+    """End the session: its sandbox is destroyed, or with ``preserve`` shut down with its
+    disk kept, so that resume_session brings it back."""
+    handle = (await temporal.client()).get_workflow_handle(workflow_id(row.id))
     try:
-        await (await temporal.client()).get_workflow_handle(workflow_id(row.id)).cancel()
+        if preserve:  # said first: the end reads it
+            await handle.signal(SessionWorkflow.preserve_sandbox)
+        await handle.cancel()
     except RPCError as exc:
         if exc.status != RPCStatusCode.NOT_FOUND:
             raise _unavailable(exc) from exc
         # Already over: ending it again is not an error.
-    audit.record(db, user.id, "session.delete", row.id, ip=ip)
+    audit.record(db, user.id, "session.delete", row.id, {"preserve": preserve}, ip=ip)
 
 
 def _unavailable(exc: RPCError) -> Problem:

@@ -5,8 +5,10 @@ gateway: building the image from the cached root filesystem; a cold create until
 agent is connected, through libvirt; the physical floor, the same kernel, initramfs and disk
 booted by a bare ``qemu-system-x86_64`` on the same bridge until its agent connects;
 suspend (managed save) and resume until a command answers; host RAM per idle VM (RSS of its
-QEMU process). Prints a markdown table, writes JSON to ``$BERTH_BENCH_OUT`` (default
-``.berth/bench/vm.json``). ``BERTH_BENCH_VM_RUNS`` (default 3) sets the repetitions.
+QEMU process); session-ready latency on a warm-pool hit, on the whole system
+(``BERTH_BENCH_VM_WARM_RUNS`` sessions, default 8). Prints a markdown table, writes JSON to
+``$BERTH_BENCH_OUT`` (default ``.berth/bench/vm.json``). ``BERTH_BENCH_VM_RUNS`` (default 3)
+sets the other repetitions.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,14 +28,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 import vm_templates
-from bench.spine import Metric, machine, table, timed, write_report
-from berth.local import free_port
+from bench.spine import Metric, Stream, call, is_status, machine, table, timed, write_report
+from berth.local import LocalSystem, free_port
 from berth.settings import Settings
 from sandboxes import vm_image
 from sandboxes.factory import make_gateway, make_provider
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import SandboxInfo, TerminalStep
+from workflows.pool import PoolWorkflow, pool_workflow_id
 
 CONNECT_TIMEOUT_S = 300.0
 IDLE_S = 10.0  # a booted guest settles before its RSS is read
@@ -175,10 +181,57 @@ async def image_build(provider: LibvirtProvider) -> list[Metric]:
         return [timed("image build (root filesystem cached)", [time.monotonic() - started])]
 
 
+async def warm_hits(provider: LibvirtProvider, runs: int) -> list[Metric]:
+    """Session-ready latency on a warm-pool hit, on the whole system as ``make run`` starts
+    it (libvirt, a warm pool): ``POST /api/sessions`` until ``ready`` on its event stream,
+    each time once the pool has a VM ready again."""
+    data = Path(tempfile.mkdtemp(prefix="bench-warm-", dir=provider.data_dir))
+    env = {"BERTH_VM_IMAGES_DIR": str(provider.images)}
+    system = await asyncio.to_thread(LocalSystem.start, data, "benchwarm", env, 300, None)
+    host_id = f"benchwarm{system.base.rsplit(':', 1)[1]}"
+    ready: list[float] = []
+    try:
+        temporal = await system.client()
+        pool = temporal.get_workflow_handle(pool_workflow_id(host_id, vm_templates.DEFAULT))
+        async with httpx.AsyncClient(base_url=system.base, timeout=60) as http:
+            credentials = {"email": "bench@example.com", "password": "a long password"}
+            await call(http, "POST", "/api/auth/signup", 201, json=credentials)
+            token = (await call(http, "POST", "/api/auth/token", 200, json=credentials))["token"]
+            http.headers["Authorization"] = f"Bearer {token}"
+            for _ in range(runs):
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    while not (await pool.query(PoolWorkflow.state)).ready:  # noqa: ASYNC110
+                        await asyncio.sleep(0.2)
+                await asyncio.sleep(IDLE_S / 2)  # the refilled VM's boot has settled
+                start = time.time()
+                sid = (await call(http, "POST", "/api/sessions", 201, json={}))["id"]
+                stream = Stream(http, sid)
+                seen = await stream.until(is_status("session.status", "ready"))
+                if not any(
+                    e["data"].get("pooled") for _, e in seen if e["type"] == "sandbox.ready"
+                ):
+                    raise RuntimeError("the session was not served from the warm pool")
+                ready.append(seen[-1][0] - start)
+                await call(http, "DELETE", f"/api/sessions/{sid}", 202)
+                await stream.until(is_status("session.status", "ended"))
+                await stream.close()
+    finally:
+        await asyncio.to_thread(system.stop)
+        settings = Settings(data_dir=data, sandbox_provider="libvirt", host_id=host_id)
+        left = make_provider(settings, make_gateway(settings))
+        for machine_left in await left.machines():  # the pool's VMs outlive the system
+            await left.remove(machine_left.handle)
+        shutil.rmtree(data, ignore_errors=True)
+    return [
+        timed("session ready on a warm-pool hit (POST → `ready` on SSE)", ready, 100),
+        timed("session ready on a warm-pool hit, p95", ready, 250, on="p95"),
+    ]
+
+
 Measure = Callable[[], Awaitable[list[Metric]]]
 
 
-async def measure(runs: int) -> list[Metric]:
+async def measure(runs: int, warm_runs: int) -> list[Metric]:
     port = free_port()
     settings = Settings(
         sandbox_provider="libvirt", host_id=f"bench-{uuid.uuid4().hex[:8]}", gateway_port=port
@@ -195,6 +248,7 @@ async def measure(runs: int) -> list[Metric]:
             ("cold create", lambda: cold_creates(provider, runs)),
             ("bare qemu floor", lambda: bare_qemu(provider, runs)),
             ("hibernation", lambda: hibernation(provider, runs)),
+            ("warm-pool hits", lambda: warm_hits(provider, warm_runs)),
         ]
         for name, step in steps:
             print(f"measuring: {name}", flush=True)
@@ -214,7 +268,8 @@ def main() -> int:
     info = machine()
     runs = int(os.environ.get("BERTH_BENCH_VM_RUNS", "3"))
     print(f"machine: {info['nproc']} CPUs, {info['cpu']}; date: {started}", flush=True)
-    metrics = asyncio.run(measure(runs))
+    warm_runs = int(os.environ.get("BERTH_BENCH_VM_WARM_RUNS", "8"))
+    metrics = asyncio.run(measure(runs, warm_runs))
     floor = next((m for m in metrics if m.name.startswith("floor") and m.p50), None)
     cold = next((m for m in metrics if m.name.startswith("cold create") and m.p50), None)
     if floor and cold and floor.p50 and cold.p50:

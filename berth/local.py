@@ -42,11 +42,17 @@ class LocalSystem:
 
     @classmethod
     def start(
-        cls, data: Path, name: str, env: dict[str, str] | None = None, timeout_s: float = 180
+        cls,
+        data: Path,
+        name: str,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 180,
+        provider: str | None = "docker",
     ) -> Self:
         """Start it and wait until the API answers and the worker is up; ``name`` makes its
-        host id (and so its containers' label) its own. RuntimeError, with the log's tail,
-        if it does not come up."""
+        host id (and so its containers' label) its own. Sandboxes are Docker containers
+        unless ``provider`` says otherwise (None: the system's default, as ``make run``).
+        RuntimeError, with the log's tail, if it does not come up."""
         port, temporal_port = free_port(), free_port()
         settings = {
             "BERTH_DATA_DIR": str(data),
@@ -56,6 +62,8 @@ class LocalSystem:
             "BERTH_GATEWAY_PORT": str(free_port()),
             "BERTH_HOST_ID": f"{name}{port}",
         }
+        if provider is not None:
+            settings["BERTH_SANDBOX_PROVIDER"] = provider
         data.mkdir(parents=True, exist_ok=True)
         with (data / "run.log").open("wb") as log:
             process = subprocess.Popen(

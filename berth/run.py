@@ -139,6 +139,24 @@ class Supervisor:
             return []
         return ["--dynamic-config-value", f"limit.historyCount.suggestContinueAsNew={limit}"]
 
+    def sandboxes(self) -> str:
+        """Which sandboxes sessions get, and how to choose the other kind."""
+        settings = self.settings
+        if settings.sandbox_provider == "docker":
+            return (
+                "sandboxes: Docker containers (mock mode; unset BERTH_SANDBOX_PROVIDER for "
+                "libvirt VMs)"
+            )
+        pool = (
+            f"a warm pool of {settings.vm_pool_min} to {settings.vm_pool_max} VMs per template"
+            if settings.warm_pool
+            else "no warm pool"
+        )
+        return (
+            f"sandboxes: libvirt VMs, one per session, {pool} "
+            "(BERTH_SANDBOX_PROVIDER=docker for containers, mock mode)"
+        )
+
     def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.pids.mkdir(parents=True, exist_ok=True)
@@ -146,6 +164,7 @@ class Supervisor:
         say("migrating the database")
         migrate(self.settings.db_url)
         bin_dir = Path(sys.executable).parent
+        say(self.sandboxes())
         if self.settings.sandbox_provider == "docker" and not engine_running():
             say("starting the Docker engine")
             log = self.logs / "dockerd.log"

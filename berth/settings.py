@@ -111,7 +111,8 @@ class Settings(BaseSettings):
     )
 
     sandbox_provider: Literal["docker", "libvirt"] = Field(
-        default="docker", description="docker (containers, mock mode) or libvirt (VMs)"
+        default="libvirt",
+        description="libvirt (a VM per session) or docker (containers, mock mode)",
     )
     sandbox_cpus: float = 1.0
     sandbox_memory_mb: int = 1024
@@ -147,8 +148,9 @@ class Settings(BaseSettings):
         default=2, ge=1, description="VMs this host boots at most at once (until their guest is up)"
     )
     vm_pool_min: int = Field(default=1, ge=0, description="Booted VMs kept ready per template")
+    # Small: these are 2-core hosts running VMs under TCG, where each idle VM is ~300 MiB.
     vm_pool_max: int = Field(
-        default=4,
+        default=3,
         ge=0,
         description="Most VMs a template's pool grows to with claims; 0: none",
     )
@@ -266,6 +268,11 @@ class Settings(BaseSettings):
     @property
     def temporal_ui_base(self) -> str:
         return (self.temporal_ui_url or f"http://127.0.0.1:{self.temporal_ui_port}").rstrip("/")
+
+    @property
+    def warm_pool(self) -> bool:
+        """Whether sessions claim VMs from warm pools (only VMs can change owner)."""
+        return self.sandbox_provider == "libvirt" and self.vm_pool_max > 0
 
     @property
     def host_task_queue(self) -> str:

@@ -17,6 +17,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+from sqlalchemy import Engine
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
@@ -31,9 +32,13 @@ from berth.settings import Settings, get_settings
 from berth.temporal import connect
 from llm.proxy import LLMProxy
 from sandboxes.factory import make_gateway, make_provider
+from sandboxes.models import Machine, Usage
+from sandboxes.monitor import Died, Sampled, watch
 from sandboxes.reconcile import Owner, reconcile_forever
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
+from store.usage import record_usage
+from workflows.models import SandboxDeath
 from workflows.pool import PoolInput, PoolWorkflow, pool_member, pool_workflow_id
 from workflows.session import SessionWorkflow, workflow_id
 
@@ -67,10 +72,35 @@ def session_owner(client: Client, host_id: str) -> Owner:
     return owner
 
 
+def sandbox_deaths(client: Client) -> Died:
+    """Tell a session that its sandbox's machine died (a pool's VM: its claim's health
+    check finds it)."""
+
+    async def died(machine: Machine, reason: str) -> None:
+        if pool_member(machine.session_id):
+            return
+        handle = client.get_workflow_handle(workflow_id(machine.session_id))
+        death = SandboxDeath(sandbox_id=machine.sandbox_id, detail=reason)
+        try:
+            await handle.signal(SessionWorkflow.sandbox_died, death)
+        except RPCError as exc:  # over already: nothing to tell
+            log.info("session %s not told of its sandbox's death: %s", machine.session_id, exc)
+
+    return died
+
+
+def usage_recorder(engine: Engine) -> Sampled:
+    async def sampled(usage: dict[str, Usage]) -> None:
+        rows = {sid: (u.cpu_percent, u.memory_mb) for sid, u in usage.items()}
+        await asyncio.to_thread(record_usage, engine, rows)
+
+    return sampled
+
+
 async def start_pools(client: Client, settings: Settings) -> None:
     """One warm pool per template, where VMs can change owner (libvirt); an existing one
     carries on."""
-    if settings.sandbox_provider != "libvirt" or settings.vm_pool_max == 0:
+    if not settings.warm_pool:
         return
     for template in vm_templates.names():
         await client.start_workflow(
@@ -120,6 +150,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 sandbox.stop_step,
                 sandbox.destroy,
                 vm.claim,
+                vm.assign,
+                vm.preserve,
+                vm.restore,
                 vm.hibernate,
                 vm.wake,
             ],
@@ -132,6 +165,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 provider, session_owner(client, settings.host_id), RECONCILE_EVERY_S, stop
             )
         )
+        watcher = asyncio.create_task(
+            watch(provider, sandbox_deaths(client), usage_recorder(engine), stop)
+        )
         async with host:
             await start_pools(client, settings)
             log.info(
@@ -141,6 +177,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             await stop.wait()
             log.info("worker stopping")
         await reconciler
+        await watcher
     await gateway.stop()
 
 

@@ -17,6 +17,7 @@ root-only file, once the container runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -31,7 +32,7 @@ import guest_agent
 import vm_templates
 from guest_agent.user import STEP_UID, WORKSPACE, WORKSPACE_MODE
 from sandboxes.gateway import GuestGateway
-from sandboxes.models import Machine
+from sandboxes.models import Machine, SandboxInfo, Usage
 from sandboxes.provider import TOKEN_VARIABLE, SandboxProvider, machine_name
 from sandboxes.rootfs import rootfs
 
@@ -44,8 +45,6 @@ LABEL = "berth.sandbox"
 SESSION_LABEL = "berth.session"
 HOST_LABEL = "berth.host"
 DEPLOYMENT_LABEL = "berth.deployment"
-# The workspace (guest_agent.user.WORKSPACE) is a tmpfs, which `docker cp` does not see:
-# copy a session's files with `docker exec` and tar.
 TOKEN_FILE = "/run/berth/token"
 # Writes the token from standard input, whole or not at all (the agent waits for the file).
 WRITE_TOKEN = (
@@ -61,8 +60,21 @@ MACHINE_FORMAT = (
 )
 
 
+# A kept session's files. The workspace (guest_agent.user.WORKSPACE) is a tmpfs, which
+# `docker cp` does not see: they are copied with `docker exec` and tar.
+WORKSPACE_TAR = "workspace.tar"
+UNITS = {"B": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "kB": 1e3 / 2**20,
+         "MB": 1e6 / 2**20, "GB": 1e9 / 2**20}  # fmt: skip
+
+
 class DockerError(RuntimeError):
     pass
+
+
+def _mebibytes(text: str) -> float:
+    """``docker stats``' "12.5MiB" in MiB."""
+    number = text.rstrip("BKMGiakb")
+    return float(number) * UNITS[text[len(number) :]]
 
 
 async def _run(*args: str) -> tuple[int, str, str]:
@@ -148,6 +160,7 @@ class DockerProvider(SandboxProvider):
         key: bytes,
         host_id: str,
         task_queue: str,
+        preserved_root: Path,
         *,
         gateway_port: int,
         build_dir: Path,
@@ -159,7 +172,7 @@ class DockerProvider(SandboxProvider):
         tmp_mb: int = 128,
         host_ports: tuple[int, ...] = (),
     ) -> None:
-        super().__init__(gateway, key, host_id, task_queue)
+        super().__init__(gateway, key, host_id, task_queue, preserved_root)
         self.gateway_port = gateway_port
         self.build_dir = build_dir
         self.mirror = mirror
@@ -295,6 +308,56 @@ class DockerProvider(SandboxProvider):
     async def resume(self, handle: str) -> None:
         if (await self.is_running(handle))[1] == "paused":
             await docker("unpause", handle)
+
+    async def keep(self, sandbox: SandboxInfo, folder: Path) -> None:
+        # A tar of the workspace made inside (``docker cp`` would miss a tmpfs workspace),
+        # written aside and renamed: a retry after the container is gone keeps it.
+        archive = folder / WORKSPACE_TAR
+        if await exists("container", sandbox.handle):
+            draft = archive.with_suffix(".part")
+            with draft.open("wb") as sink:
+                process = await asyncio.create_subprocess_exec(
+                    "docker", "exec", sandbox.handle, "tar", "-C", "/", "-cf", "-",
+                    WORKSPACE.lstrip("/"), stdout=sink, stderr=subprocess.PIPE,
+                )  # fmt: skip
+                _, err = await process.communicate()
+            if process.returncode != 0:
+                raise DockerError(f"saving the workspace failed: {err.decode().strip()}")
+            draft.replace(archive)
+        if not archive.exists():
+            raise DockerError(f"container {sandbox.handle[:12]} is gone, its workspace unsaved")
+        await self.remove(sandbox.handle)
+
+    async def bring_back(self, sandbox: SandboxInfo, folder: Path, timeout_s: float) -> None:
+        with (folder / WORKSPACE_TAR).open("rb") as source:
+            process = await asyncio.create_subprocess_exec(
+                "docker", "exec", "-i", sandbox.handle, "tar", "-C", "/", "-xf", "-",
+                stdin=source, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            _, err = await process.communicate()
+        if process.returncode != 0:
+            raise DockerError(f"restoring the workspace failed: {err.decode().strip()}")
+
+    async def usage(self, machines: list[Machine]) -> dict[str, Usage]:
+        """One ``docker stats`` for every running container."""
+        running = {m.handle: m.sandbox_id for m in machines if m.state == "running"}
+        if not running:
+            return {}
+        code, out, _ = await _run(
+            "stats", "--no-stream", "--no-trunc", "--format",
+            "{{.ID}}\t{{.CPUPerc}}\t{{.MemUsage}}", *running,
+        )  # fmt: skip
+        found: dict[str, Usage] = {}
+        for line in out.splitlines() if code == 0 else []:
+            handle, cpu, memory = line.split("\t")
+            sandbox_id = running.get(handle)
+            with contextlib.suppress(ValueError):
+                if sandbox_id is not None:
+                    found[sandbox_id] = Usage(
+                        cpu_percent=float(cpu.rstrip("%")),
+                        memory_mb=_mebibytes(memory.split("/")[0].strip()),
+                    )
+        return found
 
     async def is_running(self, handle: str) -> tuple[bool, str]:
         code, state, _ = await _run("inspect", "--format", "{{.State.Status}}", handle)

@@ -16,7 +16,13 @@ def make_gateway(settings: Settings) -> GuestGateway:
 
 
 def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
-    host = (gateway, guest_keys(settings).current, settings.host_id, settings.host_task_queue)
+    host = (
+        gateway,
+        guest_keys(settings).current,
+        settings.host_id,
+        settings.host_task_queue,
+        settings.data_dir.resolve() / "preserved",
+    )
     match settings.sandbox_provider:
         case "docker":
             return DockerProvider(

@@ -79,6 +79,14 @@ class GuestUnavailable(RuntimeError):
     """The guest did not connect, or did not come back in time."""
 
 
+class SandboxDied(GuestUnavailable):
+    """The sandbox's machine died (its host saw it): nothing runs there any more."""
+
+
+# An inbox message of the gateway's own: the machine died (see fail()).
+DIED = "_died"
+
+
 class StepKindUnsupported(ValueError):
     """The guest does not run this kind of step (no browser in its machine, say)."""
 
@@ -114,6 +122,8 @@ class _Guest:
     # The step kinds its latest connection said it runs (None before the first hello).
     capabilities: frozenset[str] | None = None
     version: int = 1
+    # Why its machine died, once the host has seen it die.
+    dead: str | None = None
 
 
 class GuestGateway:
@@ -155,6 +165,20 @@ class GuestGateway:
                 f"guest agent of sandbox {sandbox_id} did not connect within {timeout_s:.0f} s"
             ) from None
 
+    def known(self) -> set[str]:
+        """Sandboxes whose guest has said hello (to this process), alive or not."""
+        return {i for i, guest in self._guests.items() if guest.capabilities is not None}
+
+    def fail(self, sandbox_id: str, reason: str) -> None:
+        """The sandbox's machine died: its commands end now with SandboxDied, and no new
+        one waits for a guest that will not come back."""
+        guest = self._guest(sandbox_id)
+        guest.dead = reason
+        for command in guest.open.values():
+            if command.inbox.full():
+                command.inbox.get_nowait()  # nothing after the death matters
+            command.inbox.put_nowait({"type": DIED})
+
     def forget(self, sandbox_id: str) -> None:
         """Drop a sandbox that is being destroyed; its machine's end closes the link."""
         self._guests.pop(sandbox_id, None)
@@ -173,6 +197,8 @@ class GuestGateway:
         and artifacts to ``on_artifact`` (dropped without one). StepKindUnsupported if the
         guest said it does not run this kind of step."""
         guest = self._guest(sandbox_id)
+        if guest.dead is not None:
+            raise SandboxDied(guest.dead)
         if guest.capabilities is not None and step.kind not in guest.capabilities:
             raise StepKindUnsupported(
                 f"the sandbox's guest does not run {step.kind} steps; it runs "
@@ -231,6 +257,8 @@ class GuestGateway:
         """Kill a command in the guest. Its exit still arrives, as for any command: a
         ``run()`` in progress for it returns the killed process's exit code."""
         guest = self._guest(sandbox_id)
+        if guest.dead is not None:
+            return  # nothing runs there any more
         command = guest.open.get(exec_id)
         if command is not None:
             command.cancelled = True  # sent again on re-attach, should this one be lost
@@ -256,13 +284,16 @@ class GuestGateway:
     async def _next(self, guest: _Guest, command: _Open) -> dict[str, Any]:
         while True:
             try:
-                return await asyncio.wait_for(command.inbox.get(), timeout=self._grace)
+                message = await asyncio.wait_for(command.inbox.get(), timeout=self._grace)
             except TimeoutError:
                 if not guest.connected.is_set():
                     raise GuestUnavailable(
                         f"guest lost for more than {self._grace:.0f} s"
                     ) from None
-                # Connected and quiet: a long command with no output. Keep waiting.
+                continue  # connected and quiet: a long command with no output
+            if message["type"] == DIED:
+                raise SandboxDied(guest.dead or "the sandbox's machine died")
+            return message
 
     async def _hello(self, ws: ServerConnection) -> dict[str, Any] | None:
         """The connection's hello, if one comes in time; counted against its address while

@@ -28,7 +28,7 @@ import libvirt
 import vm_templates
 from sandboxes import libvirt_host, vm_image
 from sandboxes.gateway import GuestGateway, GuestUnavailable
-from sandboxes.models import Machine
+from sandboxes.models import Machine, SandboxInfo, Usage
 from sandboxes.provider import SandboxProvider, machine_name
 
 log = logging.getLogger("berth.libvirt")
@@ -38,6 +38,7 @@ PREFIX = "berth"
 # Under TCG, QEMU keeps translated guest code here; its default (1 GiB) would be host RAM.
 TB_CACHE_MB = 128
 HIBERNATED = "hibernated"
+DISK = "disk.qcow2"
 # Longest a boot holds its slot waiting for the guest (TCG boots take ~10 s).
 BOOT_SLOT_S = 60.0
 STATES = {
@@ -152,6 +153,7 @@ def _host_nameserver() -> str | None:
 
 class LibvirtProvider(SandboxProvider):
     name = "libvirt"
+    boots_from_kept = True
 
     def __init__(
         self,
@@ -159,6 +161,7 @@ class LibvirtProvider(SandboxProvider):
         key: bytes,
         host_id: str,
         task_queue: str,
+        preserved_root: Path,
         *,
         gateway_port: int,
         data_dir: Path,
@@ -171,7 +174,7 @@ class LibvirtProvider(SandboxProvider):
         max_running: int,
         max_booting: int,
     ) -> None:
-        super().__init__(gateway, key, host_id, task_queue)
+        super().__init__(gateway, key, host_id, task_queue, preserved_root)
         self.gateway_port = gateway_port
         self.data_dir = data_dir.resolve()
         self.images = images_dir.resolve()
@@ -186,6 +189,8 @@ class LibvirtProvider(SandboxProvider):
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
         self.last_event: dict[str, tuple[datetime, str]] = {}
+        # Each running domain's last CPU time sample (monotonic s, ns), for its CPU use.
+        self._cpu_samples: dict[str, tuple[float, int]] = {}
 
     @property
     def vms(self) -> Path:
@@ -342,8 +347,9 @@ class LibvirtProvider(SandboxProvider):
         folder = self.vm_dir(sandbox_id)
         folder.mkdir(parents=True, exist_ok=True)
         folder.chmod(0o711)
-        overlay, seed = folder / "disk.qcow2", folder / "seed.raw"
-        vm_image.overlay(image.disk, overlay)
+        overlay, seed = folder / DISK, folder / "seed.raw"
+        if not overlay.exists():  # else a preserved session's disk, brought back
+            vm_image.overlay(image.disk, overlay)
         vm_image.write_seed(seed, self.seed_values(env, address, spec))
         if spec.network.egress != "public":
             libvirt_host.restrict_egress(str(address), [str(n) for n in spec.network.allow])
@@ -411,8 +417,53 @@ class LibvirtProvider(SandboxProvider):
     async def remove(self, handle: str) -> None:
         await asyncio.to_thread(self._remove, handle)
 
-    def _remove(self, handle: str) -> None:
-        """ACPI shutdown, destroy past the deadline, undefine, then the VM's files."""
+    async def keep(self, sandbox: SandboxInfo, folder: Path) -> None:
+        await asyncio.to_thread(self._remove, sandbox.handle, folder / DISK)
+
+    async def bring_back(self, sandbox: SandboxInfo, folder: Path, timeout_s: float) -> None:
+        """The kept overlay, copied (sparse) to be the new domain's disk: the original stays
+        until the new machine is up, so a failed boot loses nothing."""
+        disk = self.vm_dir(sandbox.id) / DISK
+        if disk.exists():
+            return  # an earlier attempt's copy
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        disk.parent.chmod(0o711)
+        draft = disk.with_suffix(".part")
+        copy = await asyncio.create_subprocess_exec(
+            "cp", "--sparse=always", "--reflink=auto", str(folder / DISK), str(draft)
+        )
+        if await copy.wait() != 0:
+            raise LibvirtError(f"could not copy the kept disk of {folder.name}")
+        draft.replace(disk)
+
+    async def usage(self, machines: list[Machine]) -> dict[str, Usage]:
+        return await asyncio.to_thread(self._usage, [m for m in machines if m.state == "running"])
+
+    def _usage(self, machines: list[Machine]) -> dict[str, Usage]:
+        """CPU from the domains' CPU time since the last sample, memory as QEMU's RSS."""
+        found: dict[str, Usage] = {}
+        now = time.monotonic()
+        for machine in machines:
+            domain = self._domain(machine.handle)
+            if domain is None:
+                continue
+            try:
+                cpu_ns = domain.getCPUStats(True)[0]["cpu_time"]
+                rss_kib = domain.memoryStats().get("rss", 0)
+            except libvirt.libvirtError:
+                continue  # it ended meanwhile
+            before = self._cpu_samples.get(machine.sandbox_id)
+            self._cpu_samples[machine.sandbox_id] = (now, cpu_ns)
+            if before is not None and now > before[0]:
+                percent = 100 * (cpu_ns - before[1]) / 1e9 / (now - before[0])
+                found[machine.sandbox_id] = Usage(cpu_percent=percent, memory_mb=rss_kib / 1024)
+        for gone in set(self._cpu_samples) - {m.sandbox_id for m in machines}:
+            del self._cpu_samples[gone]
+        return found
+
+    def _remove(self, handle: str, keep: Path | None = None) -> None:
+        """ACPI shutdown, destroy past the deadline, undefine, then the VM's files; the
+        overlay moved to ``keep`` first, if given (a preserved session's disk)."""
         domain = self._domain(handle)
         if domain is not None:
             meta = _metadata(domain) or {}
@@ -434,7 +485,13 @@ class LibvirtProvider(SandboxProvider):
                 raise LibvirtError(f"could not undefine domain {handle}")
             if meta.get("address"):
                 libvirt_host.lift_restrictions(meta["address"])
-        shutil.rmtree(self.vm_dir(handle.removeprefix(f"{PREFIX}-")), ignore_errors=True)
+        folder = self.vm_dir(handle.removeprefix(f"{PREFIX}-"))
+        if keep is not None and (folder / DISK).exists():
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            (folder / DISK).replace(keep)
+        elif keep is not None and not keep.exists():
+            raise LibvirtError(f"domain {handle} is gone, its disk not kept")
+        shutil.rmtree(folder, ignore_errors=True)
 
     async def suspend(self, handle: str) -> None:
         await asyncio.to_thread(self._suspend, handle)

@@ -253,6 +253,13 @@ class StepOutcome(BaseModel):
         return f"exited with {self.exit_code}"
 
 
+class Usage(BaseModel):
+    """A machine's resource use, sampled by its host: % of one CPU, resident MiB."""
+
+    cpu_percent: float
+    memory_mb: float
+
+
 class Health(BaseModel):
     running: bool
     guest_connected: bool

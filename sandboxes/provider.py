@@ -8,12 +8,24 @@ gateway, whatever the machine is.
 from __future__ import annotations
 
 import abc
+import asyncio
 import hashlib
 import logging
+import shutil
 import time
+import uuid
+from pathlib import Path
 
 from sandboxes.gateway import ArtifactSink, GuestGateway, OutputSink
-from sandboxes.models import Health, Machine, SandboxInfo, Step, StepOutcome
+from sandboxes.models import (
+    Health,
+    Machine,
+    SandboxInfo,
+    Step,
+    StepOutcome,
+    TerminalStep,
+    Usage,
+)
 from sandboxes.tokens import guest_token
 
 log = logging.getLogger("berth.sandboxes")
@@ -21,6 +33,10 @@ log = logging.getLogger("berth.sandboxes")
 # The guest token's name in guest_env(): a provider hands it to the guest agent by a way no
 # step can read (never the machine's environment).
 TOKEN_VARIABLE = "BERTH_GUEST_TOKEN"
+
+
+async def _discard(seq: int, stream: str, text: str) -> None:
+    """Output of the provider's own commands in a guest is not kept."""
 
 
 def machine_name(sandbox_id: str) -> str:
@@ -31,8 +47,16 @@ def machine_name(sandbox_id: str) -> str:
 class SandboxProvider(abc.ABC):
     name: str
 
-    def __init__(self, gateway: GuestGateway, key: bytes, host_id: str, task_queue: str) -> None:
+    def __init__(
+        self,
+        gateway: GuestGateway,
+        key: bytes,
+        host_id: str,
+        task_queue: str,
+        preserved_root: Path,
+    ) -> None:
         self.gateway = gateway
+        self.preserved_root = preserved_root
         self._key = key
         self.host_id = host_id
         # Which install a machine belongs to, derived from its signing key: two installs that
@@ -77,6 +101,26 @@ class SandboxProvider(abc.ABC):
         owner can serve a warm pool."""
         raise NotImplementedError(f"{self.name} machines cannot change owner (no warm pool)")
 
+    async def keep(self, sandbox: SandboxInfo, folder: Path) -> None:
+        """Save what a preserved session keeps (a VM's disk, a container's workspace) into
+        ``folder``, then remove the machine. Idempotent: a retry after the machine is gone
+        keeps what was saved."""
+        raise NotImplementedError(f"{self.name} machines cannot be preserved")
+
+    async def bring_back(self, sandbox: SandboxInfo, folder: Path, timeout_s: float) -> None:
+        """Give the freshly provisioned ``sandbox`` what ``keep`` saved in ``folder``.
+        Called before its boot where the machine boots from it (``boots_from_kept``), else
+        once its guest has connected."""
+        raise NotImplementedError(f"{self.name} machines cannot be preserved")
+
+    # Whether bring_back() goes before the machine starts (a VM's disk) or after (files).
+    boots_from_kept: bool = False
+
+    async def usage(self, machines: list[Machine]) -> dict[str, Usage]:
+        """The running machines' CPU and memory use, by sandbox id (cheaply: one call for
+        all where the provider allows)."""
+        return {}
+
     @abc.abstractmethod
     async def is_running(self, handle: str) -> tuple[bool, str]:
         """Whether the machine runs, and the provider's word on its state."""
@@ -104,6 +148,50 @@ class SandboxProvider(abc.ABC):
             template=template,
             handle=handle,
         )
+
+    def preserved(self, sandbox_id: str) -> Path:
+        """Where a preserved sandbox's disk or workspace is kept: outside every machine's
+        folder, so neither reconciliation nor a removal ever deletes it."""
+        return self.preserved_root / sandbox_id
+
+    async def preserve(self, sandbox: SandboxInfo, timeout_s: float) -> None:
+        """End the machine, keeping its disk (or workspace) under preserved(): a hibernated
+        one is woken first, and the guest's writes flushed, so the disk is whole."""
+        if not (await self.is_running(sandbox.handle))[0]:
+            await self.wake(sandbox, timeout_s)
+        await self.in_guest(sandbox, "sync")
+        folder = self.preserved(sandbox.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.gateway.forget(sandbox.id)
+        await self.keep(sandbox, folder)
+
+    async def restore(
+        self, preserved_id: str, sandbox_id: str, session_id: str, template: str, timeout_s: float
+    ) -> SandboxInfo:
+        """A new machine for the session with a preserved sandbox's disk or workspace,
+        connected; what was kept is deleted only once the new machine has it."""
+        folder = self.preserved(preserved_id)
+        if not folder.exists():
+            raise FileNotFoundError(f"nothing of sandbox {preserved_id} was kept")
+        placeholder = SandboxInfo(
+            id=sandbox_id, session_id=session_id, provider=self.name, host_id=self.host_id,
+            task_queue=self.task_queue, template=template, handle=machine_name(sandbox_id),
+        )  # fmt: skip
+        if self.boots_from_kept:
+            await self.bring_back(placeholder, folder, timeout_s)
+        sandbox = await self.provision(sandbox_id, session_id, template)
+        await self.wait_connected(sandbox, timeout_s)
+        if not self.boots_from_kept:
+            await self.bring_back(sandbox, folder, timeout_s)
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+        return sandbox
+
+    async def in_guest(self, sandbox: SandboxInfo, command: str) -> None:
+        """Run one of the provider's own commands in the guest (its output not kept)."""
+        step = TerminalStep(command=command)
+        outcome = await self.run_step(sandbox, f"host-{uuid.uuid4().hex}", step, 60, _discard)
+        if not outcome.ok:
+            log.warning("sandbox %s: %r failed: %s", sandbox.id, command, outcome)
 
     async def wait_connected(self, sandbox: SandboxInfo, timeout_s: float) -> None:
         await self.gateway.wait_connected(sandbox.id, timeout_s)

@@ -215,8 +215,8 @@ def _session_status(db: Session, event: Event) -> None:
     row = _session(db, event)
     row.status = SessionStatus(event.data["status"])
     row.error = event.data.get("error")
-    if row.status in FINAL_STATUSES:
-        row.ended_at = event.created_at
+    # A resumed session lives again.
+    row.ended_at = event.created_at if row.status in FINAL_STATUSES else None
     db.add(row)
 
 
@@ -240,6 +240,29 @@ def _sandbox_destroyed(db: Session, event: Event) -> None:
         row.status = "destroyed"
         row.destroyed_at = event.created_at
         db.add(row)
+
+
+def _sandbox_preserved(db: Session, event: Event) -> None:
+    """The session ended keeping its sandbox's disk: it may be resumed."""
+    row = db.get(SandboxRow, event.data["sandbox_id"])
+    if row is not None:
+        row.status = "preserved"
+        row.destroyed_at = event.created_at
+        db.add(row)
+    session = _session(db, event)
+    session.preserved = True
+    db.add(session)
+
+
+def _sandbox_restored(db: Session, event: Event) -> None:
+    """A resumed session's new sandbox has the preserved disk, which is no longer kept."""
+    row = db.get(SandboxRow, event.data["preserved_id"])
+    if row is not None:
+        row.status = "restored"
+        db.add(row)
+    session = _session(db, event)
+    session.preserved = False
+    db.add(session)
 
 
 def _task_queued(db: Session, event: Event) -> None:
@@ -312,6 +335,8 @@ _PROJECTIONS: dict[str, Callable[[Session, Event], None]] = {
     "session.status": _session_status,
     "sandbox.ready": _sandbox_ready,
     "sandbox.destroyed": _sandbox_destroyed,
+    "sandbox.preserved": _sandbox_preserved,
+    "sandbox.restored": _sandbox_restored,
     "task.queued": _task_queued,
     "task.status": _task_status,
     "task.plan": _task_plan,

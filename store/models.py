@@ -24,6 +24,8 @@ class SessionStatus(StrEnum):
     ready = "ready"
     busy = "busy"
     hibernated = "hibernated"
+    # A hibernated sandbox being resumed for the next task.
+    waking = "waking"
     ended = "ended"
     failed = "failed"
 
@@ -73,6 +75,8 @@ class SessionRow(SQLModel, table=True):
     error: str | None = Field(default=None, sa_column=Column(Text))
     # Highest event sequence number handed out; bumped atomically by each append.
     last_seq: int = 0
+    # Ended with its sandbox's disk kept: it may be resumed (POST .../resume).
+    preserved: bool = False
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     ended_at: datetime | None = None
@@ -130,9 +134,14 @@ class SandboxRow(SQLModel, table=True):
     host_id: str
     template: str
     handle: str = Field(description="The provider's own name for it, e.g. a container id")
+    # running, destroyed, preserved (its disk kept), restored (its disk in a newer one)
     status: str = "running"
     created_at: datetime = Field(default_factory=utcnow)
     destroyed_at: datetime | None = None
+    # Sampled by its host every few seconds while it runs: % of one CPU, resident MiB.
+    cpu_percent: float | None = None
+    memory_mb: float | None = None
+    stats_at: datetime | None = None
 
 
 class Event(SQLModel, table=True):

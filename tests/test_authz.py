@@ -73,6 +73,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/api/sessions"): R(201, 201, 401, 201, json={}),
     ("GET", "/api/sessions/{sid}"): R(200, 404, 401, 200),
     ("DELETE", "/api/sessions/{sid}"): R(202, 404, 401, 404),
+    ("POST", "/api/sessions/{sid}/resume"): R(409, 404, 401, 404),  # ended, nothing kept
     ("GET", "/api/sessions/{sid}/events"): R(200, 404, 401, 200),
     ("GET", "/api/sessions/{sid}/tasks"): R(200, 404, 401, 200),
     ("POST", "/api/sessions/{sid}/tasks"): R(409, 404, 401, 404, json=PROMPT),  # it has ended
@@ -105,6 +106,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/ui/sessions/{sid}/machine"): R(200, 404, 303, 200),
     ("GET", "/ui/sessions/{sid}/artifacts/{artifact_id}"): R(200, 404, 303, 200),
     ("POST", "/ui/sessions/{sid}/end"): R(200, 404, 401, 404),
+    ("POST", "/ui/sessions/{sid}/resume"): R(409, 404, 401, 404),
     ("GET", "/preferences"): R(200, 200, 303, 200),
     ("POST", "/ui/preferences"): R(200, 200, 401, 200),
     ("GET", "/tokens"): R(200, 200, 303, 200),

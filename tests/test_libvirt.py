@@ -25,21 +25,22 @@ import httpx
 import libvirt
 import pytest
 from sqlalchemy import Engine
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
 import vm_templates
 from activities.sandbox import SandboxActivities
-from activities.vm import ClaimRequest, VmActivities
+from activities.vm import ClaimRequest, RestoreRequest, VmActivities
 from berth.keys import guest_keys
 from berth.local import LocalSystem, free_port, python_script
 from berth.settings import Settings
 from berth.worker import session_owner
-from sandboxes import libvirt_host
+from sandboxes import libvirt_host, monitor
 from sandboxes.factory import make_gateway, make_provider
 from sandboxes.gateway import GuestGateway
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
-from sandboxes.models import SandboxInfo
+from sandboxes.models import Machine, SandboxInfo
 from sandboxes.provider import SandboxProvider, machine_name
 from sandboxes.reconcile import reconcile
 from store.artifacts import ArtifactStore
@@ -367,22 +368,46 @@ async def test_a_vm_that_dies_is_seen_in_its_health(vms: LibvirtProvider) -> Non
     assert await gone(vms, sandbox)
 
 
+def admin_headers(base: str, data: Path) -> dict[str, str]:
+    subprocess.run(
+        [sys.executable, "-m", "berth", "create-admin", "admin@example.com"],
+        input="an admin's password\n", text=True, check=True,
+        env={**os.environ, "BERTH_DATA_DIR": str(data)},
+    )  # fmt: skip
+    admin = {"email": "admin@example.com", "password": "an admin's password"}
+    token = httpx.post(f"{base}/api/auth/token", json=admin).json()["token"]
+    return {"Authorization": f"Bearer {token}"}
+
+
+def warm_pool(base: str, headers: dict[str, str], ready: int) -> dict[str, Any]:
+    """The default template's pool once ``ready`` VMs are ready in it."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while (pool := httpx.get(f"{base}/api/pools/default", headers=headers).json())[
+        "ready"
+    ] < ready and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return pool  # type: ignore[no-any-return]
+
+
 @pytest.mark.e2e
-def test_a_session_runs_its_task_in_a_vm_of_its_own(vms: LibvirtProvider) -> None:
-    """The whole system with ``BERTH_SANDBOX_PROVIDER=libvirt``: a warm pool of one VM, and
-    a session's task on a VM of its own; the session's end removes its VM."""
+def test_by_default_a_session_runs_its_task_in_a_warm_vm_of_its_own(vms: LibvirtProvider) -> None:
+    """The whole system with no provider setting, as ``make run``: libvirt VMs, a warm pool
+    per template, a session served from it; the session's end removes its VM."""
     # QEMU (an unprivileged user) must reach the VMs' files: not under pytest's 0700 tmp.
     data = Path(tempfile.mkdtemp(prefix="e2e-vm-", dir=vms.data_dir))
-    env = {
-        "BERTH_SANDBOX_PROVIDER": "libvirt",
-        "BERTH_VM_IMAGES_DIR": str(vms.images),
-        "BERTH_VM_POOL_MIN": "1",
-        "BERTH_VM_POOL_MAX": "1",
-    }
-    system = LocalSystem.start(data, "e2evm", env=env)
+    env = {"BERTH_VM_IMAGES_DIR": str(vms.images)}
+    system = LocalSystem.start(data, "e2evm", env=env, provider=None)
     try:
+        assert "sandboxes: libvirt VMs, one per session, a warm pool of 1 to 3" in system.log()
         base = system.base
         headers = token_for(base, "vm@example.com")
+        # The pool's state is an admin's to read.
+        assert httpx.get(f"{base}/api/pools/default", headers=headers).status_code == 403
+        admin = admin_headers(base, data)
+        assert httpx.get(f"{base}/api/pools/nope", headers=admin).status_code == 404
+        pool = warm_pool(base, admin, ready=1)
+        assert (pool["target"], pool["ready"], pool["hits"]) == (1, 1, 0)
+
         session = httpx.post(f"{base}/api/sessions", json={}, headers=headers)
         sid = session.json()["id"]
         wait_status(base, headers, sid, "ready")
@@ -395,30 +420,13 @@ def test_a_session_runs_its_task_in_a_vm_of_its_own(vms: LibvirtProvider) -> Non
         output = "".join(e["data"]["text"] for e in events if e["type"] == "step.output")
         assert output.startswith("hello from\ndefault\n") and "cloud-amd64" in output
         sandbox = next(e["data"] for e in events if e["type"] == "sandbox.ready")
-        assert sandbox["provider"] == "libvirt"
+        assert sandbox["provider"] == "libvirt" and sandbox["pooled"] is True  # a warm hit
+        assert httpx.get(f"{base}/api/pools/default", headers=admin).json()["hits"] == 1
         assert httpx.delete(f"{base}/api/sessions/{sid}", headers=headers).status_code == 202
         wait_status(base, headers, sid, "ended")
         names = [domain.name() for domain in libvirt.open(vms.uri).listAllDomains()]
         assert sandbox["handle"] not in names
         assert not (data / "vms" / sandbox["sandbox_id"]).exists()
-
-        # The pool's state is an admin's to read.
-        assert httpx.get(f"{base}/api/pools/default", headers=headers).status_code == 403
-        subprocess.run(
-            [sys.executable, "-m", "berth", "create-admin", "admin@example.com"],
-            input="an admin's password\n", text=True, check=True,
-            env={**os.environ, "BERTH_DATA_DIR": str(data)},
-        )  # fmt: skip
-        admin = {"email": "admin@example.com", "password": "an admin's password"}
-        token = httpx.post(f"{base}/api/auth/token", json=admin).json()["token"]
-        headers = {"Authorization": f"Bearer {token}"}
-        assert httpx.get(f"{base}/api/pools/nope", headers=headers).status_code == 404
-        deadline = time.monotonic() + CONNECT_TIMEOUT_S
-        while (pool := httpx.get(f"{base}/api/pools/default", headers=headers).json())[
-            "ready"
-        ] < 1 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert pool["target"] == 1 and pool["ready"] == 1
     finally:
         assert system.stop() == 0
         # The pool's VM outlives the system, as it would a restart: removed here.
@@ -472,6 +480,10 @@ async def test_a_warm_pool_hands_out_ready_vms_refills_and_falls_back_to_cold(
         assert claimed.session_id == session_id and (await vms.health(claimed)).ok
         again = await claim(session_id)  # a retried claim: the same VM, not another
         assert again is not None and again.id == first.id
+        # Claimed, not yet relabelled: the pool still answers for it, so it is kept.
+        report = await reconcile(vms, session_owner(client, vms.host_id), grace_s=0)
+        assert first.id in report.adopted
+        await ActivityEnvironment().run(pool.assign, claimed)
         (machine,) = [m for m in await vms.machines() if m.sandbox_id == first.id]
         assert machine.session_id == session_id  # now the session's, for reconciliation
         await vms.destroy(claimed)  # the session's end
@@ -485,3 +497,55 @@ async def test_a_warm_pool_hands_out_ready_vms_refills_and_falls_back_to_cold(
         await handle.signal(PoolWorkflow.stop)
         await handle.result()
     assert await vms.machines() == []
+
+
+async def test_a_preserved_vm_disk_comes_back_on_a_new_vm(
+    vms: LibvirtProvider, env: WorkflowEnvironment, sqlite_engine: Engine
+) -> None:
+    sandbox = await boot(vms)
+    assert (await run(vms, sqlite_engine, sandbox, "echo kept > /root/kept.txt"))[0] == 0
+    activities = VmActivities(vms, env.client, CONNECT_TIMEOUT_S)
+    await ActivityEnvironment().run(activities.preserve, sandbox)
+    assert await gone(vms, sandbox)  # the domain and its folder; the disk is kept aside
+    assert (vms.preserved(sandbox.id) / "disk.qcow2").exists()
+
+    request = RestoreRequest(
+        preserved=sandbox, sandbox_id=uuid.uuid4().hex, session_id=sandbox.session_id
+    )
+    restored: SandboxInfo = await ActivityEnvironment().run(activities.restore, request)
+    assert restored.id != sandbox.id and vms.gateway.is_connected(restored.id)
+    code, output = await run(vms, sqlite_engine, restored, "cat /root/kept.txt")
+    assert (code, output) == (0, "kept\n")
+    assert not vms.preserved(sandbox.id).exists()  # now the new VM's disk
+    await vms.destroy(restored)
+    assert await gone(vms, restored)
+
+
+async def test_a_destroyed_vm_is_reported_and_its_step_fails_at_once(
+    vms: LibvirtProvider, sqlite_engine: Engine
+) -> None:
+    sandbox = await boot(vms)
+    deaths: list[str] = []
+
+    async def died(machine: Machine, reason: str) -> None:
+        deaths.append(f"{machine.sandbox_id}: {reason}")
+
+    request = step_request(sqlite_engine, sandbox.id, "sleep 300", task_id=uuid.uuid4().hex)
+    request = request.model_copy(
+        update={"sandbox": sandbox.model_copy(update={"session_id": request.sandbox.session_id})}
+    )
+    activities = SandboxActivities(vms, sqlite_engine, CONNECT_TIMEOUT_S, scratch_artifacts())
+    _, step = await attempt(activities, request, 1)
+    await asyncio.sleep(1)  # the command runs
+    destroy = ["virsh", "-c", vms.uri, "destroy", sandbox.handle]  # behind Berth's back
+    virsh = await asyncio.to_thread(subprocess.run, destroy, capture_output=True)
+    assert virsh.returncode == 0, virsh.stderr
+    assert await monitor.check(vms, died, set()) == [
+        m for m in await vms.machines() if m.sandbox_id == sandbox.id
+    ]
+    assert deaths == [f"{sandbox.id}: its machine is shut off (it was not ended by Berth)"]
+    with pytest.raises(ApplicationError) as failed:
+        await asyncio.wait_for(step, 10)
+    assert failed.value.type == "SandboxDied" and failed.value.non_retryable
+    await vms.destroy(sandbox)
+    assert await gone(vms, sandbox)

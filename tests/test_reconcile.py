@@ -21,7 +21,11 @@ from sandboxes.reconcile import reconcile, reconcile_forever
 async def provider() -> AsyncIterator[SandboxProvider]:
     # A host of its own, so the test sees only its containers; the gateway is never started,
     # the guests just keep dialling.
-    settings = Settings(host_id=f"rec-{uuid.uuid4().hex[:8]}", guest_token_secret="reconcile-test")
+    settings = Settings(
+        sandbox_provider="docker",
+        host_id=f"rec-{uuid.uuid4().hex[:8]}",
+        guest_token_secret="reconcile-test",
+    )
     provider = make_provider(settings, make_gateway(settings))
     await provider.prepare()
     try:
@@ -158,7 +162,9 @@ async def test_another_install_on_the_same_engine_and_host_id_is_left_alone(
 ) -> None:
     theirs = await provision(provider)
     # Another install (its own signing key) that happens to use the same host id.
-    settings = Settings(host_id=provider.host_id, guest_token_secret="another install")
+    settings = Settings(
+        sandbox_provider="docker", host_id=provider.host_id, guest_token_secret="another install"
+    )
     ours = make_provider(settings, make_gateway(settings))
     assert await ours.machines() == []
 

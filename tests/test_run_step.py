@@ -89,7 +89,9 @@ def step_request(
 
 def link_activities(gateway: GuestGateway, engine: Engine, tmp_path: Path) -> SandboxActivities:
     store = ArtifactStore(tmp_path / "artifacts", 1 << 20)
-    return SandboxActivities(LinkOnly(gateway, KEY, "h", "q"), engine, 5, store)
+    return SandboxActivities(
+        LinkOnly(gateway, KEY, "h", "q", tmp_path / "preserved"), engine, 5, store
+    )
 
 
 def stored(engine: Engine, request: StepRequest) -> tuple[StepRow, list[str]]:

@@ -46,6 +46,7 @@ async def test_a_browser_step_in_a_sandbox_leaves_a_screenshot_for_its_owner(
     page_port = free_port()
     settings = Settings(
         data_dir=tmp_path,
+        sandbox_provider="docker",
         host_id=f"steps-{uuid.uuid4().hex[:8]}",
         secret_key="steps-docker-test",
         temporal_address=f"127.0.0.1:{free_port()}",  # nothing there: not needed here

@@ -338,11 +338,29 @@ def test_a_changed_preference_applies_to_the_next_session(
     page.goto(f"/sessions/{session}")
 
 
+def test_end_keeping_the_disk_then_resume_with_history_and_files(page: Page, session: str) -> None:
+    tasks = page.locator("article.task").count()
+    page.get_by_label("keep its disk").check()
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="End session").click()
+    expect(page.locator("#session-status")).to_have_text("ended", timeout=90_000)
+    expect(page.locator("#log")).to_contain_text("its disk kept")
+    page.reload()
+    expect(page.get_by_label("Task", exact=True)).to_have_count(0)
+    page.get_by_role("button", name="Resume session").click()
+    expect(page.locator("#session-status")).to_have_text("ready", timeout=120_000)
+    expect(page.locator("article.task")).to_have_count(tasks)  # its history
+    tid = run(page, "$ cat slow.py")  # a file written before the end
+    expect(status_of(page, tid)).to_have_text("succeeded", timeout=60_000)
+    expect(page.locator(f"#task-{tid}-result")).to_contain_text("import time")
+
+
 def test_end_the_session(page: Page, session: str) -> None:
     page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_role("button", name="End session").click()
     expect(page.locator("#session-status")).to_have_text("ended", timeout=60_000)
     page.reload()
     expect(page.get_by_label("Task", exact=True)).to_have_count(0)
+    expect(page.get_by_role("button", name="Resume session")).to_have_count(0)
     expect(page.locator("#log")).to_contain_text("session ended")
     shoot(page, "session-ended")

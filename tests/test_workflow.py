@@ -25,6 +25,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.vm import ClaimRequest
 from sandboxes.models import SandboxInfo, StepOutcome, TerminalStep
 from store.events import NewEvent
 from tests.conftest import TEMPORAL, TEMPORAL_TEST_SERVER
@@ -73,6 +74,14 @@ class Stubs:
         self.verdicts: list[Verdict] = []
         self.plan_requests: list[PlanRequest] = []
         self.power: list[str] = []
+        # The warm pool: its ready VMs' ids, handed out in order; a claim waits for
+        # ``pool_open`` (set), and what it handed out and relabelled is kept.
+        self.pool: list[str] = []
+        self.pool_open = asyncio.Event()
+        self.pool_open.set()
+        self.claims = 0
+        self.claimed: list[str] = []
+        self.assigned: list[str] = []
 
     @activity.defn(name="ProvisionSandbox")
     async def provision(self, request: SandboxRequest) -> SandboxInfo:
@@ -153,10 +162,26 @@ class Stubs:
     async def wake(self, sandbox: SandboxInfo) -> None:
         self.power.append(f"wake {sandbox.id}")
 
+    @activity.defn(name="ClaimSandbox")
+    async def claim(self, request: ClaimRequest) -> SandboxInfo | None:
+        self.claims += 1
+        await self.pool_open.wait()
+        if not self.pool:
+            return None
+        self.claimed.append(self.pool.pop(0))
+        return SandboxInfo(
+            id=self.claimed[-1], session_id=request.session_id, provider="stub", host_id="h",
+            task_queue=self.queue, template=request.template, handle="warm",
+        )  # fmt: skip
+
+    @activity.defn(name="AssignSandbox")
+    async def assign(self, sandbox: SandboxInfo) -> None:
+        self.assigned.append(sandbox.id)
+
     def all(self) -> list[Callable[..., Any]]:
         return [
             self.provision, self.destroy, self.plan, self.verify, self.run_step, self.stop_step,
-            self.record, self.hibernate, self.wake,
+            self.record, self.hibernate, self.wake, self.claim, self.assign,
         ]  # fmt: skip
 
 
@@ -646,7 +671,7 @@ async def test_an_idle_session_hibernates_and_the_next_task_wakes_it(
     kinds = stubs.types()
     assert kinds.index("sandbox.hibernated") < kinds.index("sandbox.woken")
     statuses = [e.data["status"] for e in stubs.events if e.type == "session.status"]
-    assert statuses[:4] == ["ready", "hibernated", "ready", "busy"]
+    assert statuses[:5] == ["ready", "hibernated", "waking", "ready", "busy"]
     assert stubs.destroyed == stubs.provisioned
 
 
@@ -687,3 +712,47 @@ async def test_a_modification_during_the_last_step_is_planned_before_verifying(
     assert stubs.plan_requests[1].notes == ["say changed instead"]
     final = [e.data for e in stubs.events if e.type == "task.status"][-1]
     assert final["result"] == "ran echo changed"
+
+
+async def test_a_session_claims_a_warm_vm_and_creates_one_cold_when_the_pool_is_empty(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    stubs.pool = ["warm-1"]
+    session = params(stubs).model_copy(update={"warm_pool": True})
+    async with running(env, stubs, session) as handle:
+        ref = await submit(env.client, handle.id, "$ echo warm")
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        state = await handle.query(SessionWorkflow.state)
+        assert state.sandbox is not None and state.sandbox.id == "warm-1"
+        await end(handle)
+        save_history("pool-claim", await handle.fetch_history())
+    assert stubs.claimed == stubs.assigned == stubs.destroyed == ["warm-1"]
+    assert stubs.provisioned == []  # nothing created cold
+    ready = next(e.data for e in stubs.events if e.type == "sandbox.ready")
+    assert ready["sandbox_id"] == "warm-1" and ready["pooled"] is True
+
+    cold = Stubs()  # an empty pool: a cold create, never an error
+    async with running(env, cold, params(cold).model_copy(update={"warm_pool": True})) as handle:
+        await until(lambda: "sandbox.ready" in cold.types())
+        await end(handle)
+    assert len(cold.provisioned) == 1 and cold.destroyed == cold.provisioned
+    assert cold.claimed == [] and "pooled" not in cold.events[0].data
+
+
+async def test_an_end_during_the_claim_destroys_the_claimed_vm(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    stubs.pool = ["warm-1"]
+    stubs.pool_open.clear()  # the claim is under way when the session ends
+    session = params(stubs).model_copy(update={"warm_pool": True})
+    async with running(env, stubs, session) as handle:
+        await until(lambda: stubs.claims == 1)
+        await handle.cancel()
+        await asyncio.sleep(0.3)
+        assert stubs.destroyed == []  # the end waits for the claim...
+        stubs.pool_open.set()
+        with pytest.raises(WorkflowFailureError):
+            await asyncio.wait_for(handle.result(), 10)
+    # ...and destroys what it handed out, without ever creating one cold.
+    assert stubs.claimed == stubs.destroyed == ["warm-1"] and stubs.provisioned == []
+    assert stubs.events[-1].data == {"status": "ended"}

@@ -353,10 +353,27 @@ async def control_task(
 
 @router.post("/ui/sessions/{sid}/end", response_class=HTMLResponse)
 async def end_session(
-    sid: str, db: DbDep, temporal: TemporalDep, user: PageUser, ip: IpDep
+    sid: str,
+    db: DbDep,
+    temporal: TemporalDep,
+    user: PageUser,
+    ip: IpDep,
+    preserve: Annotated[bool, Form()] = False,
 ) -> Response:
-    await service.end_session(db, temporal, user, service.own_session(db, user, sid), ip)
-    return HTMLResponse('<span class="ok">Ending the session…</span>')
+    row = service.own_session(db, user, sid)
+    await service.end_session(db, temporal, user, row, ip, preserve=preserve)
+    note = "keeping its disk" if preserve else "its machine shuts down"
+    return HTMLResponse(f'<span class="ok">Ending the session, {note}…</span>')
+
+
+@router.post("/ui/sessions/{sid}/resume")
+async def resume_session(
+    sid: str, db: DbDep, temporal: TemporalDep, settings: SettingsDep, user: PageUser, ip: IpDep
+) -> Response:
+    """Reopens an ended session whose disk was kept: the page reloads, live again."""
+    row = service.own_session(db, user, sid)
+    await service.resume_session(db, temporal, settings, user, row, ip)
+    return Response(status_code=204, headers={"HX-Redirect": f"/sessions/{sid}"})
 
 
 @router.get("/ui/sessions/{sid}/events")

@@ -22,6 +22,9 @@ class SessionInput(BaseModel):
     template: str = "default"
     # Where sandbox activities go until the sandbox exists; then the sandbox's own queue.
     host_task_queue: str
+    # Claim a booted VM from the template's warm pool first (libvirt), and create one cold
+    # only when the pool has none.
+    warm_pool: bool = False
     idle_timeout_s: float = 3600.0
     # Idle this long, the sandbox is suspended until the next task (None: never).
     hibernate_after_s: float | None = None
@@ -33,6 +36,8 @@ class SessionInput(BaseModel):
     model: str | None = None
     # Set by continue-as-new: the session as the previous run left it.
     carried: Carried | None = None
+    # Set by a resume: the sandbox whose disk the session's previous run preserved.
+    restore: SandboxInfo | None = None
 
 
 class DoneStep(BaseModel):
@@ -129,6 +134,13 @@ class SandboxRequest(BaseModel):
     # and reconciliation can tell whose a machine is.
     sandbox_id: str
     template: str
+
+
+class SandboxDeath(BaseModel):
+    """Said by the sandbox's host when its machine died (or stopped answering)."""
+
+    sandbox_id: str
+    detail: str
 
 
 class StepRequest(BaseModel):

@@ -26,7 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.planning import PlanningActivities
     from activities.progress import ProgressActivities
     from activities.sandbox import SandboxActivities, step_key
-    from activities.vm import VmActivities
+    from activities.vm import ClaimRequest, RestoreRequest, VmActivities
     from sandboxes.models import SandboxInfo, StepOutcome
     from store.events import NewEvent
     from store.models import SessionStatus, TaskStatus
@@ -37,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         Plan,
         PlanRequest,
         ProgressBatch,
+        SandboxDeath,
         SandboxRequest,
         SessionInput,
         SessionState,
@@ -52,6 +53,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.plans import check_plan_size, user_plan
 
 Request = TypeVar("Request", PlanRequest, VerifyRequest)
+Making = TypeVar("Making", SandboxRequest, RestoreRequest)
 Answer = TypeVar("Answer", Plan, Verdict)
 
 MAX_QUEUED_TASKS = 20
@@ -75,6 +77,8 @@ RECORD_RETRY = RetryPolicy(
 # How long ending a session waits for the running command's kill, and for the sandbox.
 STOP_STEP_TIMEOUT = timedelta(seconds=60)
 DESTROY_TIMEOUT = timedelta(minutes=3)
+# A claim answers at once (a VM or none): past this the pool is in trouble; create cold.
+CLAIM_TIMEOUT = timedelta(seconds=20)
 
 
 def workflow_id(session_id: str) -> str:
@@ -93,6 +97,12 @@ def refused(error: BaseException) -> str | None:
     if isinstance(cause, ApplicationError) and cause.type in REFUSALS:
         return cause.message
     return None
+
+
+def died(error: BaseException) -> bool:
+    """Whether a step failed because its sandbox's machine is gone."""
+    cause = error.cause if isinstance(error, ActivityError) else None
+    return isinstance(cause, ApplicationError) and cause.type == "SandboxDied"
 
 
 def failure_message(error: BaseException) -> str:
@@ -129,6 +139,13 @@ class SessionWorkflow:
         # Set once the session is ending: no new work is accepted, no handler waits on.
         self.ending = False
         self.step: workflow.ActivityHandle[StepOutcome] | None = None
+        # A warm pool claim under way: an end meanwhile waits for it and destroys its VM.
+        self.claiming: workflow.ActivityHandle[SandboxInfo | None] | None = None
+        # Set by the preserve_sandbox signal: the end keeps the sandbox's disk.
+        self.preserve = False
+        # Why the sandbox's machine died (its host said so, or a step found it gone): the
+        # session replaces it before the next task.
+        self.dead: str | None = None
         self.events = 0
 
     # ---- the session's life
@@ -162,8 +179,11 @@ class SessionWorkflow:
         """Wait for a queued task; False once the session has been idle too long. Idle for
         ``hibernate_after_s`` first, the sandbox is suspended, and the next task wakes it."""
         idle_since, tried = workflow.now(), False
-        while not self.queue:
+        while not self.queue or self.dead is not None:
             check_cancelled()
+            if self.dead is not None:
+                await self.replace_sandbox()
+                continue
             self.continue_as_new_if_suggested()
             after = self.params.hibernate_after_s
             hibernating = (
@@ -175,7 +195,7 @@ class SessionWorkflow:
             idle = (workflow.now() - idle_since).total_seconds()
             try:
                 await workflow.wait_condition(
-                    lambda: bool(self.queue) or self.may_continue_as_new(),
+                    lambda: bool(self.queue) or self.may_continue_as_new() or bool(self.dead),
                     timeout=timedelta(seconds=max(until - idle, 0.001)),
                     timeout_summary="hibernate" if hibernating else "idle timeout",
                 )
@@ -213,6 +233,9 @@ class SessionWorkflow:
     async def wake(self) -> None:
         """Resume the hibernated sandbox, its files and processes as they were."""
         assert self.sandbox is not None
+        if workflow.patched("waking-status"):
+            self.status = SessionStatus.waking
+            await self.record(self.event("session.status", status=self.status.value))
         await workflow.execute_activity_method(
             VmActivities.wake,
             self.sandbox,
@@ -255,23 +278,46 @@ class SessionWorkflow:
         workflow.continue_as_new(self.params.model_copy(update={"carried": carried}))
 
     async def provision(self) -> None:
+        """The session's sandbox: the preserved one's disk on a new machine (a resumed
+        session), a warm pool's VM if one is ready, else one created cold."""
+        if self.params.restore is not None:
+            await self.restore(self.params.restore)
+            return
+        if self.params.warm_pool and workflow.patched("pool-claim"):
+            claimed = await self.claim()
+            if claimed is not None:
+                await self.sandbox_ready(claimed, pooled=True)
+                return
+            check_cancelled()
         request = SandboxRequest(
             session_id=self.params.session_id,
             sandbox_id=workflow.uuid4().hex,
             template=self.params.template,
         )
+        sandbox = await self.make_machine(
+            SandboxActivities.provision, request, f"provision a {self.params.template!r} sandbox"
+        )
+        await self.sandbox_ready(sandbox)
+
+    async def make_machine(
+        self,
+        call: Callable[[Any, Making], Awaitable[SandboxInfo]],
+        request: Making,
+        summary: str,
+    ) -> SandboxInfo:
+        """Run the activity that makes the session's machine (created cold, or restored)."""
         # Known before the machine exists, so an end during provisioning can destroy it.
         self.sandbox = SandboxInfo(
             id=request.sandbox_id,
-            session_id=request.session_id,
+            session_id=self.params.session_id,
             provider="",
             host_id="",
             task_queue=self.params.host_task_queue,
-            template=request.template,
+            template=self.params.template,
             handle="",
         )
-        self.sandbox = await workflow.execute_activity_method(
-            SandboxActivities.provision,
+        return await workflow.execute_activity_method(
+            call,
             request,
             task_queue=self.params.host_task_queue,
             start_to_close_timeout=timedelta(minutes=10),
@@ -280,20 +326,86 @@ class SessionWorkflow:
             # An end during provisioning destroys the machine only once the attempt that
             # makes it has stopped, so none is made after the destroy.
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            summary=f"provision a {self.params.template!r} sandbox",
+            summary=summary,
         )
+
+    async def claim(self) -> SandboxInfo | None:
+        """A ready VM of the template's warm pool, made the session's; None when the pool
+        has none (or cannot be asked): the caller creates one cold."""
+        handle = workflow.start_activity_method(
+            VmActivities.claim,
+            ClaimRequest(session_id=self.params.session_id, template=self.params.template),
+            task_queue=self.params.host_task_queue,
+            start_to_close_timeout=CLAIM_TIMEOUT,
+            retry_policy=RetryPolicy(maximum_attempts=2),
+            summary=f"claim a warm {self.params.template!r} VM",
+        )
+        # Waited on, never awaited (see run_step): an end that comes meanwhile lets the claim
+        # finish and destroys what it claimed (see end()).
+        self.claiming = handle
+        await workflow.wait_condition(handle.done)
+        self.claiming = None
+        sandbox = claimed(handle)
+        if sandbox is None:
+            return None
+        # The session's before the machine is relabelled: reconciliation asks the session
+        # (state) once the label names it, and the pool until then.
+        self.sandbox = sandbox
+        await workflow.execute_activity_method(
+            VmActivities.assign,
+            sandbox,
+            task_queue=sandbox.task_queue,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(maximum_attempts=5),
+            summary="label the claimed VM the session's",
+        )
+        return sandbox
+
+    async def restore(self, kept: SandboxInfo) -> None:
+        request = RestoreRequest(
+            preserved=kept, sandbox_id=workflow.uuid4().hex, session_id=self.params.session_id
+        )
+        # An end meanwhile destroys the new machine; the kept disk stays until the new
+        # machine is up, so the session can be resumed again.
+        sandbox = await self.make_machine(
+            VmActivities.restore, request, "restore the preserved sandbox"
+        )
+        await self.sandbox_ready(
+            sandbox, self.event("sandbox.restored", sandbox_id=sandbox.id, preserved_id=kept.id)
+        )
+
+    async def sandbox_ready(
+        self, sandbox: SandboxInfo, *also: NewEvent, pooled: bool | None = None
+    ) -> None:
+        self.sandbox = sandbox
         self.status = SessionStatus.ready
         await self.record(
             self.event(
                 "sandbox.ready",
-                sandbox_id=self.sandbox.id,
-                provider=self.sandbox.provider,
-                host_id=self.sandbox.host_id,
-                template=self.sandbox.template,
-                handle=self.sandbox.handle,
+                sandbox_id=sandbox.id,
+                provider=sandbox.provider,
+                host_id=sandbox.host_id,
+                template=sandbox.template,
+                handle=sandbox.handle,
+                pooled=pooled,
             ),
+            *also,
             self.event("session.status", status=self.status.value),
         )
+
+    async def replace_sandbox(self) -> None:
+        """The sandbox's machine died: say so, remove what is left of it, and provision
+        another for the next task (its files are gone with it)."""
+        assert self.sandbox is not None
+        dead, why = self.sandbox, self.dead
+        self.status = SessionStatus.provisioning
+        await self.record(
+            self.event("sandbox.died", sandbox_id=dead.id, error=why),
+            self.event("session.status", status=self.status.value),
+        )
+        await self.destroy(dead)
+        self.dead, self.hibernated = None, False
+        await self.provision()
 
     async def end(self, status: SessionStatus, error: str | None) -> None:
         """The real end, however it came: every task and step gets its final status, the
@@ -318,12 +430,41 @@ class SessionWorkflow:
         self.queue.clear()
         if drafts:
             await self.record(*drafts)
+        if self.claiming is not None:
+            # The pool may hand a VM to this session yet: it is the session's to destroy.
+            claiming = self.claiming
+            await workflow.wait_condition(claiming.done)
+            self.sandbox = claimed(claiming) or self.sandbox
+        if self.sandbox is not None and self.preserve and self.sandbox.provider:
+            await self.keep(self.sandbox)
         if self.sandbox is not None:
             await self.destroy(self.sandbox)
         # A submit accepted just before the end finishes its task itself (see submit_task).
         await workflow.wait_condition(workflow.all_handlers_finished)
         self.status = status
         await self.record(self.event("session.status", status=status.value, error=error))
+
+    async def keep(self, sandbox: SandboxInfo) -> None:
+        """End the machine keeping its disk, for a resume; if that fails, it is destroyed."""
+        try:
+            await workflow.execute_activity_method(
+                VmActivities.preserve,
+                sandbox,
+                task_queue=sandbox.task_queue,
+                start_to_close_timeout=timedelta(minutes=5),
+                heartbeat_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+                summary="preserve the sandbox's disk",
+            )
+        except ActivityError as exc:
+            await self.record(
+                self.event(
+                    "sandbox.preserve_failed", sandbox_id=sandbox.id, error=failure_message(exc)
+                )
+            )
+            return
+        await self.record(self.event("sandbox.preserved", sandbox_id=sandbox.id))
+        self.sandbox = None
 
     async def destroy(self, sandbox: SandboxInfo) -> None:
         try:
@@ -570,6 +711,8 @@ class SessionWorkflow:
                 # Judged before it reached the guest: nothing ran, and the agent is told why.
                 await self.record(self.step_end(task, index, "refused", refusal))
                 return StepOutcome(exit_code=REFUSED_EXIT, error=f"refused: {refusal}")
+            if died(exc) and self.dead is None:
+                self.dead = failure_message(exc)
             # Retries run out, or a cancel between attempts: an attempt may have left the
             # command running, and the next step must not run beside it.
             await self.stop_step(request)
@@ -676,6 +819,17 @@ class SessionWorkflow:
         self.check_cancel(TaskControl(task_id=change.task_id))
         check_plan_size(change.instruction)
 
+    @workflow.signal(name="preserve_sandbox")
+    def preserve_sandbox(self) -> None:
+        """The session's coming end keeps its sandbox's disk (sent just before the end)."""
+        self.preserve = True
+
+    @workflow.signal(name="sandbox_died")
+    def sandbox_died(self, death: SandboxDeath) -> None:
+        """The sandbox's host saw its machine die."""
+        if self.sandbox is not None and self.sandbox.id == death.sandbox_id and not self.dead:
+            self.dead = death.detail
+
     @workflow.query(name="state")
     def state(self) -> SessionState:
         return SessionState(
@@ -757,6 +911,15 @@ class SessionWorkflow:
             retry_policy=RECORD_RETRY,
             summary=", ".join(d.type for d in drafts),
         )
+
+
+def claimed(handle: workflow.ActivityHandle[SandboxInfo | None]) -> SandboxInfo | None:
+    """What a finished claim handed out; a claim that failed got nothing (create cold)."""
+    try:
+        return handle.result()
+    except (ActivityError, asyncio.CancelledError) as exc:
+        workflow.logger.warning("claiming a warm VM failed: %s", failure_message(exc))
+        return None
 
 
 def cancel_requested() -> bool:
