@@ -30,7 +30,7 @@ from pathlib import Path
 
 import guest_agent
 import vm_templates
-from guest_agent.user import STEP_UID, WORKSPACE, WORKSPACE_MODE
+from guest_agent.user import STEP_UID, STEP_USER, WORKSPACE, WORKSPACE_MODE
 from sandboxes.gateway import GuestGateway
 from sandboxes.models import Machine, SandboxInfo, Usage
 from sandboxes.provider import TOKEN_VARIABLE, SandboxProvider, machine_name
@@ -61,7 +61,8 @@ MACHINE_FORMAT = (
 
 
 # A kept session's files. The workspace (guest_agent.user.WORKSPACE) is a tmpfs, which
-# `docker cp` does not see: they are copied with `docker exec` and tar.
+# `docker cp` does not see: they are copied with `docker exec` and tar, as the steps' user
+# (root in the container has no DAC_OVERRIDE to read its home).
 WORKSPACE_TAR = "workspace.tar"
 UNITS = {"B": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "kB": 1e3 / 2**20,
          "MB": 1e6 / 2**20, "GB": 1e9 / 2**20}  # fmt: skip
@@ -317,8 +318,8 @@ class DockerProvider(SandboxProvider):
             draft = archive.with_suffix(".part")
             with draft.open("wb") as sink:
                 process = await asyncio.create_subprocess_exec(
-                    "docker", "exec", sandbox.handle, "tar", "-C", "/", "-cf", "-",
-                    WORKSPACE.lstrip("/"), stdout=sink, stderr=subprocess.PIPE,
+                    "docker", "exec", "--user", STEP_USER, sandbox.handle,
+                    "tar", "-C", WORKSPACE, "-cf", "-", ".", stdout=sink, stderr=subprocess.PIPE,
                 )  # fmt: skip
                 _, err = await process.communicate()
             if process.returncode != 0:
@@ -331,8 +332,8 @@ class DockerProvider(SandboxProvider):
     async def bring_back(self, sandbox: SandboxInfo, folder: Path, timeout_s: float) -> None:
         with (folder / WORKSPACE_TAR).open("rb") as source:
             process = await asyncio.create_subprocess_exec(
-                "docker", "exec", "-i", sandbox.handle, "tar", "-C", "/", "-xf", "-",
-                stdin=source, stderr=subprocess.PIPE,
+                "docker", "exec", "-i", "--user", STEP_USER, sandbox.handle,
+                "tar", "-C", WORKSPACE, "-xf", "-", stdin=source, stderr=subprocess.PIPE,
             )  # fmt: skip
             _, err = await process.communicate()
         if process.returncode != 0:
