@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     )
     sandbox_tmp_mb: int = Field(default=128, ge=1, description="Size of a container's /tmp")
     sandbox_connect_timeout_s: float = 60.0
+    guest_reconnect_grace_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A running command fails once its guest has been gone this long (unless "
+        "its machine is suspended: then it waits)",
+    )
     # Command policy
     command_policy_path: Path | None = Field(
         default=None,

@@ -12,7 +12,11 @@ from sandboxes.provider import SandboxProvider
 
 def make_gateway(settings: Settings) -> GuestGateway:
     keys = guest_keys(settings)
-    return GuestGateway(keys.current, previous_keys=keys.keys[1:])
+    return GuestGateway(
+        keys.current,
+        reconnect_grace_s=settings.guest_reconnect_grace_s,
+        previous_keys=keys.keys[1:],
+    )
 
 
 def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:

@@ -124,6 +124,8 @@ class _Guest:
     version: int = 1
     # Why its machine died, once the host has seen it die.
     dead: str | None = None
+    # Its machine is suspended (seen by the host): a command waits for it, however long.
+    paused: bool = False
 
 
 class GuestGateway:
@@ -168,6 +170,13 @@ class GuestGateway:
     def known(self) -> set[str]:
         """Sandboxes whose guest has said hello (to this process), alive or not."""
         return {i for i, guest in self._guests.items() if guest.capabilities is not None}
+
+    def set_paused(self, sandbox_id: str, paused: bool) -> None:
+        """The host saw the sandbox's machine suspended (or running again): while it is, a
+        running command waits for its guest instead of failing after the grace period."""
+        guest = self._guests.get(sandbox_id)
+        if guest is not None:
+            guest.paused = paused
 
     def fail(self, sandbox_id: str, reason: str) -> None:
         """The sandbox's machine died: its commands end now with SandboxDied, and no new
@@ -286,7 +295,7 @@ class GuestGateway:
             try:
                 message = await asyncio.wait_for(command.inbox.get(), timeout=self._grace)
             except TimeoutError:
-                if not guest.connected.is_set():
+                if not (guest.connected.is_set() or guest.paused):
                     raise GuestUnavailable(
                         f"guest lost for more than {self._grace:.0f} s"
                     ) from None

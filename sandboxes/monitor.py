@@ -1,6 +1,8 @@
 """Watching this host's machines while their guests are in touch: a machine that dies
 (killed, crashed, powered off behind Berth's back) is reported within seconds, its commands
-failed at once, and the running machines' CPU and memory use is sampled now and then.
+failed at once; one suspended (paused by an operator, or the host) keeps its commands
+waiting until it runs again; the running machines' CPU and memory use is sampled now and
+then.
 
 One listing of the host's machines per pass (one ``docker ps``, one libvirt domain list),
 and only while some guest has said hello to this worker, so an idle host costs nothing.
@@ -21,6 +23,8 @@ log = logging.getLogger("berth.monitor")
 
 # Machine states (Docker's, libvirt's) from which no guest comes back by itself.
 DEAD_STATES = frozenset({"exited", "dead", "shut off", "crashed"})
+# States of a suspended machine (Docker's, libvirt's), which comes back when resumed.
+PAUSED_STATES = frozenset({"paused", "suspended", "hibernated"})
 POLL_S = 2.0
 USAGE_EVERY_S = 5.0
 
@@ -35,6 +39,7 @@ async def check(provider: SandboxProvider, on_death: Died, reported: set[str]) -
         return []
     machines = [m for m in await provider.machines() if m.sandbox_id in known]
     for machine in machines:
+        provider.gateway.set_paused(machine.sandbox_id, machine.state in PAUSED_STATES)
         if machine.state in DEAD_STATES and machine.sandbox_id not in reported:
             reported.add(machine.sandbox_id)
             reason = f"its machine is {machine.state} (it was not ended by Berth)"

@@ -1,7 +1,8 @@
 """A sandbox's life beyond one run, on the whole system with Docker sandboxes (fast): a
 session ended with its disk preserved is resumed with its files; a sandbox killed behind
 Berth's back is detected, its running step fails with a clear error, and the session gets
-a new machine for its next task; the host samples its sandboxes' CPU and memory."""
+a new machine for its next task; a command waits for a suspended machine; the host samples
+its sandboxes' CPU and memory."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import httpx
 import pytest
 from sqlmodel import Session, create_engine, select
 
-from berth.local import LocalSystem
+from berth.local import LocalSystem, python_script
 from store.models import SandboxRow
 from tests.test_e2e import DONE, read_events, token_for, wait_status
 
@@ -23,7 +24,10 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSystem]:
-    running = LocalSystem.start(tmp_path_factory.mktemp("berth"), "life")
+    # A command fails once its guest has been gone 5 s (not 30): see the suspended machine.
+    running = LocalSystem.start(
+        tmp_path_factory.mktemp("berth"), "life", {"BERTH_GUEST_RECONNECT_GRACE_S": "5"}
+    )
     yield running
     assert running.stop() == 0
 
@@ -143,3 +147,34 @@ def test_a_killed_sandbox_fails_its_step_and_the_session_gets_a_new_one(
     )
     assert httpx.delete(f"{base}/api/sessions/{sid}", headers=headers).status_code == 202
     wait_status(base, headers, sid, "ended")
+
+
+def test_a_command_waits_for_a_suspended_machine_past_the_reconnect_grace(
+    system: LocalSystem,
+) -> None:
+    """Paused behind Berth's back (an operator, the host) while a command runs: the guest's
+    link drops (pings time out), but the host sees the machine paused and the command waits
+    for it, past BERTH_GUEST_RECONNECT_GRACE_S, and finishes once it runs again."""
+    base = system.base
+    headers = token_for(base, "paused@example.com")
+    sid = httpx.post(f"{base}/api/sessions", json={}, headers=headers).json()["id"]
+    wait_status(base, headers, sid, "ready")
+    ready = read_events(base, headers, sid, lambda e: e["type"] == "sandbox.ready")[-1]["data"]
+    script = python_script("tick.py", "import time", "time.sleep(2)", "print('after the pause')")
+    answer = httpx.post(
+        f"{base}/api/sessions/{sid}/tasks", json={"prompt": f"$ {script}"}, headers=headers
+    )
+    task_id = answer.json()["id"]
+    read_events(base, headers, sid, lambda e: e["type"] == "step.started")
+    subprocess.run(["docker", "pause", ready["handle"]], check=True, capture_output=True)
+    # Past the ping timeout (10 s) and the grace (5 s here): the link is gone by now.
+    time.sleep(18)
+    subprocess.run(["docker", "unpause", ready["handle"]], check=True, capture_output=True)
+    events = read_events(
+        base, headers, sid,
+        lambda e: e["type"] == "task.status" and e["data"]["task_id"] == task_id
+        and e["data"]["status"] in ("succeeded", "failed"),
+    )  # fmt: skip
+    assert events[-1]["data"]["status"] == "succeeded", events[-1]
+    output = "".join(e["data"]["text"] for e in events if e["type"] == "step.output")
+    assert "after the pause" in output
