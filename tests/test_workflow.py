@@ -33,6 +33,7 @@ from workflows.models import (
     Plan,
     PlanRequest,
     ProgressBatch,
+    SandboxDeath,
     SandboxRequest,
     SessionInput,
     StepRequest,
@@ -82,6 +83,7 @@ class Stubs:
         self.claims = 0
         self.claimed: list[str] = []
         self.assigned: list[str] = []
+        self.preserved: list[str] = []
 
     @activity.defn(name="ProvisionSandbox")
     async def provision(self, request: SandboxRequest) -> SandboxInfo:
@@ -178,10 +180,14 @@ class Stubs:
     async def assign(self, sandbox: SandboxInfo) -> None:
         self.assigned.append(sandbox.id)
 
+    @activity.defn(name="PreserveSandbox")
+    async def preserve(self, sandbox: SandboxInfo) -> None:
+        self.preserved.append(sandbox.id)
+
     def all(self) -> list[Callable[..., Any]]:
         return [
             self.provision, self.destroy, self.plan, self.verify, self.run_step, self.stop_step,
-            self.record, self.hibernate, self.wake, self.claim, self.assign,
+            self.record, self.hibernate, self.wake, self.claim, self.assign, self.preserve,
         ]  # fmt: skip
 
 
@@ -495,6 +501,32 @@ async def test_continue_as_new_mid_task_keeps_the_sandbox_and_every_step(
     assert stubs.task_statuses() == {ref.id: "succeeded", queued.id: "succeeded"}
     started = [e.data["status"] for e in stubs.events if e.type == "session.status"]
     assert started.count("ended") == 1 and started[-1] == "ended"
+
+
+async def test_signals_before_a_continue_as_new_are_acted_on_after_it(
+    short_env: WorkflowEnvironment,
+) -> None:
+    """A machine's death and a coming end's preserve, said while a long task runs, hold in
+    the run that continues it: the machine is replaced after the task, the end keeps the
+    new machine's disk rather than destroying it."""
+    env = short_env
+    stubs = Stubs()
+    async with running(env, stubs, params(stubs)) as handle:
+        commands = ["wait"] + [f"echo {i}" for i in range(30)]
+        ref = await submit(env.client, handle.id, "\n".join(f"$ {c}" for c in commands))
+        await until(lambda: stubs.commands == ["wait"])
+        first_run = handle.result_run_id
+        (dead,) = stubs.provisioned
+        await handle.signal(SessionWorkflow.sandbox_died, SandboxDeath(sandbox_id=dead, detail="x"))
+        await handle.signal(SessionWorkflow.preserve_sandbox)
+        stubs.release.set()
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        latest = env.client.get_workflow_handle(handle.id)
+        assert (await latest.describe()).run_id != first_run, "never continued as new"
+        await until(lambda: len(stubs.provisioned) == 2)  # replaced after the task
+        await end(latest)
+    assert [e.data["sandbox_id"] for e in stubs.events if e.type == "sandbox.died"] == [dead]
+    assert stubs.destroyed == [dead] and stubs.preserved == stubs.provisioned[1:]
 
 
 async def settled_history_length(handle: WorkflowHandle) -> int:  # type: ignore[type-arg]
