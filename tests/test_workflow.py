@@ -84,6 +84,10 @@ class Stubs:
         self.claimed: list[str] = []
         self.assigned: list[str] = []
         self.preserved: list[str] = []
+        # A destroy waits for ``destroy_open`` (set); those begun are counted.
+        self.destroy_open = asyncio.Event()
+        self.destroy_open.set()
+        self.destroys = 0
 
     @activity.defn(name="ProvisionSandbox")
     async def provision(self, request: SandboxRequest) -> SandboxInfo:
@@ -97,6 +101,8 @@ class Stubs:
 
     @activity.defn(name="DestroySandbox")
     async def destroy(self, sandbox: SandboxInfo) -> None:
+        self.destroys += 1
+        await self.destroy_open.wait()
         if sandbox.template == "undying":
             raise ApplicationError("the host does not answer", non_retryable=True)
         self.destroyed.append(sandbox.id)
@@ -527,6 +533,27 @@ async def test_signals_before_a_continue_as_new_are_acted_on_after_it(
         await end(latest)
     assert [e.data["sandbox_id"] for e in stubs.events if e.type == "sandbox.died"] == [dead]
     assert stubs.destroyed == [dead] and stubs.preserved == stubs.provisioned[1:]
+
+
+async def test_an_end_while_a_dead_machine_is_replaced_makes_no_new_one(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    async with running(env, stubs, params(stubs)) as handle:
+        await until(lambda: "sandbox.ready" in stubs.types())
+        (dead,) = stubs.provisioned
+        stubs.destroy_open.clear()  # the dead machine's removal is under way at the end
+        await handle.signal(SessionWorkflow.sandbox_died, SandboxDeath(sandbox_id=dead, detail="x"))
+        await until(lambda: stubs.destroys == 1)
+        await handle.cancel()
+        await asyncio.sleep(0.3)
+        stubs.destroy_open.set()
+        with pytest.raises(WorkflowFailureError):
+            await asyncio.wait_for(handle.result(), 10)
+        save_history("replace-then-end", await handle.fetch_history())
+    assert stubs.provisioned == stubs.destroyed == [dead]
+    assert "sandbox.orphaned" not in stubs.types()
+    assert stubs.events[-1].data == {"status": "ended"}
 
 
 async def settled_history_length(handle: WorkflowHandle) -> int:  # type: ignore[type-arg]

@@ -405,8 +405,15 @@ class SessionWorkflow:
             self.event("sandbox.died", sandbox_id=dead.id, error=why),
             self.event("session.status", status=self.status.value),
         )
-        await self.destroy(dead)
-        self.dead, self.hibernated = None, False
+        if workflow.patched("replace-then-end"):
+            # An end meanwhile lets the dead machine's removal finish (cancelled, it would
+            # be recorded orphaned and left) and makes no new machine only to destroy it.
+            await shielded(self.destroy(dead))
+            self.dead, self.hibernated = None, False
+            check_cancelled()
+        else:
+            await self.destroy(dead)
+            self.dead, self.hibernated = None, False
         await self.provision()
 
     async def end(self, status: SessionStatus, error: str | None) -> None:
