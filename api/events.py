@@ -3,7 +3,8 @@
 The stream replays everything after the client's last seen sequence number, then follows
 the log a batch of new events at a time: it sleeps until the store's notification says the
 session's log grew (see store/notify.py), reads what is new with a short-lived connection,
-and ends after the session's final event. An idle stream holds no database connection.
+and ends once the log ends with the session's final event (a resumed session's log goes on
+past an earlier one). An idle stream holds no database connection.
 """
 
 from __future__ import annotations
@@ -66,21 +67,22 @@ async def follow(
         with Session(engine) as db:
             return events.read_after(db, session_id, after, READ_BATCH)
 
+    ended = False
     with hub.watch(session_id) as bell:
         yield "retry: 2000\n\n"
         while True:
             bell.clear()  # before the read, so a write during it wakes the next wait
             batch = await asyncio.to_thread(read, after)
-            final = next((n for n, e in enumerate(batch) if events.is_final(e)), None)
-            if final is not None:
-                batch = batch[: final + 1]
             if batch:
                 yield render(batch)
                 after = batch[-1].seq
-            if final is not None:
-                return
+                # Only the log's last event ends the stream: a resumed session's log goes
+                # on past the end of its earlier run.
+                ended = events.is_final(batch[-1])
             if len(batch) == READ_BATCH:
                 continue
+            if ended:
+                return
             if batch and pace_s:
                 await asyncio.sleep(pace_s)
             left = deadline - asyncio.get_running_loop().time()

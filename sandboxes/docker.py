@@ -33,7 +33,7 @@ import vm_templates
 from guest_agent.user import STEP_UID, STEP_USER, WORKSPACE, WORKSPACE_MODE
 from sandboxes.gateway import GuestGateway
 from sandboxes.models import Machine, SandboxInfo, Usage
-from sandboxes.provider import TOKEN_VARIABLE, SandboxProvider, machine_name
+from sandboxes.provider import MISSING, TOKEN_VARIABLE, SandboxProvider, machine_name
 from sandboxes.rootfs import rootfs
 
 log = logging.getLogger("berth.docker")
@@ -362,7 +362,7 @@ class DockerProvider(SandboxProvider):
 
     async def is_running(self, handle: str) -> tuple[bool, str]:
         code, state, _ = await _run("inspect", "--format", "{{.State.Status}}", handle)
-        return code == 0 and state == "running", state if code == 0 else "missing"
+        return code == 0 and state == "running", state if code == 0 else MISSING
 
     async def _ensure_network(self) -> str:
         if not await exists("network", NETWORK):

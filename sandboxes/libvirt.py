@@ -29,7 +29,7 @@ import vm_templates
 from sandboxes import libvirt_host, vm_image
 from sandboxes.gateway import GuestGateway, GuestUnavailable
 from sandboxes.models import Machine, SandboxInfo, Usage
-from sandboxes.provider import SandboxProvider, machine_name
+from sandboxes.provider import MISSING, SandboxProvider, machine_name
 
 log = logging.getLogger("berth.libvirt")
 
@@ -551,7 +551,7 @@ class LibvirtProvider(SandboxProvider):
         """The domain's state, and its last lifecycle event since this worker started."""
         domain = self._domain(handle)
         if domain is None:
-            return False, "missing"
+            return False, MISSING
         state = self._state(domain)
         event = self.last_event.get(handle)
         detail = f"{state}; last event {event[1]} at {event[0]:%H:%M:%S}" if event else state

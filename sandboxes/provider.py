@@ -33,6 +33,8 @@ log = logging.getLogger("berth.sandboxes")
 # The guest token's name in guest_env(): a provider hands it to the guest agent by a way no
 # step can read (never the machine's environment).
 TOKEN_VARIABLE = "BERTH_GUEST_TOKEN"
+# What is_running() says of a machine that does not exist (any more).
+MISSING = "missing"
 
 
 async def _discard(seq: int, stream: str, text: str) -> None:
@@ -157,10 +159,15 @@ class SandboxProvider(abc.ABC):
     async def preserve(self, sandbox: SandboxInfo, timeout_s: float) -> None:
         """End the machine, keeping its disk (or workspace) under preserved(): a hibernated
         one is woken first, and the guest's writes flushed, so the disk is whole."""
-        if not (await self.is_running(sandbox.handle))[0]:
-            await self.wake(sandbox, timeout_s)
-        await self.in_guest(sandbox, "sync")
         folder = self.preserved(sandbox.id)
+        running, state = await self.is_running(sandbox.handle)
+        # Missing: a retry after an attempt that kept the disk and removed the machine, but
+        # whose answer was lost. Waking it would wait for a guest that never comes; keep()
+        # says whether what it saved is there.
+        if state != MISSING:
+            if not running:
+                await self.wake(sandbox, timeout_s)
+            await self.in_guest(sandbox, "sync")
         folder.mkdir(parents=True, exist_ok=True)
         self.gateway.forget(sandbox.id)
         await self.keep(sandbox, folder)
@@ -172,6 +179,13 @@ class SandboxProvider(abc.ABC):
         connected; what was kept is deleted only once the new machine has it."""
         folder = self.preserved(preserved_id)
         if not folder.exists():
+            if (await self.is_running(machine_name(sandbox_id)))[0]:
+                # A retry after an attempt that restored it and deleted the kept copy, but
+                # whose answer was lost: the machine made then is the one (made again, it is
+                # found by its id); failing here would destroy the only copy of the files.
+                sandbox = await self.provision(sandbox_id, session_id, template)
+                await self.wait_connected(sandbox, timeout_s)
+                return sandbox
             raise FileNotFoundError(f"nothing of sandbox {preserved_id} was kept")
         placeholder = SandboxInfo(
             id=sandbox_id, session_id=session_id, provider=self.name, host_id=self.host_id,

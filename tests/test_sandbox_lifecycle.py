@@ -86,6 +86,9 @@ def test_a_preserved_session_resumes_with_its_files(system: LocalSystem) -> None
     second_run = read_events(base, headers, sid, DONE, after=after)
     assert second_run[0]["seq"] == after + 1  # the same log, carrying on
     restored = next(e["data"] for e in second_run if e["type"] == "sandbox.restored")
+    # Followed from its start, the log goes on past the earlier run's end.
+    whole = read_events(base, headers, sid, lambda e: e["type"] == "sandbox.restored")
+    assert whole[-1]["seq"] > after
     assert restored["preserved_id"] == old["sandbox_id"] != restored["sandbox_id"]
     tasks = httpx.get(f"{base}/api/sessions/{sid}/tasks", headers=headers).json()
     assert [t["status"] for t in tasks] == ["succeeded", "succeeded"]  # its history kept

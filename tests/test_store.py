@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import Engine, inspect
 from sqlmodel import Session, col, select
 
+from api.events import JSON_MESSAGES, follow
 from store import events
 from store.events import OutputLine
 from store.models import SessionRow, StepRow, TaskRow, User
@@ -186,3 +187,21 @@ async def test_a_commit_wakes_the_sessions_followers_at_once(engine: Engine) -> 
             assert not other_bell.is_set()
     finally:
         await hub.stop()
+
+
+async def test_a_resumed_sessions_stream_goes_past_its_earlier_end(engine: Engine) -> None:
+    sid = new_session(engine)
+    with Session(engine) as db:
+        for status in ("ready", "ended", "provisioning", "ready", "ended"):  # ended, resumed
+            events.record(db, sid, "session.status", {"status": status})
+    hub = Hub(engine)
+    await hub.start()
+    try:
+        messages = [
+            chunk async for chunk in follow(engine, hub, sid, 0, JSON_MESSAGES, lifetime_s=30)
+        ]
+    finally:
+        await hub.stop()
+    # Every event, up to the log's own end, where the stream ends by itself.
+    ids = [line for chunk in messages for line in chunk.splitlines() if line.startswith("id:")]
+    assert ids == [f"id: {seq}" for seq in range(1, 6)]

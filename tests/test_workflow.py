@@ -33,6 +33,7 @@ from workflows.models import (
     Plan,
     PlanRequest,
     ProgressBatch,
+    SandboxDeath,
     SandboxRequest,
     SessionInput,
     StepRequest,
@@ -82,6 +83,11 @@ class Stubs:
         self.claims = 0
         self.claimed: list[str] = []
         self.assigned: list[str] = []
+        self.preserved: list[str] = []
+        # A destroy waits for ``destroy_open`` (set); those begun are counted.
+        self.destroy_open = asyncio.Event()
+        self.destroy_open.set()
+        self.destroys = 0
 
     @activity.defn(name="ProvisionSandbox")
     async def provision(self, request: SandboxRequest) -> SandboxInfo:
@@ -95,6 +101,8 @@ class Stubs:
 
     @activity.defn(name="DestroySandbox")
     async def destroy(self, sandbox: SandboxInfo) -> None:
+        self.destroys += 1
+        await self.destroy_open.wait()
         if sandbox.template == "undying":
             raise ApplicationError("the host does not answer", non_retryable=True)
         self.destroyed.append(sandbox.id)
@@ -178,10 +186,14 @@ class Stubs:
     async def assign(self, sandbox: SandboxInfo) -> None:
         self.assigned.append(sandbox.id)
 
+    @activity.defn(name="PreserveSandbox")
+    async def preserve(self, sandbox: SandboxInfo) -> None:
+        self.preserved.append(sandbox.id)
+
     def all(self) -> list[Callable[..., Any]]:
         return [
             self.provision, self.destroy, self.plan, self.verify, self.run_step, self.stop_step,
-            self.record, self.hibernate, self.wake, self.claim, self.assign,
+            self.record, self.hibernate, self.wake, self.claim, self.assign, self.preserve,
         ]  # fmt: skip
 
 
@@ -495,6 +507,53 @@ async def test_continue_as_new_mid_task_keeps_the_sandbox_and_every_step(
     assert stubs.task_statuses() == {ref.id: "succeeded", queued.id: "succeeded"}
     started = [e.data["status"] for e in stubs.events if e.type == "session.status"]
     assert started.count("ended") == 1 and started[-1] == "ended"
+
+
+async def test_signals_before_a_continue_as_new_are_acted_on_after_it(
+    short_env: WorkflowEnvironment,
+) -> None:
+    """A machine's death and a coming end's preserve, said while a long task runs, hold in
+    the run that continues it: the machine is replaced after the task, the end keeps the
+    new machine's disk rather than destroying it."""
+    env = short_env
+    stubs = Stubs()
+    async with running(env, stubs, params(stubs)) as handle:
+        commands = ["wait"] + [f"echo {i}" for i in range(30)]
+        ref = await submit(env.client, handle.id, "\n".join(f"$ {c}" for c in commands))
+        await until(lambda: stubs.commands == ["wait"])
+        first_run = handle.result_run_id
+        (dead,) = stubs.provisioned
+        await handle.signal(SessionWorkflow.sandbox_died, SandboxDeath(sandbox_id=dead, detail="x"))
+        await handle.signal(SessionWorkflow.preserve_sandbox)
+        stubs.release.set()
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        latest = env.client.get_workflow_handle(handle.id)
+        assert (await latest.describe()).run_id != first_run, "never continued as new"
+        await until(lambda: len(stubs.provisioned) == 2)  # replaced after the task
+        await end(latest)
+    assert [e.data["sandbox_id"] for e in stubs.events if e.type == "sandbox.died"] == [dead]
+    assert stubs.destroyed == [dead] and stubs.preserved == stubs.provisioned[1:]
+
+
+async def test_an_end_while_a_dead_machine_is_replaced_makes_no_new_one(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    async with running(env, stubs, params(stubs)) as handle:
+        await until(lambda: "sandbox.ready" in stubs.types())
+        (dead,) = stubs.provisioned
+        stubs.destroy_open.clear()  # the dead machine's removal is under way at the end
+        await handle.signal(SessionWorkflow.sandbox_died, SandboxDeath(sandbox_id=dead, detail="x"))
+        await until(lambda: stubs.destroys == 1)
+        await handle.cancel()
+        await asyncio.sleep(0.3)
+        stubs.destroy_open.set()
+        with pytest.raises(WorkflowFailureError):
+            await asyncio.wait_for(handle.result(), 10)
+        save_history("replace-then-end", await handle.fetch_history())
+    assert stubs.provisioned == stubs.destroyed == [dead]
+    assert "sandbox.orphaned" not in stubs.types()
+    assert stubs.events[-1].data == {"status": "ended"}
 
 
 async def settled_history_length(handle: WorkflowHandle) -> int:  # type: ignore[type-arg]

@@ -93,6 +93,10 @@ class Carried(BaseModel):
     finished: dict[str, TaskStatus] = Field(default_factory=dict)
     # Recent submissions' idempotency keys and the tasks they queued.
     submitted: dict[str, str] = Field(default_factory=dict)
+    # Signals the session has had and not acted on yet: its end is to keep the sandbox's
+    # disk; its machine died (why), to be replaced before the next task.
+    preserve: bool = False
+    dead: str | None = None
 
 
 class SessionState(BaseModel):

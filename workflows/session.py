@@ -142,10 +142,10 @@ class SessionWorkflow:
         # A warm pool claim under way: an end meanwhile waits for it and destroys its VM.
         self.claiming: workflow.ActivityHandle[SandboxInfo | None] | None = None
         # Set by the preserve_sandbox signal: the end keeps the sandbox's disk.
-        self.preserve = False
+        self.preserve = carried.preserve if carried else False
         # Why the sandbox's machine died (its host said so, or a step found it gone): the
         # session replaces it before the next task.
-        self.dead: str | None = None
+        self.dead: str | None = carried.dead if carried else None
         self.events = 0
 
     # ---- the session's life
@@ -274,6 +274,8 @@ class SessionWorkflow:
             instructions=self.instructions,
             finished=self.finished,
             submitted=self.submitted,
+            preserve=self.preserve,
+            dead=self.dead,
         )
         workflow.continue_as_new(self.params.model_copy(update={"carried": carried}))
 
@@ -403,8 +405,15 @@ class SessionWorkflow:
             self.event("sandbox.died", sandbox_id=dead.id, error=why),
             self.event("session.status", status=self.status.value),
         )
-        await self.destroy(dead)
-        self.dead, self.hibernated = None, False
+        if workflow.patched("replace-then-end"):
+            # An end meanwhile lets the dead machine's removal finish (cancelled, it would
+            # be recorded orphaned and left) and makes no new machine only to destroy it.
+            await shielded(self.destroy(dead))
+            self.dead, self.hibernated = None, False
+            check_cancelled()
+        else:
+            await self.destroy(dead)
+            self.dead, self.hibernated = None, False
         await self.provision()
 
     async def end(self, status: SessionStatus, error: str | None) -> None:

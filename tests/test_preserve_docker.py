@@ -1,0 +1,84 @@
+"""Preserving and restoring a real Docker sandbox's workspace when Temporal retries the
+activity after an attempt that did its work but whose answer was lost (the worker killed
+or cut off just before it reported): the retry finds the work done, rather than failing
+and losing the session's files."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import vm_templates
+from berth.local import free_port
+from berth.settings import Settings
+from sandboxes.docker import DockerProvider
+from sandboxes.factory import make_gateway, make_provider
+from sandboxes.models import SandboxInfo, TerminalStep
+
+# Short: a retry that waits for a guest which will never come fails within this.
+CONNECT_TIMEOUT_S = 20.0
+
+
+@pytest.fixture
+async def docker(tmp_path: Path) -> AsyncIterator[DockerProvider]:
+    settings = Settings(
+        data_dir=tmp_path,
+        sandbox_provider="docker",
+        host_id=f"keep-{uuid.uuid4().hex[:8]}",
+        secret_key="preserve-docker-test",
+        temporal_address=f"127.0.0.1:{free_port()}",  # nothing there: not needed here
+        gateway_port=free_port(),
+    )
+    gateway = make_gateway(settings)
+    provider = make_provider(settings, gateway)
+    assert isinstance(provider, DockerProvider)
+    await provider.prepare()
+    await gateway.start(provider.host_address, settings.gateway_port)
+    try:
+        yield provider
+    finally:
+        for machine in await provider.machines():
+            await provider.remove(machine.handle)  # only this test's: its own host id
+        await gateway.stop()
+
+
+async def shell(provider: DockerProvider, sandbox: SandboxInfo, command: str) -> str:
+    lines: list[str] = []
+
+    async def sink(seq: int, stream: str, text: str) -> None:
+        lines.append(text)
+
+    outcome = await provider.run_step(
+        sandbox, uuid.uuid4().hex, TerminalStep(command=command), 30, sink
+    )
+    assert outcome.ok, outcome
+    return "".join(lines)
+
+
+async def test_a_retried_preserve_and_restore_find_their_work_done(
+    docker: DockerProvider,
+) -> None:
+    session_id = uuid.uuid4().hex
+    sandbox = await docker.provision(uuid.uuid4().hex, session_id, vm_templates.DEFAULT)
+    await docker.wait_connected(sandbox, 60)
+    await shell(docker, sandbox, "echo kept > notes.txt")
+
+    await docker.preserve(sandbox, CONNECT_TIMEOUT_S)
+    # The attempt's answer was lost: Temporal runs it again, on a machine already gone.
+    await docker.preserve(sandbox, CONNECT_TIMEOUT_S)
+    assert (docker.preserved(sandbox.id) / "workspace.tar").exists()
+
+    new_id = uuid.uuid4().hex
+    restored = await docker.restore(
+        sandbox.id, new_id, session_id, vm_templates.DEFAULT, CONNECT_TIMEOUT_S
+    )
+    assert not docker.preserved(sandbox.id).exists()  # the new machine has it now
+    # Again, the answer lost: the retry is given the machine the first attempt made.
+    again = await docker.restore(
+        sandbox.id, new_id, session_id, vm_templates.DEFAULT, CONNECT_TIMEOUT_S
+    )
+    assert again == restored
+    assert await shell(docker, again, "cat notes.txt") == "kept\n"
