@@ -81,6 +81,7 @@ async def host(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Host]:
         gateway_port=free_port(),
         sandbox_workspace_mb=WORKSPACE_MB,
         sandbox_tmp_mb=16,
+        sandbox_provider="docker",  # the VMs' side is in tests/test_libvirt.py
     )
     gateway = make_gateway(settings)
     provider = make_provider(settings, gateway)

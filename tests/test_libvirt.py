@@ -503,7 +503,7 @@ async def test_a_preserved_vm_disk_comes_back_on_a_new_vm(
     vms: LibvirtProvider, env: WorkflowEnvironment, sqlite_engine: Engine
 ) -> None:
     sandbox = await boot(vms)
-    assert (await run(vms, sqlite_engine, sandbox, "echo kept > /root/kept.txt"))[0] == 0
+    assert (await run(vms, sqlite_engine, sandbox, "echo kept > kept.txt"))[0] == 0
     activities = VmActivities(vms, env.client, CONNECT_TIMEOUT_S)
     await ActivityEnvironment().run(activities.preserve, sandbox)
     assert await gone(vms, sandbox)  # the domain and its folder; the disk is kept aside
@@ -514,7 +514,7 @@ async def test_a_preserved_vm_disk_comes_back_on_a_new_vm(
     )
     restored: SandboxInfo = await ActivityEnvironment().run(activities.restore, request)
     assert restored.id != sandbox.id and vms.gateway.is_connected(restored.id)
-    code, output = await run(vms, sqlite_engine, restored, "cat /root/kept.txt")
+    code, output = await run(vms, sqlite_engine, restored, "cat kept.txt")
     assert (code, output) == (0, "kept\n")
     assert not vms.preserved(sandbox.id).exists()  # now the new VM's disk
     await vms.destroy(restored)
