@@ -30,7 +30,7 @@ from activities.vm import VmActivities
 from berth.settings import Settings, get_settings
 from berth.temporal import connect
 from llm.proxy import LLMProxy
-from sandboxes.factory import make_gateway, make_provider
+from sandboxes.factory import make_gateway, make_provider, open_host
 from sandboxes.reconcile import Owner, reconcile_forever
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
@@ -93,8 +93,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     client = await connect(settings)
     gateway = make_gateway(settings)
     provider = make_provider(settings, gateway)
-    await provider.prepare()
-    await gateway.start(settings.gateway_host, settings.gateway_port)
+    await open_host(settings, gateway, provider)
     progress = ProgressActivities(engine)
     planning = PlanningActivities(LLMProxy(settings, engine))
     artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes)
@@ -142,6 +141,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             log.info("worker stopping")
         await reconciler
     await gateway.stop()
+    await provider.close()
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import vm_templates
+from berth.local import free_port
 from berth.settings import Settings
 from sandboxes.docker import HOST_LABEL, docker, exists
 from sandboxes.factory import make_gateway, make_provider
@@ -21,7 +22,11 @@ from sandboxes.reconcile import reconcile, reconcile_forever
 async def provider() -> AsyncIterator[SandboxProvider]:
     # A host of its own, so the test sees only its containers; the gateway is never started,
     # the guests just keep dialling.
-    settings = Settings(host_id=f"rec-{uuid.uuid4().hex[:8]}", guest_token_secret="reconcile-test")
+    settings = Settings(
+        host_id=f"rec-{uuid.uuid4().hex[:8]}",
+        guest_token_secret="reconcile-test",
+        gateway_port=free_port(),  # its firewall rule's, though nothing listens there
+    )
     provider = make_provider(settings, make_gateway(settings))
     await provider.prepare()
     try:
@@ -31,6 +36,7 @@ async def provider() -> AsyncIterator[SandboxProvider]:
         handles = (await docker("ps", "--all", "--quiet", "--filter", label)).split()
         if handles:
             await docker("rm", "--force", *handles)
+        await provider.close()
 
 
 async def provision(provider: SandboxProvider) -> SandboxInfo:
