@@ -20,6 +20,8 @@ COMMON = [
     (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
 ]
+# Sent over HTTPS only (a browser ignores it over http): a year of HTTPS for this host.
+HSTS = (b"strict-transport-security", b"max-age=31536000")
 
 
 class SecurityHeaders:
@@ -32,11 +34,14 @@ class SecurityHeaders:
             return
         path: str = scope["path"]
         policy = DOCS_CSP if path.startswith(DOCS) else CSP
+        extra = [(b"content-security-policy", policy.encode())]
+        if scope.get("scheme") == "https":
+            extra.append(HSTS)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers += [*COMMON, (b"content-security-policy", policy.encode())]
+                headers += [*COMMON, *extra]
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -35,7 +35,7 @@ from bench.spine import Metric, Stream, call, is_status, machine, table, timed, 
 from berth.local import LocalSystem, free_port
 from berth.settings import Settings
 from sandboxes import vm_image
-from sandboxes.factory import make_gateway, make_provider
+from sandboxes.factory import make_gateway, make_provider, open_host
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import SandboxInfo, TerminalStep
 from workflows.pool import PoolWorkflow, pool_workflow_id
@@ -237,12 +237,11 @@ async def measure(runs: int, warm_runs: int) -> list[Metric]:
         sandbox_provider="libvirt", host_id=f"bench-{uuid.uuid4().hex[:8]}", gateway_port=port
     )
     gateway = make_gateway(settings)
-    await gateway.start("0.0.0.0", port)
     provider = make_provider(settings, gateway)
     assert isinstance(provider, LibvirtProvider)
     metrics: list[Metric] = []
     try:
-        await provider.prepare()
+        await open_host(settings, gateway, provider)
         steps: list[tuple[str, Measure]] = [
             ("image build", lambda: image_build(provider)),
             ("cold create", lambda: cold_creates(provider, runs)),

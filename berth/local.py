@@ -7,8 +7,11 @@ import os
 import shlex
 import signal
 import socket
+import ssl
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Self
 import httpx
 from temporalio.client import Client
 
+from berth.privileges import interpreter
 from berth.settings import Settings
 from berth.temporal import connect
 
@@ -33,12 +37,29 @@ def python_script(name: str, *lines: str) -> str:
     return f"printf '%s\\n' {' '.join(map(shlex.quote, lines))} > {name}; python3 {name}"
 
 
+def traversable(data: Path) -> None:
+    """Let other users pass (not list) the folders of ours in the temporary dir on the way to
+    ``data``: run as root, the system runs its API and Temporal as another user, who must reach
+    the data dir (pytest's temporary folders are private)."""
+    temporary = Path(tempfile.gettempdir()).resolve()
+    for folder in reversed(data.resolve().parents):
+        if folder.is_relative_to(temporary) and folder != temporary:
+            st = folder.stat()
+            if st.st_uid == os.geteuid() and not st.st_mode & 0o001:
+                folder.chmod(stat.S_IMODE(st.st_mode) | 0o001)
+
+
+def reachable_by_others(path: Path) -> bool:
+    return all(folder.stat().st_mode & 0o001 for folder in (*path.parents, path))
+
+
 @dataclass
 class LocalSystem:
     base: str  # the API's URL
     temporal: str  # host:port of its Temporal server
     data: Path
     process: subprocess.Popen[bytes]
+    verify: ssl.SSLContext | bool = True  # trusts the API's certificate, when it serves HTTPS
 
     @classmethod
     def start(
@@ -65,14 +86,22 @@ class LocalSystem:
         if provider is not None:
             settings["BERTH_SANDBOX_PROVIDER"] = provider
         data.mkdir(parents=True, exist_ok=True)
+        traversable(data)
+        if not all(reachable_by_others(folder) for folder in interpreter()):
+            # A Python only root reaches (pyenv in /root, say): nothing to drop to.
+            settings["BERTH_RUN_AS"] = ""
+        environment = {**os.environ, **settings, **(env or {})}
         with (data / "run.log").open("wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "berth", "run"],
-                env={**os.environ, **settings, **(env or {})},
+                env=environment,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        system = cls(f"http://127.0.0.1:{port}", f"127.0.0.1:{temporal_port}", data, process)
+        certificate = environment.get("BERTH_TLS_CERT_FILE")
+        base = f"{'https' if certificate else 'http'}://127.0.0.1:{port}"
+        verify = ssl.create_default_context(cafile=certificate) if certificate else True
+        system = cls(base, f"127.0.0.1:{temporal_port}", data, process, verify)
         deadline = time.monotonic() + timeout_s
         while process.poll() is None and time.monotonic() < deadline:
             if system.healthy() and "worker up" in system.log():
@@ -87,7 +116,9 @@ class LocalSystem:
 
     def healthy(self) -> bool:
         try:
-            return httpx.get(f"{self.base}/healthz", timeout=2).status_code == 200
+            return (
+                httpx.get(f"{self.base}/healthz", timeout=2, verify=self.verify).status_code == 200
+            )
         except httpx.HTTPError:
             return False
 

@@ -1,7 +1,8 @@
 """``python -m berth run``: the whole system in the foreground.
 
 Migrates the database, then starts what is not running yet (the Docker engine, the Temporal
-dev server unless BERTH_TEMPORAL_ADDRESS names one), then the worker and the API. A child
+dev server unless BERTH_TEMPORAL_ADDRESS names one), then the worker and the API. Started as
+root, it runs the API and Temporal as BERTH_RUN_AS (berth/privileges.py). A child
 that dies is restarted after a backoff (1 s, doubling up to 30 s, back to 1 s once it has
 stayed up a minute); each child's pid is in ``<data dir>/run/<name>.pid``. Ctrl-C or SIGTERM
 stops everything it started, newest first.
@@ -17,10 +18,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from berth.privileges import hand_over, unprivileged
 from berth.settings import Settings, get_settings
 from sandboxes.docker import engine_running, start_engine
 from store.db import migrate
@@ -116,13 +118,27 @@ class Supervisor:
         self.logs = settings.data_dir / "logs"
         self.pids = settings.data_dir / "run"
         self.children: list[Child] = []
+        self.account = unprivileged(settings)
+        self.unprivileged_env: dict[str, str] = {}
 
-    def spawn(self, name: str, args: list[str], log: bool = False) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, args: list[str], log: bool = False, privileged: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """Start a child; an unprivileged one runs as the account, if there is one."""
+        drop: dict[str, Any] = {}
+        if not privileged and self.account is not None:
+            drop = {
+                "user": self.account.uid,
+                "group": self.account.gid,
+                "extra_groups": [],
+                "env": self.unprivileged_env,
+            }
+
         def launch() -> subprocess.Popen[bytes]:
             if not log:
-                return subprocess.Popen(args)
+                return subprocess.Popen(args, **drop)
             with (self.logs / f"{name}.log").open("ab") as sink:
-                return subprocess.Popen(args, stdout=sink, stderr=sink)
+                return subprocess.Popen(args, stdout=sink, stderr=sink, **drop)
 
         child = Child(name, launch, self.pids)
         self.children.append(child)
@@ -131,7 +147,7 @@ class Supervisor:
     def codec_endpoint(self) -> str:
         host = self.settings.host
         reachable = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        return f"http://{reachable}:{self.settings.port}/codec"
+        return f"{self.settings.api_scheme}://{reachable}:{self.settings.port}/codec"
 
     def temporal_tuning(self) -> list[str]:
         limit = self.settings.temporal_suggest_continue_as_new
@@ -163,6 +179,9 @@ class Supervisor:
         # Once here, so that the worker and the API start on a schema that is already there.
         say("migrating the database")
         migrate(self.settings.db_url)
+        if self.account is not None:
+            say(f"the API and Temporal run as user {self.account.name}")
+            self.unprivileged_env = hand_over(self.settings, self.account)
         bin_dir = Path(sys.executable).parent
         say(self.sandboxes())
         if self.settings.sandbox_provider == "docker" and not engine_running():
@@ -199,16 +218,18 @@ class Supervisor:
                     *self.temporal_tuning(),
                 ],
                 log=True,
+                privileged=False,
             )
             wait_for_port(
                 "temporal", "127.0.0.1", self.settings.temporal_port, temporal, timeout_s=60
             )
         say("starting the worker (it builds the sandbox image on first use)")
         self.spawn("worker", [sys.executable, "-m", "berth.worker"])
-        api = self.spawn("api", [sys.executable, "-m", "api"])
+        api = self.spawn("api", [sys.executable, "-m", "api"], privileged=False)
         wait_for_port("api", self.settings.host, self.settings.port, api, timeout_s=60)
-        say(f"dashboard   http://{self.settings.host}:{self.settings.port}/")
-        say(f"API docs    http://{self.settings.host}:{self.settings.port}/docs")
+        base = f"{self.settings.api_scheme}://{self.settings.host}:{self.settings.port}"
+        say(f"dashboard   {base}/")
+        say(f"API docs    {base}/docs")
         if self.settings.temporal_address is None:
             say(f"Temporal UI http://127.0.0.1:{self.settings.temporal_ui_port}/")
         say("Ctrl-C stops everything")

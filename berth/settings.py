@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,6 +30,17 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path(".berth"), description="Databases, logs, secrets")
     host: str = Field(default="127.0.0.1", description="Address the API listens on")
     port: int = Field(default=8000, description="Port of the API and dashboard")
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) of the API and dashboard: set with "
+        "BERTH_TLS_KEY_FILE, they are served over HTTPS only (with HSTS)",
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM key of BERTH_TLS_CERT_FILE")
+    run_as: str = Field(
+        default="berth",
+        description="System user that `make run`, started as root, runs the API and Temporal "
+        "as (made if missing); empty: they stay root",
+    )
     database_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("DATABASE_URL", "BERTH_DATABASE_URL"),
@@ -168,6 +179,18 @@ class Settings(BaseSettings):
         default="0.0.0.0", description="Address the guest gateway (WebSocket) listens on"
     )
     gateway_port: int = Field(default=8765, description="Port guest agents connect to")
+    gateway_tls: bool = Field(
+        default=True,
+        description="Guests dial the gateway over wss, pinning its certificate; off: plain ws",
+    )
+    gateway_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate of the guest gateway; unset: one generated once into "
+        "the data dir (self-signed: guests pin it, whatever signed it)",
+    )
+    gateway_key_file: Path | None = Field(
+        default=None, description="PEM key of BERTH_GATEWAY_CERT_FILE"
+    )
 
     max_live_sessions: int = Field(
         default=10, description="Sessions a user may have running at once"
@@ -259,9 +282,25 @@ class Settings(BaseSettings):
         default=30.0, description="How long a failed provider is tried only after the others"
     )
 
+    @model_validator(mode="after")
+    def _pairs(self) -> Settings:
+        for cert, key in (
+            ("tls_cert_file", "tls_key_file"),
+            ("gateway_cert_file", "gateway_key_file"),
+        ):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                raise ValueError(
+                    f"set both or neither of BERTH_{cert.upper()}, BERTH_{key.upper()}"
+                )
+        return self
+
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'berth.db').resolve()}"
+
+    @property
+    def api_scheme(self) -> str:
+        return "https" if self.tls_cert_file else "http"
 
     @property
     def artifacts_dir(self) -> Path:

@@ -31,7 +31,7 @@ from activities.vm import VmActivities
 from berth.settings import Settings, get_settings
 from berth.temporal import connect
 from llm.proxy import LLMProxy
-from sandboxes.factory import make_gateway, make_provider
+from sandboxes.factory import make_gateway, make_provider, open_host
 from sandboxes.models import Machine, Usage
 from sandboxes.monitor import Died, Sampled, watch
 from sandboxes.reconcile import Owner, reconcile_forever
@@ -123,8 +123,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     client = await connect(settings)
     gateway = make_gateway(settings)
     provider = make_provider(settings, gateway)
-    await provider.prepare()
-    await gateway.start(settings.gateway_host, settings.gateway_port)
+    await open_host(settings, gateway, provider)
     progress = ProgressActivities(engine)
     planning = PlanningActivities(LLMProxy(settings, engine))
     artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes)
@@ -179,6 +178,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await reconciler
         await watcher
     await gateway.stop()
+    await provider.close()
 
 
 def main() -> None:

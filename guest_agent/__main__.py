@@ -1,10 +1,12 @@
 """Entry point: ``python3 -m guest_agent``, configured by the environment the machine sets.
 
-``BERTH_GUEST_URL`` and ``BERTH_SANDBOX_ID`` say where to dial and as whom. The token comes
-from ``BERTH_GUEST_TOKEN_FILE`` (a root-only file the provider writes after the machine
-starts, so it is in no image, argument list or environment); ``BERTH_GUEST_TOKEN`` is read
-too, for an agent run by hand, and removed from the environment either way, so that nothing
-the agent starts inherits it. ``BERTH_GUEST_USER`` names the unprivileged user steps run as.
+``BERTH_GUEST_URL`` and ``BERTH_SANDBOX_ID`` say where to dial and as whom; for a ``wss://``
+URL, ``BERTH_GUEST_GATEWAY_SHA256`` is the gateway certificate's pin (guest_agent/pinning.py).
+The token comes from ``BERTH_GUEST_TOKEN_FILE`` (a root-only file the provider writes after
+the machine starts, so it is in no image, argument list or environment);
+``BERTH_GUEST_TOKEN`` is read too, for an agent run by hand, and removed from the environment
+either way, so that nothing the agent starts inherits it. ``BERTH_GUEST_USER`` names the
+unprivileged user steps run as.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 from guest_agent.agent import GuestAgent, GuestConfig
+from guest_agent.pinning import PIN_VARIABLE, SECURE_SCHEME
 from guest_agent.user import StepUser
 
 TOKEN_VARIABLE = "BERTH_GUEST_TOKEN"
@@ -41,6 +44,9 @@ def config_from_env() -> GuestConfig:
     missing = [name for name in ("BERTH_GUEST_URL", "BERTH_SANDBOX_ID") if not os.environ.get(name)]
     if not token:
         missing.append(f"{TOKEN_VARIABLE}_FILE")
+    pin = os.environ.get(PIN_VARIABLE) or None
+    if os.environ.get("BERTH_GUEST_URL", "").startswith(f"{SECURE_SCHEME}://") and not pin:
+        missing.append(PIN_VARIABLE)
     if missing:
         sys.exit(f"guest_agent: set {', '.join(missing)}")
     user_name = os.environ.get("BERTH_GUEST_USER")
@@ -51,6 +57,7 @@ def config_from_env() -> GuestConfig:
         url=os.environ["BERTH_GUEST_URL"],
         sandbox_id=os.environ["BERTH_SANDBOX_ID"],
         token=token,
+        gateway_sha256=pin,
         workdir=os.environ.get("BERTH_GUEST_WORKDIR") or os.path.expanduser("~"),
         user=user,
     )

@@ -23,6 +23,7 @@ import websockets
 
 from guest_agent import checks, files, protocol
 from guest_agent.execution import Execution
+from guest_agent.pinning import SECURE_SCHEME, check_peer, client_context
 from guest_agent.terminal import run_command
 from guest_agent.user import StepUser
 
@@ -45,6 +46,8 @@ class GuestConfig:
     sandbox_id: str
     token: str
     workdir: str = "/root"
+    # The SHA-256 of the gateway's certificate: required for a wss:// url (see pinning.py).
+    gateway_sha256: str | None = None
     # Whom steps run as; None: as the agent itself (an agent run by hand, the tests').
     user: StepUser | None = None
     backoff_initial_s: float = 0.5
@@ -77,9 +80,17 @@ class GuestAgent:
 
     async def serve_once(self) -> None:
         """One connection, from hello until it closes."""
+        secure = self.config.url.startswith(f"{SECURE_SCHEME}://")
         async with websockets.connect(
-            self.config.url, open_timeout=10, ping_interval=5, ping_timeout=10, max_size=None
+            self.config.url,
+            open_timeout=10,
+            ping_interval=5,
+            ping_timeout=10,
+            max_size=None,
+            ssl=client_context() if secure else None,
         ) as ws:
+            if secure:
+                check_peer(ws.transport, self.config.gateway_sha256)  # before the token goes
             await ws.send(
                 json.dumps(
                     {

@@ -31,6 +31,7 @@ from pathlib import Path
 import guest_agent
 import vm_templates
 from guest_agent.user import STEP_UID, STEP_USER, WORKSPACE, WORKSPACE_MODE
+from sandboxes import firewall
 from sandboxes.gateway import GuestGateway
 from sandboxes.models import Machine, SandboxInfo, Usage
 from sandboxes.provider import MISSING, TOKEN_VARIABLE, SandboxProvider, machine_name
@@ -121,15 +122,6 @@ def start_engine(log_path: Path, timeout_s: float = 60.0) -> subprocess.Popen[by
     return process
 
 
-def host_port_rule(port: int) -> list[str]:
-    """The firewall rule (in FIREWALL_CHAIN) that lets sandboxes reach a port of the host."""
-    return ["-p", "tcp", "--dport", str(port), "-j", "ACCEPT"]
-
-
-def _iptables(*args: str) -> bool:
-    return subprocess.run(["iptables", *args], capture_output=True).returncode == 0
-
-
 def _installed(name: str) -> importlib.metadata.Distribution:
     try:
         return importlib.metadata.distribution(name)
@@ -199,7 +191,7 @@ class DockerProvider(SandboxProvider):
             await self.ensure_image(template)
 
     def guest_url(self) -> str:
-        return f"ws://{self.host_address}:{self.gateway_port}/guest"
+        return self.gateway.url(self.host_address, self.gateway_port)
 
     async def create(
         self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]
@@ -382,19 +374,17 @@ class DockerProvider(SandboxProvider):
 
     def _ensure_firewall(self) -> None:
         """Sandboxes may reach the host on the gateway's port, and the allowed host ports,
-        and nothing else."""
-        if shutil.which("iptables") is None:
-            raise DockerError("iptables is not installed: run `make setup`")
-        _iptables("-N", FIREWALL_CHAIN)
-        # Additive, so workers of several installs on one host (say, tests) can share it.
+        and nothing else (see sandboxes/firewall.py for how installs share the chain)."""
+        firewall.ensure_chain(FIREWALL_CHAIN)
+        tag = firewall.owner_tag(self.gateway_port)
+        firewall.remove_tagged(FIREWALL_CHAIN, tag)  # left by a worker that crashed
         for port in (self.gateway_port, *self.host_ports):
-            accept = host_port_rule(port)
-            if not _iptables("-C", FIREWALL_CHAIN, *accept):
-                _iptables("-I", FIREWALL_CHAIN, "1", *accept)
-        if not _iptables("-C", FIREWALL_CHAIN, "-j", "DROP"):
-            _iptables("-A", FIREWALL_CHAIN, "-j", "DROP")
-        if not _iptables("-C", "INPUT", "-i", BRIDGE, "-j", FIREWALL_CHAIN):
-            _iptables("-I", "INPUT", "1", "-i", BRIDGE, "-j", FIREWALL_CHAIN)
+            firewall.accept_port(FIREWALL_CHAIN, port, tag)
+        firewall.ensure_rule(FIREWALL_CHAIN, "-j", "DROP")
+        firewall.ensure_rule("INPUT", "-i", BRIDGE, "-j", FIREWALL_CHAIN, first=True)
+
+    async def close(self) -> None:
+        firewall.remove_tagged(FIREWALL_CHAIN, firewall.owner_tag(self.gateway_port))
 
     async def ensure_image(self, template: str) -> str:
         folder = vm_templates.path(template)

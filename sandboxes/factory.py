@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from berth.keys import guest_keys
 from berth.settings import Settings
 from sandboxes.docker import DockerProvider
 from sandboxes.gateway import GuestGateway
+from sandboxes.gateway_tls import GatewayCertificate, generated_certificate
 from sandboxes.libvirt import LibvirtProvider
 from sandboxes.provider import SandboxProvider
 
@@ -55,3 +58,25 @@ def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
                 max_running=settings.vm_max_running,
                 max_booting=settings.vm_max_booting,
             )
+
+
+def gateway_certificate(settings: Settings, names: list[str]) -> GatewayCertificate | None:
+    """The gateway's certificate: the configured one, else the data dir's (made for
+    ``names`` if there is none yet); None when the gateway speaks plain ws."""
+    if not settings.gateway_tls:
+        return None
+    if settings.gateway_cert_file and settings.gateway_key_file:
+        return GatewayCertificate(settings.gateway_cert_file, settings.gateway_key_file)
+    return generated_certificate(settings.data_dir, names)
+
+
+async def open_host(
+    settings: Settings, gateway: GuestGateway, provider: SandboxProvider, host: str | None = None
+) -> None:
+    """Prepare the sandbox host, then start the gateway (on ``host``, else the settings'
+    gateway_host) over TLS if the settings say so, its certificate naming the address
+    guests dial."""
+    await provider.prepare()
+    address = urlsplit(provider.guest_url()).hostname
+    certificate = gateway_certificate(settings, [address] if address else [])
+    await gateway.start(host or settings.gateway_host, settings.gateway_port, certificate)

@@ -35,6 +35,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from guest_agent import protocol
+from sandboxes.gateway_tls import GatewayCertificate
 from sandboxes.models import STEP_KINDS, CheckResult, Step, StepOutcome, StepResult
 from sandboxes.tokens import check_guest_token
 
@@ -137,9 +138,17 @@ class GuestGateway:
         self._grace = reconnect_grace_s
         self._guests: dict[str, _Guest] = {}
         self._server: Server | None = None
+        # Set by start(): with one, the gateway speaks wss and guests pin its fingerprint.
+        self.certificate: GatewayCertificate | None = None
+        self.pin: str | None = None
         self._pending: dict[str, int] = {}  # connections without a hello yet, by address
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(
+        self, host: str, port: int, certificate: GatewayCertificate | None = None
+    ) -> None:
+        """Listen on ``host:port``: TLS (wss) with ``certificate``, plain WebSocket without."""
+        self.certificate = certificate
+        self.pin = certificate.fingerprint if certificate else None
         self._server = await serve(
             self._serve,
             host,
@@ -147,8 +156,17 @@ class GuestGateway:
             ping_interval=PING_INTERVAL_S,
             ping_timeout=PING_TIMEOUT_S,
             max_size=protocol.MAX_HELLO_SIZE,
+            ssl=certificate.server_context() if certificate else None,
         )
-        log.info("guest gateway listening on %s:%d", host, port)
+        log.info("guest gateway listening on %s:%d (%s)", host, port, self.scheme)
+
+    @property
+    def scheme(self) -> str:
+        return "wss" if self.certificate else "ws"
+
+    def url(self, address: str, port: int) -> str:
+        """Where a guest that reaches this host at ``address`` dials."""
+        return f"{self.scheme}://{address}:{port}/guest"
 
     async def stop(self) -> None:
         if self._server is not None:

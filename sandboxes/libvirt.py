@@ -213,6 +213,9 @@ class LibvirtProvider(SandboxProvider):
         for template in vm_templates.names():
             self.build_image(template)
 
+    async def close(self) -> None:
+        await asyncio.to_thread(libvirt_host.close_host, self.gateway_port)
+
     def spec(self, template: str) -> vm_templates.TemplateSpec:
         return vm_templates.spec(template)
 
@@ -268,7 +271,7 @@ class LibvirtProvider(SandboxProvider):
 
     def guest_url(self) -> str:
         assert self.host, "prepare() first"
-        return f"ws://{self.host.router}:{self.gateway_port}/guest"
+        return self.gateway.url(self.host.router, self.gateway_port)
 
     # --- machines ---
 

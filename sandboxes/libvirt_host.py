@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sandboxes import vm_image
+from sandboxes import firewall, vm_image
 
 log = logging.getLogger("berth.libvirt")
 
@@ -138,17 +138,6 @@ def ensure_daemons(choice: Accel) -> None:
         time.sleep(0.3)
 
 
-def _iptables(*args: str) -> bool:
-    return subprocess.run(["iptables", "-w", *args], capture_output=True).returncode == 0
-
-
-def _ensure_rule(chain: str, *rule: str, table: str = "filter", first: bool = False) -> None:
-    if not _iptables("-t", table, "-C", chain, *rule):
-        where = ["-I", chain, "1"] if first else ["-A", chain]
-        if not _iptables("-t", table, *where, *rule):
-            raise HostError(f"could not add iptables rule {chain} {' '.join(rule)}")
-
-
 def ensure_network(bridge: str, subnet: str, gateway_port: int, nameserver: str | None) -> str:
     """The guests' bridge, its address (returned: the guests' router and the gateway's
     address for them), NAT to the outside, and the host-side egress policy.
@@ -167,24 +156,28 @@ def ensure_network(bridge: str, subnet: str, gateway_port: int, nameserver: str 
     _run("ip", "link", "set", bridge, "up")
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
     for chain in (FIREWALL_IN, FIREWALL_OUT):
-        _iptables("-N", chain)
-    # Additive: installs on one host (tests) each add their gateway's port.
-    _ensure_rule(FIREWALL_IN, "-p", "tcp", "--dport", str(gateway_port), "-j", "ACCEPT", first=True)
-    _ensure_rule(FIREWALL_IN, *REPLIES, "-j", "ACCEPT")
-    _ensure_rule(FIREWALL_IN, "-j", "DROP")
-    _ensure_rule(FIREWALL_OUT, *REPLIES, "-j", "ACCEPT")
+        firewall.ensure_chain(chain)
+    # Installs on one host (tests) each add their gateway's port, and remove it (close_host).
+    tag = firewall.owner_tag(gateway_port)
+    firewall.remove_tagged(FIREWALL_IN, tag)  # left by a worker that crashed
+    firewall.accept_port(FIREWALL_IN, gateway_port, tag)
+    firewall.ensure_rule(FIREWALL_IN, *REPLIES, "-j", "ACCEPT")
+    firewall.ensure_rule(FIREWALL_IN, "-j", "DROP")
+    firewall.ensure_rule(FIREWALL_OUT, *REPLIES, "-j", "ACCEPT")
     if nameserver:
         for protocol in ("udp", "tcp"):
             rule = ("-d", nameserver, "-p", protocol, "--dport", "53", "-j", "ACCEPT")
-            _ensure_rule(FIREWALL_OUT, *rule)
+            firewall.ensure_rule(FIREWALL_OUT, *rule)
     for blocked in NON_PUBLIC:
-        _ensure_rule(FIREWALL_OUT, "-d", blocked, "-j", "DROP")
-    _ensure_rule(FIREWALL_OUT, "-j", "ACCEPT")
-    _ensure_rule("INPUT", "-i", bridge, "-j", FIREWALL_IN, first=True)
+        firewall.ensure_rule(FIREWALL_OUT, "-d", blocked, "-j", "DROP")
+    firewall.ensure_rule(FIREWALL_OUT, "-j", "ACCEPT")
+    firewall.ensure_rule("INPUT", "-i", bridge, "-j", FIREWALL_IN, first=True)
     # Before Docker's FORWARD rules (its policy is DROP): out through ours, replies back in.
-    _ensure_rule("FORWARD", "-i", bridge, "-j", FIREWALL_OUT, first=True)
-    _ensure_rule("FORWARD", "-o", bridge, *REPLIES, "-j", "ACCEPT", first=True)
-    _ensure_rule("POSTROUTING", "-s", subnet, "!", "-o", bridge, "-j", "MASQUERADE", table="nat")
+    firewall.ensure_rule("FORWARD", "-i", bridge, "-j", FIREWALL_OUT, first=True)
+    firewall.ensure_rule("FORWARD", "-o", bridge, *REPLIES, "-j", "ACCEPT", first=True)
+    firewall.ensure_rule(
+        "POSTROUTING", "-s", subnet, "!", "-o", bridge, "-j", "MASQUERADE", table="nat"
+    )
     return host_ip
 
 
@@ -211,17 +204,24 @@ def bandwidth_limits_work() -> bool:
 def restrict_egress(address: str, allowed: list[str]) -> None:
     """The guest at ``address`` reaches, beyond the host, only the ``allowed`` networks
     (none: the gateway alone), whatever they are, private ones included."""
-    _ensure_rule(FIREWALL_OUT, "-s", f"{address}/32", "-j", "DROP", first=True)
+    firewall.ensure_rule(FIREWALL_OUT, "-s", f"{address}/32", "-j", "DROP", first=True)
     for network in allowed:
-        _ensure_rule(FIREWALL_OUT, "-s", f"{address}/32", "-d", network, "-j", "ACCEPT", first=True)
+        firewall.ensure_rule(
+            FIREWALL_OUT, "-s", f"{address}/32", "-d", network, "-j", "ACCEPT", first=True
+        )
 
 
 def lift_restrictions(address: str) -> None:
     """Undo restrict_egress, for the next guest that gets the address."""
     source = f"-s {address}/32 "
-    for rule in _run("iptables", "-w", "-S", FIREWALL_OUT).stdout.splitlines():
+    for rule in firewall.run("-S", FIREWALL_OUT).splitlines():
         if source in rule:
-            _iptables("-D", *rule.split()[1:])
+            firewall.run("-D", *rule.split()[1:])
+
+
+def close_host(gateway_port: int) -> None:
+    """Remove what prepare_host let in for this worker (its gateway's port)."""
+    firewall.remove_tagged(FIREWALL_IN, firewall.owner_tag(gateway_port))
 
 
 @dataclass(frozen=True)

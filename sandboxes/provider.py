@@ -16,6 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
+from guest_agent.pinning import PIN_VARIABLE
 from sandboxes.gateway import ArtifactSink, GuestGateway, OutputSink
 from sandboxes.models import (
     Health,
@@ -69,6 +70,11 @@ class SandboxProvider(abc.ABC):
     @abc.abstractmethod
     async def prepare(self) -> None:
         """Make the host ready (engine, network, images). Called once at worker start."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Undo what prepare() opened in the host's firewall for this worker; its machines
+        carry on (they are found again by the next worker's reconciliation)."""
 
     @abc.abstractmethod
     async def create(
@@ -132,12 +138,16 @@ class SandboxProvider(abc.ABC):
         """The gateway's address as seen from inside a machine."""
 
     def guest_env(self, sandbox_id: str) -> dict[str, str]:
-        """What a sandbox's guest agent needs to dial in: where, as whom, its token."""
-        return {
+        """What a sandbox's guest agent needs to dial in: where (and the pin of the
+        gateway's certificate), as whom, its token."""
+        env = {
             "BERTH_GUEST_URL": self.guest_url(),
             "BERTH_SANDBOX_ID": sandbox_id,
             TOKEN_VARIABLE: guest_token(self._key, sandbox_id),
         }
+        if self.gateway.pin:
+            env[PIN_VARIABLE] = self.gateway.pin
+        return env
 
     async def provision(self, sandbox_id: str, session_id: str, template: str) -> SandboxInfo:
         handle = await self.create(sandbox_id, session_id, template, self.guest_env(sandbox_id))

@@ -58,11 +58,13 @@ class ArtifactStore:
         found = artifact_id(session_id, exec_id, name)
         target = self.path(session_id, found)
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._to_owner(target.parent)
         # Written aside and renamed, so a reader never sees half a file.
         fd, draft = tempfile.mkstemp(dir=target.parent, prefix=".draft-")  # mode 0600
         try:
             with os.fdopen(fd, "wb") as sink:
                 sink.write(data)
+            self._to_owner(Path(draft))
             os.replace(draft, target)
         except BaseException:
             Path(draft).unlink(missing_ok=True)
@@ -84,6 +86,13 @@ class ArtifactStore:
             except IntegrityError:
                 db.rollback()  # another attempt stored it meanwhile
         return found
+
+    def _to_owner(self, path: Path) -> None:
+        """Files belong to the store's owner: a worker running as root writes them for an API
+        that may run as another user (berth/privileges.py)."""
+        owner = self.root.stat()
+        if os.geteuid() == 0 and path.stat().st_uid != owner.st_uid:
+            os.chown(path, owner.st_uid, owner.st_gid)
 
     def find(self, db: Session, session_id: str, artifact_id: str) -> tuple[ArtifactRow, Path]:
         """The artifact of this session and its file; LookupError if there is none."""

@@ -27,7 +27,7 @@ from berth.local import free_port
 from berth.settings import Settings
 from guest_agent.user import WORKSPACE
 from sandboxes.docker import FIREWALL_CHAIN, DockerProvider
-from sandboxes.factory import make_gateway, make_provider
+from sandboxes.factory import gateway_certificate, make_gateway, make_provider
 from sandboxes.gateway import CLOSE_IN_USE, GuestGateway
 from sandboxes.models import FileStep, SandboxInfo, TerminalStep
 from sandboxes.provider import TOKEN_VARIABLE, SandboxProvider
@@ -87,7 +87,8 @@ async def host(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Host]:
     provider = make_provider(settings, gateway)
     assert isinstance(provider, DockerProvider)
     await provider.prepare()
-    await gateway.start(provider.host_address, settings.gateway_port)
+    certificate = gateway_certificate(settings, [provider.host_address])  # wss, as by default
+    await gateway.start(provider.host_address, settings.gateway_port, certificate)
     made: list[SandboxInfo] = []
     try:
         for _ in range(2):
@@ -100,6 +101,7 @@ async def host(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Host]:
         for info in made:
             await provider.destroy(info)
         await gateway.stop()
+        await provider.close()
 
 
 async def test_steps_run_unprivileged_without_capabilities(host: Host) -> None:
@@ -134,11 +136,15 @@ async def test_the_guest_token_is_nowhere_a_step_can_read(host: Host) -> None:
 
 async def test_a_step_cannot_take_over_the_link_with_or_without_the_token(host: Host) -> None:
     url = host.provider.guest_url()
+    assert url.startswith("wss://")
     probe = (
-        "import asyncio, json, sys\n"
+        "import asyncio, json, ssl, sys\n"
         "from websockets import connect\n"
+        # A step trusts any certificate: what it would do to talk to the gateway.
+        "tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n"
+        "tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE\n"
         "async def main(token):\n"
-        f"    async with connect({url!r}) as ws:\n"
+        f"    async with connect({url!r}, ssl=tls) as ws:\n"
         f"        await ws.send(json.dumps(dict(type='hello', sandbox_id={host.first.info.id!r},"
         " token=token)))\n"
         "        try:\n"

@@ -37,7 +37,7 @@ from berth.local import LocalSystem, free_port, python_script
 from berth.settings import Settings
 from berth.worker import session_owner
 from sandboxes import libvirt_host, monitor
-from sandboxes.factory import make_gateway, make_provider
+from sandboxes.factory import gateway_certificate, make_gateway, make_provider
 from sandboxes.gateway import GuestGateway
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import Machine, SandboxInfo
@@ -90,15 +90,18 @@ async def vms() -> AsyncIterator[LibvirtProvider]:
         gateway_port=port,
     )
     gateway = GuestGateway(guest_keys(settings).current, reconnect_grace_s=60)
-    await gateway.start("0.0.0.0", port)
     provider = make_provider(settings, gateway)
     assert isinstance(provider, LibvirtProvider)
     await provider.prepare()
+    assert provider.host is not None
+    certificate = gateway_certificate(settings, [provider.host.router])  # wss, as by default
+    await gateway.start("0.0.0.0", port, certificate)
     try:
         yield provider
     finally:
         await remove_all(provider)
         await gateway.stop()
+        await provider.close()
 
 
 async def remove_all(provider: SandboxProvider) -> None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import vm_templates
+from berth.local import free_port
 from berth.settings import Settings
 from sandboxes.docker import HOST_LABEL, docker, exists
 from sandboxes.factory import make_gateway, make_provider
@@ -25,6 +26,7 @@ async def provider() -> AsyncIterator[SandboxProvider]:
         sandbox_provider="docker",
         host_id=f"rec-{uuid.uuid4().hex[:8]}",
         guest_token_secret="reconcile-test",
+        gateway_port=free_port(),  # its firewall rule's, though nothing listens there
     )
     provider = make_provider(settings, make_gateway(settings))
     await provider.prepare()
@@ -35,6 +37,7 @@ async def provider() -> AsyncIterator[SandboxProvider]:
         handles = (await docker("ps", "--all", "--quiet", "--filter", label)).split()
         if handles:
             await docker("rm", "--force", *handles)
+        await provider.close()
 
 
 async def provision(provider: SandboxProvider) -> SandboxInfo:

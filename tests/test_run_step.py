@@ -54,6 +54,7 @@ class LinkOnly(SandboxProvider):
     name = "test"
 
     async def prepare(self) -> None: ...
+    async def close(self) -> None: ...
     async def create(
         self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]
     ) -> str:

@@ -4,9 +4,7 @@ screenshot, and the API serves it to the session's owner and to no one else."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -19,8 +17,8 @@ from activities.sandbox import SandboxActivities
 from api.app import create_app
 from berth.local import free_port
 from berth.settings import Settings
-from sandboxes.docker import FIREWALL_CHAIN, DockerProvider, host_port_rule
-from sandboxes.factory import make_gateway, make_provider
+from sandboxes.docker import DockerProvider
+from sandboxes.factory import gateway_certificate, make_gateway, make_provider
 from sandboxes.models import BrowserStep, Check, SandboxInfo
 from store import events
 from store.artifacts import ArtifactStore
@@ -66,7 +64,8 @@ async def test_a_browser_step_in_a_sandbox_leaves_a_screenshot_for_its_owner(
         provider = make_provider(settings, gateway)
         assert isinstance(provider, DockerProvider)
         await provider.prepare()
-        await gateway.start(provider.host_address, settings.gateway_port)
+        certificate = gateway_certificate(settings, [provider.host_address])
+        await gateway.start(provider.host_address, settings.gateway_port, certificate)
         sandbox: SandboxInfo | None = None
         try:
             sandbox = await provider.provision(uuid.uuid4().hex, session_id, vm_templates.DEFAULT)
@@ -97,8 +96,7 @@ async def test_a_browser_step_in_a_sandbox_leaves_a_screenshot_for_its_owner(
             if sandbox is not None:
                 await provider.destroy(sandbox)
             await gateway.stop()
-            rule = ["iptables", "-D", FIREWALL_CHAIN, *host_port_rule(page_port)]
-            await asyncio.to_thread(subprocess.run, rule, check=False)
+            await provider.close()  # its firewall rules, the page's port's included
         assert outcome.ok, outcome
         assert outcome.result is not None and outcome.result.title == "Form"
         assert outcome.check is not None and outcome.check.ok

@@ -1,0 +1,129 @@
+"""`make run` as root: the processes that need no root (the API, the Temporal server) run as
+an unprivileged system user (BERTH_RUN_AS, made if missing).
+
+Root is kept by the supervisor (it starts the Docker engine) and the worker: it drives
+Docker (whose socket is root's equal anyway), libvirt, and iptables rules for every VM it
+makes, so an unprivileged worker would need grants that give root back.
+
+The user gets what its processes write or read: the data dir itself (Temporal's and SQLite's
+journals are made beside their databases), the databases, the artifacts (written by the
+worker, read by the API: see store/artifacts.py), and the secrets the API uses (user tokens,
+payloads); the guest token secret and the gateway's key stay root's. A TLS key it could not
+read is given to it as a private copy in the data dir.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from berth.keys import payload_keys, user_keys
+from berth.settings import Settings
+
+NO_HOME = "/nonexistent"
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+
+    @property
+    def groups(self) -> set[int]:
+        return {self.gid} | {g.gr_gid for g in grp.getgrall() if self.name in g.gr_mem}
+
+    def may(self, path: Path, bit: int) -> bool:
+        """Whether the account has permission ``bit`` (4 read, 1 search) on ``path``."""
+        st = path.stat()
+        if st.st_uid == self.uid:
+            return bool(st.st_mode & (bit << 6))
+        if st.st_gid in self.groups:
+            return bool(st.st_mode & (bit << 3))
+        return bool(st.st_mode & bit)
+
+    def blocked_at(self, path: Path) -> Path | None:
+        """The first directory on the way to ``path`` that the account may not enter."""
+        for folder in (*reversed(path.parents), path):
+            if folder.is_dir() and not self.may(folder, 1):
+                return folder
+        return None
+
+
+def unprivileged(settings: Settings) -> Account | None:
+    """The account to run the API and Temporal as: None unless this process is root and
+    BERTH_RUN_AS names one; made (a system user) if missing."""
+    if os.geteuid() != 0 or not settings.run_as:
+        return None
+    try:
+        entry = pwd.getpwnam(settings.run_as)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", NO_HOME,
+             "--shell", "/usr/sbin/nologin", settings.run_as],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        entry = pwd.getpwnam(settings.run_as)
+    return Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def interpreter() -> tuple[Path, ...]:
+    """Where the API's Python lives: the virtualenv, and the installation it links to."""
+    return Path(sys.executable).parent, Path(sys.base_prefix).resolve()
+
+
+def _give(account: Account, path: Path) -> None:
+    os.chown(path, account.uid, account.gid, follow_symlinks=False)
+
+
+def _readable_copy(account: Account, path: Path, copy: Path) -> Path:
+    """``path``, or a private copy of it that the account owns if it may not read it."""
+    if account.blocked_at(path.parent) is None and account.may(path, 4):
+        return path
+    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as sink, path.open("rb") as source:
+        shutil.copyfileobj(source, sink)
+    _give(account, copy)
+    return copy
+
+
+def hand_over(settings: Settings, account: Account) -> dict[str, str]:
+    """Give the account what the API and Temporal need; the environment they run with.
+    RuntimeError if it cannot reach the data dir or the virtualenv."""
+    data = settings.data_dir.resolve()
+    # The data dir itself becomes the account's.
+    for needed in (data.parent, *interpreter()):
+        blocked = account.blocked_at(needed)
+        if blocked is not None:
+            raise RuntimeError(
+                f"user {account.name} cannot enter {blocked}, so cannot reach {needed}: "
+                "choose a data dir, checkout and Python it can reach (chmod o+x the folders "
+                "on the way), or set BERTH_RUN_AS= to run everything as root"
+            )
+    # Generated now, as root, if they are not yet: then given to the account.
+    user_keys(settings)
+    payload_keys(settings)
+    owned = [data, *data.glob("berth.db*"), *data.glob("temporal.db*")]
+    owned += [data / f"{purpose}_secret" for purpose in ("user_token", "payload")]
+    settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    for folder, _, files in os.walk(settings.artifacts_dir):
+        owned += [Path(folder), *(Path(folder) / name for name in files)]
+    for path in owned:
+        if path.exists() and not stat.S_ISLNK(path.lstat().st_mode):
+            _give(account, path)
+    env = {**os.environ, "HOME": str(data)}
+    if settings.tls_cert_file and settings.tls_key_file:
+        env["BERTH_TLS_CERT_FILE"] = str(
+            _readable_copy(account, settings.tls_cert_file, data / "api-tls.crt")
+        )
+        env["BERTH_TLS_KEY_FILE"] = str(
+            _readable_copy(account, settings.tls_key_file, data / "api-tls.key")
+        )
+    return env

@@ -1,0 +1,75 @@
+"""`make run` as root, with a TLS certificate: the API and Temporal run as an unprivileged
+user, the worker as root; the API speaks HTTPS only, with HSTS and Secure cookies."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from berth.local import LocalSystem, reachable_by_others
+from berth.privileges import interpreter
+from sandboxes.gateway_tls import self_signed
+
+
+def uid_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    return int(line.split()[1])  # the real uid; effective and saved follow it
+
+
+def pid_of(system: LocalSystem, name: str) -> int:
+    return int((system.data / "run" / f"{name}.pid").read_text())
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSystem]:
+    secrets = tmp_path_factory.mktemp("tls")
+    cert, key = self_signed(["127.0.0.1"])
+    (secrets / "api.crt").write_bytes(cert)
+    (secrets / "api.key").write_bytes(key)
+    (secrets / "api.key").chmod(0o600)  # root's: the API's user gets a copy of its own
+    env = {
+        "BERTH_TLS_CERT_FILE": str(secrets / "api.crt"),
+        "BERTH_TLS_KEY_FILE": str(secrets / "api.key"),
+    }
+    running = LocalSystem.start(tmp_path_factory.mktemp("privileges"), "priv", env=env)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_api_and_temporal_run_unprivileged_and_the_worker_as_root(system: LocalSystem) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("root drops to the API's user only when it has root to drop")
+    if not all(reachable_by_others(folder) for folder in interpreter()):
+        pytest.skip(f"no other user can run this Python ({interpreter()[1]})")
+    assert uid_of(pid_of(system, "api")) != 0
+    assert uid_of(pid_of(system, "temporal")) != 0
+    assert uid_of(pid_of(system, "api")) == uid_of(pid_of(system, "temporal"))
+    assert uid_of(pid_of(system, "worker")) == 0  # Docker, libvirt, iptables
+    # The secrets the API needs are its own; the guest token secret stays root's.
+    api_uid = uid_of(pid_of(system, "api"))
+    assert (system.data / "payload_secret").stat().st_uid == api_uid
+    assert (system.data / "guest_token_secret").stat().st_uid == 0
+
+
+def test_the_api_speaks_https_with_hsts_and_secure_cookies(system: LocalSystem) -> None:
+    assert system.base.startswith("https://")
+    with httpx.Client(base_url=system.base, verify=system.verify) as client:
+        health = client.get("/healthz")
+        assert health.status_code == 200
+        assert health.headers["strict-transport-security"].startswith("max-age=")
+        login = client.get("/login")
+        assert login.status_code == 200
+        assert "secure" in login.headers["set-cookie"].lower()
+    # No plain HTTP on the port, and no trust without the certificate.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(system.base.replace("https://", "http://") + "/healthz", timeout=5)
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"{system.base}/healthz", timeout=5, verify=ssl.create_default_context())
