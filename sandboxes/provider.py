@@ -11,6 +11,7 @@ import abc
 import asyncio
 import hashlib
 import logging
+import re
 import shutil
 import time
 import uuid
@@ -36,6 +37,10 @@ log = logging.getLogger("berth.sandboxes")
 TOKEN_VARIABLE = "BERTH_GUEST_TOKEN"
 # What is_running() says of a machine that does not exist (any more).
 MISSING = "missing"
+# A sandbox id as it may name a folder: the workflow makes hex ids, but a resumed session's
+# kept id comes back through the database and the workflow's input, which the root worker
+# must not trust to stay inside its folders ("../..", "/etc").
+SANDBOX_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 async def _discard(seq: int, stream: str, text: str) -> None:
@@ -164,6 +169,8 @@ class SandboxProvider(abc.ABC):
     def preserved(self, sandbox_id: str) -> Path:
         """Where a preserved sandbox's disk or workspace is kept: outside every machine's
         folder, so neither reconciliation nor a removal ever deletes it."""
+        if not SANDBOX_ID.fullmatch(sandbox_id):
+            raise ValueError(f"not a sandbox id: {sandbox_id[:80]!r}")
         return self.preserved_root / sandbox_id
 
     async def preserve(self, sandbox: SandboxInfo, timeout_s: float) -> None:

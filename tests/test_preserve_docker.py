@@ -82,3 +82,15 @@ async def test_a_retried_preserve_and_restore_find_their_work_done(
     )
     assert again == restored
     assert await shell(docker, again, "cat notes.txt") == "kept\n"
+
+
+@pytest.mark.parametrize("kept_id", ["../../etc", "/etc", "a/b", "", "x" * 65])
+def test_a_kept_id_names_no_folder_outside_the_preserved_root(tmp_path: Path, kept_id: str) -> None:
+    """A resumed session's kept sandbox id reaches the (root) worker from the database,
+    through the workflow's input: it may not walk out of the preserved root, whose folders
+    the worker reads, copies and deletes."""
+    settings = Settings(data_dir=tmp_path, sandbox_provider="docker", secret_key="kept-id-test")
+    provider = make_provider(settings, make_gateway(settings))
+    assert provider.preserved("0123abcd" * 4).parent == tmp_path.resolve() / "preserved"
+    with pytest.raises(ValueError, match="not a sandbox id"):
+        provider.preserved(kept_id)
