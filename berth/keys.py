@@ -36,23 +36,48 @@ def derive(secret: str, purpose: str) -> bytes:
     return hmac.new(secret.encode(), f"berth/{purpose}".encode(), hashlib.sha256).digest()
 
 
-def generated_secret(data_dir: Path, name: str) -> str:
-    """A secret generated once and kept in the data dir (mode 0600)."""
+def generated_secret(data_dir: Path, name: str, own: bool = False) -> str:
+    """A secret generated once and kept in the data dir (mode 0600); with ``own``, only a
+    file of this process's user is taken (see owned())."""
     path = data_dir / name
     if not path.exists():
         # API and worker may start together: write aside, then link, so one secret wins.
         data_dir.mkdir(parents=True, exist_ok=True)
         draft = path.with_suffix(f".{os.getpid()}")
-        draft.write_text(secrets.token_urlsafe(48))
-        draft.chmod(0o600)
+        # O_EXCL: made here, never a file or link that was waiting under that name.
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as sink:
+            sink.write(secrets.token_urlsafe(48))
         with contextlib.suppress(FileExistsError):
             os.link(draft, path)
         draft.unlink()
-    return path.read_text().strip()
+    return _read(path, own)
 
 
-def _keyring(settings: Settings, purpose: str, current: str | None, previous: list[str]) -> Keyring:
-    secret = current or generated_secret(settings.data_dir, f"{purpose}_secret")
+def owned(path: Path, fd: int | None = None) -> None:
+    """RuntimeError unless this process's user owns ``path``: under `make run` as root the
+    data dir belongs to the API's user (berth/privileges.py), who can put any file there, so
+    a root process takes its own secrets and keys from files only it could have written."""
+    owner = os.fstat(fd).st_uid if fd is not None else path.stat().st_uid
+    if owner != os.geteuid():
+        raise RuntimeError(
+            f"{path} belongs to uid {owner}, not to this process's (uid {os.geteuid()}): "
+            "refusing a secret another user could have written; remove it, or set it in "
+            "the settings"
+        )
+
+
+def _read(path: Path, own: bool) -> str:
+    with path.open() as source:
+        if own:
+            owned(path, source.fileno())
+        return source.read().strip()
+
+
+def _keyring(
+    settings: Settings, purpose: str, current: str | None, previous: list[str], own: bool = False
+) -> Keyring:
+    secret = current or generated_secret(settings.data_dir, f"{purpose}_secret", own)
     return Keyring(tuple(derive(s, purpose) for s in (secret, *previous)))
 
 
@@ -63,12 +88,13 @@ def user_keys(settings: Settings) -> Keyring:
 
 
 def guest_keys(settings: Settings) -> Keyring:
+    """The worker's (root under `make run`): its secrets only from its own files."""
     previous = list(settings.guest_token_previous_secrets)
     legacy = settings.data_dir / LEGACY_SECRET_FILE
-    ring = _keyring(settings, "guest_token", settings.guest_token_secret, previous)
+    ring = _keyring(settings, "guest_token", settings.guest_token_secret, previous, own=True)
     if legacy.exists():
         # The legacy key was the raw secret, not a derived one.
-        ring = Keyring((*ring.keys, legacy.read_text().strip().encode()))
+        ring = Keyring((*ring.keys, _read(legacy, own=True).encode()))
     return ring
 
 

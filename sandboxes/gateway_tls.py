@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from berth.keys import owned
 from guest_agent.pinning import fingerprint
 
 CERT_FILE = "gateway.crt"
@@ -90,6 +91,9 @@ def generated_certificate(data_dir: Path, names: list[str]) -> GatewayCertificat
     with (data_dir / f"{CERT_FILE}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if made.cert_file.exists() and made.key_file.exists():
+            # Another user's (the data dir's owner's) would be a key it knows: guests' pin.
+            owned(made.cert_file)
+            owned(made.key_file)
             return made
         cert_pem, key_pem = self_signed(names)
         # The key first, private from its creation; the certificate's presence says both are.

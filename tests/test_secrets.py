@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from berth.settings import Settings
 from berth.temporal import connect
 from guest_agent import protocol
 from sandboxes.factory import make_gateway
+from sandboxes.gateway_tls import generated_certificate, self_signed
 from sandboxes.tokens import guest_token
 from store.models import User
 from tests.world import FAST_PASSWORDS, World, bearer, build
@@ -205,3 +207,25 @@ def test_the_web_ui_may_call_the_codec_and_no_other_site(
         headers={"Origin": ui, "Authorization": "Bearer codec-token"},
     )
     assert call.status_code == 200 and call.headers["access-control-allow-origin"] == ui
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as `make run` that drops it")
+@pytest.mark.parametrize("planted", ["secret_key", "guest_token_secret", "gateway.crt+gateway.key"])
+def test_the_root_worker_takes_no_secret_the_data_dirs_owner_planted(
+    tmp_path: Path, planted: str
+) -> None:
+    """Under `make run` as root the data dir is the API's user's: that user can put a file
+    of its own there (or replace root's). A guest-token secret of its choosing would let it
+    forge any guest's connection; a gateway key of its choosing, impersonate the gateway."""
+    api_user = 65534  # nobody: the data dir's owner, as after the hand-over
+    os.chown(tmp_path, api_user, api_user)
+    settings = Settings(data_dir=tmp_path)
+    for name in planted.split("+"):
+        data = self_signed(["127.0.0.1"])[1] if name.endswith(".key") else b"known to the api"
+        (tmp_path / name).write_bytes(data)
+        os.chown(tmp_path / name, api_user, api_user)
+    with pytest.raises(RuntimeError, match="another user could have written"):
+        if planted.startswith("gateway"):
+            generated_certificate(tmp_path, ["127.0.0.1"])
+        else:
+            guest_keys(settings)
