@@ -65,6 +65,9 @@ MACHINE_FORMAT = (
 # `docker cp` does not see: they are copied with `docker exec` and tar, as the steps' user
 # (root in the container has no DAC_OVERRIDE to read its home).
 WORKSPACE_TAR = "workspace.tar"
+# A kept workspace's archive holds its data and a header per file: at most twice the
+# workspace's size, and this much more.
+KEPT_SLACK_MB = 64
 UNITS = {"B": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "kB": 1e3 / 2**20,
          "MB": 1e6 / 2**20, "GB": 1e9 / 2**20}  # fmt: skip
 
@@ -308,14 +311,21 @@ class DockerProvider(SandboxProvider):
         archive = folder / WORKSPACE_TAR
         if await exists("container", sandbox.handle):
             draft = archive.with_suffix(".part")
+            # The guest's files are the user's: a sparse file of any size costs the tmpfs
+            # nothing, so holes stay holes (--sparse), and the archive may not grow past
+            # what a full workspace makes (the client's file size limit) on the host's disk.
+            most = (2 * self.workspace_mb + KEPT_SLACK_MB) * 2**20
             with draft.open("wb") as sink:
                 process = await asyncio.create_subprocess_exec(
+                    "prlimit", f"--fsize={most}", "--",
                     "docker", "exec", "--user", STEP_USER, sandbox.handle,
-                    "tar", "-C", WORKSPACE, "-cf", "-", ".", stdout=sink, stderr=subprocess.PIPE,
+                    "tar", "--sparse", "-C", WORKSPACE, "-cf", "-", ".",
+                    stdout=sink, stderr=subprocess.PIPE,
                 )  # fmt: skip
                 _, err = await process.communicate()
             if process.returncode != 0:
-                raise DockerError(f"saving the workspace failed: {err.decode().strip()}")
+                why = err.decode().strip() or f"an archive of more than {most} bytes"
+                raise DockerError(f"saving the workspace failed: {why}")
             draft.replace(archive)
         if not archive.exists():
             raise DockerError(f"container {sandbox.handle[:12]} is gone, its workspace unsaved")

@@ -84,6 +84,23 @@ async def test_a_retried_preserve_and_restore_find_their_work_done(
     assert await shell(docker, again, "cat notes.txt") == "kept\n"
 
 
+async def test_a_sparse_file_is_kept_sparse_not_written_out_on_the_host(
+    docker: DockerProvider,
+) -> None:
+    """A file of huge size and no blocks costs the workspace's tmpfs nothing; written out in
+    full into the host's archive, a session could fill the host's disk when it is kept."""
+    session_id = uuid.uuid4().hex
+    sandbox = await docker.provision(uuid.uuid4().hex, session_id, vm_templates.DEFAULT)
+    await docker.wait_connected(sandbox, 60)
+    await shell(docker, sandbox, "truncate -s 1G hole && echo kept > notes.txt")
+    await docker.preserve(sandbox, CONNECT_TIMEOUT_S)
+    assert (docker.preserved(sandbox.id) / "workspace.tar").stat().st_size < 2**20
+    restored = await docker.restore(
+        sandbox.id, uuid.uuid4().hex, session_id, vm_templates.DEFAULT, CONNECT_TIMEOUT_S
+    )
+    assert await shell(docker, restored, "stat -c %s hole && cat notes.txt") == "1073741824\nkept\n"
+
+
 @pytest.mark.parametrize("kept_id", ["../../etc", "/etc", "a/b", "", "x" * 65])
 def test_a_kept_id_names_no_folder_outside_the_preserved_root(tmp_path: Path, kept_id: str) -> None:
     """A resumed session's kept sandbox id reaches the (root) worker from the database,
