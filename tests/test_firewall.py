@@ -16,7 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def docker_provider(**settings: object) -> DockerProvider:
-    chosen = Settings(guest_token_secret="firewall-test", **settings)  # type: ignore[arg-type]
+    chosen = Settings(
+        guest_token_secret="firewall-test",
+        sandbox_provider="docker",
+        **settings,  # type: ignore[arg-type]
+    )
     provider = make_provider(chosen, make_gateway(chosen))
     assert isinstance(provider, DockerProvider)
     return provider
