@@ -77,7 +77,9 @@ def _read(path: Path, own: bool) -> str:
 def _keyring(
     settings: Settings, purpose: str, current: str | None, previous: list[str], own: bool = False
 ) -> Keyring:
-    secret = current or generated_secret(settings.data_dir, f"{purpose}_secret", own)
+    # Root's own secrets stay in the data dir; the API's are in the folder its user owns.
+    folder = settings.data_dir if own else settings.shared_dir
+    secret = current or generated_secret(folder, f"{purpose}_secret", own)
     return Keyring(tuple(derive(s, purpose) for s in (secret, *previous)))
 
 

@@ -5,11 +5,13 @@ Root is kept by the supervisor (it starts the Docker engine) and the worker: it 
 Docker (whose socket is root's equal anyway), libvirt, and iptables rules for every VM it
 makes, so an unprivileged worker would need grants that give root back.
 
-The user gets what its processes write or read: the data dir itself (Temporal's and SQLite's
-journals are made beside their databases), the databases, the artifacts (written by the
-worker, read by the API: see store/artifacts.py), and the secrets the API uses (user tokens,
-payloads); the guest token secret and the gateway's key stay root's. A TLS key it could not
-read is given to it as a private copy in the data dir.
+The user owns one folder, the data dir's ``shared/`` (Settings.shared_dir): what its processes
+write or read, that is the databases (with the journals made beside them), the artifacts
+(written by the worker, read by the API: see store/artifacts.py) and the API's secrets (user
+tokens, payloads). The data dir and everything else in it stay root's (the guest token
+secret, the gateway's key, logs, pid files, VM images, kept disks), so the user can neither
+read them nor swap what root opens there. A TLS key it could not read is given to it as a
+private copy in its folder.
 """
 
 from __future__ import annotations
@@ -94,11 +96,23 @@ def _readable_copy(account: Account, path: Path, copy: Path) -> Path:
     return copy
 
 
+def settle_layout(settings: Settings) -> None:
+    """Move what the API and Temporal write from the data dir's top, where versions before
+    the shared folder kept it, into the shared folder (once; nothing there is replaced)."""
+    shared = settings.shared_dir
+    shared.mkdir(parents=True, exist_ok=True)
+    top = settings.data_dir
+    legacy = [*top.glob("berth.db*"), *top.glob("temporal.db*"), top / "artifacts"]
+    legacy += [top / "user_token_secret", top / "payload_secret"]
+    for path in legacy:
+        if path.exists() and not (shared / path.name).exists():
+            path.rename(shared / path.name)
+
+
 def hand_over(settings: Settings, account: Account) -> dict[str, str]:
     """Give the account what the API and Temporal need; the environment they run with.
     RuntimeError if it cannot reach the data dir or the virtualenv."""
     data = settings.data_dir.resolve()
-    # The data dir itself becomes the account's.
     for needed in (data.parent, *interpreter()):
         blocked = account.blocked_at(needed)
         if blocked is not None:
@@ -107,23 +121,26 @@ def hand_over(settings: Settings, account: Account) -> dict[str, str]:
                 "choose a data dir, checkout and Python it can reach (chmod o+x the folders "
                 "on the way), or set BERTH_RUN_AS= to run everything as root"
             )
+    # Root's: the account only passes through it to the folder it owns. Given back, if an
+    # earlier version gave it away.
+    os.chown(data, 0, 0, follow_symlinks=False)
+    data.chmod(0o711)
+    shared = settings.shared_dir
+    shared.mkdir(exist_ok=True)
     # Generated now, as root, if they are not yet: then given to the account.
     user_keys(settings)
     payload_keys(settings)
-    owned = [data, *data.glob("berth.db*"), *data.glob("temporal.db*")]
-    owned += [data / f"{purpose}_secret" for purpose in ("user_token", "payload")]
     settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
-    for folder, _, files in os.walk(settings.artifacts_dir):
-        owned += [Path(folder), *(Path(folder) / name for name in files)]
-    for path in owned:
-        if path.exists() and not stat.S_ISLNK(path.lstat().st_mode):
-            _give(account, path)
-    env = {**os.environ, "HOME": str(data)}
+    for folder, _, files in os.walk(shared):
+        for path in (Path(folder), *(Path(folder) / name for name in files)):
+            if not stat.S_ISLNK(path.lstat().st_mode):
+                _give(account, path)
+    env = {**os.environ, "HOME": str(shared)}
     if settings.tls_cert_file and settings.tls_key_file:
         env["BERTH_TLS_CERT_FILE"] = str(
-            _readable_copy(account, settings.tls_cert_file, data / "api-tls.crt")
+            _readable_copy(account, settings.tls_cert_file, shared / "api-tls.crt")
         )
         env["BERTH_TLS_KEY_FILE"] = str(
-            _readable_copy(account, settings.tls_key_file, data / "api-tls.key")
+            _readable_copy(account, settings.tls_key_file, shared / "api-tls.key")
         )
     return env

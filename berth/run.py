@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from berth.privileges import hand_over, unprivileged
+from berth.privileges import hand_over, settle_layout, unprivileged
 from berth.settings import Settings, get_settings
 from sandboxes.docker import engine_running, start_engine
 from store.db import migrate
@@ -176,6 +176,7 @@ class Supervisor:
     def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.pids.mkdir(parents=True, exist_ok=True)
+        settle_layout(self.settings)
         # Once here, so that the worker and the API start on a schema that is already there.
         say("migrating the database")
         migrate(self.settings.db_url)
@@ -197,7 +198,7 @@ class Supervisor:
                     "server",
                     "start-dev",
                     "--db-filename",
-                    str((self.settings.data_dir / "temporal.db").resolve()),
+                    str((self.settings.shared_dir / "temporal.db").resolve()),
                     "--ip",
                     "127.0.0.1",
                     "--port",

@@ -295,8 +295,15 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def shared_dir(self) -> Path:
+        """What the API and Temporal write (their databases, the artifacts the API serves, the
+        API's secrets): under `make run` as root the one folder their user owns, while the
+        data dir around it, and all else in it, stays root's (berth/privileges.py)."""
+        return self.data_dir / "shared"
+
+    @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'berth.db').resolve()}"
+        return self.database_url or f"sqlite:///{(self.shared_dir / 'berth.db').resolve()}"
 
     @property
     def api_scheme(self) -> str:
@@ -304,7 +311,7 @@ class Settings(BaseSettings):
 
     @property
     def artifacts_dir(self) -> Path:
-        return self.data_dir / "artifacts"
+        return self.shared_dir / "artifacts"
 
     @property
     def temporal_target(self) -> str:

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from berth.local import LocalSystem, reachable_by_others
-from berth.privileges import interpreter
+from berth.privileges import interpreter, settle_layout
+from berth.settings import Settings
 from sandboxes.gateway_tls import self_signed
 
 
@@ -53,10 +54,13 @@ def test_api_and_temporal_run_unprivileged_and_the_worker_as_root(system: LocalS
     assert uid_of(pid_of(system, "temporal")) != 0
     assert uid_of(pid_of(system, "api")) == uid_of(pid_of(system, "temporal"))
     assert uid_of(pid_of(system, "worker")) == 0  # Docker, libvirt, iptables
-    # The secrets the API needs are its own; the guest token secret stays root's.
+    # The secrets the API needs are its own, in the one folder it owns; the data dir and
+    # the guest token secret stay root's.
     api_uid = uid_of(pid_of(system, "api"))
-    assert (system.data / "payload_secret").stat().st_uid == api_uid
+    assert (system.data / "shared" / "payload_secret").stat().st_uid == api_uid
+    assert (system.data / "shared" / "berth.db").stat().st_uid == api_uid
     assert (system.data / "guest_token_secret").stat().st_uid == 0
+    assert system.data.stat().st_uid == 0 and system.data.stat().st_mode & 0o777 == 0o711
 
 
 def test_the_api_speaks_https_with_hsts_and_secure_cookies(system: LocalSystem) -> None:
@@ -73,3 +77,21 @@ def test_the_api_speaks_https_with_hsts_and_secure_cookies(system: LocalSystem) 
         httpx.get(system.base.replace("https://", "http://") + "/healthz", timeout=5)
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         httpx.get(f"{system.base}/healthz", timeout=5, verify=ssl.create_default_context())
+
+
+def test_a_data_dir_of_an_earlier_layout_is_moved_into_the_shared_folder(tmp_path: Path) -> None:
+    for name in ("berth.db", "berth.db-wal", "temporal.db", "payload_secret"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "artifacts" / "s1").mkdir(parents=True)
+    (tmp_path / "guest_token_secret").write_text("root's")
+    settings = Settings(data_dir=tmp_path)
+    settle_layout(settings)
+    shared = settings.shared_dir
+    assert sorted(p.name for p in shared.iterdir()) == [
+        "artifacts", "berth.db", "berth.db-wal", "payload_secret", "temporal.db",
+    ]  # fmt: skip
+    assert (shared / "artifacts" / "s1").is_dir()
+    assert (shared / "berth.db").read_text() == "berth.db"
+    assert (tmp_path / "guest_token_secret").exists()  # root's stays where it was
+    settle_layout(settings)  # again: nothing left to move, nothing replaced
+    assert (shared / "payload_secret").read_text() == "payload_secret"

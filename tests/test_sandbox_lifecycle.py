@@ -16,6 +16,7 @@ import pytest
 from sqlmodel import Session, create_engine, select
 
 from berth.local import LocalSystem, python_script
+from berth.settings import Settings
 from store.models import SandboxRow
 from tests.test_e2e import DONE, read_events, token_for, wait_status
 
@@ -101,7 +102,7 @@ def test_a_preserved_session_resumes_with_its_files(system: LocalSystem) -> None
 
 
 def sandbox_row(system: LocalSystem, sandbox_id: str) -> SandboxRow:
-    engine = create_engine(f"sqlite:///{system.data / 'berth.db'}")
+    engine = create_engine(Settings(data_dir=system.data).db_url)
     with Session(engine) as db:
         row = db.exec(select(SandboxRow).where(SandboxRow.id == sandbox_id)).one()
     engine.dispose()

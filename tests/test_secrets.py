@@ -43,8 +43,13 @@ def test_each_purpose_has_a_key_of_its_own_from_a_private_secret(tmp_path: Path)
     settings = Settings(data_dir=tmp_path)
     keys = [ring(settings).current for ring in (user_keys, guest_keys, payload_keys)]
     assert len(set(keys)) == 3
-    for name in ("user_token_secret", "guest_token_secret", "payload_secret"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+    # The worker's in the data dir, the API's in the folder the API's user owns.
+    for path in (
+        settings.shared_dir / "user_token_secret",
+        tmp_path / "guest_token_secret",
+        settings.shared_dir / "payload_secret",
+    ):
+        assert path.stat().st_mode & 0o777 == 0o600
     assert user_keys(Settings(data_dir=tmp_path)).current == keys[0], "not kept"
 
 
