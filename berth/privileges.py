@@ -32,6 +32,10 @@ from berth.settings import Settings
 NO_HOME = "/nonexistent"
 
 
+class Unreachable(RuntimeError):
+    """The account cannot reach what its processes need."""
+
+
 @dataclass(frozen=True)
 class Account:
     name: str
@@ -111,15 +115,15 @@ def settle_layout(settings: Settings) -> None:
 
 def hand_over(settings: Settings, account: Account) -> dict[str, str]:
     """Give the account what the API and Temporal need; the environment they run with.
-    RuntimeError if it cannot reach the data dir or the virtualenv."""
+    Unreachable (before anything is changed) if it cannot reach the data dir or Python."""
     data = settings.data_dir.resolve()
     for needed in (data.parent, *interpreter()):
         blocked = account.blocked_at(needed)
         if blocked is not None:
-            raise RuntimeError(
-                f"user {account.name} cannot enter {blocked}, so cannot reach {needed}: "
-                "choose a data dir, checkout and Python it can reach (chmod o+x the folders "
-                "on the way), or set BERTH_RUN_AS= to run everything as root"
+            raise Unreachable(
+                f"user {account.name} cannot enter {blocked}, so cannot reach {needed} (to "
+                "drop root, choose a data dir, checkout and Python it can reach, or chmod o+x "
+                "the folders on the way)"
             )
     # Root's: the account only passes through it to the folder it owns. Given back, if an
     # earlier version gave it away.

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from berth.privileges import hand_over, settle_layout, unprivileged
+from berth.privileges import Unreachable, hand_over, settle_layout, unprivileged
 from berth.settings import Settings, get_settings
 from sandboxes.docker import engine_running, start_engine
 from store.db import migrate
@@ -181,8 +181,13 @@ class Supervisor:
         say("migrating the database")
         migrate(self.settings.db_url)
         if self.account is not None:
-            say(f"the API and Temporal run as user {self.account.name}")
-            self.unprivileged_env = hand_over(self.settings, self.account)
+            try:
+                self.unprivileged_env = hand_over(self.settings, self.account)
+                say(f"the API and Temporal run as user {self.account.name}")
+            except Unreachable as exc:
+                # Running beats refusing to: said, with what would let it drop root.
+                say(f"the API and Temporal stay root: {exc}")
+                self.account = None
         bin_dir = Path(sys.executable).parent
         say(self.sandboxes())
         if self.settings.sandbox_provider == "docker" and not engine_running():

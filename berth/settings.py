@@ -24,6 +24,10 @@ class LLMProvider(BaseModel):
     api_key: str | None = None
 
 
+# The project's own folder: a cache there serves every data dir.
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BERTH_", env_file=".env", extra="ignore")
 
@@ -150,8 +154,10 @@ class Settings(BaseSettings):
 
     # Virtual machines (libvirt provider); a VM's size, limits and egress are its template's.
     libvirt_uri: str = Field(default="qemu:///system", description="The libvirt daemon to use")
-    vm_images_dir: Path | None = Field(
-        default=None, description="Where VM template images are cached; unset: data dir/images"
+    vm_images_dir: Path = Field(
+        # Keyed by a hash of what they are built from, so every data dir can share them.
+        default=CHECKOUT / ".berth" / "images",
+        description="Where VM template images are cached (shared by every data dir)",
     )
     vm_bridge: str = Field(default="berthvm0", description="Linux bridge the VMs sit on")
     vm_subnet: str = Field(

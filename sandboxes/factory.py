@@ -49,7 +49,7 @@ def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
                 *host,
                 gateway_port=settings.gateway_port,
                 data_dir=settings.data_dir,
-                images_dir=settings.vm_images_dir or settings.data_dir / "images",
+                images_dir=settings.vm_images_dir,
                 mirror=settings.debian_mirror,
                 uri=settings.libvirt_uri,
                 bridge=settings.vm_bridge,
