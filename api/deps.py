@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -51,21 +50,27 @@ class Streams:
         self.lifetime_s = lifetime_s
         self._open: dict[str, int] = {}
 
-    @contextlib.contextmanager
-    def hold(self, user_id: str) -> Iterator[None]:
-        self._open[user_id] = self._open.get(user_id, 0) + 1
-        try:
-            yield
-        finally:
-            self._open[user_id] -= 1
-            if not self._open[user_id]:
-                del self._open[user_id]
-
-    def check(self, user_id: str) -> None:
+    def take(self, user_id: str) -> Callable[[], None]:
+        """A place for one of the user's streams, taken now (so requests made at once cannot
+        all pass a check before any stream starts), or a 429; returns what gives it back,
+        which may be called more than once."""
         if self._open.get(user_id, 0) >= self.most:
             raise Problem(
                 429, f"you have {self.most} event streams open, the most allowed; close some"
             )
+        self._open[user_id] = self._open.get(user_id, 0) + 1
+        given_back = False
+
+        def give_back() -> None:
+            nonlocal given_back
+            if given_back:
+                return
+            given_back = True
+            self._open[user_id] -= 1
+            if not self._open[user_id]:
+                del self._open[user_id]
+
+        return give_back
 
 
 class TemporalLink:

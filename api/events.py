@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Engine
 from sqlmodel import Session
+from starlette.background import BackgroundTask
 
 from api.deps import Problem, Streams
 from store import events
-from store.models import Event, SessionRow
+from store.models import Event, SessionRow, User
 from store.notify import Hub
 
 KEEPALIVE_S = 15.0
@@ -95,10 +96,12 @@ async def follow(
                 yield ": keepalive\n\n"
 
 
-async def counted(count: Streams, user_id: str, body: AsyncIterator[str]) -> AsyncIterator[str]:
-    with count.hold(user_id):
+async def counted(give_back: Callable[[], None], body: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
         async for chunk in body:
             yield chunk
+    finally:
+        give_back()
 
 
 def stream(
@@ -106,24 +109,28 @@ def stream(
     engine: Engine,
     hub: Hub,
     count: Streams,
+    viewer: User,
     row: SessionRow,
     after: int,
     render: Render = JSON_MESSAGES,
     pace_s: float = 0.0,
 ) -> Response:
-    """The response to a request for ``row``'s events after ``after``."""
+    """The response to ``viewer``'s request for ``row``'s events after ``after``; the
+    stream counts against the viewer's streams (an admin's watching is not the owner's)."""
     if after > row.last_seq:
         raise Problem(400, f"event {after} is beyond this session's last, {row.last_seq}")
-    count.check(row.user_id)
     finished = row.ended_at is not None and after == row.last_seq
     # The request's connection goes back to the pool now, not when the stream ends.
     db.close()
     if finished:
         # Nothing will follow; 204 tells an EventSource to stop reconnecting.
         return Response(status_code=204)
+    give_back = count.take(viewer.id)
     body = follow(engine, hub, row.id, after, render, count.lifetime_s, pace_s)
     return StreamingResponse(
-        counted(count, row.user_id, body),
+        counted(give_back, body),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        # Also when the body never started (the client left at once).
+        background=BackgroundTask(give_back),
     )

@@ -263,7 +263,7 @@ def session_events(
     after the session's final event (204 when there is nothing more to send)."""
     row = service.visible_session(db, user, sid)
     start = last_event_id if last_event_id is not None else (after or 0)
-    return stream(db, engine, hub, streams, row, start)
+    return stream(db, engine, hub, streams, user, row, start)
 
 
 @router.get(

@@ -188,6 +188,8 @@ def list_sessions(
         mentioned = select(TaskRow.session_id).where(
             col(TaskRow.prompt).ilike(f"%{escaped}%", escape="\\")
         )
+        if user is not None:  # only the user's tasks are searched, not everyone's
+            mentioned = mentioned.join(SessionRow).where(SessionRow.user_id == user.id)
         query = query.where(
             or_(
                 col(SessionRow.id).startswith(search, autoescape=True),

@@ -273,22 +273,24 @@ def session_page(
     service.visible_session(db, caller[0], sid)
     # Operators follow a session into its workflow's history.
     temporal = state.workflow_url(settings, sid) if caller[0].is_admin else None
-    context = _machine_context(engine, sid)
-    return render_page(request, "session.html", settings, caller, temporal=temporal, **context)
+    view = state.session_view(engine, sid)
+    if view is None:
+        raise Problem(404, f"no session {sid}")
+    spec = _spec(view.session.template)
+    return render_page(
+        request, "session.html", settings, caller, temporal=temporal, view=view, spec=spec
+    )
 
 
 @router.get("/ui/sessions/{sid}/machine", response_class=HTMLResponse)
 def machine(sid: str, request: Request, db: DbDep, engine: EngineDep, user: PageUser) -> Response:
     """The machine panel, which the session page polls while the session is live."""
     service.visible_session(db, user, sid)
-    return templates.TemplateResponse(request, "machine.html", _machine_context(engine, sid))
-
-
-def _machine_context(engine: Engine, sid: str) -> dict[str, Any]:
-    view = state.session_view(engine, sid)
+    view = state.machine_view(engine, sid)
     if view is None:
         raise Problem(404, f"no session {sid}")
-    return {"view": view, "spec": _spec(view.session.template)}
+    context = {"view": view, "spec": _spec(view.session.template)}
+    return templates.TemplateResponse(request, "machine.html", context)
 
 
 @router.get("/ui/sessions/{sid}/artifacts/{artifact_id}")
@@ -396,6 +398,7 @@ def session_events(
         engine,
         hub,
         streams,
+        user,
         row,
         max(after, last_event_id or 0),
         partial(render_batch, engine),

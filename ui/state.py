@@ -133,6 +133,24 @@ def session_view(engine: Engine, session_id: str) -> SessionView | None:
         )
 
 
+@dataclass
+class MachineView:
+    """What the machine panel shows, which it redraws every few seconds: no more is read."""
+
+    session: SessionRow
+    sandbox: SandboxRow | None
+    usage: Usage
+
+
+def machine_view(engine: Engine, session_id: str) -> MachineView | None:
+    with Session(engine) as db:
+        row = db.get(SessionRow, session_id)
+        if row is None:
+            return None
+        usage = usage_by_session(db, [session_id]).get(session_id, Usage())
+        return MachineView(row, current_sandbox(db, session_id), usage)
+
+
 def current_sandbox(db: Session, session_id: str) -> SandboxRow | None:
     """The session's newest machine."""
     query = (
