@@ -288,7 +288,8 @@ class SessionWorkflow:
         if self.params.warm_pool and workflow.patched("pool-claim"):
             claimed = await self.claim()
             if claimed is not None:
-                await self.sandbox_ready(claimed, pooled=True)
+                # Said ready while it is relabelled: the session's first step waits for both.
+                await asyncio.gather(self.assign(claimed), self.sandbox_ready(claimed, pooled=True))
                 return
             check_cancelled()
         request = SandboxRequest(
@@ -332,8 +333,9 @@ class SessionWorkflow:
         )
 
     async def claim(self) -> SandboxInfo | None:
-        """A ready VM of the template's warm pool, made the session's; None when the pool
-        has none (or cannot be asked): the caller creates one cold."""
+        """A ready VM of the template's warm pool, now the session's sandbox (relabelled by
+        assign); None when the pool has none (or cannot be asked): the caller creates one
+        cold."""
         handle = workflow.start_activity_method(
             VmActivities.claim,
             ClaimRequest(session_id=self.params.session_id, template=self.params.template),
@@ -353,6 +355,10 @@ class SessionWorkflow:
         # The session's before the machine is relabelled: reconciliation asks the session
         # (state) once the label names it, and the pool until then.
         self.sandbox = sandbox
+        return sandbox
+
+    async def assign(self, sandbox: SandboxInfo) -> None:
+        """Relabel a claimed VM the session's (it is the session's sandbox already)."""
         await workflow.execute_activity_method(
             VmActivities.assign,
             sandbox,
@@ -361,7 +367,6 @@ class SessionWorkflow:
             retry_policy=RetryPolicy(maximum_attempts=5),
             summary="label the claimed VM the session's",
         )
-        return sandbox
 
     async def restore(self, kept: SandboxInfo) -> None:
         request = RestoreRequest(
