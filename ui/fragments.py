@@ -15,21 +15,6 @@ from ui import guard
 from ui.pages import templates
 
 
-def duration(seconds: float | None) -> str:
-    """Seconds as a person says them: 600 is "10 min", 90000 "1 d 1 h"."""
-    if seconds is None:
-        return "never"
-    left, parts = int(seconds), []
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
-        if left >= size:
-            parts.append(f"{left // size} {unit}")
-            left %= size
-    return " ".join(parts[:2]) or "0 s"
-
-
-templates.env.filters["duration"] = duration
-
-
 def render_block(
     request: Request,
     name: str,

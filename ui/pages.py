@@ -73,7 +73,11 @@ def step_check(spec: dict[str, Any]) -> str:
 
 
 templates.env.filters.update(
-    step_text=step_text, step_check=step_check, ansi=ansi.to_html, age=state.age
+    step_text=step_text,
+    step_check=step_check,
+    ansi=ansi.to_html,
+    age=state.age,
+    duration=state.duration,
 )
 
 

@@ -169,13 +169,22 @@ def workflow_url(settings: Settings, session_id: str) -> str:
     )
 
 
+def duration(seconds: float | None, units: int = 2) -> str:
+    """Seconds as a person says them, in at most ``units`` units: 600 is "10 min", 90000
+    "1 d 1 h"."""
+    if seconds is None:
+        return "never"
+    left, parts = int(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if left >= size:
+            parts.append(f"{left // size} {unit}")
+            left %= size
+    return " ".join(parts[:units]) or "0 s"
+
+
 def age(moment: datetime, now: datetime) -> str:
     """'5 s', '3 min', '2 h', '4 d': how long ago, shortly."""
     # SQLite gives back naive datetimes; they are UTC like every time the store writes.
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    seconds = max(0, int((now - moment).total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit}"
-    return f"{seconds} s"
+    return duration(max(0.0, (now - moment).total_seconds()), units=1)
