@@ -145,6 +145,12 @@ class Settings(BaseSettings):
         description="A running command fails once its guest has been gone this long (unless "
         "its machine is suspended: then it waits)",
     )
+    guest_silence_s: float = Field(
+        default=7.0,
+        gt=0,
+        description="A running machine whose guest answers nothing (no message, no ping) "
+        "for this long is taken for dead: its step fails and its session gets a new machine",
+    )
     # Command policy
     command_policy_path: Path | None = Field(
         default=None,

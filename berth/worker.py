@@ -165,7 +165,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             )
         )
         watcher = asyncio.create_task(
-            watch(provider, sandbox_deaths(client), usage_recorder(engine), stop)
+            watch(
+                provider,
+                sandbox_deaths(client),
+                usage_recorder(engine),
+                stop,
+                silence_s=settings.guest_silence_s,
+            )
         )
         async with host:
             await start_pools(client, settings)

@@ -26,8 +26,10 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
@@ -127,6 +129,10 @@ class _Guest:
     dead: str | None = None
     # Its machine is suspended (seen by the host): a command waits for it, however long.
     paused: bool = False
+    # When it was last heard from (a message, a pong; monotonic), and whether the gateway
+    # itself holds back its messages (an inbox full): silence then is the host's doing.
+    heard_at: float = field(default_factory=time.monotonic)
+    held: bool = False
 
 
 class GuestGateway:
@@ -174,8 +180,9 @@ class GuestGateway:
             await self._server.wait_closed()
 
     def is_connected(self, sandbox_id: str) -> bool:
+        """Whether the sandbox's guest has a live link (and is not taken for dead)."""
         guest = self._guests.get(sandbox_id)
-        return guest is not None and guest.connected.is_set()
+        return guest is not None and guest.connected.is_set() and guest.dead is None
 
     async def wait_connected(self, sandbox_id: str, timeout_s: float) -> None:
         try:
@@ -194,7 +201,29 @@ class GuestGateway:
         running command waits for its guest instead of failing after the grace period."""
         guest = self._guests.get(sandbox_id)
         if guest is not None:
+            if guest.paused and not paused:
+                guest.heard_at = time.monotonic()  # its silence counts from the resume
             guest.paused = paused
+
+    async def probe(self) -> None:
+        """Ping every connected guest: its pong counts as hearing from it (see silence)."""
+        for guest in list(self._guests.values()):
+            if guest.connection is None:
+                continue
+            try:
+                pong = await guest.connection.ping()
+            except ConnectionClosed:
+                continue
+            asyncio.ensure_future(pong).add_done_callback(partial(_ponged, guest))
+
+    def silence(self, sandbox_id: str) -> float:
+        """Seconds since the sandbox's guest was last heard from (a message or a pong,
+        connected or not); 0 while its machine is suspended or the gateway holds its
+        messages back."""
+        guest = self._guests.get(sandbox_id)
+        if guest is None or guest.paused or guest.held:
+            return 0.0
+        return time.monotonic() - guest.heard_at
 
     def fail(self, sandbox_id: str, reason: str) -> None:
         """The sandbox's machine died: its commands end now with SandboxDied, and no new
@@ -364,6 +393,7 @@ class GuestGateway:
         ws.protocol.max_message_size = protocol.MAX_FRAME_SIZE
         guest.connection = ws
         guest.capabilities, guest.version = _announced(hello)
+        guest.heard_at = time.monotonic()
         guest.connected.set()
         log.info(
             "guest of sandbox %s connected (protocol %d, runs %s)",
@@ -377,6 +407,7 @@ class GuestGateway:
                     await ws.send(_cancel_message(command.exec_id))
             strays = 0
             async for raw in ws:
+                guest.heard_at = time.monotonic()
                 message = _checked(raw)
                 if message is None:
                     log.warning("sandbox %s sent a malformed message: cut off", sandbox_id)
@@ -384,7 +415,9 @@ class GuestGateway:
                     break
                 target = guest.open.get(message["exec_id"])
                 if target is not None:
+                    guest.held = target.inbox.full()
                     await target.inbox.put(message)  # blocks reading while the inbox is full
+                    guest.held, guest.heard_at = False, time.monotonic()
                     continue
                 strays += 1
                 if strays > MAX_STRAY_MESSAGES:
@@ -398,6 +431,12 @@ class GuestGateway:
                 guest.connection = None
                 guest.connected.clear()
                 log.info("guest of sandbox %s disconnected", sandbox_id)
+
+
+def _ponged(guest: _Guest, pong: asyncio.Future[float]) -> None:
+    # A link closed before the pong fails the future: that is no news of the guest.
+    if not pong.cancelled() and pong.exception() is None:
+        guest.heard_at = time.monotonic()
 
 
 def _announced(hello: dict[str, Any]) -> tuple[frozenset[str], int]:

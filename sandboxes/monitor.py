@@ -1,11 +1,12 @@
 """Watching this host's machines while their guests are in touch: a machine that dies
-(killed, crashed, powered off behind Berth's back) is reported within seconds, its commands
-failed at once; one suspended (paused by an operator, or the host) keeps its commands
-waiting until it runs again; the running machines' CPU and memory use is sampled now and
-then.
+(killed, crashed, powered off behind Berth's back), or runs while its guest answers nothing
+(hung, cut off), is reported within seconds, its commands failed at once; one suspended
+(paused by an operator, or the host) keeps its commands waiting until it runs again; the
+running machines' CPU and memory use is sampled now and then.
 
-One listing of the host's machines per pass (one ``docker ps``, one libvirt domain list),
-and only while some guest has said hello to this worker, so an idle host costs nothing.
+One listing of the host's machines per pass (one ``docker ps``, one libvirt domain list)
+and one WebSocket ping per connected guest (its heartbeat), only while some guest has said
+hello to this worker, so an idle host costs nothing.
 """
 
 from __future__ import annotations
@@ -27,26 +28,44 @@ DEAD_STATES = frozenset({"exited", "dead", "shut off", "crashed"})
 PAUSED_STATES = frozenset({"paused", "suspended", "hibernated"})
 POLL_S = 2.0
 USAGE_EVERY_S = 5.0
+# How long a running machine's guest may answer nothing (no message, no pong to the ping
+# each pass sends) before it counts as dead: BERTH_GUEST_SILENCE_S, 7 s by default, so with
+# POLL_S it is reported at most 9 s after its last answer.
+SILENCE_S = 7.0
 
 Died = Callable[[Machine, str], Awaitable[None]]
 Sampled = Callable[[dict[str, Usage]], Awaitable[None]]
 
 
-async def check(provider: SandboxProvider, on_death: Died, reported: set[str]) -> list[Machine]:
-    """One pass: report machines newly dead; returns the machines whose guests are known."""
-    known = provider.gateway.known()
+def _death(machine: Machine, silence: float, silence_s: float) -> str | None:
+    """Why the machine counts as dead, or None."""
+    if machine.state in DEAD_STATES:
+        return f"its machine is {machine.state} (it was not ended by Berth)"
+    if machine.state not in PAUSED_STATES and silence >= silence_s:
+        return f"its guest agent answered nothing for {silence:.0f} s while its machine ran"
+    return None
+
+
+async def check(
+    provider: SandboxProvider, on_death: Died, reported: set[str], silence_s: float = SILENCE_S
+) -> list[Machine]:
+    """One pass: report machines newly dead or silent, then send the next heartbeat;
+    returns the machines whose guests are known."""
+    gateway = provider.gateway
+    known = gateway.known()
     if not known:
         return []
     machines = [m for m in await provider.machines() if m.sandbox_id in known]
     for machine in machines:
-        provider.gateway.set_paused(machine.sandbox_id, machine.state in PAUSED_STATES)
-        if machine.state in DEAD_STATES and machine.sandbox_id not in reported:
+        gateway.set_paused(machine.sandbox_id, machine.state in PAUSED_STATES)
+        reason = _death(machine, gateway.silence(machine.sandbox_id), silence_s)
+        if reason is not None and machine.sandbox_id not in reported:
             reported.add(machine.sandbox_id)
-            reason = f"its machine is {machine.state} (it was not ended by Berth)"
             log.warning("sandbox %s of session %s died: %s", machine.sandbox_id,
                         machine.session_id, reason)  # fmt: skip
-            provider.gateway.fail(machine.sandbox_id, reason)
+            gateway.fail(machine.sandbox_id, reason)
             await on_death(machine, reason)
+    await gateway.probe()
     return machines
 
 
@@ -57,13 +76,14 @@ async def watch(
     stop: asyncio.Event,
     poll_s: float = POLL_S,
     usage_every_s: float = USAGE_EVERY_S,
+    silence_s: float = SILENCE_S,
 ) -> None:
     """Check every ``poll_s`` and sample use every ``usage_every_s`` until ``stop``."""
     reported: set[str] = set()
     sampled_at = 0.0
     while not stop.is_set():
         try:
-            machines = await check(provider, on_death, reported)
+            machines = await check(provider, on_death, reported, silence_s)
             if machines and time.monotonic() - sampled_at >= usage_every_s:
                 sampled_at = time.monotonic()
                 usage = await provider.usage(machines)

@@ -524,9 +524,47 @@ async def test_a_preserved_vm_disk_comes_back_on_a_new_vm(
     assert await gone(vms, restored)
 
 
-async def test_a_destroyed_vm_is_reported_and_its_step_fails_at_once(
-    vms: LibvirtProvider, sqlite_engine: Engine
+ADDRESS = python_script(
+    "address.py",
+    "import socket",
+    "probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)",
+    "probe.connect(('192.0.2.1', 9))",  # sends nothing: it only picks the route
+    "print(probe.getsockname()[0])",
+)
+Broken = Callable[
+    [LibvirtProvider, SandboxInfo, Engine], contextlib.AbstractAsyncContextManager[str]
+]
+
+
+@contextlib.asynccontextmanager
+async def destroyed(
+    vms: LibvirtProvider, sandbox: SandboxInfo, engine: Engine
+) -> AsyncIterator[str]:
+    destroy = ["virsh", "-c", vms.uri, "destroy", sandbox.handle]  # behind Berth's back
+    virsh = await asyncio.to_thread(subprocess.run, destroy, capture_output=True)
+    assert virsh.returncode == 0, virsh.stderr
+    yield "its machine is shut off (it was not ended by Berth)"
+
+
+@contextlib.asynccontextmanager
+async def cut_off(vms: LibvirtProvider, sandbox: SandboxInfo, engine: Engine) -> AsyncIterator[str]:
+    """The VM runs on, but nothing it sends reaches the host (a hung or cut-off guest)."""
+    code, address = await run(vms, engine, sandbox, ADDRESS)
+    assert code == 0, address
+    rule = ["INPUT", "-s", f"{address.strip()}/32", "-j", "DROP"]
+    await asyncio.to_thread(subprocess.run, ["iptables", "-I", *rule], check=True)
+    try:
+        yield "its guest agent answered nothing for"
+    finally:
+        await asyncio.to_thread(subprocess.run, ["iptables", "-D", *rule], check=True)
+
+
+@pytest.mark.parametrize("break_it", [destroyed, cut_off], ids=["destroyed", "silent"])
+async def test_a_broken_vm_is_reported_and_its_step_fails_at_once(
+    vms: LibvirtProvider, sqlite_engine: Engine, break_it: Broken
 ) -> None:
+    """Destroyed behind Berth's back, or running with its guest's heartbeats unanswered:
+    the host's watch reports it and the running step fails."""
     sandbox = await boot(vms)
     deaths: list[str] = []
 
@@ -540,15 +578,16 @@ async def test_a_destroyed_vm_is_reported_and_its_step_fails_at_once(
     activities = SandboxActivities(vms, sqlite_engine, CONNECT_TIMEOUT_S, scratch_artifacts())
     _, step = await attempt(activities, request, 1)
     await asyncio.sleep(1)  # the command runs
-    destroy = ["virsh", "-c", vms.uri, "destroy", sandbox.handle]  # behind Berth's back
-    virsh = await asyncio.to_thread(subprocess.run, destroy, capture_output=True)
-    assert virsh.returncode == 0, virsh.stderr
-    assert await monitor.check(vms, died, set()) == [
-        m for m in await vms.machines() if m.sandbox_id == sandbox.id
-    ]
-    assert deaths == [f"{sandbox.id}: its machine is shut off (it was not ended by Berth)"]
-    with pytest.raises(ApplicationError) as failed:
-        await asyncio.wait_for(step, 10)
-    assert failed.value.type == "SandboxDied" and failed.value.non_retryable
+    async with break_it(vms, sandbox, sqlite_engine) as why:
+        reported: set[str] = set()
+        deadline = time.monotonic() + 3 * monitor.SILENCE_S
+        while not deaths and time.monotonic() < deadline:
+            machines = await monitor.check(vms, died, reported)
+            await asyncio.sleep(monitor.POLL_S)
+        assert machines == [m for m in await vms.machines() if m.sandbox_id == sandbox.id]
+        assert len(deaths) == 1 and deaths[0].startswith(f"{sandbox.id}: {why}"), deaths
+        with pytest.raises(ApplicationError) as failed:
+            await asyncio.wait_for(step, 10)
+        assert failed.value.type == "SandboxDied" and failed.value.non_retryable
     await vms.destroy(sandbox)
     assert await gone(vms, sandbox)

@@ -1,14 +1,14 @@
 """A sandbox's life beyond one run, on the whole system with Docker sandboxes (fast): a
 session ended with its disk preserved is resumed with its files; a sandbox killed behind
-Berth's back is detected, its running step fails with a clear error, and the session gets
-a new machine for its next task; a command waits for a suspended machine; the host samples
+Berth's back, or whose guest hangs, is detected, its running step fails with a clear error,
+and the session gets a new machine for its next task; a command waits for a suspended machine; the host samples
 its sandboxes' CPU and memory."""
 
 from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -109,11 +109,39 @@ def sandbox_row(system: LocalSystem, sandbox_id: str) -> SandboxRow:
     return row
 
 
-def test_a_killed_sandbox_fails_its_step_and_the_session_gets_a_new_one(
-    system: LocalSystem,
+def kill(handle: str) -> None:
+    subprocess.run(["docker", "kill", handle], check=True, capture_output=True)
+
+
+# Stops (SIGSTOP) the guest agent: the container runs on, its guest answers nothing.
+FREEZE_AGENT = (
+    "import os\n"
+    "for p in filter(str.isdigit, os.listdir('/proc')):\n"
+    "    if int(p) != os.getpid() and b'guest_agent' in open(f'/proc/{p}/cmdline', 'rb').read():\n"
+    "        os.kill(int(p), 19)\n"
+)
+
+
+def freeze(handle: str) -> None:
+    freezing = ["docker", "exec", "--user", "0", handle, "python3", "-c", FREEZE_AGENT]
+    subprocess.run(freezing, check=True, capture_output=True)
+
+
+@pytest.mark.parametrize(
+    ("break_it", "why"),
+    [
+        (kill, "its machine is exited"),
+        (freeze, "its guest agent answered nothing for"),
+    ],
+    ids=["killed", "hung"],
+)
+def test_a_broken_sandbox_fails_its_step_and_the_session_gets_a_new_one(
+    system: LocalSystem, break_it: Callable[[str], None], why: str
 ) -> None:
+    """Killed behind Berth's back, or its guest hung (heartbeats unanswered while the
+    machine runs): either is seen within seconds."""
     base = system.base
-    headers = token_for(base, "unlucky@example.com")
+    headers = token_for(base, f"unlucky-{why[:12].replace(' ', '-')}@example.com")
     sid = httpx.post(f"{base}/api/sessions", json={}, headers=headers).json()["id"]
     wait_status(base, headers, sid, "ready")
     first = read_events(base, headers, sid, lambda e: e["type"] == "sandbox.ready")[-1]["data"]
@@ -129,7 +157,7 @@ def test_a_killed_sandbox_fails_its_step_and_the_session_gets_a_new_one(
     )
     task_id = answer.json()["id"]
     read_events(base, headers, sid, lambda e: e["type"] == "step.started")
-    subprocess.run(["docker", "kill", first["handle"]], check=True, capture_output=True)
+    break_it(first["handle"])
     events = read_events(
         base, headers, sid,
         lambda e: e["type"] == "sandbox.ready" and e["data"]["sandbox_id"] != first["sandbox_id"],
@@ -139,9 +167,9 @@ def test_a_killed_sandbox_fails_its_step_and_the_session_gets_a_new_one(
         if e["type"] == "task.status" and e["data"]["task_id"] == task_id
         and e["data"]["status"] == "failed"
     )  # fmt: skip
-    assert "the sandbox's machine died: its machine is exited" in failed["error"]
+    assert f"the sandbox's machine died: {why}" in failed["error"]
     died = next(e["data"] for e in events if e["type"] == "sandbox.died")
-    assert died["sandbox_id"] == first["sandbox_id"]
+    assert died["sandbox_id"] == first["sandbox_id"] and why in died["error"]
     kinds = [e["type"] for e in events]
     assert kinds.index("sandbox.died") < kinds.index("sandbox.destroyed")
     # The next task runs on the new machine.
