@@ -16,9 +16,10 @@ import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import Engine
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
@@ -45,6 +46,8 @@ from workflows.session import SessionWorkflow, workflow_id
 log = logging.getLogger("berth.worker")
 
 RECONCILE_EVERY_S = 60.0
+# Within the supervisor's grace for a stopping worker (15 s): a VM's removal takes ~4 s.
+POOL_STOP_TIMEOUT_S = 10.0
 
 
 def session_owner(client: Client, host_id: str) -> Owner:
@@ -117,6 +120,30 @@ async def start_pools(client: Client, settings: Settings) -> None:
         )
 
 
+async def stop_pools(client: Client, settings: Settings, timeout_s: float) -> None:
+    """End the warm pools, which destroy their VMs: a pool outliving its worker's stop would
+    hold VMs (their memory, their CPU) for a data dir that may never run again, while a
+    restart boots new ones in seconds. Sessions' machines carry on (their sessions do)."""
+    if not settings.warm_pool:
+        return
+    pools = [
+        client.get_workflow_handle(pool_workflow_id(settings.host_id, template))
+        for template in vm_templates.names()
+    ]
+
+    async def end(pool: WorkflowHandle[Any, Any]) -> None:
+        try:
+            await pool.signal(PoolWorkflow.stop)
+            await pool.result()
+        except (RPCError, WorkflowFailureError) as exc:
+            log.info("pool %s not ended: %s", pool.id, exc)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(end(pool) for pool in pools)), timeout_s)
+    except TimeoutError:
+        log.warning("the warm pools did not end within %.0f s; their VMs are left", timeout_s)
+
+
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     migrate(settings.db_url)
     engine = get_engine(settings.db_url)
@@ -181,6 +208,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             )  # fmt: skip
             await stop.wait()
             log.info("worker stopping")
+            await stop_pools(client, settings, POOL_STOP_TIMEOUT_S)
         await reconciler
         await watcher
     await gateway.stop()

@@ -400,6 +400,9 @@ def test_by_default_a_session_runs_its_task_in_a_warm_vm_of_its_own(vms: Libvirt
     data = Path(tempfile.mkdtemp(prefix="e2e-vm-", dir=vms.data_dir))
     env = {"BERTH_VM_IMAGES_DIR": str(vms.images)}
     system = LocalSystem.start(data, "e2evm", env=env, provider=None)
+    host_id = f"e2evm{system.base.rsplit(':', 1)[1]}"
+    settings = Settings(data_dir=data, sandbox_provider="libvirt", host_id=host_id)
+    left = make_provider(settings, make_gateway(settings))  # to see its VMs, of its host
     try:
         assert "sandboxes: libvirt VMs, one per session, a warm pool of 1 to 3" in system.log()
         base = system.base
@@ -430,12 +433,14 @@ def test_by_default_a_session_runs_its_task_in_a_warm_vm_of_its_own(vms: Libvirt
         names = [domain.name() for domain in libvirt.open(vms.uri).listAllDomains()]
         assert sandbox["handle"] not in names
         assert not (data / "vms" / sandbox["sandbox_id"]).exists()
+        warm_pool(base, admin, ready=1)  # refilled
+        assert len(asyncio.run(left.machines())) == 1
+        assert system.stop() == 0
+        # Its stop (Ctrl-C) ended the warm pool, which destroyed its VMs: none outlives it.
+        assert asyncio.run(left.machines()) == []
     finally:
         assert system.stop() == 0
-        # The pool's VM outlives the system, as it would a restart: removed here.
-        host_id = f"e2evm{system.base.rsplit(':', 1)[1]}"
-        settings = Settings(data_dir=data, sandbox_provider="libvirt", host_id=host_id)
-        asyncio.run(remove_all(make_provider(settings, make_gateway(settings))))
+        asyncio.run(remove_all(left))  # what a failure left
         shutil.rmtree(data, ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ pool answers None at once and the session creates one cold: never an error, neve
 Boots are paced: at most ``max_booting`` at a time, counted from the moment they are asked
 for, so a slow or failing boot never leads to more boots than the target (failures back
 off). A VM is never given back: a session's end destroys it, and the pool boots a fresh one.
+The ``stop`` signal (its worker stopping) destroys every member and ends the pool.
 
 Each member's machine is labelled with a session id of its own (``pool-<template>-<id>``),
 which reconciliation asks this workflow about (``owns``).
@@ -118,6 +119,10 @@ class PoolWorkflow:
                 await workflow.wait_condition(
                     lambda: self.changed or self.stopping, timeout=RESIZE_EVERY
                 )
+        # Ending (its worker stops, say): boots in flight are not waited for but cancelled
+        # (a machine one leaves is its pool's no more, so reconciliation removes it).
+        for boot in self.boots:
+            boot.cancel()
         await workflow.wait_condition(lambda: not self.s.booting)
         await asyncio.gather(*(self.destroy(sandbox) for sandbox in self.s.ready))
         self.s.ready = []
