@@ -5,7 +5,8 @@ gateway: building the image from the cached root filesystem; a cold create until
 agent is connected, through libvirt; the physical floor, the same kernel, initramfs and disk
 booted by a bare ``qemu-system-x86_64`` on the same bridge until its agent connects;
 suspend (managed save) and resume until a command answers; host RAM per idle VM (RSS of its
-QEMU process); session-ready latency on a warm-pool hit, on the whole system
+QEMU process); how soon a destroyed VM, and one whose guest is cut off, are reported;
+session-ready latency on a warm-pool hit, on the whole system
 (``BERTH_BENCH_VM_WARM_RUNS`` sessions, default 8). Prints a markdown table, writes JSON to
 ``$BERTH_BENCH_OUT`` (default ``.berth/bench/vm.json``). ``BERTH_BENCH_VM_RUNS`` (default 3)
 sets the other repetitions.
@@ -34,10 +35,10 @@ import vm_templates
 from bench.spine import Metric, Stream, call, is_status, machine, table, timed, write_report
 from berth.local import LocalSystem, free_port
 from berth.settings import Settings
-from sandboxes import vm_image
+from sandboxes import monitor, vm_image
 from sandboxes.factory import make_gateway, make_provider, open_host
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
-from sandboxes.models import SandboxInfo, TerminalStep
+from sandboxes.models import Machine, SandboxInfo, TerminalStep, Usage
 from workflows.pool import PoolWorkflow, pool_workflow_id
 
 CONNECT_TIMEOUT_S = 300.0
@@ -111,6 +112,51 @@ async def hibernation(provider: LibvirtProvider, runs: int) -> list[Metric]:
         timed("suspend (managed save of guest RAM)", suspends),
         timed("resume until a command answers", resumes),
     ]
+
+
+async def detection(provider: LibvirtProvider, runs: int) -> list[Metric]:
+    """From breaking a VM until the host's watch (as the worker runs it) reports it: the
+    domain destroyed behind Berth's back, or its guest cut off while it runs (its packets
+    dropped on the host, so no heartbeat is answered)."""
+    deaths: dict[str, float] = {}
+
+    async def died(machine: Machine, reason: str) -> None:
+        deaths[machine.sandbox_id] = time.monotonic()
+
+    async def sample(usage: dict[str, Usage]) -> None:
+        pass
+
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(monitor.watch(provider, died, sample, stop))
+    seconds: dict[str, list[float]] = {"destroyed": [], "cut off": []}
+    try:
+        for _ in range(runs):
+            for how, measured in seconds.items():
+                sandbox, _ = await connected(provider)
+                rule = ["INPUT", "-s", f"{provider.address(sandbox.handle)}/32", "-j", "DROP"]
+                destroy = ["virsh", "-c", provider.uri, "destroy", sandbox.handle]
+                breaking = destroy if how == "destroyed" else ["iptables", "-I", *rule]
+                await asyncio.sleep(monitor.POLL_S)  # heard from just now, as any guest
+                broken = time.monotonic()
+                await asyncio.to_thread(subprocess.run, breaking, check=True, capture_output=True)
+                try:
+                    async with asyncio.timeout(60):
+                        while sandbox.id not in deaths:  # noqa: ASYNC110
+                            await asyncio.sleep(0.05)
+                    measured.append(deaths[sandbox.id] - broken)
+                finally:
+                    if how == "cut off":
+                        await asyncio.to_thread(subprocess.run, ["iptables", "-D", *rule])
+                    await provider.destroy(sandbox)
+    finally:
+        stop.set()
+        await watcher
+    return [
+        timed("dead VM reported (virsh destroy → the host's watch)", seconds["destroyed"],
+              10_000, "p95"),
+        timed("silent guest reported (cut off → the host's watch)", seconds["cut off"],
+              10_000, "p95"),
+    ]  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -219,7 +265,7 @@ async def warm_hits(provider: LibvirtProvider, runs: int) -> list[Metric]:
         await asyncio.to_thread(system.stop)
         settings = Settings(data_dir=data, sandbox_provider="libvirt", host_id=host_id)
         left = make_provider(settings, make_gateway(settings))
-        for machine_left in await left.machines():  # the pool's VMs outlive the system
+        for machine_left in await left.machines():  # none, unless the stop failed
             await left.remove(machine_left.handle)
         shutil.rmtree(data, ignore_errors=True)
     return [
@@ -247,6 +293,7 @@ async def measure(runs: int, warm_runs: int) -> list[Metric]:
             ("cold create", lambda: cold_creates(provider, runs)),
             ("bare qemu floor", lambda: bare_qemu(provider, runs)),
             ("hibernation", lambda: hibernation(provider, runs)),
+            ("failure detection", lambda: detection(provider, runs)),
             ("warm-pool hits", lambda: warm_hits(provider, warm_runs)),
         ]
         for name, step in steps:

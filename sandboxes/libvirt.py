@@ -283,6 +283,12 @@ class LibvirtProvider(SandboxProvider):
                 return None
             raise
 
+    def address(self, handle: str) -> str:
+        """The VM's address on the bridge (its metadata's; empty for no such VM)."""
+        domain = self._domain(handle)
+        meta = _metadata(domain) if domain is not None else None
+        return (meta or {}).get("address", "")
+
     def _berth_domains(self) -> list[tuple[libvirt.virDomain, dict[str, str]]]:
         found = []
         for domain in self.conn.listAllDomains():

@@ -1,8 +1,8 @@
 """A sandbox's life beyond one run, on the whole system with Docker sandboxes (fast): a
 session ended with its disk preserved is resumed with its files; a sandbox killed behind
 Berth's back, or whose guest hangs, is detected, its running step fails with a clear error,
-and the session gets a new machine for its next task; a command waits for a suspended machine; the host samples
-its sandboxes' CPU and memory."""
+and the session gets a new machine for its next task; a command waits for a suspended
+machine; the host samples its sandboxes' CPU and memory."""
 
 from __future__ import annotations
 
