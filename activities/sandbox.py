@@ -172,16 +172,20 @@ class SandboxActivities:
     async def provision(self, request: SandboxRequest) -> SandboxInfo:
         """Start the session's sandbox (or find the one an earlier attempt started) and wait
         until its guest agent has dialled in."""
+        # Removable by its name until provision() returns it.
+        sandbox = self.provider.placeholder(
+            request.sandbox_id, request.session_id, request.template
+        )
         async with heartbeating():
-            sandbox = await self.provider.provision(
-                request.sandbox_id, request.session_id, request.template
-            )
             try:
+                sandbox = await self.provider.provision(
+                    request.sandbox_id, request.session_id, request.template
+                )
                 await self.provider.wait_connected(sandbox, self.connect_timeout_s)
             except asyncio.CancelledError:
                 details = activity.cancellation_details()
                 if details is not None and details.cancel_requested:
-                    await asyncio.shield(self.provider.destroy(sandbox))  # the session ended
+                    await asyncio.shield(self.provider.destroy(sandbox))  # its owner ended
                 # Timed out: a newer attempt may be using this very machine now.
                 raise
             except Exception:

@@ -35,7 +35,7 @@ import vm_templates
 from bench.spine import Metric, Stream, call, is_status, machine, table, timed, write_report
 from berth.local import LocalSystem, free_port
 from berth.settings import Settings
-from sandboxes import monitor, vm_image
+from sandboxes import firewall, monitor, vm_image
 from sandboxes.factory import make_gateway, make_provider, open_host
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import Machine, SandboxInfo, TerminalStep, Usage
@@ -133,21 +133,22 @@ async def detection(provider: LibvirtProvider, runs: int) -> list[Metric]:
         for _ in range(runs):
             for how, measured in seconds.items():
                 sandbox, _ = await connected(provider)
-                rule = ["INPUT", "-s", f"{provider.address(sandbox.handle)}/32", "-j", "DROP"]
+                address = provider.address(sandbox.handle)
                 destroy = ["virsh", "-c", provider.uri, "destroy", sandbox.handle]
-                breaking = destroy if how == "destroyed" else ["iptables", "-I", *rule]
                 await asyncio.sleep(monitor.POLL_S)  # heard from just now, as any guest
                 broken = time.monotonic()
-                await asyncio.to_thread(subprocess.run, breaking, check=True, capture_output=True)
-                try:
-                    async with asyncio.timeout(60):
-                        while sandbox.id not in deaths:  # noqa: ASYNC110
-                            await asyncio.sleep(0.05)
-                    measured.append(deaths[sandbox.id] - broken)
-                finally:
-                    if how == "cut off":
-                        await asyncio.to_thread(subprocess.run, ["iptables", "-D", *rule])
-                    await provider.destroy(sandbox)
+                with contextlib.ExitStack() as undo:
+                    if how == "destroyed":
+                        await asyncio.to_thread(subprocess.run, destroy, check=True)
+                    else:
+                        undo.enter_context(firewall.cut_off(address, "berth-bench-cut-off"))
+                    try:
+                        async with asyncio.timeout(60):
+                            while sandbox.id not in deaths:  # noqa: ASYNC110
+                                await asyncio.sleep(0.05)
+                        measured.append(deaths[sandbox.id] - broken)
+                    finally:
+                        await provider.destroy(sandbox)
     finally:
         stop.set()
         await watcher

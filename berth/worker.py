@@ -86,8 +86,10 @@ def sandbox_deaths(client: Client) -> Died:
         death = SandboxDeath(sandbox_id=machine.sandbox_id, detail=reason)
         try:
             await handle.signal(SessionWorkflow.sandbox_died, death)
-        except RPCError as exc:  # over already: nothing to tell
-            log.info("session %s not told of its sandbox's death: %s", machine.session_id, exc)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise  # the watch tells it again on its next pass
+            log.info("session %s is over: not told of its sandbox's death", machine.session_id)
 
     return died
 
@@ -106,18 +108,28 @@ async def start_pools(client: Client, settings: Settings) -> None:
     if not settings.warm_pool:
         return
     for template in vm_templates.names():
-        await client.start_workflow(
-            PoolWorkflow.run,
-            PoolInput(
-                template=template,
-                host_task_queue=settings.host_task_queue,
-                min_size=min(settings.vm_pool_min, settings.vm_pool_max),
-                max_size=settings.vm_pool_max,
-            ),
-            id=pool_workflow_id(settings.host_id, template),
-            task_queue=settings.host_task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        params = PoolInput(
+            template=template,
+            host_task_queue=settings.host_task_queue,
+            min_size=min(settings.vm_pool_min, settings.vm_pool_max),
+            max_size=settings.vm_pool_max,
         )
+        for _ in range(2):
+            pool = await client.start_workflow(
+                PoolWorkflow.run,
+                params,
+                id=pool_workflow_id(settings.host_id, template),
+                task_queue=settings.host_task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            )
+            if not (await pool.query(PoolWorkflow.state)).stopping:
+                break
+            # An earlier worker's stop did not see it end: it does now, then a new one.
+            try:
+                await asyncio.wait_for(pool.result(), POOL_STOP_TIMEOUT_S * 6)
+            except (TimeoutError, WorkflowFailureError) as exc:
+                log.warning("pool %s still ending: %r; sessions create VMs cold", pool.id, exc)
+                break
 
 
 async def stop_pools(client: Client, settings: Settings, timeout_s: float) -> None:

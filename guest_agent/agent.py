@@ -59,6 +59,7 @@ class GuestAgent:
         self.config = config
         self.executions: OrderedDict[str, Execution] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.welcomed = False  # by the gateway, on the current link
         self.browser = load_browser(config.user)
         self.capabilities = ["terminal", "file"] + (["browser"] if self.browser else [])
 
@@ -70,11 +71,16 @@ class GuestAgent:
     async def run_forever(self) -> None:
         delay = self.config.backoff_initial_s
         while True:
+            self.welcomed = False
             try:
                 await self.serve_once()
-                delay = self.config.backoff_initial_s  # a session that was up resets it
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:
                 log.warning("link to %s lost: %s", self.config.url, exc)
+            if self.welcomed:
+                # A link that was up resets it, however it ended (a machine resumed from
+                # hibernation finds its link dead): the host counts a guest gone long as
+                # silent, so one that was in touch comes back at once.
+                delay = self.config.backoff_initial_s
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self.config.backoff_max_s)
 
@@ -106,6 +112,7 @@ class GuestAgent:
             pumps: dict[str, asyncio.Task[None]] = {}
             try:
                 async for raw in ws:
+                    self.welcomed = True
                     self._handle(json.loads(raw), ws, pumps)
             finally:
                 for pump in pumps.values():

@@ -11,9 +11,11 @@ The chains' final DROP stays: sandboxes that outlive the worker (live-restore) s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 
 class FirewallError(RuntimeError):
@@ -74,3 +76,15 @@ def remove_tagged(chain: str, tag: str) -> None:
         tagged = any(a == "--comment" and b == tag for a, b in itertools.pairwise(words))
         if words[:2] == ["-A", chain] and tagged:
             run("-D", *words[1:])
+
+
+@contextlib.contextmanager
+def cut_off(address: str, tag: str) -> Iterator[None]:
+    """Drop whatever ``address`` sends to this host, while in the block (a guest cut off, as
+    the benchmarks and tests need one); the rule carries ``tag``, by which every copy goes."""
+    try:
+        run("-I", "INPUT", "1", "-s", f"{address}/32", "-m", "comment", "--comment", tag,
+            "-j", "DROP")  # fmt: skip
+        yield
+    finally:
+        remove_tagged("INPUT", tag)

@@ -29,12 +29,12 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from guest_agent import protocol
 from sandboxes.gateway_tls import GatewayCertificate
@@ -58,6 +58,11 @@ LOGGED_ID_CHARS = 64
 # connect again.
 PING_INTERVAL_S = 5.0
 PING_TIMEOUT_S = 10.0
+# A heartbeat (see probe) unanswered this long leaves its guest silent since last heard.
+ANSWER_S = 2.0
+# Unsent bytes a link may hold: past it the guest reads nothing (while websockets answers
+# each of its pings, unbounded), and it is cut off.
+MAX_UNSENT_BYTES = 8 << 20
 # Messages a connection may send for commands that are not open (the tail of a run that was
 # given up) before it is cut off as a flood.
 MAX_STRAY_MESSAGES = 1000
@@ -129,10 +134,16 @@ class _Guest:
     dead: str | None = None
     # Its machine is suspended (seen by the host): a command waits for it, however long.
     paused: bool = False
-    # When it was last heard from (a message, a pong; monotonic), and whether the gateway
-    # itself holds back its messages (an inbox full): silence then is the host's doing.
+    # When it was last heard from (a message, a pong; monotonic); when it was asked the
+    # oldest heartbeat it has not answered; whether the gateway itself holds back its
+    # messages (an inbox full), so that its silence is the host's doing.
     heard_at: float = field(default_factory=time.monotonic)
+    asked_at: float | None = None
     held: bool = False
+    heartbeat: asyncio.Task[None] | None = None
+
+    def heard(self) -> None:
+        self.heard_at, self.asked_at = time.monotonic(), None
 
 
 class GuestGateway:
@@ -202,34 +213,49 @@ class GuestGateway:
         guest = self._guests.get(sandbox_id)
         if guest is not None:
             if guest.paused and not paused:
-                guest.heard_at = time.monotonic()  # its silence counts from the resume
+                guest.heard()  # its silence counts from the resume
             guest.paused = paused
 
-    async def probe(self) -> None:
-        """Ping every connected guest: its pong counts as hearing from it (see silence)."""
-        for guest in list(self._guests.values()):
-            if guest.connection is None:
+    def probe(self) -> None:
+        """Send each live guest a heartbeat (a ping; at most one in flight each), which its
+        pong answers. Never waits: a link that cannot take a ping delays only its own."""
+        for sandbox_id, guest in list(self._guests.items()):
+            ws = guest.connection
+            if ws is None or ws.state is not State.OPEN or guest.dead is not None:
                 continue
-            try:
-                pong = await guest.connection.ping()
-            except ConnectionClosed:
+            if ws.transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
+                log.warning("sandbox %s reads nothing sent to it: cut off", sandbox_id)
+                ws.transport.abort()
                 continue
-            asyncio.ensure_future(pong).add_done_callback(partial(_ponged, guest))
+            if guest.asked_at is None:
+                guest.asked_at = time.monotonic()
+            if guest.heartbeat is None or guest.heartbeat.done():
+                guest.heartbeat = asyncio.create_task(_heartbeat(guest, ws))
 
     def silence(self, sandbox_id: str) -> float:
-        """Seconds since the sandbox's guest was last heard from (a message or a pong,
-        connected or not); 0 while its machine is suspended or the gateway holds its
-        messages back."""
+        """How long the sandbox's guest has been silent: seconds since it was last heard
+        from (a message, a pong) once it has left a heartbeat unanswered for ANSWER_S, or,
+        without a link, once it has been gone the reconnect grace (it may be redialling
+        with its backoff); else 0, as while its machine is suspended or the gateway itself
+        holds its messages back."""
         guest = self._guests.get(sandbox_id)
         if guest is None or guest.paused or guest.held:
             return 0.0
-        return time.monotonic() - guest.heard_at
+        now = time.monotonic()
+        quiet = now - guest.heard_at
+        if guest.connection is None:
+            return quiet if quiet >= self._grace else 0.0
+        if guest.asked_at is None or now - guest.asked_at < ANSWER_S:
+            return 0.0
+        return quiet
 
     def fail(self, sandbox_id: str, reason: str) -> None:
         """The sandbox's machine died: its commands end now with SandboxDied, and no new
         one waits for a guest that will not come back."""
         guest = self._guest(sandbox_id)
         guest.dead = reason
+        if guest.connection is not None:
+            guest.connection.transport.abort()  # whatever it says now is not listened to
         for command in guest.open.values():
             if command.inbox.full():
                 command.inbox.get_nowait()  # nothing after the death matters
@@ -393,7 +419,7 @@ class GuestGateway:
         ws.protocol.max_message_size = protocol.MAX_FRAME_SIZE
         guest.connection = ws
         guest.capabilities, guest.version = _announced(hello)
-        guest.heard_at = time.monotonic()
+        guest.heard()
         guest.connected.set()
         log.info(
             "guest of sandbox %s connected (protocol %d, runs %s)",
@@ -407,7 +433,7 @@ class GuestGateway:
                     await ws.send(_cancel_message(command.exec_id))
             strays = 0
             async for raw in ws:
-                guest.heard_at = time.monotonic()
+                guest.heard()
                 message = _checked(raw)
                 if message is None:
                     log.warning("sandbox %s sent a malformed message: cut off", sandbox_id)
@@ -417,7 +443,8 @@ class GuestGateway:
                 if target is not None:
                     guest.held = target.inbox.full()
                     await target.inbox.put(message)  # blocks reading while the inbox is full
-                    guest.held, guest.heard_at = False, time.monotonic()
+                    guest.held = False
+                    guest.heard()
                     continue
                 strays += 1
                 if strays > MAX_STRAY_MESSAGES:
@@ -433,10 +460,12 @@ class GuestGateway:
                 log.info("guest of sandbox %s disconnected", sandbox_id)
 
 
-def _ponged(guest: _Guest, pong: asyncio.Future[float]) -> None:
-    # A link closed before the pong fails the future: that is no news of the guest.
-    if not pong.cancelled() and pong.exception() is None:
-        guest.heard_at = time.monotonic()
+async def _heartbeat(guest: _Guest, ws: ServerConnection) -> None:
+    """One ping and its pong, which counts as hearing from the guest; a link closed first is
+    no news of it."""
+    with contextlib.suppress(ConnectionClosed):
+        await (await ws.ping())
+        guest.heard()
 
 
 def _announced(hello: dict[str, Any]) -> tuple[frozenset[str], int]:

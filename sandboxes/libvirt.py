@@ -307,9 +307,16 @@ class LibvirtProvider(SandboxProvider):
         """Define and start the domain; a boot holds one of the host's boot slots until its
         guest has connected (or BOOT_SLOT_S passed), so boots never crowd the CPUs."""
         async with self.boots:
-            handle, booted = await asyncio.to_thread(
-                self._create, sandbox_id, session_id, template, env
+            creating = asyncio.ensure_future(
+                asyncio.to_thread(self._create, sandbox_id, session_id, template, env)
             )
+            try:
+                handle, booted = await asyncio.shield(creating)
+            except asyncio.CancelledError:
+                # The thread carries on regardless: the domain exists (or not) once it is
+                # done, so that whoever removes it after the cancel finds it.
+                await asyncio.wait([creating])
+                raise
             if booted:
                 with contextlib.suppress(GuestUnavailable):  # the caller's own wait says so
                     await self.gateway.wait_connected(sandbox_id, BOOT_SLOT_S)

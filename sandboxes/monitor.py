@@ -64,8 +64,13 @@ async def check(
             log.warning("sandbox %s of session %s died: %s", machine.sandbox_id,
                         machine.session_id, reason)  # fmt: skip
             gateway.fail(machine.sandbox_id, reason)
-            await on_death(machine, reason)
-    await gateway.probe()
+            try:
+                await on_death(machine, reason)
+            except Exception:
+                reported.discard(machine.sandbox_id)  # told again on the next pass
+                raise
+    # After the listing: a pass that could not list asks nothing, so counts no silence.
+    gateway.probe()
     return machines
 
 

@@ -166,6 +166,14 @@ class SandboxProvider(abc.ABC):
             handle=handle,
         )
 
+    def placeholder(self, sandbox_id: str, session_id: str, template: str) -> SandboxInfo:
+        """The sandbox as known before its machine is made: by its name, which is enough to
+        remove it."""
+        return SandboxInfo(
+            id=sandbox_id, session_id=session_id, provider=self.name, host_id=self.host_id,
+            task_queue=self.task_queue, template=template, handle=machine_name(sandbox_id),
+        )  # fmt: skip
+
     def preserved(self, sandbox_id: str) -> Path:
         """Where a preserved sandbox's disk or workspace is kept: outside every machine's
         folder, so neither reconciliation nor a removal ever deletes it."""
@@ -204,10 +212,7 @@ class SandboxProvider(abc.ABC):
                 await self.wait_connected(sandbox, timeout_s)
                 return sandbox
             raise FileNotFoundError(f"nothing of sandbox {preserved_id} was kept")
-        placeholder = SandboxInfo(
-            id=sandbox_id, session_id=session_id, provider=self.name, host_id=self.host_id,
-            task_queue=self.task_queue, template=template, handle=machine_name(sandbox_id),
-        )  # fmt: skip
+        placeholder = self.placeholder(sandbox_id, session_id, template)
         if self.boots_from_kept:
             await self.bring_back(placeholder, folder, timeout_s)
         sandbox = await self.provision(sandbox_id, session_id, template)

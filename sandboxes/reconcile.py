@@ -73,13 +73,14 @@ async def reconcile(
         elif (now - machine.created_at).total_seconds() < grace_s:
             report.young.append(sandbox_id)
         else:
+            # Forgotten first: its guest going quiet while it shuts down is no death.
+            provider.gateway.forget(sandbox_id)
             try:
                 await provider.remove(machine.handle)
             except Exception:
                 log.exception("could not destroy orphaned sandbox %s", sandbox_id)
                 report.failed.append(sandbox_id)
                 continue
-            provider.gateway.forget(sandbox_id)
             report.destroyed.append(sandbox_id)
             log.info("orphaned sandbox %s of session %s destroyed", sandbox_id, machine.session_id)
     log.info(

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,3 +397,42 @@ async def test_connections_that_say_no_hello_are_capped_per_address(tmp_path: Pa
         late = await hello_with(link.url, "sbx-late")  # room again
         assert json.loads(await late.recv())["type"] == protocol.WELCOME
         await late.close()
+
+
+async def test_a_guest_whose_link_was_up_redials_at_once_however_it_was_lost(
+    tmp_path: Path,
+) -> None:
+    """A link lost without a close (a machine resumed from hibernation finds its link dead;
+    the host's network blipped) resets the backoff: the fifth loss in a row is redialled as
+    fast as the first, not after 2^4 times as long."""
+    port = free_port()
+    gateway = GuestGateway(KEY)
+    await gateway.start("127.0.0.1", port)
+    config = GuestConfig(
+        url=f"ws://127.0.0.1:{port}/guest",
+        sandbox_id="sbx-blips",
+        token=guest_token(KEY, "sbx-blips"),
+        workdir=str(tmp_path),
+        backoff_initial_s=0.25,
+        backoff_max_s=10,
+    )
+    agent = GuestAgent(config)
+    task = asyncio.create_task(agent.run_forever())
+    try:
+        redials = []
+        for _ in range(5):
+            await gateway.wait_connected("sbx-blips", 10)
+            link = gateway._guests["sbx-blips"].connection  # the gateway's end, cut as a blip
+            assert link is not None
+            link.transport.abort()
+            lost = time.monotonic()
+            assert await gone(gateway, "sbx-blips")
+            await gateway.wait_connected("sbx-blips", 10)
+            redials.append(time.monotonic() - lost)
+        # Without the reset: 0.25, 0.5, 1, 2, 4 s (each ±20%).
+        assert max(redials) < 1.5, redials
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await gateway.stop()

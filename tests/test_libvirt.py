@@ -37,7 +37,7 @@ from berth.keys import guest_keys
 from berth.local import LocalSystem, free_port, python_script
 from berth.settings import Settings
 from berth.worker import session_owner
-from sandboxes import libvirt_host, monitor
+from sandboxes import firewall, libvirt_host, monitor
 from sandboxes.factory import gateway_certificate, make_gateway, make_provider
 from sandboxes.gateway import GuestGateway
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
@@ -361,9 +361,9 @@ async def test_a_vm_that_dies_is_seen_in_its_health(vms: LibvirtProvider) -> Non
     sandbox = await vms.provision(uuid.uuid4().hex, uuid.uuid4().hex, vm_templates.DEFAULT)
     assert (await vms.health(sandbox)).running
     os.kill(qemu_pid(sandbox.handle), signal.SIGKILL)
-    for _ in range(100):  # libvirt notices QEMU's end on its monitor socket
+    for _ in range(100):  # libvirt notices QEMU's end on its monitor socket, then says so
         health = await vms.health(sandbox)
-        if not health.running:
+        if not health.running and "last event stopped (" in health.detail:
             break
         await asyncio.sleep(0.1)
     assert not health.ok and not health.running
@@ -550,12 +550,8 @@ async def cut_off(vms: LibvirtProvider, sandbox: SandboxInfo, engine: Engine) ->
     """The VM runs on, but nothing it sends reaches the host (a hung or cut-off guest)."""
     address = vms.address(sandbox.handle)
     assert ipaddress.ip_address(address) in vms.subnet, address
-    rule = ["INPUT", "-s", f"{address}/32", "-j", "DROP"]
-    await asyncio.to_thread(subprocess.run, ["iptables", "-I", *rule], check=True)
-    try:
+    with firewall.cut_off(address, f"berth-test-cut-off-{sandbox.id[:8]}"):
         yield "its guest agent answered nothing for"
-    finally:
-        await asyncio.to_thread(subprocess.run, ["iptables", "-D", *rule], check=True)
 
 
 @pytest.mark.parametrize("break_it", [destroyed, cut_off], ids=["destroyed", "silent"])

@@ -20,6 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from berth.local import free_port
 from guest_agent import protocol
 from guest_agent.agent import GuestAgent, GuestConfig
+from sandboxes import gateway as gateway_module
 from sandboxes import monitor
 from sandboxes.gateway import INBOX_SIZE, GuestGateway, SandboxDied
 from sandboxes.models import Machine, TerminalStep
@@ -32,29 +33,39 @@ SILENCE_S = 1.0
 POLL_S = 0.2
 
 
-class Host:
-    """The edge: a host with one machine, in whatever state the test sets."""
+@pytest.fixture(autouse=True)
+def quick_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A heartbeat is given 0.4 s to be answered (2 s in production), within SILENCE_S."""
+    monkeypatch.setattr(gateway_module, "ANSWER_S", 2 * POLL_S)
 
-    def __init__(self, gateway: GuestGateway) -> None:
+
+class Host:
+    """The edge: a host with running machines (SANDBOX's, and ``others``), the first in
+    whatever state the test sets."""
+
+    def __init__(self, gateway: GuestGateway, others: tuple[str, ...] = ()) -> None:
         self.gateway = gateway
         self.state = "running"
+        self.others = others
 
     async def machines(self) -> list[Machine]:
+        states = [(SANDBOX, self.state)] + [(other, "running") for other in self.others]
         return [
             Machine(
-                sandbox_id=SANDBOX,
-                session_id="a-session",
-                handle="berth-watched",
-                state=self.state,
+                sandbox_id=sandbox_id,
+                session_id=f"session-of-{sandbox_id}",
+                handle=f"berth-{sandbox_id}",
+                state=state,
                 created_at=datetime.now(UTC),
             )
+            for sandbox_id, state in states
         ]
 
 
 @contextlib.asynccontextmanager
-async def gateway() -> AsyncIterator[tuple[GuestGateway, str]]:
+async def gateway(grace_s: float = 60) -> AsyncIterator[tuple[GuestGateway, str]]:
     port = free_port()
-    served = GuestGateway(KEY, reconnect_grace_s=60)
+    served = GuestGateway(KEY, reconnect_grace_s=grace_s)
     await served.start("127.0.0.1", port)
     try:
         yield served, f"ws://127.0.0.1:{port}/guest"
@@ -63,9 +74,10 @@ async def gateway() -> AsyncIterator[tuple[GuestGateway, str]]:
 
 
 @contextlib.asynccontextmanager
-async def frozen_guest(url: str) -> AsyncIterator[ClientConnection]:
+async def frozen_guest(url: str, sandbox_id: str = SANDBOX) -> AsyncIterator[ClientConnection]:
     """A guest that says hello, then reads nothing (as if hung): no pong ever comes."""
-    hello = {"type": protocol.HELLO, "sandbox_id": SANDBOX, "token": guest_token(KEY, SANDBOX)}
+    token = guest_token(KEY, sandbox_id)
+    hello = {"type": protocol.HELLO, "sandbox_id": sandbox_id, "token": token}
     async with connect(url, ping_interval=None) as ws:
         await ws.send(json.dumps(hello))
         assert json.loads(await ws.recv())["type"] == protocol.WELCOME
@@ -75,11 +87,12 @@ async def frozen_guest(url: str) -> AsyncIterator[ClientConnection]:
 
 
 @contextlib.asynccontextmanager
-async def live_guest(url: str, workdir: Path) -> AsyncIterator[GuestAgent]:
+async def live_guest(
+    url: str, workdir: Path, sandbox_id: str = SANDBOX
+) -> AsyncIterator[GuestAgent]:
+    token = guest_token(KEY, sandbox_id)
     agent = GuestAgent(
-        GuestConfig(
-            url=url, sandbox_id=SANDBOX, token=guest_token(KEY, SANDBOX), workdir=str(workdir)
-        )
+        GuestConfig(url=url, sandbox_id=sandbox_id, token=token, workdir=str(workdir))
     )
     task = asyncio.create_task(agent.run_forever())
     try:
@@ -94,16 +107,19 @@ async def live_guest(url: str, workdir: Path) -> AsyncIterator[GuestAgent]:
 
 async def watch_for(host: Host, seconds: float) -> list[str]:
     """Check as the worker does, every POLL_S for ``seconds`` or until a death is reported;
-    the reasons reported."""
+    the reasons reported (of SANDBOX's machine; another's: after its id). A pass never
+    waits on a guest."""
     deaths: list[str] = []
 
     async def died(machine: Machine, reason: str) -> None:
-        deaths.append(reason)
+        mine = machine.sandbox_id == SANDBOX
+        deaths.append(reason if mine else f"{machine.sandbox_id}: {reason}")
 
     reported: set[str] = set()
     deadline = time.monotonic() + seconds
     while not deaths and time.monotonic() < deadline:
-        await monitor.check(cast(SandboxProvider, host), died, reported, SILENCE_S)
+        async with asyncio.timeout(POLL_S):
+            await monitor.check(cast(SandboxProvider, host), died, reported, SILENCE_S)
         await asyncio.sleep(POLL_S)
     return deaths
 
@@ -170,3 +186,56 @@ async def test_a_guest_held_back_by_the_gateway_is_not_silent(tmp_path: Path) ->
         assert deaths == []
         outcome = await asyncio.wait_for(step, 30)
         assert outcome.exit_code == 0
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame, as a guest's WebSocket sends it (payload under 126 bytes)."""
+    mask = b"mask"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked
+
+
+async def test_a_guest_gone_from_its_link_has_the_reconnect_grace() -> None:
+    """Redialling with its backoff (after a wake, a blip), a guest is not silent until it
+    has been gone the reconnect grace."""
+    async with gateway(grace_s=3 * SILENCE_S) as (served, url):
+        async with connect(url) as ws:  # says hello, then leaves
+            token = guest_token(KEY, SANDBOX)
+            await ws.send(
+                json.dumps({"type": protocol.HELLO, "sandbox_id": SANDBOX, "token": token})
+            )
+            await ws.recv()
+        gone = time.monotonic()
+        deaths = await watch_for(Host(served), 10 * SILENCE_S)
+        assert len(deaths) == 1 and "answered nothing for 3 s" in deaths[0]
+        assert time.monotonic() - gone >= 3 * SILENCE_S
+
+
+async def test_a_guest_stuck_closing_its_link_delays_no_other_guests_heartbeat(
+    tmp_path: Path,
+) -> None:
+    """A guest that broke the protocol and reads nothing holds its link in the closing
+    handshake (10 s): pinging it would wait that long, so it is not pinged, and a quiet,
+    healthy neighbour is not taken for silent meanwhile."""
+    async with gateway() as (served, url), live_guest(url, tmp_path, "sbx-healthy"):
+        await served.wait_connected("sbx-healthy", 5)
+        async with frozen_guest(url) as stuck:
+            await served.wait_connected(SANDBOX, 5)
+            stuck.transport.write(client_frame(0x1, b"not json"))  # cut off: closing
+            deaths = await watch_for(Host(served, others=("sbx-healthy",)), 4 * SILENCE_S)
+        assert not [d for d in deaths if d.startswith("sbx-healthy")], deaths
+
+
+async def test_a_guest_that_reads_nothing_and_floods_pings_is_cut_off() -> None:
+    """websockets answers every ping with a pong, buffered without bound while the guest
+    reads none: past MAX_UNSENT_BYTES its link is cut."""
+    async with gateway() as (served, url), frozen_guest(url) as flooder:
+        await served.wait_connected(SANDBOX, 5)
+        pings = client_frame(0x9, b"p" * 125) * 10_000  # 1.3 MB, answered by as many pongs
+        for _ in range(20):
+            flooder.transport.write(pings)
+            await asyncio.sleep(POLL_S)
+            served.probe()  # as each pass does (long before the guest would be silent)
+            if not served.is_connected(SANDBOX):
+                break
+        assert not served.is_connected(SANDBOX)

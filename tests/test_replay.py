@@ -1,6 +1,6 @@
 """Replays recorded SessionWorkflow histories, one per path (happy, cancel, failure,
-continue-as-new): a change to the workflow that would break running sessions
-(non-determinism) fails here.
+continue-as-new), and PoolWorkflow's (a stop with a boot in flight): a change to a
+workflow that would break running ones (non-determinism) fails here.
 
 Histories are kept per workflow version in tests/histories/<version>/. Record a new
 version's with ``BERTH_RECORD_HISTORY=1 pytest tests/test_workflow.py`` (after pointing
@@ -17,6 +17,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from workflows.pool import PoolWorkflow
 from workflows.session import SessionWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*/*.json"))
@@ -30,6 +31,8 @@ def test_every_path_has_a_recorded_history() -> None:
 async def test_a_recorded_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(f"replay-{path.stem}", path.read_text())  # noqa: ASYNC240
     assert any(e.HasField("activity_task_scheduled_event_attributes") for e in history.events)
-    replayer = Replayer(workflows=[SessionWorkflow], data_converter=pydantic_data_converter)
+    replayer = Replayer(
+        workflows=[SessionWorkflow, PoolWorkflow], data_converter=pydantic_data_converter
+    )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None

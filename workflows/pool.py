@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.sandbox import SandboxActivities
@@ -65,6 +66,7 @@ class PoolState(BaseModel):
     hits: int = 0
     misses: int = 0
     boot_failures: int = 0  # in a row
+    stopping: bool = False  # told to stop: it destroys its members and ends
 
     def owns(self, sandbox_id: str) -> bool:
         """Whether the sandbox is this pool's: ready, booting, or just handed out (its new
@@ -95,13 +97,14 @@ class PoolWorkflow:
     def __init__(self, params: PoolInput) -> None:
         self.params = params
         self.s = params.carried or PoolState(template=params.template, target=params.min_size)
-        self.stopping = False
         self.changed = False
         self.boots: set[asyncio.Task[None]] = set()
+        # The provision activity of each boot in flight, by sandbox id.
+        self.provisions: dict[str, workflow.ActivityHandle[SandboxInfo]] = {}
 
     @workflow.run
     async def run(self, params: PoolInput) -> None:
-        while not self.stopping:
+        while not self.s.stopping:
             self.resize()
             # Once Temporal suggests continuing as new, no boot starts: the ones in flight
             # end, and then the pool moves on (boots that keep failing cannot postpone it).
@@ -117,12 +120,14 @@ class PoolWorkflow:
             self.changed = False
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
-                    lambda: self.changed or self.stopping, timeout=RESIZE_EVERY
+                    lambda: self.changed or self.s.stopping, timeout=RESIZE_EVERY
                 )
-        # Ending (its worker stops, say): boots in flight are not waited for but cancelled
-        # (a machine one leaves is its pool's no more, so reconciliation removes it).
-        for boot in self.boots:
-            boot.cancel()
+        # Ending (its worker stops): boots in flight are cancelled, not waited for; each
+        # provision destroys what it made before its cancel completes. (Before the patch,
+        # the pool waited for them.)
+        if workflow.patched("pool-stop-cancels-boots"):
+            for provision in self.provisions.values():
+                provision.cancel()
         await workflow.wait_condition(lambda: not self.s.booting)
         await asyncio.gather(*(self.destroy(sandbox) for sandbox in self.s.ready))
         self.s.ready = []
@@ -146,29 +151,35 @@ class PoolWorkflow:
             sandbox_id=sandbox_id,
             template=self.params.template,
         )
+        provision = workflow.start_activity_method(
+            SandboxActivities.provision,
+            request,
+            task_queue=self.params.host_task_queue,
+            start_to_close_timeout=BOOT_TIMEOUT,
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(maximum_attempts=2),
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            summary=f"boot a {self.params.template!r} pool VM",
+        )
+        self.provisions[sandbox_id] = provision
         try:
-            sandbox = await workflow.execute_activity_method(
-                SandboxActivities.provision,
-                request,
-                task_queue=self.params.host_task_queue,
-                start_to_close_timeout=BOOT_TIMEOUT,
-                heartbeat_timeout=timedelta(seconds=30),
-                retry_policy=RetryPolicy(maximum_attempts=2),
-                summary=f"boot a {self.params.template!r} pool VM",
-            )
+            sandbox = await provision
         except ActivityError:
             # The activity destroyed its machine. Back off, still counted as booting, so a
-            # failing template does not spin.
+            # failing template does not spin; a cancelled one (the pool ending) does not.
+            if self.s.stopping and workflow.patched("pool-stop-cancels-boots"):
+                return
             self.s.boot_failures += 1
             workflow.logger.warning("a pool VM failed to boot (%d in a row)", self.s.boot_failures)
             await workflow.sleep(min(MAX_BACKOFF_S, 2.0**self.s.boot_failures))
         else:
             self.s.boot_failures = 0
-            if self.stopping:
+            if self.s.stopping:
                 await self.destroy(sandbox)
             else:
                 self.s.ready.append(sandbox)
         finally:
+            self.provisions.pop(sandbox_id, None)
             self.s.booting.remove(sandbox_id)
             self.changed = True
 
@@ -189,7 +200,7 @@ class PoolWorkflow:
             return known
         self.s.claim_times.append(workflow.now())
         self.changed = True
-        if not self.s.ready or self.stopping:
+        if not self.s.ready or self.s.stopping:
             self.s.misses += 1
             return None
         sandbox = self.s.ready.pop(0)
@@ -202,7 +213,7 @@ class PoolWorkflow:
     @workflow.signal
     def stop(self) -> None:
         """Destroy every member and end."""
-        self.stopping = True
+        self.s.stopping = True
 
     @workflow.query
     def state(self) -> PoolState:
