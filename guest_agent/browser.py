@@ -24,6 +24,7 @@ from guest_agent.protocol import MAX_ARTIFACT_BYTES, MAX_RESULT_CHARS
 from guest_agent.user import StepUser
 
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
+LAUNCH_TIMEOUT_MS = 180_000
 # In a machine without a GPU or a way out: no sandbox of its own (the machine is one, and
 # Chromium's needs privileges its user lacks), and none of the background traffic that
 # would only meet refused connections.
@@ -86,7 +87,9 @@ class Browser:
 
     def _launch(self) -> dict[str, Any]:
         """How Playwright starts Chromium: through the step user's wrapper if there is one."""
-        options: dict[str, Any] = {"args": FLAGS, "headless": True}
+        # A VM under TCG (no KVM) takes its time: ~40 s to a first page, against Playwright's
+        # default of 30 s for the launch alone.
+        options: dict[str, Any] = {"args": FLAGS, "headless": True, "timeout": LAUNCH_TIMEOUT_MS}
         if self.user is None:
             return {**options, "executable_path": self.executable}
         return {

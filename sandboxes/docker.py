@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import logging
 import os
 import shutil
@@ -35,7 +34,7 @@ from sandboxes import firewall
 from sandboxes.gateway import GuestGateway
 from sandboxes.models import Machine, SandboxInfo, Usage
 from sandboxes.provider import MISSING, TOKEN_VARIABLE, SandboxProvider, machine_name
-from sandboxes.rootfs import rootfs
+from sandboxes.rootfs import copy_site, rootfs, site_packages, versions
 
 log = logging.getLogger("berth.docker")
 
@@ -123,28 +122,6 @@ def start_engine(log_path: Path, timeout_s: float = 60.0) -> subprocess.Popen[by
             raise DockerError(f"dockerd did not come up; see {log_path}")
         time.sleep(0.5)
     return process
-
-
-def _installed(name: str) -> importlib.metadata.Distribution:
-    try:
-        return importlib.metadata.distribution(name)
-    except importlib.metadata.PackageNotFoundError:
-        raise DockerError(
-            f"Python package {name} (for the sandbox image) is not installed: run `make setup`"
-        ) from None
-
-
-def _copy_distributions(site: list[importlib.metadata.Distribution], target: Path) -> None:
-    """Copy installed distributions' files, as laid out in site-packages, into ``target``
-    (scripts installed elsewhere and bytecode caches left out)."""
-    target.mkdir()
-    for distribution in site:
-        for file in distribution.files or []:
-            if file.parts[0] == ".." or "__pycache__" in file.parts:
-                continue
-            destination = target / file
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(str(distribution.locate_file(file))), destination)
 
 
 class DockerProvider(SandboxProvider):
@@ -399,12 +376,11 @@ class DockerProvider(SandboxProvider):
     async def ensure_image(self, template: str) -> str:
         folder = vm_templates.path(template)
         base = f"berth-base-{template}:{vm_templates.fingerprint(folder / 'packages')}"
-        site = [_installed(name) for name in vm_templates.python_packages(template)]
-        versions = " ".join(f"{d.metadata['Name']}=={d.version}" for d in site)
-        image = (
-            f"berth-sandbox-{template}:"
-            f"{vm_templates.fingerprint(folder, Path(guest_agent.__file__).parent, extra=versions)}"
+        site = site_packages(template)
+        key = vm_templates.fingerprint(
+            folder, Path(guest_agent.__file__).parent, extra=versions(site)
         )
+        image = f"berth-sandbox-{template}:{key}"
         if await exists("image", image):
             return image
         if not await exists("image", base):
@@ -418,7 +394,7 @@ class DockerProvider(SandboxProvider):
                 ignore=shutil.ignore_patterns("__pycache__"),
             )
             shutil.copy(folder / "Dockerfile", context)
-            _copy_distributions(site, Path(context) / "site")
+            copy_site(site, Path(context) / "site")
             # The classic builder uses the local base image as is; BuildKit would try a pull.
             process = await asyncio.create_subprocess_exec(
                 "docker",

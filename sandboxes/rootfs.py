@@ -7,6 +7,7 @@ template spec gives both the same system.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -53,3 +54,35 @@ def rootfs(template: str, mirror: str, build_dir: Path) -> Path:
     finally:
         shutil.rmtree(draft, ignore_errors=True)
     return dest
+
+
+def site_packages(template: str) -> list[importlib.metadata.Distribution]:
+    """The template's Python packages (its ``python-packages``: Playwright, for browser
+    steps), as installed in this virtualenv: both images take them from here."""
+    found = []
+    for name in vm_templates.python_packages(template):
+        try:
+            found.append(importlib.metadata.distribution(name))
+        except importlib.metadata.PackageNotFoundError:
+            raise RootfsError(
+                f"Python package {name} (for the sandbox image) is not installed: run `make setup`"
+            ) from None
+    return found
+
+
+def versions(site: list[importlib.metadata.Distribution]) -> str:
+    """What an image's cache key says of its Python packages."""
+    return " ".join(f"{d.metadata['Name']}=={d.version}" for d in site)
+
+
+def copy_site(site: list[importlib.metadata.Distribution], target: Path) -> None:
+    """Copy installed distributions' files, as laid out in site-packages, into ``target``
+    (scripts installed elsewhere and bytecode caches left out)."""
+    target.mkdir()
+    for distribution in site:
+        for file in distribution.files or []:
+            if file.parts[0] == ".." or "__pycache__" in file.parts:
+                continue
+            destination = target / file
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(str(distribution.locate_file(file))), destination)

@@ -33,7 +33,7 @@ from pathlib import Path
 import guest_agent
 import vm_templates
 from guest_agent.user import STEP_UID, STEP_USER, WORKSPACE, WORKSPACE_MODE
-from sandboxes.rootfs import rootfs
+from sandboxes.rootfs import copy_site, rootfs, site_packages, versions
 
 GUEST_FILES = vm_templates.ROOT / "guest"
 BUSYBOX = Path("/bin/busybox")
@@ -189,7 +189,11 @@ def write_seed(path: Path, values: dict[str, str]) -> None:
 
 def image_key(template: str, kernel: Kernel) -> str:
     digest = vm_templates.fingerprint(
-        vm_templates.path(template), GUEST_FILES, Path(guest_agent.__file__).parent, Path(__file__)
+        vm_templates.path(template),
+        GUEST_FILES,
+        Path(guest_agent.__file__).parent,
+        Path(__file__),
+        extra=versions(site_packages(template)),
     )
     return hashlib.sha256(f"{digest}:{kernel.version}".encode()).hexdigest()[:12]
 
@@ -221,6 +225,8 @@ def _guest_tree(root: Path, stage: Path, template: str) -> None:
         opt / "guest_agent",
         ignore=shutil.ignore_patterns("__pycache__"),
     )
+    # The template's Python packages (Playwright), on the agent's PYTHONPATH (guest/agent).
+    copy_site(site_packages(template), opt / "site")
     shutil.copy(BUSYBOX, opt / "busybox")
     for name in ("rc", "agent"):
         shutil.copy(GUEST_FILES / name, opt / name)

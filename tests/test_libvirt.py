@@ -41,7 +41,7 @@ from sandboxes import firewall, libvirt_host, monitor
 from sandboxes.factory import gateway_certificate, make_gateway, make_provider
 from sandboxes.gateway import GuestGateway
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
-from sandboxes.models import Machine, SandboxInfo
+from sandboxes.models import BrowserStep, Check, Machine, SandboxInfo
 from sandboxes.provider import SandboxProvider, machine_name
 from sandboxes.reconcile import reconcile
 from store.artifacts import ArtifactStore
@@ -168,6 +168,51 @@ async def test_a_vm_boots_runs_a_step_and_is_removed_without_a_trace(
     await vms.destroy(sandbox)
     assert await gone(vms, sandbox)
     assert await vms.machines() == []
+
+
+PAGE = "<html><body><h1>Hello from a Berth VM</h1></body></html>"
+
+
+async def test_a_vm_drives_its_browser(vms: LibvirtProvider) -> None:
+    """Chromium through Playwright in the VM (under TCG here: ~40 s to the first page), on
+    a page served inside it; each step returns a screenshot."""
+    sandbox = await boot(vms)
+    serve = (
+        f"printf '%s' '{PAGE}' > page.html && "
+        "(setsid python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 &)"
+    )
+    assert (await Sandbox(vms, sandbox).run(serve))[0] == 0
+    shots: list[tuple[str, bytes]] = []
+
+    async def keep(name: str, media_type: str, data: bytes) -> str:
+        shots.append((media_type, data))
+        return name
+
+    steps = [
+        BrowserStep(
+            action="navigate",
+            url="http://127.0.0.1:8080/page.html",
+            check=Check(kind="page_text_contains", value="Hello from a Berth VM"),
+            timeout_s=120,
+        ),
+        BrowserStep(action="extract", selector="h1"),
+    ]
+    outcomes = [
+        await vms.run_step(sandbox, uuid.uuid4().hex, step, 300, scratch_output, 0, keep)
+        for step in steps
+    ]
+    assert all(outcome.ok for outcome in outcomes), outcomes
+    assert outcomes[0].check is not None and outcomes[0].check.ok
+    assert outcomes[1].result is not None and "Hello from a Berth VM" in str(outcomes[1].result)
+    assert len(shots) == 2 and all(
+        kind == "image/jpeg" and data[:2] == b"\xff\xd8" for kind, data in shots
+    )
+    await vms.destroy(sandbox)
+    assert await gone(vms, sandbox)
+
+
+async def scratch_output(seq: int, stream: str, text: str) -> None:
+    """A browser step's output is not kept here."""
 
 
 async def test_the_guest_reaches_the_gateway_but_no_other_port_of_the_host(
