@@ -7,10 +7,31 @@ import codecs
 import contextlib
 import os
 import signal
+import time
 
 from guest_agent.execution import Execution
 from guest_agent.protocol import EXIT_TIMED_OUT, MAX_OUTPUT_CHUNK
 from guest_agent.user import StepUser
+
+# Once a command has exited, output that stops coming for this long is held open only by
+# children it left running (``server &``): the step ends, and they run on, what they print
+# read and dropped (never a broken pipe for them).
+BACKGROUND_QUIET_S = 1.0
+# Background readers of steps that are over, until their last writer is gone.
+_draining: set[asyncio.Future[tuple[None, None]]] = set()
+
+
+class _Pipes:
+    """How a command's output is being read: kept or dropped; a chunk being passed on, or
+    when the last one was."""
+
+    def __init__(self) -> None:
+        self.keep = True
+        self.busy = 0
+        self.at = time.monotonic()
+
+    def quiet(self) -> bool:
+        return not self.busy and time.monotonic() - self.at >= BACKGROUND_QUIET_S
 
 
 async def run_command(
@@ -35,26 +56,40 @@ async def run_command(
     if execution.killed:
         execution.kill()  # cancelled while the process was being started
     assert process.stdout is not None and process.stderr is not None
-    readers = asyncio.gather(
-        _read(execution, process.stdout, "stdout"), _read(execution, process.stderr, "stderr")
+    pipes = _Pipes()
+    readers: asyncio.Future[tuple[None, None]] = asyncio.gather(
+        _read(execution, process.stdout, "stdout", pipes),
+        _read(execution, process.stderr, "stderr", pipes),
     )
-    try:
-        await asyncio.wait_for(asyncio.shield(readers), execution.timeout_s)
-    except TimeoutError:
-        execution.timed_out = True
-        execution.kill()
-        await readers
+    deadline = time.monotonic() + execution.timeout_s
+    # Its output ends with it, unless children it left running (or that escaped a kill
+    # with a session of their own) hold it open.
+    while not readers.done():
+        left = deadline - time.monotonic()
+        if left <= 0 and not execution.timed_out:
+            execution.timed_out = True
+            execution.kill()
+        await asyncio.wait(
+            [readers], timeout=min(left, BACKGROUND_QUIET_S) if left > 0 else BACKGROUND_QUIET_S
+        )
+        if process.returncode is not None and pipes.quiet():
+            pipes.keep = False
+            _draining.add(readers)
+            readers.add_done_callback(_draining.discard)
+            break
     code = await process.wait()
     return (EXIT_TIMED_OUT if execution.timed_out else code), None
 
 
 def _kill_group(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+    # The group outlives its leader (bash) while children it started live.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
-async def _read(execution: Execution, stream: asyncio.StreamReader, name: str) -> None:
+async def _read(
+    execution: Execution, stream: asyncio.StreamReader, name: str, pipes: _Pipes
+) -> None:
     # Incremental, so that a character cut by a split of an overlong line stays whole.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     while True:
@@ -66,7 +101,12 @@ async def _read(execution: Execution, stream: asyncio.StreamReader, name: str) -
             # An overlong line, in pieces; the buffer may hold more than the limit.
             chunk = await stream.read(min(exc.consumed, MAX_OUTPUT_CHUNK))
         text = decoder.decode(chunk, final=not chunk)
-        if text:
-            await execution.append(name, text)
+        if text and pipes.keep:
+            pipes.busy += 1
+            try:
+                await execution.append(name, text)
+            finally:
+                pipes.busy -= 1
+        pipes.at = time.monotonic()
         if not chunk:
             return

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -153,6 +154,46 @@ async def test_cancel_kills_the_command_and_its_run_returns(tmp_path: Path) -> N
         outcome = await asyncio.wait_for(run, 5)
         assert outcome.exit_code in (-9, 137) and not outcome.timed_out
         await wait_gone(sleeper)
+
+
+async def test_a_command_that_leaves_a_child_running_ends_with_its_shell(tmp_path: Path) -> None:
+    """``server &``: the step ends when the shell does, though the child holds its output
+    open; the child runs on (its later output dropped, never a broken pipe)."""
+    async with guest_link(tmp_path) as link:
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        out = Collector()
+        step = TerminalStep(command="(sleep 3; echo late > after.txt) & echo $!")
+        outcome = await asyncio.wait_for(
+            link.gateway.run(link.sandbox_id, "e9", step, 60, out), 2.5
+        )
+        assert outcome.exit_code == 0 and out.texts == [out.texts[0]]
+        child = int(out.texts[0])
+        os.kill(child, 0)  # still running
+        await wait_gone(child)
+        assert (tmp_path / "after.txt").read_text() == "late\n"
+
+
+async def test_a_timeout_or_cancel_kills_children_left_by_a_shell_that_exited(
+    tmp_path: Path,
+) -> None:
+    """The shell gone, its group lives on in a chatty child: a timeout kills it, and so
+    does a cancel."""
+    async with guest_link(tmp_path) as link:
+        await link.gateway.wait_connected(link.sandbox_id, 10)
+        chatty = "(while true; do echo tick; sleep 0.1; done) &"
+        outcome = await asyncio.wait_for(
+            link.gateway.run(link.sandbox_id, "e10", TerminalStep(command=chatty), 1, Collector()),
+            10,
+        )
+        assert outcome.timed_out
+        out = Collector()
+        run = asyncio.create_task(
+            link.gateway.run(link.sandbox_id, "e11", TerminalStep(command=chatty), 60, out)
+        )
+        await asyncio.wait_for(out.first.wait(), 5)
+        await link.gateway.cancel(link.sandbox_id, "e11")
+        outcome = await asyncio.wait_for(run, 10)
+        assert not outcome.timed_out and "tick" in outcome.output_tail
 
 
 async def test_a_cancel_right_after_the_start_still_kills(tmp_path: Path) -> None:
