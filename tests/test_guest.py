@@ -61,17 +61,26 @@ async def guest_link(tmp_path: Path, token: str | None = None) -> AsyncIterator[
             backoff_max_s=0.2,
         )
     )
+    try:
+        async with running(agent):
+            yield Link(gateway, sandbox_id, agent, url)
+    finally:
+        await agent.close()
+        await gateway.stop()
+
+
+@contextlib.asynccontextmanager
+async def running(agent: GuestAgent) -> AsyncIterator[GuestAgent]:
+    """The agent dialling and serving until the block ends; then its commands killed."""
     task = asyncio.create_task(agent.run_forever())
     try:
-        yield Link(gateway, sandbox_id, agent, url)
+        yield agent
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         for execution in agent.executions.values():
             execution.kill()
-        await agent.close()
-        await gateway.stop()
 
 
 class Collector:
@@ -457,9 +466,7 @@ async def test_a_guest_whose_link_was_up_redials_at_once_however_it_was_lost(
         backoff_initial_s=0.25,
         backoff_max_s=10,
     )
-    agent = GuestAgent(config)
-    task = asyncio.create_task(agent.run_forever())
-    try:
+    async with running(GuestAgent(config)):
         redials = []
         for _ in range(5):
             await gateway.wait_connected("sbx-blips", 10)
@@ -472,8 +479,4 @@ async def test_a_guest_whose_link_was_up_redials_at_once_however_it_was_lost(
             redials.append(time.monotonic() - lost)
         # Without the reset: 0.25, 0.5, 1, 2, 4 s (each ±20%).
         assert max(redials) < 1.5, redials
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await gateway.stop()
+    await gateway.stop()

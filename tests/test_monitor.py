@@ -26,6 +26,7 @@ from sandboxes.gateway import INBOX_SIZE, GuestGateway, SandboxDied
 from sandboxes.models import Machine, TerminalStep
 from sandboxes.provider import SandboxProvider
 from sandboxes.tokens import guest_token
+from tests.test_guest import running
 
 KEY = b"monitor-test"
 SANDBOX = "sbx-watched"
@@ -91,18 +92,9 @@ async def live_guest(
     url: str, workdir: Path, sandbox_id: str = SANDBOX
 ) -> AsyncIterator[GuestAgent]:
     token = guest_token(KEY, sandbox_id)
-    agent = GuestAgent(
-        GuestConfig(url=url, sandbox_id=sandbox_id, token=token, workdir=str(workdir))
-    )
-    task = asyncio.create_task(agent.run_forever())
-    try:
+    config = GuestConfig(url=url, sandbox_id=sandbox_id, token=token, workdir=str(workdir))
+    async with running(GuestAgent(config)) as agent:
         yield agent
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        for execution in agent.executions.values():
-            execution.kill()
 
 
 async def watch_for(host: Host, seconds: float) -> list[str]:
