@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import json
 import logging
 import random
@@ -22,13 +23,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import websockets
 
 from guest_agent import checks, files, protocol
+from guest_agent.chromium import chromium_path
 from guest_agent.execution import Execution
 from guest_agent.pinning import SECURE_SCHEME, check_peer, client_context
 from guest_agent.terminal import run_command
 from guest_agent.user import StepUser
 
 if TYPE_CHECKING:  # Playwright is optional in the guest
-    from guest_agent.browser import Browser
+    from guest_agent.browser import Browser, Ran
 
 log = logging.getLogger("guest_agent")
 
@@ -272,14 +274,32 @@ class GuestAgent:
                 return
 
 
-def load_browser(user: StepUser | None) -> Browser | None:
-    """The guest's browser, if Playwright imports and a Chromium is there; else None."""
-    try:
-        from guest_agent.browser import Browser, chromium_path
-    except ImportError:
+class LazyBrowser:
+    """The guest's browser, made at the first browser step: importing Playwright takes
+    seconds under TCG, which every VM's start would pay for nothing."""
+
+    def __init__(self, executable: str, user: StepUser | None) -> None:
+        self.executable, self.user = executable, user
+        self._browser: Browser | None = None
+
+    async def run(self, execution: Execution, step: dict[str, Any], want_text: bool) -> Ran:
+        if self._browser is None:
+            from guest_agent.browser import Browser
+
+            self._browser = Browser(self.executable, self.user)
+        return await self._browser.run(execution, step, want_text)
+
+    async def close(self) -> None:
+        if self._browser is not None:
+            await self._browser.close()
+
+
+def load_browser(user: StepUser | None) -> LazyBrowser | None:
+    """The guest's browser, if Playwright is installed and a Chromium is there; else None."""
+    if importlib.util.find_spec("playwright") is None:
         return None
     executable = chromium_path()
-    return Browser(executable, user) if executable else None
+    return LazyBrowser(executable, user) if executable else None
 
 
 def _has_news(execution: Execution, after: int) -> bool:

@@ -23,7 +23,6 @@ from guest_agent.execution import Artifact, Execution
 from guest_agent.protocol import MAX_ARTIFACT_BYTES, MAX_RESULT_CHARS
 from guest_agent.user import StepUser
 
-DEFAULT_CHROMIUM = "/usr/bin/chromium"
 LAUNCH_TIMEOUT_MS = 180_000
 # In a machine without a GPU or a way out: no sandbox of its own (the machine is one, and
 # Chromium's needs privileges its user lacks), and none of the background traffic that
@@ -44,11 +43,6 @@ QUALITIES = (80, 60, 40, 20)
 MAX_PAGE_TEXT = 1024 * 1024
 # Playwright's messages run to many lines of call log: the first few say it.
 ERROR_LINES = 3
-
-
-def chromium_path() -> str | None:
-    path = os.environ.get("BERTH_CHROMIUM") or DEFAULT_CHROMIUM
-    return path if os.access(path, os.X_OK) else None
 
 
 @dataclass

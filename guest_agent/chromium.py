@@ -15,6 +15,13 @@ import sys
 from guest_agent.user import StepUser
 
 PROFILE_FLAG = "--user-data-dir="
+DEFAULT_CHROMIUM = "/usr/bin/chromium"
+
+
+def chromium_path() -> str | None:
+    """The machine's Chromium (``BERTH_CHROMIUM``, else Debian's), if it is there."""
+    path = os.environ.get("BERTH_CHROMIUM") or DEFAULT_CHROMIUM
+    return path if os.access(path, os.X_OK) else None
 
 
 def main() -> None:

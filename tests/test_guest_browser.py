@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent.browser import chromium_path
+from guest_agent.chromium import chromium_path
 from sandboxes.gateway import GuestGateway, StepKindUnsupported
 from sandboxes.models import BrowserStep, Check, StepOutcome
 from tests.test_guest import Collector, guest_link

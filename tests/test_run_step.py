@@ -17,7 +17,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.sandbox import SandboxActivities
 from berth.local import python_script
-from guest_agent.browser import chromium_path
+from guest_agent.chromium import chromium_path
 from sandboxes.gateway import GuestGateway
 from sandboxes.models import (
     BrowserStep,
