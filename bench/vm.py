@@ -307,6 +307,7 @@ async def measure(runs: int, warm_runs: int) -> list[Metric]:
         for left in await provider.machines():
             await provider.remove(left.handle)
         await gateway.stop()
+        await provider.close()  # its gateway's port in the host's firewall
     return metrics
 
 

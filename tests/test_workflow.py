@@ -529,7 +529,8 @@ async def test_signals_before_a_continue_as_new_are_acted_on_after_it(
         await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
         latest = env.client.get_workflow_handle(handle.id)
         assert (await latest.describe()).run_id != first_run, "never continued as new"
-        await until(lambda: len(stubs.provisioned) == 2)  # replaced after the task
+        # Replaced after the task, and recorded: an end before that has nothing to keep.
+        await until(lambda: [e.type for e in stubs.events].count("sandbox.ready") == 2)
         await end(latest)
     assert [e.data["sandbox_id"] for e in stubs.events if e.type == "sandbox.died"] == [dead]
     assert stubs.destroyed == [dead] and stubs.preserved == stubs.provisioned[1:]
