@@ -14,6 +14,15 @@ from pydantic import BaseModel, ValidationError, field_validator
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.models import (
+    MAX_PLAN_STEPS,
+    DoneStep,
+    ModelAnswer,
+    Plan,
+    PlanRequest,
+    Verdict,
+    VerifyRequest,
+)
 from llm.accounting import caller_for_session
 from llm.models import (
     AllProvidersFailed,
@@ -27,15 +36,6 @@ from llm.models import (
 )
 from llm.proxy import LLMProxy
 from sandboxes.models import Step
-from workflows.models import (
-    DoneStep,
-    ModelAnswer,
-    Plan,
-    PlanRequest,
-    Verdict,
-    VerifyRequest,
-)
-from workflows.plans import MAX_PLAN_STEPS
 
 NO_MODEL = (
     "This task needs a planner model, and none is configured. Set BERTH_LLM_MODEL "

@@ -8,8 +8,8 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 from temporalio import activity
 
+from activities.models import ProgressBatch
 from store import events
-from workflows.models import ProgressBatch
 
 
 class ProgressActivities:

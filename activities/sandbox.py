@@ -14,6 +14,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import heartbeating
+from activities.models import SandboxRequest, StepRequest
 from sandboxes.gateway import GuestUnavailable, SandboxDied, StepKindUnsupported
 from sandboxes.models import SandboxInfo, StepOutcome
 from sandboxes.policy import CommandPolicy, judge, load_policy
@@ -21,7 +22,6 @@ from sandboxes.provider import SandboxProvider
 from store import events
 from store.artifacts import ArtifactStore
 from store.events import OutputLine
-from workflows.models import SandboxRequest, StepRequest
 
 # Output waiting for the database before the guest is held back.
 MAX_PENDING_CHARS = 4 * 1024 * 1024

@@ -7,33 +7,26 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pydantic import BaseModel
 from temporalio import activity
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
 from activities.heartbeat import heartbeating
+from activities.models import (
+    CLAIM_ANSWER,
+    POOL_CLAIM_UPDATE,
+    ClaimRequest,
+    PoolClaim,
+    RestoreRequest,
+    pool_workflow_id,
+)
 from sandboxes.models import SandboxInfo
 from sandboxes.provider import SandboxProvider
-from workflows.pool import PoolClaim, PoolWorkflow, pool_workflow_id
 
 log = logging.getLogger("berth.pool")
 
 # Unhealthy members handed out in a row before the claim gives up (a cold create follows).
 CLAIM_TRIES = 3
-
-
-class ClaimRequest(BaseModel):
-    session_id: str
-    template: str
-
-
-class RestoreRequest(BaseModel):
-    """A new sandbox (its id made by the workflow) with a preserved one's disk."""
-
-    preserved: SandboxInfo
-    sandbox_id: str
-    session_id: str
 
 
 class VmActivities:
@@ -58,12 +51,15 @@ class VmActivities:
             # broken VM gets another.
             key = f"{request.session_id}/{attempt}"
             try:
-                sandbox = await pool.execute_update(PoolWorkflow.claim, PoolClaim(session_id=key))
+                answer = await pool.execute_update(
+                    POOL_CLAIM_UPDATE, PoolClaim(session_id=key), result_type=CLAIM_ANSWER
+                )
             except (RPCError, WorkflowUpdateFailedError) as exc:
                 log.warning("no pool for template %r: %s", request.template, exc)
                 return None
-            if sandbox is None:
+            if answer is None:
                 return None
+            sandbox: SandboxInfo = answer
             if (await self.provider.health(sandbox)).ok:
                 return sandbox.model_copy(update={"session_id": request.session_id})
             log.warning("pool VM %s is unhealthy: destroyed, claiming another", sandbox.id)

@@ -3,7 +3,7 @@
 import uvicorn
 
 from api.app import create_app
-from berth.settings import get_settings
+from config.settings import get_settings
 
 
 def main() -> None:

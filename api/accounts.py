@@ -17,8 +17,8 @@ from sqlmodel import Session, col, select
 from api.problems import Problem
 from api.schemas import Credentials
 from api.security import Passwords, new_token_secret, token_hashes
-from berth.keys import user_keys
-from berth.settings import Settings
+from config.keys import user_keys
+from config.settings import Settings
 from store import audit, counters
 from store.models import ApiToken, User, utcnow
 

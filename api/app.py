@@ -22,9 +22,8 @@ from api.openai_compat import router as llm_router
 from api.preferences import router as preferences_router
 from api.routes import router
 from api.security import Passwords
-from berth.codec import EncryptionCodec
-from berth.keys import payload_keys
-from berth.settings import Settings, get_settings
+from config.keys import payload_keys
+from config.settings import Settings, get_settings
 from store.db import get_engine, migrate
 from store.notify import Hub
 from ui.admin_pages import router as admin_page_router
@@ -32,6 +31,7 @@ from ui.pages import STATIC_DIR, is_dashboard, problem_page
 from ui.pages import router as ui_router
 from ui.preferences import router as preferences_page_router
 from ui.tokens import router as tokens_page_router
+from workflows.codec import EncryptionCodec
 
 log = logging.getLogger("berth.api")
 

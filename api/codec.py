@@ -18,9 +18,9 @@ from temporalio.api.common.v1 import Payloads
 from api import accounts
 from api.deps import DbDep, Problem, SettingsDep
 from api.problems import problems
-from berth.codec import EncryptionCodec
-from berth.settings import Settings
+from config.settings import Settings
 from ui.pages import COOKIE
+from workflows.codec import EncryptionCodec
 
 router = APIRouter(prefix="/codec", tags=["codec"])
 ALLOWED_HEADERS = "authorization, content-type, x-namespace"

@@ -16,10 +16,10 @@ from temporalio.client import Client
 from api import accounts
 from api.problems import Problem
 from api.security import Passwords
-from berth.settings import Settings
-from berth.temporal import connect
+from config.settings import Settings
 from store.models import ApiToken, User
 from store.notify import Hub
+from workflows.client import connect
 
 __all__ = ["Problem"]  # raised by routes and services through this module
 log = logging.getLogger("berth.api")

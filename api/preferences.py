@@ -13,7 +13,7 @@ import vm_templates
 from api.deps import DbDep, IpDep, Problem, SettingsDep, UserDep
 from api.problems import problems
 from api.schemas import PreferenceDefaults, Preferences, PreferencesOut
-from berth.settings import Settings
+from config.settings import Settings
 from llm.providers import model_names, provider_configs
 from store import audit
 from store.models import User, UserPreferences, utcnow

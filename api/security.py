@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from berth.keys import Keyring, keyed_hash
-from berth.settings import Settings
+from config.keys import Keyring, keyed_hash
+from config.settings import Settings
 
 TOKEN_PREFIX = "berth_"
 # What scrypt hashes were made with before argon2id: they verify once, then get rehashed.

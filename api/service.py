@@ -20,10 +20,11 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 import vm_templates
+from activities.models import pool_workflow_id
 from api import preferences
 from api.deps import Problem, TemporalLink
 from api.schemas import PoolOut, SessionOut, StepOut, TaskOut, TaskRefOut
-from berth.settings import Settings
+from config.settings import Settings
 from llm.accounting import task_usage
 from sandboxes.models import SandboxInfo
 from store import audit
@@ -38,9 +39,10 @@ from store.models import (
     User,
     utcnow,
 )
+from workflows.client import workflow_id
 from workflows.models import SessionInput, TaskRef
-from workflows.pool import PoolWorkflow, pool_workflow_id
-from workflows.session import SessionWorkflow, workflow_id
+from workflows.pool import PoolWorkflow
+from workflows.session import SessionWorkflow
 
 log = logging.getLogger("berth.api")
 

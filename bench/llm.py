@@ -30,7 +30,7 @@ from langchain_core.messages import HumanMessage
 
 from bench.spine import Metric, machine, table, timed, write_report
 from berth.local import free_port
-from berth.settings import LLMProvider, Settings
+from config.settings import LLMProvider, Settings
 from llm.models import Caller, ChatRequest
 from llm.proxy import LLMProxy
 from store.db import get_engine, migrate

@@ -32,14 +32,15 @@ from typing import Any
 import httpx
 
 import vm_templates
+from activities.models import pool_workflow_id
 from bench.spine import Metric, Stream, call, is_status, machine, table, timed, write_report
 from berth.local import LocalSystem, free_port
-from berth.settings import Settings
+from config.settings import Settings
 from sandboxes import firewall, monitor, vm_image
 from sandboxes.factory import make_gateway, make_provider, open_host
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import Machine, SandboxInfo, TerminalStep, Usage
-from workflows.pool import PoolWorkflow, pool_workflow_id
+from workflows.pool import PoolWorkflow
 
 CONNECT_TIMEOUT_S = 300.0
 IDLE_S = 10.0  # a booted guest settles before its RSS is read

@@ -13,7 +13,7 @@ from sqlmodel import Session
 from api.accounts import make_admin
 from api.schemas import Credentials
 from api.security import Passwords
-from berth.settings import get_settings
+from config.settings import get_settings
 from store.db import get_engine, migrate
 
 

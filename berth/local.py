@@ -21,8 +21,8 @@ import httpx
 from temporalio.client import Client
 
 from berth.privileges import interpreter
-from berth.settings import Settings
-from berth.temporal import connect
+from config.settings import Settings
+from workflows.client import connect
 
 
 def free_port() -> int:

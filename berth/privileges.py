@@ -26,8 +26,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from berth.keys import payload_keys, user_keys
-from berth.settings import Settings
+from config.keys import payload_keys, user_keys
+from config.settings import Settings
 
 NO_HOME = "/nonexistent"
 

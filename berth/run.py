@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from sqlalchemy.exc import SQLAlchemyError
 
 from berth.privileges import Unreachable, hand_over, settle_layout, unprivileged
-from berth.settings import Settings, get_settings
+from config.settings import Settings, get_settings
 from sandboxes.docker import engine_running, start_engine
 from store.db import migrate
 

@@ -25,12 +25,12 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 import vm_templates
+from activities.models import pool_workflow_id
 from activities.planning import PlanningActivities
 from activities.progress import ProgressActivities
 from activities.sandbox import SandboxActivities
 from activities.vm import VmActivities
-from berth.settings import Settings, get_settings
-from berth.temporal import connect
+from config.settings import Settings, get_settings
 from llm.proxy import LLMProxy
 from sandboxes.factory import make_gateway, make_provider, open_host
 from sandboxes.models import Machine, Usage
@@ -39,9 +39,10 @@ from sandboxes.reconcile import Owner, reconcile_forever
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
 from store.usage import record_usage
+from workflows.client import connect, workflow_id
 from workflows.models import SandboxDeath
-from workflows.pool import PoolInput, PoolWorkflow, pool_member, pool_workflow_id
-from workflows.session import SessionWorkflow, workflow_id
+from workflows.pool import PoolInput, PoolWorkflow, pool_member
+from workflows.session import SessionWorkflow
 
 log = logging.getLogger("berth.worker")
 

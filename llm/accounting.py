@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, case, func, insert
 from sqlmodel import Session, col, select
 
-from berth.settings import Settings
+from config.settings import Settings
 from llm.models import (
     BudgetExceeded,
     Caller,

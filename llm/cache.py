@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, Table, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from berth.settings import Settings
+from config.settings import Settings
 from llm.models import ChatRequest, ChatResult
 from llm.providers import Provider
 from store.models import LLMCacheEntry

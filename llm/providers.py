@@ -21,7 +21,7 @@ from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_messages
 from langchain_core.runnables import Runnable
 
-from berth.settings import LLMProvider, Settings
+from config.settings import LLMProvider, Settings
 from llm.models import ChatRequest, Usage
 
 # OpenAI request fields forwarded to the provider besides the named ones of ChatRequest.

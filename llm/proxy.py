@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from langchain_core.messages import AIMessageChunk, convert_to_messages
 from sqlalchemy import Connection, Engine
 
-from berth.settings import Settings
+from config.settings import Settings
 from llm.accounting import Ledger, cost_usd
 from llm.cache import RedisCache, SQLCache, cache_key, make_cache
 from llm.models import (

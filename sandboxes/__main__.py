@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import logging
 
-from berth.settings import get_settings
+from config.settings import get_settings
 from sandboxes.docker import engine_running, start_engine
 from sandboxes.factory import make_gateway, make_provider
 from sandboxes.libvirt import LibvirtProvider

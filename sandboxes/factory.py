@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from berth.keys import guest_keys
-from berth.settings import Settings
+from config.keys import guest_keys
+from config.settings import Settings
 from sandboxes.docker import DockerProvider
 from sandboxes.gateway import GuestGateway
 from sandboxes.gateway_tls import GatewayCertificate, generated_certificate

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from berth.keys import owned
+from config.keys import owned
 from guest_agent.pinning import fingerprint
 
 CERT_FILE = "gateway.crt"

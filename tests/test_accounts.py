@@ -20,7 +20,7 @@ from sqlmodel import Session, select
 
 from api.app import create_app
 from berth.local import free_port
-from berth.settings import Settings
+from config.settings import Settings
 from store.db import get_engine
 from store.models import ApiToken, AuditEntry, User
 

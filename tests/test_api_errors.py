@@ -14,7 +14,7 @@ from sqlmodel import Session, select
 from api.app import create_app
 from api.deps import Problem, Streams
 from berth.local import free_port
-from berth.settings import Settings
+from config.settings import Settings
 from store.models import SessionRow, User, utcnow
 
 

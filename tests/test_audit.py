@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
 from api.app import create_app
-from berth.settings import Settings
+from config.settings import Settings
 from store import audit
 from tests.world import COMMAND, FAST_PASSWORDS, World, bearer, build
 

@@ -26,7 +26,7 @@ from sqlmodel import Session
 
 from api import accounts
 from api.app import create_app
-from berth.settings import Settings
+from config.settings import Settings
 from store.artifacts import ArtifactStore
 from tests.world import FAST_PASSWORDS, PASSWORD, World, build
 from ui import guard

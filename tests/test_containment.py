@@ -24,7 +24,7 @@ import pytest
 
 import vm_templates
 from berth.local import free_port
-from berth.settings import Settings
+from config.settings import Settings
 from guest_agent.user import WORKSPACE
 from sandboxes.docker import FIREWALL_CHAIN, DockerProvider
 from sandboxes.factory import gateway_certificate, make_gateway, make_provider

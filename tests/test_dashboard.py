@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 
 from api.app import create_app
 from berth.local import free_port
-from berth.settings import Settings
+from config.settings import Settings
 from store.models import SessionRow, User
 
 ORIGIN = "http://testserver"

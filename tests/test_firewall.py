@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from berth.local import free_port
-from berth.settings import Settings
+from config.settings import Settings
 from sandboxes import firewall
 from sandboxes.docker import FIREWALL_CHAIN, DockerProvider
 from sandboxes.factory import make_gateway, make_provider

@@ -21,7 +21,7 @@ from schemathesis.core.result import Ok
 from schemathesis.python import asgi
 
 from api.app import create_app
-from berth.settings import LLMProvider, Settings
+from config.settings import LLMProvider, Settings
 from store.db import migrate
 from tests.scripted_llm import ScriptedLLM
 from tests.world import FAST_PASSWORDS, World, bearer, build

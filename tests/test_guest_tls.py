@@ -15,7 +15,7 @@ from cryptography import x509
 from websockets.asyncio.server import ServerConnection, serve
 
 from berth.local import free_port
-from berth.settings import Settings
+from config.settings import Settings
 from guest_agent.agent import GuestAgent, GuestConfig
 from guest_agent.pinning import UntrustedGateway
 from sandboxes.factory import gateway_certificate

@@ -31,12 +31,13 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
 import vm_templates
+from activities.models import ClaimRequest, RestoreRequest, pool_workflow_id
 from activities.sandbox import SandboxActivities
-from activities.vm import ClaimRequest, RestoreRequest, VmActivities
-from berth.keys import guest_keys
+from activities.vm import VmActivities
 from berth.local import LocalSystem, free_port, python_script
-from berth.settings import Settings
 from berth.worker import session_owner
+from config.keys import guest_keys
+from config.settings import Settings
 from sandboxes import firewall, libvirt_host, monitor
 from sandboxes.factory import gateway_certificate, make_gateway, make_provider
 from sandboxes.gateway import GuestGateway
@@ -50,7 +51,7 @@ from tests.test_e2e import DONE, read_events, token_for, wait_status
 from tests.test_run_step import attempt, sqlite_engine, step_request, stored
 from tests.test_workflow import env
 from vm_templates import NetworkSpec
-from workflows.pool import PoolInput, PoolState, PoolWorkflow, pool_workflow_id
+from workflows.pool import PoolInput, PoolState, PoolWorkflow
 
 __all__ = ["env", "sqlite_engine"]  # fixtures of other tests' (a Temporal dev server, SQLite)
 

@@ -19,7 +19,7 @@ from sqlmodel import Session
 
 from api.app import create_app
 from berth.local import free_port
-from berth.settings import LLMProvider, Settings
+from config.settings import LLMProvider, Settings
 from store.db import get_engine
 from store.models import SessionRow, TaskRow
 from tests.scripted_llm import Reply, ScriptedLLM

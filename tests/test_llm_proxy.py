@@ -14,7 +14,7 @@ import redis
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from berth.settings import LLMProvider, Settings
+from config.settings import LLMProvider, Settings
 from llm.accounting import user_usage
 from llm.models import (
     AllProvidersFailed,

@@ -11,13 +11,13 @@ from sqlalchemy import Engine
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities.models import BRIEF_CHARS, MAX_PLAN_STEPS, DoneStep, PlanRequest, VerifyRequest
 from activities.planning import PlanningActivities, parse_reply
-from berth.settings import LLMProvider, Settings
+from config.settings import LLMProvider, Settings
 from llm.proxy import LLMProxy
 from sandboxes.models import FileStep, StepOutcome, StepResult, TerminalStep
 from tests.scripted_llm import Reply, ScriptedLLM
-from workflows.models import BRIEF_CHARS, DoneStep, PlanRequest, VerifyRequest
-from workflows.plans import MAX_PLAN_STEPS, check_plan_size, user_plan
+from workflows.plans import check_plan_size, user_plan
 
 
 @pytest.fixture

@@ -17,12 +17,12 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 import vm_templates
-from berth.settings import Settings
+from activities.models import SandboxRequest, pool_workflow_id
 from berth.worker import start_pools
+from config.settings import Settings
 from sandboxes.models import SandboxInfo
 from tests.test_workflow import env, save_history
-from workflows.models import SandboxRequest
-from workflows.pool import PoolInput, PoolState, PoolWorkflow, pool_workflow_id
+from workflows.pool import PoolInput, PoolState, PoolWorkflow
 
 __all__ = ["env"]  # a fixture of test_workflow's: the Temporal dev server
 

@@ -17,16 +17,15 @@ from sqlalchemy import Engine
 
 from api.app import create_app
 from berth.local import LocalSystem
-from berth.settings import LLMProvider, Settings
-from berth.temporal import connect
+from config.settings import LLMProvider, Settings
 from llm.models import Caller, ChatRequest
 from llm.proxy import LLMProxy
 from tests.scripted_llm import Reply, ScriptedLLM
 from tests.test_dashboard import ORIGIN, log_in
 from tests.test_e2e import read_events, token_for, wait_status
 from tests.world import FAST_PASSWORDS, PASSWORD
+from workflows.client import connect, workflow_id
 from workflows.models import SessionInput
-from workflows.session import workflow_id
 
 PROVIDERS = [
     LLMProvider(name="first", model="alpha", base_url="http://127.0.0.1:9/v1", api_key="k"),

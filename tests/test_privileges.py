@@ -13,7 +13,7 @@ import pytest
 
 from berth.local import LocalSystem, reachable_by_others
 from berth.privileges import interpreter, settle_layout
-from berth.settings import Settings
+from config.settings import Settings
 from sandboxes.gateway_tls import self_signed
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import vm_templates
 from berth.local import free_port
-from berth.settings import Settings
+from config.settings import Settings
 from sandboxes.docker import HOST_LABEL, docker, exists
 from sandboxes.factory import make_gateway, make_provider
 from sandboxes.models import SandboxInfo

@@ -15,6 +15,7 @@ from temporalio.activity import ActivityCancellationDetails
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities.models import StepRequest
 from activities.sandbox import SandboxActivities
 from berth.local import python_script
 from guest_agent.chromium import chromium_path
@@ -36,7 +37,6 @@ from store.models import ArtifactRow, StepRow
 from tests.test_guest import KEY, guest_link
 from tests.test_guest_browser import serve_pages
 from tests.test_store import new_session
-from workflows.models import StepRequest
 
 COUNT = python_script(
     "count.py",

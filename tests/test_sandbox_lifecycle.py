@@ -16,7 +16,7 @@ import pytest
 from sqlmodel import Session, create_engine, select
 
 from berth.local import LocalSystem, python_script
-from berth.settings import Settings
+from config.settings import Settings
 from store.models import SandboxRow
 from tests.test_e2e import DONE, read_events, token_for, wait_status
 

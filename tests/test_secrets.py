@@ -21,17 +21,17 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from websockets.asyncio.client import connect as ws_connect
 
 from api.app import create_app
-from berth.codec import KEY_ID, EncryptionCodec
-from berth.keys import guest_keys, payload_keys, user_keys
 from berth.local import free_port
-from berth.settings import Settings
-from berth.temporal import connect
+from config.keys import guest_keys, payload_keys, user_keys
+from config.settings import Settings
 from guest_agent import protocol
 from sandboxes.factory import make_gateway
 from sandboxes.gateway_tls import generated_certificate, self_signed
 from sandboxes.tokens import guest_token
 from store.models import User
 from tests.world import FAST_PASSWORDS, World, bearer, build
+from workflows.client import connect
+from workflows.codec import KEY_ID, EncryptionCodec
 
 
 def settings_for(data: Path, **extra: Any) -> Settings:

@@ -13,10 +13,11 @@ from sqlmodel import Session, select
 from temporalio.testing import ActivityEnvironment
 
 import vm_templates
+from activities.models import StepRequest
 from activities.sandbox import SandboxActivities
 from api.app import create_app
 from berth.local import free_port
-from berth.settings import Settings
+from config.settings import Settings
 from sandboxes.docker import DockerProvider
 from sandboxes.factory import gateway_certificate, make_gateway, make_provider
 from sandboxes.models import BrowserStep, Check, SandboxInfo
@@ -25,7 +26,6 @@ from store.artifacts import ArtifactStore
 from store.db import get_engine
 from store.models import SessionRow, User
 from tests.test_guest_browser import serve_pages
-from workflows.models import StepRequest
 
 
 def sign_up(client: TestClient, email: str) -> tuple[str, dict[str, str]]:

@@ -15,7 +15,7 @@ from sqlmodel import Session
 
 from api import accounts
 from api.app import create_app
-from berth.settings import Settings
+from config.settings import Settings
 from store import audit
 from store.models import SessionRow, User, utcnow
 from tests.world import FAST_PASSWORDS, World, build

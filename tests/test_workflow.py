@@ -25,24 +25,26 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.vm import ClaimRequest
+from activities.models import (
+    ClaimRequest,
+    Plan,
+    PlanRequest,
+    ProgressBatch,
+    SandboxRequest,
+    StepRequest,
+    Verdict,
+    VerifyRequest,
+)
 from sandboxes.models import SandboxInfo, StepOutcome, TerminalStep
 from store.events import NewEvent
 from tests.conftest import TEMPORAL, TEMPORAL_TEST_SERVER
 from workflows.models import (
-    Plan,
-    PlanRequest,
-    ProgressBatch,
     SandboxDeath,
-    SandboxRequest,
     SessionInput,
-    StepRequest,
     TaskControl,
     TaskModification,
     TaskRef,
     TaskSubmission,
-    Verdict,
-    VerifyRequest,
 )
 from workflows.session import SessionWorkflow
 

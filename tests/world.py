@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from api import accounts
-from berth.settings import Settings
+from config.settings import Settings
 from store import events
 from store.events import NewEvent
 from store.models import SessionRow, User

@@ -11,7 +11,7 @@ import vm_templates
 from api import service
 from api.deps import DbDep, IpDep, Problem, SettingsDep, TemporalDep
 from api.schemas import PoolOut
-from berth.settings import Settings
+from config.settings import Settings
 from store import audit
 from ui import guard
 from ui.pages import PageCaller, render_page

@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from pydantic import ValidationError
 
-from berth.settings import Settings
+from config.settings import Settings
 from store.models import ApiToken, User
 from ui import guard
 from ui.pages import templates

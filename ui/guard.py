@@ -16,8 +16,8 @@ import secrets
 from fastapi import Request, Response
 
 from api.problems import Problem
-from berth.keys import keyed_hash, user_keys
-from berth.settings import Settings
+from config.keys import keyed_hash, user_keys
+from config.settings import Settings
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 HEADER = "X-CSRF-Token"

@@ -34,7 +34,7 @@ from api.deps import (
 )
 from api.events import sse, stream
 from api.schemas import Credentials
-from berth.settings import Settings
+from config.settings import Settings
 from sandboxes.models import Step
 from store.events import is_final
 from store.models import ApiToken, Event, StepRow, TaskRow, User, utcnow

@@ -12,7 +12,7 @@ import vm_templates
 from api import preferences
 from api.deps import DbDep, IpDep, Problem, SettingsDep
 from api.schemas import Preferences
-from berth.settings import Settings
+from config.settings import Settings
 from llm.providers import provider_configs
 from ui import guard
 from ui.fragments import field_errors, render_block

@@ -15,10 +15,10 @@ from urllib.parse import quote
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
-from berth.settings import Settings
+from config.settings import Settings
 from store.db import snapshot
 from store.models import ArtifactRow, Event, LLMCall, SandboxRow, SessionRow, StepRow, TaskRow
-from workflows.session import workflow_id
+from workflows.client import workflow_id
 
 # Terminal events (commands, output, exits) drawn on a page load: its scrollback.
 TERMINAL_EVENTS = 400

@@ -1,4 +1,6 @@
-"""Inputs and outputs of the session workflow, its updates, queries and activities.
+"""The session workflow's own API: its input, its updates' and queries' inputs and outputs,
+and what it carries across continue-as-new. (Its activities' contracts are in
+activities/models.py, below it.)
 
 All are Pydantic models, carried by Temporal's Pydantic data converter.
 """
@@ -7,14 +9,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from llm.models import Usage
-from sandboxes.models import FileStep, SandboxInfo, Step, StepOutcome
-from store.events import NewEvent
+from activities.models import DoneStep
+from sandboxes.models import SandboxInfo, Step
 from store.models import SessionStatus, TaskStatus
 
 MAX_PROMPT_CHARS = 20_000
-# What the model is shown of a step's file content or result texts, at most.
-BRIEF_CHARS = 2000
 
 
 class SessionInput(BaseModel):
@@ -38,24 +37,6 @@ class SessionInput(BaseModel):
     carried: Carried | None = None
     # Set by a resume: the sandbox whose disk the session's previous run preserved.
     restore: SandboxInfo | None = None
-
-
-class DoneStep(BaseModel):
-    step: Step
-    outcome: StepOutcome
-
-    def brief(self) -> DoneStep:
-        """As kept for the model's context: a written file's content and a result's texts
-        cut short, so every planning call's input (and the history) stays small."""
-        step = self.step
-        if isinstance(step, FileStep) and step.content and len(step.content) > BRIEF_CHARS:
-            step = step.model_copy(update={"content": step.content[:BRIEF_CHARS] + "…"})
-        outcome = self.outcome
-        if outcome.result is not None:
-            texts = outcome.result.model_dump(exclude_none=True)
-            cut = {k: v[:BRIEF_CHARS] for k, v in texts.items() if isinstance(v, str)}
-            outcome = outcome.model_copy(update={"result": outcome.result.model_copy(update=cut)})
-        return DoneStep(step=step, outcome=outcome)
 
 
 class TaskState(BaseModel):
@@ -132,80 +113,11 @@ class TaskModification(BaseModel):
     instruction: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")
 
 
-class SandboxRequest(BaseModel):
-    session_id: str
-    # Made by the workflow, so a retried provision finds the machine an earlier attempt made
-    # and reconciliation can tell whose a machine is.
-    sandbox_id: str
-    template: str
-
-
 class SandboxDeath(BaseModel):
     """Said by the sandbox's host when its machine died (or stopped answering)."""
 
     sandbox_id: str
     detail: str
-
-
-class StepRequest(BaseModel):
-    sandbox: SandboxInfo
-    task_id: str
-    index: int
-    step: Step
-    timeout_s: float
-
-
-class PlanRequest(BaseModel):
-    task_id: str
-    # Whose call it is, for the LLM proxy's accounting: the session's user.
-    session_id: str = ""
-    prompt: str
-    # Set when the user modifies a running task: the plan is redone from here on.
-    instruction: str | None = None
-    notes: list[str] = Field(default_factory=list)
-    done: list[DoneStep] = Field(default_factory=list)
-    # Why the plan is being revised (a failed check, a refused command, a verification
-    # that fell short): the model is told, so it does not repeat the mistake.
-    feedback: str | None = None
-    # The LLM provider (name or model) to try first: the session's user's preference.
-    model: str | None = None
-
-
-class ModelAnswer(BaseModel):
-    """Which provider and model answered, whether from the cache, and what it cost."""
-
-    provider: str | None = None
-    model: str | None = None
-    cached: bool = False
-    usage: Usage = Field(default_factory=Usage)
-
-
-class Plan(ModelAnswer):
-    steps: list[Step]
-
-
-class VerifyRequest(BaseModel):
-    task_id: str
-    session_id: str = ""
-    prompt: str
-    notes: list[str] = Field(default_factory=list)
-    done: list[DoneStep] = Field(default_factory=list)
-    model: str | None = None  # as PlanRequest's
-
-
-class Verdict(ModelAnswer):
-    """The model's check of a task's result against its goal, and the answer it gives."""
-
-    ok: bool
-    answer: str = ""
-    reason: str = ""
-
-
-class ProgressBatch(BaseModel):
-    """Events the workflow appends to its session's log in one transaction."""
-
-    session_id: str
-    events: list[NewEvent]
 
 
 SessionInput.model_rebuild()

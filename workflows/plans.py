@@ -4,10 +4,8 @@ itself (no activity, no history events) and the API refuses an oversized one up 
 
 from __future__ import annotations
 
+from activities.models import MAX_PLAN_STEPS
 from sandboxes.models import Step, TerminalStep
-
-# The most steps one plan may have, written or planned by a model.
-MAX_PLAN_STEPS = 50
 
 
 def user_plan(text: str) -> list[Step] | None:

@@ -26,9 +26,9 @@ from temporalio.exceptions import ActivityError
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
+    from activities.models import POOL_CLAIM_UPDATE, PoolClaim, SandboxRequest
     from activities.sandbox import SandboxActivities
     from sandboxes.models import SandboxInfo
-    from workflows.models import SandboxRequest
 
 MEMBER_PREFIX = "pool-"
 # Claims within this window set the pool's size.
@@ -38,10 +38,6 @@ RESIZE_EVERY = timedelta(seconds=30)
 REMEMBERED_CLAIMS = 100
 BOOT_TIMEOUT = timedelta(minutes=10)
 MAX_BACKOFF_S = 300.0
-
-
-def pool_workflow_id(host_id: str, template: str) -> str:
-    return f"pool-{host_id}-{template}"
 
 
 def member_session_id(template: str, sandbox_id: str) -> str:
@@ -85,10 +81,6 @@ class PoolInput(BaseModel):
     max_size: int = Field(ge=0)
     max_booting: int = Field(default=1, ge=1)
     carried: PoolState | None = None
-
-
-class PoolClaim(BaseModel):
-    session_id: str  # or any key the claimer gets the same answer for
 
 
 @workflow.defn(name="SandboxPool")
@@ -192,7 +184,7 @@ class PoolWorkflow:
             summary="destroy a pool VM",
         )
 
-    @workflow.update
+    @workflow.update(name=POOL_CLAIM_UPDATE)
     def claim(self, request: PoolClaim) -> SandboxInfo | None:
         """A ready VM for the session (the same one if it asked before), or None at once."""
         known = self.s.claimed.get(request.session_id)

@@ -23,32 +23,36 @@ from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
-    from activities.planning import PlanningActivities
-    from activities.progress import ProgressActivities
-    from activities.sandbox import SandboxActivities, step_key
-    from activities.vm import ClaimRequest, RestoreRequest, VmActivities
-    from sandboxes.models import SandboxInfo, StepOutcome
-    from store.events import NewEvent
-    from store.models import SessionStatus, TaskStatus
-    from workflows.models import (
-        Carried,
+    from activities.models import (
+        ClaimRequest,
         DoneStep,
         ModelAnswer,
         Plan,
         PlanRequest,
         ProgressBatch,
-        SandboxDeath,
+        RestoreRequest,
         SandboxRequest,
+        StepRequest,
+        Verdict,
+        VerifyRequest,
+    )
+    from activities.planning import PlanningActivities
+    from activities.progress import ProgressActivities
+    from activities.sandbox import SandboxActivities, step_key
+    from activities.vm import VmActivities
+    from sandboxes.models import SandboxInfo, StepOutcome
+    from store.events import NewEvent
+    from store.models import SessionStatus, TaskStatus
+    from workflows.models import (
+        Carried,
+        SandboxDeath,
         SessionInput,
         SessionState,
-        StepRequest,
         TaskControl,
         TaskModification,
         TaskRef,
         TaskState,
         TaskSubmission,
-        Verdict,
-        VerifyRequest,
     )
     from workflows.plans import check_plan_size, user_plan
 
@@ -79,10 +83,6 @@ STOP_STEP_TIMEOUT = timedelta(seconds=60)
 DESTROY_TIMEOUT = timedelta(minutes=3)
 # A claim answers at once (a VM or none): past this the pool is in trouble; create cold.
 CLAIM_TIMEOUT = timedelta(seconds=20)
-
-
-def workflow_id(session_id: str) -> str:
-    return f"session-{session_id}"
 
 
 def answered_by(answer: ModelAnswer) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
 from temporalio.converter import PayloadCodec
 
-from berth.keys import Keyring, key_id
+from config.keys import Keyring, key_id
 
 ENCODING = b"binary/encrypted"
 KEY_ID = "encryption-key-id"

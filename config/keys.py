@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from berth.settings import Settings
+from config.settings import Settings
 
 # Before secrets were split, one generated file keyed both kinds of tokens: running sandboxes
 # still hold guest tokens made with it.

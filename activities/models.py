@@ -1,0 +1,137 @@
+"""What crosses between the workflows and their activities: every activity's input and
+output, the pool's claim contract and the caps a plan is held to.
+
+It sits below both: the workflows import it (and the activities), the activities import it,
+and it imports neither. All are Pydantic models, carried by Temporal's Pydantic data converter,
+which sends them as JSON: moving a class between modules changes nothing on the wire.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from pydantic import BaseModel, Field
+
+from llm.models import Usage
+from sandboxes.models import FileStep, SandboxInfo, Step, StepOutcome
+from store.events import NewEvent
+
+# What the model is shown of a step's file content or result texts, at most.
+BRIEF_CHARS = 2000
+# The most steps one plan may have, written by the user or by the model.
+MAX_PLAN_STEPS = 50
+
+# The warm pool's update that hands a ready VM to a session (SandboxPool.claim): called by
+# name, so the claiming activity needs nothing of the pool workflow.
+POOL_CLAIM_UPDATE = "claim"
+# What it answers: a VM, or None when the pool has none ready. (A union is no ``type`` to
+# mypy, though the data converter takes it.)
+CLAIM_ANSWER = cast(type, SandboxInfo | None)
+
+
+def pool_workflow_id(host_id: str, template: str) -> str:
+    return f"pool-{host_id}-{template}"
+
+
+class DoneStep(BaseModel):
+    step: Step
+    outcome: StepOutcome
+
+    def brief(self) -> DoneStep:
+        """As kept for the model's context: a written file's content and a result's texts
+        cut short, so every planning call's input (and the history) stays small."""
+        step = self.step
+        if isinstance(step, FileStep) and step.content and len(step.content) > BRIEF_CHARS:
+            step = step.model_copy(update={"content": step.content[:BRIEF_CHARS] + "…"})
+        outcome = self.outcome
+        if outcome.result is not None:
+            texts = outcome.result.model_dump(exclude_none=True)
+            cut = {k: v[:BRIEF_CHARS] for k, v in texts.items() if isinstance(v, str)}
+            outcome = outcome.model_copy(update={"result": outcome.result.model_copy(update=cut)})
+        return DoneStep(step=step, outcome=outcome)
+
+
+class SandboxRequest(BaseModel):
+    session_id: str
+    # Made by the workflow, so a retried provision finds the machine an earlier attempt made
+    # and reconciliation can tell whose a machine is.
+    sandbox_id: str
+    template: str
+
+
+class StepRequest(BaseModel):
+    sandbox: SandboxInfo
+    task_id: str
+    index: int
+    step: Step
+    timeout_s: float
+
+
+class PlanRequest(BaseModel):
+    task_id: str
+    # Whose call it is, for the LLM proxy's accounting: the session's user.
+    session_id: str = ""
+    prompt: str
+    # Set when the user modifies a running task: the plan is redone from here on.
+    instruction: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    done: list[DoneStep] = Field(default_factory=list)
+    # Why the plan is being revised (a failed check, a refused command, a verification
+    # that fell short): the model is told, so it does not repeat the mistake.
+    feedback: str | None = None
+    # The LLM provider (name or model) to try first: the session's user's preference.
+    model: str | None = None
+
+
+class ModelAnswer(BaseModel):
+    """Which provider and model answered, whether from the cache, and what it cost."""
+
+    provider: str | None = None
+    model: str | None = None
+    cached: bool = False
+    usage: Usage = Field(default_factory=Usage)
+
+
+class Plan(ModelAnswer):
+    steps: list[Step]
+
+
+class VerifyRequest(BaseModel):
+    task_id: str
+    session_id: str = ""
+    prompt: str
+    notes: list[str] = Field(default_factory=list)
+    done: list[DoneStep] = Field(default_factory=list)
+    model: str | None = None  # as PlanRequest's
+
+
+class Verdict(ModelAnswer):
+    """The model's check of a task's result against its goal, and the answer it gives."""
+
+    ok: bool
+    answer: str = ""
+    reason: str = ""
+
+
+class ProgressBatch(BaseModel):
+    """Events the workflow appends to its session's log in one transaction."""
+
+    session_id: str
+    events: list[NewEvent]
+
+
+class ClaimRequest(BaseModel):
+    session_id: str
+    template: str
+
+
+class RestoreRequest(BaseModel):
+    """A new sandbox (its id made by the workflow) with a preserved one's disk."""
+
+    preserved: SandboxInfo
+    sandbox_id: str
+    session_id: str
+
+
+class PoolClaim(BaseModel):
+    session_id: str  # or any key the claimer gets the same answer for
