@@ -12,7 +12,7 @@ from typing import cast
 
 from pydantic import BaseModel, Field
 
-from llm.models import Usage
+from llm.models import TokenUsage
 from sandboxes.models import FileStep, SandboxInfo, Step, StepOutcome
 from store.events import NewEvent
 
@@ -89,7 +89,7 @@ class ModelAnswer(BaseModel):
     provider: str | None = None
     model: str | None = None
     cached: bool = False
-    usage: Usage = Field(default_factory=Usage)
+    usage: TokenUsage = Field(default_factory=TokenUsage)
 
 
 class Plan(ModelAnswer):
@@ -105,7 +105,7 @@ class VerifyRequest(BaseModel):
     model: str | None = None  # as PlanRequest's
 
 
-class Verdict(ModelAnswer):
+class TaskVerdict(ModelAnswer):
     """The model's check of a task's result against its goal, and the answer it gives."""
 
     ok: bool

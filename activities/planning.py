@@ -20,7 +20,7 @@ from activities.models import (
     ModelAnswer,
     Plan,
     PlanRequest,
-    Verdict,
+    TaskVerdict,
     VerifyRequest,
 )
 from llm.accounting import caller_for_session
@@ -118,9 +118,9 @@ def parse_reply(text: str) -> list[Step]:
     return reply.steps[:MAX_PLAN_STEPS]
 
 
-def parse_verdict(text: str) -> Verdict:
+def parse_verdict(text: str) -> TaskVerdict:
     try:
-        return Verdict.model_validate(json_object(text))
+        return TaskVerdict.model_validate(json_object(text))
     except ValidationError as exc:
         raise ValueError(f"the verifier's reply is not a verdict: {exc}") from exc
 
@@ -231,8 +231,8 @@ class PlanningActivities:
         return Plan(steps=steps, **by)
 
     @activity.defn(name="VerifyTask")
-    async def verify(self, request: VerifyRequest) -> Verdict:
+    async def verify(self, request: VerifyRequest) -> TaskVerdict:
         verdict, by = await self.ask(
             verifier_messages(request), request, parse_verdict, "BadVerdict"
         )
-        return Verdict(ok=verdict.ok, answer=verdict.answer, reason=verdict.reason, **by)
+        return TaskVerdict(ok=verdict.ok, answer=verdict.answer, reason=verdict.reason, **by)

@@ -26,7 +26,7 @@ LEGACY_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
 
 @dataclass(frozen=True)
-class Verdict:
+class PasswordVerdict:
     ok: bool
     rehash: bool = False  # the hash is of an older scheme or weaker parameters
 
@@ -49,21 +49,21 @@ class Passwords:
             self._pool, self.hasher.hash, password
         )
 
-    async def check(self, password: str, stored: str | None) -> Verdict:
+    async def check(self, password: str, stored: str | None) -> PasswordVerdict:
         """``stored`` None (no such user) does the same work and fails."""
         verdict = await asyncio.get_running_loop().run_in_executor(
             self._pool, self._check, password, stored or self._decoy
         )
-        return verdict if stored else Verdict(ok=False)
+        return verdict if stored else PasswordVerdict(ok=False)
 
-    def _check(self, password: str, stored: str) -> Verdict:
+    def _check(self, password: str, stored: str) -> PasswordVerdict:
         if stored.startswith("scrypt$"):
-            return Verdict(ok=_check_scrypt(password, stored), rehash=True)
+            return PasswordVerdict(ok=_check_scrypt(password, stored), rehash=True)
         try:
             self.hasher.verify(stored, password)
         except (VerificationError, InvalidHashError):
-            return Verdict(ok=False)
-        return Verdict(ok=True, rehash=self.hasher.check_needs_rehash(stored))
+            return PasswordVerdict(ok=False)
+        return PasswordVerdict(ok=True, rehash=self.hasher.check_needs_rehash(stored))
 
 
 def _check_scrypt(password: str, stored: str) -> bool:

@@ -41,7 +41,7 @@ from store.models import (
 )
 from workflows.client import workflow_id
 from workflows.models import SessionInput, TaskRef
-from workflows.pool import PoolWorkflow
+from workflows.pool import SandboxPool
 from workflows.session import SessionWorkflow
 
 log = logging.getLogger("berth.api")
@@ -352,7 +352,7 @@ async def pool_state(temporal: TemporalLink, settings: Settings, template: str) 
         pool_workflow_id(settings.host_id, template)
     )
     try:
-        state = await handle.query(PoolWorkflow.state)
+        state = await handle.query(SandboxPool.state)
     except RPCError as exc:
         if exc.status == RPCStatusCode.NOT_FOUND:
             raise Problem(404, f"no warm pool of template {template!r} on this host") from exc

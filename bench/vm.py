@@ -39,8 +39,8 @@ from config.settings import Settings
 from sandboxes import firewall, monitor, vm_image
 from sandboxes.factory import make_gateway, make_provider, open_host
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
-from sandboxes.models import Machine, SandboxInfo, TerminalStep, Usage
-from workflows.pool import PoolWorkflow
+from sandboxes.models import Machine, MachineUsage, SandboxInfo, TerminalStep
+from workflows.pool import SandboxPool
 
 CONNECT_TIMEOUT_S = 300.0
 IDLE_S = 10.0  # a booted guest settles before its RSS is read
@@ -124,7 +124,7 @@ async def detection(provider: LibvirtProvider, runs: int) -> list[Metric]:
     async def died(machine: Machine, reason: str) -> None:
         deaths[machine.sandbox_id] = time.monotonic()
 
-    async def sample(usage: dict[str, Usage]) -> None:
+    async def sample(usage: dict[str, MachineUsage]) -> None:
         pass
 
     stop = asyncio.Event()
@@ -248,7 +248,7 @@ async def warm_hits(provider: LibvirtProvider, runs: int) -> list[Metric]:
             http.headers["Authorization"] = f"Bearer {token}"
             for _ in range(runs):
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                    while not (await pool.query(PoolWorkflow.state)).ready:  # noqa: ASYNC110
+                    while not (await pool.query(SandboxPool.state)).ready:  # noqa: ASYNC110
                         await asyncio.sleep(0.2)
                 await asyncio.sleep(IDLE_S / 2)  # the refilled VM's boot has settled
                 start = time.time()

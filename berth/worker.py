@@ -33,7 +33,7 @@ from activities.vm import VmActivities
 from config.settings import Settings, get_settings
 from llm.proxy import LLMProxy
 from sandboxes.factory import make_gateway, make_provider, open_host
-from sandboxes.models import Machine, Usage
+from sandboxes.models import Machine, MachineUsage
 from sandboxes.monitor import Died, Sampled, watch
 from sandboxes.reconcile import Owner, reconcile_forever
 from store.artifacts import ArtifactStore
@@ -41,7 +41,7 @@ from store.db import get_engine, migrate
 from store.usage import record_usage
 from workflows.client import connect, workflow_id
 from workflows.models import SandboxDeath
-from workflows.pool import PoolInput, PoolWorkflow, pool_member
+from workflows.pool import PoolInput, SandboxPool, pool_member
 from workflows.session import SessionWorkflow
 
 log = logging.getLogger("berth.worker")
@@ -68,7 +68,7 @@ def session_owner(client: Client, host_id: str) -> Owner:
         if described.status != WorkflowExecutionStatus.RUNNING:
             return None
         if member:
-            pool = await handle.query(PoolWorkflow.state)
+            pool = await handle.query(SandboxPool.state)
             return member[1] if pool.owns(member[1]) else None
         state = await handle.query(SessionWorkflow.state)
         return state.sandbox.id if state.sandbox else None
@@ -96,7 +96,7 @@ def sandbox_deaths(client: Client) -> Died:
 
 
 def usage_recorder(engine: Engine) -> Sampled:
-    async def sampled(usage: dict[str, Usage]) -> None:
+    async def sampled(usage: dict[str, MachineUsage]) -> None:
         rows = {sid: (u.cpu_percent, u.memory_mb) for sid, u in usage.items()}
         await asyncio.to_thread(record_usage, engine, rows)
 
@@ -117,13 +117,13 @@ async def start_pools(client: Client, settings: Settings) -> None:
         )
         for _ in range(2):
             pool = await client.start_workflow(
-                PoolWorkflow.run,
+                SandboxPool.run,
                 params,
                 id=pool_workflow_id(settings.host_id, template),
                 task_queue=settings.host_task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             )
-            if not (await pool.query(PoolWorkflow.state)).stopping:
+            if not (await pool.query(SandboxPool.state)).stopping:
                 break
             # An earlier worker's stop did not see it end: it does now, then a new one.
             try:
@@ -146,7 +146,7 @@ async def stop_pools(client: Client, settings: Settings, timeout_s: float) -> No
 
     async def end(pool: WorkflowHandle[Any, Any]) -> None:
         try:
-            await pool.signal(PoolWorkflow.stop)
+            await pool.signal(SandboxPool.stop)
             await pool.result()
         except (RPCError, WorkflowFailureError) as exc:
             log.info("pool %s not ended: %s", pool.id, exc)
@@ -179,7 +179,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         host = Worker(
             client,
             task_queue=settings.host_task_queue,
-            workflows=[SessionWorkflow, PoolWorkflow],
+            workflows=[SessionWorkflow, SandboxPool],
             activities=[
                 progress.record,
                 planning.plan,

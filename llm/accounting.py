@@ -18,7 +18,7 @@ from llm.models import (
     RateLimited,
     SessionUsage,
     TaskUsage,
-    Usage,
+    TokenUsage,
     UsageTotals,
     UserUsage,
 )
@@ -76,7 +76,7 @@ class Ledger:
     def record(
         self, conn: Connection, caller: Caller, result: ChatResult, latency_s: float
     ) -> None:
-        spent = Usage() if result.cached else result.usage
+        spent = TokenUsage() if result.cached else result.usage
         conn.execute(
             insert(CALLS),
             {

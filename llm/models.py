@@ -1,6 +1,6 @@
 """Requests, results and errors of the LLM proxy, in the OpenAI chat-completions shape.
 
-Plain Pydantic: the workflow's models import ``Usage``, so nothing heavy is imported here.
+Plain Pydantic: the workflow's models import ``TokenUsage``, so nothing heavy is imported here.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
-class Usage(BaseModel):
+class TokenUsage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -46,7 +46,7 @@ class ChatResult(BaseModel):
     finish_reason: str | None
     provider: str
     model: str
-    usage: Usage
+    usage: TokenUsage
     cached: bool = False
 
 

@@ -22,7 +22,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, conv
 from langchain_core.runnables import Runnable
 
 from config.settings import LLMProvider, Settings
-from llm.models import ChatRequest, Usage
+from llm.models import ChatRequest, TokenUsage
 
 # OpenAI request fields forwarded to the provider besides the named ones of ChatRequest.
 log = logging.getLogger("berth.llm")
@@ -189,8 +189,8 @@ def finish_reason(reply: AIMessage) -> str | None:
     return FINISH_REASONS.get(reason, reason) if reason else None
 
 
-def usage_of(answer: Answer, cost_usd: float) -> Usage:
-    return Usage(
+def usage_of(answer: Answer, cost_usd: float) -> TokenUsage:
+    return TokenUsage(
         prompt_tokens=answer.prompt_tokens,
         completion_tokens=answer.completion_tokens,
         total_tokens=answer.prompt_tokens + answer.completion_tokens,

@@ -9,14 +9,14 @@ from typing import Any
 
 from langchain_core.messages import AIMessageChunk
 
-from llm.models import ChatResult, Usage
+from llm.models import ChatResult, TokenUsage
 
 
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def usage_dict(usage: Usage) -> dict[str, int]:
+def usage_dict(usage: TokenUsage) -> dict[str, int]:
     return usage.model_dump(exclude={"cost_usd"})
 
 
@@ -49,7 +49,10 @@ class Chunks:
         self.tool_index: dict[Any, int] = {}
 
     def chunk(
-        self, delta: dict[str, Any], finish_reason: str | None = None, usage: Usage | None = None
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        usage: TokenUsage | None = None,
     ) -> dict[str, Any]:
         choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
         chunk: dict[str, Any] = {

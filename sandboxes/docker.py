@@ -32,7 +32,7 @@ import vm_templates
 from guest_agent.user import STEP_UID, STEP_USER, WORKSPACE, WORKSPACE_MODE
 from sandboxes import firewall
 from sandboxes.gateway import GuestGateway
-from sandboxes.models import Machine, SandboxInfo, Usage
+from sandboxes.models import Machine, MachineUsage, SandboxInfo
 from sandboxes.provider import MISSING, TOKEN_VARIABLE, SandboxProvider, machine_name
 from sandboxes.rootfs import copy_site, rootfs, site_packages, versions
 
@@ -318,7 +318,7 @@ class DockerProvider(SandboxProvider):
         if process.returncode != 0:
             raise DockerError(f"restoring the workspace failed: {err.decode().strip()}")
 
-    async def usage(self, machines: list[Machine]) -> dict[str, Usage]:
+    async def usage(self, machines: list[Machine]) -> dict[str, MachineUsage]:
         """One ``docker stats`` for every running container."""
         running = {m.handle: m.sandbox_id for m in machines if m.state == "running"}
         if not running:
@@ -327,13 +327,13 @@ class DockerProvider(SandboxProvider):
             "stats", "--no-stream", "--no-trunc", "--format",
             "{{.ID}}\t{{.CPUPerc}}\t{{.MemUsage}}", *running,
         )  # fmt: skip
-        found: dict[str, Usage] = {}
+        found: dict[str, MachineUsage] = {}
         for line in out.splitlines() if code == 0 else []:
             handle, cpu, memory = line.split("\t")
             sandbox_id = running.get(handle)
             with contextlib.suppress(ValueError):
                 if sandbox_id is not None:
-                    found[sandbox_id] = Usage(
+                    found[sandbox_id] = MachineUsage(
                         cpu_percent=float(cpu.rstrip("%")),
                         memory_mb=_mebibytes(memory.split("/")[0].strip()),
                     )

@@ -28,7 +28,7 @@ import libvirt
 import vm_templates
 from sandboxes import libvirt_host, vm_image
 from sandboxes.gateway import GuestGateway, GuestUnavailable
-from sandboxes.models import Machine, SandboxInfo, Usage
+from sandboxes.models import Machine, MachineUsage, SandboxInfo
 from sandboxes.provider import MISSING, SandboxProvider, machine_name
 
 log = logging.getLogger("berth.libvirt")
@@ -452,12 +452,12 @@ class LibvirtProvider(SandboxProvider):
             raise LibvirtError(f"could not copy the kept disk of {folder.name}")
         draft.replace(disk)
 
-    async def usage(self, machines: list[Machine]) -> dict[str, Usage]:
+    async def usage(self, machines: list[Machine]) -> dict[str, MachineUsage]:
         return await asyncio.to_thread(self._usage, [m for m in machines if m.state == "running"])
 
-    def _usage(self, machines: list[Machine]) -> dict[str, Usage]:
+    def _usage(self, machines: list[Machine]) -> dict[str, MachineUsage]:
         """CPU from the domains' CPU time since the last sample, memory as QEMU's RSS."""
-        found: dict[str, Usage] = {}
+        found: dict[str, MachineUsage] = {}
         now = time.monotonic()
         for machine in machines:
             domain = self._domain(machine.handle)
@@ -472,7 +472,9 @@ class LibvirtProvider(SandboxProvider):
             self._cpu_samples[machine.sandbox_id] = (now, cpu_ns)
             if before is not None and now > before[0]:
                 percent = 100 * (cpu_ns - before[1]) / 1e9 / (now - before[0])
-                found[machine.sandbox_id] = Usage(cpu_percent=percent, memory_mb=rss_kib / 1024)
+                found[machine.sandbox_id] = MachineUsage(
+                    cpu_percent=percent, memory_mb=rss_kib / 1024
+                )
         for gone in set(self._cpu_samples) - {m.sandbox_id for m in machines}:
             del self._cpu_samples[gone]
         return found

@@ -253,7 +253,7 @@ class StepOutcome(BaseModel):
         return f"exited with {self.exit_code}"
 
 
-class Usage(BaseModel):
+class MachineUsage(BaseModel):
     """A machine's resource use, sampled by its host: % of one CPU, resident MiB."""
 
     cpu_percent: float

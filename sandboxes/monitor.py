@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from sandboxes.models import Machine, Usage
+from sandboxes.models import Machine, MachineUsage
 from sandboxes.provider import SandboxProvider
 
 log = logging.getLogger("berth.monitor")
@@ -34,7 +34,7 @@ USAGE_EVERY_S = 5.0
 SILENCE_S = 7.0
 
 Died = Callable[[Machine, str], Awaitable[None]]
-Sampled = Callable[[dict[str, Usage]], Awaitable[None]]
+Sampled = Callable[[dict[str, MachineUsage]], Awaitable[None]]
 
 
 def _death(machine: Machine, silence: float, silence_s: float) -> str | None:

@@ -69,19 +69,19 @@ class CommandPolicy(BaseModel):
     programs: dict[str, ProgramRule]
 
 
-class Verdict(BaseModel):
+class PolicyVerdict(BaseModel):
     allowed: bool
     reason: str = ""
 
 
-ALLOWED = Verdict(allowed=True)
+ALLOWED = PolicyVerdict(allowed=True)
 
 
 class Refused(Exception):
     pass
 
 
-def judge(command: str, policy: CommandPolicy, cwd: str | None = None) -> Verdict:
+def judge(command: str, policy: CommandPolicy, cwd: str | None = None) -> PolicyVerdict:
     """Whether the policy lets the guest run ``command`` (started in ``cwd``, the home by
     default), and if not, a sentence saying what was refused and what to do instead."""
     try:
@@ -90,7 +90,7 @@ def judge(command: str, policy: CommandPolicy, cwd: str | None = None) -> Verdic
             judge.inside(".", f"the step's working directory `{cwd}`")
         judge.line(command)
     except (Refused, ShellSyntaxRefused) as exc:
-        return Verdict(allowed=False, reason=str(exc))
+        return PolicyVerdict(allowed=False, reason=str(exc))
     return ALLOWED
 
 

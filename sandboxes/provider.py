@@ -22,11 +22,11 @@ from sandboxes.gateway import ArtifactSink, GuestGateway, OutputSink
 from sandboxes.models import (
     Health,
     Machine,
+    MachineUsage,
     SandboxInfo,
     Step,
     StepOutcome,
     TerminalStep,
-    Usage,
 )
 from sandboxes.tokens import guest_token
 
@@ -129,7 +129,7 @@ class SandboxProvider(abc.ABC):
     # Whether bring_back() goes before the machine starts (a VM's disk) or after (files).
     boots_from_kept: bool = False
 
-    async def usage(self, machines: list[Machine]) -> dict[str, Usage]:
+    async def usage(self, machines: list[Machine]) -> dict[str, MachineUsage]:
         """The running machines' CPU and memory use, by sandbox id (cheaply: one call for
         all where the provider allows)."""
         return {}

@@ -51,7 +51,7 @@ from tests.test_e2e import DONE, read_events, token_for, wait_status
 from tests.test_run_step import attempt, sqlite_engine, step_request, stored
 from tests.test_workflow import env
 from vm_templates import NetworkSpec
-from workflows.pool import PoolInput, PoolState, PoolWorkflow
+from workflows.pool import PoolInput, PoolState, SandboxPool
 
 __all__ = ["env", "sqlite_engine"]  # fixtures of other tests' (a Temporal dev server, SQLite)
 
@@ -494,7 +494,7 @@ def test_by_default_a_session_runs_its_task_in_a_warm_vm_of_its_own(vms: Libvirt
 async def pool_state(handle: Any, wanted: Callable[[PoolState], bool]) -> PoolState:
     async with asyncio.timeout(CONNECT_TIMEOUT_S):
         while True:
-            state: PoolState = await handle.query(PoolWorkflow.state)
+            state: PoolState = await handle.query(SandboxPool.state)
             if wanted(state):
                 return state
             await asyncio.sleep(0.5)
@@ -515,12 +515,12 @@ async def test_a_warm_pool_hands_out_ready_vms_refills_and_falls_back_to_cold(
     async with Worker(
         client,
         task_queue=queue,
-        workflows=[PoolWorkflow],
+        workflows=[SandboxPool],
         activities=[sandboxes.provision, sandboxes.destroy, pool.claim],
         max_heartbeat_throttle_interval=timedelta(seconds=1),
     ):
         handle = await client.start_workflow(
-            PoolWorkflow.run,
+            SandboxPool.run,
             PoolInput(template=vm_templates.DEFAULT, host_task_queue=queue, min_size=1, max_size=1),
             id=pool_workflow_id(vms.host_id, vm_templates.DEFAULT),
             task_queue=queue,
@@ -549,7 +549,7 @@ async def test_a_warm_pool_hands_out_ready_vms_refills_and_falls_back_to_cold(
         report = await reconcile(vms, session_owner(client, vms.host_id), grace_s=0)
         assert report.adopted == [state.ready[0].id] and report.destroyed == []
 
-        await handle.signal(PoolWorkflow.stop)
+        await handle.signal(SandboxPool.stop)
         await handle.result()
     assert await vms.machines() == []
 

@@ -22,7 +22,7 @@ from berth.worker import start_pools
 from config.settings import Settings
 from sandboxes.models import SandboxInfo
 from tests.test_workflow import env, save_history
-from workflows.pool import PoolInput, PoolState, PoolWorkflow
+from workflows.pool import PoolInput, PoolState, SandboxPool
 
 __all__ = ["env"]  # a fixture of test_workflow's: the Temporal dev server
 
@@ -65,7 +65,7 @@ async def until(client: Client, workflow_id: str) -> PoolState:
     handle = client.get_workflow_handle(workflow_id)
     async with asyncio.timeout(30):
         while True:
-            state: PoolState = await handle.query(PoolWorkflow.state)
+            state: PoolState = await handle.query(SandboxPool.state)
             if state.ready and state.booting:
                 return state
             await asyncio.sleep(0.1)
@@ -81,7 +81,7 @@ async def host(env: WorkflowEnvironment) -> AsyncIterator[tuple[Host, Settings]]
     async with Worker(
         env.client,
         task_queue=settings.host_task_queue,
-        workflows=[PoolWorkflow],
+        workflows=[SandboxPool],
         activities=[stubs.provision, stubs.destroy],
         max_heartbeat_throttle_interval=timedelta(seconds=1),  # as berth.worker's
     ):
@@ -94,7 +94,7 @@ async def test_a_stop_cancels_a_boot_in_flight_and_destroys_the_ready(
     stubs, settings = host
     workflow_id = pool_workflow_id(settings.host_id, vm_templates.DEFAULT)
     pool = await env.client.start_workflow(
-        PoolWorkflow.run,
+        SandboxPool.run,
         PoolInput(
             template=vm_templates.DEFAULT, host_task_queue=settings.host_task_queue,
             min_size=2, max_size=2,
@@ -103,7 +103,7 @@ async def test_a_stop_cancels_a_boot_in_flight_and_destroys_the_ready(
         task_queue=settings.host_task_queue,
     )  # fmt: skip
     state = await until(env.client, workflow_id)
-    await pool.signal(PoolWorkflow.stop)
+    await pool.signal(SandboxPool.stop)
     await asyncio.wait_for(pool.result(), 20)
     history = await pool.fetch_history()
     save_history("pool-stop", history)
@@ -126,14 +126,14 @@ async def test_a_starting_worker_waits_for_a_pool_still_ending_then_starts_a_new
     await until(env.client, workflow_id)
     old = env.client.get_workflow_handle(workflow_id)
     first_run = (await old.describe()).run_id
-    await old.signal(PoolWorkflow.stop)
+    await old.signal(SandboxPool.stop)
 
     await start_pools(env.client, settings)  # the next worker's start
     new = env.client.get_workflow_handle(workflow_id)
     described = await new.describe()
     assert described.run_id != first_run and described.status == WorkflowExecutionStatus.RUNNING
-    assert not (await new.query(PoolWorkflow.state)).stopping
+    assert not (await new.query(SandboxPool.state)).stopping
     finished = await env.client.get_workflow_handle(workflow_id, run_id=first_run).describe()
     assert finished.status == WorkflowExecutionStatus.COMPLETED
-    await new.signal(PoolWorkflow.stop)
+    await new.signal(SandboxPool.stop)
     await new.result()

@@ -1,5 +1,5 @@
 """Replays recorded SessionWorkflow histories, one per path (happy, cancel, failure,
-continue-as-new), and PoolWorkflow's (a stop with a boot in flight): a change to a
+continue-as-new), and SandboxPool's (a stop with a boot in flight): a change to a
 workflow that would break running ones (non-determinism) fails here.
 
 Histories are kept per workflow version in tests/histories/<version>/. Record a new
@@ -17,7 +17,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from workflows.pool import PoolWorkflow
+from workflows.pool import SandboxPool
 from workflows.session import SessionWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*/*.json"))
@@ -32,7 +32,7 @@ async def test_a_recorded_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(f"replay-{path.stem}", path.read_text())  # noqa: ASYNC240
     assert any(e.HasField("activity_task_scheduled_event_attributes") for e in history.events)
     replayer = Replayer(
-        workflows=[SessionWorkflow, PoolWorkflow], data_converter=pydantic_data_converter
+        workflows=[SessionWorkflow, SandboxPool], data_converter=pydantic_data_converter
     )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None

@@ -32,7 +32,7 @@ from activities.models import (
     ProgressBatch,
     SandboxRequest,
     StepRequest,
-    Verdict,
+    TaskVerdict,
     VerifyRequest,
 )
 from sandboxes.models import SandboxInfo, StepOutcome, TerminalStep
@@ -74,7 +74,7 @@ class Stubs:
         self.thinking.set()
         # Scripted model replies: plans (commands) and verdicts, taken in order.
         self.plans: list[list[str]] = []
-        self.verdicts: list[Verdict] = []
+        self.verdicts: list[TaskVerdict] = []
         self.plan_requests: list[PlanRequest] = []
         self.power: list[str] = []
         # The warm pool: its ready VMs' ids, handed out in order; a claim waits for
@@ -120,10 +120,10 @@ class Stubs:
         return Plan(steps=[TerminalStep(command=f"echo {text.removeprefix('say ')}")])
 
     @activity.defn(name="VerifyTask")
-    async def verify(self, request: VerifyRequest) -> Verdict:
+    async def verify(self, request: VerifyRequest) -> TaskVerdict:
         if self.verdicts:
             return self.verdicts.pop(0)
-        return Verdict(ok=True, answer=request.done[-1].outcome.output_tail.strip())
+        return TaskVerdict(ok=True, answer=request.done[-1].outcome.output_tail.strip())
 
     @activity.defn(name="RunStep")
     async def run_step(self, request: StepRequest) -> StepOutcome:
@@ -651,8 +651,8 @@ async def test_the_agent_revises_its_plan_until_the_result_is_verified(
     # the plan after that is verified.
     stubs.plans = [["echo one", "false", "echo skipped"], ["echo two"], ["echo three"]]
     stubs.verdicts = [
-        Verdict(ok=False, reason="the output lacks three"),
-        Verdict(ok=True, answer="three it is"),
+        TaskVerdict(ok=False, reason="the output lacks three"),
+        TaskVerdict(ok=True, answer="three it is"),
     ]
     async with running(env, stubs, params(stubs)) as handle:
         ref = await submit(env.client, handle.id, "count to three")

@@ -28,7 +28,7 @@ SCREENSHOTS = 24
 
 
 @dataclass
-class Usage:
+class SpendSummary:
     calls: int = 0
     tokens: int = 0
     cost_usd: float = 0.0
@@ -49,10 +49,10 @@ class SessionView:
     timeline: list[Event]
     screenshots: list[ArtifactRow]
     sandbox: SandboxRow | None
-    usage: Usage = field(default_factory=Usage)
+    usage: SpendSummary = field(default_factory=SpendSummary)
 
 
-def usage_by_session(db: Session, session_ids: list[str]) -> dict[str, Usage]:
+def usage_by_session(db: Session, session_ids: list[str]) -> dict[str, SpendSummary]:
     """Model calls, tokens and cost of each session."""
     if not session_ids:
         return {}
@@ -63,7 +63,7 @@ def usage_by_session(db: Session, session_ids: list[str]) -> dict[str, Usage]:
         .group_by(col(LLMCall.session_id))
     )
     return {
-        sid: Usage(calls, int(spent or 0), float(cost or 0.0))
+        sid: SpendSummary(calls, int(spent or 0), float(cost or 0.0))
         for sid, calls, spent, cost in db.exec(query)
         if sid is not None
     }
@@ -129,7 +129,7 @@ def session_view(engine: Engine, session_id: str) -> SessionView | None:
             timeline=_events(db, session_id, row.last_seq, TIMELINE_EVENTS, but="step.output"),
             screenshots=list(shots),
             sandbox=current_sandbox(db, session_id),
-            usage=usage_by_session(db, [session_id]).get(session_id, Usage()),
+            usage=usage_by_session(db, [session_id]).get(session_id, SpendSummary()),
         )
 
 
@@ -139,7 +139,7 @@ class MachineView:
 
     session: SessionRow
     sandbox: SandboxRow | None
-    usage: Usage
+    usage: SpendSummary
 
 
 def machine_view(engine: Engine, session_id: str) -> MachineView | None:
@@ -147,7 +147,7 @@ def machine_view(engine: Engine, session_id: str) -> MachineView | None:
         row = db.get(SessionRow, session_id)
         if row is None:
             return None
-        usage = usage_by_session(db, [session_id]).get(session_id, Usage())
+        usage = usage_by_session(db, [session_id]).get(session_id, SpendSummary())
         return MachineView(row, current_sandbox(db, session_id), usage)
 
 

@@ -1,4 +1,4 @@
-"""PoolWorkflow: a warm pool of booted, generic VMs for one template on one host.
+"""SandboxPool: a warm pool of booted, generic VMs for one template on one host.
 
 It keeps ``target`` VMs ready (booted, their guest agent connected), between ``min_size``
 and ``max_size`` as the recent claim rate asks. A session claims one with the ``claim``
@@ -84,7 +84,7 @@ class PoolInput(BaseModel):
 
 
 @workflow.defn(name="SandboxPool")
-class PoolWorkflow:
+class SandboxPool:
     @workflow.init
     def __init__(self, params: PoolInput) -> None:
         self.params = params

@@ -33,7 +33,7 @@ with workflow.unsafe.imports_passed_through():
         RestoreRequest,
         SandboxRequest,
         StepRequest,
-        Verdict,
+        TaskVerdict,
         VerifyRequest,
     )
     from activities.planning import PlanningActivities
@@ -58,7 +58,7 @@ with workflow.unsafe.imports_passed_through():
 
 Request = TypeVar("Request", PlanRequest, VerifyRequest)
 Making = TypeVar("Making", SandboxRequest, RestoreRequest)
-Answer = TypeVar("Answer", Plan, Verdict)
+Answer = TypeVar("Answer", Plan, TaskVerdict)
 
 MAX_QUEUED_TASKS = 20
 FINISHED = (TaskStatus.succeeded, TaskStatus.failed, TaskStatus.cancelled)
