@@ -13,13 +13,18 @@ VM_PACKAGES := libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev qemu
   qemu-utils pkg-config gcc linux-image-cloud-amd64 busybox-static e2fsprogs iproute2
 STAMPS := .berth/stamps
 
-.PHONY: run test lint check setup sandbox-image vm-image lock clean bench-spine bench-llm bench-vm
+.PHONY: run test test-fast lint check setup sandbox-image vm-image lock clean bench-spine bench-llm bench-vm
 
 run: setup
 	$(PY) -m berth run
 
 test: setup lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# The fast loop: no Docker, VMs or browser (markers in pyproject.toml), nothing to build.
+FAST := not docker and not libvirt and not chromium and not e2e
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "$(FAST)" $(PYTEST_ARGS)
 
 bench-spine: setup
 	$(PY) -m bench.spine

@@ -29,11 +29,11 @@ import redis
 from langchain_core.messages import HumanMessage
 
 from bench.spine import Metric, machine, table, timed, write_report
-from berth.local import free_port
 from config.settings import LLMProvider, Settings
 from llm.models import Caller, ChatRequest
 from llm.proxy import LLMProxy
 from store.db import get_engine, migrate
+from tests.support.local import free_port
 
 N = 300
 WARMUP = 30
@@ -150,7 +150,7 @@ def run(data: Path) -> list[Metric]:
         "BERTH_LLM_RATE_LIMIT_PER_MINUTE": "1000000",
         "BERTH_TEMPORAL_ADDRESS": "127.0.0.1:1",  # not needed here, never reached
     }
-    server = [sys.executable, "-m", "tests.scripted_llm", str(llm_port), REPLY]
+    server = [sys.executable, "-m", "tests.support.scripted_llm", str(llm_port), REPLY]
     with (
         process(server, {}, data / "scripted.log"),
         process([sys.executable, "-m", "api"], env, data / "api.log"),

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
-from berth.local import LocalSystem, python_script
+from tests.support.local import LocalSystem, python_script
 
 Event = dict[str, Any]
 Received = tuple[float, Event]  # (client receive time, event)

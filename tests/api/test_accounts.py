@@ -1,0 +1,257 @@
+"""Accounts: argon2id hashes that carry their parameters and are raised on login, answers
+that do not tell who is registered, counters and lockouts shared by API processes, revocable
+tokens kept hashed, admins made from the command line."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session, select
+
+from api.app import create_app
+from config.settings import Settings
+from store.db import get_engine
+from store.models import ApiToken, AuditEntry, User
+from tests.support.local import free_port
+
+PASSWORD = "correct horse battery"
+# Cheap hashes for tests that are not about their cost; the parameters live in each hash.
+FAST = {"password_time_cost": 1, "password_memory_kib": 1024, "password_parallelism": 1}
+
+
+def settings_for(data: Path, **extra: Any) -> Settings:
+    values = {**FAST, **extra}
+    return Settings(data_dir=data, temporal_address=f"127.0.0.1:{free_port()}", **values)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture
+def client(data: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(settings_for(data))) as client:
+        yield client
+
+
+def sign_up(client: TestClient, email: str, password: str = PASSWORD) -> None:
+    answer = client.post("/api/auth/signup", json={"email": email, "password": password})
+    assert answer.status_code == 201, answer.text
+
+
+def log_in(client: TestClient, email: str, password: str = PASSWORD, **extra: str) -> Any:
+    return client.post("/api/auth/token", json={"email": email, "password": password, **extra})
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def stored_user(data: Path, email: str) -> User:
+    with Session(get_engine(settings_for(data).db_url)) as db:
+        user = db.exec(select(User).where(User.email == email)).one()
+        db.expunge(user)
+        return user
+
+
+def test_passwords_are_argon2id_with_their_parameters(data: Path) -> None:
+    with TestClient(create_app(Settings(data_dir=data))) as client:  # the default cost
+        sign_up(client, "ann@example.com")
+    assert stored_user(data, "ann@example.com").password_hash.startswith(
+        "$argon2id$v=19$m=65536,t=3,p=4$"
+    )
+
+
+def test_a_login_raises_weaker_parameters(data: Path) -> None:
+    with TestClient(create_app(settings_for(data))) as client:
+        sign_up(client, "ann@example.com")
+    assert "$m=1024,t=1,p=1$" in stored_user(data, "ann@example.com").password_hash
+    stronger = settings_for(data, password_memory_kib=2048, password_time_cost=2)
+    with TestClient(create_app(stronger)) as client:
+        assert log_in(client, "ann@example.com").status_code == 200
+    assert "$m=2048,t=2,p=1$" in stored_user(data, "ann@example.com").password_hash
+
+
+def test_an_old_scrypt_hash_verifies_once_and_is_rehashed(data: Path, client: TestClient) -> None:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(PASSWORD.encode(), salt=salt, n=2**14, r=8, p=1)
+    with Session(get_engine(settings_for(data).db_url)) as db:
+        db.add(User(email="old@example.com", password_hash=f"scrypt${salt.hex()}${digest.hex()}"))
+        db.commit()
+    assert log_in(client, "old@example.com", "wrong password").status_code == 401
+    assert log_in(client, "old@example.com").status_code == 200
+    assert stored_user(data, "old@example.com").password_hash.startswith("$argon2id$")
+    assert log_in(client, "old@example.com").status_code == 200
+
+
+def test_sign_up_does_not_tell_a_taken_email(client: TestClient) -> None:
+    first = client.post("/api/auth/signup", json={"email": "ann@example.com", "password": PASSWORD})
+    again = client.post(
+        "/api/auth/signup", json={"email": "ann@example.com", "password": "another password"}
+    )
+    assert (first.status_code, first.json()) == (again.status_code, again.json())
+    # The first password stays.
+    assert log_in(client, "ann@example.com").status_code == 200
+    assert log_in(client, "ann@example.com", "another password").status_code == 401
+
+
+def test_login_answers_an_unknown_email_as_a_wrong_password_after_as_much_work(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sign_up(client, "ann@example.com")
+    passwords = client.app.state.passwords  # type: ignore[attr-defined]
+    verified: list[str] = []
+
+    class Spy:
+        """The real hasher, noting which thread each verification runs on."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def verify(self, stored: str, password: str) -> bool:
+            verified.append(threading.current_thread().name)
+            return bool(real.verify(stored, password))
+
+    real = passwords.hasher
+    monkeypatch.setattr(passwords, "hasher", Spy())
+    unknown = log_in(client, "nobody@example.com")
+    wrong = log_in(client, "ann@example.com", "wrong password")
+    assert unknown.status_code == wrong.status_code == 401
+    assert unknown.json() == wrong.json()
+    assert unknown.headers["www-authenticate"] == "Bearer"
+    # One argon2 verification each, on the hashing threads, not the shared threadpool.
+    assert len(verified) == 2
+    assert all(name.startswith("password-hash") for name in verified)
+
+
+def test_failed_logins_lock_out_the_email_from_that_address_in_every_process(
+    data: Path,
+) -> None:
+    settings = settings_for(data, login_max_failures=3)
+    with (
+        TestClient(create_app(settings), client=("10.0.0.1", 1000)) as one,
+        TestClient(create_app(settings), client=("10.0.0.1", 1001)) as two,
+        TestClient(create_app(settings), client=("10.0.0.2", 1000)) as elsewhere,
+    ):
+        sign_up(one, "ann@example.com")
+        # Two API processes (two apps on one database) count the same failures.
+        assert log_in(one, "ann@example.com", "wrong password 1").status_code == 401
+        assert log_in(two, "ann@example.com", "wrong password 2").status_code == 401
+        assert log_in(one, "ann@example.com", "wrong password 3").status_code == 401
+        locked = log_in(two, "ann@example.com")  # the right password, too late
+        assert locked.status_code == 429
+        assert int(locked.headers["retry-after"]) > 800
+        assert locked.headers["content-type"] == "application/problem+json"
+        # An unknown email locks the same way: a lockout tells nothing either.
+        for _ in range(3):
+            assert log_in(one, "nobody@example.com", "wrong password").status_code == 401
+        assert log_in(one, "nobody@example.com", "wrong password").status_code == 429
+        # The owner, from another address, is not locked out by the attacker.
+        assert log_in(elsewhere, "ann@example.com").status_code == 200
+
+
+def test_a_success_resets_the_failures(data: Path) -> None:
+    with TestClient(create_app(settings_for(data, login_max_failures=2))) as client:
+        sign_up(client, "ann@example.com")
+        for _ in range(3):
+            assert log_in(client, "ann@example.com", "wrong password").status_code == 401
+            assert log_in(client, "ann@example.com").status_code == 200
+
+
+def test_an_address_has_so_many_logins_and_sign_ups(data: Path) -> None:
+    settings = settings_for(data, login_max_attempts=3, signup_max_attempts=2)
+    with TestClient(create_app(settings)) as client:
+        sign_up(client, "ann@example.com")
+        sign_up(client, "bob@example.com")
+        third = client.post(
+            "/api/auth/signup", json={"email": "c@example.com", "password": PASSWORD}
+        )
+        assert third.status_code == 429
+        for _ in range(3):
+            assert log_in(client, "ann@example.com").status_code == 200
+        assert log_in(client, "bob@example.com").status_code == 429
+
+
+def test_tokens_are_named_listed_revoked_and_kept_hashed(data: Path, client: TestClient) -> None:
+    sign_up(client, "ann@example.com")
+    login = log_in(client, "ann@example.com", name="laptop").json()
+    headers = bearer(login["token"])
+    made = client.post("/api/tokens", json={"name": "ci"}, headers=headers)
+    assert made.status_code == 201
+    ci = made.json()
+    listed = client.get("/api/tokens", headers=headers).json()
+    assert {t["name"] for t in listed} == {"laptop", "ci"}
+    assert all("token" not in t for t in listed)
+    with Session(get_engine(settings_for(data).db_url)) as db:
+        hashes = [t.token_hash for t in db.exec(select(ApiToken))]
+    assert login["token"] not in hashes and ci["token"] not in hashes
+
+    assert client.delete(f"/api/tokens/{ci['id']}", headers=headers).status_code == 204
+    assert client.get("/api/tokens", headers=bearer(ci["token"])).status_code == 401
+    assert [t["name"] for t in client.get("/api/tokens", headers=headers).json()] == ["laptop"]
+    # Logging out revokes the token that asks.
+    assert client.post("/api/auth/logout", headers=headers).status_code == 204
+    refused = client.get("/api/tokens", headers=headers)
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+
+
+def test_nobody_revokes_another_users_token(client: TestClient) -> None:
+    sign_up(client, "ann@example.com")
+    sign_up(client, "bob@example.com")
+    ann = log_in(client, "ann@example.com").json()
+    bob = bearer(log_in(client, "bob@example.com").json()["token"])
+    assert client.delete(f"/api/tokens/{ann['id']}", headers=bob).status_code == 404
+    assert client.get("/api/tokens", headers=bearer(ann["token"])).status_code == 200
+
+
+def test_logins_and_tokens_are_audited(data: Path, client: TestClient) -> None:
+    sign_up(client, "ann@example.com")
+    log_in(client, "ann@example.com", "wrong password")
+    token = log_in(client, "ann@example.com").json()
+    client.delete(f"/api/tokens/{token['id']}", headers=bearer(token["token"]))
+    with Session(get_engine(settings_for(data).db_url)) as db:
+        actions = [e.action for e in db.exec(select(AuditEntry).order_by(AuditEntry.id))]  # type: ignore[arg-type]
+    assert actions == ["signup", "login.failed", "login", "token.create", "token.revoke"]
+
+
+def test_create_admin_from_the_command_line(data: Path) -> None:
+    cheap = {f"BERTH_{name.upper()}": str(value) for name, value in FAST.items()}
+    env = {**os.environ, "BERTH_DATA_DIR": str(data), **cheap}
+    made = subprocess.run(
+        [sys.executable, "-m", "berth", "create-admin", "root@example.com"],
+        input=f"{PASSWORD}\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    assert "root@example.com is an admin" in made.stdout
+    assert stored_user(data, "root@example.com").is_admin
+    with TestClient(create_app(settings_for(data))) as client:
+        admin = bearer(log_in(client, "root@example.com").json()["token"])
+        sign_up(client, "ann@example.com")
+        ann = bearer(log_in(client, "ann@example.com").json()["token"])
+        assert client.get("/api/sessions?all=true", headers=admin).status_code == 200
+        assert client.get("/api/sessions?all=true", headers=ann).status_code == 403
+    short = subprocess.run(
+        [sys.executable, "-m", "berth", "create-admin", "x@example.com"],
+        input="short\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert short.returncode != 0 and "at least 8 characters" in short.stderr

@@ -1,0 +1,139 @@
+"""A warm pool's end, on the Temporal dev server with stub activities (the edge): a stop
+destroys the ready members and cancels boots in flight without waiting for them or backing
+off, and a worker starting next to a pool still ending does not take it for its live pool."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+from temporalio import activity
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+import vm_templates
+from activities.models import SandboxRequest, pool_workflow_id
+from berth.worker import start_pools
+from config.settings import Settings
+from sandboxes.models import SandboxInfo
+from tests.workflows.test_session import env, save_history
+from workflows.pool import PoolInput, PoolState, SandboxPool
+
+__all__ = ["env"]  # a fixture of test_workflow's: the Temporal dev server
+
+
+class Host:
+    """Stub ProvisionSandbox and DestroySandbox: the first ``quick`` boots succeed at once,
+    later ones hang until cancelled (then destroy what they made, after ``linger_s``)."""
+
+    def __init__(self, queue: str, quick: int, linger_s: float = 0.0) -> None:
+        self.queue, self.quick, self.linger_s = queue, quick, linger_s
+        self.booted: list[str] = []
+        self.cancelled: list[str] = []
+        self.destroyed: list[str] = []
+
+    @activity.defn(name="ProvisionSandbox")
+    async def provision(self, request: SandboxRequest) -> SandboxInfo:
+        self.booted.append(request.sandbox_id)
+        if len(self.booted) > self.quick:
+            try:
+                while True:
+                    activity.heartbeat()
+                    await asyncio.sleep(0.2)
+            except asyncio.CancelledError:
+                self.cancelled.append(request.sandbox_id)
+                await asyncio.sleep(self.linger_s)
+                self.destroyed.append(request.sandbox_id)
+                raise
+        return SandboxInfo(
+            id=request.sandbox_id, session_id=request.session_id, provider="stub",
+            host_id="h", task_queue=self.queue, template=request.template, handle="vm",
+        )  # fmt: skip
+
+    @activity.defn(name="DestroySandbox")
+    async def destroy(self, sandbox: SandboxInfo) -> None:
+        self.destroyed.append(sandbox.id)
+
+
+async def until(client: Client, workflow_id: str) -> PoolState:
+    """The pool's state once a boot hangs (one ready, one booting)."""
+    handle = client.get_workflow_handle(workflow_id)
+    async with asyncio.timeout(30):
+        while True:
+            state: PoolState = await handle.query(SandboxPool.state)
+            if state.ready and state.booting:
+                return state
+            await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def host(env: WorkflowEnvironment) -> AsyncIterator[tuple[Host, Settings]]:
+    settings = Settings(
+        sandbox_provider="libvirt", host_id=f"pooltest-{uuid.uuid4().hex[:8]}",
+        vm_pool_min=2, vm_pool_max=2,
+    )  # fmt: skip
+    stubs = Host(settings.host_task_queue, quick=1, linger_s=1.0)
+    async with Worker(
+        env.client,
+        task_queue=settings.host_task_queue,
+        workflows=[SandboxPool],
+        activities=[stubs.provision, stubs.destroy],
+        max_heartbeat_throttle_interval=timedelta(seconds=1),  # as berth.worker's
+    ):
+        yield stubs, settings
+
+
+async def test_a_stop_cancels_a_boot_in_flight_and_destroys_the_ready(
+    env: WorkflowEnvironment, host: tuple[Host, Settings]
+) -> None:
+    stubs, settings = host
+    workflow_id = pool_workflow_id(settings.host_id, vm_templates.DEFAULT)
+    pool = await env.client.start_workflow(
+        SandboxPool.run,
+        PoolInput(
+            template=vm_templates.DEFAULT, host_task_queue=settings.host_task_queue,
+            min_size=2, max_size=2,
+        ),
+        id=workflow_id,
+        task_queue=settings.host_task_queue,
+    )  # fmt: skip
+    state = await until(env.client, workflow_id)
+    await pool.signal(SandboxPool.stop)
+    await asyncio.wait_for(pool.result(), 20)
+    history = await pool.fetch_history()
+    save_history("pool-stop", history)
+    kinds = [event.event_type for event in history.events]
+    stopped = kinds.index(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED)
+    assert EventType.EVENT_TYPE_TIMER_STARTED not in kinds[stopped:]  # no back-off
+    ready, booting = state.ready[0].id, state.booting[0]
+    assert stubs.cancelled == [booting]
+    # The cancel was waited for: what the boot made is gone before the pool ended.
+    assert sorted(stubs.destroyed) == sorted([ready, booting])
+
+
+async def test_a_starting_worker_waits_for_a_pool_still_ending_then_starts_a_new_one(
+    env: WorkflowEnvironment, host: tuple[Host, Settings]
+) -> None:
+    stubs, settings = host
+    stubs.linger_s = 3.0  # the boot's removal outlasts the earlier worker's stop
+    await start_pools(env.client, settings)
+    workflow_id = pool_workflow_id(settings.host_id, vm_templates.DEFAULT)
+    await until(env.client, workflow_id)
+    old = env.client.get_workflow_handle(workflow_id)
+    first_run = (await old.describe()).run_id
+    await old.signal(SandboxPool.stop)
+
+    await start_pools(env.client, settings)  # the next worker's start
+    new = env.client.get_workflow_handle(workflow_id)
+    described = await new.describe()
+    assert described.run_id != first_run and described.status == WorkflowExecutionStatus.RUNNING
+    assert not (await new.query(SandboxPool.state)).stopping
+    finished = await env.client.get_workflow_handle(workflow_id, run_id=first_run).describe()
+    assert finished.status == WorkflowExecutionStatus.COMPLETED
+    await new.signal(SandboxPool.stop)
+    await new.result()
