@@ -7,9 +7,7 @@ and the backend re-attaches to them by id once the guest is back.
 from __future__ import annotations
 
 import asyncio
-import base64
 import importlib.util
-import json
 import logging
 import random
 import signal
@@ -26,6 +24,17 @@ from guest_agent import checks, files, protocol
 from guest_agent.chromium import chromium_path
 from guest_agent.execution import Execution
 from guest_agent.pinning import SECURE_SCHEME, check_peer, client_context
+from guest_agent.protocol import (
+    Artifact,
+    Cancel,
+    Clock,
+    Exec,
+    Exit,
+    Hello,
+    Output,
+    ProtocolError,
+    Welcome,
+)
 from guest_agent.terminal import run_command
 from guest_agent.user import StepUser
 
@@ -99,64 +108,60 @@ class GuestAgent:
         ) as ws:
             if secure:
                 check_peer(ws.transport, self.config.gateway_sha256)  # before the token goes
-            await ws.send(
-                json.dumps(
-                    {
-                        "type": protocol.HELLO,
-                        "version": protocol.PROTOCOL_VERSION,
-                        "sandbox_id": self.config.sandbox_id,
-                        "token": self.config.token,
-                        "capabilities": self.capabilities,
-                    }
-                )
+            hello = Hello(
+                sandbox_id=self.config.sandbox_id,
+                token=self.config.token,
+                capabilities=tuple(self.capabilities),
             )
+            await ws.send(hello.encode())
             log.info("connected to %s", self.config.url)
             pumps: dict[str, asyncio.Task[None]] = {}
             try:
                 async for raw in ws:
                     self.welcomed = True
-                    self._handle(json.loads(raw), ws, pumps)
+                    self._handle(raw, ws, pumps)
             finally:
                 for pump in pumps.values():
                     pump.cancel()
 
-    def _handle(
-        self, message: dict[str, Any], link: Link, pumps: dict[str, asyncio.Task[None]]
-    ) -> None:
-        kind = message.get("type")
-        if kind == protocol.EXEC:
-            execution = self._start(message)
+    def _handle(self, raw: str | bytes, link: Link, pumps: dict[str, asyncio.Task[None]]) -> None:
+        try:
+            frame = protocol.parse(raw)
+        except ProtocolError as exc:
+            log.warning("ignoring a malformed message: %s", exc)
+            return
+        if isinstance(frame, Exec):
+            execution = self._start(frame)
             old = pumps.pop(execution.exec_id, None)
             if old is not None:
                 old.cancel()
             pumps[execution.exec_id] = asyncio.create_task(
-                self._pump(execution, int(message.get("after_seq", 0)), link)
+                self._pump(execution, frame.after_seq, link)
             )
-        elif kind == protocol.CANCEL:
-            known = self.executions.get(message["exec_id"])
+        elif isinstance(frame, Cancel):
+            known = self.executions.get(frame.exec_id)
             if known is not None:
                 known.kill()
-        elif kind == protocol.CLOCK:
+        elif isinstance(frame, Clock):
             try:
-                time.clock_settime(time.CLOCK_REALTIME, float(message["time"]))
+                time.clock_settime(time.CLOCK_REALTIME, frame.time)
             except OSError as exc:  # a container shares the host's clock, and may not set it
                 log.info("clock not set: %s", exc)
-        elif kind != protocol.WELCOME:
-            log.warning("ignoring unknown message type %r", kind)
+        elif not isinstance(frame, Welcome):
+            log.warning("ignoring a %s message: the backend sends none", frame.TYPE)
 
-    def _start(self, message: dict[str, Any]) -> Execution:
-        exec_id = message["exec_id"]
-        known = self.executions.get(exec_id)
+    def _start(self, frame: Exec) -> Execution:
+        known = self.executions.get(frame.exec_id)
         if known is not None:
             return known
-        execution = Execution(exec_id=exec_id, timeout_s=float(message["timeout_s"]))
-        self.executions[exec_id] = execution
+        execution = Execution(exec_id=frame.exec_id, timeout_s=frame.timeout_s)
+        self.executions[frame.exec_id] = execution
         while len(self.executions) > MAX_REMEMBERED:
             oldest = next(iter(self.executions.values()))
             if not oldest.finished:
                 break
             self.executions.popitem(last=False)
-        task = asyncio.create_task(self._perform(execution, message["step"]))
+        task = asyncio.create_task(self._perform(execution, frame.step))
         self._tasks.add(task)  # keep a reference: the step outlives its connection
         task.add_done_callback(self._tasks.discard)
         return execution
@@ -229,48 +234,16 @@ class GuestAgent:
                 await execution.changed.wait_for(partial(_has_news, execution, after))
                 batch = execution.lines_after(after)
                 finished = execution.finished
+            exec_id = execution.exec_id
             for line in batch:
-                await link.send(
-                    json.dumps(
-                        {
-                            "type": protocol.OUTPUT,
-                            "exec_id": execution.exec_id,
-                            "seq": line.seq,
-                            "after_seq": after,
-                            "stream": line.stream,
-                            "text": line.text,
-                        }
-                    )
-                )
+                output = Output(exec_id, line.seq, line.stream, line.text, after_seq=after)
+                await link.send(output.encode())
                 after = line.seq
             if finished and not execution.lines_after(after):
-                for artifact in execution.artifacts:
-                    await link.send(
-                        json.dumps(
-                            {
-                                "type": protocol.ARTIFACT,
-                                "exec_id": execution.exec_id,
-                                "name": artifact.name,
-                                "media_type": artifact.media_type,
-                                "data": base64.b64encode(artifact.data).decode(),
-                                "after_seq": after,
-                            }
-                        )
-                    )
-                await link.send(
-                    json.dumps(
-                        {
-                            "type": protocol.EXIT,
-                            "exec_id": execution.exec_id,
-                            "exit_code": execution.exit_code,
-                            "timed_out": execution.timed_out,
-                            "error": execution.error,
-                            "check": execution.check,
-                            "result": execution.result,
-                            "after_seq": after,
-                        }
-                    )
-                )
+                for kept in execution.artifacts:
+                    artifact = Artifact(exec_id, kept.name, kept.media_type, kept.data, after)
+                    await link.send(artifact.encode())
+                await link.send(_exit(execution, after).encode())
                 return
 
 
@@ -300,6 +273,21 @@ def load_browser(user: StepUser | None) -> LazyBrowser | None:
         return None
     executable = chromium_path()
     return LazyBrowser(executable, user) if executable else None
+
+
+def _exit(execution: Execution, after: int) -> Exit:
+    """The exit frame of a finished step."""
+    if execution.exit_code is None:
+        raise ValueError(f"step {execution.exec_id} has not finished")
+    return Exit(
+        exec_id=execution.exec_id,
+        exit_code=execution.exit_code,
+        timed_out=execution.timed_out,
+        error=execution.error,
+        check=execution.check,
+        result=execution.result,
+        after_seq=after,
+    )
 
 
 def _has_news(execution: Execution, after: int) -> bool:

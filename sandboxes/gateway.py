@@ -9,34 +9,43 @@ Each command's messages go through a bounded inbox: when its consumer (recording
 falls behind, the connection stops being read and TCP holds the guest back, instead of the
 backend buffering without bound.
 
-A guest is not trusted. Its token opens one connection at a time: while its sandbox has a
-live link, another hello with the same token is refused (so a stolen token could not take
-over a session's link; a dead link is found within the ping timeout). A malformed message
-cuts the guest off, and so do more than MAX_STRAY_MESSAGES messages for no open command
-(the only ones nothing holds back); each address may hold MAX_PENDING_PER_ADDRESS
-connections that have not said hello yet.
+A guest is not trusted: its frames are read with the protocol's own parser
+(guest_agent/protocol.py), which refuses whatever breaks its bounds. Its token opens one
+connection at a time: while its sandbox has a live link, another hello with the same token is
+refused (so a stolen token could not take over a session's link; a dead link is found within
+the ping timeout). A malformed message cuts the guest off, and so do more than
+MAX_STRAY_MESSAGES messages for no open command (the only ones nothing holds back); each
+address may hold MAX_PENDING_PER_ADDRESS connections that have not said hello yet.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from guest_agent import protocol
+from guest_agent.protocol import (
+    Artifact,
+    Cancel,
+    Clock,
+    Exec,
+    Exit,
+    Hello,
+    Output,
+    ProtocolError,
+    StepFrame,
+    Welcome,
+)
 from sandboxes.gateway_tls import GatewayCertificate
 from sandboxes.models import STEP_KINDS, CheckResult, Step, StepOutcome, StepResult
 from sandboxes.tokens import check_guest_token
@@ -46,9 +55,6 @@ log = logging.getLogger("berth.gateway")
 HELLO_TIMEOUT_S = 10.0
 # Messages held per command while its consumer is behind: at most 32 MiB of frames.
 INBOX_SIZE = 64
-# An exit's error text is the guest's word: kept short.
-MAX_ERROR_CHARS = 4000
-STREAMS = ("stdout", "stderr")
 # The end of a command's output carried in its outcome (and so in Temporal's history).
 OUTPUT_TAIL_CHARS = 4000
 # Artifacts one step may leave (each at most one frame: see protocol.MAX_ARTIFACT_BYTES).
@@ -79,6 +85,8 @@ OutputSink = Callable[[int, str, str], Awaitable[None]]
 # Called as ``on_artifact(name, media_type, data)`` for each artifact of a step, possibly
 # again for the same name (a replay after a reconnect); returns the artifact's id.
 ArtifactSink = Callable[[str, str, bytes], Awaitable[str]]
+Model = TypeVar("Model", bound=BaseModel)
+
 # What a guest that predates capabilities runs.
 TERMINAL_ONLY = frozenset({"terminal"})
 
@@ -91,8 +99,11 @@ class SandboxDied(GuestUnavailable):
     """The sandbox's machine died (its host saw it): nothing runs there any more."""
 
 
-# An inbox message of the gateway's own: the machine died (see fail()).
-DIED = "_died"
+class _Died:
+    """An inbox message of the gateway's own: the machine died (see fail())."""
+
+
+DIED = _Died()
 
 
 class StepKindUnsupported(ValueError):
@@ -108,18 +119,13 @@ class _Open:
     timeout_s: float
     last_seq: int = 0
     cancelled: bool = False
-    inbox: asyncio.Queue[dict[str, Any]] = field(default_factory=lambda: asyncio.Queue(INBOX_SIZE))
+    inbox: asyncio.Queue[StepFrame | _Died] = field(
+        default_factory=lambda: asyncio.Queue(INBOX_SIZE)
+    )
 
     def exec_message(self) -> str:
-        return json.dumps(
-            {
-                "type": protocol.EXEC,
-                "exec_id": self.exec_id,
-                "step": self.step.model_dump(),
-                "timeout_s": self.timeout_s,
-                "after_seq": self.last_seq,
-            }
-        )
+        step = self.step.model_dump()
+        return Exec(self.exec_id, step, self.timeout_s, after_seq=self.last_seq).encode()
 
 
 @dataclass
@@ -259,7 +265,7 @@ class GuestGateway:
         for command in guest.open.values():
             if command.inbox.full():
                 command.inbox.get_nowait()  # nothing after the death matters
-            command.inbox.put_nowait({"type": DIED})
+            command.inbox.put_nowait(DIED)
 
     def forget(self, sandbox_id: str) -> None:
         """Drop a sandbox that is being destroyed; its machine's end closes the link."""
@@ -297,36 +303,39 @@ class GuestGateway:
         try:
             await self._send(guest, command.exec_message())
             while True:
-                message = await self._next(guest, command)
+                frame = await self._next(guest, command)
                 # Only what follows the last line taken: a line seen twice (replayed across a
                 # reconnect) or from an attachment since replaced (it would skip lines) is not.
                 # A guest that predates ``after_seq`` is taken at its word.
-                follows = message.get("after_seq", command.last_seq) <= command.last_seq
-                if message["type"] == protocol.OUTPUT:
-                    if not follows or message["seq"] <= command.last_seq:
+                follows = frame.after_seq is None or frame.after_seq <= command.last_seq
+                if isinstance(frame, Output):
+                    if not follows or frame.seq <= command.last_seq:
                         continue
-                    command.last_seq = message["seq"]
-                    tail = (tail + message["text"])[-OUTPUT_TAIL_CHARS:]
-                    await on_output(message["seq"], message["stream"], message["text"])
-                elif message["type"] == protocol.ARTIFACT:
-                    name = message["name"]
+                    command.last_seq = frame.seq
+                    tail = (tail + frame.text)[-OUTPUT_TAIL_CHARS:]
+                    await on_output(frame.seq, frame.stream, frame.text)
+                elif isinstance(frame, Artifact):
                     # A step makes a few (its screenshot); a guest that sends more is
                     # ignored past the cap, so it cannot fill the host's disk.
-                    if on_artifact is not None and name not in artifacts:
+                    if on_artifact is not None and frame.name not in artifacts:
                         if len(artifacts) >= MAX_ARTIFACTS_PER_STEP:
-                            log.warning("sandbox %s: artifact %s past the cap", sandbox_id, name)
+                            log.warning(
+                                "sandbox %s: artifact %s past the cap", sandbox_id, frame.name
+                            )
                             continue
-                        artifacts[name] = await on_artifact(
-                            name, message["media_type"], message["data"]
+                        artifacts[frame.name] = await on_artifact(
+                            frame.name, frame.media_type, frame.data
                         )
-                elif message["type"] == protocol.EXIT and follows:
+                elif isinstance(frame, Exit) and follows:
                     return StepOutcome(
-                        exit_code=message["exit_code"],
-                        timed_out=message["timed_out"],
-                        error=message.get("error"),
+                        exit_code=frame.exit_code,
+                        timed_out=frame.timed_out,
+                        error=frame.error,
                         output_tail=tail,
-                        check=message.get("check"),
-                        result=message.get("result"),
+                        # The check's outcome and the result are optional; malformed, they
+                        # are dropped.
+                        check=_valid(CheckResult, frame.check),
+                        result=_valid(StepResult, frame.result),
                         artifacts=list(artifacts.values()),
                     )
         finally:
@@ -344,11 +353,11 @@ class GuestGateway:
         command = guest.open.get(exec_id)
         if command is not None:
             command.cancelled = True  # sent again on re-attach, should this one be lost
-        await self._send(guest, _cancel_message(exec_id))
+        await self._send(guest, Cancel(exec_id).encode())
 
     async def set_clock(self, sandbox_id: str, now: float) -> None:
         """Set the guest's clock (it stood still while its machine was suspended)."""
-        await self._send(self._guest(sandbox_id), json.dumps({"type": protocol.CLOCK, "time": now}))
+        await self._send(self._guest(sandbox_id), Clock(now).encode())
 
     def last_seq(self, sandbox_id: str, exec_id: str) -> int:
         command = self._guest(sandbox_id).open.get(exec_id)
@@ -363,7 +372,7 @@ class GuestGateway:
                 await guest.connection.send(message)
         # If not connected, the message goes out when the guest comes back (see _serve).
 
-    async def _next(self, guest: _Guest, command: _Open) -> dict[str, Any]:
+    async def _next(self, guest: _Guest, command: _Open) -> StepFrame:
         while True:
             try:
                 message = await asyncio.wait_for(command.inbox.get(), timeout=self._grace)
@@ -373,13 +382,13 @@ class GuestGateway:
                         f"guest lost for more than {self._grace:.0f} s"
                     ) from None
                 continue  # connected and quiet: a long command with no output
-            if message["type"] == DIED:
+            if isinstance(message, _Died):
                 raise SandboxDied(guest.dead or "the sandbox's machine died")
             return message
 
-    async def _hello(self, ws: ServerConnection) -> dict[str, Any] | None:
-        """The connection's hello, if one comes in time; counted against its address while
-        it is awaited."""
+    async def _hello(self, ws: ServerConnection) -> Hello | None:
+        """The connection's hello, if one comes in time and is one; counted against its
+        address while it is awaited."""
         address = str(ws.remote_address[0]) if ws.remote_address else ""
         if self._pending.get(address, 0) >= MAX_PENDING_PER_ADDRESS:
             await ws.close(CLOSE_TRY_LATER, "too many connections")
@@ -387,14 +396,14 @@ class GuestGateway:
         self._pending[address] = self._pending.get(address, 0) + 1
         try:
             # An oversized hello never gets here: the connection closes with 1009 first.
-            hello = json.loads(await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S))
-        except (TimeoutError, ConnectionClosed, ValueError):
+            hello = protocol.parse(await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S))
+        except (TimeoutError, ConnectionClosed, ProtocolError):
             hello = None
         finally:
             self._pending[address] -= 1
             if not self._pending[address]:
                 del self._pending[address]
-        if not isinstance(hello, dict):
+        if not isinstance(hello, Hello):
             await ws.close(protocol.CLOSE_UNAUTHORIZED, "expected hello")
             return None
         return hello
@@ -403,10 +412,8 @@ class GuestGateway:
         hello = await self._hello(ws)
         if hello is None:
             return
-        sandbox_id = str(hello.get("sandbox_id", ""))
-        if hello.get("type") != protocol.HELLO or not any(
-            check_guest_token(key, sandbox_id, str(hello.get("token", ""))) for key in self._keys
-        ):
+        sandbox_id = hello.sandbox_id
+        if not any(check_guest_token(key, sandbox_id, hello.token) for key in self._keys):
             log.warning("refused guest claiming sandbox %r", sandbox_id[:LOGGED_ID_CHARS])
             await ws.close(protocol.CLOSE_UNAUTHORIZED, "bad token")
             return
@@ -426,23 +433,23 @@ class GuestGateway:
             sandbox_id, guest.version, ", ".join(sorted(guest.capabilities)),
         )  # fmt: skip
         try:
-            await ws.send(json.dumps({"type": protocol.WELCOME}))
+            await ws.send(Welcome().encode())
             for command in list(guest.open.values()):
                 await ws.send(command.exec_message())  # re-attach after a reconnect
                 if command.cancelled:
-                    await ws.send(_cancel_message(command.exec_id))
+                    await ws.send(Cancel(command.exec_id).encode())
             strays = 0
             async for raw in ws:
                 guest.heard()
-                message = _checked(raw)
-                if message is None:
+                frame = _step_frame(raw)
+                if frame is None:
                     log.warning("sandbox %s sent a malformed message: cut off", sandbox_id)
                     await ws.close(CLOSE_POLICY, "malformed message")
                     break
-                target = guest.open.get(message["exec_id"])
+                target = guest.open.get(frame.exec_id)
                 if target is not None:
                     guest.held = target.inbox.full()
-                    await target.inbox.put(message)  # blocks reading while the inbox is full
+                    await target.inbox.put(frame)  # blocks reading while the inbox is full
                     guest.held = False
                     guest.heard()
                     continue
@@ -468,71 +475,26 @@ async def _heartbeat(guest: _Guest, ws: ServerConnection) -> None:
         guest.heard()
 
 
-def _announced(hello: dict[str, Any]) -> tuple[frozenset[str], int]:
-    """The step kinds and protocol version a verified hello claims (bounded)."""
-    version, claimed = hello.get("version"), hello.get("capabilities")
-    kinds = (
-        frozenset(kind for kind in claimed[:10] if kind in STEP_KINDS)
-        if isinstance(claimed, list)
-        else TERMINAL_ONLY
-    )
-    return kinds, version if isinstance(version, int) else 1
+def _announced(hello: Hello) -> tuple[frozenset[str], int]:
+    """The step kinds and protocol version a verified hello claims (those it knows)."""
+    if hello.capabilities is None:
+        return TERMINAL_ONLY, hello.version
+    return frozenset(kind for kind in hello.capabilities if kind in STEP_KINDS), hello.version
 
 
-def _checked(raw: str | bytes) -> dict[str, Any] | None:
-    """A guest's message if it is well-formed, else None: the guest is not trusted."""
+def _step_frame(raw: str | bytes) -> StepFrame | None:
+    """A guest's frame about a step if it is well-formed, else None: the guest is not
+    trusted."""
     try:
-        message = json.loads(raw)
-    except ValueError:
+        frame = protocol.parse(raw)
+    except ProtocolError:
         return None
-    if not isinstance(message, dict) or not isinstance(message.get("exec_id"), str):
-        return None
-    if not isinstance(message.get("after_seq", 0), int):
-        return None
-    if message.get("type") == protocol.OUTPUT:
-        ok = (
-            isinstance(message.get("seq"), int)
-            and message.get("stream") in STREAMS
-            and isinstance(message.get("text"), str)
-        )
-        return message if ok else None
-    if message.get("type") == protocol.EXIT:
-        error = message.get("error")
-        if not isinstance(message.get("exit_code"), int) or not isinstance(
-            message.get("timed_out"), bool
-        ):
-            return None
-        if error is not None and not isinstance(error, str):
-            return None
-        if error is not None:
-            message["error"] = error[:MAX_ERROR_CHARS]
-        try:  # the check's outcome and the result are optional; malformed, they are dropped
-            message["check"] = CheckResult.model_validate(message.get("check"))
-        except ValidationError:
-            message["check"] = None
-        try:
-            message["result"] = StepResult.model_validate(message.get("result"))
-        except ValidationError:
-            message["result"] = None
-        return message
-    if message.get("type") == protocol.ARTIFACT:
-        return _artifact(message)
-    return None
+    return frame if isinstance(frame, Output | Artifact | Exit) else None
 
 
-def _artifact(message: dict[str, Any]) -> dict[str, Any] | None:
-    """An artifact frame with its data decoded, if its name, type and size are allowed."""
-    name, media_type, data = message.get("name"), message.get("media_type"), message.get("data")
-    if not isinstance(name, str) or not re.fullmatch(protocol.ARTIFACT_NAME, name):
-        return None
-    if media_type not in protocol.ARTIFACT_MEDIA_TYPES or not isinstance(data, str):
-        return None
+def _valid(model: type[Model], value: dict[str, Any] | None) -> Model | None:
+    """``value`` as a ``model``, or None if it is not one."""
     try:
-        message["data"] = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
+        return model.model_validate(value)
+    except ValidationError:
         return None
-    return message if len(message["data"]) <= protocol.MAX_ARTIFACT_BYTES else None
-
-
-def _cancel_message(exec_id: str) -> str:
-    return json.dumps({"type": protocol.CANCEL, "exec_id": exec_id})
