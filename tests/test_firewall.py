@@ -6,11 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from berth.host import make_gateway, make_provider
 from berth.local import free_port
 from config.settings import Settings
 from sandboxes import firewall
 from sandboxes.docker import FIREWALL_CHAIN, DockerProvider
-from sandboxes.factory import make_gateway, make_provider
 
 ROOT = Path(__file__).resolve().parent.parent
 

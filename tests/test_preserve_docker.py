@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 import vm_templates
+from berth.host import make_gateway, make_provider
 from berth.local import free_port
 from config.settings import Settings
 from sandboxes.docker import DockerProvider
-from sandboxes.factory import make_gateway, make_provider
 from sandboxes.models import SandboxInfo, TerminalStep
 
 # Short: a retry that waits for a guest which will never come fails within this.
