@@ -34,9 +34,9 @@ import httpx
 import vm_templates
 from activities.models import pool_workflow_id
 from bench.spine import Metric, Stream, call, is_status, machine, table, timed, write_report
+from berth.host import make_gateway, make_provider, open_host
 from config.settings import Settings
 from sandboxes import firewall, monitor, vm_image
-from sandboxes.factory import make_gateway, make_provider, open_host
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import Machine, MachineUsage, SandboxInfo, TerminalStep
 from tests.support.local import LocalSystem, free_port

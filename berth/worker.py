@@ -30,9 +30,9 @@ from activities.planning import PlanningActivities
 from activities.progress import ProgressActivities
 from activities.sandbox import SandboxActivities
 from activities.vm import VmActivities
+from berth.host import make_gateway, make_provider, open_host
 from config.settings import Settings, get_settings
 from llm.proxy import LLMProxy
-from sandboxes.factory import make_gateway, make_provider, open_host
 from sandboxes.models import Machine, MachineUsage
 from sandboxes.monitor import Died, Sampled, watch
 from sandboxes.reconcile import Owner, reconcile_forever

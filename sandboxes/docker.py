@@ -33,7 +33,13 @@ from guest_agent.user import STEP_UID, STEP_USER, WORKSPACE, WORKSPACE_MODE
 from sandboxes import firewall
 from sandboxes.gateway import GuestGateway
 from sandboxes.models import Machine, MachineUsage, SandboxInfo
-from sandboxes.provider import MISSING, TOKEN_VARIABLE, SandboxProvider, machine_name
+from sandboxes.provider import (
+    MISSING,
+    TOKEN_VARIABLE,
+    SandboxHost,
+    SandboxProvider,
+    machine_name,
+)
 from sandboxes.rootfs import copy_site, rootfs, site_packages, versions
 
 log = logging.getLogger("berth.docker")
@@ -130,10 +136,7 @@ class DockerProvider(SandboxProvider):
     def __init__(
         self,
         gateway: GuestGateway,
-        key: bytes,
-        host_id: str,
-        task_queue: str,
-        preserved_root: Path,
+        host: SandboxHost,
         *,
         gateway_port: int,
         build_dir: Path,
@@ -145,7 +148,7 @@ class DockerProvider(SandboxProvider):
         tmp_mb: int = 128,
         host_ports: tuple[int, ...] = (),
     ) -> None:
-        super().__init__(gateway, key, host_id, task_queue, preserved_root)
+        super().__init__(gateway, host)
         self.gateway_port = gateway_port
         self.build_dir = build_dir
         self.mirror = mirror

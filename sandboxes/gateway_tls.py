@@ -1,4 +1,5 @@
-"""The guest gateway's certificate: the operator's, or one generated once into the data dir.
+"""The guest gateway's certificate: the operator's, or one generated once into the data dir
+(berth/host.py keeps it there, under the file names below).
 
 Guests do not trust it through any CA: each is given its SHA-256 fingerprint with its
 identity (guest_agent/pinning.py). A generated certificate is self-signed, names the
@@ -8,11 +9,8 @@ sandbox, whose pin is the old one.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import fcntl
 import ipaddress
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from config.keys import owned
 from guest_agent.pinning import fingerprint
 
 CERT_FILE = "gateway.crt"
@@ -81,28 +78,3 @@ def self_signed(names: list[str]) -> tuple[bytes, bytes]:
         serialization.NoEncryption(),
     )
     return certificate.public_bytes(serialization.Encoding.PEM), key_pem
-
-
-def generated_certificate(data_dir: Path, names: list[str]) -> GatewayCertificate:
-    """The data dir's gateway certificate, made for ``names`` the first time (under a lock:
-    workers of one data dir may start together)."""
-    made = GatewayCertificate(data_dir / CERT_FILE, data_dir / KEY_FILE)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with (data_dir / f"{CERT_FILE}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if made.cert_file.exists() and made.key_file.exists():
-            # Another user's (the data dir's owner's) would be a key it knows: guests' pin.
-            owned(made.cert_file)
-            owned(made.key_file)
-            return made
-        cert_pem, key_pem = self_signed(names)
-        # The key first, private from its creation; the certificate's presence says both are.
-        with contextlib.suppress(FileNotFoundError):
-            made.key_file.unlink()
-        fd = os.open(made.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as sink:
-            sink.write(key_pem)
-        draft = made.cert_file.with_suffix(".draft")
-        draft.write_bytes(cert_pem)
-        draft.replace(made.cert_file)
-    return made

@@ -29,7 +29,7 @@ import vm_templates
 from sandboxes import libvirt_host, vm_image
 from sandboxes.gateway import GuestGateway, GuestUnavailable
 from sandboxes.models import Machine, MachineUsage, SandboxInfo
-from sandboxes.provider import MISSING, SandboxProvider, machine_name
+from sandboxes.provider import MISSING, SandboxHost, SandboxProvider, machine_name
 
 log = logging.getLogger("berth.libvirt")
 
@@ -158,10 +158,7 @@ class LibvirtProvider(SandboxProvider):
     def __init__(
         self,
         gateway: GuestGateway,
-        key: bytes,
-        host_id: str,
-        task_queue: str,
-        preserved_root: Path,
+        host: SandboxHost,
         *,
         gateway_port: int,
         data_dir: Path,
@@ -174,7 +171,7 @@ class LibvirtProvider(SandboxProvider):
         max_running: int,
         max_booting: int,
     ) -> None:
-        super().__init__(gateway, key, host_id, task_queue, preserved_root)
+        super().__init__(gateway, host)
         self.gateway_port = gateway_port
         self.data_dir = data_dir.resolve()
         self.images = images_dir.resolve()

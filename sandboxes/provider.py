@@ -15,6 +15,7 @@ import re
 import shutil
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from guest_agent.pinning import PIN_VARIABLE
@@ -52,25 +53,32 @@ def machine_name(sandbox_id: str) -> str:
     return f"berth-{sandbox_id}"
 
 
+@dataclass(frozen=True)
+class SandboxHost:
+    """The sandbox host a provider works for, whatever its kind of machine: made from the
+    settings by the composition at the top (berth/host.py), so no provider reads them."""
+
+    # The current guest key: it signs each guest's token, and names the install.
+    key: bytes = field(repr=False)
+    host_id: str
+    # The host's Temporal task queue, which its sessions' workflows and activities share.
+    task_queue: str
+    # Where preserved sandboxes' disks or workspaces are kept (see SandboxProvider.preserved).
+    preserved_root: Path
+
+
 class SandboxProvider(abc.ABC):
     name: str
 
-    def __init__(
-        self,
-        gateway: GuestGateway,
-        key: bytes,
-        host_id: str,
-        task_queue: str,
-        preserved_root: Path,
-    ) -> None:
+    def __init__(self, gateway: GuestGateway, host: SandboxHost) -> None:
         self.gateway = gateway
-        self.preserved_root = preserved_root
-        self._key = key
-        self.host_id = host_id
+        self.preserved_root = host.preserved_root
+        self._key = host.key
+        self.host_id = host.host_id
         # Which install a machine belongs to, derived from its signing key: two installs that
         # share a container engine (and a host id) never take each other's machines for theirs.
-        self.deployment = hashlib.sha256(b"deployment:" + key).hexdigest()[:12]
-        self.task_queue = task_queue
+        self.deployment = hashlib.sha256(b"deployment:" + host.key).hexdigest()[:12]
+        self.task_queue = host.task_queue
 
     @abc.abstractmethod
     async def prepare(self) -> None:

@@ -77,9 +77,7 @@ def test_the_lower_floors_take_values_not_settings() -> None:
         for line, target in imported(ast.parse(path.read_text(), str(path)))
         if target == "config"
     ]
-    assert not readers, "these read the settings: pass them a value instead:\n" + "\n".join(
-        readers
-    )
+    assert not readers, "these read the settings: pass them a value instead:\n" + "\n".join(readers)
 
 
 def test_the_check_sees_an_import_that_runs_back_up() -> None:

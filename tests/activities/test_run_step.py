@@ -28,7 +28,7 @@ from sandboxes.models import (
     StepOutcome,
     TerminalStep,
 )
-from sandboxes.provider import SandboxProvider
+from sandboxes.provider import SandboxHost, SandboxProvider
 from store import events
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
@@ -91,7 +91,7 @@ def step_request(
 def link_activities(gateway: GuestGateway, engine: Engine, tmp_path: Path) -> SandboxActivities:
     store = ArtifactStore(tmp_path / "artifacts", 1 << 20)
     return SandboxActivities(
-        LinkOnly(gateway, KEY, "h", "q", tmp_path / "preserved"), engine, 5, store
+        LinkOnly(gateway, SandboxHost(KEY, "h", "q", tmp_path / "preserved")), engine, 5, store
     )
 
 

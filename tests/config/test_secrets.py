@@ -21,11 +21,11 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from websockets.asyncio.client import connect as ws_connect
 
 from api.app import create_app
+from berth.host import generated_certificate, make_gateway
 from config.keys import guest_keys, payload_keys, user_keys
 from config.settings import Settings
 from guest_agent import protocol
-from sandboxes.factory import make_gateway
-from sandboxes.gateway_tls import generated_certificate, self_signed
+from sandboxes.gateway_tls import self_signed
 from sandboxes.tokens import guest_token
 from store.models import User
 from tests.support.local import free_port

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 import vm_templates
+from berth.host import gateway_certificate, make_gateway, make_provider
 from config.settings import Settings
 from guest_agent.user import WORKSPACE
 from sandboxes.docker import FIREWALL_CHAIN, DockerProvider
-from sandboxes.factory import gateway_certificate, make_gateway, make_provider
 from sandboxes.gateway import CLOSE_IN_USE, GuestGateway
 from sandboxes.models import FileStep, SandboxInfo, TerminalStep
 from sandboxes.provider import TOKEN_VARIABLE, SandboxProvider

@@ -16,9 +16,9 @@ import vm_templates
 from activities.models import StepRequest
 from activities.sandbox import SandboxActivities
 from api.app import create_app
+from berth.host import gateway_certificate, make_gateway, make_provider
 from config.settings import Settings
 from sandboxes.docker import DockerProvider
-from sandboxes.factory import gateway_certificate, make_gateway, make_provider
 from sandboxes.models import BrowserStep, Check, SandboxInfo
 from store import events
 from store.artifacts import ArtifactStore

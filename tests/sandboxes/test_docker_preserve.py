@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import vm_templates
+from berth.host import make_gateway, make_provider
 from config.settings import Settings
 from sandboxes.docker import DockerProvider
-from sandboxes.factory import make_gateway, make_provider
 from sandboxes.models import SandboxInfo, TerminalStep
 from tests.support.local import free_port
 

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from berth.host import make_gateway, make_provider
 from config.settings import Settings
 from sandboxes import firewall
 from sandboxes.docker import FIREWALL_CHAIN, DockerProvider
-from sandboxes.factory import make_gateway, make_provider
 from tests.support.local import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

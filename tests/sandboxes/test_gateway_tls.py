@@ -14,12 +14,12 @@ import pytest
 from cryptography import x509
 from websockets.asyncio.server import ServerConnection, serve
 
+from berth.host import gateway_certificate, generated_certificate
 from config.settings import Settings
 from guest_agent.agent import GuestAgent, GuestConfig
 from guest_agent.pinning import UntrustedGateway
-from sandboxes.factory import gateway_certificate
 from sandboxes.gateway import GuestGateway
-from sandboxes.gateway_tls import GatewayCertificate, generated_certificate
+from sandboxes.gateway_tls import GatewayCertificate
 from sandboxes.models import TerminalStep
 from sandboxes.tokens import guest_token
 from tests.support.local import free_port

@@ -34,11 +34,11 @@ import vm_templates
 from activities.models import ClaimRequest, RestoreRequest, pool_workflow_id
 from activities.sandbox import SandboxActivities
 from activities.vm import VmActivities
+from berth.host import gateway_certificate, make_gateway, make_provider
 from berth.worker import session_owner
 from config.keys import guest_keys
 from config.settings import Settings
 from sandboxes import firewall, libvirt_host, monitor
-from sandboxes.factory import gateway_certificate, make_gateway, make_provider
 from sandboxes.gateway import GuestGateway
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import BrowserStep, Check, Machine, SandboxInfo

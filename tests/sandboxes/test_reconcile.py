@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 import vm_templates
+from berth.host import make_gateway, make_provider
 from config.settings import Settings
 from sandboxes.docker import HOST_LABEL, docker, exists
-from sandboxes.factory import make_gateway, make_provider
 from sandboxes.models import SandboxInfo
 from sandboxes.provider import SandboxProvider
 from sandboxes.reconcile import reconcile, reconcile_forever

@@ -1,16 +1,26 @@
-"""The provider that the settings name."""
+"""The sandbox host made from the settings: the guest gateway, the provider that the settings
+name (with the host value every provider takes), and the gateway's certificate.
+
+This is the one place that turns Settings into sandboxes' pieces: sandboxes/ never reads the
+settings, so a provider can be made for any host (the worker, a test, a benchmark) from
+plain values.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from config.keys import guest_keys
+from config.keys import guest_keys, owned
 from config.settings import Settings
 from sandboxes.docker import DockerProvider
 from sandboxes.gateway import GuestGateway
-from sandboxes.gateway_tls import GatewayCertificate, generated_certificate
+from sandboxes.gateway_tls import CERT_FILE, KEY_FILE, GatewayCertificate, self_signed
 from sandboxes.libvirt import LibvirtProvider
-from sandboxes.provider import SandboxProvider
+from sandboxes.provider import SandboxHost, SandboxProvider
 
 
 def make_gateway(settings: Settings) -> GuestGateway:
@@ -22,18 +32,23 @@ def make_gateway(settings: Settings) -> GuestGateway:
     )
 
 
-def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
-    host = (
-        gateway,
-        guest_keys(settings).current,
-        settings.host_id,
-        settings.host_task_queue,
-        settings.data_dir.resolve() / "preserved",
+def sandbox_host(settings: Settings) -> SandboxHost:
+    """The host value every provider of these settings takes."""
+    return SandboxHost(
+        key=guest_keys(settings).current,
+        host_id=settings.host_id,
+        task_queue=settings.host_task_queue,
+        preserved_root=settings.data_dir.resolve() / "preserved",
     )
+
+
+def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
+    host = sandbox_host(settings)
     match settings.sandbox_provider:
         case "docker":
             return DockerProvider(
-                *host,
+                gateway,
+                host,
                 gateway_port=settings.gateway_port,
                 build_dir=settings.data_dir / "build",
                 mirror=settings.debian_mirror,
@@ -46,7 +61,8 @@ def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
             )
         case "libvirt":
             return LibvirtProvider(
-                *host,
+                gateway,
+                host,
                 gateway_port=settings.gateway_port,
                 data_dir=settings.data_dir,
                 images_dir=settings.vm_images_dir,
@@ -68,6 +84,31 @@ def gateway_certificate(settings: Settings, names: list[str]) -> GatewayCertific
     if settings.gateway_cert_file and settings.gateway_key_file:
         return GatewayCertificate(settings.gateway_cert_file, settings.gateway_key_file)
     return generated_certificate(settings.data_dir, names)
+
+
+def generated_certificate(data_dir: Path, names: list[str]) -> GatewayCertificate:
+    """The data dir's gateway certificate, made for ``names`` the first time (under a lock:
+    workers of one data dir may start together)."""
+    made = GatewayCertificate(data_dir / CERT_FILE, data_dir / KEY_FILE)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir / f"{CERT_FILE}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if made.cert_file.exists() and made.key_file.exists():
+            # Another user's (the data dir's owner's) would be a key it knows: guests' pin.
+            owned(made.cert_file)
+            owned(made.key_file)
+            return made
+        cert_pem, key_pem = self_signed(names)
+        # The key first, private from its creation; the certificate's presence says both are.
+        with contextlib.suppress(FileNotFoundError):
+            made.key_file.unlink()
+        fd = os.open(made.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as sink:
+            sink.write(key_pem)
+        draft = made.cert_file.with_suffix(".draft")
+        draft.write_bytes(cert_pem)
+        draft.replace(made.cert_file)
+    return made
 
 
 async def open_host(

@@ -299,5 +299,10 @@ def parse(text: str) -> list[Pipeline]:
     return pipelines
 
 
+def is_number(text: str) -> bool:
+    """Only ASCII digits: str.isdigit also accepts `²`, which int() and bash do not."""
+    return text.isascii() and text.isdigit()
+
+
 def printable(op: str) -> str:
     return "newline" if op == "\n" else op

@@ -1,0 +1,238 @@
+"""The per-program languages a policy can check, written in code: sed scripts (only editing
+commands), chmod modes (no special bits) and git (no global options, `git config` only for
+the listed keys). A program's rule names its check (``check = "sed"``); CHECKS maps the names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from sandboxes.policy.rules import Refused
+from sandboxes.policy.shell import is_number
+
+if TYPE_CHECKING:
+    # Only a type: the arguments being checked call in here, passing themselves.
+    from sandboxes.policy.arguments import Arguments
+
+
+def check_sed(args: Arguments) -> None:
+    """sed's own language: only editing commands, never `e` (run a command), `w`/`W`
+    (write a file), `r`/`R` (read one) or the `s///e` and `s///w` flags. With `-i` it
+    writes its files, which must then be in the workspace. Options are read as GNU getopt
+    reads them, long ones by any unique prefix."""
+    scripts: list[str] = []
+    operands: list[str] = []
+    in_place = options_ended = False
+    texts = [a.text for a in args.args]
+    k = 0
+
+    def next_word() -> str:
+        nonlocal k
+        k += 1
+        return texts[k - 1] if k <= len(texts) else ""
+
+    while k < len(texts):
+        text = next_word()
+        if options_ended or text == "-" or not text.startswith("-"):
+            operands.append(text)
+        elif text == "--":
+            options_ended = True
+        elif text.startswith("--"):
+            name, eq, value = text.partition("=")
+            option = getopt_long(name, SED_LONG)
+            if option is None:
+                raise args.refuse(text, "is not an option sed reads unambiguously")
+            if SED_LONG[option] and not eq:
+                value = next_word()
+            if option == "--expression":
+                scripts.append(value)
+            in_place = in_place or option == "--in-place"
+        else:
+            for j, letter in enumerate(text[1:], start=1):
+                if letter == "i":
+                    in_place = True
+                    break  # the rest is a backup suffix
+                if letter in "efl":  # the rest of the word, or the next word, is the value
+                    value = text[j + 1 :] or next_word()
+                    if letter == "e":
+                        scripts.append(value)
+                    break
+    if not scripts and operands:
+        scripts, operands = [operands[0]], operands[1:]
+    for script in scripts:
+        SedScript(script).check()
+    if in_place:
+        for operand in operands:
+            args.judge.inside(operand, f"`sed -i {operand}`")
+
+
+# GNU sed's long options; True for those that must have a value (--in-place takes one only
+# after `=`).
+SED_LONG = {
+    **dict.fromkeys(("--expression", "--file", "--line-length"), True),
+    **dict.fromkeys(
+        (
+            *("--in-place", "--quiet", "--silent", "--debug", "--posix", "--regexp-extended"),
+            *("--separate", "--sandbox", "--unbuffered", "--null-data", "--zero-terminated"),
+            *("--follow-symlinks", "--binary", "--help", "--version"),
+        ),
+        False,
+    ),
+}
+
+
+def getopt_long(name: str, options: Iterable[str]) -> str | None:
+    """The long option getopt reads ``name`` as: an exact name, or the one it is a prefix
+    of; None if it is unknown or ambiguous."""
+    matches = [option for option in options if option.startswith(name)]
+    if name in matches:
+        return name
+    return matches[0] if len(matches) == 1 else None
+
+
+class SedScript:
+    # Commands that only edit the text stream.
+    EDITS = frozenset("pPdDqQnNgGhHxl=")
+    LABELS = frozenset("bTt:")
+    TEXT = frozenset("aic")
+
+    def __init__(self, script: str) -> None:
+        self.s = script
+        self.i = 0
+
+    def refuse(self, what: str) -> Refused:
+        return Refused(
+            f"the sed script `{self.s}` uses {what}, which this policy refuses; sed may only "
+            "edit text (s, y, p, d, q, a, i, c and the like)"
+        )
+
+    def check(self) -> None:
+        s = self.s
+        while self.i < len(s):
+            ch = s[self.i]
+            if ch in " \t\n;!{}" or is_number(ch) or ch in "$,~+":
+                self.i += 1
+            elif ch in "/\\":
+                self.delimited(
+                    1 if ch == "/" else 2, ch if ch == "/" else s[self.i + 1 : self.i + 2]
+                )
+                while self.i < len(s) and s[self.i] in "IM":
+                    self.i += 1
+            elif ch == "s":
+                self.substitute()
+            elif ch == "y":
+                self.i += 1
+                delim = self.take_delimiter()
+                self.delimited(0, delim)
+                self.delimited(0, delim)
+            elif ch in self.EDITS:
+                self.i += 1
+            elif ch in self.LABELS:
+                self.label()
+            elif ch in self.TEXT or ch == "#":
+                self.to_line_end()
+            elif ch in "eWwRrFvz":
+                raise self.refuse(f"the `{ch}` command ({SED_WHY.get(ch, 'not an edit')})")
+            else:
+                raise self.refuse(f"`{ch}`, a command this policy does not know")
+
+    def take_delimiter(self) -> str:
+        if self.i >= len(self.s) or self.s[self.i] in "\n\\":
+            raise self.refuse("a malformed command")
+        delim = self.s[self.i]
+        self.i += 1
+        return delim
+
+    def delimited(self, skip: int, delim: str) -> None:
+        """Move past text up to an unescaped ``delim`` (``skip`` chars of opening first)."""
+        self.i += skip
+        while self.i < len(self.s):
+            ch = self.s[self.i]
+            if ch == "\\":
+                self.i += 2
+                continue
+            self.i += 1
+            if ch == delim:
+                return
+        raise self.refuse("an unterminated expression")
+
+    def substitute(self) -> None:
+        self.i += 1
+        delim = self.take_delimiter()
+        self.delimited(0, delim)
+        self.delimited(0, delim)
+        while self.i < len(self.s) and self.s[self.i] not in ";\n}":
+            flag = self.s[self.i]
+            if flag in "ew":
+                raise self.refuse(f"the `s///{flag}` flag ({SED_WHY[flag]})")
+            if not (is_number(flag) or flag in "gpiImM \t"):
+                raise self.refuse(f"the `s///{flag}` flag, which this policy does not know")
+            self.i += 1
+
+    def label(self) -> None:
+        """GNU sed ends a label at `;` or `}` as well as at a line end: what follows is
+        a command. (Ending at a blank too only ever reads more of the script as commands.)"""
+        self.i += 1
+        while self.i < len(self.s) and self.s[self.i] in " \t":
+            self.i += 1
+        while self.i < len(self.s) and self.s[self.i] not in " \t\n;}":
+            self.i += 1
+
+    def to_line_end(self) -> None:
+        while self.i < len(self.s) and self.s[self.i] != "\n":
+            self.i += 1
+
+
+SED_WHY = {
+    "e": "it runs a shell command",
+    "w": "it writes a file",
+    "W": "it writes a file",
+    "r": "it reads a file into the output",
+    "R": "it reads a file into the output",
+    "F": "not an edit",
+    "v": "not an edit",
+    "z": "not an edit",
+}
+
+
+def check_chmod(args: Arguments) -> None:
+    """No set-user-ID, set-group-ID or sticky bits: a mode operand is the first operand."""
+    if not args.operands:
+        return
+    mode = args.operands[0]
+    # An octal mode's digits before the last three are the special bits, however padded.
+    special = "s" in mode or "t" in mode or (is_number(mode) and len(mode.lstrip("0")) >= 4)
+    if special:
+        raise args.refuse(mode, "sets the setuid, setgid or sticky bit, which this policy refuses")
+
+
+def check_git(args: Arguments) -> None:
+    """No global options before the subcommand (some take a value the judge would read as
+    the subcommand, others move git's ground), bar a lone `--version` or `--help`; and
+    `git config` may set only the listed keys: others (aliases, pagers, hooks, ssh
+    commands) make git run programs."""
+    words = [a.text for a in args.args]
+    if words and words[0].startswith("-") and words not in (["--version"], ["--help"]):
+        raise args.refuse(
+            words[0],
+            "is a global option before the subcommand, which this policy refuses; "
+            "give options after the subcommand",
+        )
+    operands = args.operands
+    if not operands or operands[0] != "config":
+        return
+    at = words.index("config")
+    for word in words[at + 1 :]:
+        if word.startswith("-") and word not in ("--global", "--local", "--get", "--list", "-l"):
+            raise args.refuse(f"config {word}", "is refused by this policy")
+    keys = operands[1:2]
+    if keys and keys[0].lower() not in {k.lower() for k in args.rule.config_keys}:
+        raise args.refuse(
+            f"config {keys[0]}",
+            "sets a key this policy does not allow (aliases, pagers, hooks and ssh commands "
+            f"run programs); allowed keys: {', '.join(args.rule.config_keys)}",
+        )
+
+
+CHECKS = {"sed": check_sed, "chmod": check_chmod, "git": check_git}
