@@ -1,5 +1,5 @@
 """Making this host ready for libvirt VMs: the daemons, KVM or TCG, the guests' bridge and its
-egress firewall. Every step is idempotent; `python -m sandboxes prepare` runs them.
+egress firewall. Every step is idempotent; `python -m berth prepare` runs them.
 
 There is no systemd here, so virtlogd and libvirtd are started by hand. Whether KVM works is
 decided by booting a guest kernel with it, not by /dev/kvm existing: on nested hosts /dev/kvm
