@@ -1,6 +1,7 @@
 # Two commands do all the set-up: `make run` and `make test`. Each installs what it needs
 # (system packages, virtualenv, front-end assets, the sandbox image) and is quick the
-# second time.
+# second time. `python -m berth --help` lists the commands behind the targets; BENCH_ARGS
+# passes options to a benchmark (e.g. `make bench-vm BENCH_ARGS="--runs 5"`).
 
 PYTHON ?= python3
 VENV := .venv
@@ -27,13 +28,13 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "$(FAST)" $(PYTEST_ARGS)
 
 bench-spine: setup
-	$(PY) -m bench.spine
+	$(PY) -m berth bench spine $(BENCH_ARGS)
 
 bench-llm: $(VENV)/.installed
-	$(PY) -m bench.llm
+	$(PY) -m berth bench llm $(BENCH_ARGS)
 
 bench-vm: setup
-	$(PY) -m bench.vm
+	$(PY) -m berth bench vm $(BENCH_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -81,11 +82,11 @@ ui/static/vendor/.installed: ui/package.json ui/package-lock.json
 
 sandbox-image: $(VENV)/.installed $(STAMPS)/system
 	@echo "== sandbox engine and image"
-	$(PY) -m sandboxes prepare --provider docker
+	$(PY) -m berth prepare --provider docker
 
 vm-image: $(VENV)/.installed $(STAMPS)/system-vm
 	@echo "== libvirt host and VM template image"
-	$(PY) -m sandboxes prepare --provider libvirt
+	$(PY) -m berth prepare --provider libvirt
 
 lock:
 	$(PY) -m pip freeze --exclude-editable > constraints.txt

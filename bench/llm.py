@@ -1,10 +1,10 @@
 """Latency of the LLM proxy: a scripted OpenAI-compatible server called directly, through
 the proxy on a cache miss, and answered from the cache; in process and over HTTP.
 
-``make bench-llm`` (``python -m bench.llm``) runs the scripted server and Berth's API
-(``python -m api``, SQLite in a fresh data dir) as processes of their own on free ports,
-prints a markdown table and writes JSON to ``$BERTH_BENCH_OUT`` (default
-``.berth/bench/llm.json``). "Overhead" rows are the proxy's figure less the direct one.
+``make bench-llm`` (``python -m berth bench llm``) runs the scripted server and Berth's API
+(``python -m berth api``, SQLite in a fresh data dir) as processes of their own on free ports,
+prints a markdown table and writes JSON to ``--out`` (default ``.berth/bench/llm.json``).
+"Overhead" rows are the proxy's figure less the direct one.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def run(data: Path) -> list[Metric]:
     server = [sys.executable, "-m", "tests.support.scripted_llm", str(llm_port), REPLY]
     with (
         process(server, {}, data / "scripted.log"),
-        process([sys.executable, "-m", "api"], env, data / "api.log"),
+        process([sys.executable, "-m", "berth", "api"], env, data / "api.log"),
     ):
         wait_for(lambda: httpx.get(llm_url).status_code > 0, "the scripted server")
         berth = f"http://127.0.0.1:{api_port}"
@@ -168,7 +168,8 @@ def run(data: Path) -> list[Metric]:
     return metrics
 
 
-def main() -> int:
+def bench(out: Path) -> int:
+    """Measure, print the table, write the results to ``out``; 1 if the set-up failed."""
     began, started = time.monotonic(), datetime.now(UTC).isoformat(timespec="seconds")
     info = machine()
     print(
@@ -184,9 +185,5 @@ def main() -> int:
     shutil.rmtree(data, ignore_errors=True)
     duration = time.monotonic() - began
     print(table(metrics))
-    write_report("llm", metrics, info, started, duration)
+    write_report(out, metrics, info, started, duration)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

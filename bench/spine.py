@@ -1,9 +1,9 @@
 """Latency of Berth's spine: API → Temporal → sandbox → event log → SSE, end to end.
 
-``make bench-spine`` (``python -m bench.spine``) starts the whole system on free ports with a
-fresh data dir, drives it through the JSON API only (plus Temporal's client to count history
-events), stops it with SIGTERM, prints a markdown table and writes JSON to
-``$BERTH_BENCH_OUT`` (default ``.berth/bench/spine.json``). Every measurement has a time
+``make bench-spine`` (``python -m berth bench spine``) starts the whole system on free ports
+with a fresh data dir, drives it through the JSON API only (plus Temporal's client to count
+history events), stops it with SIGTERM, prints a markdown table and writes JSON to ``--out``
+(default ``.berth/bench/spine.json``). Every measurement has a time
 limit; one that fails or runs out becomes a row that names the metric and says why, and the
 exit status is 1.
 """
@@ -367,7 +367,8 @@ def table(metrics: list[Metric]) -> str:
     return "\n".join(rows)
 
 
-def main() -> int:
+def bench(out: Path) -> int:
+    """Measure, print the table, write the results to ``out``; 1 if any measurement failed."""
     began, started = time.monotonic(), datetime.now(UTC).isoformat(timespec="seconds")
     info = machine()
     print(f"machine: {info['nproc']} CPUs, {info['cpu']}; date: {started}", flush=True)
@@ -397,21 +398,16 @@ def main() -> int:
         print("50 open streams do not slow other requests")
     elif ratio is not None:
         print(f"50 open streams slow other requests: x{ratio.p50:.1f}")
-    write_report("spine", metrics, info, started, duration)
+    write_report(out, metrics, info, started, duration)
     return 1 if any(m.error for m in metrics) else 0
 
 
 def write_report(
-    name: str, metrics: list[Metric], info: dict[str, Any], started: str, duration: float
+    out: Path, metrics: list[Metric], info: dict[str, Any], started: str, duration: float
 ) -> None:
-    """The results as JSON in ``$BERTH_BENCH_OUT``, by default ``.berth/bench/NAME.json``."""
-    out = Path(os.environ.get("BERTH_BENCH_OUT") or f".berth/bench/{name}.json")
+    """The results as JSON in ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     results = [{**asdict(m), "met": m.met} for m in metrics]
     report = {"date": started, "machine": info, "seconds": round(duration), "metrics": results}
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {out} (took {duration:.0f} s)")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

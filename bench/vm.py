@@ -1,4 +1,4 @@
-"""Cost of a sandbox VM on this host: ``make bench-vm`` (``python -m bench.vm``).
+"""Cost of a sandbox VM on this host: ``make bench-vm`` (``python -m berth bench vm``).
 
 Measures, with the template image of the data dir (built by ``make setup``) and a real guest
 gateway: building the image from the cached root filesystem; a cold create until the guest
@@ -6,10 +6,9 @@ agent is connected, through libvirt; the physical floor, the same kernel, initra
 booted by a bare ``qemu-system-x86_64`` on the same bridge until its agent connects;
 suspend (managed save) and resume until a command answers; host RAM per idle VM (RSS of its
 QEMU process); how soon a destroyed VM, and one whose guest is cut off, are reported;
-session-ready latency on a warm-pool hit, on the whole system
-(``BERTH_BENCH_VM_WARM_RUNS`` sessions, default 8). Prints a markdown table, writes JSON to
-``$BERTH_BENCH_OUT`` (default ``.berth/bench/vm.json``). ``BERTH_BENCH_VM_RUNS`` (default 3)
-sets the other repetitions.
+session-ready latency on a warm-pool hit, on the whole system (``--warm-runs`` sessions,
+default 8). Prints a markdown table, writes JSON to ``--out`` (default
+``.berth/bench/vm.json``). ``--runs`` (default 3) sets the other repetitions.
 """
 
 from __future__ import annotations
@@ -17,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -312,12 +309,11 @@ async def measure(runs: int, warm_runs: int) -> list[Metric]:
     return metrics
 
 
-def main() -> int:
+def bench(out: Path, runs: int, warm_runs: int) -> int:
+    """Measure, print the table, write the results to ``out``; 1 if any measurement failed."""
     began, started = time.monotonic(), datetime.now(UTC).isoformat(timespec="seconds")
     info = machine()
-    runs = int(os.environ.get("BERTH_BENCH_VM_RUNS", "3"))
     print(f"machine: {info['nproc']} CPUs, {info['cpu']}; date: {started}", flush=True)
-    warm_runs = int(os.environ.get("BERTH_BENCH_VM_WARM_RUNS", "8"))
     metrics = asyncio.run(measure(runs, warm_runs))
     floor = next((m for m in metrics if m.name.startswith("floor") and m.p50), None)
     cold = next((m for m in metrics if m.name.startswith("cold create") and m.p50), None)
@@ -325,9 +321,5 @@ def main() -> int:
         ratio = cold.p50 / floor.p50
         metrics.append(Metric("cold create / floor (p50)", round(ratio, 2), None, "x", 1.5))
     print(table(metrics))
-    write_report("vm", metrics, info, started, time.monotonic() - began)
+    write_report(out, metrics, info, started, time.monotonic() - began)
     return 1 if any(m.error for m in metrics) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,11 +26,10 @@ def read_password() -> str:
     return first
 
 
-def main() -> int:
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m berth create-admin EMAIL  (password on stdin or asked)")
+def create_admin(email: str) -> int:
+    """Make ``email`` an admin, with a password read as above; exits with why if refused."""
     try:
-        credentials = Credentials(email=sys.argv[2], password=read_password())
+        credentials = Credentials(email=email, password=read_password())
     except ValidationError as exc:
         sys.exit("; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors()))
     settings = get_settings()

@@ -1,7 +1,7 @@
 """Making the host ready for sandboxes ahead of the first session: ``prepare`` starts the
-engine or the libvirt daemons and builds every template's image, printing progress;
-``build_image`` builds one template's VM image. The CLI calls them (``make`` through it), so
-the first session does not wait for a build."""
+engine or the libvirt daemons and builds every template's image, printing progress. The CLI
+calls it (``python -m berth prepare``, and ``make`` through it), so the first session does not
+wait for a build."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import logging
 from berth.host import make_gateway, make_provider
 from config.settings import get_settings
 from sandboxes.docker import engine_running, start_engine
-from sandboxes.libvirt import LibvirtProvider
 
 
 def prepare(provider: str | None) -> int:
@@ -32,13 +31,3 @@ def prepare(provider: str | None) -> int:
     print("sandboxes ready", flush=True)
     return 0
 
-
-def build_image(template: str) -> int:
-    """Build ``template``'s VM image (libvirt's, whatever the settings' provider); returns the
-    exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    settings = get_settings().model_copy(update={"sandbox_provider": "libvirt"})
-    provider = make_provider(settings, make_gateway(settings))
-    assert isinstance(provider, LibvirtProvider)
-    provider.build_image(template)
-    return 0

@@ -230,8 +230,8 @@ class Supervisor:
                 "temporal", "127.0.0.1", self.settings.temporal_port, temporal, timeout_s=60
             )
         say("starting the worker (it builds the sandbox image on first use)")
-        self.spawn("worker", [sys.executable, "-m", "berth.worker"])
-        api = self.spawn("api", [sys.executable, "-m", "api"], privileged=False)
+        self.spawn("worker", [sys.executable, "-m", "berth", "worker"])
+        api = self.spawn("api", [sys.executable, "-m", "berth", "api"], privileged=False)
         wait_for_port("api", self.settings.host, self.settings.port, api, timeout_s=60)
         base = f"{self.settings.api_scheme}://{self.settings.host}:{self.settings.port}"
         say(f"dashboard   {base}/")
@@ -251,7 +251,8 @@ class Supervisor:
             child.stop()
 
 
-def main() -> int:
+def run() -> int:
+    """The whole system until Ctrl-C or SIGTERM; 1 if it could not start."""
     supervisor = Supervisor(get_settings())
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -228,18 +228,15 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await provider.close()
 
 
-def main() -> None:
+def run() -> None:
+    """This host's worker until SIGINT or SIGTERM, which stop it cleanly."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
-    async def run() -> None:
+    async def until_signalled() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await serve(get_settings(), stop)
 
-    asyncio.run(run())
-
-
-if __name__ == "__main__":
-    main()
+    asyncio.run(until_signalled())

@@ -1,0 +1,158 @@
+"""Berth's one command line: ``python -m berth run | worker | api | prepare | create-admin |
+bench``, an argparse parser with a subcommand each.
+
+Parsing comes first and imports nothing heavy: each command imports what it runs only once it
+is chosen, so ``--help`` on any command (or a mistyped option, which argparse refuses with
+exit status 2) answers at once and starts nothing. The commands take typed arguments; reading
+them from the command line happens here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+PROG = "python -m berth"
+APP_FACTORY = "berth.web:create_app"
+BENCH_OUT = Path(".berth/bench")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def run_system(_: argparse.Namespace) -> int:
+    from berth.run import run
+
+    return run()
+
+
+def run_worker(_: argparse.Namespace) -> int:
+    from berth.worker import run
+
+    run()
+    return 0
+
+
+def serve_api(_: argparse.Namespace) -> int:
+    import uvicorn
+
+    from config.settings import get_settings
+
+    settings = get_settings()
+    uvicorn.run(
+        APP_FACTORY,
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        # With a certificate, HTTPS only: the dashboard's cookies are then Secure, and HSTS
+        # is sent (api/headers.py).
+        ssl_certfile=settings.tls_cert_file,
+        ssl_keyfile=settings.tls_key_file,
+    )
+    return 0
+
+
+def prepare_host(args: argparse.Namespace) -> int:
+    from berth.prepare import prepare
+
+    return prepare(args.provider)
+
+
+def create_admin(args: argparse.Namespace) -> int:
+    from berth.admin import create_admin
+
+    return create_admin(args.email)
+
+
+def bench_spine(args: argparse.Namespace) -> int:
+    from bench.spine import bench
+
+    return bench(args.out or BENCH_OUT / "spine.json")
+
+
+def bench_llm(args: argparse.Namespace) -> int:
+    from bench.llm import bench
+
+    return bench(args.out or BENCH_OUT / "llm.json")
+
+
+def bench_vm(args: argparse.Namespace) -> int:
+    from bench.vm import bench
+
+    return bench(args.out or BENCH_OUT / "vm.json", args.runs, args.warm_runs)
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Berth: autonomous agents, each in its own sandbox."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, summary: str, handler: Handler) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=summary)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("run", "the whole system in the foreground, until Ctrl-C", run_system)
+    command("worker", "this host's worker alone: Temporal worker, guest gateway", run_worker)
+    command("api", "the JSON API and the dashboard alone (uvicorn)", serve_api)
+    prepare = command("prepare", "ready this host for sandboxes, build their images", prepare_host)
+    prepare.add_argument(
+        "--provider",
+        choices=["docker", "libvirt"],
+        help="the sandbox provider to prepare (default: BERTH_SANDBOX_PROVIDER's)",
+    )
+    admin = command(
+        "create-admin", "make EMAIL an admin (password asked, or on stdin)", create_admin
+    )
+    admin.add_argument("email", metavar="EMAIL", help="the admin's email address")
+
+    # No handler of its own: a benchmark must be named, and each sets its handler.
+    summary = "measure the whole system on this host"
+    bench = commands.add_parser("bench", help=summary, description=summary)
+    benches = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+
+    def benchmark(name: str, summary: str, handler: Handler) -> argparse.ArgumentParser:
+        sub = benches.add_parser(name, help=summary, description=summary)
+        sub.set_defaults(handler=handler)
+        sub.add_argument(
+            "--out",
+            type=Path,
+            metavar="PATH",
+            help=f"where to write the results as JSON (default: {BENCH_OUT}/{name}.json)",
+        )
+        return sub
+
+    benchmark("spine", "latency from the API to a sandbox and back over SSE", bench_spine)
+    benchmark("llm", "latency of the LLM proxy against a scripted server", bench_llm)
+    vm = benchmark("vm", "cost of a sandbox VM, cold and from a warm pool", bench_vm)
+    vm.add_argument(
+        "--runs",
+        type=positive,
+        default=3,
+        metavar="N",
+        help="repetitions of each VM measurement (default: 3)",
+    )
+    vm.add_argument(
+        "--warm-runs",
+        type=positive,
+        default=8,
+        metavar="N",
+        help="sessions started on a warm-pool hit (default: 8)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    return handler(args)

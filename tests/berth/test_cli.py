@@ -1,0 +1,186 @@
+"""The command line answers without starting anything: ``--help`` on every command prints its
+usage and options and exits 0, a mistyped option or command is refused with argparse's message
+(exit 2), and a chosen command gets its arguments typed. Nothing here starts a process of
+Berth's or imports what the commands run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import berth
+from berth.cli import main
+
+# Each command and subcommand, with what its help must show besides its usage line.
+COMMANDS: dict[tuple[str, ...], list[str]] = {
+    (): ["run", "worker", "api", "prepare", "create-admin", "bench"],
+    ("run",): ["foreground"],
+    ("worker",): ["worker"],
+    ("api",): ["API"],
+    ("prepare",): ["--provider", "docker", "libvirt"],
+    ("create-admin",): ["EMAIL"],
+    ("bench",): ["spine", "llm", "vm"],
+    ("bench", "spine"): ["--out"],
+    ("bench", "llm"): ["--out"],
+    ("bench", "vm"): ["--out", "--runs", "--warm-runs"],
+}
+HEAVY = {"temporalio", "uvicorn", "fastapi", "sqlalchemy", "sqlmodel", "httpx", "bench"}
+
+
+def exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    code = exited.value.code
+    assert isinstance(code, int)
+    return code
+
+
+@pytest.mark.parametrize("command", list(COMMANDS), ids=lambda c: " ".join(c) or "berth")
+def test_help_on_every_command_prints_its_usage_and_options(
+    command: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert exit_code([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m berth {' '.join(command)}".rstrip())
+    assert "-h, --help" in out
+    for shown in COMMANDS[command]:
+        assert shown in out
+
+
+@pytest.mark.parametrize("command", list(COMMANDS)[1:], ids=" ".join)
+def test_every_command_says_in_one_line_what_it_does_and_is_listed_so(
+    command: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    exit_code([*command, "--help"])
+    summary = capsys.readouterr().out.split("\n\n")[1]
+    assert summary and "\n" not in summary
+    exit_code([*command[:-1], "--help"])
+    listed = " ".join(capsys.readouterr().out.split())
+    assert f"{command[-1]} {summary}" in listed
+
+
+def test_run_help_returns_at_once_and_starts_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    root = Path(berth.__file__).parents[1]
+    env = {**os.environ, "BERTH_DATA_DIR": str(data), "PYTHONPATH": str(root)}
+    # Its own session, so that a child it left behind would still be found in its group.
+    helped = subprocess.Popen(
+        [sys.executable, "-m", "berth", "run", "--help"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    out, err = helped.communicate(timeout=10)
+    assert helped.returncode == 0, err
+    assert out.startswith("usage: python -m berth run")
+    with pytest.raises(ProcessLookupError):
+        os.killpg(helped.pid, 0)  # no process of its group is left
+    assert list(data.iterdir()) == []
+
+
+def test_parsing_imports_nothing_the_commands_run() -> None:
+    probe = (
+        "import sys\n"
+        "from berth.cli import build_parser\n"
+        "build_parser().parse_args(['bench', 'vm', '--runs', '2'])\n"
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=10, check=True
+    )
+    assert HEAVY.isdisjoint(loaded.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["run", "--bogus"], "unrecognized arguments: --bogus"),
+        (["--bogus", "api"], "unrecognized arguments: --bogus"),
+        (["bench", "vm", "--runs", "0"], "--runs"),
+        (["prepare", "--provider", "qemu"], "invalid choice: 'qemu'"),
+        (["launch"], "invalid choice: 'launch'"),
+        (["bench", "disk"], "invalid choice: 'disk'"),
+        (["create-admin"], "the following arguments are required: EMAIL"),
+    ],
+)
+def test_a_mistyped_option_or_command_is_refused_by_name(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m berth")
+    assert "error:" in err.splitlines()[-1]
+    assert named in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv", [[], ["bench"]], ids=["berth", "bench"])
+def test_no_command_prints_the_usage_and_exits_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m berth")
+    assert "the following arguments are required" in err
+
+
+def stand_in(
+    monkeypatch: pytest.MonkeyPatch, module: str, name: str, answer: int
+) -> list[tuple[Any, ...]]:
+    """Replace ``module.name`` by a recorder of its calls, without importing the module."""
+    calls: list[tuple[Any, ...]] = []
+
+    def record(*args: Any) -> int:
+        calls.append(args)
+        return answer
+
+    fake = types.ModuleType(module)
+    setattr(fake, name, record)
+    monkeypatch.setitem(sys.modules, module, fake)
+    return calls
+
+
+Case = tuple[list[str], str, str, Callable[[Path], tuple[Any, ...]]]
+CASES: list[Case] = [
+    (
+        ["create-admin", "ann@example.com"],
+        "berth.admin",
+        "create_admin",
+        lambda _: ("ann@example.com",),
+    ),
+    (["prepare"], "berth.prepare", "prepare", lambda _: (None,)),
+    (["prepare", "--provider", "docker"], "berth.prepare", "prepare", lambda _: ("docker",)),
+    (["bench", "spine"], "bench.spine", "bench", lambda _: (Path(".berth/bench/spine.json"),)),
+    (["bench", "llm", "--out", "OUT"], "bench.llm", "bench", lambda out: (out,)),
+    (["bench", "vm"], "bench.vm", "bench", lambda _: (Path(".berth/bench/vm.json"), 3, 8)),
+    (
+        ["bench", "vm", "--out", "OUT", "--runs", "5", "--warm-runs", "2"],
+        "bench.vm",
+        "bench",
+        lambda out: (out, 5, 2),
+    ),
+]
+
+
+@pytest.mark.parametrize(("argv", "module", "name", "expected"), CASES, ids=lambda v: str(v))
+def test_a_command_gets_its_arguments_typed_and_its_exit_status_passed_on(
+    argv: list[str],
+    module: str,
+    name: str,
+    expected: Callable[[Path], tuple[Any, ...]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out.json"
+    calls = stand_in(monkeypatch, module, name, answer=7)
+    assert main([str(out) if arg == "OUT" else arg for arg in argv]) == 7
+    assert calls == [expected(out)]
