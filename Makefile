@@ -22,10 +22,12 @@ run: setup
 test: setup lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
-# The fast loop: no Docker, VMs or browser (markers in pyproject.toml), nothing to build.
+# The fast loop: no Docker, VMs or browser (markers in pyproject.toml), nothing to build; its
+# tests mostly wait on loopback servers, so four workers share two cores well (a file's tests
+# stay together: some share a module's server).
 FAST := not docker and not libvirt and not chromium and not e2e
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "$(FAST)" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "$(FAST)" -n 4 --dist loadfile $(PYTEST_ARGS)
 
 bench-spine: setup
 	$(PY) -m berth bench spine $(BENCH_ARGS)

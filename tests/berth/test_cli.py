@@ -171,7 +171,9 @@ CASES: list[Case] = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "module", "name", "expected"), CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    ("argv", "module", "name", "expected"), CASES, ids=[" ".join(case[0]) for case in CASES]
+)
 def test_a_command_gets_its_arguments_typed_and_its_exit_status_passed_on(
     argv: list[str],
     module: str,
