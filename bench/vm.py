@@ -40,6 +40,7 @@ from sandboxes import firewall, monitor, vm_image
 from sandboxes.factory import make_gateway, make_provider, open_host
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import Machine, MachineUsage, SandboxInfo, TerminalStep
+from store.events import EventType
 from workflows.pool import SandboxPool
 
 CONNECT_TIMEOUT_S = 300.0
@@ -254,14 +255,14 @@ async def warm_hits(provider: LibvirtProvider, runs: int) -> list[Metric]:
                 start = time.time()
                 sid = (await call(http, "POST", "/api/sessions", 201, json={}))["id"]
                 stream = Stream(http, sid)
-                seen = await stream.until(is_status("session.status", "ready"))
+                seen = await stream.until(is_status(EventType.session_status, "ready"))
                 if not any(
-                    e["data"].get("pooled") for _, e in seen if e["type"] == "sandbox.ready"
+                    e["data"].get("pooled") for _, e in seen if e["type"] == EventType.sandbox_ready
                 ):
                     raise RuntimeError("the session was not served from the warm pool")
                 ready.append(seen[-1][0] - start)
                 await call(http, "DELETE", f"/api/sessions/{sid}", 202)
-                await stream.until(is_status("session.status", "ended"))
+                await stream.until(is_status(EventType.session_status, "ended"))
                 await stream.close()
     finally:
         await asyncio.to_thread(system.stop)

@@ -14,9 +14,10 @@ import httpx
 import pytest
 
 from berth.local import LocalSystem
+from store.events import EventType
 
 pytestmark = pytest.mark.e2e
-DONE = ("task.status", "succeeded")
+DONE = (EventType.task_status, "succeeded")
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +101,14 @@ def test_a_task_runs_in_a_real_sandbox_and_streams_its_output(system: str) -> No
     assert task.status_code == 202
     tid = task.json()["id"]
     events = read_events(base, headers, sid, DONE)
-    output = "".join(e["data"]["text"] for e in events if e["type"] == "step.output")
+    output = "".join(e["data"]["text"] for e in events if e["type"] == EventType.step_output)
     assert output.startswith("hello\nLinux ")
     types = [e["type"] for e in events]
-    assert types.index("task.plan") < types.index("step.started") < types.index("step.output")
+    assert (
+        types.index(EventType.task_plan)
+        < types.index(EventType.step_started)
+        < types.index(EventType.step_output)
+    )
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
 
     # Replay from a sequence number skips what the client had.
@@ -118,7 +123,7 @@ def test_a_task_runs_in_a_real_sandbox_and_streams_its_output(system: str) -> No
     stranger = token_for(base, "stranger@example.com")
     assert httpx.get(f"{base}/api/sessions/{sid}", headers=stranger).status_code == 404
 
-    sandbox = next(e["data"] for e in events if e["type"] == "sandbox.ready")
+    sandbox = next(e["data"] for e in events if e["type"] == EventType.sandbox_ready)
     assert httpx.delete(f"{base}/api/sessions/{sid}", headers=headers).status_code == 202
     wait_status(base, headers, sid, "ended")
     gone = subprocess.run(["docker", "inspect", sandbox["handle"]], capture_output=True)

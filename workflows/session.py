@@ -41,7 +41,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.sandbox import SandboxActivities, step_key
     from activities.vm import VmActivities
     from sandboxes.models import SandboxInfo, StepOutcome
-    from store.events import NewEvent
+    from store.events import EventType, NewEvent
     from store.models import SessionStatus, TaskStatus
     from workflows.models import (
         Carried,
@@ -222,12 +222,14 @@ class SessionWorkflow:
                 summary="hibernate the idle sandbox",
             )
         except ActivityError as exc:
-            await self.record(self.event("sandbox.hibernation_failed", error=failure_message(exc)))
+            await self.record(
+                self.event(EventType.sandbox_hibernation_failed, error=failure_message(exc))
+            )
             return
         self.hibernated, self.status = True, SessionStatus.hibernated
         await self.record(
-            self.event("sandbox.hibernated", sandbox_id=self.sandbox.id),
-            self.event("session.status", status=self.status.value),
+            self.event(EventType.sandbox_hibernated, sandbox_id=self.sandbox.id),
+            self.event(EventType.session_status, status=self.status.value),
         )
 
     async def wake(self) -> None:
@@ -235,7 +237,7 @@ class SessionWorkflow:
         assert self.sandbox is not None
         if workflow.patched("waking-status"):
             self.status = SessionStatus.waking
-            await self.record(self.event("session.status", status=self.status.value))
+            await self.record(self.event(EventType.session_status, status=self.status.value))
         await workflow.execute_activity_method(
             VmActivities.wake,
             self.sandbox,
@@ -247,8 +249,8 @@ class SessionWorkflow:
         )
         self.hibernated, self.status = False, SessionStatus.ready
         await self.record(
-            self.event("sandbox.woken", sandbox_id=self.sandbox.id),
-            self.event("session.status", status=self.status.value),
+            self.event(EventType.sandbox_woken, sandbox_id=self.sandbox.id),
+            self.event(EventType.session_status, status=self.status.value),
         )
 
     def may_continue_as_new(self) -> bool:
@@ -378,7 +380,8 @@ class SessionWorkflow:
             VmActivities.restore, request, "restore the preserved sandbox"
         )
         await self.sandbox_ready(
-            sandbox, self.event("sandbox.restored", sandbox_id=sandbox.id, preserved_id=kept.id)
+            sandbox,
+            self.event(EventType.sandbox_restored, sandbox_id=sandbox.id, preserved_id=kept.id),
         )
 
     async def sandbox_ready(
@@ -388,7 +391,7 @@ class SessionWorkflow:
         self.status = SessionStatus.ready
         await self.record(
             self.event(
-                "sandbox.ready",
+                EventType.sandbox_ready,
                 sandbox_id=sandbox.id,
                 provider=sandbox.provider,
                 host_id=sandbox.host_id,
@@ -397,7 +400,7 @@ class SessionWorkflow:
                 pooled=pooled,
             ),
             *also,
-            self.event("session.status", status=self.status.value),
+            self.event(EventType.session_status, status=self.status.value),
         )
 
     async def replace_sandbox(self) -> None:
@@ -407,8 +410,8 @@ class SessionWorkflow:
         dead, why = self.sandbox, self.dead
         self.status = SessionStatus.provisioning
         await self.record(
-            self.event("sandbox.died", sandbox_id=dead.id, error=why),
-            self.event("session.status", status=self.status.value),
+            self.event(EventType.sandbox_died, sandbox_id=dead.id, error=why),
+            self.event(EventType.session_status, status=self.status.value),
         )
         if workflow.patched("replace-then-end"):
             # An end meanwhile lets the dead machine's removal finish (cancelled, it would
@@ -456,7 +459,7 @@ class SessionWorkflow:
         # A submit accepted just before the end finishes its task itself (see submit_task).
         await workflow.wait_condition(workflow.all_handlers_finished)
         self.status = status
-        await self.record(self.event("session.status", status=status.value, error=error))
+        await self.record(self.event(EventType.session_status, status=status.value, error=error))
 
     async def keep(self, sandbox: SandboxInfo) -> None:
         """End the machine keeping its disk, for a resume; if that fails, it is destroyed."""
@@ -473,11 +476,13 @@ class SessionWorkflow:
         except ActivityError as exc:
             await self.record(
                 self.event(
-                    "sandbox.preserve_failed", sandbox_id=sandbox.id, error=failure_message(exc)
+                    EventType.sandbox_preserve_failed,
+                    sandbox_id=sandbox.id,
+                    error=failure_message(exc),
                 )
             )
             return
-        await self.record(self.event("sandbox.preserved", sandbox_id=sandbox.id))
+        await self.record(self.event(EventType.sandbox_preserved, sandbox_id=sandbox.id))
         self.sandbox = None
 
     async def destroy(self, sandbox: SandboxInfo) -> None:
@@ -491,11 +496,13 @@ class SessionWorkflow:
                 retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=20)),
                 summary="destroy the sandbox",
             )
-            await self.record(self.event("sandbox.destroyed", sandbox_id=sandbox.id))
+            await self.record(self.event(EventType.sandbox_destroyed, sandbox_id=sandbox.id))
         except ActivityError as exc:
             # The session still ends; the host's reconciliation removes the machine later.
             await self.record(
-                self.event("sandbox.orphaned", sandbox_id=sandbox.id, error=failure_message(exc))
+                self.event(
+                    EventType.sandbox_orphaned, sandbox_id=sandbox.id, error=failure_message(exc)
+                )
             )
         self.sandbox = None
 
@@ -559,7 +566,7 @@ class SessionWorkflow:
 
     async def plan(self, task: TaskState) -> None:
         self.status = SessionStatus.busy
-        opening = [self.event("session.status", status=self.status.value)]
+        opening = [self.event(EventType.session_status, status=self.status.value)]
         steps = user_plan(task.prompt)
         plan = None if steps is None else Plan(steps=steps)
         if plan is None:
@@ -663,7 +670,7 @@ class SessionWorkflow:
             return True  # cancelled
         await self.record(
             self.event(
-                "task.verified",
+                EventType.task_verified,
                 task_id=task.id,
                 ok=verdict.ok,
                 reason=verdict.reason,
@@ -762,7 +769,7 @@ class SessionWorkflow:
             while len(self.submitted) > REMEMBERED_TASKS:
                 del self.submitted[next(iter(self.submitted))]
         # Queued only once recorded: the task's row must exist before its first step's.
-        await self.record(self.event("task.queued", task_id=task.id, prompt=task.prompt))
+        await self.record(self.event(EventType.task_queued, task_id=task.id, prompt=task.prompt))
         if self.ending:  # the session began to end while this was being recorded
             await self.record(*self.finish(task, TaskStatus.cancelled, error="session ended"))
         else:
@@ -824,7 +831,7 @@ class SessionWorkflow:
         task = self.tasks[change.task_id]
         self.instructions[task.id] = change.instruction
         await self.record(
-            self.event("task.modified", task_id=task.id, instruction=change.instruction)
+            self.event(EventType.task_modified, task_id=task.id, instruction=change.instruction)
         )
         return TaskRef(id=task.id, status=task.status)
 
@@ -874,7 +881,7 @@ class SessionWorkflow:
 
     # ---- progress: events for the session's log
 
-    def event(self, type: str, **data: Any) -> NewEvent:
+    def event(self, type: EventType, **data: Any) -> NewEvent:
         # The key makes a retried RecordProgress a no-op; the counter is replay-safe.
         self.events += 1
         key = f"{workflow.info().run_id}/{self.events}"
@@ -884,7 +891,7 @@ class SessionWorkflow:
         task.status = status
         task.result = extra.get("result", task.result)
         task.error = extra.get("error", task.error)
-        return self.event("task.status", task_id=task.id, status=status.value, **extra)
+        return self.event(EventType.task_status, task_id=task.id, status=status.value, **extra)
 
     def finish(self, task: TaskState, status: TaskStatus, **extra: str | None) -> list[NewEvent]:
         """A task's final status; finished tasks leave the carried state."""
@@ -896,7 +903,7 @@ class SessionWorkflow:
             del self.finished[next(iter(self.finished))]
         if self.running is task and not self.ending:
             self.status = SessionStatus.ready
-            drafts.append(self.event("session.status", status=self.status.value))
+            drafts.append(self.event(EventType.session_status, status=self.status.value))
         return drafts
 
     def plan_event(
@@ -904,14 +911,14 @@ class SessionWorkflow:
     ) -> NewEvent:
         steps = [s.model_dump() for s in task.steps[first:]]
         return self.event(
-            "task.plan", task_id=task.id, first=first, steps=steps, revised=revised,
+            EventType.task_plan, task_id=task.id, first=first, steps=steps, revised=revised,
             **answered_by(plan),
         )  # fmt: skip
 
     def step_end(self, task: TaskState, index: int, status: str, why: str) -> NewEvent:
         # The activity's own key: whichever of the two records the end first wins.
         return NewEvent(
-            type="step.finished",
+            type=EventType.step_finished,
             data={"task_id": task.id, "index": index, "step": task.steps[index].model_dump(),
                   "status": status, "exit_code": None, "error": why},
             key=step_key(task.id, index, "finished"),
