@@ -7,6 +7,9 @@ more history than its own RunStep).
 
 A long session continues as new between steps, carrying everything it is (sandbox, tasks,
 the running task's position); only a real end (cancelled, idle, failed) cleans up.
+
+Beside it: what a failed activity means (workflows/failures.py) and how long each activity
+may take and how it is retried (workflows/options.py).
 """
 
 from __future__ import annotations
@@ -18,9 +21,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
-from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.models import (
@@ -43,6 +44,8 @@ with workflow.unsafe.imports_passed_through():
     from sandboxes.models import SandboxInfo, StepOutcome
     from store.events import EventType, NewEvent
     from store.models import SessionStatus, TaskStatus
+    from workflows import options
+    from workflows.failures import REFUSED_EXIT, died, failure_message, refused
     from workflows.models import (
         Carried,
         SandboxDeath,
@@ -66,50 +69,14 @@ FINISHED = (TaskStatus.succeeded, TaskStatus.failed, TaskStatus.cancelled)
 RECENT_STEPS = 10
 REMEMBERED_TASKS = 100
 
-# Failures of a step that mean it never ran; the agent plans around them.
-REFUSALS = ("CommandRefused", "StepKindUnsupported")
-# The exit status a shell gives a command it cannot run.
-REFUSED_EXIT = 126
-
-RECORD_TIMEOUT = timedelta(seconds=15)
-# Unbounded: a session must outlast a database outage rather than fail for it.
-RECORD_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=200),
-    maximum_interval=timedelta(seconds=30),
-    maximum_attempts=0,
-)
-# How long ending a session waits for the running command's kill, and for the sandbox.
+# How long ending a session waits for the running command's kill (and then, see
+# options.DESTROY, for the sandbox).
 STOP_STEP_TIMEOUT = timedelta(seconds=60)
-DESTROY_TIMEOUT = timedelta(minutes=3)
-# A claim answers at once (a VM or none): past this the pool is in trouble; create cold.
-CLAIM_TIMEOUT = timedelta(seconds=20)
 
 
 def answered_by(answer: ModelAnswer) -> dict[str, Any]:
     """Which provider answered, and whether from its cache (neither for a written plan)."""
     return {"provider": answer.provider, "cached": answer.cached if answer.provider else None}
-
-
-def refused(error: BaseException) -> str | None:
-    """Why a step was refused before it ran (a command its template's policy forbids, a
-    kind of step its guest cannot do), or None for any other failure."""
-    cause = error.cause if isinstance(error, ActivityError) else None
-    if isinstance(cause, ApplicationError) and cause.type in REFUSALS:
-        return cause.message
-    return None
-
-
-def died(error: BaseException) -> bool:
-    """Whether a step failed because its sandbox's machine is gone."""
-    cause = error.cause if isinstance(error, ActivityError) else None
-    return isinstance(cause, ApplicationError) and cause.type == "SandboxDied"
-
-
-def failure_message(error: BaseException) -> str:
-    """The innermost cause's message: what actually went wrong, for people."""
-    while isinstance(error, ActivityError) and error.cause is not None:
-        error = error.cause
-    return str(error) or type(error).__name__
 
 
 @workflow.defn(name="SessionWorkflow")
@@ -217,9 +184,8 @@ class SessionWorkflow:
                 VmActivities.hibernate,
                 self.sandbox,
                 task_queue=self.sandbox.task_queue,
-                start_to_close_timeout=timedelta(minutes=2),
-                retry_policy=RetryPolicy(maximum_attempts=3),
                 summary="hibernate the idle sandbox",
+                **options.HIBERNATE,
             )
         except ActivityError as exc:
             await self.record(
@@ -242,10 +208,8 @@ class SessionWorkflow:
             VmActivities.wake,
             self.sandbox,
             task_queue=self.sandbox.task_queue,
-            start_to_close_timeout=timedelta(minutes=3),
-            heartbeat_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_attempts=3),
             summary="wake the sandbox",
+            **options.WAKE,
         )
         self.hibernated, self.status = False, SessionStatus.ready
         await self.record(
@@ -325,13 +289,8 @@ class SessionWorkflow:
             call,
             request,
             task_queue=self.params.host_task_queue,
-            start_to_close_timeout=timedelta(minutes=10),
-            heartbeat_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_attempts=3),
-            # An end during provisioning destroys the machine only once the attempt that
-            # makes it has stopped, so none is made after the destroy.
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=summary,
+            **options.MAKE_MACHINE,
         )
 
     async def claim(self) -> SandboxInfo | None:
@@ -342,9 +301,8 @@ class SessionWorkflow:
             VmActivities.claim,
             ClaimRequest(session_id=self.params.session_id, template=self.params.template),
             task_queue=self.params.host_task_queue,
-            start_to_close_timeout=CLAIM_TIMEOUT,
-            retry_policy=RetryPolicy(maximum_attempts=2),
             summary=f"claim a warm {self.params.template!r} VM",
+            **options.CLAIM,
         )
         # Waited on, never awaited (see run_step): an end that comes meanwhile lets the claim
         # finish and destroys what it claimed (see end()).
@@ -365,9 +323,8 @@ class SessionWorkflow:
             VmActivities.assign,
             sandbox,
             task_queue=sandbox.task_queue,
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_attempts=5),
             summary="label the claimed VM the session's",
+            **options.ASSIGN,
         )
 
     async def restore(self, kept: SandboxInfo) -> None:
@@ -468,10 +425,8 @@ class SessionWorkflow:
                 VmActivities.preserve,
                 sandbox,
                 task_queue=sandbox.task_queue,
-                start_to_close_timeout=timedelta(minutes=5),
-                heartbeat_timeout=timedelta(seconds=30),
-                retry_policy=RetryPolicy(maximum_attempts=3),
                 summary="preserve the sandbox's disk",
+                **options.PRESERVE,
             )
         except ActivityError as exc:
             await self.record(
@@ -491,10 +446,8 @@ class SessionWorkflow:
                 SandboxActivities.destroy,
                 sandbox,
                 task_queue=sandbox.task_queue,
-                schedule_to_close_timeout=DESTROY_TIMEOUT,
-                start_to_close_timeout=timedelta(minutes=1),
-                retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=20)),
                 summary="destroy the sandbox",
+                **options.DESTROY,
             )
             await self.record(self.event(EventType.sandbox_destroyed, sandbox_id=sandbox.id))
         except ActivityError as exc:
@@ -636,9 +589,8 @@ class SessionWorkflow:
         handle = workflow.start_activity_method(
             call,
             request,
-            start_to_close_timeout=timedelta(minutes=3),
-            retry_policy=RetryPolicy(maximum_attempts=3),
             summary=summary,
+            **options.CONSULT,
         )
         # Waited on, never awaited (see run_step): the session's own end is end()'s.
         await workflow.wait_condition(lambda: handle.done() or self.cancelling)
@@ -708,13 +660,8 @@ class SessionWorkflow:
             SandboxActivities.run_step,
             request,
             task_queue=self.sandbox.task_queue,
-            start_to_close_timeout=timedelta(seconds=self.params.step_timeout_s + 120),
-            heartbeat_timeout=timedelta(seconds=10),
-            retry_policy=RetryPolicy(maximum_attempts=5, non_retryable_error_types=["ValueError"]),
-            # A cancelled step is over only once its command is dead, so nothing else can
-            # start in the sandbox beside it.
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=f"step {index + 1}/{len(task.steps)}: {step.describe()[:80]}",
+            **options.running_step(self.params.step_timeout_s),
         )
         self.step = handle
         # The handle is waited on, never awaited: awaiting it would hand the session's own
@@ -749,9 +696,8 @@ class SessionWorkflow:
                 SandboxActivities.stop_step,
                 request,
                 task_queue=request.sandbox.task_queue,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=RetryPolicy(maximum_attempts=3),
                 summary=f"stop step {request.index + 1}",
+                **options.STOP_STEP,
             )
 
     # ---- updates and queries
@@ -928,8 +874,8 @@ class SessionWorkflow:
         await workflow.execute_local_activity_method(
             ProgressActivities.record,
             ProgressBatch(session_id=self.params.session_id, events=list(drafts)),
-            start_to_close_timeout=RECORD_TIMEOUT,
-            retry_policy=RECORD_RETRY,
+            start_to_close_timeout=options.RECORD_TIMEOUT,
+            retry_policy=options.RECORD_RETRY,
             summary=", ".join(d.type for d in drafts),
         )
 
