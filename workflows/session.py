@@ -86,6 +86,10 @@ class SessionWorkflow:
         carried = params.carried
         self.params = params
         self.sandbox: SandboxInfo | None = carried.sandbox if carried else None
+        # The id of the machine being made (created cold, or restored), None once it is the
+        # session's sandbox: known before the machine exists, so an end meanwhile can
+        # destroy it. Never carried: a run continues as new only with its sandbox made.
+        self.making: str | None = None
         running = carried.running if carried else None
         if carried:
             self.status = SessionStatus.busy if running else SessionStatus.ready
@@ -275,16 +279,7 @@ class SessionWorkflow:
         summary: str,
     ) -> SandboxInfo:
         """Run the activity that makes the session's machine (created cold, or restored)."""
-        # Known before the machine exists, so an end during provisioning can destroy it.
-        self.sandbox = SandboxInfo(
-            id=request.sandbox_id,
-            session_id=self.params.session_id,
-            provider="",
-            host_id="",
-            task_queue=self.params.host_task_queue,
-            template=self.params.template,
-            handle="",
-        )
+        self.sandbox, self.making = None, request.sandbox_id
         return await workflow.execute_activity_method(
             call,
             request,
@@ -344,7 +339,7 @@ class SessionWorkflow:
     async def sandbox_ready(
         self, sandbox: SandboxInfo, *also: NewEvent, pooled: bool | None = None
     ) -> None:
-        self.sandbox = sandbox
+        self.sandbox, self.making = sandbox, None
         self.status = SessionStatus.ready
         await self.record(
             self.event(
@@ -409,10 +404,11 @@ class SessionWorkflow:
             claiming = self.claiming
             await workflow.wait_condition(claiming.done)
             self.sandbox = claimed(claiming) or self.sandbox
-        if self.sandbox is not None and self.preserve and self.sandbox.provider:
+        if self.sandbox is not None and self.preserve:
             await self.keep(self.sandbox)
-        if self.sandbox is not None:
-            await self.destroy(self.sandbox)
+        doomed = self.machine()
+        if doomed is not None:
+            await self.destroy(doomed)
         # A submit accepted just before the end finishes its task itself (see submit_task).
         await workflow.wait_condition(workflow.all_handlers_finished)
         self.status = status
@@ -457,7 +453,7 @@ class SessionWorkflow:
                     EventType.sandbox_orphaned, sandbox_id=sandbox.id, error=failure_message(exc)
                 )
             )
-        self.sandbox = None
+        self.sandbox, self.making = None, None
 
     # ---- one task
 
@@ -794,7 +790,8 @@ class SessionWorkflow:
     @workflow.signal(name="sandbox_died")
     def sandbox_died(self, death: SandboxDeath) -> None:
         """The sandbox's host saw its machine die."""
-        if self.sandbox is not None and self.sandbox.id == death.sandbox_id and not self.dead:
+        current = self.machine()
+        if current is not None and current.id == death.sandbox_id and not self.dead:
             self.dead = death.detail
 
     @workflow.query(name="state")
@@ -802,9 +799,25 @@ class SessionWorkflow:
         return SessionState(
             session_id=self.params.session_id,
             status=self.status,
-            sandbox=self.sandbox,
+            sandbox=self.machine(),
             tasks=list(self.tasks.values()),
             finished=self.finished,
+        )
+
+    def machine(self) -> SandboxInfo | None:
+        """The session's machine as the destroy activity and the state query take it: its
+        sandbox, or the machine being made, of which only the id and where it is made are
+        known yet (empty provider, host and handle: its provider names it from the id)."""
+        if self.sandbox is not None or self.making is None:
+            return self.sandbox
+        return SandboxInfo(
+            id=self.making,
+            session_id=self.params.session_id,
+            provider="",
+            host_id="",
+            task_queue=self.params.host_task_queue,
+            template=self.params.template,
+            handle="",
         )
 
     def check_open(self) -> None:
