@@ -21,7 +21,7 @@ from sandboxes.policy import CommandPolicy, judge, load_policy
 from sandboxes.provider import SandboxProvider
 from store import events
 from store.artifacts import ArtifactStore
-from store.events import OutputLine
+from store.events import EventType, OutputLine
 
 # Output waiting for the database before the guest is held back.
 MAX_PENDING_CHARS = 4 * 1024 * 1024
@@ -75,7 +75,7 @@ class StepRecorder:
         request = self._request
         with Session(self._engine) as db:
             key = step_key(request.task_id, request.index, "started")
-            events.record(db, self._session_id, "step.started", self._data(), key)
+            events.record(db, self._session_id, EventType.step_started, self._data(), key)
             return events.stored_output_seq(db, request.task_id, request.index)
 
     async def write(self, seq: int, stream: str, text: str) -> None:

@@ -16,6 +16,7 @@ from api import cursors
 from api.deps import AdminDep, DbDep, IpDep, Problem
 from api.problems import problems
 from store import audit
+from store.events import EventType
 from store.models import AuditEntry, Event, SessionRow
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
@@ -46,7 +47,7 @@ def _entries(
 
 
 def _commands(db: Session, row: SessionRow, after: Position | None, n: int) -> list[AuditItem]:
-    query = select(Event).where(Event.session_id == row.id, Event.type == "step.started")
+    query = select(Event).where(Event.session_id == row.id, Event.type == EventType.step_started)
     query = _after(query, Event, "command", after)
     events = db.exec(query.order_by(col(Event.created_at), col(Event.id)).limit(n))
     return [

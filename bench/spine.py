@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
+from store.events import EventType
 from tests.support.local import LocalSystem, python_script
 
 Event = dict[str, Any]
@@ -133,7 +134,10 @@ class Stream:
             if kind == "stream.error":
                 raise BenchError(f"the SSE stream failed: {self.error}")
             self.last_seq = event["seq"]
-            if kind in ("session.status", "task.status") and data.get("status") == "failed":
+            if (
+                kind in (EventType.session_status, EventType.task_status)
+                and data.get("status") == "failed"
+            ):
                 raise BenchError(f"{kind} failed: {data.get('error')}")
             seen.append(received)
             if done(event):
@@ -208,7 +212,7 @@ class Bench:
     async def steps(self) -> list[Metric]:
         sid, stream = await self.main_session()
         _, events = await self.run_task(sid, stream, "\n".join([NOOP] * 50))
-        finished = [e for e in events if e["type"] == "step.finished"]
+        finished = [e for e in events if e["type"] == EventType.step_finished]
         times = [e["received"] for e in sorted(finished, key=lambda e: e["data"]["index"])]
         gaps = [b - a for a, b in itertools.pairwise(times)]
         return [timed("step round trip (step.finished → next)", gaps, 50)]
@@ -217,7 +221,7 @@ class Bench:
         sid, stream = await self.main_session()
         _, events = await self.run_task(sid, stream, CLOCK)
         lags, pending = [], ""
-        for event in (e for e in events if e["type"] == "step.output"):
+        for event in (e for e in events if e["type"] == EventType.step_output):
             *lines, pending = (pending + event["data"]["text"]).split("\n")
             lags += [event["received"] - float(line) for line in lines if line.strip()]
         if len(lags) < 200:
@@ -249,7 +253,7 @@ class Bench:
         counts = [await self.settled_history(sid)]
         for steps in (1, 41):
             await self.run_task(sid, stream, "\n".join([NOOP] * steps))
-            await stream.until(is_status("session.status", "ready"))
+            await stream.until(is_status(EventType.session_status, "ready"))
             counts.append(await self.settled_history(sid))
         await self.end_session(sid, stream)
         per_step = ((counts[2] - counts[1]) - (counts[1] - counts[0])) / 40
@@ -263,7 +267,7 @@ class Bench:
         sid = (await call(self.http, "POST", "/api/sessions", 201, json={}))["id"]
         self.sessions.append(sid)
         stream = Stream(self.http, sid)
-        seen = await stream.until(is_status("session.status", "ready"))
+        seen = await stream.until(is_status(EventType.session_status, "ready"))
         return sid, stream, seen[-1][0] - start
 
     async def main_session(self) -> tuple[str, Stream]:
@@ -273,7 +277,7 @@ class Bench:
 
     async def end_session(self, sid: str, stream: Stream) -> None:
         await call(self.http, "DELETE", f"/api/sessions/{sid}", 202)
-        await stream.until(is_status("session.status", "ended"))
+        await stream.until(is_status(EventType.session_status, "ended"))
         await stream.close()
         self.sessions.remove(sid)
 
@@ -282,7 +286,7 @@ class Bench:
         start = time.time()
         body = {"prompt": prompt}
         tid = (await call(self.http, "POST", f"/api/sessions/{sid}/tasks", 202, json=body))["id"]
-        seen = await stream.until(is_status("task.status", "succeeded", tid))
+        seen = await stream.until(is_status(EventType.task_status, "succeeded", tid))
         mine = [{**e, "received": t} for t, e in seen if e["data"].get("task_id") == tid]
         return seen[-1][0] - start, mine
 

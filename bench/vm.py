@@ -36,6 +36,7 @@ from config.settings import Settings
 from sandboxes import firewall, monitor, vm_image
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import Machine, MachineUsage, SandboxInfo, TerminalStep
+from store.events import EventType
 from tests.support.local import LocalSystem, free_port
 from workflows.pool import SandboxPool
 
@@ -251,14 +252,14 @@ async def warm_hits(provider: LibvirtProvider, runs: int) -> list[Metric]:
                 start = time.time()
                 sid = (await call(http, "POST", "/api/sessions", 201, json={}))["id"]
                 stream = Stream(http, sid)
-                seen = await stream.until(is_status("session.status", "ready"))
+                seen = await stream.until(is_status(EventType.session_status, "ready"))
                 if not any(
-                    e["data"].get("pooled") for _, e in seen if e["type"] == "sandbox.ready"
+                    e["data"].get("pooled") for _, e in seen if e["type"] == EventType.sandbox_ready
                 ):
                     raise RuntimeError("the session was not served from the warm pool")
                 ready.append(seen[-1][0] - start)
                 await call(http, "DELETE", f"/api/sessions/{sid}", 202)
-                await stream.until(is_status("session.status", "ended"))
+                await stream.until(is_status(EventType.session_status, "ended"))
                 await stream.close()
     finally:
         await asyncio.to_thread(system.stop)

@@ -30,4 +30,3 @@ def prepare(provider: str | None) -> int:
     asyncio.run(sandboxes.prepare())
     print("sandboxes ready", flush=True)
     return 0
-

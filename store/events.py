@@ -3,11 +3,15 @@
 Every change of a session's state is written as one event; ``record`` appends it with the
 session's next sequence number and applies it to the ``sessions``/``tasks``/``steps``/
 ``sandboxes`` rows in the same transaction, so the log and the rows never disagree.
+
+An event's type is one of ``EventType``: the values are stored in every database and in the
+workflows' recorded histories, so a value never changes once written.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel, Field
@@ -35,11 +39,37 @@ OUTPUT_TAIL_CHARS = 64 * 1024
 OUTPUT_CAP_CHARS = 1024 * 1024
 
 
+class EventType(StrEnum):
+    """Every kind of event a session's log holds. A member's name is its value with an
+    underscore for the dot (the dashboard draws each by the macro of that name)."""
+
+    session_status = "session.status"
+    sandbox_ready = "sandbox.ready"
+    sandbox_destroyed = "sandbox.destroyed"
+    # Left for the host's reconciliation: destroying it failed.
+    sandbox_orphaned = "sandbox.orphaned"
+    sandbox_died = "sandbox.died"
+    sandbox_hibernated = "sandbox.hibernated"
+    sandbox_hibernation_failed = "sandbox.hibernation_failed"
+    sandbox_woken = "sandbox.woken"
+    sandbox_preserved = "sandbox.preserved"
+    sandbox_preserve_failed = "sandbox.preserve_failed"
+    sandbox_restored = "sandbox.restored"
+    task_queued = "task.queued"
+    task_status = "task.status"
+    task_plan = "task.plan"
+    task_modified = "task.modified"
+    task_verified = "task.verified"
+    step_started = "step.started"
+    step_output = "step.output"
+    step_finished = "step.finished"
+
+
 class NewEvent(BaseModel):
     """An event to append. ``key`` is set by writers that may retry (Temporal activities),
     so a retry appends nothing twice."""
 
-    type: str
+    type: EventType
     data: dict[str, Any] = Field(default_factory=dict)
     key: str | None = None
 
@@ -51,7 +81,7 @@ class OutputLine(NamedTuple):
 
 
 def record(
-    db: Session, session_id: str, type: str, data: dict[str, Any], key: str | None = None
+    db: Session, session_id: str, type: EventType, data: dict[str, Any], key: str | None = None
 ) -> Event | None:
     """Append one event and project it. Returns None when ``key`` was recorded before."""
     appended = append(db, session_id, [NewEvent(type=type, data=data, key=key)])
@@ -110,7 +140,7 @@ def append_output(
     db.add(step)
     base = {"task_id": task_id, "index": index}
     drafts = [
-        NewEvent(type="step.output", data={**base, "stream": stream, "text": text})
+        NewEvent(type=EventType.step_output, data={**base, "stream": stream, "text": text})
         for stream, text in runs
     ]
     if drafts:
@@ -134,13 +164,15 @@ def finish_step(db: Session, session_id: str, data: dict[str, Any], key: str) ->
         )
         base = {"task_id": step.task_id, "index": step.index}
         drafts = [
-            NewEvent(type="step.output", data={**base, "stream": stream, "text": text}, key=part)
+            NewEvent(
+                type=EventType.step_output, data={**base, "stream": stream, "text": text}, key=part
+            )
             for stream, text, part in (
                 ("note", note, f"{key}/note"),
                 ("stdout", tail, f"{key}/tail"),
             )
         ]
-    append(db, session_id, [*drafts, NewEvent(type="step.finished", data=data, key=key)])
+    append(db, session_id, [*drafts, NewEvent(type=EventType.step_finished, data=data, key=key)])
 
 
 def stored_output_seq(db: Session, task_id: str, index: int) -> int:
@@ -183,7 +215,7 @@ def read_after(db: Session, session_id: str, after: int, limit: int = 500) -> li
 
 def is_final(event: Event) -> bool:
     """Whether nothing can follow this event in its session's log."""
-    return event.type == "session.status" and event.data.get("status") in FINAL_STATUSES
+    return event.type == EventType.session_status and event.data.get("status") in FINAL_STATUSES
 
 
 def _session(db: Session, event: Event) -> SessionRow:
@@ -331,17 +363,17 @@ def _step_finished(db: Session, event: Event) -> None:
     db.add(row)
 
 
-_PROJECTIONS: dict[str, Callable[[Session, Event], None]] = {
-    "session.status": _session_status,
-    "sandbox.ready": _sandbox_ready,
-    "sandbox.destroyed": _sandbox_destroyed,
-    "sandbox.preserved": _sandbox_preserved,
-    "sandbox.restored": _sandbox_restored,
-    "task.queued": _task_queued,
-    "task.status": _task_status,
-    "task.plan": _task_plan,
-    "step.started": _step_started,
-    "step.finished": _step_finished,
+_PROJECTIONS: dict[EventType, Callable[[Session, Event], None]] = {
+    EventType.session_status: _session_status,
+    EventType.sandbox_ready: _sandbox_ready,
+    EventType.sandbox_destroyed: _sandbox_destroyed,
+    EventType.sandbox_preserved: _sandbox_preserved,
+    EventType.sandbox_restored: _sandbox_restored,
+    EventType.task_queued: _task_queued,
+    EventType.task_status: _task_status,
+    EventType.task_plan: _task_plan,
+    EventType.step_started: _step_started,
+    EventType.step_finished: _step_finished,
 }
 
 

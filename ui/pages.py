@@ -36,7 +36,7 @@ from api.events import sse, stream
 from api.schemas import Credentials
 from config.settings import Settings
 from sandboxes.models import Step
-from store.events import is_final
+from store.events import EventType, is_final
 from store.models import ApiToken, Event, StepRow, TaskRow, User, utcnow
 from ui import ansi, guard, state
 from workflows.models import TaskControl, TaskModification, TaskSubmission
@@ -418,9 +418,11 @@ def render_batch(engine: Engine, batch: Sequence[Event]) -> str:
     for event in coalesce(batch):
         context: dict[str, Any] = {"e": event, "d": event.data}
         # A plan, and a task's end, redraw the task from its rows.
-        if event.type in ("task.plan", "task.status"):
+        if event.type in (EventType.task_plan, EventType.task_status):
             context["view"] = _task_view(engine, event.data["task_id"])
-        macro: Any = getattr(fragments, event.type.replace(".", "_"), None) or fragments.other  # type: ignore[attr-defined]
+        # The macro named as the type's member (events.html has one for every member): a
+        # type the enumeration does not know raises here rather than drawing a fallback.
+        macro: Any = getattr(fragments, EventType(event.type).name)
         parts.append(str(macro(**context)).strip())
     last = batch[-1]
     message = sse(last, "\n".join(parts))
@@ -434,7 +436,7 @@ def coalesce(batch: Sequence[Event]) -> list[Event]:
         prev = out[-1] if out else None
         if (
             prev is not None
-            and event.type == prev.type == "step.output"
+            and event.type == prev.type == EventType.step_output
             and all(event.data[k] == prev.data[k] for k in ("task_id", "index", "stream"))
         ):
             text = prev.data["text"] + event.data["text"]

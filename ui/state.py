@@ -17,12 +17,13 @@ from sqlmodel import Session, col, select
 
 from config.settings import Settings
 from store.db import snapshot
+from store.events import EventType
 from store.models import ArtifactRow, Event, LLMCall, SandboxRow, SessionRow, StepRow, TaskRow
 from workflows.client import workflow_id
 
 # Terminal events (commands, output, exits) drawn on a page load: its scrollback.
 TERMINAL_EVENTS = 400
-TERMINAL_TYPES = ("step.started", "step.output", "step.finished")
+TERMINAL_TYPES = (EventType.step_started, EventType.step_output, EventType.step_finished)
 TIMELINE_EVENTS = 100
 SCREENSHOTS = 24
 
@@ -126,7 +127,9 @@ def session_view(engine: Engine, session_id: str) -> SessionView | None:
             seq=row.last_seq,
             tasks=[TaskView(t, steps[t.id]) for t in tasks],
             terminal=_events(db, session_id, row.last_seq, TERMINAL_EVENTS, only=TERMINAL_TYPES),
-            timeline=_events(db, session_id, row.last_seq, TIMELINE_EVENTS, but="step.output"),
+            timeline=_events(
+                db, session_id, row.last_seq, TIMELINE_EVENTS, but=EventType.step_output
+            ),
             screenshots=list(shots),
             sandbox=current_sandbox(db, session_id),
             usage=usage_by_session(db, [session_id]).get(session_id, SpendSummary()),

@@ -21,14 +21,13 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel, Field
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
-from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.models import POOL_CLAIM_UPDATE, PoolClaim, SandboxRequest
     from activities.sandbox import SandboxActivities
     from sandboxes.models import SandboxInfo
+    from workflows import options
 
 MEMBER_PREFIX = "pool-"
 # Claims within this window set the pool's size.
@@ -36,7 +35,6 @@ RATE_WINDOW = timedelta(minutes=5)
 RESIZE_EVERY = timedelta(seconds=30)
 # Claims answered, remembered per session: a retried claim gets the same VM.
 REMEMBERED_CLAIMS = 100
-BOOT_TIMEOUT = timedelta(minutes=10)
 MAX_BACKOFF_S = 300.0
 
 
@@ -147,11 +145,8 @@ class SandboxPool:
             SandboxActivities.provision,
             request,
             task_queue=self.params.host_task_queue,
-            start_to_close_timeout=BOOT_TIMEOUT,
-            heartbeat_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_attempts=2),
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=f"boot a {self.params.template!r} pool VM",
+            **options.BOOT_POOL_VM,
         )
         self.provisions[sandbox_id] = provision
         try:
@@ -180,8 +175,8 @@ class SandboxPool:
             SandboxActivities.destroy,
             sandbox,
             task_queue=self.params.host_task_queue,
-            start_to_close_timeout=timedelta(minutes=3),
             summary="destroy a pool VM",
+            **options.DESTROY_POOL_VM,
         )
 
     @workflow.update(name=POOL_CLAIM_UPDATE)

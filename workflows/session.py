@@ -7,6 +7,9 @@ more history than its own RunStep).
 
 A long session continues as new between steps, carrying everything it is (sandbox, tasks,
 the running task's position); only a real end (cancelled, idle, failed) cleans up.
+
+Beside it: what a failed activity means (workflows/failures.py) and how long each activity
+may take and how it is retried (workflows/options.py).
 """
 
 from __future__ import annotations
@@ -18,9 +21,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
-from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.models import (
@@ -41,8 +42,10 @@ with workflow.unsafe.imports_passed_through():
     from activities.sandbox import SandboxActivities, step_key
     from activities.vm import VmActivities
     from sandboxes.models import SandboxInfo, StepOutcome
-    from store.events import NewEvent
+    from store.events import EventType, NewEvent
     from store.models import SessionStatus, TaskStatus
+    from workflows import options
+    from workflows.failures import REFUSED_EXIT, died, failure_message, refused
     from workflows.models import (
         Carried,
         SandboxDeath,
@@ -66,50 +69,14 @@ FINISHED = (TaskStatus.succeeded, TaskStatus.failed, TaskStatus.cancelled)
 RECENT_STEPS = 10
 REMEMBERED_TASKS = 100
 
-# Failures of a step that mean it never ran; the agent plans around them.
-REFUSALS = ("CommandRefused", "StepKindUnsupported")
-# The exit status a shell gives a command it cannot run.
-REFUSED_EXIT = 126
-
-RECORD_TIMEOUT = timedelta(seconds=15)
-# Unbounded: a session must outlast a database outage rather than fail for it.
-RECORD_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=200),
-    maximum_interval=timedelta(seconds=30),
-    maximum_attempts=0,
-)
-# How long ending a session waits for the running command's kill, and for the sandbox.
+# How long ending a session waits for the running command's kill (and then, see
+# options.DESTROY, for the sandbox).
 STOP_STEP_TIMEOUT = timedelta(seconds=60)
-DESTROY_TIMEOUT = timedelta(minutes=3)
-# A claim answers at once (a VM or none): past this the pool is in trouble; create cold.
-CLAIM_TIMEOUT = timedelta(seconds=20)
 
 
 def answered_by(answer: ModelAnswer) -> dict[str, Any]:
     """Which provider answered, and whether from its cache (neither for a written plan)."""
     return {"provider": answer.provider, "cached": answer.cached if answer.provider else None}
-
-
-def refused(error: BaseException) -> str | None:
-    """Why a step was refused before it ran (a command its template's policy forbids, a
-    kind of step its guest cannot do), or None for any other failure."""
-    cause = error.cause if isinstance(error, ActivityError) else None
-    if isinstance(cause, ApplicationError) and cause.type in REFUSALS:
-        return cause.message
-    return None
-
-
-def died(error: BaseException) -> bool:
-    """Whether a step failed because its sandbox's machine is gone."""
-    cause = error.cause if isinstance(error, ActivityError) else None
-    return isinstance(cause, ApplicationError) and cause.type == "SandboxDied"
-
-
-def failure_message(error: BaseException) -> str:
-    """The innermost cause's message: what actually went wrong, for people."""
-    while isinstance(error, ActivityError) and error.cause is not None:
-        error = error.cause
-    return str(error) or type(error).__name__
 
 
 @workflow.defn(name="SessionWorkflow")
@@ -119,6 +86,10 @@ class SessionWorkflow:
         carried = params.carried
         self.params = params
         self.sandbox: SandboxInfo | None = carried.sandbox if carried else None
+        # The id of the machine being made (created cold, or restored), None once it is the
+        # session's sandbox: known before the machine exists, so an end meanwhile can
+        # destroy it. Never carried: a run continues as new only with its sandbox made.
+        self.making: str | None = None
         running = carried.running if carried else None
         if carried:
             self.status = SessionStatus.busy if running else SessionStatus.ready
@@ -217,17 +188,18 @@ class SessionWorkflow:
                 VmActivities.hibernate,
                 self.sandbox,
                 task_queue=self.sandbox.task_queue,
-                start_to_close_timeout=timedelta(minutes=2),
-                retry_policy=RetryPolicy(maximum_attempts=3),
                 summary="hibernate the idle sandbox",
+                **options.HIBERNATE,
             )
         except ActivityError as exc:
-            await self.record(self.event("sandbox.hibernation_failed", error=failure_message(exc)))
+            await self.record(
+                self.event(EventType.sandbox_hibernation_failed, error=failure_message(exc))
+            )
             return
         self.hibernated, self.status = True, SessionStatus.hibernated
         await self.record(
-            self.event("sandbox.hibernated", sandbox_id=self.sandbox.id),
-            self.event("session.status", status=self.status.value),
+            self.event(EventType.sandbox_hibernated, sandbox_id=self.sandbox.id),
+            self.event(EventType.session_status, status=self.status.value),
         )
 
     async def wake(self) -> None:
@@ -235,20 +207,18 @@ class SessionWorkflow:
         assert self.sandbox is not None
         if workflow.patched("waking-status"):
             self.status = SessionStatus.waking
-            await self.record(self.event("session.status", status=self.status.value))
+            await self.record(self.event(EventType.session_status, status=self.status.value))
         await workflow.execute_activity_method(
             VmActivities.wake,
             self.sandbox,
             task_queue=self.sandbox.task_queue,
-            start_to_close_timeout=timedelta(minutes=3),
-            heartbeat_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_attempts=3),
             summary="wake the sandbox",
+            **options.WAKE,
         )
         self.hibernated, self.status = False, SessionStatus.ready
         await self.record(
-            self.event("sandbox.woken", sandbox_id=self.sandbox.id),
-            self.event("session.status", status=self.status.value),
+            self.event(EventType.sandbox_woken, sandbox_id=self.sandbox.id),
+            self.event(EventType.session_status, status=self.status.value),
         )
 
     def may_continue_as_new(self) -> bool:
@@ -309,27 +279,13 @@ class SessionWorkflow:
         summary: str,
     ) -> SandboxInfo:
         """Run the activity that makes the session's machine (created cold, or restored)."""
-        # Known before the machine exists, so an end during provisioning can destroy it.
-        self.sandbox = SandboxInfo(
-            id=request.sandbox_id,
-            session_id=self.params.session_id,
-            provider="",
-            host_id="",
-            task_queue=self.params.host_task_queue,
-            template=self.params.template,
-            handle="",
-        )
+        self.sandbox, self.making = None, request.sandbox_id
         return await workflow.execute_activity_method(
             call,
             request,
             task_queue=self.params.host_task_queue,
-            start_to_close_timeout=timedelta(minutes=10),
-            heartbeat_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_attempts=3),
-            # An end during provisioning destroys the machine only once the attempt that
-            # makes it has stopped, so none is made after the destroy.
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=summary,
+            **options.MAKE_MACHINE,
         )
 
     async def claim(self) -> SandboxInfo | None:
@@ -340,9 +296,8 @@ class SessionWorkflow:
             VmActivities.claim,
             ClaimRequest(session_id=self.params.session_id, template=self.params.template),
             task_queue=self.params.host_task_queue,
-            start_to_close_timeout=CLAIM_TIMEOUT,
-            retry_policy=RetryPolicy(maximum_attempts=2),
             summary=f"claim a warm {self.params.template!r} VM",
+            **options.CLAIM,
         )
         # Waited on, never awaited (see run_step): an end that comes meanwhile lets the claim
         # finish and destroys what it claimed (see end()).
@@ -363,9 +318,8 @@ class SessionWorkflow:
             VmActivities.assign,
             sandbox,
             task_queue=sandbox.task_queue,
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_attempts=5),
             summary="label the claimed VM the session's",
+            **options.ASSIGN,
         )
 
     async def restore(self, kept: SandboxInfo) -> None:
@@ -378,17 +332,18 @@ class SessionWorkflow:
             VmActivities.restore, request, "restore the preserved sandbox"
         )
         await self.sandbox_ready(
-            sandbox, self.event("sandbox.restored", sandbox_id=sandbox.id, preserved_id=kept.id)
+            sandbox,
+            self.event(EventType.sandbox_restored, sandbox_id=sandbox.id, preserved_id=kept.id),
         )
 
     async def sandbox_ready(
         self, sandbox: SandboxInfo, *also: NewEvent, pooled: bool | None = None
     ) -> None:
-        self.sandbox = sandbox
+        self.sandbox, self.making = sandbox, None
         self.status = SessionStatus.ready
         await self.record(
             self.event(
-                "sandbox.ready",
+                EventType.sandbox_ready,
                 sandbox_id=sandbox.id,
                 provider=sandbox.provider,
                 host_id=sandbox.host_id,
@@ -397,7 +352,7 @@ class SessionWorkflow:
                 pooled=pooled,
             ),
             *also,
-            self.event("session.status", status=self.status.value),
+            self.event(EventType.session_status, status=self.status.value),
         )
 
     async def replace_sandbox(self) -> None:
@@ -407,8 +362,8 @@ class SessionWorkflow:
         dead, why = self.sandbox, self.dead
         self.status = SessionStatus.provisioning
         await self.record(
-            self.event("sandbox.died", sandbox_id=dead.id, error=why),
-            self.event("session.status", status=self.status.value),
+            self.event(EventType.sandbox_died, sandbox_id=dead.id, error=why),
+            self.event(EventType.session_status, status=self.status.value),
         )
         if workflow.patched("replace-then-end"):
             # An end meanwhile lets the dead machine's removal finish (cancelled, it would
@@ -449,14 +404,15 @@ class SessionWorkflow:
             claiming = self.claiming
             await workflow.wait_condition(claiming.done)
             self.sandbox = claimed(claiming) or self.sandbox
-        if self.sandbox is not None and self.preserve and self.sandbox.provider:
+        if self.sandbox is not None and self.preserve:
             await self.keep(self.sandbox)
-        if self.sandbox is not None:
-            await self.destroy(self.sandbox)
+        doomed = self.machine()
+        if doomed is not None:
+            await self.destroy(doomed)
         # A submit accepted just before the end finishes its task itself (see submit_task).
         await workflow.wait_condition(workflow.all_handlers_finished)
         self.status = status
-        await self.record(self.event("session.status", status=status.value, error=error))
+        await self.record(self.event(EventType.session_status, status=status.value, error=error))
 
     async def keep(self, sandbox: SandboxInfo) -> None:
         """End the machine keeping its disk, for a resume; if that fails, it is destroyed."""
@@ -465,19 +421,19 @@ class SessionWorkflow:
                 VmActivities.preserve,
                 sandbox,
                 task_queue=sandbox.task_queue,
-                start_to_close_timeout=timedelta(minutes=5),
-                heartbeat_timeout=timedelta(seconds=30),
-                retry_policy=RetryPolicy(maximum_attempts=3),
                 summary="preserve the sandbox's disk",
+                **options.PRESERVE,
             )
         except ActivityError as exc:
             await self.record(
                 self.event(
-                    "sandbox.preserve_failed", sandbox_id=sandbox.id, error=failure_message(exc)
+                    EventType.sandbox_preserve_failed,
+                    sandbox_id=sandbox.id,
+                    error=failure_message(exc),
                 )
             )
             return
-        await self.record(self.event("sandbox.preserved", sandbox_id=sandbox.id))
+        await self.record(self.event(EventType.sandbox_preserved, sandbox_id=sandbox.id))
         self.sandbox = None
 
     async def destroy(self, sandbox: SandboxInfo) -> None:
@@ -486,18 +442,18 @@ class SessionWorkflow:
                 SandboxActivities.destroy,
                 sandbox,
                 task_queue=sandbox.task_queue,
-                schedule_to_close_timeout=DESTROY_TIMEOUT,
-                start_to_close_timeout=timedelta(minutes=1),
-                retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=20)),
                 summary="destroy the sandbox",
+                **options.DESTROY,
             )
-            await self.record(self.event("sandbox.destroyed", sandbox_id=sandbox.id))
+            await self.record(self.event(EventType.sandbox_destroyed, sandbox_id=sandbox.id))
         except ActivityError as exc:
             # The session still ends; the host's reconciliation removes the machine later.
             await self.record(
-                self.event("sandbox.orphaned", sandbox_id=sandbox.id, error=failure_message(exc))
+                self.event(
+                    EventType.sandbox_orphaned, sandbox_id=sandbox.id, error=failure_message(exc)
+                )
             )
-        self.sandbox = None
+        self.sandbox, self.making = None, None
 
     # ---- one task
 
@@ -559,7 +515,7 @@ class SessionWorkflow:
 
     async def plan(self, task: TaskState) -> None:
         self.status = SessionStatus.busy
-        opening = [self.event("session.status", status=self.status.value)]
+        opening = [self.event(EventType.session_status, status=self.status.value)]
         steps = user_plan(task.prompt)
         plan = None if steps is None else Plan(steps=steps)
         if plan is None:
@@ -629,9 +585,8 @@ class SessionWorkflow:
         handle = workflow.start_activity_method(
             call,
             request,
-            start_to_close_timeout=timedelta(minutes=3),
-            retry_policy=RetryPolicy(maximum_attempts=3),
             summary=summary,
+            **options.CONSULT,
         )
         # Waited on, never awaited (see run_step): the session's own end is end()'s.
         await workflow.wait_condition(lambda: handle.done() or self.cancelling)
@@ -663,7 +618,7 @@ class SessionWorkflow:
             return True  # cancelled
         await self.record(
             self.event(
-                "task.verified",
+                EventType.task_verified,
                 task_id=task.id,
                 ok=verdict.ok,
                 reason=verdict.reason,
@@ -701,13 +656,8 @@ class SessionWorkflow:
             SandboxActivities.run_step,
             request,
             task_queue=self.sandbox.task_queue,
-            start_to_close_timeout=timedelta(seconds=self.params.step_timeout_s + 120),
-            heartbeat_timeout=timedelta(seconds=10),
-            retry_policy=RetryPolicy(maximum_attempts=5, non_retryable_error_types=["ValueError"]),
-            # A cancelled step is over only once its command is dead, so nothing else can
-            # start in the sandbox beside it.
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=f"step {index + 1}/{len(task.steps)}: {step.describe()[:80]}",
+            **options.running_step(self.params.step_timeout_s),
         )
         self.step = handle
         # The handle is waited on, never awaited: awaiting it would hand the session's own
@@ -742,9 +692,8 @@ class SessionWorkflow:
                 SandboxActivities.stop_step,
                 request,
                 task_queue=request.sandbox.task_queue,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=RetryPolicy(maximum_attempts=3),
                 summary=f"stop step {request.index + 1}",
+                **options.STOP_STEP,
             )
 
     # ---- updates and queries
@@ -762,7 +711,7 @@ class SessionWorkflow:
             while len(self.submitted) > REMEMBERED_TASKS:
                 del self.submitted[next(iter(self.submitted))]
         # Queued only once recorded: the task's row must exist before its first step's.
-        await self.record(self.event("task.queued", task_id=task.id, prompt=task.prompt))
+        await self.record(self.event(EventType.task_queued, task_id=task.id, prompt=task.prompt))
         if self.ending:  # the session began to end while this was being recorded
             await self.record(*self.finish(task, TaskStatus.cancelled, error="session ended"))
         else:
@@ -824,7 +773,7 @@ class SessionWorkflow:
         task = self.tasks[change.task_id]
         self.instructions[task.id] = change.instruction
         await self.record(
-            self.event("task.modified", task_id=task.id, instruction=change.instruction)
+            self.event(EventType.task_modified, task_id=task.id, instruction=change.instruction)
         )
         return TaskRef(id=task.id, status=task.status)
 
@@ -841,7 +790,8 @@ class SessionWorkflow:
     @workflow.signal(name="sandbox_died")
     def sandbox_died(self, death: SandboxDeath) -> None:
         """The sandbox's host saw its machine die."""
-        if self.sandbox is not None and self.sandbox.id == death.sandbox_id and not self.dead:
+        current = self.machine()
+        if current is not None and current.id == death.sandbox_id and not self.dead:
             self.dead = death.detail
 
     @workflow.query(name="state")
@@ -849,9 +799,25 @@ class SessionWorkflow:
         return SessionState(
             session_id=self.params.session_id,
             status=self.status,
-            sandbox=self.sandbox,
+            sandbox=self.machine(),
             tasks=list(self.tasks.values()),
             finished=self.finished,
+        )
+
+    def machine(self) -> SandboxInfo | None:
+        """The session's machine as the destroy activity and the state query take it: its
+        sandbox, or the machine being made, of which only the id and where it is made are
+        known yet (empty provider, host and handle: its provider names it from the id)."""
+        if self.sandbox is not None or self.making is None:
+            return self.sandbox
+        return SandboxInfo(
+            id=self.making,
+            session_id=self.params.session_id,
+            provider="",
+            host_id="",
+            task_queue=self.params.host_task_queue,
+            template=self.params.template,
+            handle="",
         )
 
     def check_open(self) -> None:
@@ -874,7 +840,7 @@ class SessionWorkflow:
 
     # ---- progress: events for the session's log
 
-    def event(self, type: str, **data: Any) -> NewEvent:
+    def event(self, type: EventType, **data: Any) -> NewEvent:
         # The key makes a retried RecordProgress a no-op; the counter is replay-safe.
         self.events += 1
         key = f"{workflow.info().run_id}/{self.events}"
@@ -884,7 +850,7 @@ class SessionWorkflow:
         task.status = status
         task.result = extra.get("result", task.result)
         task.error = extra.get("error", task.error)
-        return self.event("task.status", task_id=task.id, status=status.value, **extra)
+        return self.event(EventType.task_status, task_id=task.id, status=status.value, **extra)
 
     def finish(self, task: TaskState, status: TaskStatus, **extra: str | None) -> list[NewEvent]:
         """A task's final status; finished tasks leave the carried state."""
@@ -896,7 +862,7 @@ class SessionWorkflow:
             del self.finished[next(iter(self.finished))]
         if self.running is task and not self.ending:
             self.status = SessionStatus.ready
-            drafts.append(self.event("session.status", status=self.status.value))
+            drafts.append(self.event(EventType.session_status, status=self.status.value))
         return drafts
 
     def plan_event(
@@ -904,14 +870,14 @@ class SessionWorkflow:
     ) -> NewEvent:
         steps = [s.model_dump() for s in task.steps[first:]]
         return self.event(
-            "task.plan", task_id=task.id, first=first, steps=steps, revised=revised,
+            EventType.task_plan, task_id=task.id, first=first, steps=steps, revised=revised,
             **answered_by(plan),
         )  # fmt: skip
 
     def step_end(self, task: TaskState, index: int, status: str, why: str) -> NewEvent:
         # The activity's own key: whichever of the two records the end first wins.
         return NewEvent(
-            type="step.finished",
+            type=EventType.step_finished,
             data={"task_id": task.id, "index": index, "step": task.steps[index].model_dump(),
                   "status": status, "exit_code": None, "error": why},
             key=step_key(task.id, index, "finished"),
@@ -921,8 +887,8 @@ class SessionWorkflow:
         await workflow.execute_local_activity_method(
             ProgressActivities.record,
             ProgressBatch(session_id=self.params.session_id, events=list(drafts)),
-            start_to_close_timeout=RECORD_TIMEOUT,
-            retry_policy=RECORD_RETRY,
+            start_to_close_timeout=options.RECORD_TIMEOUT,
+            retry_policy=options.RECORD_RETRY,
             summary=", ".join(d.type for d in drafts),
         )
 

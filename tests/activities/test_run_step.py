@@ -32,6 +32,7 @@ from sandboxes.provider import SandboxHost, SandboxProvider
 from store import events
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
+from store.events import EventType
 from store.models import ArtifactRow, StepRow
 from tests.guest_agent.test_agent import KEY, guest_link
 from tests.guest_agent.test_browser import serve_pages
@@ -79,8 +80,12 @@ def step_request(
     sid = new_session(engine)
     step = TerminalStep(command=step) if isinstance(step, str) else step
     with Session(engine) as db:
-        events.record(db, sid, "task.queued", {"task_id": task_id, "prompt": step.describe()})
-        events.record(db, sid, "task.plan", {"task_id": task_id, "steps": [step.model_dump()]})
+        events.record(
+            db, sid, EventType.task_queued, {"task_id": task_id, "prompt": step.describe()}
+        )
+        events.record(
+            db, sid, EventType.task_plan, {"task_id": task_id, "steps": [step.model_dump()]}
+        )
     sandbox = SandboxInfo(
         id=sandbox_id, session_id=sid, provider="test", host_id="h", task_queue="q",
         template="default", handle="h",
@@ -138,7 +143,9 @@ async def test_a_timed_out_attempt_leaves_the_command_for_its_retry(
         # Ran once (one execution in the guest), and every line stored once, in order.
         assert len(link.agent.executions) == 1
         assert row.output == EXPECTED and row.status == "succeeded"
-        assert kinds.count("step.started") == 1 and kinds.count("step.finished") == 1
+        assert (
+            kinds.count(EventType.step_started) == 1 and kinds.count(EventType.step_finished) == 1
+        )
 
 
 async def test_a_cancel_the_workflow_asked_for_kills_the_command_and_waits(
@@ -161,7 +168,7 @@ async def test_a_cancel_the_workflow_asked_for_kills_the_command_and_waits(
         assert execution.finished and execution.exit_code not in (0, None)
         row, kinds = stored(engine, request)
         assert row.status == "cancelled" and row.output == "begun\n"
-        assert kinds[-1] == "step.finished"
+        assert kinds[-1] == EventType.step_finished
 
 
 @pytest.mark.chromium
@@ -200,7 +207,7 @@ async def test_a_browser_step_stores_its_screenshot_once_across_attempts(
     path = tmp_path / "artifacts" / row.session_id / artifact_id
     assert path.read_bytes()[:3] == b"\xff\xd8\xff" and path.stat().st_size == row.size
     assert path.stat().st_mode & 0o777 == 0o600
-    (end,) = [e for e in finished if e.type == "step.finished"]
+    (end,) = [e for e in finished if e.type == EventType.step_finished]
     assert end.data["artifacts"] == [artifact_id] and end.data["check"]["ok"] is True
     assert end.data["result"]["url"] == f"{base}/form"
     step_row, _ = stored(engine, request)
@@ -223,4 +230,4 @@ async def test_a_step_kind_the_guest_lacks_is_refused_for_good(
     assert not link.agent.executions  # nothing was sent to the guest
     row, kinds = stored(sqlite_engine, request)
     assert row.status == "refused" and "does not run browser steps" in (row.error or "")
-    assert kinds[-1] == "step.finished"
+    assert kinds[-1] == EventType.step_finished

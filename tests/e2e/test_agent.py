@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from sandboxes.docker import NETWORK
+from store.events import EventType
 from tests.e2e.test_system import read_events, token_for, wait_status
 from tests.guest_agent.test_browser import serve_pages
 from tests.support.local import LocalSystem, free_port
@@ -102,7 +103,7 @@ def run_task(system: str, session: tuple[dict[str, str], str], prompt: str) -> d
     def ended(event: dict[str, Any]) -> bool:
         data = event["data"]
         return (
-            event["type"] == "task.status"
+            event["type"] == EventType.task_status
             and data["task_id"] == task["id"]
             and (data["status"] in ("succeeded", "failed", "cancelled"))
         )
@@ -140,17 +141,17 @@ def test_a_failed_verification_leads_to_a_new_plan_and_then_an_answer(
     ran = run_task(system, session, prompt)
     assert ran["task"]["status"] == "succeeded", ran
     assert ran["task"]["result"] == "2 3 5 7 11 13 17 19 23 29"
-    plans = of_type(ran["events"], "task.plan")
+    plans = of_type(ran["events"], EventType.task_plan)
     assert [(p["first"], p.get("revised")) for p in plans] == [
         (0, None),
         (2, "the result falls short of the goal: the output was not shown to the user"),
     ]
-    finished = of_type(ran["events"], "step.finished")
+    finished = of_type(ran["events"], EventType.step_finished)
     assert [f["status"] for f in finished] == ["succeeded"] * 3
     assert [f["check"]["ok"] for f in finished] == [True, True, True]
-    output = "".join(e["text"] for e in of_type(ran["events"], "step.output"))
+    output = "".join(e["text"] for e in of_type(ran["events"], EventType.step_output))
     assert "2 3 5 7 11 13 17 19 23 29" in output
-    assert [v["ok"] for v in of_type(ran["events"], "task.verified")] == [False, True]
+    assert [v["ok"] for v in of_type(ran["events"], EventType.task_verified)] == [False, True]
     # The second plan was made knowing what the first did and why it fell short.
     second = [a for a in agent.asked["primes"] if a.startswith("plan")][1]
     assert "python3 primes.py" in second and "not shown to the user" in second
@@ -168,7 +169,7 @@ def test_a_refused_command_is_fed_back_and_the_agent_works_around_it(
     agent.verdicts["inline"] = [{"ok": True, "answer": "42", "reason": "shown"}]
     ran = run_task(system, session, "compute six times seven inline")
     assert ran["task"]["status"] == "succeeded" and ran["task"]["result"] == "42", ran
-    refused = of_type(ran["events"], "step.finished")[0]
+    refused = of_type(ran["events"], EventType.step_finished)[0]
     assert refused["status"] == "refused" and "python3 -c" in refused["error"]
     second = [a for a in agent.asked["inline"] if a.startswith("plan")][1]
     assert "refused" in second and "python3 -c" in second
@@ -185,7 +186,7 @@ def test_a_task_that_never_gets_there_ends_failed_when_its_steps_run_out(
     ran = run_task(system, session, "hopeless: list a directory that is not there")
     assert ran["task"]["status"] == "failed"
     assert "ran out of its step budget: 4 steps" in ran["task"]["error"]
-    assert len(of_type(ran["events"], "step.started")) == 4
+    assert len(of_type(ran["events"], EventType.step_started)) == 4
 
 
 @contextmanager
@@ -212,7 +213,7 @@ def test_a_browser_task_reads_a_page_title_and_its_screenshot_is_served(
     with title_task(agent, page_port) as prompt:
         ran = run_task(system, session, prompt)
     assert ran["task"]["status"] == "succeeded" and ran["task"]["result"] == "Form", ran
-    (finished,) = of_type(ran["events"], "step.finished")
+    (finished,) = of_type(ran["events"], EventType.step_finished)
     assert finished["check"]["ok"] and finished["result"]["title"] == "Form"
     # The verifier read the title the browser found.
     assert "title: Form" in next(a for a in agent.asked["title"] if a.startswith("verify"))
@@ -235,5 +236,5 @@ def test_a_hibernated_session_wakes_for_the_next_task_with_its_files(
     wait_status(system, headers, sid, "hibernated")
     ran = run_task(system, session, "$ cat kept.txt")
     assert ran["task"]["status"] == "succeeded" and ran["task"]["result"] == "kept\n", ran
-    woken = read_events(system, headers, sid, lambda e: e["type"] == "sandbox.woken")
-    assert woken[-1]["type"] == "sandbox.woken"
+    woken = read_events(system, headers, sid, lambda e: e["type"] == EventType.sandbox_woken)
+    assert woken[-1]["type"] == EventType.sandbox_woken

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 
+from store.events import EventType
 from tests.e2e.test_system import DONE, read_events, token_for, wait_status
 from tests.support.local import LocalSystem
 from tests.support.scripted_llm import Reply, ScriptedLLM
@@ -46,16 +47,18 @@ def test_tasks_plan_through_the_fallback_provider_and_the_cache(tmp_path: Path) 
             prompt = {"prompt": "say that the backup planned this"}
             first = post(base, f"/api/sessions/{sid}/tasks", headers, prompt).json()["id"]
             events = read_events(base, headers, sid, DONE)
-            (plan,) = [e["data"] for e in events if e["type"] == "task.plan"]
+            (plan,) = [e["data"] for e in events if e["type"] == EventType.task_plan]
             assert plan["provider"] == "backup" and plan["cached"] is False
-            output = "".join(e["data"]["text"] for e in events if e["type"] == "step.output")
+            output = "".join(
+                e["data"]["text"] for e in events if e["type"] == EventType.step_output
+            )
             assert output == "planned by the backup\n"
 
             second = post(base, f"/api/sessions/{sid}/tasks", headers, prompt).json()["id"]
             more = read_events(base, headers, sid, DONE, after=events[-1]["seq"])
-            (again,) = [e["data"] for e in more if e["type"] == "task.plan"]
+            (again,) = [e["data"] for e in more if e["type"] == EventType.task_plan]
             assert again["provider"] == "backup" and again["cached"] is True
-            (verified,) = [e["data"] for e in more if e["type"] == "task.verified"]
+            (verified,) = [e["data"] for e in more if e["type"] == EventType.task_verified]
             assert verified["provider"] == "backup" and verified["cached"] is True
             # The first task's plan and verification reached the backup; the second's never
             # reached a provider.

@@ -19,6 +19,7 @@ from api.app import create_app
 from config.settings import LLMProvider, Settings
 from llm.models import Caller, ChatRequest
 from llm.proxy import LLMProxy
+from store.events import EventType
 from tests.e2e.test_system import read_events, token_for, wait_status
 from tests.support.local import LocalSystem
 from tests.support.scripted_llm import Reply, ScriptedLLM
@@ -237,12 +238,12 @@ def test_the_planner_asks_the_preferred_model_first(
             ).json()
             events = read_events(
                 base, headers, sid,
-                lambda e: e["type"] == "task.status"
+                lambda e: e["type"] == EventType.task_status
                 and e["data"]["status"] in ("succeeded", "failed"),
             )  # fmt: skip
-            status = [e["data"]["status"] for e in events if e["type"] == "task.status"]
+            status = [e["data"]["status"] for e in events if e["type"] == EventType.task_status]
             assert status[-1] == "succeeded", events
-            planned = next(e["data"] for e in events if e["type"] == "task.plan")
+            planned = next(e["data"] for e in events if e["type"] == EventType.task_plan)
             assert (planned["provider"], planned["task_id"]) == ("second", task["id"])
             assert [r["body"]["model"] for r in beta.requests] == ["beta", "beta"]
             assert alpha.requests == []

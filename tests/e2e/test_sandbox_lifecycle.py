@@ -16,6 +16,7 @@ import pytest
 from sqlmodel import Session, create_engine, select
 
 from config.settings import Settings
+from store.events import EventType
 from store.models import SandboxRow
 from tests.e2e.test_system import DONE, read_events, token_for, wait_status
 from tests.support.local import LocalSystem, python_script
@@ -40,12 +41,12 @@ def run_task(base: str, headers: dict[str, str], sid: str, prompt: str, after: i
     task_id = answer.json()["id"]
     events = read_events(
         base, headers, sid,
-        lambda e: e["type"] == "task.status" and e["data"]["task_id"] == task_id
+        lambda e: e["type"] == EventType.task_status and e["data"]["task_id"] == task_id
         and e["data"]["status"] in ("succeeded", "failed"),
         after=after,
     )  # fmt: skip
     assert events[-1]["data"]["status"] == "succeeded", events[-1]
-    return "".join(e["data"]["text"] for e in events if e["type"] == "step.output")
+    return "".join(e["data"]["text"] for e in events if e["type"] == EventType.step_output)
 
 
 def test_a_preserved_session_resumes_with_its_files(system: LocalSystem) -> None:
@@ -64,10 +65,10 @@ def test_a_preserved_session_resumes_with_its_files(system: LocalSystem) -> None
     while not session["preserved"] and time.monotonic() < deadline:
         session = httpx.get(f"{base}/api/sessions/{sid}", headers=headers).json()
     assert session["preserved"] is True
-    first_run = read_events(base, headers, sid, ("session.status", "ended"))
+    first_run = read_events(base, headers, sid, (EventType.session_status, "ended"))
     kinds = [e["type"] for e in first_run]
-    assert "sandbox.preserved" in kinds and "sandbox.destroyed" not in kinds
-    old = next(e["data"] for e in first_run if e["type"] == "sandbox.ready")
+    assert EventType.sandbox_preserved in kinds and EventType.sandbox_destroyed not in kinds
+    old = next(e["data"] for e in first_run if e["type"] == EventType.sandbox_ready)
     gone = subprocess.run(["docker", "inspect", old["handle"]], capture_output=True)
     assert gone.returncode != 0  # the container itself is gone; its workspace is kept
     other = token_for(base, "stranger@example.com")
@@ -84,9 +85,9 @@ def test_a_preserved_session_resumes_with_its_files(system: LocalSystem) -> None
     assert output == "kept across runs\n"
     second_run = read_events(base, headers, sid, DONE, after=after)
     assert second_run[0]["seq"] == after + 1  # the same log, carrying on
-    restored = next(e["data"] for e in second_run if e["type"] == "sandbox.restored")
+    restored = next(e["data"] for e in second_run if e["type"] == EventType.sandbox_restored)
     # Followed from its start, the log goes on past the earlier run's end.
-    whole = read_events(base, headers, sid, lambda e: e["type"] == "sandbox.restored")
+    whole = read_events(base, headers, sid, lambda e: e["type"] == EventType.sandbox_restored)
     assert whole[-1]["seq"] > after
     assert restored["preserved_id"] == old["sandbox_id"] != restored["sandbox_id"]
     tasks = httpx.get(f"{base}/api/sessions/{sid}/tasks", headers=headers).json()
@@ -142,7 +143,9 @@ def test_a_broken_sandbox_fails_its_step_and_the_session_gets_a_new_one(
     headers = token_for(base, f"unlucky-{why[:12].replace(' ', '-')}@example.com")
     sid = httpx.post(f"{base}/api/sessions", json={}, headers=headers).json()["id"]
     wait_status(base, headers, sid, "ready")
-    first = read_events(base, headers, sid, lambda e: e["type"] == "sandbox.ready")[-1]["data"]
+    first = read_events(base, headers, sid, lambda e: e["type"] == EventType.sandbox_ready)[-1][
+        "data"
+    ]
     # Its use is sampled while it lives.
     deadline = time.monotonic() + 30
     while (row := sandbox_row(system, first["sandbox_id"])).stats_at is None:
@@ -154,22 +157,23 @@ def test_a_broken_sandbox_fails_its_step_and_the_session_gets_a_new_one(
         f"{base}/api/sessions/{sid}/tasks", json={"prompt": "$ sleep 300"}, headers=headers
     )
     task_id = answer.json()["id"]
-    read_events(base, headers, sid, lambda e: e["type"] == "step.started")
+    read_events(base, headers, sid, lambda e: e["type"] == EventType.step_started)
     break_it(first["handle"])
     events = read_events(
         base, headers, sid,
-        lambda e: e["type"] == "sandbox.ready" and e["data"]["sandbox_id"] != first["sandbox_id"],
+        lambda e: e["type"] == EventType.sandbox_ready
+        and e["data"]["sandbox_id"] != first["sandbox_id"],
     )  # fmt: skip
     failed: dict[str, Any] = next(
         e["data"] for e in events
-        if e["type"] == "task.status" and e["data"]["task_id"] == task_id
+        if e["type"] == EventType.task_status and e["data"]["task_id"] == task_id
         and e["data"]["status"] == "failed"
     )  # fmt: skip
     assert f"the sandbox's machine died: {why}" in failed["error"]
-    died = next(e["data"] for e in events if e["type"] == "sandbox.died")
+    died = next(e["data"] for e in events if e["type"] == EventType.sandbox_died)
     assert died["sandbox_id"] == first["sandbox_id"] and why in died["error"]
     kinds = [e["type"] for e in events]
-    assert kinds.index("sandbox.died") < kinds.index("sandbox.destroyed")
+    assert kinds.index(EventType.sandbox_died) < kinds.index(EventType.sandbox_destroyed)
     # The next task runs on the new machine.
     wait_status(base, headers, sid, "ready")
     assert run_task(base, headers, sid, "$ echo on a new machine", events[-1]["seq"]) == (
@@ -189,22 +193,24 @@ def test_a_command_waits_for_a_suspended_machine_past_the_reconnect_grace(
     headers = token_for(base, "paused@example.com")
     sid = httpx.post(f"{base}/api/sessions", json={}, headers=headers).json()["id"]
     wait_status(base, headers, sid, "ready")
-    ready = read_events(base, headers, sid, lambda e: e["type"] == "sandbox.ready")[-1]["data"]
+    ready = read_events(base, headers, sid, lambda e: e["type"] == EventType.sandbox_ready)[-1][
+        "data"
+    ]
     script = python_script("tick.py", "import time", "time.sleep(2)", "print('after the pause')")
     answer = httpx.post(
         f"{base}/api/sessions/{sid}/tasks", json={"prompt": f"$ {script}"}, headers=headers
     )
     task_id = answer.json()["id"]
-    read_events(base, headers, sid, lambda e: e["type"] == "step.started")
+    read_events(base, headers, sid, lambda e: e["type"] == EventType.step_started)
     subprocess.run(["docker", "pause", ready["handle"]], check=True, capture_output=True)
     # Past the ping timeout (10 s) and the grace (5 s here): the link is gone by now.
     time.sleep(18)
     subprocess.run(["docker", "unpause", ready["handle"]], check=True, capture_output=True)
     events = read_events(
         base, headers, sid,
-        lambda e: e["type"] == "task.status" and e["data"]["task_id"] == task_id
+        lambda e: e["type"] == EventType.task_status and e["data"]["task_id"] == task_id
         and e["data"]["status"] in ("succeeded", "failed"),
     )  # fmt: skip
     assert events[-1]["data"]["status"] == "succeeded", events[-1]
-    output = "".join(e["data"]["text"] for e in events if e["type"] == "step.output")
+    output = "".join(e["data"]["text"] for e in events if e["type"] == EventType.step_output)
     assert "after the pause" in output

@@ -19,9 +19,10 @@ from typing import Any
 
 import httpx
 import pytest
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType as HistoryEventType
 from temporalio.client import WorkflowExecutionStatus
 
+from store.events import EventType
 from tests.e2e.test_system import token_for
 from tests.support.local import LocalSystem, python_script
 from workflows.models import SessionInput
@@ -48,7 +49,8 @@ class Spine(LocalSystem):
             described = await handle.describe()
             history = await handle.fetch_history()
             kinds = [
-                EventType.Name(e.event_type).removeprefix("EVENT_TYPE_") for e in history.events
+                HistoryEventType.Name(e.event_type).removeprefix("EVENT_TYPE_")
+                for e in history.events
             ]
             cancel = described.raw_description.workflow_extended_info.cancel_requested
             status = described.status.name if described.status else None
@@ -146,7 +148,7 @@ class Stream:
             return "".join(
                 e["data"]["text"]
                 for e in self.events
-                if e["type"] == "step.output"
+                if e["type"] == EventType.step_output
                 and e["data"]["task_id"] == task_id
                 and e["data"]["index"] == index
             )
@@ -314,9 +316,9 @@ def test_a_task_that_continues_as_new_keeps_its_sandbox_and_files(user: User) ->
     assert [s["status"] for s in task["steps"]] == ["succeeded"] * 42
     assert task["steps"][-1]["output"] == "kept\n"
     stream.wait_for(
-        "the task's success", is_event("task.status", task_id=tid, status="succeeded"), 30
+        "the task's success", is_event(EventType.task_status, task_id=tid, status="succeeded"), 30
     )
-    assert sum(e["type"] == "sandbox.ready" for e in stream.events) == 1, "a second sandbox"
+    assert sum(e["type"] == EventType.sandbox_ready for e in stream.events) == 1, "a second sandbox"
     seqs = [e["seq"] for e in stream.events]
     assert seqs == list(range(1, len(seqs) + 1)), "the event log has gaps or repeats"
 
@@ -352,7 +354,7 @@ def test_a_task_that_continues_as_new_keeps_its_sandbox_and_files(user: User) ->
     assert handed_on.carried.running == tid
     assert 0 < handed_on.carried.tasks[0].position < 42
     assert handed_on.carried.sandbox.handle == next(
-        e["data"]["handle"] for e in stream.events if e["type"] == "sandbox.ready"
+        e["data"]["handle"] for e in stream.events if e["type"] == EventType.sandbox_ready
     )
 
 
@@ -364,8 +366,12 @@ def start_sleeping(user: User) -> tuple[str, str, Stream, str]:
     sid = user.new_session()
     stream = user.stream(sid)
     tid = user.queue(sid, SLEEP)
-    stream.wait_for("step.started", is_event("step.started", task_id=tid), 90)
-    handle = str(stream.wait_for("sandbox.ready", is_event("sandbox.ready"), 5)["data"]["handle"])
+    stream.wait_for(EventType.step_started, is_event(EventType.step_started, task_id=tid), 90)
+    handle = str(
+        stream.wait_for(EventType.sandbox_ready, is_event(EventType.sandbox_ready), 5)["data"][
+            "handle"
+        ]
+    )
     assert container_exists(handle)
     return sid, tid, stream, handle
 
@@ -382,7 +388,7 @@ def test_deleting_a_session_mid_step_kills_the_step_and_the_sandbox(user: User) 
     assert task["steps"][0]["status"] == "cancelled", task["steps"]
     assert not container_exists(handle), "the sandbox container outlived its session"
     assert time.monotonic() - started < 30
-    stream.wait_for("the session's end", is_event("session.status", status="ended"), 10)
+    stream.wait_for("the session's end", is_event(EventType.session_status, status="ended"), 10)
 
 
 @pytest.mark.timeout(180)
@@ -401,7 +407,7 @@ def test_cancel_then_delete_mid_step_ends_everything(user: User) -> None:
     user.wait_session(sid, "ended", 30)
     assert user.task(sid, tid)["status"] == "cancelled"
     assert not container_exists(handle), "the sandbox container outlived its session"
-    stream.wait_for("the session's end", is_event("session.status", status="ended"), 10)
+    stream.wait_for("the session's end", is_event(EventType.session_status, status="ended"), 10)
 
 
 @pytest.mark.timeout(180)
@@ -461,10 +467,14 @@ def test_a_worker_killed_mid_step_resumes_the_step_without_rerunning_it(user: Us
     assert int(pid_file.read_text()) != killed, "the worker was not restarted"
     expected = "".join(f"line {i}\n" for i in range(1, 41))
     assert task["steps"][0]["output"] == expected
-    stream.wait_for("the task's end", is_event("task.status", task_id=tid, status="succeeded"), 30)
+    stream.wait_for(
+        "the task's end", is_event(EventType.task_status, task_id=tid, status="succeeded"), 30
+    )
     assert stream.output(tid, 0) == expected
     assert task["steps"][1]["output"].strip() == "1", "the first step's command ran again"
-    started = [e for e in stream.events if is_event("step.started", task_id=tid, index=0)(e)]
+    started = [
+        e for e in stream.events if is_event(EventType.step_started, task_id=tid, index=0)(e)
+    ]
     assert len(started) == 1
 
 
@@ -485,9 +495,9 @@ def test_a_task_sent_twice_with_one_idempotency_key_is_queued_once(user: User) -
     other_tid = other.json()["id"]
     assert other_tid != tid
     for task_id in (tid, other_tid):
-        done = is_event("task.status", task_id=task_id, status="succeeded")
+        done = is_event(EventType.task_status, task_id=task_id, status="succeeded")
         stream.wait_for(f"the success of {task_id}", done, 90)
-    queued = [e["data"]["task_id"] for e in stream.events if e["type"] == "task.queued"]
+    queued = [e["data"]["task_id"] for e in stream.events if e["type"] == EventType.task_queued]
     assert queued == [tid, other_tid]
 
 
@@ -503,7 +513,9 @@ def test_bad_input_is_refused_and_an_ended_sessions_stream_ends(user: User) -> N
     assert "at most 50 steps" in refused.text
 
     stream = user.stream(sid)
-    stream.wait_for("the session's readiness", is_event("session.status", status="ready"), 90)
+    stream.wait_for(
+        "the session's readiness", is_event(EventType.session_status, status="ready"), 90
+    )
     last = stream.events[-1]["seq"]
     beyond = httpx.get(
         f"{user.base}/api/sessions/{sid}/events",
@@ -514,7 +526,9 @@ def test_bad_input_is_refused_and_an_ended_sessions_stream_ends(user: User) -> N
     assert beyond.status_code == 400, beyond.text
 
     assert user.end(sid).status_code == 202
-    final = stream.wait_for("the session's end", is_event("session.status", status="ended"), 30)
+    final = stream.wait_for(
+        "the session's end", is_event(EventType.session_status, status="ended"), 30
+    )
     assert stream.wait_done(10), "the stream of an ended session did not end"
     assert stream.error is None, stream.error
     assert stream.events[-1] == final, "events came after the final one"

@@ -13,9 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
+from store.events import EventType
 from tests.support.local import LocalSystem
 
-DONE = ("task.status", "succeeded")
+DONE = (EventType.task_status, "succeeded")
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +100,14 @@ def test_a_task_runs_in_a_real_sandbox_and_streams_its_output(system: str) -> No
     assert task.status_code == 202
     tid = task.json()["id"]
     events = read_events(base, headers, sid, DONE)
-    output = "".join(e["data"]["text"] for e in events if e["type"] == "step.output")
+    output = "".join(e["data"]["text"] for e in events if e["type"] == EventType.step_output)
     assert output.startswith("hello\nLinux ")
     types = [e["type"] for e in events]
-    assert types.index("task.plan") < types.index("step.started") < types.index("step.output")
+    assert (
+        types.index(EventType.task_plan)
+        < types.index(EventType.step_started)
+        < types.index(EventType.step_output)
+    )
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
 
     # Replay from a sequence number skips what the client had.
@@ -117,7 +122,7 @@ def test_a_task_runs_in_a_real_sandbox_and_streams_its_output(system: str) -> No
     stranger = token_for(base, "stranger@example.com")
     assert httpx.get(f"{base}/api/sessions/{sid}", headers=stranger).status_code == 404
 
-    sandbox = next(e["data"] for e in events if e["type"] == "sandbox.ready")
+    sandbox = next(e["data"] for e in events if e["type"] == EventType.sandbox_ready)
     assert httpx.delete(f"{base}/api/sessions/{sid}", headers=headers).status_code == 202
     wait_status(base, headers, sid, "ended")
     gone = subprocess.run(["docker", "inspect", sandbox["handle"]], capture_output=True)

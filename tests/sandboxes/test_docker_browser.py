@@ -23,6 +23,7 @@ from sandboxes.models import BrowserStep, Check, SandboxInfo
 from store import events
 from store.artifacts import ArtifactStore
 from store.db import get_engine
+from store.events import EventType
 from store.models import SessionRow, User
 from tests.guest_agent.test_browser import serve_pages
 from tests.support.local import free_port
@@ -77,9 +78,11 @@ async def test_a_browser_step_in_a_sandbox_leaves_a_screenshot_for_its_owner(
                     check=Check(kind="page_text_contains", value="Go"),
                 )
                 with Session(engine) as db:
-                    events.record(db, session_id, "task.queued", {"task_id": "t", "prompt": "p"})
+                    events.record(
+                        db, session_id, EventType.task_queued, {"task_id": "t", "prompt": "p"}
+                    )
                     plan = {"task_id": "t", "steps": [step.model_dump()]}
-                    events.record(db, session_id, "task.plan", plan)
+                    events.record(db, session_id, EventType.task_plan, plan)
                 activities = SandboxActivities(
                     provider,
                     engine,

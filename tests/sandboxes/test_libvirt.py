@@ -45,6 +45,7 @@ from sandboxes.models import BrowserStep, Check, Machine, SandboxInfo
 from sandboxes.provider import SandboxProvider, machine_name
 from sandboxes.reconcile import reconcile
 from store.artifacts import ArtifactStore
+from store.events import EventType
 from tests.activities.test_run_step import attempt, sqlite_engine, step_request, stored
 from tests.e2e.test_system import DONE, read_events, token_for, wait_status
 from tests.sandboxes.test_containment import Sandbox
@@ -470,9 +471,9 @@ def test_by_default_a_session_runs_its_task_in_a_warm_vm_of_its_own(vms: Libvirt
         )
         assert task.status_code == 202
         events = read_events(base, headers, sid, DONE)
-        output = "".join(e["data"]["text"] for e in events if e["type"] == "step.output")
+        output = "".join(e["data"]["text"] for e in events if e["type"] == EventType.step_output)
         assert output.startswith("hello from\ndefault\n") and "cloud-amd64" in output
-        sandbox = next(e["data"] for e in events if e["type"] == "sandbox.ready")
+        sandbox = next(e["data"] for e in events if e["type"] == EventType.sandbox_ready)
         assert sandbox["provider"] == "libvirt" and sandbox["pooled"] is True  # a warm hit
         assert httpx.get(f"{base}/api/pools/default", headers=admin).json()["hits"] == 1
         assert httpx.delete(f"{base}/api/sessions/{sid}", headers=headers).status_code == 202

@@ -18,6 +18,7 @@ from guest_agent.terminal import run_command
 from sandboxes.models import TerminalStep
 from sandboxes.policy import CommandPolicy, judge, load_policy
 from store import events
+from store.events import EventType
 from tests.activities.test_run_step import link_activities, sqlite_engine, step_request
 from tests.guest_agent.test_agent import guest_link
 
@@ -350,7 +351,7 @@ async def test_run_step_refuses_before_the_guest_sees_the_command(
         assert link.agent.executions == {} and not (tmp_path / "pwned").exists()
         with Session(engine) as db:
             kinds = [e.type for e in events.read_after(db, request.sandbox.session_id, 0)]
-        assert "step.started" not in kinds and "step.finished" not in kinds
+        assert EventType.step_started not in kinds and EventType.step_finished not in kinds
         # The same activity still runs what the policy allows.
         allowed = request.model_copy(update={"step": TerminalStep(command="echo fine")})
         outcome = await ActivityEnvironment().run(activities.run_step, allowed)

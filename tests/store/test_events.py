@@ -13,7 +13,7 @@ from sqlmodel import Session, col, select
 
 from api.events import JSON_MESSAGES, follow
 from store import events
-from store.events import OutputLine
+from store.events import EventType, OutputLine
 from store.models import SessionRow, StepRow, TaskRow, User
 from store.notify import Hub
 
@@ -39,7 +39,7 @@ def test_sequence_numbers_are_per_session_and_gapless_under_concurrency(engine: 
 
     def append(i: int) -> None:
         with Session(engine) as db:
-            events.record(db, first if i % 2 else second, "note", {"i": i})
+            events.record(db, first if i % 2 else second, EventType.task_modified, {"i": i})
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(append, range(60)))
@@ -53,9 +53,9 @@ def test_sequence_numbers_are_per_session_and_gapless_under_concurrency(engine: 
 def test_a_key_makes_a_retried_append_a_no_op(engine: Engine) -> None:
     sid = new_session(engine)
     with Session(engine) as db:
-        assert events.record(db, sid, "note", {}, key="run/1") is not None
-        assert events.record(db, sid, "note", {}, key="run/1") is None
-        assert events.record(db, sid, "note", {}, key="run/2") is not None
+        assert events.record(db, sid, EventType.task_modified, {}, key="run/1") is not None
+        assert events.record(db, sid, EventType.task_modified, {}, key="run/1") is None
+        assert events.record(db, sid, EventType.task_modified, {}, key="run/2") is not None
         assert [e.seq for e in events.read_after(db, sid, 0)] == [1, 2]
 
 
@@ -63,19 +63,21 @@ def test_projection_follows_a_task_through_its_life(engine: Engine) -> None:
     sid = new_session(engine)
     step = {"kind": "terminal", "command": "echo hi"}
     with Session(engine) as db:
-        events.record(db, sid, "session.status", {"status": "busy"})
-        events.record(db, sid, "task.queued", {"task_id": "t1", "prompt": "$ echo hi"})
-        events.record(db, sid, "task.plan", {"task_id": "t1", "first": 0, "steps": [step, step]})
-        events.record(db, sid, "step.started", {"task_id": "t1", "index": 0, "step": step})
+        events.record(db, sid, EventType.session_status, {"status": "busy"})
+        events.record(db, sid, EventType.task_queued, {"task_id": "t1", "prompt": "$ echo hi"})
+        events.record(
+            db, sid, EventType.task_plan, {"task_id": "t1", "first": 0, "steps": [step, step]}
+        )
+        events.record(db, sid, EventType.step_started, {"task_id": "t1", "index": 0, "step": step})
         events.append_output(db, sid, "t1", 0, [OutputLine(1, "stdout", "hi\n")])
         events.record(
             db,
             sid,
-            "step.finished",
+            EventType.step_finished,
             {"task_id": "t1", "index": 0, "status": "failed", "exit_code": 3},
         )
         events.record(
-            db, sid, "task.status", {"task_id": "t1", "status": "failed", "error": "boom"}
+            db, sid, EventType.task_status, {"task_id": "t1", "status": "failed", "error": "boom"}
         )
         db.expire_all()
         assert db.get(SessionRow, sid).status == "busy"  # type: ignore[union-attr]
@@ -93,13 +95,13 @@ def test_projection_follows_a_task_through_its_life(engine: Engine) -> None:
 def test_a_revised_plan_replaces_only_the_tail(engine: Engine) -> None:
     sid = new_session(engine)
     with Session(engine) as db:
-        events.record(db, sid, "task.queued", {"task_id": "t2", "prompt": "p"})
+        events.record(db, sid, EventType.task_queued, {"task_id": "t2", "prompt": "p"})
         plan = [{"kind": "terminal", "command": c} for c in ("a", "b", "c")]
-        events.record(db, sid, "task.plan", {"task_id": "t2", "steps": plan})
+        events.record(db, sid, EventType.task_plan, {"task_id": "t2", "steps": plan})
         events.record(
             db,
             sid,
-            "task.plan",
+            EventType.task_plan,
             {"task_id": "t2", "first": 1, "steps": [{"kind": "terminal", "command": "z"}]},
         )
         steps = db.exec(
@@ -110,14 +112,14 @@ def test_a_revised_plan_replaces_only_the_tail(engine: Engine) -> None:
 
 def test_events_of_an_unknown_session_are_refused(engine: Engine) -> None:
     with Session(engine) as db, pytest.raises(LookupError):
-        events.record(db, "nope", "note", {})
+        events.record(db, "nope", EventType.task_modified, {})
 
 
 def planned_step(engine: Engine, sid: str, task_id: str = "t") -> None:
     step = {"kind": "terminal", "command": "x"}
     with Session(engine) as db:
-        events.record(db, sid, "task.queued", {"task_id": task_id, "prompt": "$ x"})
-        events.record(db, sid, "task.plan", {"task_id": task_id, "steps": [step]})
+        events.record(db, sid, EventType.task_queued, {"task_id": task_id, "prompt": "$ x"})
+        events.record(db, sid, EventType.task_plan, {"task_id": task_id, "steps": [step]})
 
 
 def output_events(engine: Engine, sid: str) -> list[tuple[str, str]]:
@@ -125,7 +127,7 @@ def output_events(engine: Engine, sid: str) -> list[tuple[str, str]]:
         return [
             (e.data["stream"], e.data["text"])
             for e in events.read_after(db, sid, 0)
-            if e.type == "step.output"
+            if e.type == EventType.step_output
         ]
 
 
@@ -162,8 +164,9 @@ def test_output_past_the_cap_is_counted_and_its_tail_kept(
         step = db.exec(select(StepRow).where(StepRow.task_id == "t")).one()
         assert (step.output_chars, step.dropped_chars) == (10, 17)
         assert [e.type for e in events.read_after(db, sid, 0)][-4:] == [
-            "step.output", "step.output", "step.output", "step.finished",
-        ]  # fmt: skip
+            *[EventType.step_output] * 3,
+            EventType.step_finished,
+        ]
     stored = output_events(engine, sid)
     assert stored[:2] == [("stdout", "abcdefgh\n"), ("stdout", "i")]  # the first ten
     assert stored[2][0] == "note" and "17 characters of output past the first 10" in stored[2][1]
@@ -181,7 +184,7 @@ async def test_a_commit_wakes_the_sessions_followers_at_once(engine: Engine) -> 
             other_bell.clear()
             started = time.monotonic()
             with Session(engine) as db:
-                events.record(db, sid, "note", {})
+                events.record(db, sid, EventType.task_modified, {})
             await asyncio.wait_for(bell.wait(), 5)
             assert time.monotonic() - started < 1.0
             assert not other_bell.is_set()
@@ -193,7 +196,7 @@ async def test_a_resumed_sessions_stream_goes_past_its_earlier_end(engine: Engin
     sid = new_session(engine)
     with Session(engine) as db:
         for status in ("ready", "ended", "provisioning", "ready", "ended"):  # ended, resumed
-            events.record(db, sid, "session.status", {"status": status})
+            events.record(db, sid, EventType.session_status, {"status": status})
     hub = Hub(engine)
     await hub.start()
     try:

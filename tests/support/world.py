@@ -15,7 +15,7 @@ from sqlmodel import Session
 from api import accounts
 from config.settings import Settings
 from store import events
-from store.events import NewEvent
+from store.events import EventType, NewEvent
 from store.models import SessionRow, User
 
 # Cheap password hashes for tests that are not about their cost.
@@ -54,13 +54,16 @@ def recorded_session(db: Session, user: User) -> tuple[str, str]:
     task_id = str(uuid.uuid4())
     step = {"kind": "shell", "command": COMMAND}
     drafts = [
-        ("session.status", {"status": "ready"}),
-        ("task.queued", {"task_id": task_id, "prompt": f"$ {COMMAND}"}),
-        ("task.plan", {"task_id": task_id, "first": 0, "steps": [step]}),
-        ("step.started", {"task_id": task_id, "index": 0, "step": step}),
-        ("step.finished", {"task_id": task_id, "index": 0, "step": step, "status": "succeeded"}),
-        ("task.status", {"task_id": task_id, "status": "succeeded"}),
-        ("session.status", {"status": "ended"}),
+        (EventType.session_status, {"status": "ready"}),
+        (EventType.task_queued, {"task_id": task_id, "prompt": f"$ {COMMAND}"}),
+        (EventType.task_plan, {"task_id": task_id, "first": 0, "steps": [step]}),
+        (EventType.step_started, {"task_id": task_id, "index": 0, "step": step}),
+        (
+            EventType.step_finished,
+            {"task_id": task_id, "index": 0, "step": step, "status": "succeeded"},
+        ),
+        (EventType.task_status, {"task_id": task_id, "status": "succeeded"}),
+        (EventType.session_status, {"status": "ended"}),
     ]
     events.append(db, row.id, [NewEvent(type=kind, data=data) for kind, data in drafts])
     return row.id, task_id

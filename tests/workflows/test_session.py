@@ -36,7 +36,7 @@ from activities.models import (
     VerifyRequest,
 )
 from sandboxes.models import SandboxInfo, StepOutcome, TerminalStep
-from store.events import NewEvent
+from store.events import EventType, NewEvent
 from tests.conftest import TEMPORAL, TEMPORAL_TEST_SERVER
 from workflows.models import (
     SandboxDeath,
@@ -158,7 +158,11 @@ class Stubs:
 
     def task_statuses(self) -> dict[str, str]:
         """The last status recorded for each task."""
-        return {e.data["task_id"]: e.data["status"] for e in self.events if e.type == "task.status"}
+        return {
+            e.data["task_id"]: e.data["status"]
+            for e in self.events
+            if e.type == EventType.task_status
+        }
 
     @activity.defn(name="StopStep")
     async def stop_step(self, request: StepRequest) -> None:
@@ -281,7 +285,7 @@ async def test_a_task_runs_its_steps_and_ending_the_session_destroys_the_sandbox
         await until(
             lambda: (
                 "succeeded"
-                in [e.data.get("status") for e in stubs.events if e.type == "task.status"]
+                in [e.data.get("status") for e in stubs.events if e.type == EventType.task_status]
             )
         )
         state = await handle.query(SessionWorkflow.state)
@@ -290,8 +294,12 @@ async def test_a_task_runs_its_steps_and_ending_the_session_destroys_the_sandbox
         await end(handle)
     assert stubs.destroyed == stubs.provisioned and len(stubs.provisioned) == 1
     # A task may be queued while the sandbox is still being provisioned.
-    assert sorted(stubs.types()[:3]) == ["sandbox.ready", "session.status", "task.queued"]
-    assert stubs.types()[-2:] == ["sandbox.destroyed", "session.status"]
+    assert sorted(stubs.types()[:3]) == [
+        EventType.sandbox_ready,
+        EventType.session_status,
+        EventType.task_queued,
+    ]
+    assert stubs.types()[-2:] == [EventType.sandbox_destroyed, EventType.session_status]
     assert stubs.events[-1].data == {"status": "ended"}
     assert len({e.key for e in stubs.events}) == len(stubs.events)  # every event has its own key
 
@@ -302,11 +310,15 @@ async def test_a_failing_step_fails_the_task_and_skips_the_rest(env: WorkflowEnv
         await submit(env.client, handle.id, "$ false\n$ echo never")
         await until(
             lambda: any(
-                e.data.get("status") == "failed" for e in stubs.events if e.type == "task.status"
+                e.data.get("status") == "failed"
+                for e in stubs.events
+                if e.type == EventType.task_status
             )
         )
         failed = next(
-            e for e in stubs.events if e.type == "task.status" and e.data["status"] == "failed"
+            e
+            for e in stubs.events
+            if e.type == EventType.task_status and e.data["status"] == "failed"
         )
         assert "step 1 ($ false) exited with 1" in failed.data["error"]
         assert stubs.commands == ["false"]
@@ -339,7 +351,7 @@ async def test_pause_resume_modify_and_cancel(env: WorkflowEnvironment) -> None:
             await handle.execute_update("resume_task", result_type=TaskRef, arg=control)
         ).status == "running"
         await until(lambda: stubs.commands == ["wait", "echo instead"])
-        plans = [e.data for e in stubs.events if e.type == "task.plan"]
+        plans = [e.data for e in stubs.events if e.type == EventType.task_plan]
         assert plans[-1]["first"] == 1 and plans[-1]["steps"][0]["command"] == "echo instead"
 
         stubs.release.clear()
@@ -364,7 +376,7 @@ async def test_a_failed_provision_fails_the_session_cleanly(env: WorkflowEnviron
             await handle.result()
     # Whatever a failed attempt may have left is destroyed too, by the id the workflow made.
     assert stubs.destroyed == stubs.provisioned[:1]
-    assert stubs.events[-1].type == "session.status"
+    assert stubs.events[-1].type == EventType.session_status
     assert (
         stubs.events[-1].data["status"] == "failed"
         and "no such image" in stubs.events[-1].data["error"]
@@ -401,7 +413,7 @@ async def test_ending_the_session_mid_step_finishes_every_task_and_step(
         save_history("cancel", await handle.fetch_history())
     assert stubs.cancelled == ["wait"] and stubs.commands == ["wait"]
     assert stubs.task_statuses() == {first.id: "cancelled", second.id: "cancelled"}
-    finished = [e.data for e in stubs.events if e.type == "step.finished"]
+    finished = [e.data for e in stubs.events if e.type == EventType.step_finished]
     assert [(f["index"], f["status"]) for f in finished] == [(0, "cancelled")]
     assert stubs.destroyed == stubs.provisioned
     assert stubs.events[-1].data == {"status": "ended"}
@@ -461,7 +473,7 @@ async def test_a_prose_task_is_planned_by_the_model_and_modified(env: WorkflowEn
         ref = await submit(env.client, handle.id, "say hello")
         await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
         assert stubs.commands == ["echo hello"]
-        statuses = [e.data["status"] for e in stubs.events if e.type == "task.status"]
+        statuses = [e.data["status"] for e in stubs.events if e.type == EventType.task_status]
         assert statuses == ["planning", "running", "succeeded"]
         failing = await submit(env.client, handle.id, "$ false")
         await until(lambda: stubs.task_statuses().get(failing.id) == "failed")
@@ -507,7 +519,7 @@ async def test_continue_as_new_mid_task_keeps_the_sandbox_and_every_step(
     assert stubs.commands == [*commands, "echo after"]
     assert len(stubs.provisioned) == 1 and stubs.destroyed == stubs.provisioned
     assert stubs.task_statuses() == {ref.id: "succeeded", queued.id: "succeeded"}
-    started = [e.data["status"] for e in stubs.events if e.type == "session.status"]
+    started = [e.data["status"] for e in stubs.events if e.type == EventType.session_status]
     assert started.count("ended") == 1 and started[-1] == "ended"
 
 
@@ -532,9 +544,11 @@ async def test_signals_before_a_continue_as_new_are_acted_on_after_it(
         latest = env.client.get_workflow_handle(handle.id)
         assert (await latest.describe()).run_id != first_run, "never continued as new"
         # Replaced after the task, and recorded: an end before that has nothing to keep.
-        await until(lambda: [e.type for e in stubs.events].count("sandbox.ready") == 2)
+        await until(lambda: [e.type for e in stubs.events].count(EventType.sandbox_ready) == 2)
         await end(latest)
-    assert [e.data["sandbox_id"] for e in stubs.events if e.type == "sandbox.died"] == [dead]
+    assert [e.data["sandbox_id"] for e in stubs.events if e.type == EventType.sandbox_died] == [
+        dead
+    ]
     assert stubs.destroyed == [dead] and stubs.preserved == stubs.provisioned[1:]
 
 
@@ -543,7 +557,7 @@ async def test_an_end_while_a_dead_machine_is_replaced_makes_no_new_one(
 ) -> None:
     stubs = Stubs()
     async with running(env, stubs, params(stubs)) as handle:
-        await until(lambda: "sandbox.ready" in stubs.types())
+        await until(lambda: EventType.sandbox_ready in stubs.types())
         (dead,) = stubs.provisioned
         stubs.destroy_open.clear()  # the dead machine's removal is under way at the end
         await handle.signal(SessionWorkflow.sandbox_died, SandboxDeath(sandbox_id=dead, detail="x"))
@@ -555,7 +569,7 @@ async def test_an_end_while_a_dead_machine_is_replaced_makes_no_new_one(
             await asyncio.wait_for(handle.result(), 10)
         save_history("replace-then-end", await handle.fetch_history())
     assert stubs.provisioned == stubs.destroyed == [dead]
-    assert "sandbox.orphaned" not in stubs.types()
+    assert EventType.sandbox_orphaned not in stubs.types()
     assert stubs.events[-1].data == {"status": "ended"}
 
 
@@ -574,7 +588,7 @@ async def settled_history_length(handle: WorkflowHandle) -> int:  # type: ignore
 async def test_a_step_costs_six_history_events(env: WorkflowEnvironment) -> None:
     stubs = Stubs()
     async with running(env, stubs, params(stubs)) as handle:
-        await until(lambda: "sandbox.ready" in stubs.types())
+        await until(lambda: EventType.sandbox_ready in stubs.types())
         lengths = [await settled_history_length(handle)]
         for steps in (1, 11):
             task_id = (await submit(env.client, handle.id, "\n".join(["$ true"] * steps))).id
@@ -591,10 +605,10 @@ async def test_a_sandbox_that_cannot_be_destroyed_still_ends_the_session(
 ) -> None:
     stubs = Stubs()
     async with running(env, stubs, params(stubs, template="undying")) as handle:
-        await until(lambda: "sandbox.ready" in stubs.types())
+        await until(lambda: EventType.sandbox_ready in stubs.types())
         await end(handle)
     # Left for the host's reconciliation, and said so; the session's end is recorded.
-    orphaned = next(e for e in stubs.events if e.type == "sandbox.orphaned")
+    orphaned = next(e for e in stubs.events if e.type == EventType.sandbox_orphaned)
     assert "the host does not answer" in orphaned.data["error"]
     assert stubs.destroyed == [] and stubs.events[-1].data == {"status": "ended"}
 
@@ -610,7 +624,7 @@ async def test_a_pause_while_the_model_plans_holds_from_the_first_step(
         control = TaskControl(task_id=ref.id)
         await handle.execute_update("pause_task", result_type=TaskRef, arg=control)
         stubs.thinking.set()
-        await until(lambda: any(e.type == "task.plan" for e in stubs.events))
+        await until(lambda: any(e.type == EventType.task_plan for e in stubs.events))
         await asyncio.sleep(0.3)
         assert stubs.commands == [] and stubs.task_statuses()[ref.id] == "paused"
         await handle.execute_update("resume_task", result_type=TaskRef, arg=control)
@@ -640,7 +654,7 @@ async def test_a_submission_key_queues_one_task_even_across_runs(env: WorkflowEn
         )
         assert again.id == refs[0].id and again.status == "succeeded"
         await end(handle)
-    assert stubs.commands == ["echo once"] and stubs.types().count("task.queued") == 1
+    assert stubs.commands == ["echo once"] and stubs.types().count(EventType.task_queued) == 1
 
 
 async def test_the_agent_revises_its_plan_until_the_result_is_verified(
@@ -661,7 +675,7 @@ async def test_the_agent_revises_its_plan_until_the_result_is_verified(
         await end(handle)
         save_history("agent", await handle.fetch_history())
     assert stubs.commands == ["echo one", "false", "echo two", "echo three"]
-    revisions = [e.data for e in stubs.events if e.type == "task.plan"]
+    revisions = [e.data for e in stubs.events if e.type == EventType.task_plan]
     assert [(r["first"], r.get("revised")) for r in revisions] == [
         (0, None),
         (2, "step 2 ($ false) exited with 1"),
@@ -677,9 +691,9 @@ async def test_the_agent_revises_its_plan_until_the_result_is_verified(
         "false",
         "echo two",
     ]
-    verified = [e.data for e in stubs.events if e.type == "task.verified"]
+    verified = [e.data for e in stubs.events if e.type == EventType.task_verified]
     assert [v["ok"] for v in verified] == [False, True]
-    final = [e.data for e in stubs.events if e.type == "task.status"][-1]
+    final = [e.data for e in stubs.events if e.type == EventType.task_status][-1]
     assert final == {"task_id": ref.id, "status": "succeeded", "result": "three it is"}
 
 
@@ -693,11 +707,11 @@ async def test_a_refused_command_is_fed_back_to_the_planner(env: WorkflowEnviron
         await until(lambda: stubs.task_statuses().get(written.id) == "failed")
         await end(handle)
     assert stubs.commands == ["echo 1"]  # the refused ones never reached the sandbox
-    refusals = [e.data for e in stubs.events if e.type == "step.finished"]
+    refusals = [e.data for e in stubs.events if e.type == EventType.step_finished]
     assert [r["status"] for r in refusals] == ["refused", "refused"]
     assert "`python3 -c` runs inline code" in refusals[0]["error"]
     assert "`python3 -c` runs inline code" in (stubs.plan_requests[1].feedback or "")
-    failed = [e.data for e in stubs.events if e.type == "task.status"][-1]
+    failed = [e.data for e in stubs.events if e.type == EventType.task_status][-1]
     assert failed["status"] == "failed" and "refused: `python3 -c`" in failed["error"]
 
 
@@ -710,7 +724,7 @@ async def test_a_task_that_runs_out_of_steps_fails_and_says_so(env: WorkflowEnvi
         await until(lambda: stubs.task_statuses().get(ref.id) == "failed")
         await end(handle)
     assert stubs.commands == ["false"] * 3
-    failed = [e.data for e in stubs.events if e.type == "task.status"][-1]
+    failed = [e.data for e in stubs.events if e.type == EventType.task_status][-1]
     assert "ran out of its step budget: 3 steps" in failed["error"]
 
 
@@ -720,7 +734,7 @@ async def test_an_idle_session_hibernates_and_the_next_task_wakes_it(
     stubs = Stubs()
     session = params(stubs).model_copy(update={"hibernate_after_s": 0.5})
     async with running(env, stubs, session) as handle:
-        await until(lambda: "sandbox.hibernated" in stubs.types())
+        await until(lambda: EventType.sandbox_hibernated in stubs.types())
         assert (await handle.query(SessionWorkflow.state)).status == "hibernated"
         ref = await submit(env.client, handle.id, "$ echo awake")
         await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
@@ -731,8 +745,8 @@ async def test_an_idle_session_hibernates_and_the_next_task_wakes_it(
     assert stubs.power[:2] == [f"hibernate {sandbox}", f"wake {sandbox}"]
     assert stubs.commands == ["echo awake"]
     kinds = stubs.types()
-    assert kinds.index("sandbox.hibernated") < kinds.index("sandbox.woken")
-    statuses = [e.data["status"] for e in stubs.events if e.type == "session.status"]
+    assert kinds.index(EventType.sandbox_hibernated) < kinds.index(EventType.sandbox_woken)
+    statuses = [e.data["status"] for e in stubs.events if e.type == EventType.session_status]
     assert statuses[:5] == ["ready", "hibernated", "waking", "ready", "busy"]
     assert stubs.destroyed == stubs.provisioned
 
@@ -772,7 +786,7 @@ async def test_a_modification_during_the_last_step_is_planned_before_verifying(
         await end(handle)
     assert stubs.commands == ["wait", "echo changed"]
     assert stubs.plan_requests[1].notes == ["say changed instead"]
-    final = [e.data for e in stubs.events if e.type == "task.status"][-1]
+    final = [e.data for e in stubs.events if e.type == EventType.task_status][-1]
     assert final["result"] == "ran echo changed"
 
 
@@ -791,12 +805,12 @@ async def test_a_session_claims_a_warm_vm_and_creates_one_cold_when_the_pool_is_
         save_history("pool-claim", await handle.fetch_history())
     assert stubs.claimed == stubs.assigned == stubs.destroyed == ["warm-1"]
     assert stubs.provisioned == []  # nothing created cold
-    ready = next(e.data for e in stubs.events if e.type == "sandbox.ready")
+    ready = next(e.data for e in stubs.events if e.type == EventType.sandbox_ready)
     assert ready["sandbox_id"] == "warm-1" and ready["pooled"] is True
 
     cold = Stubs()  # an empty pool: a cold create, never an error
     async with running(env, cold, params(cold).model_copy(update={"warm_pool": True})) as handle:
-        await until(lambda: "sandbox.ready" in cold.types())
+        await until(lambda: EventType.sandbox_ready in cold.types())
         await end(handle)
     assert len(cold.provisioned) == 1 and cold.destroyed == cold.provisioned
     assert cold.claimed == [] and "pooled" not in cold.events[0].data
