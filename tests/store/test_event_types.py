@@ -15,7 +15,7 @@ from store.events import EventType
 from store.models import Event
 from ui.pages import render_batch, templates
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "ui" / "templates"
+TEMPLATES = Path(__file__).resolve().parents[2] / "ui" / "templates"
 
 
 def event(type: str, **data: object) -> Event:
