@@ -2,7 +2,7 @@
 
 import uvicorn
 
-from api.app import create_app
+from berth.web import create_app
 from config.settings import get_settings
 
 

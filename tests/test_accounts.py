@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from api.app import create_app
 from berth.local import free_port
+from berth.web import create_app
 from config.settings import Settings
 from store.db import get_engine
 from store.models import ApiToken, AuditEntry, User

@@ -15,8 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from api.app import create_app
 from berth.local import LocalSystem
+from berth.web import create_app
 from config.settings import LLMProvider, Settings
 from llm.models import Caller, ChatRequest
 from llm.proxy import LLMProxy
