@@ -16,10 +16,9 @@ from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from temporalio.api.common.v1 import Payloads
 
 from api import accounts
-from api.deps import DbDep, Problem, SettingsDep
+from api.deps import COOKIE, DbDep, Problem, SettingsDep
 from api.problems import problems
 from config.settings import Settings
-from ui.pages import COOKIE
 from workflows.codec import EncryptionCodec
 
 router = APIRouter(prefix="/codec", tags=["codec"])

@@ -1,4 +1,5 @@
-"""Typed dependencies: settings, database session, Temporal client, the calling user."""
+"""Typed dependencies: settings, database session, Temporal client, the calling user (by
+bearer token for the JSON API, by the dashboard's login cookie for its pages and the codec)."""
 
 from __future__ import annotations
 
@@ -25,17 +26,19 @@ __all__ = ["Problem"]  # raised by routes and services through this module
 log = logging.getLogger("berth.api")
 
 
-def get_settings(request: Request) -> Settings:
+def app_settings(request: Request) -> Settings:
+    """The settings the app was made with."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_engine(request: Request) -> Engine:
+def app_engine(request: Request) -> Engine:
+    """The app's database engine (one pool for every request)."""
     engine: Engine = request.app.state.engine
     return engine
 
 
-def get_db(engine: Annotated[Engine, Depends(get_engine)]) -> Iterator[Session]:
+def get_db(engine: Annotated[Engine, Depends(app_engine)]) -> Iterator[Session]:
     with Session(engine) as db:
         yield db
 
@@ -119,8 +122,8 @@ def client_ip(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(app_settings)]
+EngineDep = Annotated[Engine, Depends(app_engine)]
 DbDep = Annotated[Session, Depends(get_db)]
 TemporalDep = Annotated[TemporalLink, Depends(get_temporal)]
 HubDep = Annotated[Hub, Depends(get_hub)]
@@ -128,6 +131,8 @@ StreamsDep = Annotated[Streams, Depends(get_stream_count)]
 PasswordsDep = Annotated[Passwords, Depends(get_passwords)]
 IpDep = Annotated[str, Depends(client_ip)]
 
+COOKIE = "berth_token"  # the dashboard's login: a token's secret
+DASHBOARD_TOKEN = "dashboard"  # the name of the token each dashboard login makes
 bearer = HTTPBearer(auto_error=False)
 UNAUTHORIZED = "missing or invalid token: POST /api/auth/token for one"
 
@@ -145,6 +150,14 @@ def current_token(
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'} if credentials else None,
         )
     return found
+
+
+def cookie_caller(
+    request: Request, db: Session, settings: Settings
+) -> tuple[User, ApiToken] | None:
+    """The user (and token) of the dashboard's login cookie, if it holds a live token."""
+    secret = request.cookies.get(COOKIE)
+    return accounts.authenticate(db, settings, secret) if secret else None
 
 
 def current_user(found: Annotated[tuple[User, ApiToken], Depends(current_token)]) -> User:

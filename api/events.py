@@ -18,9 +18,10 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 from starlette.background import BackgroundTask
 
+from api import service
 from api.deps import Problem, Streams
 from store import events
-from store.models import Event, SessionRow, User
+from store.models import Event, User
 from store.notify import Hub
 
 KEEPALIVE_S = 15.0
@@ -110,13 +111,16 @@ def stream(
     hub: Hub,
     count: Streams,
     viewer: User,
-    row: SessionRow,
+    session_id: str,
     after: int,
     render: Render = JSON_MESSAGES,
     pace_s: float = 0.0,
 ) -> Response:
-    """The response to ``viewer``'s request for ``row``'s events after ``after``; the
-    stream counts against the viewer's streams (an admin's watching is not the owner's)."""
+    """The response to ``viewer``'s request for a session's events after ``after`` (a 404
+    unless the viewer may read the session); the stream counts against the viewer's streams
+    (an admin's watching is not the owner's). The JSON API and the dashboard differ only in
+    ``render`` and ``pace_s``."""
+    row = service.visible_session(db, viewer, session_id)
     if after > row.last_seq:
         raise Problem(400, f"event {after} is beyond this session's last, {row.last_seq}")
     finished = row.ended_at is not None and after == row.last_seq

@@ -41,7 +41,6 @@ from api.schemas import (
 )
 from store import audit
 from store.models import ApiToken
-from workflows.models import TaskControl, TaskModification, TaskSubmission
 
 # Every route under /api may be refused for its input; the others are named per route.
 router = APIRouter(prefix="/api", responses=problems(422))
@@ -194,8 +193,7 @@ async def submit_task(
     the same task is answered."""
     row = service.own_session(db, user, sid)
     key = service.idempotency_id(idempotency_key) if idempotency_key else None
-    submission = TaskSubmission(prompt=body.prompt, key=key)
-    return await service.update(temporal, row, "submit_task", submission, key)
+    return await service.submit_task(temporal, row, body.prompt, key)
 
 
 @router.get("/sessions/{sid}/tasks", tags=["tasks"], responses={**LISTING, **problems(404)})
@@ -225,14 +223,8 @@ async def control_task(
 ) -> TaskRefOut:
     """``pause``, ``resume``, ``cancel``, or ``modify`` with ``{"instruction"}``."""
     row = service.own_session(db, user, sid)
-    if action == "modify":
-        if body is None:
-            raise Problem(422, 'modify needs a body: {"instruction": "..."}')
-        change = TaskModification(task_id=tid, instruction=body.instruction)
-        return await service.update(temporal, row, "modify_task", change)
-    if action not in ("pause", "resume", "cancel"):
-        raise Problem(404, f"no task action {action!r}: pause, resume, cancel, modify")
-    return await service.update(temporal, row, f"{action}_task", TaskControl(task_id=tid))
+    instruction = body.instruction if body else None
+    return await service.control_task(temporal, row, tid, action, instruction)
 
 
 @router.get(
@@ -261,9 +253,8 @@ def session_events(
 ) -> Response:
     """Server-Sent Events: replays from ``Last-Event-ID`` (or ``?after=``), then live; ends
     after the session's final event (204 when there is nothing more to send)."""
-    row = service.visible_session(db, user, sid)
     start = last_event_id if last_event_id is not None else (after or 0)
-    return stream(db, engine, hub, streams, user, row, start)
+    return stream(db, engine, hub, streams, user, sid, start)
 
 
 @router.get(
@@ -278,15 +269,7 @@ def get_artifact(
     """A file a step made (a browser step's screenshot, ...), to whoever may read the
     session: its owner, and admins."""
     row = service.visible_session(db, user, sid)
-    artifact, path = service.artifact_file(db, settings, row, artifact_id)
-    return FileResponse(
-        path,
-        media_type=artifact.media_type,
-        filename=artifact.name,
-        content_disposition_type="inline",
-        # Served as what it says it is (the gateway allows no type a browser would run).
-        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"},
-    )
+    return service.artifact_response(db, settings, row, artifact_id, cache_s=3600)
 
 
 @router.get("/pools/{template}", tags=["pools"], responses=problems(401, 403, 404, 503))

@@ -5,12 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from llm.models import UsageTotals
 from store.models import SessionStatus, StepStatus, TaskStatus
-from workflows.models import MAX_PROMPT_CHARS
-from workflows.plans import check_plan_size
+from workflows.models import Prompt
 
 
 class Credentials(BaseModel):
@@ -70,15 +69,11 @@ class SessionOut(BaseModel):
 
 
 class TaskCreate(BaseModel):
-    prompt: Annotated[
-        str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(check_plan_size)
-    ]
+    prompt: Prompt
 
 
 class Modification(BaseModel):
-    instruction: Annotated[
-        str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(check_plan_size)
-    ]
+    instruction: Prompt
 
 
 class TaskRefOut(BaseModel):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from datetime import datetime
-from pathlib import Path
+from enum import StrEnum
 from typing import Any, TypeVar
 
+from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from sqlmodel import Session, col, func, or_, select
 from sqlmodel.sql.expression import SelectOfScalar
@@ -30,7 +31,6 @@ from sandboxes.models import SandboxInfo
 from store import audit
 from store.artifacts import ArtifactStore
 from store.models import (
-    ArtifactRow,
     SandboxRow,
     SessionRow,
     SessionStatus,
@@ -40,7 +40,7 @@ from store.models import (
     utcnow,
 )
 from workflows.client import workflow_id
-from workflows.models import SessionInput, TaskRef
+from workflows.models import SessionInput, TaskControl, TaskModification, TaskRef, TaskSubmission
 from workflows.pool import SandboxPool
 from workflows.session import SessionWorkflow
 
@@ -310,6 +310,45 @@ async def update(
     return TaskRefOut(id=ref.id, status=ref.status)
 
 
+class TaskAction(StrEnum):
+    """What a user may do to a task; each is the workflow's update ``<action>_task``."""
+
+    pause = "pause"
+    resume = "resume"
+    cancel = "cancel"
+    modify = "modify"  # the only one that takes an instruction
+
+
+async def submit_task(
+    temporal: TemporalLink, row: SessionRow, prompt: str, key: str | None = None
+) -> TaskRefOut:
+    """Queue a task; with ``key`` (see idempotency_id) it is queued once, however often sent."""
+    submission = TaskSubmission(prompt=prompt, key=key)
+    return await update(temporal, row, "submit_task", submission, key)
+
+
+async def control_task(
+    temporal: TemporalLink,
+    row: SessionRow,
+    task_id: str,
+    action: str,
+    instruction: str | None = None,
+) -> TaskRefOut:
+    """Pause, resume or cancel a task, or modify it with ``instruction``; a 404 for any
+    other action."""
+    try:
+        chosen = TaskAction(action)
+    except ValueError:
+        known = ", ".join(TaskAction)
+        raise Problem(404, f"no task action {action!r}: {known}") from None
+    if chosen is TaskAction.modify:
+        if instruction is None:
+            raise Problem(422, 'modify needs a body: {"instruction": "..."}')
+        change = TaskModification(task_id=task_id, instruction=instruction)
+        return await update(temporal, row, "modify_task", change)
+    return await update(temporal, row, f"{chosen}_task", TaskControl(task_id=task_id))
+
+
 def task_out(db: Session, session_id: str, task_id: str) -> TaskOut:
     task = db.get(TaskRow, task_id)
     if task is None or task.session_id != session_id:
@@ -335,15 +374,27 @@ def list_tasks(
     return list(db.exec(_keyset(query, TaskRow, after, newest_first=False).limit(limit)))
 
 
-def artifact_file(
-    db: Session, settings: Settings, row: SessionRow, artifact_id: str
-) -> tuple[ArtifactRow, Path]:
-    """An artifact of the session (its row and file), or a 404."""
+def artifact_response(
+    db: Session, settings: Settings, row: SessionRow, artifact_id: str, cache_s: int
+) -> FileResponse:
+    """A file a step of the session made (a browser step's screenshot, ...), or a 404; kept
+    in the reader's own cache only, for ``cache_s``."""
     store = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes)
     try:
-        return store.find(db, row.id, artifact_id)
+        artifact, path = store.find(db, row.id, artifact_id)
     except LookupError:
         raise Problem(404, f"no artifact {artifact_id[:80]} in session {row.id}") from None
+    return FileResponse(
+        path,
+        media_type=artifact.media_type,
+        filename=artifact.name,
+        content_disposition_type="inline",
+        # Served as what it says it is (the gateway allows no type a browser would run).
+        headers={
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": f"private, max-age={cache_s}",
+        },
+    )
 
 
 async def pool_state(temporal: TemporalLink, settings: Settings, template: str) -> PoolOut:

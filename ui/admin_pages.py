@@ -4,7 +4,7 @@ entries. Anyone else gets a 403, as the admin API answers them; reading it is au
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
 
 import vm_templates
@@ -13,11 +13,10 @@ from api.deps import DbDep, IpDep, Problem, SettingsDep, TemporalDep
 from api.schemas import PoolOut
 from config.settings import Settings
 from store import audit
-from ui import guard
-from ui.pages import PageCaller, render_page
+from ui.render import PageCaller, dashboard_router, render_page
 from ui.state import workflow_url
 
-router = APIRouter(include_in_schema=False, dependencies=[Depends(guard.check_origin)])
+router = dashboard_router()
 SESSIONS_SHOWN = 100
 AUDIT_SHOWN = 50
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from config.settings import Settings
 from store.models import ApiToken, User
 from ui import guard
-from ui.pages import templates
+from ui.render import templates
 
 
 def render_block(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import Form, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
 
@@ -14,11 +14,10 @@ from api.deps import DbDep, IpDep, Problem, SettingsDep
 from api.schemas import Preferences
 from config.settings import Settings
 from llm.providers import provider_configs
-from ui import guard
 from ui.fragments import field_errors, render_block
-from ui.pages import PageCaller, render_page
+from ui.render import PageCaller, dashboard_router, render_page
 
-router = APIRouter(include_in_schema=False, dependencies=[Depends(guard.check_origin)])
+router = dashboard_router()
 PAGE = "preferences.html"
 FIELDS = ("template", "model", "hibernate_after_s", "idle_timeout_s")
 

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import Form, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
 
 from api import accounts
-from api.deps import DbDep, IpDep, SettingsDep
+from api.deps import COOKIE, DASHBOARD_TOKEN, DbDep, IpDep, SettingsDep
 from api.schemas import TokenCreate
-from ui import guard
 from ui.fragments import field_errors, render_block
-from ui.pages import COOKIE, DASHBOARD_TOKEN, PageCaller, render_page
+from ui.render import PageCaller, dashboard_router, render_page
 
-router = APIRouter(include_in_schema=False, dependencies=[Depends(guard.check_origin)])
+router = dashboard_router()
 PAGE = "tokens.html"
 # Shown at most; every dashboard login adds one, and they expire (BERTH_TOKEN_TTL_HOURS).
 MOST_SHOWN = 500

@@ -7,13 +7,25 @@ All are Pydantic models, carried by Temporal's Pydantic data converter.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from activities.models import DoneStep
 from sandboxes.models import SandboxInfo, Step
 from store.models import SessionStatus, TaskStatus
+from workflows.plans import check_plan_size
 
 MAX_PROMPT_CHARS = 20_000
+# What a user asks of the agent (a task, or a change to one), by the same rule wherever it
+# comes in (the JSON API, the dashboard's forms, the workflow's updates): something other
+# than blanks (an empty task would go to the planner as it is), at most MAX_PROMPT_CHARS,
+# and a plan written as ``$ `` lines no longer than the plan cap.
+Prompt = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S"),
+    AfterValidator(check_plan_size),
+]
 
 
 class SessionInput(BaseModel):
@@ -92,8 +104,7 @@ class SessionState(BaseModel):
 
 
 class TaskSubmission(BaseModel):
-    # Something other than blanks: an empty task would go to the planner as it is.
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")
+    prompt: Prompt
     # The client's Idempotency-Key (hashed): a submission sent again with it is answered
     # with the task it queued, in this run or a later one.
     key: str | None = Field(default=None, max_length=100)
@@ -110,7 +121,7 @@ class TaskControl(BaseModel):
 
 class TaskModification(BaseModel):
     task_id: str
-    instruction: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")
+    instruction: Prompt
 
 
 class SandboxDeath(BaseModel):

@@ -57,7 +57,7 @@ with workflow.unsafe.imports_passed_through():
         TaskState,
         TaskSubmission,
     )
-    from workflows.plans import check_plan_size, user_plan
+    from workflows.plans import user_plan
 
 Request = TypeVar("Request", PlanRequest, VerifyRequest)
 Making = TypeVar("Making", SandboxRequest, RestoreRequest)
@@ -723,7 +723,6 @@ class SessionWorkflow:
         self.check_open()
         if len(self.tasks) - (self.running is not None) >= MAX_QUEUED_TASKS:
             raise ValueError(f"{MAX_QUEUED_TASKS} tasks are queued already; wait for some to end")
-        check_plan_size(submission.prompt)
 
     @workflow.update(name="pause_task")
     async def pause_task(self, control: TaskControl) -> TaskRef:
@@ -780,7 +779,6 @@ class SessionWorkflow:
     @modify_task.validator
     def check_modify(self, change: TaskModification) -> None:
         self.check_cancel(TaskControl(task_id=change.task_id))
-        check_plan_size(change.instruction)
 
     @workflow.signal(name="preserve_sandbox")
     def preserve_sandbox(self) -> None:

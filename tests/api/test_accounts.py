@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from api.app import create_app
+from berth.web import create_app
 from config.settings import Settings
 from store.db import get_engine
 from store.models import ApiToken, AuditEntry, User

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
-from api.app import create_app
+from berth.web import create_app
 from config.settings import Settings
 from store import audit
 from tests.support.world import COMMAND, FAST_PASSWORDS, World, bearer, build

@@ -25,12 +25,13 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from api import accounts
-from api.app import create_app
+from api.deps import COOKIE
+from berth.web import create_app
 from config.settings import Settings
 from store.artifacts import ArtifactStore
 from tests.support.world import FAST_PASSWORDS, PASSWORD, World, build
 from ui import guard
-from ui.pages import COOKIE, is_dashboard
+from ui.render import DashboardRoute
 
 CALLERS = ("owner", "other", "anonymous", "admin")
 CREDENTIALS = {"email": "owner@example.com", "password": PASSWORD}
@@ -125,7 +126,14 @@ def routes_of(app: Any) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-ROUTES = routes_of(create_app(Settings(data_dir=Path(tempfile.mkdtemp()))))
+APP = create_app(Settings(data_dir=Path(tempfile.mkdtemp())))
+ROUTES = routes_of(APP)
+# The dashboard's paths: their callers carry the login cookie and the page's CSRF token.
+DASHBOARD = {
+    str(route.path)
+    for route in iter_route_contexts(APP.routes)
+    if isinstance(route.original_route, DashboardRoute)
+}
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=" ".join)
@@ -146,7 +154,7 @@ class Stage:
 
     def caller_headers(self, caller: str, path: str, method: str) -> dict[str, str]:
         user = {"owner": self.world.owner, "other": self.world.other, "admin": self.world.admin}
-        dashboard = is_dashboard(path)
+        dashboard = path in DASHBOARD
         headers: dict[str, str] = {}
         if dashboard and method != "GET":
             headers |= {"Origin": "http://testserver", "HX-Request": "true"}
@@ -213,7 +221,7 @@ def test_each_caller_gets_what_the_rule_says(stage: Stage, route: tuple[str, str
             method, url, headers=headers, json=rule.json, data=form or None
         )
         got[caller] = answer.status_code
-        if answer.status_code == 401 and not is_dashboard(path):
+        if answer.status_code == 401 and path not in DASHBOARD:
             assert answer.headers["www-authenticate"].startswith("Bearer")
     assert got == {caller: rule.status(caller) for caller in CALLERS}
 

@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from api.app import create_app
 from api.deps import Problem, Streams
+from berth.web import create_app
 from config.settings import Settings
 from store.models import SessionRow, User, utcnow
 from tests.support.local import free_port
@@ -85,6 +85,23 @@ def test_every_error_is_a_problem_document(client: TestClient) -> None:
     is_problem(client.put("/api/sessions"), 405)
     is_problem(client.get("/api/sessions?limit=0", headers=signed_in(client)), 422)
     is_problem(client.get("/api/sessions/nope", headers=signed_in(client, "bob@example.com")), 404)
+
+
+def test_a_blank_prompt_is_a_problem_not_a_workflow_call(client: TestClient) -> None:
+    # Temporal is down: a prompt that reached the workflow would be answered 503.
+    headers = signed_in(client)
+    with Session(client.app.state.engine) as db:  # type: ignore[attr-defined]
+        row = SessionRow(user_id=db.exec(select(User)).one().id)
+        db.add(row)
+        db.commit()
+        sid = row.id
+    for blank in ("", "   ", " \n\t "):
+        task = client.post(f"/api/sessions/{sid}/tasks", json={"prompt": blank}, headers=headers)
+        assert is_problem(task, 422)["errors"][0]["loc"] == ["body", "prompt"]
+        change = client.post(
+            f"/api/sessions/{sid}/tasks/t1/modify", json={"instruction": blank}, headers=headers
+        )
+        assert is_problem(change, 422)["errors"][0]["loc"] == ["body", "instruction"]
 
 
 def test_an_anonymous_caller_learns_nothing_of_the_orchestrator(client: TestClient) -> None:

@@ -20,7 +20,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
 from schemathesis.python import asgi
 
-from api.app import create_app
+from berth.web import create_app
 from config.settings import LLMProvider, Settings
 from store.db import migrate
 from tests.support.scripted_llm import ScriptedLLM

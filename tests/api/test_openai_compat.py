@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 from sqlmodel import Session
 
-from api.app import create_app
+from berth.web import create_app
 from config.settings import LLMProvider, Settings
 from store.db import get_engine
 from store.models import SessionRow, TaskRow

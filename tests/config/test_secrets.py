@@ -20,8 +20,8 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from websockets.asyncio.client import connect as ws_connect
 
-from api.app import create_app
 from berth.host import generated_certificate, make_gateway
+from berth.web import create_app
 from config.keys import guest_keys, payload_keys, user_keys
 from config.settings import Settings
 from guest_agent import protocol

@@ -15,8 +15,8 @@ from temporalio.testing import ActivityEnvironment
 import vm_templates
 from activities.models import StepRequest
 from activities.sandbox import SandboxActivities
-from api.app import create_app
 from berth.host import gateway_certificate, make_gateway, make_provider
+from berth.web import create_app
 from config.settings import Settings
 from sandboxes.docker import DockerProvider
 from sandboxes.models import BrowserStep, Check, SandboxInfo

@@ -14,12 +14,12 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from api import accounts
-from api.app import create_app
+from api.deps import COOKIE
+from berth.web import create_app
 from config.settings import Settings
 from store import audit
 from store.models import SessionRow, User, utcnow
 from tests.support.world import FAST_PASSWORDS, World, build
-from ui.pages import COOKIE
 
 
 def sign_in(client: TestClient, user: User) -> None:

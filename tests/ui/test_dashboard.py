@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from api.app import create_app
+from berth.web import create_app
 from config.settings import Settings
 from store.models import SessionRow, User
 from tests.support.local import free_port
@@ -143,6 +143,39 @@ def test_errors_of_actions_are_fragments_with_real_statuses(client: TestClient) 
     # A form the route cannot read is answered in HTML too, not with a JSON document.
     unreadable = client.post("/login", data={"action": "login"}, headers={"Origin": ORIGIN})
     assert unreadable.status_code == 422 and "<h1>422</h1>" in unreadable.text
+
+
+def test_a_blank_or_oversized_prompt_is_the_forms_error_not_a_workflow_call(
+    client: TestClient,
+) -> None:
+    # Temporal is down: a text that reached the workflow would be answered 503.
+    csrf = log_in(client)
+    with Session(client.app.state.engine) as db:  # type: ignore[attr-defined]
+        row = SessionRow(user_id=db.exec(select(User)).one().id)
+        db.add(row)
+        db.commit()
+        sid = row.id
+    blank = client.post(f"/ui/sessions/{sid}/tasks", data={"prompt": " \n\t "}, headers=htmx(csrf))
+    assert blank.status_code == 422 and "Type a task first" in blank.text
+    plan = "\n".join(["$ true"] * 51)
+    too_long = client.post(f"/ui/sessions/{sid}/tasks", data={"prompt": plan}, headers=htmx(csrf))
+    assert too_long.status_code == 422 and "at most 50 steps" in too_long.text
+    change = client.post(
+        f"/ui/sessions/{sid}/tasks/t1/modify", data={"instruction": "   "}, headers=htmx(csrf)
+    )
+    assert change.status_code == 422 and "Say how to change the task" in change.text
+
+
+def test_a_path_that_matches_no_route_is_answered_as_its_neighbours_are(
+    client: TestClient,
+) -> None:
+    # Under a dashboard page's first segment: an error page; elsewhere a problem document.
+    page = client.get("/sessions/nope/nothing-here")
+    assert page.status_code == 404 and "<h1>404</h1>" in page.text
+    for path in ("/nothing-here", "/api/nothing-here"):
+        answer = client.get(path)
+        assert answer.status_code == 404
+        assert answer.headers["content-type"] == "application/problem+json"
 
 
 def test_a_lost_login_redirects_htmx_by_header_and_pages_by_303(client: TestClient) -> None:

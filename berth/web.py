@@ -1,4 +1,6 @@
-"""The FastAPI application: JSON API, dashboard, health."""
+"""The web application, assembled on the top floor: the JSON API, the codec endpoint, the
+dashboard's pages and live stream, health, and one error renderer for all of them (the
+dashboard's routes answer errors as pages, every other path as problem documents)."""
 
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ from config.settings import Settings, get_settings
 from store.db import get_engine, migrate
 from store.notify import Hub
 from ui.admin_pages import router as admin_page_router
-from ui.pages import STATIC_DIR, is_dashboard, problem_page
+from ui.live import router as live_router
 from ui.pages import router as ui_router
 from ui.preferences import router as preferences_page_router
+from ui.render import STATIC_DIR, is_dashboard, problem_page
 from ui.tokens import router as tokens_page_router
 from workflows.codec import EncryptionCodec
 
@@ -38,12 +41,13 @@ log = logging.getLogger("berth.api")
 
 def render_problem(request: Request, problem: Problem) -> Response:
     """The dashboard's errors as HTML, everyone else's as problem documents."""
-    if is_dashboard(request.url.path):
+    if is_dashboard(request):
         return problem_page(request, problem)
     return problems.response(problem)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app, with ``settings`` (by default the environment's)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -98,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_router)
     app.include_router(preferences_router)
     app.include_router(ui_router)
+    app.include_router(live_router)
     app.include_router(preferences_page_router)
     app.include_router(tokens_page_router)
     app.include_router(admin_page_router)

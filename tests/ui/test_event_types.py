@@ -13,7 +13,8 @@ from sqlalchemy import create_engine
 
 from store.events import EventType
 from store.models import Event
-from ui.pages import render_batch, templates
+from ui.live import render_batch
+from ui.render import templates
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "ui" / "templates"
 
