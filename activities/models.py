@@ -33,6 +33,13 @@ def pool_workflow_id(host_id: str, template: str) -> str:
     return f"pool-{host_id}-{template}"
 
 
+def brief_step(step: Step) -> Step:
+    """A step as kept once it has run: a written file's content cut short."""
+    if isinstance(step, FileStep) and step.content and len(step.content) > BRIEF_CHARS:
+        return step.model_copy(update={"content": step.content[:BRIEF_CHARS] + "…"})
+    return step
+
+
 class DoneStep(BaseModel):
     step: Step
     outcome: StepOutcome
@@ -40,9 +47,7 @@ class DoneStep(BaseModel):
     def brief(self) -> DoneStep:
         """As kept for the model's context: a written file's content and a result's texts
         cut short, so every planning call's input (and the history) stays small."""
-        step = self.step
-        if isinstance(step, FileStep) and step.content and len(step.content) > BRIEF_CHARS:
-            step = step.model_copy(update={"content": step.content[:BRIEF_CHARS] + "…"})
+        step = brief_step(self.step)
         outcome = self.outcome
         if outcome.result is not None:
             texts = outcome.result.model_dump(exclude_none=True)

@@ -1,5 +1,6 @@
 """What a failed activity means to the session workflow: a step refused before it ran, a
-sandbox whose machine is gone, and the words people are shown for any failure.
+sandbox whose machine is gone, and the words people are shown for any failure; and what
+an update handler's own unexpected error becomes (a failed update, see ``answering``).
 
 Pure functions of the exception Temporal hands the workflow (an ActivityError whose cause
 is the activity's ApplicationError, typed by the name the activity gave it): deterministic,
@@ -8,7 +9,16 @@ so the workflow may call them anywhere.
 
 from __future__ import annotations
 
-from temporalio.exceptions import ActivityError, ApplicationError
+import functools
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+
+Self = TypeVar("Self")
+Argument = TypeVar("Argument")
+Result = TypeVar("Result")
 
 # Failures of a step that mean it never ran; the agent plans around them.
 REFUSALS = ("CommandRefused", "StepKindUnsupported")
@@ -36,3 +46,30 @@ def failure_message(error: BaseException) -> str:
     while isinstance(error, ActivityError) and error.cause is not None:
         error = error.cause
     return str(error) or type(error).__name__
+
+
+def answering(
+    handler: Callable[[Self, Argument], Awaitable[Result]],
+) -> Callable[[Self, Argument], Awaitable[Result]]:
+    """An update handler whose unexpected error (a bug, a state it did not foresee) fails
+    that update only. Left alone, the SDK fails the workflow task instead: the update is
+    delivered again on every retry, fails again, and the session stops answering anything
+    (even its end). A replay's non-determinism still fails the task: it is the worker's to
+    fix, not the caller's."""
+
+    @functools.wraps(handler)
+    async def answer(self: Self, argument: Argument) -> Result:
+        try:
+            return await handler(self, argument)
+        except (FailureError, workflow.NondeterminismError):
+            raise  # already an update's failure, or the worker's own
+        except Exception as exc:
+            workflow.logger.exception("update %s failed unexpectedly", handler.__name__)
+            raise ApplicationError(
+                f"{handler.__name__} failed unexpectedly ({type(exc).__name__}: {exc}); "
+                "the session goes on",
+                type="UpdateFailed",
+                non_retryable=True,
+            ) from exc
+
+    return answer

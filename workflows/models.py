@@ -7,9 +7,9 @@ All are Pydantic models, carried by Temporal's Pydantic data converter.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, StringConstraints
 
 from activities.models import DoneStep
 from sandboxes.models import SandboxInfo, Step
@@ -17,6 +17,13 @@ from store.models import SessionStatus, TaskStatus
 from workflows.plans import check_plan_size
 
 MAX_PROMPT_CHARS = 20_000
+# A task's modifications, each given to every later planning call and carried across
+# continue-as-new: at most this many, and this many characters in all.
+MAX_NOTES = 10
+MAX_NOTES_CHARS = 40_000
+# What a session carries across continue-as-new, as JSON, at most (Temporal refuses a
+# payload past 2 MB, and warns well before).
+MAX_CARRIED_BYTES = 1_000_000
 # What a user asks of the agent (a task, or a change to one), by the same rule wherever it
 # comes in (the JSON API, the dashboard's forms, the workflow's updates): something other
 # than blanks (an empty task would go to the planner as it is), at most MAX_PROMPT_CHARS,
@@ -47,8 +54,11 @@ class SessionInput(BaseModel):
     model: str | None = None
     # Set by continue-as-new: the session as the previous run left it.
     carried: Carried | None = None
-    # Set by a resume: the sandbox whose disk the session's previous run preserved.
+    # Set by a resume: the sandbox whose disk the session's previous run preserved. Its
+    # first machine only: a replacement of that machine is created afresh.
     restore: SandboxInfo | None = None
+    # The bound of ``Carried`` as JSON (see MAX_CARRIED_BYTES); lower in tests.
+    max_carried_bytes: int = MAX_CARRIED_BYTES
 
 
 class TaskState(BaseModel):
@@ -72,6 +82,13 @@ class TaskState(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
+def as_lists(instructions: Any) -> Any:
+    """Pending modifications as lists, also as an earlier run carried them (one string)."""
+    if not isinstance(instructions, dict):
+        return instructions
+    return {k: [v] if isinstance(v, str) else v for k, v in instructions.items()}
+
+
 class Carried(BaseModel):
     """Everything a session is, handed from one run to the next by continue-as-new."""
 
@@ -81,7 +98,11 @@ class Carried(BaseModel):
     running: str | None = None
     paused: bool = False
     hibernated: bool = False
-    instructions: dict[str, str] = Field(default_factory=dict)
+    # Modifications not taken yet, per task, in the order they came (a run before this
+    # kept one per task, a string).
+    instructions: Annotated[dict[str, list[str]], BeforeValidator(as_lists)] = Field(
+        default_factory=dict
+    )
     # Recently finished tasks, so a late control of one says what became of it.
     finished: dict[str, TaskStatus] = Field(default_factory=dict)
     # Recent submissions' idempotency keys and the tasks they queued.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         StepRequest,
         TaskVerdict,
         VerifyRequest,
+        brief_step,
     )
     from activities.planning import PlanningActivities
     from activities.progress import ProgressActivities
@@ -45,8 +46,10 @@ with workflow.unsafe.imports_passed_through():
     from store.events import EventType, NewEvent
     from store.models import SessionStatus, TaskStatus
     from workflows import options
-    from workflows.failures import REFUSED_EXIT, died, failure_message, refused
+    from workflows.failures import REFUSED_EXIT, answering, died, failure_message, refused
     from workflows.models import (
+        MAX_NOTES,
+        MAX_NOTES_CHARS,
         Carried,
         SandboxDeath,
         SessionInput,
@@ -68,10 +71,17 @@ FINISHED = (TaskStatus.succeeded, TaskStatus.failed, TaskStatus.cancelled)
 # Kept per task for the planner's context, and finished tasks remembered across runs.
 RECENT_STEPS = 10
 REMEMBERED_TASKS = 100
+# Submissions' keys: one per remembered or unfinished task, so a key is forgotten only with
+# its task (see finish), and a key the session still has always names a task it knows.
+REMEMBERED_KEYS = REMEMBERED_TASKS + MAX_QUEUED_TASKS + 1
 
 # How long ending a session waits for the running command's kill (and then, see
 # options.DESTROY, for the sandbox).
 STOP_STEP_TIMEOUT = timedelta(seconds=60)
+
+
+class Idle(Exception):
+    """The session has been idle (no task, or its task paused) for its idle timeout."""
 
 
 def answered_by(answer: ModelAnswer) -> dict[str, Any]:
@@ -103,7 +113,10 @@ class SessionWorkflow:
         self.queue: list[str] = [t.id for t in tasks if t.id != running]
         self.paused = carried.paused if carried else False
         self.hibernated = carried.hibernated if carried else False
-        self.instructions: dict[str, str] = dict(carried.instructions) if carried else {}
+        # Modifications not taken yet, per task, in the order they came.
+        self.instructions: dict[str, list[str]] = (
+            {k: list(v) for k, v in carried.instructions.items()} if carried else {}
+        )
         self.finished: dict[str, TaskStatus] = dict(carried.finished) if carried else {}
         self.submitted: dict[str, str] = dict(carried.submitted) if carried else {}
         self.cancelling = False
@@ -117,6 +130,9 @@ class SessionWorkflow:
         # Why the sandbox's machine died (its host said so, or a step found it gone): the
         # session replaces it before the next task.
         self.dead: str | None = carried.dead if carried else None
+        # The preserved sandbox to restore, for the session's first machine only: its
+        # replacements are created afresh (the kept disk is gone once restored).
+        self.restore_from = params.restore if carried is None else None
         self.events = 0
 
     # ---- the session's life
@@ -135,6 +151,8 @@ class SessionWorkflow:
                 await self.run_task(self.tasks[self.queue.pop(0)])
         except asyncio.CancelledError:
             pass  # the user ended the session
+        except Idle:
+            pass  # its task paused past the idle timeout: the session ends all the same
         except (ActivityError, ApplicationError) as exc:
             if not cancel_requested():
                 status, error = SessionStatus.failed, failure_message(exc)
@@ -156,28 +174,55 @@ class SessionWorkflow:
                 await self.replace_sandbox()
                 continue
             self.continue_as_new_if_suggested()
-            after = self.params.hibernate_after_s
-            hibernating = (
-                after is not None
-                and after < self.params.idle_timeout_s
-                and not (self.hibernated or tried)
-            )
-            until = after if hibernating and after is not None else self.params.idle_timeout_s
-            idle = (workflow.now() - idle_since).total_seconds()
             try:
-                await workflow.wait_condition(
-                    lambda: bool(self.queue) or self.may_continue_as_new() or bool(self.dead),
-                    timeout=timedelta(seconds=max(until - idle, 0.001)),
-                    timeout_summary="hibernate" if hibernating else "idle timeout",
+                tried = await self.idle(
+                    lambda: bool(self.queue) or bool(self.dead), idle_since, tried
                 )
-            except TimeoutError:
-                if not hibernating:
-                    return False
-                tried = True
-                await self.hibernate()
+            except Idle:
+                return False
         if self.hibernated:
             await self.wake()
         return True
+
+    async def idle(self, awaited: Callable[[], bool], since: datetime, tried: bool) -> bool:
+        """Wait for ``awaited``, or a moment to continue as new, while the session is idle
+        (no task queued, or its task paused) since ``since``: idle ``hibernate_after_s``,
+        the sandbox is suspended (once per idle spell: ``tried`` says it was, and the
+        answer says it is now); idle ``idle_timeout_s``, Idle is raised."""
+        after = self.params.hibernate_after_s
+        hibernating = (
+            after is not None
+            and after < self.params.idle_timeout_s
+            and not (self.hibernated or tried)
+        )
+        until = after if hibernating and after is not None else self.params.idle_timeout_s
+        idle = (workflow.now() - since).total_seconds()
+        try:
+            await workflow.wait_condition(
+                lambda: awaited() or self.may_continue_as_new(),
+                timeout=timedelta(seconds=max(until - idle, 0.001)),
+                timeout_summary="hibernate" if hibernating else "idle timeout",
+            )
+        except TimeoutError:
+            if not hibernating:
+                raise Idle from None
+            await self.hibernate()
+            return True
+        return tried
+
+    async def hold(self) -> None:
+        """Wait out a pause of the running task, as idle: its sandbox hibernates and the session
+        ends at their timeouts, and it continues as new when suggested (paused still)."""
+        if not (self.paused and not self.cancelling and workflow.patched("bounded-pause")):
+            # Not paused; or a run begun before pauses were bounded: it waits as it did.
+            await workflow.wait_condition(lambda: not self.paused or self.cancelling)
+            return
+        since, tried = workflow.now(), False
+        while self.paused and not self.cancelling:
+            self.continue_as_new_if_suggested()
+            tried = await self.idle(lambda: not self.paused or self.cancelling, since, tried)
+        if self.hibernated and not self.cancelling:
+            await self.wake(then=SessionStatus.busy)
 
     async def hibernate(self) -> None:
         """Suspend the idle sandbox (a VM's memory saved to disk); one that cannot be
@@ -202,8 +247,9 @@ class SessionWorkflow:
             self.event(EventType.session_status, status=self.status.value),
         )
 
-    async def wake(self) -> None:
-        """Resume the hibernated sandbox, its files and processes as they were."""
+    async def wake(self, then: SessionStatus = SessionStatus.ready) -> None:
+        """Resume the hibernated sandbox, its files and processes as they were; the session
+        is ``then`` (busy when a paused task woke it)."""
         assert self.sandbox is not None
         if workflow.patched("waking-status"):
             self.status = SessionStatus.waking
@@ -215,7 +261,7 @@ class SessionWorkflow:
             summary="wake the sandbox",
             **options.WAKE,
         )
-        self.hibernated, self.status = False, SessionStatus.ready
+        self.hibernated, self.status = False, then
         await self.record(
             self.event(EventType.sandbox_woken, sandbox_id=self.sandbox.id),
             self.event(EventType.session_status, status=self.status.value),
@@ -235,9 +281,10 @@ class SessionWorkflow:
         if not self.may_continue_as_new():
             return
         assert self.sandbox is not None
+        tasks = ([self.running] if self.running else []) + [self.tasks[i] for i in self.queue]
         carried = Carried(
             sandbox=self.sandbox,
-            tasks=([self.running] if self.running else []) + [self.tasks[i] for i in self.queue],
+            tasks=[carried_task(t) for t in tasks],
             running=self.running.id if self.running else None,
             paused=self.paused,
             hibernated=self.hibernated,
@@ -247,13 +294,33 @@ class SessionWorkflow:
             preserve=self.preserve,
             dead=self.dead,
         )
-        workflow.continue_as_new(self.params.model_copy(update={"carried": carried}))
+        size, limit = len(carried.model_dump_json()), self.params.max_carried_bytes
+        # Only a running task's state can grow past the bound (the queue's prompts, the
+        # remembered ids and keys are capped): it fails, and the session goes on without it.
+        if self.running is not None and size > limit and workflow.patched("carried-size"):
+            raise ApplicationError(
+                f"the task's state ({size} bytes with the session's) is past the {limit} bytes "
+                "a session carries to its next run; split the work into smaller tasks",
+                type="CarriedStateTooLarge",
+                non_retryable=True,
+            )
+        # The preserved disk was restored by the first run: a later one never restores it.
+        workflow.continue_as_new(
+            self.params.model_copy(update={"carried": carried, "restore": None})
+        )
 
     async def provision(self) -> None:
         """The session's sandbox: the preserved one's disk on a new machine (a resumed
         session), a warm pool's VM if one is ready, else one created cold."""
-        if self.params.restore is not None:
-            await self.restore(self.params.restore)
+        kept = self.restore_from
+        if (
+            kept is None
+            and self.params.restore is not None
+            and not workflow.patched("restore-once")
+        ):
+            kept = self.params.restore  # a run begun before: every machine of it restored
+        if kept is not None:
+            await self.restore(kept)
             return
         if self.params.warm_pool and workflow.patched("pool-claim"):
             claimed = await self.claim()
@@ -331,6 +398,7 @@ class SessionWorkflow:
         sandbox = await self.make_machine(
             VmActivities.restore, request, "restore the preserved sandbox"
         )
+        self.restore_from = None
         await self.sandbox_ready(
             sandbox,
             self.event(EventType.sandbox_restored, sandbox_id=sandbox.id, preserved_id=kept.id),
@@ -465,7 +533,7 @@ class SessionWorkflow:
                 await self.plan(task)
             while not self.cancelling:
                 # A modification is taken between steps, and before the result is verified.
-                instruction = self.instructions.pop(task.id, None)
+                instruction = self.take_instruction(task.id)
                 if instruction is not None:
                     await self.revise(task, instruction=instruction)
                 elif task.position < len(task.steps):
@@ -489,7 +557,7 @@ class SessionWorkflow:
         """Run the task's next step, between steps taking a pause, a modification or a
         continue-as-new; a step that fails sends the agent back to planning."""
         check_cancelled()
-        await workflow.wait_condition(lambda: not self.paused or self.cancelling)
+        await self.hold()
         if self.cancelling or task.id in self.instructions:
             return  # a modification that came during the pause goes first
         if task.agent and task.executed >= self.params.max_steps:
@@ -699,16 +767,16 @@ class SessionWorkflow:
     # ---- updates and queries
 
     @workflow.update(name="submit_task")
+    @answering
     async def submit_task(self, submission: TaskSubmission) -> TaskRef:
-        known = self.submitted.get(submission.key) if submission.key else None
+        known = self.submission(submission)
         if known is not None:
-            task_status = self.tasks[known].status if known in self.tasks else None
-            return TaskRef(id=known, status=task_status or self.finished[known])
+            return known
         task = TaskState(id=str(workflow.uuid4()), prompt=submission.prompt)
         self.tasks[task.id] = task
         if submission.key:
             self.submitted[submission.key] = task.id
-            while len(self.submitted) > REMEMBERED_TASKS:
+            while len(self.submitted) > REMEMBERED_KEYS:
                 del self.submitted[next(iter(self.submitted))]
         # Queued only once recorded: the task's row must exist before its first step's.
         await self.record(self.event(EventType.task_queued, task_id=task.id, prompt=task.prompt))
@@ -720,11 +788,32 @@ class SessionWorkflow:
 
     @submit_task.validator
     def check_submit(self, submission: TaskSubmission) -> None:
+        # A submission sent again is answered with its task before anything else is
+        # checked: it asks for nothing new (the queue may be full, the session ending).
+        if self.submission(submission) is not None:
+            return
         self.check_open()
         if len(self.tasks) - (self.running is not None) >= MAX_QUEUED_TASKS:
             raise ValueError(f"{MAX_QUEUED_TASKS} tasks are queued already; wait for some to end")
 
+    def submission(self, submission: TaskSubmission) -> TaskRef | None:
+        """The task a submission's key queued already, or None for a new submission; a
+        ValueError for a key whose task the session no longer remembers (only a run begun
+        before keys were forgotten with their tasks kept such a key)."""
+        known = self.submitted.get(submission.key) if submission.key else None
+        if known is None:
+            return None
+        task = self.tasks.get(known)
+        status = task.status if task is not None else self.finished.get(known)
+        if status is None:
+            raise ValueError(
+                f"task {known}, queued with this Idempotency-Key, has finished; the session "
+                "no longer remembers how: the task itself says"
+            )
+        return TaskRef(id=known, status=status)
+
     @workflow.update(name="pause_task")
+    @answering
     async def pause_task(self, control: TaskControl) -> TaskRef:
         self.paused = True
         task = self.tasks[control.task_id]
@@ -736,6 +825,7 @@ class SessionWorkflow:
         self.running_task(control.task_id, TaskStatus.planning, TaskStatus.running)
 
     @workflow.update(name="resume_task")
+    @answering
     async def resume_task(self, control: TaskControl) -> TaskRef:
         self.paused = False
         task = self.tasks[control.task_id]
@@ -747,6 +837,7 @@ class SessionWorkflow:
         self.running_task(control.task_id, TaskStatus.paused)
 
     @workflow.update(name="cancel_task")
+    @answering
     async def cancel_task(self, control: TaskControl) -> TaskRef:
         task = self.tasks[control.task_id]
         if task.id in self.queue:
@@ -768,9 +859,14 @@ class SessionWorkflow:
             raise ValueError(f"task {task.id} is being queued; try again in a moment")
 
     @workflow.update(name="modify_task")
+    @answering
     async def modify_task(self, change: TaskModification) -> TaskRef:
         task = self.tasks[change.task_id]
-        self.instructions[task.id] = change.instruction
+        pending = self.instructions.setdefault(task.id, [])
+        if workflow.patched("every-modification"):
+            pending.append(change.instruction)
+        else:
+            pending[:] = [change.instruction]  # a run begun before kept the last one only
         await self.record(
             self.event(EventType.task_modified, task_id=task.id, instruction=change.instruction)
         )
@@ -779,6 +875,21 @@ class SessionWorkflow:
     @modify_task.validator
     def check_modify(self, change: TaskModification) -> None:
         self.check_cancel(TaskControl(task_id=change.task_id))
+        # Every modification is carried with its task and given to each later planning
+        # call: a task takes a bounded number of them.
+        task = self.tasks[change.task_id]
+        given = task.notes + self.instructions.get(task.id, [])
+        if len(given) >= MAX_NOTES:
+            raise ValueError(
+                f"task {task.id} has {len(given)} modifications already, the most a task "
+                "takes; cancel it and submit a new task instead"
+            )
+        chars = sum(map(len, given)) + len(change.instruction)
+        if chars > MAX_NOTES_CHARS:
+            raise ValueError(
+                f"task {task.id}'s modifications would come to {chars} characters, past the "
+                f"{MAX_NOTES_CHARS} a task takes; cancel it and submit a new task instead"
+            )
 
     @workflow.signal(name="preserve_sandbox")
     def preserve_sandbox(self) -> None:
@@ -830,6 +941,16 @@ class SessionWorkflow:
             raise ValueError(f"task {task_id} has {self.finished[task_id].value} already")
         raise ValueError(f"no task {task_id} in this session")
 
+    def take_instruction(self, task_id: str) -> str | None:
+        """The task's earliest modification not taken yet, or None."""
+        pending = self.instructions.get(task_id)
+        if not pending:
+            return None
+        instruction = pending.pop(0)
+        if not pending:
+            del self.instructions[task_id]
+        return instruction
+
     def running_task(self, task_id: str, *allowed: TaskStatus) -> None:
         self.check_open()
         task = self.known_task(task_id)
@@ -857,9 +978,14 @@ class SessionWorkflow:
         self.instructions.pop(task.id, None)
         self.finished[task.id] = status
         while len(self.finished) > REMEMBERED_TASKS:
-            del self.finished[next(iter(self.finished))]
+            forgotten = next(iter(self.finished))
+            del self.finished[forgotten]
+            # Its key goes with it: a key kept would name a task the session cannot answer.
+            for key in [k for k, v in self.submitted.items() if v == forgotten]:
+                del self.submitted[key]
         if self.running is task and not self.ending:
-            self.status = SessionStatus.ready
+            # A task cancelled while paused may leave its sandbox hibernated.
+            self.status = SessionStatus.hibernated if self.hibernated else SessionStatus.ready
             drafts.append(self.event(EventType.session_status, status=self.status.value))
         return drafts
 
@@ -889,6 +1015,14 @@ class SessionWorkflow:
             retry_policy=options.RECORD_RETRY,
             summary=", ".join(d.type for d in drafts),
         )
+
+
+def carried_task(task: TaskState) -> TaskState:
+    """A task as carried to the next run: its executed steps brief (a file's content cut
+    short), since nothing runs or plans from them again; the next planning call takes its
+    ``recent`` steps and notes."""
+    executed = [brief_step(s) for s in task.steps[: task.position]]
+    return task.model_copy(update={"steps": executed + task.steps[task.position :]})
 
 
 def claimed(handle: workflow.ActivityHandle[SandboxInfo | None]) -> SandboxInfo | None:

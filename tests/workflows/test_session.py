@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio import activity
+from temporalio import activity, workflow
 from temporalio.client import (
     Client,
     WorkflowFailureError,
@@ -23,13 +23,15 @@ from temporalio.client import (
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.models import (
     ClaimRequest,
     Plan,
     PlanRequest,
     ProgressBatch,
+    RestoreRequest,
     SandboxRequest,
     StepRequest,
     TaskVerdict,
@@ -37,8 +39,10 @@ from activities.models import (
 )
 from sandboxes.models import SandboxInfo, StepOutcome, TerminalStep
 from store.events import EventType, NewEvent
+from store.models import TaskStatus
 from tests.conftest import TEMPORAL, TEMPORAL_TEST_SERVER
 from workflows.models import (
+    Carried,
     SandboxDeath,
     SessionInput,
     TaskControl,
@@ -50,7 +54,7 @@ from workflows.session import SessionWorkflow
 
 # One recorded history per path, replayed by tests/workflows/test_replay.py; a new version of the
 # workflow adds a folder and keeps the old ones replaying.
-HISTORIES = Path(__file__).parent / "histories" / "v3"
+HISTORIES = Path(__file__).parent / "histories" / "v4"
 SHORT_HISTORY = 60
 
 
@@ -86,6 +90,7 @@ class Stubs:
         self.claimed: list[str] = []
         self.assigned: list[str] = []
         self.preserved: list[str] = []
+        self.restored: list[str] = []
         # A destroy waits for ``destroy_open`` (set); those begun are counted.
         self.destroy_open = asyncio.Event()
         self.destroy_open.set()
@@ -192,6 +197,13 @@ class Stubs:
     async def assign(self, sandbox: SandboxInfo) -> None:
         self.assigned.append(sandbox.id)
 
+    @activity.defn(name="RestoreSandbox")
+    async def restore(self, request: RestoreRequest) -> SandboxInfo:
+        if request.preserved.id in self.restored:  # as the real one: the disk went with it
+            raise ApplicationError("no kept disk", type="FileNotFoundError", non_retryable=True)
+        self.restored.append(request.preserved.id)
+        return request.preserved.model_copy(update={"id": request.sandbox_id})
+
     @activity.defn(name="PreserveSandbox")
     async def preserve(self, sandbox: SandboxInfo) -> None:
         self.preserved.append(sandbox.id)
@@ -200,6 +212,7 @@ class Stubs:
         return [
             self.provision, self.destroy, self.plan, self.verify, self.run_step, self.stop_step,
             self.record, self.hibernate, self.wake, self.claim, self.assign, self.preserve,
+            self.restore,
         ]  # fmt: skip
 
 
@@ -246,18 +259,25 @@ async def submit(client: Client, wf_id: str, prompt: str) -> TaskRef:
 
 @contextlib.asynccontextmanager
 async def running(
-    env: WorkflowEnvironment, stubs: Stubs, session: SessionInput
+    env: WorkflowEnvironment,
+    stubs: Stubs,
+    session: SessionInput,
+    kind: type[SessionWorkflow] = SessionWorkflow,
 ) -> AsyncIterator[WorkflowHandle]:  # type: ignore[type-arg]
-    """A worker with the stubs, and a session workflow started on it."""
+    """A worker with the stubs, and a session workflow (or a test's variant of it, run
+    outside the sandbox, which would re-import this module) started on it."""
     async with Worker(
         env.client,
         task_queue=stubs.queue,
-        workflows=[SessionWorkflow],
+        workflows=[kind],
         activities=stubs.all(),
         max_heartbeat_throttle_interval=timedelta(seconds=1),  # as berth/worker.py's
+        workflow_runner=(
+            SandboxedWorkflowRunner() if kind is SessionWorkflow else UnsandboxedWorkflowRunner()
+        ),
     ):
         yield await env.client.start_workflow(
-            SessionWorkflow.run, session, id=f"s-{session.session_id}", task_queue=stubs.queue
+            kind.run, session, id=f"s-{session.session_id}", task_queue=stubs.queue
         )
 
 
@@ -397,6 +417,10 @@ def save_history(name: str, history: Any) -> None:
     """With BERTH_RECORD_HISTORY=1, keep this path's history for tests/workflows/test_replay.py."""
     if os.environ.get("BERTH_RECORD_HISTORY"):
         path = HISTORIES / f"{name}.json"
+        # Write-once: a recorded history is what running workflows did; a new one goes in a
+        # new version's folder.
+        if path.exists():
+            raise FileExistsError(f"{path} is recorded already; histories are never rewritten")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(history.to_json())
 
@@ -832,3 +856,240 @@ async def test_an_end_during_the_claim_destroys_the_claimed_vm(env: WorkflowEnvi
     # ...and destroys what it handed out, without ever creating one cold.
     assert stubs.claimed == stubs.destroyed == ["warm-1"] and stubs.provisioned == []
     assert stubs.events[-1].data == {"status": "ended"}
+
+
+async def update(handle: WorkflowHandle, name: str, argument: Any) -> TaskRef:  # type: ignore[type-arg]
+    """An update, answered within ten seconds: one that wedges the session never is."""
+    ref: TaskRef = await asyncio.wait_for(
+        handle.execute_update(name, argument, result_type=TaskRef), 10
+    )
+    return ref
+
+
+async def refusal(handle: WorkflowHandle, name: str, argument: Any) -> str:  # type: ignore[type-arg]
+    """Why an update was refused (or failed), within ten seconds."""
+    with pytest.raises(WorkflowUpdateFailedError) as refused:
+        await update(handle, name, argument)
+    return str(refused.value.cause)
+
+
+async def test_a_key_resent_after_its_task_is_forgotten_is_answered(
+    env: WorkflowEnvironment,
+) -> None:
+    """As a run continued from a long session carries it: the most finished tasks it
+    remembers, a key of the oldest, and a key of a task forgotten by a run before."""
+    stubs = Stubs()
+    session = params(stubs)
+    sandbox = SandboxInfo(
+        id="up", session_id=session.session_id, provider="stub", host_id="h",
+        task_queue=stubs.queue, template="default", handle="h1",
+    )  # fmt: skip
+    finished = {f"old-{i}": TaskStatus.succeeded for i in range(100)}
+    carried = Carried(
+        sandbox=sandbox, finished=finished, submitted={"k-old": "old-0", "k-lost": "lost"}
+    )
+    async with running(env, stubs, session.model_copy(update={"carried": carried})) as handle:
+        lost = await refusal(handle, "submit_task", TaskSubmission(prompt="$ x", key="k-lost"))
+        assert "task lost, queued with this Idempotency-Key, has finished" in lost
+        again = await update(handle, "submit_task", TaskSubmission(prompt="$ x", key="k-old"))
+        assert (again.id, again.status) == ("old-0", "succeeded")
+        new = await update(handle, "submit_task", TaskSubmission(prompt="$ echo new", key="k"))
+        await until(lambda: stubs.task_statuses().get(new.id) == "succeeded")
+        # old-0 is forgotten now, and its key with it: the key queues a task of its own.
+        state = await handle.query(SessionWorkflow.state)
+        assert "old-0" not in state.finished and len(state.finished) == 100
+        fresh = await update(handle, "submit_task", TaskSubmission(prompt="$ echo 2", key="k-old"))
+        assert fresh.id != "old-0"
+        await until(lambda: stubs.task_statuses().get(fresh.id) == "succeeded")
+        await end(handle)
+    assert stubs.commands == ["echo new", "echo 2"]
+
+
+@workflow.defn(name="FaultySession")
+class FaultySession(SessionWorkflow):
+    """A session with a bug in its modify handler's path."""
+
+    def event(self, type: EventType, **data: Any) -> NewEvent:
+        if type == EventType.task_modified:
+            raise RuntimeError("a bug")
+        return super().event(type, **data)
+
+    @workflow.run
+    async def run(self, params: SessionInput) -> Any:
+        return await super().run(params)
+
+
+async def test_an_unexpected_error_in_an_update_fails_that_update_only(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    async with running(env, stubs, params(stubs), kind=FaultySession) as handle:
+        ref = await submit(env.client, handle.id, "$ wait")
+        await until(lambda: stubs.commands == ["wait"])
+        change = TaskModification(task_id=ref.id, instruction="say other")
+        why = await refusal(handle, "modify_task", change)
+        assert "modify_task failed unexpectedly (RuntimeError: a bug)" in why
+        # The session still answers, runs and ends.
+        stubs.release.set()
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await end(handle)
+    assert stubs.destroyed == stubs.provisioned
+
+
+async def test_a_resumed_session_replaces_a_dead_machine_with_a_new_one(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    session = params(stubs)
+    kept = SandboxInfo(
+        id="kept", session_id="before", provider="stub", host_id="h",
+        task_queue=stubs.queue, template="default", handle="disk",
+    )  # fmt: skip
+    async with running(env, stubs, session.model_copy(update={"restore": kept})) as handle:
+        await until(lambda: EventType.sandbox_restored in stubs.types())
+        restored = (await handle.query(SessionWorkflow.state)).sandbox
+        assert restored is not None
+        death = SandboxDeath(sandbox_id=restored.id, detail="gone")
+        await handle.signal(SessionWorkflow.sandbox_died, death)
+        ref = await submit(env.client, handle.id, "$ echo on a new machine")
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await end(handle)
+        save_history("restore-then-replace", await handle.fetch_history())
+    assert stubs.restored == ["kept"] and len(stubs.provisioned) == 1
+    assert stubs.destroyed == [restored.id, *stubs.provisioned]
+
+
+async def test_a_paused_task_lets_the_session_hibernate(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    session = params(stubs).model_copy(update={"hibernate_after_s": 0.5})
+    async with running(env, stubs, session) as handle:
+        ref = await submit(env.client, handle.id, "$ wait\n$ echo after")
+        await until(lambda: stubs.commands == ["wait"])
+        control = TaskControl(task_id=ref.id)
+        await update(handle, "pause_task", control)
+        stubs.release.set()
+        await until(lambda: EventType.sandbox_hibernated in stubs.types())
+        assert (await handle.query(SessionWorkflow.state)).status == "hibernated"
+        await update(handle, "resume_task", control)
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await end(handle)
+        save_history("pause-hibernate", await handle.fetch_history())
+    (sandbox,) = stubs.provisioned
+    assert stubs.power[:2] == [f"hibernate {sandbox}", f"wake {sandbox}"]
+    assert stubs.commands == ["wait", "echo after"]
+    statuses = [e.data["status"] for e in stubs.events if e.type == EventType.session_status]
+    assert statuses[:5] == ["ready", "busy", "hibernated", "waking", "busy"]
+
+
+async def test_a_paused_task_ends_at_the_idle_timeout(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    session = params(stubs).model_copy(update={"idle_timeout_s": 1.0})
+    async with running(env, stubs, session) as handle:
+        ref = await submit(env.client, handle.id, "$ wait\n$ echo never")
+        await until(lambda: stubs.commands == ["wait"])
+        await update(handle, "pause_task", TaskControl(task_id=ref.id))
+        stubs.release.set()
+        state = await asyncio.wait_for(handle.result(), 10)
+        save_history("pause-idle", await handle.fetch_history())
+    assert state.status == "ended" and stubs.task_statuses() == {ref.id: "cancelled"}
+    assert stubs.commands == ["wait"] and stubs.destroyed == stubs.provisioned
+
+
+async def test_a_paused_task_continues_as_new_paused(short_env: WorkflowEnvironment) -> None:
+    env = short_env
+    stubs = Stubs()
+    async with running(env, stubs, params(stubs)) as handle:
+        ref = await submit(env.client, handle.id, "$ wait\n$ echo after")
+        await until(lambda: stubs.commands == ["wait"])
+        first_run = handle.result_run_id
+        control = TaskControl(task_id=ref.id)
+        await update(handle, "pause_task", control)
+        stubs.release.set()
+        # Signals of another machine's death: ignored, but they grow the history.
+        for _ in range(SHORT_HISTORY // 3):
+            await handle.signal(
+                SessionWorkflow.sandbox_died, SandboxDeath(sandbox_id="other", detail="x")
+            )
+        latest = env.client.get_workflow_handle(handle.id)
+        async with asyncio.timeout(10):
+            while (await latest.describe()).run_id == first_run:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        state = await latest.query(SessionWorkflow.state)
+        assert [t.status for t in state.tasks] == ["paused"] and stubs.commands == ["wait"]
+        save_history("pause-continue-as-new", await env.client.get_workflow_handle(
+            handle.id, run_id=first_run).fetch_history())  # fmt: skip
+        await update(latest, "resume_task", control)
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await end(latest)
+    assert stubs.commands == ["wait", "echo after"]
+
+
+async def test_every_modification_during_a_step_is_taken_in_order(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    stubs.plans = [["wait"]]
+    async with running(env, stubs, params(stubs)) as handle:
+        ref = await submit(env.client, handle.id, "do something")
+        await until(lambda: stubs.commands == ["wait"])
+        for instruction in ("say first", "say second"):
+            change = TaskModification(task_id=ref.id, instruction=instruction)
+            await update(handle, "modify_task", change)
+        stubs.release.set()
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await end(handle)
+        save_history("modify-twice", await handle.fetch_history())
+    assert [r.instruction for r in stubs.plan_requests[1:]] == ["say first", "say second"]
+    assert stubs.plan_requests[-1].notes == ["say first", "say second"]
+    assert stubs.commands == ["wait", "echo second"]
+
+
+async def test_a_task_takes_a_bounded_number_and_size_of_modifications(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    async with running(env, stubs, params(stubs)) as handle:
+        ref = await submit(env.client, handle.id, "$ wait")
+        await until(lambda: stubs.commands == ["wait"])
+        long = "say " + "x" * 19_996
+        for _ in range(2):
+            await update(handle, "modify_task", TaskModification(task_id=ref.id, instruction=long))
+        why = await refusal(
+            handle, "modify_task", TaskModification(task_id=ref.id, instruction="say more")
+        )
+        assert "modifications would come to 40008 characters, past the 40000" in why
+        await update(handle, "cancel_task", TaskControl(task_id=ref.id))
+        other = await submit(env.client, handle.id, "$ wait")
+        await until(lambda: stubs.commands == ["wait", "wait"])
+        for n in range(10):
+            change = TaskModification(task_id=other.id, instruction=f"say {n}")
+            await update(handle, "modify_task", change)
+        why = await refusal(handle, "modify_task", change)
+        assert f"task {other.id} has 10 modifications already, the most a task takes" in why
+        await end(handle)
+
+
+async def test_a_task_too_large_to_carry_fails_and_the_session_goes_on(
+    short_env: WorkflowEnvironment,
+) -> None:
+    env = short_env
+    stubs = Stubs()
+    stubs.plans = [[f"echo {i} {'x' * 700}" for i in range(45)]]
+    session = params(stubs).model_copy(update={"max_carried_bytes": 20_000})
+    async with running(env, stubs, session) as handle:
+        big = await submit(env.client, handle.id, "many long steps")
+        await until(lambda: stubs.task_statuses().get(big.id) == "failed")
+        first_run = handle.result_run_id
+        after = await submit(env.client, handle.id, "$ echo after")
+        await until(lambda: stubs.task_statuses().get(after.id) == "succeeded")
+        latest = env.client.get_workflow_handle(handle.id)
+        assert (await latest.describe()).run_id != first_run, "never continued as new"
+        save_history("carried-too-large", await env.client.get_workflow_handle(
+            handle.id, run_id=first_run).fetch_history())  # fmt: skip
+        await end(latest)
+    failed = next(
+        e.data
+        for e in stubs.events
+        if e.type == EventType.task_status and e.data["status"] == "failed"
+    )
+    assert "past the 20000 bytes a session carries to its next run" in failed["error"]
