@@ -15,8 +15,10 @@ from temporalio.testing import ActivityEnvironment
 
 from guest_agent.execution import Execution
 from guest_agent.terminal import run_command
+from guest_agent.user import WORKSPACE
 from sandboxes.models import TerminalStep
 from sandboxes.policy import CommandPolicy, judge, load_policy
+from sandboxes.policy.shell import parse
 from store import events
 from store.events import EventType
 from tests.activities.test_run_step import link_activities, sqlite_engine, step_request
@@ -63,12 +65,12 @@ BYPASSES = [
     ("sed-in-place-outside", "sed -i s/a/b/ /etc/hosts", "outside the workspace"),
     ("perl-e", "perl -e 'exec \"sh\"'", "`perl` is not an allowed program"),
     ("node-e", "node -e 'require(\"child_process\")'", "`node` is not an allowed program"),
-    ("tar-to-command", "tar -xf a.tar --to-command=sh", "--to-command"),
-    ("tar-to-command-prefix", "tar -xf a.tar --to-com=sh", "--to-command"),
+    ("tar-to-command", "tar -tf a.tar --to-command=sh", "--to-command"),
+    ("tar-to-command-prefix", "tar -tf a.tar --to-com=sh", "--to-command"),
     ("tar-checkpoint", "tar -cf a.tar --checkpoint=1 --checkpoint-action=exec=sh .", "checkpoint"),
-    ("tar-bundled-I", "tar xIf sh a.tar", "`-I`"),
-    ("tar-use-compress", "tar --use-compress-program=sh -xf a.tar", "--use-compress-program"),
-    ("tar-extract-root", "tar -xf a.tar -C /", "outside the workspace"),
+    ("tar-bundled-I", "tar tIf sh a.tar", "`-I`"),
+    ("tar-use-compress", "tar --use-compress-program=sh -tf a.tar", "--use-compress-program"),
+    ("tar-list-root", "tar -tf a.tar -C /", "outside the workspace"),
     ("git-c-pager", "git -c core.pager=sh log", "git -c"),
     ("git-config-alias", "git config alias.x '!sh'", "alias.x"),
     ("git-upload-pack", "git clone --upload-pack=sh x y", "--upload-pack"),
@@ -200,11 +202,11 @@ BYPASSES = [
     ("python-venv-outside", "python3 -m venv /opt/v", "outside the workspace"),
     ("python-pytest", "python3 -m pytest --basetemp=/etc", "pytest"),
     ("python-hash-pycs", "python3 --check-hash-based-pycs always /usr/lib/x.py", "check-hash"),
-    ("tar-rmt-command", "tar -xf a.tar --rmt-command=sh", "--rmt-command"),
-    ("tar-rsh-command", "tar -xf h:a.tar --rsh-command=sh", "--rsh-command"),
-    ("tar-use-compress-prefix", "tar -xf a.tar --use-comp sh", "--use-compress-program"),
-    ("tar-I", "tar -I sh -xf a.tar", "tar -I"),
-    ("tar-to-command-space", "tar -xf a.tar --to-command sh", "--to-command"),
+    ("tar-rmt-command", "tar -tf a.tar --rmt-command=sh", "--rmt-command"),
+    ("tar-rsh-command", "tar -tf h:a.tar --rsh-command=sh", "--rsh-command"),
+    ("tar-use-compress-prefix", "tar -tf a.tar --use-comp sh", "--use-compress-program"),
+    ("tar-I", "tar -I sh -tf a.tar", "tar -I"),
+    ("tar-to-command-space", "tar -tf a.tar --to-command sh", "--to-command"),
     ("tar-checkpoint-action-prefix", "tar -cf a.tar --checkpoint-ac=exec=sh .", "checkpoint"),
     ("curl-write-out", "curl -w '%output{/etc/x}' http://h/", "curl -w"),
     ("curl-write-out-long", "curl --write-out x http://h/", "--write-out"),
@@ -217,6 +219,38 @@ BYPASSES = [
     ("pip-python", "pip --python /usr/bin/python3 install x", "--python"),
     ("python-m-pip-python", "python3 -m pip --python=/tmp/p install x", "--python"),
     ("non-ascii-digit-fd", "echo \u00b2>/etc/x", "outside the workspace"),
+    # Issue 16: the policy's parse is the shell's parse.
+    ("find-dashdash-exec", "find -- . -maxdepth 0 -exec bash -c id ';'", "find -exec"),
+    ("find-dashdash-delete", "find -- . -delete", "find -delete"),
+    ("find-dashdash-fprintf", "find -- . -fprintf /etc/x %p", "find -fprintf"),
+    ("glob-empty-quotes-tar", "tar cf a.tar ''*", "starts with a wildcard"),
+    ("glob-empty-dquotes-sed", 'sed -n p ""*', "starts with a wildcard"),
+    ("glob-empty-quotes-python", "python3 ''*", "starts with a wildcard"),
+    ("glob-empty-quotes-question", "tar cf a.tar ''?", "starts with a wildcard"),
+    ("glob-empty-quotes-bracket", "python3 ''[-]c", "starts with a wildcard"),
+    ("glob-escaped-empty-mix", "sed -n p ''\"\"*x", "starts with a wildcard"),
+    ("sed-in-place-suffix-dir", "sed '-i/var/tmp/*' p f", "another directory"),
+    ("sed-in-place-cluster-suffix", "sed -ni../x p f", "another directory"),
+    ("sed-in-place-long-suffix", "sed '--in-place=/var/tmp/*' p f", "another directory"),
+    ("sed-in-place-prefix-suffix", "sed --in=/tmp/x/ p f", "another directory"),
+    ("chmod-equals-octal", "chmod =4755 x", "setuid"),
+    ("chmod-plus-octal", "chmod +6000 x", "setuid and setgid"),
+    ("chmod-option-mode", "chmod -w,u+s x", "setuid"),
+    ("chmod-option-mode-after", "chmod x -w,g+s", "setgid"),
+    ("chmod-unreadable", "chmod u+q x", "not a file mode"),
+    ("chmod-reference", "chmod --reference=x y", "--reference"),
+    ("mkdir-mode-setuid", "mkdir -m 4777 d", "setuid"),
+    ("mkdir-mode-cluster", "mkdir -pm2755 d", "setgid"),
+    ("mkdir-mode-long", "mkdir --mode=o+t d", "sticky"),
+    ("mkdir-mode-long-prefix", "mkdir --mo u+s d", "setuid"),
+    ("cd-oldpwd", "cd - && rm -rf etc", "`cd -`"),
+    ("cd-option-home", "cd sub && cd -P && rm -r ../x", "cd -P"),
+    ("cd-glob", "cd .? && rm -r ../x", "glob"),
+    ("tar-extract", "tar -xf a.tar", "tar -xf"),
+    ("tar-extract-bundled", "tar xzf a.tgz", "symbolic link"),
+    ("tar-extract-long", "tar --extract -f a.tar", "--extract"),
+    ("tar-extract-get-prefix", "tar --ge -f a.tar", "--get"),
+    ("cp-symlink", "cp -s /home/berth/a l", "cp -s"),
 ]
 ALLOWED = [
     "ls -la /",
@@ -271,6 +305,13 @@ ALLOWED = [
     "rm -f -- ./-x",
     "ls ./*.txt",
     "grep -rn alpha .\nwc -c notes.txt",
+    "find -- . -name '*.txt'",
+    "sed -i.bak s/alpha/ALPHA/ notes.txt && sed --in-place=.b2 s/a/b/ notes.txt.bak",
+    "sed -i'old_*' s/x/y/ notes.txt",
+    "chmod -w,u+x notes.txt && chmod u+w notes.txt",
+    "chmod a-s,go=u-w,+X notes.txt && chmod 0644 notes.txt",
+    "mkdir -m 750 d1 && mkdir -pm u=rwx,go= d2/e",
+    "tar -tzf a.tgz notes.txt",
 ]
 
 
@@ -302,6 +343,21 @@ def test_edge_words_get_a_verdict_not_an_exception() -> None:
     assert judge("git status --short", POLICY).allowed
     assert judge("python3 -m venv .venv", POLICY).allowed
     assert "`/etc`" in judge("ls", POLICY, cwd="/etc").reason
+
+
+def test_the_template_home_is_the_step_users_workspace() -> None:
+    assert POLICY.home == WORKSPACE == CommandPolicy(programs={}).home
+    assert WORKSPACE in POLICY.workspace
+
+
+def test_a_tilde_expands_where_bash_expands_it() -> None:
+    """At a word's start, and after the first `=` and each `:` of an assignment-shaped word
+    (which bash expands even as an argument)."""
+    (command,) = parse("echo ~ a=~/x b+=x:~ 1a=~ a=b=~ x:~ '~' a=''~")[0].commands
+    home = "\0HOME\0"
+    texts = [w.text for w in command.words[1:]]
+    assert texts == [home, f"a={home}/x", f"b+=x:{home}", "1a=~", "a=b=~", "x:~", "~", "a=~"]
+    assert "another user's home" in judge("echo a=~root", POLICY).reason
 
 
 def workspace_policy(workspace: Path) -> CommandPolicy:
