@@ -256,7 +256,7 @@ def special_bits(mode: str) -> list[str]:
     is not one GNU chmod reads."""
     if mode[:1].isascii() and mode[:1].isdigit():
         if not all(c in "01234567" for c in mode) or int(mode, 8) > 0o7777:
-            raise ValueError("an octal mode is at most 7777")
+            raise ValueError("an octal mode has the digits 0 to 7 and is at most 7777")
         return [name for name, bit in SPECIAL if int(mode, 8) & bit]
     bits = 0
     for clause in mode.split(","):
@@ -270,8 +270,10 @@ def special_bits(mode: str) -> list[str]:
                 raise ValueError(f"`{op}` is not `+`, `-` or `=`")
             digits = rest[: len(rest) - len(rest.lstrip("01234567"))]
             if digits:
-                if who or int(digits, 8) > 0o7777:
+                if who:
                     raise ValueError("octal digits after `+`, `-` or `=` take no `ugoa`")
+                if int(digits, 8) > 0o7777:
+                    raise ValueError("an octal mode is at most 7777")
                 value, rest = int(digits, 8), rest[len(digits) :]
             elif rest[:1] and rest[0] in "ugo":
                 value, rest = 0, rest[1:]  # a copy of another class's rwx bits

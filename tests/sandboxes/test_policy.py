@@ -5,6 +5,7 @@ terminal; and RunStep refusing a command before the guest sees it."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from guest_agent.terminal import run_command
 from guest_agent.user import WORKSPACE
 from sandboxes.models import TerminalStep
 from sandboxes.policy import CommandPolicy, judge, load_policy
+from sandboxes.policy.programs import SPECIAL, special_bits
 from sandboxes.policy.shell import parse
 from store import events
 from store.events import EventType
@@ -127,3 +129,30 @@ async def test_run_step_refuses_before_the_guest_sees_the_command(
         allowed = request.model_copy(update={"step": TerminalStep(command="echo fine")})
         outcome = await ActivityEnvironment().run(activities.run_step, allowed)
         assert outcome.ok and len(link.agent.executions) == 1
+
+
+MODES = [
+    *("4755", "04755", "2755", "1777", "755", "0", "7777", "07777", "17777", "8", "79"),
+    *("=4755", "+6000", "-6000", "+1000", "=0", "-w,u+s", "u=rwx,g+s", "g-s,u+s", "o+s"),
+    *("o+t", "u+t", "+t", "a+X", "go=u-w", "u+s,u-s", "a=rwxst", "ug+s", "=", "+", "u=g"),
+    *("u+4000", "u+q", "", "u", "+90", "u+s,", ",u+s", "rwx", "u+rw+s", "+s-s", "g=u+s"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_mode_reader_agrees_with_gnu_chmod(tmp_path: Path, mode: str) -> None:
+    """special_bits says what real chmod does: which special bits a mode sets on a plain
+    file, and which modes it cannot read."""
+    target = tmp_path / "f"
+    target.write_text("")
+    target.chmod(0o644)
+    done = subprocess.run(["chmod", "--", mode, str(target)], capture_output=True, check=False)
+    try:
+        mine = special_bits(mode)
+    except ValueError:
+        assert done.returncode != 0, f"chmod reads `{mode}`; the policy refuses it as unreadable"
+        return
+    assert done.returncode == 0, f"the policy reads `{mode}`, chmod does not: {done.stderr!r}"
+    bits = target.stat().st_mode
+    set_now = [name for name, bit in SPECIAL if bits & bit]
+    assert set(set_now) <= set(mine), f"`{mode}` set {set_now}; the reader said {mine}"
