@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sandboxes.policy.programs import CHECKS
+from sandboxes.policy.programs import CHECKS, check_mode
 from sandboxes.policy.rules import ProgramRule, Refused
 from sandboxes.policy.shell import Word
 
@@ -73,7 +73,7 @@ class Arguments:
                 self.operands[0],
                 f"is not an allowed subcommand; allowed: {', '.join(rule.subcommands)}",
             )
-        if rule.check is not None and rule.check != "cd":
+        if rule.check is not None:
             CHECKS[rule.check](self)
         return None
 
@@ -160,7 +160,7 @@ class Arguments:
 
     def valued(self, flag: str, long: bool) -> str | None:
         """The option's name if its value is checked (a file written, or one of a list)."""
-        for known in [*self.rule.write_options, *self.rule.option_values]:
+        for known in [*self.rule.write_options, *self.rule.option_values, *self.rule.mode_options]:
             if known == flag or (long and known.startswith("--") and known.startswith(flag)):
                 return known
         return None
@@ -171,6 +171,8 @@ class Arguments:
         return self.args[i + 1].text
 
     def value(self, option: str, value: str) -> None:
+        if option in self.rule.mode_options:
+            return check_mode(self, value)
         allowed = self.rule.option_values.get(option)
         if allowed is not None:
             if self.rule.script:
@@ -180,14 +182,20 @@ class Arguments:
                     f"{option} {value}",
                     f"is refused by this policy; `{option}` may be one of: {', '.join(allowed)}",
                 )
-            return
-        self.judge.inside(value, f"`{self.program} {option} {value}`")
+            return None
+        return self.judge.inside(value, f"`{self.program} {option} {value}`")
 
     def path_like(self, value: str, text: str) -> None:
         if self.rule.paths != "any":
             self.judge.inside(value, f"`{self.program} {text}`")
 
 
+TAR_EXTRACT = (
+    ": an archive can hold a symbolic link out of the workspace (`root -> /`) that later "
+    "paths would go through unseen; unpack it with a script (Python's tarfile with "
+    "filter='data' refuses such links)"
+)
+SYMLINK = ": a symbolic link would lead later paths out of the workspace unseen"
 ADVICE = {
     "python3 -c": "; it runs inline code: write a script file and run it",
     "-exec": "; it runs other programs: list the files, then act on them in their own steps",
@@ -203,4 +211,10 @@ ADVICE = {
     "--receive-pack": "; it runs a program of the caller's choice",
     "git -c": "; it sets configuration (pagers, aliases, hooks) for one command",
     "--no-preserve-root": "; it would let rm remove the root directory",
+    "tar -x": TAR_EXTRACT,
+    "--extract": TAR_EXTRACT,
+    "--get": TAR_EXTRACT,
+    "cp -s": SYMLINK,
+    "--symbolic-link": SYMLINK,
+    "--reference": "; give the mode itself",
 }

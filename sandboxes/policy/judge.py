@@ -10,6 +10,7 @@ plain, inspectable commands.
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 
 from pydantic import BaseModel
@@ -130,8 +131,7 @@ class Judge:
     def expand(self, word: Word) -> Word:
         if "\0HOME\0" not in word.text:
             return word
-        text = word.text.replace("\0HOME\0", self.policy.home)
-        return Word(text, word.glob, word.assignment, word.wildcard_first)
+        return dataclasses.replace(word, text=word.text.replace("\0HOME\0", self.policy.home))
 
     def resolve(self, path: str) -> set[str]:
         return {posixpath.normpath(posixpath.join(cwd, path)) for cwd in self.cwds}

@@ -1,6 +1,8 @@
 """The per-program languages a policy can check, written in code: sed scripts (only editing
-commands), chmod modes (no special bits) and git (no global options, `git config` only for
-the listed keys). A program's rule names its check (``check = "sed"``); CHECKS maps the names.
+commands, backups beside their files), file modes (no special bits: chmod's, and every option
+value that is a mode), find's expression (wherever it is), cd (a named directory only) and
+git (no global options, `git config` only for the listed keys). A program's rule names its
+check (``check = "sed"``); CHECKS maps the names.
 """
 
 from __future__ import annotations
@@ -47,12 +49,15 @@ def check_sed(args: Arguments) -> None:
                 value = next_word()
             if option == "--expression":
                 scripts.append(value)
-            in_place = in_place or option == "--in-place"
+            if option == "--in-place":
+                in_place = True
+                backup_suffix(args, text, value)
         else:
             for j, letter in enumerate(text[1:], start=1):
                 if letter == "i":
                     in_place = True
-                    break  # the rest is a backup suffix
+                    backup_suffix(args, text, text[j + 1 :])
+                    break
                 if letter in "efl":  # the rest of the word, or the next word, is the value
                     value = text[j + 1 :] or next_word()
                     if letter == "e":
@@ -65,6 +70,19 @@ def check_sed(args: Arguments) -> None:
     if in_place:
         for operand in operands:
             args.judge.inside(operand, f"`sed -i {operand}`")
+
+
+def backup_suffix(args: Arguments, text: str, suffix: str) -> None:
+    """GNU sed names the backup of an edited file by its suffix, with each `*` replaced by
+    the file's name: a suffix with `/` (`-i/var/tmp/*`) puts the backup, the file's old
+    content, in another directory. Without `/` it stays beside the file, whose directory is
+    checked."""
+    if "/" in suffix:
+        raise args.refuse(
+            text,
+            "names a backup in another directory (its suffix has a `/`), which this policy "
+            "refuses; use a plain suffix such as `-i.bak`",
+        )
 
 
 # GNU sed's long options; True for those that must have a value (--in-place takes one only
@@ -197,14 +215,110 @@ SED_WHY = {
 
 
 def check_chmod(args: Arguments) -> None:
-    """No set-user-ID, set-group-ID or sticky bits: a mode operand is the first operand."""
-    if not args.operands:
-        return
-    mode = args.operands[0]
-    # An octal mode's digits before the last three are the special bits, however padded.
-    special = "s" in mode or "t" in mode or (is_number(mode) and len(mode.lstrip("0")) >= 4)
+    """The mode chmod is given holds no special bits. GNU chmod reads a word such as `-w`,
+    `-w,u+s` or `-6000` (before any `--`) as the mode, joining several with commas, and
+    only when there is none is its first operand the mode."""
+    modes: list[str] = []
+    operands: list[str] = []
+    options_ended = False
+    for text in (a.text for a in args.args):
+        if options_ended or text == "-" or not text.startswith("-"):
+            operands.append(text)
+        elif text == "--":
+            options_ended = True
+        elif not text.startswith("--") and not set(text[1:]) <= set(CHMOD_FLAGS):
+            modes.append(text)
+    for mode in modes or operands[:1]:
+        check_mode(args, mode)
+
+
+CHMOD_FLAGS = "Rcfv"  # chmod's short options that take no value; other letters make a mode
+
+
+def check_mode(args: Arguments, mode: str) -> None:
+    """Refuse a file mode (chmod's, mkdir -m's) that sets the setuid, setgid or sticky bit,
+    or that this reader cannot read the way GNU does."""
+    try:
+        special = special_bits(mode)
+    except ValueError as exc:
+        raise args.refuse(mode, f"is not a file mode this policy can read ({exc})") from None
     if special:
-        raise args.refuse(mode, "sets the setuid, setgid or sticky bit, which this policy refuses")
+        raise args.refuse(mode, f"sets the {' and '.join(special)} bit, which this policy refuses")
+
+
+SPECIAL = (("setuid", 0o4000), ("setgid", 0o2000), ("sticky", 0o1000))
+
+
+def special_bits(mode: str) -> list[str]:
+    """The special bits (setuid, setgid, sticky) a GNU file mode may set: octal (`4755`), or
+    symbolic clauses joined by commas, each `[ugoa]*` then one or more `[-+=]` actions of
+    `rwxXst` letters, one of `ugo` (a copy) or octal digits. Raises ValueError if the mode
+    is not one GNU chmod reads."""
+    if mode[:1].isascii() and mode[:1].isdigit():
+        if not all(c in "01234567" for c in mode) or int(mode, 8) > 0o7777:
+            raise ValueError("an octal mode has the digits 0 to 7 and is at most 7777")
+        return [name for name, bit in SPECIAL if int(mode, 8) & bit]
+    bits = 0
+    for clause in mode.split(","):
+        who = clause[: len(clause) - len(clause.lstrip("ugoa"))]
+        rest = clause[len(who) :]
+        if not rest:
+            raise ValueError(f"the clause `{clause}` has no `+`, `-` or `=`")
+        while rest:
+            op, rest = rest[0], rest[1:]
+            if op not in "+-=":
+                raise ValueError(f"`{op}` is not `+`, `-` or `=`")
+            digits = rest[: len(rest) - len(rest.lstrip("01234567"))]
+            if digits:
+                if who:
+                    raise ValueError("octal digits after `+`, `-` or `=` take no `ugoa`")
+                if int(digits, 8) > 0o7777:
+                    raise ValueError("an octal mode is at most 7777")
+                value, rest = int(digits, 8), rest[len(digits) :]
+            elif rest[:1] and rest[0] in "ugo":
+                value, rest = 0, rest[1:]  # a copy of another class's rwx bits
+            else:
+                perms = rest[: len(rest) - len(rest.lstrip("rwxXst"))]
+                value, rest = perm_bits(who, perms), rest[len(perms) :]
+            if op != "-":
+                bits |= value
+    return [name for name, bit in SPECIAL if bits & bit]
+
+
+def perm_bits(who: str, perms: str) -> int:
+    """The special bits that `s` and `t` stand for, for the classes ``who`` names (GNU:
+    `s` sets setuid for u and setgid for g; `t` is sticky for o; no class means all)."""
+    every = not who or "a" in who
+    value = 0
+    if "s" in perms:
+        value |= 0o4000 if every or "u" in who else 0
+        value |= 0o2000 if every or "g" in who else 0
+    if "t" in perms and (every or "o" in who):
+        value |= 0o1000
+    return value
+
+
+def check_find(args: Arguments) -> None:
+    """GNU find reads its expression after `--` too (`find -- . -exec ...`): every word is
+    held to the refused primaries, wherever it stands."""
+    for arg in args.args:
+        if arg.text in args.rule.forbid:
+            raise args.refuse(arg.text, "is refused by this policy" + args.advice(arg.text))
+
+
+def check_cd(args: Arguments) -> None:
+    """`cd` to a named directory only: `cd -` goes to $OLDPWD, which the judge cannot know
+    (busybox exports OLDPWD=/), a lone option goes home, and a glob may expand to `..` or to
+    several directories; later paths would be judged from the wrong place."""
+    for arg in args.args:
+        if arg.text.startswith("-"):
+            raise args.refuse(
+                arg.text,
+                "is refused by this policy: `cd -` goes to the previous directory and "
+                "options change where cd goes; name the directory",
+            )
+        if arg.glob:
+            raise args.refuse(arg.text, "is a glob; name the directory")
 
 
 def check_git(args: Arguments) -> None:
@@ -235,4 +349,10 @@ def check_git(args: Arguments) -> None:
         )
 
 
-CHECKS = {"sed": check_sed, "chmod": check_chmod, "git": check_git}
+CHECKS = {
+    "sed": check_sed,
+    "chmod": check_chmod,
+    "find": check_find,
+    "cd": check_cd,
+    "git": check_git,
+}

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 import vm_templates
+from guest_agent.user import WORKSPACE
 
 POLICY_FILE = "policy.toml"
 
@@ -32,6 +33,9 @@ class ProgramRule(BaseModel):
     write_options: list[str] = Field(
         default=[], description="options whose value is a file written: it must be in the workspace"
     )
+    mode_options: list[str] = Field(
+        default=[], description="options whose value is a file mode: no setuid, setgid, sticky"
+    )
     option_values: dict[str, list[str]] = Field(
         default={}, description="options allowed only with one of these values"
     )
@@ -45,7 +49,7 @@ class ProgramRule(BaseModel):
     # tar: the first word is an option cluster even without a dash (`tar xzf a.tgz`).
     bundled_first_arg: bool = False
     # A check of the program's own language, written in code (sed scripts, chmod modes...).
-    check: Literal["sed", "chmod", "git", "cd"] | None = None
+    check: Literal["sed", "chmod", "find", "git", "cd"] | None = None
     config_keys: list[str] = Field(default=[], description="git: keys `git config` may set")
 
 
@@ -53,8 +57,8 @@ class CommandPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "default"
-    home: str = Field(default="/root", description="the guest's home and working directory")
-    workspace: list[str] = Field(default=["/root", "/tmp"], description="where writes may go")
+    home: str = Field(default=WORKSPACE, description="the guest's home and working directory")
+    workspace: list[str] = Field(default=[WORKSPACE, "/tmp"], description="where writes may go")
     allow_chaining: bool = True  # ; && || and newlines between commands
     allow_pipes: bool = True
     allow_background: bool = False  # a trailing or joining `&`

@@ -33,8 +33,11 @@ class Word:
     text: str  # after quote removal
     glob: bool = False  # an unquoted * ? or [ : bash may expand it to file names
     assignment: bool = False  # NAME=value before any quoting: a variable assignment
-    # Starts with an unquoted wildcard or is a glob starting with `-`: may expand to "-x".
+    # A glob whose expansion may start with `-` (a file named like an option): its first
+    # unquoted wildcard comes before any literal character (`*`, `''*`, `""?`), or its
+    # literal text starts with `-` (`-*`, `'-'*`).
     wildcard_first: bool = False
+    spelled: str = ""  # the word as written in the command line, quotes and all
 
 
 @dataclass
@@ -135,9 +138,13 @@ class Lexer:
         chars: list[str] = []
         glob = wildcard_first = assignment = False
         unquoted_prefix = True  # every character so far was unquoted (for NAME= detection)
+        # Where bash expands an unquoted `~`: at the word's start, and in a word shaped like an
+        # assignment (even as an argument, `x=~/a`) after its first `=` and after each `:`.
+        tilde_here = True
         start = self.i
         while self.i < len(self.text):
             ch = self.peek()
+            tilde_next = False
             if ch in " \t\n" or ch in OPERATOR_CHARS:
                 break
             if ch == "'":
@@ -174,9 +181,10 @@ class Lexer:
                     f"an unquoted `{ch}` (brace expansion or a command group) is not "
                     "accepted by this policy; quote it or list the words one by one"
                 )
-            elif ch == "~" and self.i == start:
+            elif ch == "~" and tilde_here:
                 nxt = self.peek(1)
-                if nxt not in ("", "/", " ", "\t", "\n") and nxt not in OPERATOR_CHARS:
+                ends = ("", "/", " ", "\t", "\n", *((":",) if assignment else ()))
+                if nxt not in ends and nxt not in OPERATOR_CHARS:
                     raise ShellSyntaxRefused(
                         f"`~{nxt}...` expands to another user's home or a directory stack "
                         "entry; write the path out"
@@ -186,23 +194,28 @@ class Lexer:
             else:
                 if ch in GLOB_CHARS:
                     glob = True
-                    wildcard_first = wildcard_first or self.i == start
+                    # Nothing literal before it: the expansion may begin with any character.
+                    wildcard_first = wildcard_first or not "".join(chars)
                 if ch == "=" and unquoted_prefix and not assignment:
                     name = "".join(chars).removesuffix("+")
                     assignment = name.isidentifier() and name.isascii()
+                    tilde_next = assignment
+                tilde_next = tilde_next or (ch == ":" and assignment)
                 chars.append(ch)
                 self.i += 1
-            # A word of digits right before < or > is the file descriptor of a redirection.
+            tilde_here = tilde_next
         text = "".join(chars)
         nxt = self.peek()
         spelled = self.text[start : self.i]
+        # A word of digits right before < or > is the file descriptor of a redirection.
         if nxt in ("<", ">") and spelled.isascii() and spelled.isdigit():
             self.operator(int(text))
             return
-        if self.text[start : self.i] in ("[", "]"):
+        if spelled in ("[", "]"):
             glob = wildcard_first = False  # `[ -f x ]`: a lone bracket is the test builtin
-        wildcard_first = wildcard_first or (glob and text.startswith("-"))  # `--*`, `-*`
-        self.tokens.append(Token("word", word=Word(text, glob, assignment, wildcard_first)))
+        wildcard_first = glob and (wildcard_first or text.startswith("-"))  # `--*`, `-*`
+        word = Word(text, glob, assignment, wildcard_first, spelled)
+        self.tokens.append(Token("word", word=word))
 
     def double_quoted(self) -> str:
         out: list[str] = []

@@ -5,6 +5,7 @@ terminal; and RunStep refusing a command before the guest sees it."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,263 +16,20 @@ from temporalio.testing import ActivityEnvironment
 
 from guest_agent.execution import Execution
 from guest_agent.terminal import run_command
+from guest_agent.user import WORKSPACE
 from sandboxes.models import TerminalStep
 from sandboxes.policy import CommandPolicy, judge, load_policy
+from sandboxes.policy.programs import SPECIAL, special_bits
+from sandboxes.policy.shell import parse
 from store import events
 from store.events import EventType
 from tests.activities.test_run_step import link_activities, sqlite_engine, step_request
 from tests.guest_agent.test_agent import guest_link
+from tests.sandboxes.policy_corpus import ALLOWED, BYPASSES
 
 __all__ = ["sqlite_engine"]  # a fixture, used by name
 
 POLICY = load_policy("default")
-
-# (id, command, a piece of the reason that names what was refused)
-BYPASSES = [
-    ("python-c", "python3 -c 'import os; os.system(\"id\")'", "python3 -c"),
-    ("python-c-cluster", "python3 -Bc 'print(1)'", "-c"),
-    ("python-stdin", "echo 'print(1)' | python3", "without a script file"),
-    ("python-dash", "python3 - < x.py", "without a script file"),
-    ("python-m-http", "python3 -m http.server", "http.server"),
-    ("python-m-attached", "python3 -mhttp.server", "http.server"),
-    ("python-abs-script", "python3 /usr/lib/python3.11/http/server.py", "outside the workspace"),
-    ("python-path", "/usr/bin/python3 -c 1", "by its path"),
-    ("python2", "python -c 1", "`python` is not an allowed program"),
-    ("bash-c", "bash -c 'rm -rf /'", "`bash` is not an allowed program"),
-    ("sh", "sh x.sh", "`sh` is not an allowed program"),
-    ("sh-pipe", "cat x.sh | sh", "`sh` is not an allowed program"),
-    ("env-cmd", "env X=1 ls", "`env` takes at most 0 arguments"),
-    ("env-i", "env -i bash", "`env` takes at most 0 arguments"),
-    ("assign-path", "PATH=/tmp ls", "`PATH`"),
-    ("assign-ld-preload", "LD_PRELOAD=/tmp/x.so ls", "`LD_PRELOAD`"),
-    ("assign-alone", "X=1", "`X`"),
-    ("assign-append", "PATH+=:/tmp ls", "`PATH`"),
-    ("find-exec", "find . -exec rm {} ;", "{"),
-    ("find-exec-quoted", "find . -exec rm '{}' ';'", "find -exec"),
-    ("find-execdir", "find . -execdir sh -c id ';'", "find -execdir"),
-    ("find-ok", "find . -ok rm '{}' ';'", "find -ok"),
-    ("find-delete", "find / -delete", "find -delete"),
-    ("find-fprint", "find . -fprint /etc/x", "find -fprint"),
-    ("xargs", "ls | xargs rm", "`xargs` is not an allowed program"),
-    ("awk-system", "awk 'BEGIN{system(\"id\")}'", "`awk` is not an allowed program"),
-    ("sed-e-command", "sed '1e id' f.txt", "the `e` command"),
-    ("sed-s-e-flag", "sed 's/x/id/e' f.txt", "`s///e`"),
-    ("sed-w-file", "sed -n 'w /etc/passwd' f.txt", "the `w` command"),
-    ("sed-s-w-flag", "sed 's/a/b/w out' f.txt", "`s///w`"),
-    ("sed-W", "sed -e p -e 'W x' f.txt", "the `W` command"),
-    ("sed-script-file", "sed -f evil.sed f.txt", "sed -f"),
-    ("sed-in-place-outside", "sed -i s/a/b/ /etc/hosts", "outside the workspace"),
-    ("perl-e", "perl -e 'exec \"sh\"'", "`perl` is not an allowed program"),
-    ("node-e", "node -e 'require(\"child_process\")'", "`node` is not an allowed program"),
-    ("tar-to-command", "tar -xf a.tar --to-command=sh", "--to-command"),
-    ("tar-to-command-prefix", "tar -xf a.tar --to-com=sh", "--to-command"),
-    ("tar-checkpoint", "tar -cf a.tar --checkpoint=1 --checkpoint-action=exec=sh .", "checkpoint"),
-    ("tar-bundled-I", "tar xIf sh a.tar", "`-I`"),
-    ("tar-use-compress", "tar --use-compress-program=sh -xf a.tar", "--use-compress-program"),
-    ("tar-extract-root", "tar -xf a.tar -C /", "outside the workspace"),
-    ("git-c-pager", "git -c core.pager=sh log", "git -c"),
-    ("git-config-alias", "git config alias.x '!sh'", "alias.x"),
-    ("git-upload-pack", "git clone --upload-pack=sh x y", "--upload-pack"),
-    ("git-exec-path", "git --exec-path=. status", "--exec-path"),
-    ("git-C", "git -C /etc status", "git -C"),
-    ("git-subcommand", "git difftool", "`git difftool` is not an allowed subcommand"),
-    ("ssh-proxy", "ssh -o ProxyCommand=sh host", "`ssh` is not an allowed program"),
-    ("vim-c", "vim -c ':!sh'", "`vim` is not an allowed program"),
-    ("less", "less /etc/passwd", "`less` is not an allowed program"),
-    ("man", "man ls", "`man` is not an allowed program"),
-    ("timeout", "timeout 5 sh", "`timeout` is not an allowed program"),
-    ("nice", "nice sh", "`nice` is not an allowed program"),
-    ("nohup", "nohup sleep 1", "`nohup` is not an allowed program"),
-    ("sudo", "sudo ls", "`sudo` is not an allowed program"),
-    ("su", "su -c id", "`su` is not an allowed program"),
-    ("chroot", "chroot / sh", "`chroot` is not an allowed program"),
-    ("abs-path-ls", "/bin/ls", "by its path"),
-    ("dot-script", "./run.sh", "by its path"),
-    ("eval", "eval ls", "`eval` is not an allowed program"),
-    ("source", "source x.sh", "`source` is not an allowed program"),
-    ("dot-source", ". x.sh", "`.` is not an allowed program"),
-    ("exec", "exec sh", "`exec` is not an allowed program"),
-    ("builtin", "builtin eval ls", "`builtin` is not an allowed program"),
-    ("command-builtin", "command sh", "`command` is not an allowed program"),
-    ("printf-v", "printf -v PATH /tmp", "printf -v"),
-    ("subst-dollar", "echo $(id)", "command or arithmetic substitution"),
-    ("subst-backtick", "echo `id`", "backticks"),
-    ("subst-in-dquotes", 'echo "$(id)"', "inside double quotes"),
-    ("subst-program", "$(echo python3) x.py", "command or arithmetic substitution"),
-    ("variable", "echo $HOME", "`$HOME`"),
-    ("variable-braces", "ls ${HOME}", "parameter expansion"),
-    ("arith", "echo $((1+1))", "substitution"),
-    ("ansi-c", "$'\\x73\\x68'", "ANSI-C quoting"),
-    ("process-subst-in", "cat <(id)", "process substitution"),
-    ("process-subst-out", "ls > >(sh)", "process substitution"),
-    ("here-string", "cat <<< x", "here-string"),
-    ("heredoc", "cat << EOF", "here-document"),
-    ("subshell", "(sh)", "parentheses"),
-    ("function", "f() { sh; }; f", "parentheses"),
-    ("group", "{ sh; }", "brace"),
-    ("brace-expansion", "{python3,-c,print} x", "brace"),
-    ("for-loop", "for i in 1 2; do sh; done", "`for` starts a shell compound command"),
-    ("while-loop", "while true; do ls; done", "`while`"),
-    ("if", "if true; then sh; fi", "`if`"),
-    ("negation", "! ls", "`!`"),
-    ("double-bracket", "[[ -f x ]]", "`[[`"),
-    ("line-continuation", "python3 -\\\nc 1", "line continuation"),
-    ("newline-chain", "ls\nsh", "`sh` is not an allowed program"),
-    ("semicolon-chain", "ls; sh", "`sh` is not an allowed program"),
-    ("and-chain", "true && bash", "`bash` is not an allowed program"),
-    ("or-chain", "false || bash", "`bash` is not an allowed program"),
-    ("pipe-to-shell", "echo id | bash", "`bash` is not an allowed program"),
-    ("background", "sleep 100 &", "background"),
-    ("background-chain", "sleep 100 & ls", "background"),
-    ("redirect-etc", "echo x > /etc/cron.d/x", "outside the workspace"),
-    ("redirect-append-dotdot", "echo x >> ../etc/profile", "outside the workspace"),
-    ("redirect-both", "ls &> /etc/x", "outside the workspace"),
-    ("redirect-fd", "ls 2> /var/log/x", "outside the workspace"),
-    ("redirect-read-outside", "cat < /etc/shadow", "outside the workspace"),
-    ("redirect-tilde-escape", "echo x > ~/../etc/x", "outside the workspace"),
-    ("redirect-glob", "echo x > *.txt", "a glob"),
-    ("glob-program", "/usr/bin/pyth* -c 1", "glob"),
-    ("glob-program-relative", "pytho? x.py", "glob"),
-    ("glob-option-smuggle", "tar -cf a.tar *", "starts with a wildcard"),
-    ("quoted-program", "'bash' -c id", "`bash` is not an allowed program"),
-    ("escaped-program", "\\bash -c id", "`bash` is not an allowed program"),
-    ("split-quoted-program", "b'a'sh -c id", "`bash` is not an allowed program"),
-    ("rm-rf-root", "rm -rf /", "outside the workspace"),
-    ("rm-rf-home", "rm -rf ~", "workspace root"),
-    ("rm-rf-dot", "rm -rf .", "workspace root"),
-    ("rm-no-preserve", "rm -rf --no-preserve-root x", "--no-preserve-root"),
-    ("rm-dotdot", "rm -r ../etc", "outside the workspace"),
-    ("mv-target-attached", "mv -t/etc x", "outside the workspace"),
-    ("cp-target-long", "cp --target-directory=/etc x", "outside the workspace"),
-    ("cd-outside", "cd /etc && rm -f passwd", "`cd /etc`"),
-    ("cd-then-escape", "cd sub && rm -r ../../etc", "outside the workspace"),
-    ("chmod-setuid", "chmod 4755 x", "setuid"),
-    ("chmod-setuid-symbolic", "chmod u+s x", "setuid"),
-    ("chmod-outside", "chmod 777 /etc/shadow", "outside the workspace"),
-    ("tee-outside", "echo x | tee /etc/x", "outside the workspace"),
-    ("curl-output-outside", "curl -o /etc/x http://h/", "outside the workspace"),
-    ("curl-config", "curl -K cfg http://h/", "curl -K"),
-    ("wget-execute", "wget -e 'use_proxy=on' http://h/", "wget -e"),
-    ("sort-output-outside", "sort -o /etc/passwd x", "outside the workspace"),
-    ("sort-compress-program", "sort --compress-program=sh x", "--compress-program"),
-    ("date-set", "date -s 2000-01-01", "date -s"),
-    ("hostname-set", "hostname evil", "`hostname` takes at most 0 operands"),
-    ("pip-subcommand", "pip config set x y", "`pip config` is not an allowed subcommand"),
-    ("pip-target-outside", "pip install --target /usr/lib/x pkg", "outside the workspace"),
-    ("python-m-pip-outside", "python3 -m pip install -t /usr/lib/x pkg", "outside the workspace"),
-    ("kill", "kill -9 1", "`kill` is not an allowed program"),
-    ("tilde-user", "ls ~root", "another user's home"),
-    ("control-char", "ls\rsh", "control character"),
-    ("escape-char", "echo \x1b[2J", "control character"),
-    ("case-terminator", "ls ;; sh", "`;;`"),
-    ("empty", "   ", "empty"),
-    ("dangling-and", "ls &&", "no command after it"),
-    ("step-cwd-outside", "rm -r passwd", "outside the workspace"),
-    ("step-cwd-named", "cat a.tar | tar x", "working directory `/etc`"),
-    # Found by a security review: option prefixes, `--`, globs starting with `-`, git's
-    # global options, python3's ways to read code from the input, missing options.
-    ("sed-expression-prefix", "sed -e p --e 'e id' x", "the `e` command"),
-    ("sed-label-semicolon", "sed 't;e id' x", "the `e` command"),
-    ("sed-label-brace", "sed '/a/{b end};e id' x", "the `e` command"),
-    ("sed-line-length", "sed --line-length 1 'e id' x", "the `e` command"),
-    ("sed-l-value", "sed -l 1 'e id' x", "the `e` command"),
-    ("sed-in-place-prefix", "sed --in 's/a/b/' /etc/passwd", "outside the workspace"),
-    ("sed-in-place-short-prefix", "sed --i 's/a/b/' /etc/passwd", "outside the workspace"),
-    ("sed-ambiguous-long", "sed --s 's/a/b/' x", "unambiguously"),
-    ("rm-after-dashdash", "mkdir ./-- && rm -rf -- --/../../etc", "outside the workspace"),
-    ("cp-after-dashdash", "cp x -- --/../../etc/cron.d/x", "outside the workspace"),
-    ("tee-after-dashdash", "tee -- --/../../etc/x", "outside the workspace"),
-    ("rm-long-word-path", "rm -rf --/../../etc", "outside the workspace"),
-    ("glob-dash-dash", "tar cf a.tar --*", "starts with `-`"),
-    ("glob-dash", "tar cf a.tar -*", "starts with `-`"),
-    ("glob-dash-after-dashdash", "rm -rf -- --*/../../etc", "starts with `-`"),
-    (
-        "git-namespace-log",
-        "git --namespace log filter-branch -f --tree-filter 'id>o' HEAD",
-        "global",
-    ),
-    ("git-namespace-status", "git --namespace status config core.fsmonitor 'id>o'", "global"),
-    ("git-git-dir", "git --git-dir=x log", "global option"),
-    ("python-dashdash-stdin", "echo 'print(1)' | python3 --", "without a script file"),
-    ("python-dashdash-dash", "python3 -- -", "without a script file"),
-    ("python-dashdash-dashdash", "python3 -- --", "without a script file"),
-    ("python-interactive", "python3 -i x.py", "python3 -i"),
-    ("python-json-tool-outside", "python3 -m json.tool in.json /etc/x", "outside the workspace"),
-    ("python-venv-outside", "python3 -m venv /opt/v", "outside the workspace"),
-    ("python-pytest", "python3 -m pytest --basetemp=/etc", "pytest"),
-    ("python-hash-pycs", "python3 --check-hash-based-pycs always /usr/lib/x.py", "check-hash"),
-    ("tar-rmt-command", "tar -xf a.tar --rmt-command=sh", "--rmt-command"),
-    ("tar-rsh-command", "tar -xf h:a.tar --rsh-command=sh", "--rsh-command"),
-    ("tar-use-compress-prefix", "tar -xf a.tar --use-comp sh", "--use-compress-program"),
-    ("tar-I", "tar -I sh -xf a.tar", "tar -I"),
-    ("tar-to-command-space", "tar -xf a.tar --to-command sh", "--to-command"),
-    ("tar-checkpoint-action-prefix", "tar -cf a.tar --checkpoint-ac=exec=sh .", "checkpoint"),
-    ("curl-write-out", "curl -w '%output{/etc/x}' http://h/", "curl -w"),
-    ("curl-write-out-long", "curl --write-out x http://h/", "--write-out"),
-    ("wget-rejected-log", "wget --rejected-log /etc/x http://h/", "outside the workspace"),
-    ("wget-hsts-file", "wget --hsts-file=/etc/x http://h/", "outside the workspace"),
-    ("sort-temp-dir", "sort -T /etc x", "outside the workspace"),
-    ("sort-temp-dir-long", "sort --temporary-directory=/etc x", "outside the workspace"),
-    ("chmod-setuid-padded", "chmod 04755 x", "setuid"),
-    ("chmod-setuid-dashdash", "chmod -- 4755 x", "setuid"),
-    ("pip-python", "pip --python /usr/bin/python3 install x", "--python"),
-    ("python-m-pip-python", "python3 -m pip --python=/tmp/p install x", "--python"),
-    ("non-ascii-digit-fd", "echo \u00b2>/etc/x", "outside the workspace"),
-]
-ALLOWED = [
-    "ls -la /",
-    "ls",
-    "echo hello && uname -a",
-    "true",
-    "pwd",
-    "cat notes.txt",
-    "head -n 2 notes.txt",
-    "tail -n 1 notes.txt",
-    "wc -l notes.txt",
-    "sort notes.txt | uniq -c",
-    "grep -n beta notes.txt",
-    "cut -d ' ' -f 1 notes.txt",
-    "tr a-z A-Z < notes.txt",
-    "sed 's/alpha/ALPHA/; 2d' notes.txt",
-    "sed -n '/beta/p' notes.txt",
-    "echo kept > f.txt",
-    "echo run >> runs.txt; wc -l < runs.txt",
-    "printf '%s\\n' one two > two.txt",
-    "mkdir -p src/pkg && touch src/pkg/a.py",
-    "cp notes.txt copy.txt && mv copy.txt moved.txt && rm moved.txt",
-    "ls missing 2> /dev/null || echo absent",
-    "ls 2>&1 | head -n 3",
-    "seq 1 5 | tail -n 2",
-    "date +%s",
-    "whoami; id -u",
-    "find . -name '*.txt' -type f",
-    "diff notes.txt notes.txt",
-    "echo x | tee t.txt",
-    "chmod 755 notes.txt",
-    "tar -czf a.tgz notes.txt && tar tzf a.tgz",
-    "gzip -k notes.txt && gunzip -c notes.txt.gz",
-    "test -f notes.txt && echo yes",
-    "[ -f notes.txt ] && echo yes",
-    "basename /a/b/c.txt; dirname /a/b/c.txt",
-    "stat -c %s notes.txt",
-    "du -s . && df -h .",
-    "ps -o pid= -p 1",
-    "env",
-    "which ls",
-    "sleep 0.1",
-    "echo 'costs $5 `literal`' # a comment; rm -rf /",
-    'echo "double quoted, no expansion"',
-    "printf 'print(21 * 2)\\n' > s.py; python3 s.py",
-    "python3 -m py_compile s.py",
-    "echo '{\"a\": 1}' > j.json && python3 -m json.tool j.json",
-    "cd src && ls && cd pkg && ls",
-    "sed -n -e '/alpha/b end' -e p -e ':end' notes.txt",
-    "sed --expression=p --quiet notes.txt",
-    "chmod -- 0755 notes.txt",
-    "rm -f -- ./-x",
-    "ls ./*.txt",
-    "grep -rn alpha .\nwc -c notes.txt",
-]
 
 
 def test_the_corpus_is_large_and_distinct() -> None:
@@ -302,6 +60,21 @@ def test_edge_words_get_a_verdict_not_an_exception() -> None:
     assert judge("git status --short", POLICY).allowed
     assert judge("python3 -m venv .venv", POLICY).allowed
     assert "`/etc`" in judge("ls", POLICY, cwd="/etc").reason
+
+
+def test_the_template_home_is_the_step_users_workspace() -> None:
+    assert POLICY.home == WORKSPACE == CommandPolicy(programs={}).home
+    assert WORKSPACE in POLICY.workspace
+
+
+def test_a_tilde_expands_where_bash_expands_it() -> None:
+    """At a word's start, and after the first `=` and each `:` of an assignment-shaped word
+    (which bash expands even as an argument)."""
+    (command,) = parse("echo ~ a=~/x b+=x:~ 1a=~ a=b=~ x:~ '~' a=''~")[0].commands
+    home = "\0HOME\0"
+    texts = [w.text for w in command.words[1:]]
+    assert texts == [home, f"a={home}/x", f"b+=x:{home}", "1a=~", "a=b=~", "x:~", "~", "a=~"]
+    assert "another user's home" in judge("echo a=~root", POLICY).reason
 
 
 def workspace_policy(workspace: Path) -> CommandPolicy:
@@ -356,3 +129,30 @@ async def test_run_step_refuses_before_the_guest_sees_the_command(
         allowed = request.model_copy(update={"step": TerminalStep(command="echo fine")})
         outcome = await ActivityEnvironment().run(activities.run_step, allowed)
         assert outcome.ok and len(link.agent.executions) == 1
+
+
+MODES = [
+    *("4755", "04755", "2755", "1777", "755", "0", "7777", "07777", "17777", "8", "79"),
+    *("=4755", "+6000", "-6000", "+1000", "=0", "-w,u+s", "u=rwx,g+s", "g-s,u+s", "o+s"),
+    *("o+t", "u+t", "+t", "a+X", "go=u-w", "u+s,u-s", "a=rwxst", "ug+s", "=", "+", "u=g"),
+    *("u+4000", "u+q", "", "u", "+90", "u+s,", ",u+s", "rwx", "u+rw+s", "+s-s", "g=u+s"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_mode_reader_agrees_with_gnu_chmod(tmp_path: Path, mode: str) -> None:
+    """special_bits says what real chmod does: which special bits a mode sets on a plain
+    file, and which modes it cannot read."""
+    target = tmp_path / "f"
+    target.write_text("")
+    target.chmod(0o644)
+    done = subprocess.run(["chmod", "--", mode, str(target)], capture_output=True, check=False)
+    try:
+        mine = special_bits(mode)
+    except ValueError:
+        assert done.returncode != 0, f"chmod reads `{mode}`; the policy refuses it as unreadable"
+        return
+    assert done.returncode == 0, f"the policy reads `{mode}`, chmod does not: {done.stderr!r}"
+    bits = target.stat().st_mode
+    set_now = [name for name, bit in SPECIAL if bits & bit]
+    assert set(set_now) <= set(mine), f"`{mode}` set {set_now}; the reader said {mine}"
