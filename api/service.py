@@ -20,6 +20,7 @@ from sqlmodel import Session, col, func, or_, select
 from sqlmodel.sql.expression import SelectOfScalar
 from temporalio.client import (
     Client,
+    WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
@@ -42,6 +43,7 @@ from store.models import (
     SessionStatus,
     StepRow,
     TaskRow,
+    TaskStatus,
     User,
     utcnow,
 )
@@ -353,6 +355,14 @@ class TaskAction(StrEnum):
     modify = "modify"  # the only one that takes an instruction
 
 
+# What pause, resume and cancel leave a task as: a repeat of one finds it so already.
+GOALS = {
+    TaskAction.pause: TaskStatus.paused,
+    TaskAction.resume: TaskStatus.running,
+    TaskAction.cancel: TaskStatus.cancelled,
+}
+
+
 async def submit_task(
     temporal: TemporalLink, row: SessionRow, prompt: str, key: str | None = None
 ) -> TaskRefOut:
@@ -380,7 +390,26 @@ async def control_task(
             raise Problem(422, 'modify needs a body: {"instruction": "..."}')
         change = TaskModification(task_id=task_id, instruction=instruction)
         return await update(temporal, row, "modify_task", change)
-    return await update(temporal, row, f"{chosen}_task", TaskControl(task_id=task_id))
+    try:
+        return await update(temporal, row, f"{chosen}_task", TaskControl(task_id=task_id))
+    except Problem as refused:
+        if refused.status != 409 or await _task_status(temporal, row, task_id) != GOALS[chosen]:
+            raise
+    # A retried control (its first answer lost) finds its work done: the same answer again.
+    return TaskRefOut(id=task_id, status=GOALS[chosen])
+
+
+async def _task_status(temporal: TemporalLink, row: SessionRow, task_id: str) -> TaskStatus | None:
+    """A task's status as its session's workflow knows it; None if it cannot say."""
+    handle = (await temporal.client()).get_workflow_handle(workflow_id(row.id))
+    try:
+        state = await asyncio.wait_for(
+            handle.query(SessionWorkflow.state), temporal.settings.session_update_timeout_s
+        )
+    except (RPCError, TimeoutError, WorkflowQueryFailedError):
+        return None
+    live = {task.id: task.status for task in state.tasks}
+    return live.get(task_id) or state.finished.get(task_id)
 
 
 def task_out(db: Session, session_id: str, task_id: str) -> TaskOut:
