@@ -6,8 +6,10 @@ Temporal update on that workflow, whose validators say no with a reason the user
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import math
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -16,7 +18,12 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from sqlmodel import Session, col, func, or_, select
 from sqlmodel.sql.expression import SelectOfScalar
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -36,9 +43,11 @@ from store.models import (
     SessionStatus,
     StepRow,
     TaskRow,
+    TaskStatus,
     User,
     utcnow,
 )
+from workflows import sweeper
 from workflows.client import workflow_id
 from workflows.models import SessionInput, TaskControl, TaskModification, TaskRef, TaskSubmission
 from workflows.pool import SandboxPool
@@ -261,7 +270,8 @@ async def end_session(
 ) -> None:
     """End the session: its sandbox is destroyed, or with ``preserve`` shut down with its
     disk kept, so that resume_session brings it back."""
-    handle = (await temporal.client()).get_workflow_handle(workflow_id(row.id))
+    client = await temporal.client()
+    handle = client.get_workflow_handle(workflow_id(row.id))
     try:
         if preserve:  # said first: the end reads it
             await handle.signal(SessionWorkflow.preserve_sandbox)
@@ -270,7 +280,22 @@ async def end_session(
         if exc.status != RPCStatusCode.NOT_FOUND:
             raise _unavailable(exc) from exc
         # Already over: ending it again is not an error.
+    # Temporal takes a cancel of a closed workflow without a word: one that closed (or was
+    # lost) without writing its end has its row ended now, with the reason.
+    await _close_if_over(db, client, row)
     audit.record(db, user.id, "session.delete", row.id, {"preserve": preserve}, ip=ip)
+
+
+async def _close_if_over(db: Session, client: Client, row: SessionRow) -> None:
+    if row.status in FINAL:
+        return
+    try:
+        over = await sweeper.outcome(client, row.id)
+    except RPCError as exc:
+        raise _unavailable(exc) from exc
+    if over is not None:
+        sweeper.close_row(db, row.id, over)
+        db.refresh(row)
 
 
 def _unavailable(exc: RPCError) -> Problem:
@@ -298,8 +323,19 @@ async def update(
         raise Problem(409, f"session {row.id} has {row.status}")
     handle = (await temporal.client()).get_workflow_handle(workflow_id(row.id))
     update_id = f"{name}-{idempotency_key}" if idempotency_key else None
+    wait_s = temporal.settings.session_update_timeout_s
     try:
-        ref: Any = await handle.execute_update(name, argument, id=update_id, result_type=TaskRef)
+        # Bounded: with the session's worker down, Temporal holds the update until one polls.
+        ref: Any = await asyncio.wait_for(
+            handle.execute_update(name, argument, id=update_id, result_type=TaskRef), wait_s
+        )
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as exc:
+        raise Problem(
+            503,
+            f"session {row.id} is not answering (its host may be down); try again later. "
+            "A task sent again with the same Idempotency-Key is queued once.",
+            headers={"Retry-After": str(math.ceil(wait_s))},
+        ) from exc
     except WorkflowUpdateFailedError as exc:
         # The validator's words, without Temporal's wrapping.
         raise Problem(409, str(exc.cause or exc)) from exc
@@ -317,6 +353,14 @@ class TaskAction(StrEnum):
     resume = "resume"
     cancel = "cancel"
     modify = "modify"  # the only one that takes an instruction
+
+
+# What pause, resume and cancel leave a task as: a repeat of one finds it so already.
+GOALS = {
+    TaskAction.pause: TaskStatus.paused,
+    TaskAction.resume: TaskStatus.running,
+    TaskAction.cancel: TaskStatus.cancelled,
+}
 
 
 async def submit_task(
@@ -346,7 +390,26 @@ async def control_task(
             raise Problem(422, 'modify needs a body: {"instruction": "..."}')
         change = TaskModification(task_id=task_id, instruction=instruction)
         return await update(temporal, row, "modify_task", change)
-    return await update(temporal, row, f"{chosen}_task", TaskControl(task_id=task_id))
+    try:
+        return await update(temporal, row, f"{chosen}_task", TaskControl(task_id=task_id))
+    except Problem as refused:
+        if refused.status != 409 or await _task_status(temporal, row, task_id) != GOALS[chosen]:
+            raise
+    # A retried control (its first answer lost) finds its work done: the same answer again.
+    return TaskRefOut(id=task_id, status=GOALS[chosen])
+
+
+async def _task_status(temporal: TemporalLink, row: SessionRow, task_id: str) -> TaskStatus | None:
+    """A task's status as its session's workflow knows it; None if it cannot say."""
+    handle = (await temporal.client()).get_workflow_handle(workflow_id(row.id))
+    try:
+        state = await asyncio.wait_for(
+            handle.query(SessionWorkflow.state), temporal.settings.session_update_timeout_s
+        )
+    except (RPCError, TimeoutError, WorkflowQueryFailedError):
+        return None
+    live = {task.id: task.status for task in state.tasks}
+    return live.get(task_id) or state.finished.get(task_id)
 
 
 def task_out(db: Session, session_id: str, task_id: str) -> TaskOut:

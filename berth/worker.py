@@ -6,7 +6,8 @@ runs share the host's task queue ``berth-host-<id>``. Sharing the queue lets Tem
 each step's activity to this worker in the same answer that takes the workflow's command
 (eager dispatch), which measured 25 ms a step against 76 ms across two queues.
 The host also reconciles its machines with the sessions that own them, at start and then
-periodically, so a machine whose session is gone does not run on.
+periodically, so a machine whose session is gone does not run on, and sweeps the session
+rows whose workflow is over (workflows/sweeper.py), so no row stays live without one.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from workflows.client import connect, workflow_id
 from workflows.models import SandboxDeath
 from workflows.pool import PoolInput, SandboxPool, pool_member
 from workflows.session import SessionWorkflow
+from workflows.sweeper import Sweeper
 
 log = logging.getLogger("berth.worker")
 
@@ -204,6 +206,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 provider, session_owner(client, settings.host_id), RECONCILE_EVERY_S, stop
             )
         )
+        sweeper = Sweeper(
+            client, engine, settings.session_sweep_batch, settings.session_sweep_grace_s
+        )
+        sweeping = asyncio.create_task(sweeper.forever(settings.session_sweep_every_s, stop))
         watcher = asyncio.create_task(
             watch(
                 provider,
@@ -224,6 +230,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             await stop_pools(client, settings, POOL_STOP_TIMEOUT_S)
         await reconciler
         await watcher
+        await sweeping
     await gateway.stop()
     await provider.close()
 

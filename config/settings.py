@@ -215,6 +215,27 @@ class Settings(BaseSettings):
         gt=0,
         description="An event stream ends after this long; clients reconnect where they were",
     )
+    session_update_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="Longest the API waits for a session to answer a task or control request "
+        "(its worker down: a 503 with Retry-After after this long)",
+    )
+    session_sweep_every_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often each worker closes the session rows whose workflow is over "
+        "(terminated, timed out, lost), freeing their users' live-session slots",
+    )
+    session_sweep_batch: int = Field(
+        default=200, ge=1, description="Live session rows one sweep checks at most"
+    )
+    session_sweep_grace_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="A session row changed more recently than this is not swept (its workflow "
+        "may be starting)",
+    )
     step_timeout_s: float = Field(default=600.0, description="Longest a single step may run")
     session_idle_timeout_s: float = Field(
         default=3600.0, description="An idle session ends itself after this long"
