@@ -1,4 +1,10 @@
-"""Entry point: ``python3 -m guest_agent``, configured by the environment the machine sets.
+"""Entry point of the guest agent, configured by the environment the machine sets.
+
+Machines start it with ``python3 -I`` from ``/``, its package and ``site`` put on
+``sys.path`` by name (the Docker template's CMD, vm_templates/guest/agent), so nothing
+of the step user's (a user site's ``.pth``, a ``playwright/`` folder in the workspace,
+``PYTHON*`` variables) is on its path; once configured, it keeps a clean environment of its
+own, which is what Playwright's driver inherits.
 
 ``BERTH_GUEST_URL`` and ``BERTH_SANDBOX_ID`` say where to dial and as whom; for a ``wss://``
 URL, ``BERTH_GUEST_GATEWAY_SHA256`` is the gateway certificate's pin (guest_agent/pinning.py).
@@ -20,7 +26,7 @@ from pathlib import Path
 
 from guest_agent.agent import GuestAgent, GuestConfig
 from guest_agent.pinning import PIN_VARIABLE, SECURE_SCHEME
-from guest_agent.user import StepUser
+from guest_agent.user import StepUser, own_environment
 
 TOKEN_VARIABLE = "BERTH_GUEST_TOKEN"
 # How long the agent waits for its token file: the provider writes it right after start.
@@ -51,21 +57,23 @@ def config_from_env() -> GuestConfig:
         sys.exit(f"guest_agent: set {', '.join(missing)}")
     user_name = os.environ.get("BERTH_GUEST_USER")
     user = StepUser.named(user_name) if user_name else None
-    if user is not None:
-        os.environ.update(user.environment())  # what steps and the browser inherit
+    home = user.home if user else os.path.expanduser("~")
     return GuestConfig(
         url=os.environ["BERTH_GUEST_URL"],
         sandbox_id=os.environ["BERTH_SANDBOX_ID"],
         token=token,
         gateway_sha256=pin,
-        workdir=os.environ.get("BERTH_GUEST_WORKDIR") or os.path.expanduser("~"),
+        workdir=os.environ.get("BERTH_GUEST_WORKDIR") or home,
         user=user,
     )
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(GuestAgent(config_from_env()).run_forever())
+    agent = GuestAgent(config_from_env())  # reads what it needs of the environment
+    os.environ.clear()
+    os.environ.update(own_environment())
+    asyncio.run(agent.run_forever())
 
 
 if __name__ == "__main__":

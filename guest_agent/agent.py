@@ -185,7 +185,7 @@ class GuestAgent:
             log.exception("step %s failed in the guest", execution.exec_id)
             code, error = 1, f"the guest failed to run the step: {exc}"
         facts.exit_code, facts.output = code, execution.output()
-        execution.check = checks.evaluate(step.get("check"), facts)
+        execution.check = await checks.evaluate(step.get("check"), facts, self.config.user)
         await execution.finish(code, error)
 
     async def _other(

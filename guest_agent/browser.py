@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from playwright.async_api import Browser as Chromium
@@ -21,7 +22,7 @@ from playwright.async_api import Error as PlaywrightError
 from guest_agent import chromium as wrapper
 from guest_agent.execution import Artifact, Execution
 from guest_agent.protocol import MAX_ARTIFACT_BYTES, MAX_RESULT_CHARS
-from guest_agent.user import StepUser
+from guest_agent.user import StepUser, own_environment
 
 LAUNCH_TIMEOUT_MS = 180_000
 # In a machine without a GPU or a way out: no sandbox of its own (the machine is one, and
@@ -85,11 +86,17 @@ class Browser:
         # default of 30 s for the launch alone.
         options: dict[str, Any] = {"args": FLAGS, "headless": True, "timeout": LAUNCH_TIMEOUT_MS}
         if self.user is None:
-            return {**options, "executable_path": self.executable}
+            return {**options, "executable_path": self.executable, "env": own_environment()}
+        # The launcher runs as root: what it is told comes from the agent alone.
         return {
             **options,
-            "executable_path": wrapper.__file__,
-            "env": {**os.environ, "BERTH_CHROMIUM": self.executable},
+            "executable_path": str(wrapper.LAUNCHER),
+            "env": own_environment(
+                BERTH_PYTHON=sys.executable,
+                BERTH_AGENT_ROOT=str(Path(wrapper.__file__).parent.parent),
+                BERTH_CHROMIUM=self.executable,
+                BERTH_GUEST_USER=self.user.name,
+            ),
         }
 
     async def close(self) -> None:

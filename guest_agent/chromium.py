@@ -1,21 +1,24 @@
-#!/usr/bin/env python3
-"""Chromium as the step user: the executable Playwright's driver (the agent's child, root)
-starts instead of Chromium when steps run as an unprivileged user.
+"""Chromium as the step user: what guest_agent/chromium.sh runs, in place of Chromium, for
+Playwright's driver (the agent's child, root) when steps run as an unprivileged user.
 
 The driver makes Chromium's profile directory itself (root's, mode 0700), so that directory
 is handed to the user first; then Chromium (``BERTH_CHROMIUM``) runs as the user, with no
-capabilities, like a terminal command.
+capabilities and the user's own clean environment, like a terminal command.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from guest_agent.user import StepUser
 
 PROFILE_FLAG = "--user-data-dir="
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
+# The executable the driver is told is Chromium: a shell script, so that Python starts
+# with the flags it must (a shebang line could not say where the agent's package is).
+LAUNCHER = Path(__file__).with_name("chromium.sh")
 
 
 def chromium_path() -> str | None:
@@ -30,8 +33,4 @@ def main() -> None:
         if arg.startswith(PROFILE_FLAG):
             os.chown(arg.removeprefix(PROFILE_FLAG), user.uid, user.gid)
     argv = user.command([os.environ["BERTH_CHROMIUM"], *sys.argv[1:]])
-    os.execvp(argv[0], argv)
-
-
-if __name__ == "__main__":
-    main()
+    os.execvpe(argv[0], argv, user.environment())

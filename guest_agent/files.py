@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from guest_agent.execution import Execution
 from guest_agent.protocol import MAX_RESULT_CHARS
-from guest_agent.user import StepUser
+from guest_agent.user import StepUser, with_rights
 
 # What a read takes from a file (all of it goes to the output; a prefix to the result).
 MAX_READ_BYTES = 1024 * 1024
@@ -49,7 +49,7 @@ async def run(
     op, path = step.get("op"), str(step.get("path", ""))
 
     def access(work: Callable[..., T], *args: Any) -> Awaitable[T]:
-        return asyncio.to_thread(_as_user, user, work, *args)
+        return asyncio.to_thread(with_rights, user, work, *args)
 
     target = await access(resolve, workspace, path)
     try:
@@ -70,13 +70,6 @@ async def run(
     except OSError as exc:
         raise Refused(f"{op} {path}: {exc.strerror or exc}") from None
     raise Refused(f"unknown file operation {op!r}")
-
-
-def _as_user(user: StepUser | None, work: Callable[..., T], *args: Any) -> T:
-    if user is None:
-        return work(*args)
-    with user.filesystem():
-        return work(*args)
 
 
 def _write(target: Path, data: bytes) -> None:

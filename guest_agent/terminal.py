@@ -11,7 +11,7 @@ import time
 
 from guest_agent.execution import Execution
 from guest_agent.protocol import EXIT_TIMED_OUT, MAX_OUTPUT_CHUNK
-from guest_agent.user import StepUser
+from guest_agent.user import StepUser, clean_environment
 
 # Once a command has exited, output that stops coming for this long is held open only by
 # children it left running (``server &``): the step ends, and they run on, what they print
@@ -38,12 +38,16 @@ async def run_command(
     execution: Execution, command: str, workdir: str, user: StepUser | None = None
 ) -> tuple[int, str | None]:
     """Run ``command`` under bash (as ``user``, if given) until it exits or its execution's
-    timeout; returns the exit code and an error (the command could not start)."""
+    timeout; returns the exit code and an error (the command could not start).
+
+    Its environment is made afresh (the user's, or the workspace as HOME without one):
+    nothing of the agent's own is passed on."""
     argv = ["/bin/bash", "-c", command]
     try:
         process = await asyncio.create_subprocess_exec(
             *(user.command(argv) if user else argv),
             cwd=workdir,
+            env=user.environment() if user else clean_environment(workdir),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

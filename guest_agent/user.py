@@ -5,6 +5,10 @@ does: terminal commands and the browser go through ``setpriv`` to the step user,
 capabilities and no way to gain any (no_new_privs: setuid and file-capability binaries give
 nothing), and file steps touch the filesystem with the step user's rights. So a step cannot
 read what only root may (the guest token) nor write outside what the user owns.
+
+Nothing of the step user's reaches root's code either: the agent runs ``python3 -I`` from
+``/`` (no user site, no ``PYTHON*`` variables, no working directory on ``sys.path``), and
+every process it starts gets an environment made here from nothing, never one inherited.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import contextlib
 import ctypes
 import os
 import pwd
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 # The step user of Berth's images (Docker's and VMs'), and its home: the workspace, steps'
 # cwd. Mode 0711, so the agent (root, without CAP_DAC_* in a container) can start steps in it.
@@ -23,7 +28,24 @@ STEP_UID = 1000
 WORKSPACE = "/home/berth"
 WORKSPACE_MODE = 0o711
 
+# Where the guest's processes find programs: the image's own directories, nothing inherited.
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LANG = "C.UTF-8"
+
 _libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
+
+
+def clean_environment(home: str, **more: str) -> dict[str, str]:
+    """An environment built from nothing: the image's PATH and locale, ``home`` as HOME, and
+    ``more``; no HOME, OLDPWD, PWD, CDPATH or PYTHON* of anyone else's."""
+    return {"PATH": PATH, "LANG": LANG, "TERM": "dumb", "HOME": home, **more}
+
+
+def own_environment(**more: str) -> dict[str, str]:
+    """A clean environment for what the agent runs as itself (its helpers, Playwright's
+    driver): its own home from the password database, not from any variable."""
+    return clean_environment(pwd.getpwuid(os.getuid()).pw_dir, **more)
 
 
 @dataclass(frozen=True)
@@ -52,8 +74,8 @@ class StepUser:
         ]
 
     def environment(self) -> dict[str, str]:
-        """What the agent's environment says about whose it is, for its children."""
-        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+        """The whole environment of a process this user runs (a step, Chromium)."""
+        return clean_environment(self.home, USER=self.name, LOGNAME=self.name, SHELL="/bin/bash")
 
     @contextlib.contextmanager
     def filesystem(self) -> Iterator[None]:
@@ -72,3 +94,12 @@ class StepUser:
         finally:
             _libc.setfsuid(os.getuid())
             _libc.setfsgid(os.getgid())
+
+
+def with_rights(user: StepUser | None, work: Callable[..., T], *args: object) -> T:
+    """``work(*args)`` with ``user``'s file rights (as the agent itself without a user); for
+    a worker thread, since the rights are the calling thread's."""
+    if user is None:
+        return work(*args)
+    with user.filesystem():
+        return work(*args)

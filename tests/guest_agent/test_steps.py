@@ -118,7 +118,7 @@ async def test_checks_of_terminal_steps(tmp_path: Path) -> None:
         ("telepathy", "x", False, "unknown check 'telepathy'"),
     ],
 )  # fmt: skip
-def test_each_check_says_what_it_saw(kind: str, value: str, ok: bool, detail: str) -> None:
+async def test_each_check_says_what_it_saw(kind: str, value: str, ok: bool, detail: str) -> None:
     facts = Facts(
         exit_code=0,
         output="hello world\n",
@@ -126,17 +126,17 @@ def test_each_check_says_what_it_saw(kind: str, value: str, ok: bool, detail: st
         url="https://example.org/",
         page_text="Hi there!",
     )
-    assert evaluate({"kind": kind, "value": value}, facts) == {
+    assert await evaluate({"kind": kind, "value": value}, facts) == {
         "kind": kind,
         "ok": ok,
         "detail": detail,
     }
 
 
-def test_page_checks_without_a_page_fail() -> None:
+async def test_page_checks_without_a_page_fail() -> None:
     facts = Facts(exit_code=0, output="", workdir="/")
     for kind in ("url_matches", "page_text_contains"):
-        assert evaluate({"kind": kind, "value": "x"}, facts) == {
+        assert await evaluate({"kind": kind, "value": "x"}, facts) == {
             "kind": kind,
             "ok": False,
             "detail": "no page is open",

@@ -28,7 +28,7 @@ from config.settings import Settings
 from guest_agent.user import WORKSPACE
 from sandboxes.docker import FIREWALL_CHAIN, DockerProvider
 from sandboxes.gateway import CLOSE_IN_USE, GuestGateway
-from sandboxes.models import FileStep, SandboxInfo, TerminalStep
+from sandboxes.models import BrowserStep, Check, FileStep, SandboxInfo, TerminalStep
 from sandboxes.provider import TOKEN_VARIABLE, SandboxProvider
 from tests.support.local import free_port
 
@@ -209,6 +209,45 @@ async def test_file_steps_act_with_the_users_rights(host: Host) -> None:
     assert code == 1 and error and "outside the workspace" in error
     assert await file_step("write", "made/by/step.txt") == (0, None)
     assert await host.first.run("stat -c %U made made/by/step.txt") == (0, "berth\nberth\n")
+
+
+# Python that, wherever it runs, leaves a file saying as whom (root's: 0).
+PLANTED = "import os; open(f'/tmp/{}-ran-as-{{os.getuid()}}', 'a').close()"
+
+
+async def test_nothing_a_step_leaves_runs_as_root(host: Host) -> None:
+    # A user site .pth and a playwright package in the workspace (the agent's old cwd): both
+    # would run in any Python started with the user's HOME, or from the workspace.
+    site = "~/.local/lib/python3.11/site-packages"
+    code, out = await host.first.run(
+        f"mkdir -p {site} playwright && echo {PLANTED.format('pth')!r} > {site}/x.pth"
+        f" && echo {PLANTED.format('playwright')!r} > playwright/__init__.py"
+        " && python3 -c 'import playwright' && ls /tmp"
+    )
+    assert code == 0 and "pth-ran-as-1000" in out, out  # they do run, as the user
+    # Root starts Python now: Playwright's driver and the Chromium launcher at a browser
+    # step, a regex check's matcher, a file check.
+    lines: list[str] = []
+
+    async def keep(seq: int, stream: str, text: str) -> None:
+        lines.append(text)
+
+    # The gateway is all a page can reach from inside: Chromium starts, whatever it shows.
+    url = f"http://{host.provider.host_address}:{host.settings.gateway_port}/"
+    browser = BrowserStep(action="navigate", url=url, timeout_s=30)
+    outcome = await host.provider.run_step(host.first.info, uuid.uuid4().hex, browser, 120, keep)
+    assert "did not start" not in (outcome.error or ""), (outcome, lines)
+    assert any("navigate" in line or "failed" in line for line in lines), lines
+    matched = TerminalStep(command="echo hi", check=Check(kind="output_regex", value="^h"))
+    outcome = await host.provider.run_step(host.first.info, uuid.uuid4().hex, matched, 30, keep)
+    assert outcome.ok, outcome
+    peek = TerminalStep(command="true", check=Check(kind="file_exists", value="/run/berth/token"))
+    outcome = await host.provider.run_step(host.first.info, uuid.uuid4().hex, peek, 30, keep)
+    assert outcome.check is not None and not outcome.check.ok  # root-only: not seen
+    assert outcome.check.detail == "/run/berth/token does not exist"
+    code, out = await host.first.run("ls /tmp; cat /run/berth/token")
+    assert "-ran-as-0" not in out, out
+    assert "/run/berth/token: Permission denied" in out
 
 
 async def test_no_raw_or_icmp_sockets(host: Host) -> None:
