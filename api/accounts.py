@@ -153,16 +153,40 @@ def revoke(db: Session, user: User, token_id: str, ip: str | None = None) -> Api
     return token
 
 
-async def make_admin(db: Session, passwords: Passwords, email: str, password: str) -> User:
-    """Creates the admin, or makes an existing user one (with this password)."""
+class AccountExists(Exception):
+    """``make_admin`` was asked to create an account that is already registered."""
+
+
+def revoke_all(db: Session, user: User, keep: str | None = None) -> int:
+    """Revokes every live token of ``user`` (API tokens and dashboard sessions alike: a
+    dashboard cookie is a token), but ``keep``; how many it revoked."""
+    query = select(ApiToken).where(ApiToken.user_id == user.id, col(ApiToken.revoked_at).is_(None))
+    if keep is not None:
+        query = query.where(ApiToken.id != keep)
+    now, revoked = utcnow(), 0
+    for token in db.exec(query):
+        token.revoked_at, revoked = now, revoked + 1
+        db.add(token)
+    db.commit()
+    return revoked
+
+
+async def make_admin(
+    db: Session, passwords: Passwords, email: str, password: str, *, promote_existing: bool = False
+) -> User:
+    """Creates the admin; an existing account is made one (with this password) only with
+    ``promote_existing``, and then every token it had is revoked: with open sign-up anyone
+    may have registered the email first and kept a token."""
     email = email.lower()
-    user = db.exec(select(User).where(User.email == email)).first() or User(
-        email=email, password_hash=""
-    )
+    user = db.exec(select(User).where(User.email == email)).first()
+    if user is not None and not promote_existing:
+        raise AccountExists(email)
+    user = user or User(email=email, password_hash="")
     user.password_hash = await passwords.hash(password)
     user.is_admin = True
     db.add(user)
     db.commit()
     db.refresh(user)
-    audit.record(db, None, "admin.create", user.id, {"via": "cli"})
+    revoked = revoke_all(db, user)
+    audit.record(db, None, "admin.create", user.id, {"via": "cli", "tokens_revoked": revoked})
     return user

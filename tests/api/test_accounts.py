@@ -226,17 +226,21 @@ def test_logins_and_tokens_are_audited(data: Path, client: TestClient) -> None:
     assert actions == ["signup", "login.failed", "login", "token.create", "token.revoke"]
 
 
-def test_create_admin_from_the_command_line(data: Path) -> None:
+def create_admin(data: Path, *argv: str, password: str = PASSWORD) -> Any:
     cheap = {f"BERTH_{name.upper()}": str(value) for name, value in FAST.items()}
     env = {**os.environ, "BERTH_DATA_DIR": str(data), **cheap}
-    made = subprocess.run(
-        [sys.executable, "-m", "berth", "create-admin", "root@example.com"],
-        input=f"{PASSWORD}\n",
+    return subprocess.run(
+        [sys.executable, "-m", "berth", "create-admin", *argv],
+        input=f"{password}\n",
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_create_admin_from_the_command_line(data: Path) -> None:
+    made = create_admin(data, "root@example.com")
     assert made.returncode == 0, made.stderr
     assert "root@example.com is an admin" in made.stdout
     assert stored_user(data, "root@example.com").is_admin
@@ -246,12 +250,25 @@ def test_create_admin_from_the_command_line(data: Path) -> None:
         ann = bearer(log_in(client, "ann@example.com").json()["token"])
         assert client.get("/api/sessions?all=true", headers=admin).status_code == 200
         assert client.get("/api/sessions?all=true", headers=ann).status_code == 403
-    short = subprocess.run(
-        [sys.executable, "-m", "berth", "create-admin", "x@example.com"],
-        input="short\n",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    short = create_admin(data, "x@example.com", password="short")
     assert short.returncode != 0 and "at least 8 characters" in short.stderr
+
+
+def test_promoting_a_registered_account_needs_the_flag_and_revokes_its_tokens(
+    data: Path,
+) -> None:
+    """The finding: someone registers the future admin's email first and keeps a token."""
+    with TestClient(create_app(settings_for(data))) as client:
+        sign_up(client, "root@example.com", "attacker's password")
+        kept = bearer(log_in(client, "root@example.com", "attacker's password").json()["token"])
+    refused = create_admin(data, "root@example.com")
+    assert refused.returncode != 0
+    assert "already registered" in refused.stderr and "--promote-existing" in refused.stderr
+    assert not stored_user(data, "root@example.com").is_admin
+    promoted = create_admin(data, "root@example.com", "--promote-existing")
+    assert promoted.returncode == 0, promoted.stderr
+    with TestClient(create_app(settings_for(data))) as client:
+        assert client.get("/api/sessions?all=true", headers=kept).status_code == 401
+        assert log_in(client, "root@example.com", "attacker's password").status_code == 401
+        admin = bearer(log_in(client, "root@example.com").json()["token"])
+        assert client.get("/api/sessions?all=true", headers=admin).status_code == 200
