@@ -126,11 +126,12 @@ class LLMProxy:
             for chunk in Chunks(hit.model).replay(hit):
                 yield chunk
             return
+        answer = self._stream_answer(request, caller, providers, keys, started, reservation)
         try:
-            async for chunk in self._stream_answer(
-                request, caller, providers, keys, started, reservation
-            ):
-                yield chunk
+            # Closed with this stream: a client gone stops the provider's answer at once.
+            async with contextlib.aclosing(answer):
+                async for chunk in answer:
+                    yield chunk
         except BaseException:
             # Failed, or the client went away: the call is no longer in flight.
             await self._release(reservation)
