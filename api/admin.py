@@ -21,7 +21,8 @@ from store import audit
 from store.events import EventType
 from store.models import AuditEntry, Event, SessionRow
 
-router = APIRouter(prefix="/api/admin", tags=["admin"])
+# Every route under /api may be refused for its input; the others are named per route.
+router = APIRouter(prefix="/api/admin", tags=["admin"], responses=problems(422))
 Kind = Literal["audit", "command"]
 Position = tuple[datetime, str, int]  # where a page ends in the merged order
 
