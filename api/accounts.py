@@ -9,18 +9,20 @@ email and address) in the database, and a key over its limit is locked out for a
 from __future__ import annotations
 
 import hashlib
+import secrets
 from datetime import timedelta
 
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from api.problems import Problem
-from api.schemas import Credentials
+from api.schemas import Credentials, PasswordChange
 from api.security import Passwords, new_token_secret, token_hashes
-from config.keys import user_keys
+from config.keys import keyed_hash, user_keys
 from config.settings import Settings
 from store import audit, counters
-from store.models import ApiToken, User, utcnow
+from store.models import ApiToken, Invite, User, utcnow
 
 # A token's last use is written at most this often: not a database write per request.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -46,13 +48,35 @@ def _email_key(email: str) -> str:
     return hashlib.sha256(email.encode()).hexdigest()[:32]
 
 
+CLOSED = "sign-up is closed on this server (BERTH_SIGNUP=closed): ask its admin for an account"
+NEEDS_INVITE = (
+    "sign-up is by invite on this server (BERTH_SIGNUP=invite): {why}; ask an admin for an "
+    "invite link"
+)
+
+
+def refuse_closed_sign_up(settings: Settings) -> None:
+    if settings.signup == "closed":
+        raise Problem(403, CLOSED)
+
+
 async def sign_up(
-    db: Session, passwords: Passwords, settings: Settings, credentials: Credentials, ip: str
+    db: Session,
+    passwords: Passwords,
+    settings: Settings,
+    credentials: Credentials,
+    ip: str,
+    invite: str | None = None,
 ) -> None:
-    """Registers the email if it is free; answers the same (and as slowly) if it is not."""
+    """Registers the email if it is free; answers the same (and as slowly) if it is not.
+    Refused when sign-up is closed, and without a live invite when it is by invite (the
+    invite is used up either way, so it tells nothing about the email either)."""
+    refuse_closed_sign_up(settings)
     key = f"signup:{ip}"
     _refuse_if_locked(db, key)
     _limit(db, key, settings.signup_max_attempts, settings.signup_window_s, settings.lockout_s)
+    if settings.signup == "invite":
+        _use_invite(db, settings, invite)
     email = credentials.email.lower()
     user = User(email=email, password_hash=await passwords.hash(credentials.password))
     db.add(user)
@@ -86,6 +110,44 @@ async def log_in(
         db.commit()
     audit.record(db, user.id, "login", user.id, ip=ip)
     return user
+
+
+def _invite_hashes(settings: Settings, code: str) -> list[str]:
+    return [keyed_hash(key, "invite", code) for key in user_keys(settings).keys]
+
+
+def make_invite(db: Session, settings: Settings, admin: User, ip: str | None) -> tuple[Invite, str]:
+    """A single-use sign-up code, valid for ``invite_ttl_hours``; shown this once."""
+    code = secrets.token_urlsafe(24)
+    row = Invite(
+        code_hash=_invite_hashes(settings, code)[0],
+        created_by=admin.id,
+        expires_at=utcnow() + timedelta(hours=settings.invite_ttl_hours),
+    )
+    db.add(row)
+    db.commit()
+    db.refresh(row)
+    audit.record(db, admin.id, "invite.create", row.id, ip=ip)
+    return row, code
+
+
+def _use_invite(db: Session, settings: Settings, code: str | None) -> None:
+    """Marks the invite used, in one statement so two sign-ups cannot both use it."""
+    if not code:
+        raise Problem(403, NEEDS_INVITE.format(why="this sign-up carries no invite code"))
+    used = db.connection().execute(
+        update(Invite)
+        .where(
+            col(Invite.code_hash).in_(_invite_hashes(settings, code)),
+            col(Invite.used_at).is_(None),
+            col(Invite.expires_at) > utcnow(),
+        )
+        .values(used_at=utcnow())
+    )
+    db.commit()
+    if used.rowcount != 1:
+        why = "this invite is unknown, used already or expired"
+        raise Problem(403, NEEDS_INVITE.format(why=why))
 
 
 def issue_token(
@@ -153,16 +215,68 @@ def revoke(db: Session, user: User, token_id: str, ip: str | None = None) -> Api
     return token
 
 
-async def make_admin(db: Session, passwords: Passwords, email: str, password: str) -> User:
-    """Creates the admin, or makes an existing user one (with this password)."""
+class AccountExists(Exception):
+    """``make_admin`` was asked to create an account that is already registered."""
+
+
+async def change_password(
+    db: Session,
+    passwords: Passwords,
+    settings: Settings,
+    user: User,
+    token: ApiToken,
+    change: PasswordChange,
+    ip: str,
+) -> int:
+    """Sets a new password if ``current`` is right, and revokes every other token and
+    dashboard session of the user (whoever knew the old password may hold one); the
+    caller's ``token`` stays. Failures count towards a lockout as failed logins do."""
+    key = f"password:{user.id}"
+    _refuse_if_locked(db, key)
+    if not (await passwords.check(change.current, user.password_hash)).ok:
+        audit.record(db, user.id, "password.failed", user.id, ip=ip)
+        if counters.count(db, key, settings.login_window_s) >= settings.login_max_failures:
+            counters.lock(db, key, settings.lockout_s)
+        raise Problem(403, "the current password is wrong")
+    counters.clear(db, key)
+    user.password_hash = await passwords.hash(change.new)
+    db.add(user)
+    db.commit()
+    revoked = revoke_all(db, user, keep=token.id)
+    audit.record(db, user.id, "password.change", user.id, {"tokens_revoked": revoked}, ip=ip)
+    return revoked
+
+
+def revoke_all(db: Session, user: User, keep: str | None = None) -> int:
+    """Revokes every live token of ``user`` (API tokens and dashboard sessions alike: a
+    dashboard cookie is a token), but ``keep``; how many it revoked."""
+    query = select(ApiToken).where(ApiToken.user_id == user.id, col(ApiToken.revoked_at).is_(None))
+    if keep is not None:
+        query = query.where(ApiToken.id != keep)
+    now, revoked = utcnow(), 0
+    for token in db.exec(query):
+        token.revoked_at, revoked = now, revoked + 1
+        db.add(token)
+    db.commit()
+    return revoked
+
+
+async def make_admin(
+    db: Session, passwords: Passwords, email: str, password: str, *, promote_existing: bool = False
+) -> User:
+    """Creates the admin; an existing account is made one (with this password) only with
+    ``promote_existing``, and then every token it had is revoked: with open sign-up anyone
+    may have registered the email first and kept a token."""
     email = email.lower()
-    user = db.exec(select(User).where(User.email == email)).first() or User(
-        email=email, password_hash=""
-    )
+    user = db.exec(select(User).where(User.email == email)).first()
+    if user is not None and not promote_existing:
+        raise AccountExists(email)
+    user = user or User(email=email, password_hash="")
     user.password_hash = await passwords.hash(password)
     user.is_admin = True
     db.add(user)
     db.commit()
     db.refresh(user)
-    audit.record(db, None, "admin.create", user.id, {"via": "cli"})
+    revoked = revoke_all(db, user)
+    audit.record(db, None, "admin.create", user.id, {"via": "cli", "tokens_revoked": revoked})
     return user

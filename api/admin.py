@@ -1,5 +1,6 @@
-"""Admin routes: the audit trail. For one session it merges the audit log's entries about the
-session with the commands its sandbox ran (each step's ``step.started`` event), in time order."""
+"""Admin routes: sign-up invites, and the audit trail. For one session the trail merges the
+audit log's entries about the session with the commands its sandbox ran (each step's
+``step.started`` event), in time order."""
 
 from __future__ import annotations
 
@@ -7,19 +8,21 @@ import heapq
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 from sqlalchemy import false, true
 from sqlmodel import Session, col, or_, select
 
-from api import cursors
-from api.deps import AdminDep, DbDep, IpDep, Problem
+from api import accounts, cursors
+from api.deps import AdminDep, DbDep, IpDep, Problem, SettingsDep
 from api.problems import problems
+from api.schemas import InviteOut
 from store import audit
 from store.events import EventType
 from store.models import AuditEntry, Event, SessionRow
 
-router = APIRouter(prefix="/api/admin", tags=["admin"])
+# Every route under /api may be refused for its input; the others are named per route.
+router = APIRouter(prefix="/api/admin", tags=["admin"], responses=problems(422))
 Kind = Literal["audit", "command"]
 Position = tuple[datetime, str, int]  # where a page ends in the merged order
 
@@ -33,6 +36,18 @@ class AuditItem(BaseModel):
     target: str | None
     detail: dict[str, Any]
     ip: str | None = None
+
+
+@router.post("/invites", status_code=201, responses=problems(401, 403))
+def create_invite(
+    request: Request, db: DbDep, settings: SettingsDep, admin: AdminDep, ip: IpDep
+) -> InviteOut:
+    """A single-use sign-up invite, valid for BERTH_INVITE_TTL_HOURS: its link opens the
+    dashboard's sign-up with the code filled in (the API takes it as ``invite``). Useful
+    when BERTH_SIGNUP=invite; made in any mode."""
+    row, code = accounts.make_invite(db, settings, admin, ip)
+    link = str(request.base_url.replace(path="/login").include_query_params(invite=code))
+    return InviteOut(code=code, link=link, expires_at=row.expires_at)
 
 
 def _entries(

@@ -88,7 +88,8 @@ def check_owner(engine: Engine, user_id: str, sid: str | None, tid: str | None) 
 
 def problem(exc: LLMError) -> Problem:
     status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 502)
-    return Problem(status, str(exc))
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else None
+    return Problem(status, str(exc), headers=headers)
 
 
 def sse(data: dict[str, Any] | str) -> str:

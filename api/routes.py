@@ -25,12 +25,13 @@ from api.deps import (
 from api.events import stream
 from api.problems import problems
 from api.schemas import (
-    Credentials,
     Modification,
+    PasswordChange,
     PoolOut,
     SessionCreate,
     SessionOut,
     SignupOut,
+    SignupRequest,
     TaskCreate,
     TaskOut,
     TaskRefOut,
@@ -51,13 +52,14 @@ NEXT = {"description": 'The next page, rel="next"', "schema": {"type": "string"}
 LISTING: dict[int | str, dict[str, Any]] = {**problems(400, 401), 200: {"headers": {"Link": NEXT}}}
 
 
-@router.post("/auth/signup", status_code=201, tags=["auth"], responses=problems(429))
+@router.post("/auth/signup", status_code=201, tags=["auth"], responses=problems(403, 429))
 async def signup(
-    body: Credentials, db: DbDep, passwords: PasswordsDep, settings: SettingsDep, ip: IpDep
+    body: SignupRequest, db: DbDep, passwords: PasswordsDep, settings: SettingsDep, ip: IpDep
 ) -> SignupOut:
     """Registers the email if it is free. The answer is the same whether it was or not, so
-    nobody learns who has an account here: log in to find out."""
-    await accounts.sign_up(db, passwords, settings, body, ip)
+    nobody learns who has an account here: log in to find out. 403 when sign-up is closed,
+    or is by invite (BERTH_SIGNUP) and ``invite`` is not a live invite's code."""
+    await accounts.sign_up(db, passwords, settings, body, ip, body.invite)
     return SignupOut(
         email=body.email.lower(),
         detail="registered unless it was already: log in with POST /api/auth/token",
@@ -103,6 +105,22 @@ def logout(db: DbDep, caller: TokenDep, ip: IpDep) -> Response:
     """Revokes the token this request carries."""
     user, current = caller
     accounts.revoke(db, user, current.id, ip)
+    return Response(status_code=204)
+
+
+@router.post("/auth/password", status_code=204, tags=["auth"], responses=problems(401, 403, 429))
+async def change_password(
+    body: PasswordChange,
+    db: DbDep,
+    passwords: PasswordsDep,
+    settings: SettingsDep,
+    caller: TokenDep,
+    ip: IpDep,
+) -> Response:
+    """Changes the caller's password (``current`` must be right) and revokes every other
+    token and dashboard session they have; the token of this request stays valid."""
+    user, current = caller
+    await accounts.change_password(db, passwords, settings, user, current, body, ip)
     return Response(status_code=204)
 
 

@@ -17,6 +17,24 @@ class Credentials(BaseModel):
     password: str = Field(min_length=8, max_length=1024)
 
 
+class PasswordChange(BaseModel):
+    current: str = Field(min_length=1, max_length=1024)
+    new: str = Field(min_length=8, max_length=1024)
+
+
+class SignupRequest(Credentials):
+    # Needed when sign-up is by invite (BERTH_SIGNUP=invite): the code of an admin's invite.
+    invite: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class InviteOut(BaseModel):
+    """A new single-use invite: its code is shown this once."""
+
+    code: str
+    link: str  # the dashboard's sign-up page with the code filled in
+    expires_at: datetime
+
+
 TokenName = Annotated[str, Field(min_length=1, max_length=100)]
 
 

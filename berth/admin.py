@@ -1,5 +1,6 @@
-"""``python -m berth create-admin EMAIL``: the first admin (or makes a user one). The password
-is asked twice on a terminal, or read from the first line of standard input."""
+"""``python -m berth create-admin EMAIL``: the first admin, or, with ``--promote-existing``,
+makes a registered user one (revoking every token and dashboard session the account had). The
+password is asked twice on a terminal, or read from the first line of standard input."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from pydantic import ValidationError
 from sqlmodel import Session
 
-from api.accounts import make_admin
+from api.accounts import AccountExists, make_admin
 from api.schemas import Credentials
 from api.security import Passwords
 from config.settings import get_settings
@@ -26,7 +27,7 @@ def read_password() -> str:
     return first
 
 
-def create_admin(email: str) -> int:
+def create_admin(email: str, promote_existing: bool = False) -> int:
     """Make ``email`` an admin, with a password read as above; exits with why if refused."""
     try:
         credentials = Credentials(email=email, password=read_password())
@@ -36,6 +37,22 @@ def create_admin(email: str) -> int:
     migrate(settings.db_url)
     with Session(get_engine(settings.db_url)) as db:
         passwords = Passwords(settings)
-        user = asyncio.run(make_admin(db, passwords, credentials.email, credentials.password))
+        try:
+            user = asyncio.run(
+                make_admin(
+                    db,
+                    passwords,
+                    credentials.email,
+                    credentials.password,
+                    promote_existing=promote_existing,
+                )
+            )
+        except AccountExists:
+            # Whoever registered it may not be who is meant to be admin: say so, do nothing.
+            sys.exit(
+                f"{credentials.email} is already registered (maybe by someone else, if sign-up "
+                "is open): to make that account an admin, with this password and every token "
+                "and dashboard session it had revoked, run again with --promote-existing"
+            )
         print(f"{user.email} is an admin (user {user.id})")
     return 0

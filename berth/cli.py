@@ -62,7 +62,7 @@ def prepare_host(args: argparse.Namespace) -> int:
 def create_admin(args: argparse.Namespace) -> int:
     from berth.admin import create_admin
 
-    return create_admin(args.email)
+    return create_admin(args.email, args.promote_existing)
 
 
 def bench_spine(args: argparse.Namespace) -> int:
@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         "create-admin", "make EMAIL an admin (password asked, or on stdin)", create_admin
     )
     admin.add_argument("email", metavar="EMAIL", help="the admin's email address")
+    admin.add_argument(
+        "--promote-existing",
+        action="store_true",
+        help="EMAIL may be registered already: make that account an admin, set its password "
+        "and revoke every token and dashboard session it had",
+    )
 
     # No handler of its own: a benchmark must be named, and each sets its handler.
     summary = "measure the whole system on this host"

@@ -20,6 +20,7 @@ from api.admin import router as admin_router
 from api.codec import router as codec_router
 from api.deps import EngineDep, Problem, Streams, TemporalLink
 from api.headers import SecurityHeaders
+from api.limits import BodyLimit
 from api.openai_compat import router as llm_router
 from api.preferences import router as preferences_router
 from api.routes import router
@@ -107,5 +108,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tokens_page_router)
     app.include_router(admin_page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(
+        BodyLimit,
+        authenticated=settings.max_body_bytes,
+        anonymous=settings.max_body_bytes_anonymous,
+    )
+    app.add_middleware(SecurityHeaders)  # outermost: a refused body's answer gets them too
     return app

@@ -104,6 +104,24 @@ class Settings(BaseSettings):
         default=30, ge=1, description="Sign-ups per address and window"
     )
     signup_window_s: int = Field(default=3600, ge=1, description="Window of the sign-up counter")
+    signup: Literal["open", "closed", "invite"] = Field(
+        default="open",
+        description="Who may sign up: anyone (open), nobody (closed: accounts come from "
+        "`python -m berth create-admin`), or whoever has a single-use invite an admin made "
+        "(invite: POST /api/admin/invites)",
+    )
+    invite_ttl_hours: int = Field(default=72, ge=1, description="How long an invite is valid")
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body of a request that carries a token or session cookie",
+    )
+    max_body_bytes_anonymous: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        description="Largest request body before login: sign-up, log-in, the dashboard's login "
+        "form, and any request without a token or session cookie",
+    )
 
     temporal_address: str | None = Field(
         default=None, description="host:port of Temporal; unset means `make run` starts one"
@@ -302,6 +320,18 @@ class Settings(BaseSettings):
     )
     llm_rate_limit_per_minute: int = Field(
         default=120, description="LLM requests one user may make per minute (0: no limit)"
+    )
+    llm_max_concurrent_per_user: int = Field(
+        default=8,
+        ge=0,
+        description="LLM calls one user may have in flight at once, over every process "
+        "(0: no limit)",
+    )
+    llm_max_tokens: int = Field(
+        default=32768,
+        ge=1,
+        description="Largest max_tokens / max_completion_tokens a chat completions request "
+        "may ask for",
     )
     llm_task_token_budget: int = Field(
         default=500_000, description="Tokens one task may spend on LLM calls (0: no limit)"

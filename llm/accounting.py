@@ -1,5 +1,7 @@
 """Accounting and limits of LLM calls, kept in the database so every API and worker
-process sees the same counts: each call is a row of ``llm_calls``."""
+process sees the same counts: each call is a row of ``llm_calls`` once it is answered, and a
+row of ``llm_reservations`` while it is in flight, taken before anything else so that
+concurrent calls count against the limits from their start."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, case, func, insert
+from sqlalchemy import Connection, Engine, Table, case, delete, func, insert, text
 from sqlmodel import Session, col, select
 
 from config.settings import Settings
@@ -22,10 +24,16 @@ from llm.models import (
     UsageTotals,
     UserUsage,
 )
-from store.models import LLMCall, SessionRow
+from store.models import LLMCall, LLMReservation, SessionRow
 
 RATE_WINDOW = timedelta(minutes=1)
 CALLS: Table = LLMCall.__table__  # type: ignore[attr-defined]
+IN_FLIGHT: Table = LLMReservation.__table__  # type: ignore[attr-defined]
+# A reservation older than this is taken for one whose process died mid-call: no call
+# (streams included) lasts so long, and it is not counted any more.
+STALE = timedelta(minutes=15)
+# When a caller refused for its concurrency may try again: calls last seconds.
+CONCURRENCY_RETRY_S = 2
 
 
 def cost_usd(settings: Settings, model: str, prompt_tokens: int, completion_tokens: int) -> float:
@@ -49,8 +57,41 @@ class Ledger:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def check(self, conn: Connection, caller: Caller) -> None:
-        """RateLimited or BudgetExceeded if this caller may not make another call now."""
+    def open(self, conn: Connection, caller: Caller) -> int:
+        """Reserves a place for the call, then refuses it (RateLimited, BudgetExceeded) if it
+        goes past a limit: the reservation is written first, so of concurrent calls each
+        counts the others (a refusal rolls it back with the transaction). The reservation's
+        id, to ``release`` when the call ends."""
+        if conn.dialect.name == "postgresql":
+            # Read committed would let two concurrent starts each miss the other's row: one
+            # user's starts take turns (SQLite's single writer does this by itself).
+            key = f"llm-reservations:{caller.user_id}"
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+        now = datetime.now(UTC)
+        mine = IN_FLIGHT.c.user_id == caller.user_id
+        conn.execute(delete(IN_FLIGHT).where(mine, IN_FLIGHT.c.created_at < now - STALE))
+        reservation: int = conn.execute(
+            insert(IN_FLIGHT)
+            .values(user_id=caller.user_id, created_at=now)
+            .returning(IN_FLIGHT.c.id)
+        ).scalar_one()
+        in_flight = conn.execute(  # this call included
+            select(func.count()).select_from(IN_FLIGHT).where(mine)
+        ).scalar_one()
+        most = self.settings.llm_max_concurrent_per_user
+        if most and in_flight > most:
+            raise RateLimited(
+                f"concurrency limit: {most} LLM calls in flight at once per user "
+                "(BERTH_LLM_MAX_CONCURRENT_PER_USER); try again when one has ended",
+                CONCURRENCY_RETRY_S,
+            )
+        self._check(conn, caller, in_flight - 1)
+        return reservation
+
+    def release(self, conn: Connection, reservation: int) -> None:
+        conn.execute(delete(IN_FLIGHT).where(IN_FLIGHT.c.id == reservation))
+
+    def _check(self, conn: Connection, caller: Caller, others_in_flight: int) -> None:
         rate, budget = self.settings.llm_rate_limit_per_minute, self.settings.llm_task_token_budget
         if rate:
             since = datetime.now(UTC) - RATE_WINDOW
@@ -59,9 +100,11 @@ class Ledger:
                 .select_from(CALLS)
                 .where(CALLS.c.user_id == caller.user_id, CALLS.c.created_at > since)
             ).scalar_one()
-            if recent >= rate:
+            # Calls still in flight will be rows within the minute: they count already.
+            if recent + others_in_flight >= rate:
                 raise RateLimited(
-                    f"rate limit: {rate} LLM requests a minute per user; try again shortly"
+                    f"rate limit: {rate} LLM requests a minute per user; try again shortly",
+                    int(RATE_WINDOW.total_seconds()),
                 )
         if budget and caller.task_id:
             tokens = CALLS.c.prompt_tokens + CALLS.c.completion_tokens

@@ -67,7 +67,12 @@ class AllProvidersFailed(LLMError):
 
 
 class RateLimited(LLMError):
-    """The user made more requests in the last minute than the limit allows."""
+    """The user made more requests in the last minute than the limit allows, or has as many
+    calls in flight as they may; ``retry_after_s`` says when to try again."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class BudgetExceeded(LLMError):

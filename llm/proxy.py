@@ -1,7 +1,9 @@
 """LLMProxy: every LLM call of Berth goes through it (the planner's, and users' own tools'
 through ``POST /v1/chat/completions``).
 
-A call is checked against the user's rate limit and the task's token budget, answered from
+A call first takes an in-flight reservation (counted by every process at once), then is
+checked against the user's concurrency and rate limits, the task's token budget and the cap on
+``max_tokens``; it is answered from
 the cache when it is deterministic (temperature 0, or asked for), else sent to the
 providers in order: a provider's transient errors (timeouts, 429, 5xx) are retried with a
 doubling backoff, then the next provider is tried; one that failed is cooled down (tried
@@ -100,13 +102,17 @@ class LLMProxy:
         answers to is ignored (the configuration may have changed since it was chosen)."""
         started = time.perf_counter()
         providers, keys = self._prepare(request, caller, cache, prefer)
-        hit = await self._open(caller, keys, started)
+        hit, reservation = await self._open(caller, keys, started)
         if hit is not None:
             return hit
-        provider, answer = await self._first_to_answer(providers, lambda p: p.invoke(request))
+        try:
+            provider, answer = await self._first_to_answer(providers, lambda p: p.invoke(request))
+        except BaseException:
+            await self._release(reservation)
+            raise
         result = self._result(provider, answer)
         key = keys.get(provider.name) if keep is None or keep(result) else None
-        await self._close(caller, result, key, started)
+        await self._close(caller, result, key, started, reservation)
         return result
 
     async def stream(
@@ -115,11 +121,32 @@ class LLMProxy:
         """The answer as OpenAI ``chat.completion.chunk`` dicts, the last one with usage."""
         started = time.perf_counter()
         providers, keys = self._prepare(request, caller, cache)
-        hit = await self._open(caller, keys, started)
+        hit, reservation = await self._open(caller, keys, started)
         if hit is not None:
             for chunk in Chunks(hit.model).replay(hit):
                 yield chunk
             return
+        answer = self._stream_answer(request, caller, providers, keys, started, reservation)
+        try:
+            # Closed with this stream: a client gone stops the provider's answer at once.
+            async with contextlib.aclosing(answer):
+                async for chunk in answer:
+                    yield chunk
+        except BaseException:
+            # Failed, or the client went away: the call is no longer in flight.
+            await self._release(reservation)
+            raise
+
+    async def _stream_answer(
+        self,
+        request: ChatRequest,
+        caller: Caller,
+        providers: list[Provider],
+        keys: dict[str, str],
+        started: float,
+        reservation: int,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """A provider's answer as chunks, then recorded (and its reservation released)."""
 
         async def opened(
             provider: Provider,
@@ -155,7 +182,7 @@ class LLMProxy:
         result = self._result(provider, answer)
         yield chunks.chunk({}, result.finish_reason)
         yield chunks.chunk({}, usage=result.usage)
-        await self._close(caller, result, keys.get(provider.name), started)
+        await self._close(caller, result, keys.get(provider.name), started, reservation)
 
     # ---- the steps of a call
 
@@ -174,30 +201,33 @@ class LLMProxy:
 
     async def _open(
         self, caller: Caller, keys: dict[str, str], started: float
-    ) -> ChatResult | None:
-        """Refuses the call past a limit; else the cached answer, if any, recorded: in one
-        database transaction (after one Redis read when the cache is there)."""
+    ) -> tuple[ChatResult | None, int]:
+        """Reserves the call's place in flight and refuses it past a limit; else the cached
+        answer, if any, recorded (its reservation released at once): in one database
+        transaction (after one Redis read when the cache is there). With the reservation."""
         found = None
         if keys and isinstance(self.cache, RedisCache):
             found = await self.cache.first(list(keys.values()))
 
-        def check_and_look_up(conn: Connection) -> ChatResult | None:
-            self.ledger.check(conn, caller)
+        def check_and_look_up(conn: Connection) -> tuple[ChatResult | None, int]:
+            reservation = self.ledger.open(conn, caller)
             entry = found
             if entry is None and keys and isinstance(self.cache, SQLCache):
                 entry = self.cache.first(conn, list(keys.values()))
             if entry is None:
-                return None
+                return None, reservation
             hit = as_hit(entry)
             self.ledger.record(conn, caller, hit, time.perf_counter() - started)
-            return hit
+            self.ledger.release(conn, reservation)
+            return hit, reservation
 
         return await self._in_database(check_and_look_up)
 
     async def _close(
-        self, caller: Caller, result: ChatResult, key: str | None, started: float
+        self, caller: Caller, result: ChatResult, key: str | None, started: float, reservation: int
     ) -> None:
-        """Caches a provider's answer (when it is to be) and records the call."""
+        """Caches a provider's answer (when it is to be), records the call and releases its
+        reservation."""
         if key and isinstance(self.cache, RedisCache):
             await self.cache.put(key, result)
         latency = time.perf_counter() - started
@@ -206,8 +236,13 @@ class LLMProxy:
             if key and isinstance(self.cache, SQLCache):
                 self.cache.put(conn, key, result)
             self.ledger.record(conn, caller, result, latency)
+            self.ledger.release(conn, reservation)
 
         await self._in_database(store_and_record)
+
+    async def _release(self, reservation: int) -> None:
+        """Ends a call's reservation; shielded, so a cancelled call still gives it back."""
+        await asyncio.shield(self._in_database(lambda conn: self.ledger.release(conn, reservation)))
 
     async def _in_database(self, work: Callable[[Connection], T]) -> T:
         def transaction() -> T:
@@ -221,6 +256,17 @@ class LLMProxy:
             raise NoProvider(NO_PROVIDER)
         if not request.messages:
             raise InvalidRequest("messages: at least one message is needed")
+        cap = self.settings.llm_max_tokens
+        asked = {
+            "max_tokens": request.max_tokens,
+            "max_completion_tokens": (request.model_extra or {}).get("max_completion_tokens"),
+        }
+        for name, value in asked.items():
+            if isinstance(value, int) and value > cap:
+                raise InvalidRequest(
+                    f"{name}: at most {cap} tokens on this server (BERTH_LLM_MAX_TOKENS), "
+                    f"not {value}"
+                )
         try:
             # A malformed message is the caller's error, not every provider's failure.
             convert_to_messages(request.messages)

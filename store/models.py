@@ -175,6 +175,17 @@ class ArtifactRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class LLMReservation(SQLModel, table=True):
+    """An LLM call in flight: taken before the call starts and dropped when it ends, so a
+    user's concurrent calls are counted by every process the moment they begin."""
+
+    __tablename__ = "llm_reservations"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(max_length=64, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class LLMCall(SQLModel, table=True):
     """One request answered by the LLM proxy (a cache hit too), for accounting and limits."""
 
@@ -221,6 +232,20 @@ class ApiToken(SQLModel, table=True):
     revoked_at: datetime | None = None
     # When it last opened a request, to within accounts.LAST_USED_RESOLUTION.
     last_used_at: datetime | None = None
+
+
+class Invite(SQLModel, table=True):
+    """A single-use sign-up code an admin made (``BERTH_SIGNUP=invite``): only a keyed hash
+    of it is kept, like a token's."""
+
+    __tablename__ = "invites"
+
+    id: str = Field(default_factory=new_id, primary_key=True)
+    code_hash: str = Field(index=True, unique=True, max_length=64)
+    created_by: str = Field(foreign_key="users.id")
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+    used_at: datetime | None = None
 
 
 class AuthCounter(SQLModel, table=True):

@@ -86,18 +86,37 @@ def _spec(template: str) -> vm_templates.TemplateSpec | None:
 
 
 def login_form(
-    request: Request, settings: Settings, error: str | None = None, status: int = 200
+    request: Request,
+    settings: Settings,
+    error: str | None = None,
+    status: int = 200,
+    invite: str = "",
 ) -> Response:
+    """The login page; sign-up is offered as BERTH_SIGNUP says (with an invite field, or
+    not at all when it is closed)."""
     binding = guard.login_binding(request)
     token = guard.token_for(settings, f"login:{binding}")
-    response = render_page(request, "login.html", settings, None, status, error=error, csrf=token)
+    response = render_page(
+        request,
+        "login.html",
+        settings,
+        None,
+        status,
+        error=error,
+        csrf=token,
+        signup=settings.signup,
+        invite=invite,
+    )
     guard.set_login_cookie(request, response, binding)
     return response
 
 
 @router.get("/login", response_class=HTMLResponse)
-def login_page(request: Request, settings: SettingsDep) -> Response:
-    return login_form(request, settings)
+def login_page(
+    request: Request, settings: SettingsDep, invite: Annotated[str, Query(max_length=200)] = ""
+) -> Response:
+    """``invite``: an invite link's code, filled into the sign-up form."""
+    return login_form(request, settings, invite=invite)
 
 
 @router.post("/login", response_class=HTMLResponse)
@@ -110,6 +129,7 @@ async def login(
     email: Annotated[str, Form()],
     password: Annotated[str, Form()],
     action: Annotated[str, Form()] = "login",
+    invite: Annotated[str, Form(max_length=200)] = "",
 ) -> Response:
     try:
         # Bound to this browser's login cookie: a foreign site cannot post this form.
@@ -118,13 +138,13 @@ async def login(
         )
         credentials = Credentials(email=email, password=password)
         if action == "signup":
-            await accounts.sign_up(db, passwords, settings, credentials, ip)
+            await accounts.sign_up(db, passwords, settings, credentials, ip, invite or None)
         user = await accounts.log_in(db, passwords, settings, credentials, ip)
     except ValidationError as exc:
         error = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors())
-        return login_form(request, settings, error, 422)
+        return login_form(request, settings, error, 422, invite)
     except Problem as exc:
-        return login_form(request, settings, exc.detail, exc.status)
+        return login_form(request, settings, exc.detail, exc.status, invite)
     _, secret = accounts.issue_token(db, settings, user, DASHBOARD_TOKEN, ip)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(

@@ -21,7 +21,7 @@ from sqlmodel import Session, select
 from berth.web import create_app
 from config.settings import Settings
 from store.db import get_engine
-from store.models import ApiToken, AuditEntry, User
+from store.models import ApiToken, AuditEntry, Invite, User
 from tests.support.local import free_port
 
 PASSWORD = "correct horse battery"
@@ -226,17 +226,21 @@ def test_logins_and_tokens_are_audited(data: Path, client: TestClient) -> None:
     assert actions == ["signup", "login.failed", "login", "token.create", "token.revoke"]
 
 
-def test_create_admin_from_the_command_line(data: Path) -> None:
+def create_admin(data: Path, *argv: str, password: str = PASSWORD) -> Any:
     cheap = {f"BERTH_{name.upper()}": str(value) for name, value in FAST.items()}
     env = {**os.environ, "BERTH_DATA_DIR": str(data), **cheap}
-    made = subprocess.run(
-        [sys.executable, "-m", "berth", "create-admin", "root@example.com"],
-        input=f"{PASSWORD}\n",
+    return subprocess.run(
+        [sys.executable, "-m", "berth", "create-admin", *argv],
+        input=f"{password}\n",
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_create_admin_from_the_command_line(data: Path) -> None:
+    made = create_admin(data, "root@example.com")
     assert made.returncode == 0, made.stderr
     assert "root@example.com is an admin" in made.stdout
     assert stored_user(data, "root@example.com").is_admin
@@ -246,12 +250,100 @@ def test_create_admin_from_the_command_line(data: Path) -> None:
         ann = bearer(log_in(client, "ann@example.com").json()["token"])
         assert client.get("/api/sessions?all=true", headers=admin).status_code == 200
         assert client.get("/api/sessions?all=true", headers=ann).status_code == 403
-    short = subprocess.run(
-        [sys.executable, "-m", "berth", "create-admin", "x@example.com"],
-        input="short\n",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    short = create_admin(data, "x@example.com", password="short")
     assert short.returncode != 0 and "at least 8 characters" in short.stderr
+
+
+def test_promoting_a_registered_account_needs_the_flag_and_revokes_its_tokens(
+    data: Path,
+) -> None:
+    """The finding: someone registers the future admin's email first and keeps a token."""
+    with TestClient(create_app(settings_for(data))) as client:
+        sign_up(client, "root@example.com", "attacker's password")
+        kept = bearer(log_in(client, "root@example.com", "attacker's password").json()["token"])
+    refused = create_admin(data, "root@example.com")
+    assert refused.returncode != 0
+    assert "already registered" in refused.stderr and "--promote-existing" in refused.stderr
+    assert not stored_user(data, "root@example.com").is_admin
+    promoted = create_admin(data, "root@example.com", "--promote-existing")
+    assert promoted.returncode == 0, promoted.stderr
+    with TestClient(create_app(settings_for(data))) as client:
+        assert client.get("/api/sessions?all=true", headers=kept).status_code == 401
+        assert log_in(client, "root@example.com", "attacker's password").status_code == 401
+        admin = bearer(log_in(client, "root@example.com").json()["token"])
+        assert client.get("/api/sessions?all=true", headers=admin).status_code == 200
+
+
+def test_closed_sign_up_is_refused_and_says_so(data: Path) -> None:
+    with TestClient(create_app(settings_for(data, signup="closed"))) as client:
+        answer = client.post(
+            "/api/auth/signup", json={"email": "ann@example.com", "password": PASSWORD}
+        )
+        assert answer.status_code == 403
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert "sign-up is closed" in answer.json()["detail"]
+        assert log_in(client, "ann@example.com").status_code == 401
+
+
+def test_sign_up_by_invite_takes_a_live_single_use_code(data: Path) -> None:
+    with TestClient(create_app(settings_for(data, signup="invite"))) as client:
+        made = create_admin(data, "root@example.com")
+        assert made.returncode == 0, made.stderr
+        admin = bearer(log_in(client, "root@example.com").json()["token"])
+
+        def signup(email: str, **extra: str) -> Any:
+            body = {"email": email, "password": PASSWORD, **extra}
+            return client.post("/api/auth/signup", json=body)
+
+        without = signup("ann@example.com")
+        assert without.status_code == 403 and "invite" in without.json()["detail"]
+        assert signup("ann@example.com", invite="made-up").status_code == 403
+        invite = client.post("/api/admin/invites", headers=admin)
+        assert invite.status_code == 201, invite.text
+        code = invite.json()["code"]
+        assert invite.json()["link"].endswith(f"/login?invite={code}")
+        assert signup("ann@example.com", invite=code).status_code == 201
+        assert log_in(client, "ann@example.com").status_code == 200
+        used = signup("bob@example.com", invite=code)  # single use
+        assert used.status_code == 403 and "used already" in used.json()["detail"]
+        ann = bearer(log_in(client, "ann@example.com").json()["token"])
+        assert client.post("/api/admin/invites", headers=ann).status_code == 403
+    with TestClient(create_app(settings_for(data, signup="invite", invite_ttl_hours=1))) as client:
+        admin = bearer(log_in(client, "root@example.com").json()["token"])
+        code = client.post("/api/admin/invites", headers=admin).json()["code"]
+        with Session(get_engine(settings_for(data).db_url)) as db:
+            for row in db.exec(select(Invite)):
+                row.expires_at = row.created_at  # expired
+                db.add(row)
+            db.commit()
+        late = client.post(
+            "/api/auth/signup",
+            json={"email": "bob@example.com", "password": PASSWORD, "invite": code},
+        )
+        assert late.status_code == 403 and "expired" in late.json()["detail"]
+
+
+def test_a_password_change_revokes_every_other_token_and_session(data: Path) -> None:
+    with TestClient(create_app(settings_for(data, login_max_failures=2))) as client:
+        sign_up(client, "ann@example.com")
+        mine = bearer(log_in(client, "ann@example.com", name="laptop").json()["token"])
+        stolen = bearer(log_in(client, "ann@example.com", name="thief").json()["token"])
+        new = "a brand new password"
+        wrong = client.post(
+            "/api/auth/password", json={"current": "not it", "new": new}, headers=mine
+        )
+        assert wrong.status_code == 403 and "current password" in wrong.json()["detail"]
+        assert client.get("/api/tokens", headers=stolen).status_code == 200
+        changed = client.post(
+            "/api/auth/password", json={"current": PASSWORD, "new": new}, headers=mine
+        )
+        assert changed.status_code == 204, changed.text
+        assert client.get("/api/tokens", headers=stolen).status_code == 401
+        assert [t["name"] for t in client.get("/api/tokens", headers=mine).json()] == ["laptop"]
+        assert log_in(client, "ann@example.com").status_code == 401
+        assert log_in(client, "ann@example.com", new).status_code == 200
+        # Guessing the current password with a stolen token locks out like a login does.
+        for _ in range(2):
+            client.post("/api/auth/password", json={"current": "guess", "new": new}, headers=mine)
+        locked = client.post("/api/auth/password", json={"current": new, "new": new}, headers=mine)
+        assert locked.status_code == 429

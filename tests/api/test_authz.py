@@ -69,6 +69,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/api/tokens"): R(201, 201, 401, 201, json={"name": "script"}),
     ("DELETE", "/api/tokens/{token_id}"): R(204, 404, 401, 404),
     ("POST", "/api/auth/logout"): R(204, 204, 401, 204),
+    # A wrong current password is refused (the world's users all share one password).
+    ("POST", "/api/auth/password"): R(403, 403, 401, 403, json={"current": "not it", "new": PASSWORD}),  # noqa: E501
     # Sessions: the owner's; admins read them all.
     ("GET", "/api/sessions"): R(200, 200, 401, 200),
     ("POST", "/api/sessions"): R(201, 201, 401, 201, json={}),
@@ -91,6 +93,7 @@ RULES: dict[tuple[str, str], Rule] = {
     # Admins only.
     ("GET", "/api/pools/{template}"): R(403, 403, 401, 404),  # no pool runs here
     ("GET", "/api/admin/audit"): R(403, 403, 401, 200, query="?session_id={sid}"),
+    ("POST", "/api/admin/invites"): R(403, 403, 401, 201),
     ("POST", "/codec/{operation}"): R(403, 403, 401, 200, json={"payloads": []}),
     ("OPTIONS", "/codec/{operation}"): R(204, 204, 204, 204),  # a CORS preflight carries no token
     # The dashboard (an anonymous page load goes to the login page, an htmx call gets 401).

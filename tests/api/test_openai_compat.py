@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,7 @@ def test_refusals_are_http_errors_that_say_why(tmp_path: Path) -> None:
             assert fine.status_code == 200, fine.text
         limited = httpx.post(url, json={"messages": ask("4")}, headers=headers)
         assert limited.status_code == 429 and "3 LLM requests a minute" in limited.text
+        assert limited.headers["retry-after"] == "60"
         with pytest.raises(openai.RateLimitError):
             client(base, token).chat.completions.create(model="berth", messages=ask("5"))
 
@@ -241,3 +243,33 @@ def test_usage_is_visible_per_user_session_and_task(tmp_path: Path) -> None:
         detail = httpx.get(f"{base}/api/sessions/{sid}/tasks/task-1", headers=headers).json()
         assert detail["llm"]["total_tokens"] == 2200
         assert detail["llm"]["cost_usd"] == pytest.approx(2 * 0.0045)
+
+
+def test_max_tokens_is_capped_and_concurrent_calls_refused_with_retry_after(
+    tmp_path: Path,
+) -> None:
+    with (
+        ScriptedLLM(default=Reply("ok", hang_s=1.0)) as slow,
+        berth_with(tmp_path, slow, llm_max_tokens=100, llm_max_concurrent_per_user=2) as (
+            base,
+            token,
+        ),
+    ):
+        headers = {"Authorization": f"Bearer {token}"}
+        url = f"{base}/v1/chat/completions"
+        for field in ("max_tokens", "max_completion_tokens"):
+            over = httpx.post(url, json={"messages": ask("x"), field: 101}, headers=headers)
+            assert over.status_code == 400 and f"{field}: at most 100 tokens" in over.text
+
+        def call(i: int) -> httpx.Response:
+            body = {"messages": ask(f"{i}"), "max_tokens": 100, "temperature": 1}
+            return httpx.post(url, json=body, headers=headers, timeout=30)
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(call, range(6)))
+        statuses = sorted(a.status_code for a in answers)
+        assert statuses == [200, 200, 429, 429, 429, 429], [a.text for a in answers]
+        refused = next(a for a in answers if a.status_code == 429)
+        assert "2 LLM calls in flight" in refused.text
+        assert refused.headers["retry-after"] == "2"
+        assert call(7).status_code == 200  # the two ended: their places are free again

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 from sqlalchemy import Engine
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from config.settings import LLMProvider, Settings
 from llm.accounting import user_usage
@@ -27,6 +27,7 @@ from llm.models import (
     RateLimited,
 )
 from llm.proxy import LLMProxy
+from store.models import LLMReservation
 from tests.support.scripted_llm import Reply, ScriptedLLM
 
 USER = Caller(user_id="u1", session_id="s1", task_id="t1")
@@ -322,3 +323,47 @@ async def test_the_rate_limit_and_the_task_budget_refuse(engine: Engine, up: Scr
     with pytest.raises(BudgetExceeded, match="spent 30 tokens, its budget is 20"):
         await proxy.complete(ask("z"), task)
     assert len(up.requests) == 5
+
+
+async def test_each_call_reserves_its_place_before_it_runs(engine: Engine) -> None:
+    """Counted once answered, 500 concurrent calls all passed the limits."""
+    with ScriptedLLM(default=Reply("ok", hang_s=0.5)) as slow:
+        proxy = proxy_for(
+            engine, provider(slow, "main"), llm_max_concurrent_per_user=3,
+            llm_rate_limit_per_minute=0,
+        )  # fmt: skip
+        crowd = Caller(user_id="crowd")
+        calls = [proxy.complete(ask(f"{i}", temperature=1), crowd) for i in range(40)]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        refused = [o for o in outcomes if isinstance(o, RateLimited)]
+        assert len(refused) == 37 and refused[0].retry_after_s > 0
+        assert "3 LLM calls in flight at once per user" in str(refused[0])
+        await proxy.complete(ask("after", temperature=1), crowd)  # every place given back
+        # The rate limit counts calls in flight too.
+        proxy = proxy_for(engine, provider(slow, "main"), llm_rate_limit_per_minute=5)
+        burst = Caller(user_id="burst")
+        outcomes = await asyncio.gather(
+            *(proxy.complete(ask(f"{i}", temperature=1), burst) for i in range(20)),
+            return_exceptions=True,
+        )
+        assert sum(not isinstance(o, BaseException) for o in outcomes) == 5
+    with ScriptedLLM(default=Reply(status=400)) as refusing:
+        # A failed call gives its place back too.
+        proxy = proxy_for(engine, provider(refusing, "main"), llm_max_concurrent_per_user=1)
+        for _ in range(3):
+            with pytest.raises(InvalidRequest):
+                await proxy.complete(ask("x", temperature=1), Caller(user_id="unlucky"))
+    with Session(engine) as db:
+        assert db.exec(select(LLMReservation)).all() == []
+
+
+async def test_max_tokens_is_capped(engine: Engine, up: ScriptedLLM) -> None:
+    proxy = proxy_for(engine, provider(up, "main"), llm_max_tokens=100)
+    await proxy.complete(ask("fits", max_tokens=100), USER)
+    with pytest.raises(InvalidRequest, match="max_tokens: at most 100 tokens"):
+        await proxy.complete(ask("over", max_tokens=101), USER)
+    with pytest.raises(InvalidRequest, match="max_completion_tokens: at most 100 tokens"):
+        await proxy.complete(ask("over", max_completion_tokens=5000), USER)
+    with pytest.raises(InvalidRequest):
+        async for _ in proxy.stream(ask("over", max_tokens=101, stream=True), USER):
+            pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,13 +21,14 @@ ORIGIN = "http://testserver"
 EMAIL, PASSWORD = "ann@example.com", "correct horse battery"
 
 
-def app_for(data: Path) -> TestClient:
+def app_for(data: Path, **extra: Any) -> TestClient:
     settings = Settings(
         data_dir=data,
         temporal_address=f"127.0.0.1:{free_port()}",  # nothing there: Temporal is down
         password_time_cost=1,
         password_memory_kib=1024,
         password_parallelism=1,
+        **extra,
     )
     return TestClient(create_app(settings), follow_redirects=False)
 
@@ -208,3 +210,35 @@ def test_pages_forbid_framing_and_foreign_scripts(client: TestClient) -> None:
     for template in templates.glob("*.html"):
         text = template.read_text()
         assert not re.search(r"<script(?![^>]*\bsrc=)|\bon\w+=|hx-on", text), template.name
+
+
+def test_closed_sign_up_hides_the_form_and_refuses_a_forged_one(tmp_path: Path) -> None:
+    with app_for(tmp_path, signup="closed") as client:
+        page = client.get("/login").text
+        assert 'value="signup"' not in page and "Sign-up is closed" in page
+        answer = client.post(
+            "/login",
+            data={
+                "email": EMAIL,
+                "password": PASSWORD,
+                "action": "signup",
+                "csrf": form_token(page),
+            },
+            headers={"Origin": ORIGIN},
+        )
+        assert answer.status_code == 403 and "sign-up is closed" in answer.text
+
+
+def test_an_invite_link_fills_in_the_sign_up_form(tmp_path: Path) -> None:
+    with app_for(tmp_path, signup="invite") as client:
+        page = client.get("/login?invite=abc123").text
+        assert 'name="invite" value="abc123"' in page and 'value="signup"' in page
+        answer = client.post(
+            "/login",
+            data={
+                "email": EMAIL, "password": PASSWORD, "action": "signup",
+                "csrf": form_token(page), "invite": "abc123",
+            },
+            headers={"Origin": ORIGIN},
+        )  # fmt: skip
+        assert answer.status_code == 403 and "invite" in answer.text
