@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         "BERTH_TLS_KEY_FILE, they are served over HTTPS only (with HSTS)",
     )
     tls_key_file: Path | None = Field(default=None, description="PEM key of BERTH_TLS_CERT_FILE")
+    trusted_proxies: str = Field(
+        default="127.0.0.1",
+        description="Comma-separated addresses or networks of reverse proxies whose "
+        "X-Forwarded-Proto/-For headers the API believes (a TLS proxy in front of it); "
+        "'*' trusts any",
+    )
     run_as: str = Field(
         default="berth",
         description="System user that `make run`, started as root, runs the API and Temporal "
