@@ -4,7 +4,6 @@ bearer token for the JSON API, by the dashboard's login cookie for its pages and
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
@@ -15,7 +14,7 @@ from sqlmodel import Session
 from temporalio.client import Client
 
 from api import accounts
-from api.problems import Problem
+from api.problems import Problem, logged
 from api.security import Passwords
 from config.settings import Settings
 from store.models import ApiToken, User
@@ -23,7 +22,6 @@ from store.notify import Hub
 from workflows.client import connect
 
 __all__ = ["Problem"]  # raised by routes and services through this module
-log = logging.getLogger("berth.api")
 
 
 def app_settings(request: Request) -> Settings:
@@ -93,8 +91,8 @@ class TemporalLink:
                     self._client = await connect(self.settings)
                 except RuntimeError as exc:
                     # Where and why go to the log: the caller learns only what is down.
-                    log.warning("Temporal at %s: %s", self.settings.temporal_target, exc)
-                    raise Problem(503, "the orchestrator is unavailable; try again") from exc
+                    where = f"Temporal at {self.settings.temporal_target}: {exc}"
+                    raise logged(503, "the orchestrator is unavailable; try again", where) from exc
             return self._client
 
 

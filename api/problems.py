@@ -3,11 +3,16 @@
 ``type`` is ``about:blank`` (the status says it all), ``title`` the status's phrase,
 ``detail`` what this caller can act on; a 422 adds ``errors``, where and why, never the
 rejected value (it may be a password).
+
+Internal error text (a crash's, Temporal's RPC messages, which name addresses) never reaches
+the caller: it goes to the log under an error id, and the caller gets a short reason with that
+id (``error_id``), which an operator finds in the log.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -32,12 +37,14 @@ class Problem(Exception):
         detail: str,
         headers: dict[str, str] | None = None,
         errors: list[dict[str, Any]] | None = None,
+        error_id: str | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = dict(headers or {})
         self.errors = errors
+        self.error_id = error_id
         if status == 401:
             self.headers.setdefault("WWW-Authenticate", "Bearer")
 
@@ -56,6 +63,19 @@ class ProblemOut(BaseModel):
     status: int
     detail: str
     errors: list[FieldError] | None = None
+    error_id: str | None = None  # where the log holds what went wrong inside
+
+
+def error_id() -> str:
+    return secrets.token_hex(6)
+
+
+def logged(status: int, reason: str, internal: str) -> Problem:
+    """A problem that tells the caller ``reason`` and an error id; the log, under that id,
+    the ``internal`` text that the caller is not to see."""
+    found = error_id()
+    log.warning("error %s: %s", found, internal)
+    return Problem(status, f"{reason} (error {found})", error_id=found)
 
 
 def document(problem: Problem) -> dict[str, Any]:
@@ -64,6 +84,7 @@ def document(problem: Problem) -> dict[str, Any]:
         status=problem.status,
         detail=problem.detail,
         errors=[FieldError.model_validate(e) for e in problem.errors] if problem.errors else None,
+        error_id=problem.error_id,
     )
     return body.model_dump(exclude_none=True)
 
@@ -112,8 +133,10 @@ def install(app: FastAPI, render: Render) -> None:
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return render(request, Problem(500, "internal error; it has been logged"))
+        found = error_id()
+        log.exception("error %s: unhandled on %s %s", found, request.method, request.url.path)
+        detail = f"internal error; it has been logged (error {found})"
+        return render(request, Problem(500, detail, error_id=found))
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 

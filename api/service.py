@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import math
 from datetime import datetime
 from enum import StrEnum
@@ -31,6 +30,7 @@ import vm_templates
 from activities.models import pool_workflow_id
 from api import preferences
 from api.deps import Problem, TemporalLink
+from api.problems import logged
 from api.schemas import PoolOut, SessionOut, StepOut, TaskOut, TaskRefOut
 from config.settings import Settings
 from llm.accounting import task_usage
@@ -52,8 +52,6 @@ from workflows.client import workflow_id
 from workflows.models import SessionInput, TaskControl, TaskModification, TaskRef, TaskSubmission
 from workflows.pool import SandboxPool
 from workflows.session import SessionWorkflow
-
-log = logging.getLogger("berth.api")
 
 FINAL = (SessionStatus.ended, SessionStatus.failed)
 
@@ -143,11 +141,12 @@ async def _start_run(
     except WorkflowAlreadyStartedError as exc:
         raise Problem(409, f"session {row.id} is running already") from exc
     except RPCError as exc:
-        row.status, row.error = SessionStatus.failed, f"could not start: {exc.message}"
+        problem = _unavailable(exc)
+        row.status, row.error = SessionStatus.failed, f"could not start (error {problem.error_id})"
         row.ended_at = utcnow()
         db.add(row)
         db.commit()
-        raise _unavailable(exc) from exc
+        raise problem from exc
 
 
 async def resume_session(
@@ -300,8 +299,7 @@ async def _close_if_over(db: Session, client: Client, row: SessionRow) -> None:
 
 def _unavailable(exc: RPCError) -> Problem:
     # Temporal's message may name internal addresses: it goes to the log only.
-    log.warning("Temporal refused a call: %s", exc.message)
-    return Problem(503, "the orchestrator is unavailable; try again")
+    return logged(503, "the orchestrator is unavailable; try again", exc.message)
 
 
 def idempotency_id(header: str) -> str:

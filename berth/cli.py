@@ -10,12 +10,14 @@ them from the command line happens here only.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 PROG = "python -m berth"
 APP_FACTORY = "berth.web:create_app"
 BENCH_OUT = Path(".berth/bench")
+PRIVATE_UMASK = 0o077
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -49,6 +51,11 @@ def serve_api(_: argparse.Namespace) -> int:
         # is sent (api/headers.py).
         ssl_certfile=settings.tls_cert_file,
         ssl_keyfile=settings.tls_key_file,
+        # Behind a TLS proxy, its X-Forwarded-Proto and -For are believed (from the trusted
+        # proxies only): the cookie stays Secure, the Origin check sees https, logs and login
+        # counters see the client's address.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.trusted_proxies,
     )
     return 0
 
@@ -159,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Every process of Berth starts here (the supervisor starts the others through this
+    # command line, and Temporal beside them): what they make, databases, disks, artifacts,
+    # logs, is their user's alone, and their children inherit the mask.
+    os.umask(PRIVATE_UMASK)
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     return handler(args)

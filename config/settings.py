@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         "BERTH_TLS_KEY_FILE, they are served over HTTPS only (with HSTS)",
     )
     tls_key_file: Path | None = Field(default=None, description="PEM key of BERTH_TLS_CERT_FILE")
+    trusted_proxies: str = Field(
+        default="127.0.0.1",
+        description="Comma-separated addresses or networks of reverse proxies whose "
+        "X-Forwarded-Proto/-For headers the API believes (a TLS proxy in front of it); "
+        "'*' trusts any",
+    )
     run_as: str = Field(
         default="berth",
         description="System user that `make run`, started as root, runs the API and Temporal "
@@ -75,6 +81,12 @@ class Settings(BaseSettings):
     )
     payload_previous_secrets: list[str] = Field(
         default_factory=list, description="Former payload secrets: old histories still decrypt"
+    )
+    temporal_accept_plaintext: bool = Field(
+        default=False,
+        description="Accept Temporal payloads that are not encrypted: only for a migration "
+        "window, while workflows started before payload encryption finish; otherwise anyone "
+        "who reaches the Temporal server could send a workflow a signal or update",
     )
     codec_token: str | None = Field(
         default=None,
@@ -128,6 +140,35 @@ class Settings(BaseSettings):
     )
     temporal_port: int = Field(default=7233, description="Port of the embedded Temporal server")
     temporal_namespace: str = "default"
+    # A Temporal cluster of one's own or Temporal Cloud: TLS (mTLS with a client certificate)
+    # and/or an API key. The API, the worker and the tests all connect through
+    # workflows/client.py, so they all use these.
+    temporal_tls: bool = Field(
+        default=False,
+        description="Connect to Temporal over TLS (the system's CA roots unless "
+        "BERTH_TEMPORAL_TLS_CA_FILE); implied by any other BERTH_TEMPORAL_TLS_* or "
+        "BERTH_TEMPORAL_API_KEY",
+    )
+    temporal_tls_ca_file: Path | None = Field(
+        default=None, description="PEM CA certificate(s) that Temporal's certificate must chain to"
+    )
+    temporal_tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM client certificate for mTLS with Temporal (with "
+        "BERTH_TEMPORAL_TLS_KEY_FILE)",
+    )
+    temporal_tls_key_file: Path | None = Field(
+        default=None, description="PEM key of BERTH_TEMPORAL_TLS_CERT_FILE"
+    )
+    temporal_tls_server_name: str | None = Field(
+        default=None,
+        description="Name Temporal's certificate is checked against (and sent as SNI), when "
+        "it differs from the host of BERTH_TEMPORAL_ADDRESS",
+    )
+    temporal_api_key: str | None = Field(
+        default=None,
+        description="API key sent to Temporal with every call (Temporal Cloud); implies TLS",
+    )
     temporal_ui_port: int = 8233
     temporal_ui_url: str | None = Field(
         default=None,
@@ -350,6 +391,7 @@ class Settings(BaseSettings):
         for cert, key in (
             ("tls_cert_file", "tls_key_file"),
             ("gateway_cert_file", "gateway_key_file"),
+            ("temporal_tls_cert_file", "temporal_tls_key_file"),
         ):
             if (getattr(self, cert) is None) != (getattr(self, key) is None):
                 raise ValueError(

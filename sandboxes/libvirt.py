@@ -39,6 +39,9 @@ PREFIX = "berth"
 TB_CACHE_MB = 128
 HIBERNATED = "hibernated"
 DISK = "disk.qcow2"
+# A VM's disks hold what its sessions did: for root (and, while it runs, QEMU) alone.
+PRIVATE_FILE = 0o600
+PRIVATE_FOLDER = 0o700
 # Longest a boot holds its slot waiting for the guest (TCG boots take ~10 s).
 BOOT_SLOT_S = 60.0
 STATES = {
@@ -207,6 +210,8 @@ class LibvirtProvider(SandboxProvider):
             self.bridge, str(self.subnet), self.gateway_port, nameserver
         )
         self._reachable_by_qemu(self.vms)
+        # Made under umask 077 (berth/cli.py) the image cache would be closed to QEMU.
+        self._reachable_by_qemu(self.images)
         for template in vm_templates.names():
             self.build_image(template)
 
@@ -220,11 +225,13 @@ class LibvirtProvider(SandboxProvider):
         return vm_image.build_image(self.images, template, self.mirror, self.data_dir / "build")
 
     def _reachable_by_qemu(self, folder: Path) -> None:
-        """QEMU runs as an unprivileged user: it must be able to walk down to the VMs' files."""
+        """QEMU runs as an unprivileged user: it must be able to walk down to the VMs' files
+        (search only: other users cannot list the folders)."""
         folder.mkdir(parents=True, exist_ok=True)
+        ours = (self.data_dir, self.images.parent)
         for path in (folder, *folder.parents):
             if not path.stat().st_mode & 0o001:
-                if path.is_relative_to(self.data_dir):
+                if any(path.is_relative_to(root) for root in ours):
                     path.chmod(path.stat().st_mode | 0o011)
                 else:
                     raise LibvirtError(
@@ -364,6 +371,8 @@ class LibvirtProvider(SandboxProvider):
         if not overlay.exists():  # else a preserved session's disk, brought back
             vm_image.overlay(image.disk, overlay)
         vm_image.write_seed(seed, self.seed_values(env, address, spec))
+        for disk in (overlay, seed):
+            disk.chmod(PRIVATE_FILE)  # libvirt gives them to QEMU's user while the VM runs
         if spec.network.egress != "public":
             libvirt_host.restrict_egress(str(address), [str(n) for n in spec.network.allow])
         xml = _templates.get_template("domain.xml.j2").render(
@@ -447,6 +456,7 @@ class LibvirtProvider(SandboxProvider):
         )
         if await copy.wait() != 0:
             raise LibvirtError(f"could not copy the kept disk of {folder.name}")
+        draft.chmod(PRIVATE_FILE)
         draft.replace(disk)
 
     async def usage(self, machines: list[Machine]) -> dict[str, MachineUsage]:
@@ -503,6 +513,8 @@ class LibvirtProvider(SandboxProvider):
         folder = self.vm_dir(handle.removeprefix(f"{PREFIX}-"))
         if keep is not None and (folder / DISK).exists():
             keep.parent.mkdir(parents=True, exist_ok=True)
+            keep.parent.chmod(PRIVATE_FOLDER)
+            (folder / DISK).chmod(PRIVATE_FILE)
             (folder / DISK).replace(keep)
         elif keep is not None and not keep.exists():
             raise LibvirtError(f"domain {handle} is gone, its disk not kept")

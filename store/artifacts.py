@@ -57,7 +57,10 @@ class ArtifactStore:
             )
         found = artifact_id(session_id, exec_id, name)
         target = self.path(session_id, found)
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Private folders, the store's own too: the artifacts of other users' sessions are not
+        # to be listed (mkdir's mode applies to the last folder only).
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target.parent.mkdir(exist_ok=True, mode=0o700)
         self._to_owner(target.parent)
         # Written aside and renamed, so a reader never sees half a file.
         fd, draft = tempfile.mkstemp(dir=target.parent, prefix=".draft-")  # mode 0600

@@ -40,12 +40,21 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
+def _private_file(path: Path) -> None:
+    """The database file made before SQLite opens it, readable by this user alone (SQLite
+    gives its journals the same mode), in a folder others cannot list."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    if path.stat().st_uid == os.geteuid():
+        path.chmod(0o600)  # a database of an older version, made with the default mode
+
+
 @cache
 def get_engine(url: str) -> Engine:
     if make_url(url).get_backend_name() == "sqlite":
         path = _sqlite_file(url)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _private_file(path)
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -85,7 +94,7 @@ def _migration_lock(url: str) -> Iterator[None]:
         if path is None:  # an in-memory database belongs to one process
             yield
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _private_file(path)
         # Private: flock needs only read access, so a readable lock could be held by anyone.
         fd = os.open(path.with_name(f"{path.name}.migrate-lock"), os.O_CREAT | os.O_RDWR, 0o600)
         with os.fdopen(fd) as lock:

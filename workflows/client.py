@@ -2,35 +2,83 @@
 the tests all make it, and the ids the workflows run under.
 
 Payloads go through the encryption codec (workflows/codec.py), so the server (and its Web UI)
-sees only ciphertext. The ids are plain functions: whoever knows a session or a host and a
+sees only ciphertext; so do failures' messages and stack traces (which carry commands and
+check details), moved into an encrypted payload by the failure converter. A real cluster or
+Temporal Cloud is reached over TLS (mTLS with a client certificate) and/or with an API key,
+from the settings. The ids are plain functions: whoever knows a session or a host and a
 template finds its workflow without asking anyone."""
 
 from __future__ import annotations
 
-import dataclasses
+from pathlib import Path
+from typing import TypedDict
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
+from temporalio.service import TLSConfig
 
 from activities.models import pool_workflow_id
 from config.keys import payload_keys
 from config.settings import Settings
-from workflows.codec import EncryptionCodec
+from workflows.codec import EncryptionCodec, PayloadConverter
 
-__all__ = ["connect", "data_converter", "pool_workflow_id", "workflow_id"]
+__all__ = [
+    "connect",
+    "connect_options",
+    "data_converter",
+    "pool_workflow_id",
+    "workflow_id",
+]
+
+
+class ConnectOptions(TypedDict):
+    """What reaching the server takes besides its address and the data converter."""
+
+    namespace: str
+    tls: TLSConfig | bool
+    api_key: str | None
 
 
 def data_converter(settings: Settings) -> DataConverter:
-    codec = EncryptionCodec(payload_keys(settings))
-    return dataclasses.replace(pydantic_data_converter, payload_codec=codec)
+    codec = EncryptionCodec(payload_keys(settings), settings.temporal_accept_plaintext)
+    return DataConverter(
+        payload_converter_class=PayloadConverter,
+        payload_codec=codec,
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
+
+
+def tls_config(settings: Settings) -> TLSConfig | bool:
+    """TLS as the settings ask for it; False (plain gRPC) when none of them does."""
+    wanted = settings.temporal_tls or settings.temporal_api_key is not None
+    files = (settings.temporal_tls_ca_file, settings.temporal_tls_cert_file)
+    if not (wanted or any(files) or settings.temporal_tls_server_name):
+        return False
+    return TLSConfig(
+        server_root_ca_cert=_read(settings.temporal_tls_ca_file),
+        domain=settings.temporal_tls_server_name,
+        client_cert=_read(settings.temporal_tls_cert_file),
+        client_private_key=_read(settings.temporal_tls_key_file),
+    )
+
+
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path else None
+
+
+def connect_options(settings: Settings) -> ConnectOptions:
+    return ConnectOptions(
+        namespace=settings.temporal_namespace,
+        tls=tls_config(settings),
+        api_key=settings.temporal_api_key,
+    )
 
 
 async def connect(settings: Settings) -> Client:
     return await Client.connect(
         settings.temporal_target,
-        namespace=settings.temporal_namespace,
         data_converter=data_converter(settings),
+        **connect_options(settings),
     )
 
 

@@ -162,3 +162,31 @@ def test_the_schema_documents_errors_and_media_types(client: TestClient) -> None
                 assert "401" in answers, (method, path)
     events = schema["paths"]["/api/sessions/{sid}/events"]["get"]["responses"]
     assert list(events["200"]["content"]) == ["text/event-stream"]
+
+
+def test_internal_error_text_goes_to_the_log_and_the_caller_gets_its_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        temporal_address=f"127.0.0.1:{free_port()}",
+        password_time_cost=1,
+        password_memory_kib=1024,
+    )
+    app = create_app(settings)
+
+    @app.get("/api/crash")
+    def crash() -> None:
+        raise RuntimeError("docker: stderr of /var/lib/berth/secret-path")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        crashed = client.get("/api/crash")
+        down = client.post("/api/sessions", json={}, headers=signed_in(client))
+    problem = is_problem(crashed, 500)
+    assert "secret-path" not in crashed.text
+    assert problem["error_id"] in problem["detail"]
+    unavailable = is_problem(down, 503)
+    assert unavailable["error_id"] in unavailable["detail"]
+    logged = caplog.text
+    assert f"error {problem['error_id']}" in logged and "secret-path" in logged
+    assert f"error {unavailable['error_id']}" in logged

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +192,57 @@ def test_a_command_gets_its_arguments_typed_and_its_exit_status_passed_on(
     calls = stand_in(monkeypatch, module, name, answer=7)
     assert main([str(out) if arg == "OUT" else arg for arg in argv]) == 7
     assert calls == [expected(out)]
+
+
+@pytest.fixture(autouse=True)
+def own_umask() -> Iterator[None]:
+    """main() sets the process's umask: the test process gets its own back."""
+    before = os.umask(0o022)
+    yield
+    os.umask(before)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_every_command_runs_with_a_private_umask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor, the worker and the API all start through main(), Temporal and the
+    others as children of the supervisor: what they create is their user's alone."""
+    seen: list[int] = []
+    fake = types.ModuleType("berth.worker")
+    fake.run = lambda: seen.append(current_umask())  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "berth.worker", fake)
+    assert main(["worker"]) == 0
+    assert seen == [0o077]
+
+
+@pytest.mark.parametrize(
+    ("proxies", "trusted"),
+    [(None, "127.0.0.1"), ("10.0.0.0/8,192.0.2.7", "10.0.0.0/8,192.0.2.7")],
+    ids=["default", "set"],
+)
+def test_the_api_believes_forwarded_headers_of_the_trusted_proxies_only(
+    proxies: str | None, trusted: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Behind a TLS proxy uvicorn must take X-Forwarded-Proto from it (the cookie stays
+    Secure, the Origin check sees https), and from no one else."""
+    from config.settings import get_settings
+
+    calls: list[dict[str, Any]] = []
+    fake = types.ModuleType("uvicorn")
+    fake.run = lambda *_, **kwargs: calls.append(kwargs)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "uvicorn", fake)
+    monkeypatch.setenv("BERTH_DATA_DIR", str(tmp_path))
+    if proxies is not None:
+        monkeypatch.setenv("BERTH_TRUSTED_PROXIES", proxies)
+    get_settings.cache_clear()
+    try:
+        assert main(["api"]) == 0
+    finally:
+        get_settings.cache_clear()
+    [served] = calls
+    assert served["proxy_headers"] is True
+    assert served["forwarded_allow_ips"] == trusted
