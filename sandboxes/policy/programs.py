@@ -306,6 +306,19 @@ def check_find(args: Arguments) -> None:
             raise args.refuse(arg.text, "is refused by this policy" + args.advice(arg.text))
 
 
+def check_test(args: Arguments) -> None:
+    """bash's `test` and `[` evaluate the subscript of `-v NAME[SUBSCRIPT]` as arithmetic, so
+    `test -v 'a[$(cmd)]'` runs cmd, the quotes hiding it from the parser; `-v` can stand after
+    `!`, `-a` or `-o` as well as first, so it is refused wherever it stands."""
+    for arg in args.args:
+        if arg.text == "-v":
+            raise args.refuse(
+                arg.text,
+                "is refused by this policy: bash evaluates the variable's subscript, which "
+                "can run commands",
+            )
+
+
 def check_cd(args: Arguments) -> None:
     """`cd` to a named directory only: `cd -` goes to $OLDPWD, which the judge cannot know
     (busybox exports OLDPWD=/), a lone option goes home, and a glob may expand to `..` or to
@@ -355,4 +368,5 @@ CHECKS = {
     "find": check_find,
     "cd": check_cd,
     "git": check_git,
+    "test": check_test,
 }

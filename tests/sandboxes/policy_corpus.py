@@ -197,6 +197,12 @@ BYPASSES = [
     ("non-ascii-digit-fd", "echo \u00b2>/etc/x", "outside the workspace"),
     # Issue 16: the policy's parse is the shell's parse.
     ("find-dashdash-exec", "find -- . -maxdepth 0 -exec bash -c id ';'", "find -exec"),
+    # Security review: bash evaluates the subscript of `test -v NAME[...]`.
+    ("test-v-subscript", "test -v 'a[$(id > /tmp/x)]'", "-v"),
+    ("bracket-v-backticks", "[ -v 'x[`id`]' ]", "-v"),
+    ("test-not-v", "test ! -v 'a[$(id)]'", "-v"),
+    ("test-and-v", "test x = x -a -v 'a[$(id)]'", "-v"),
+    ("bracket-or-v", "[ -n x -o -v 'a[$(id)]' ]", "-v"),
     ("find-dashdash-delete", "find -- . -delete", "find -delete"),
     ("find-dashdash-fprintf", "find -- . -fprintf /etc/x %p", "find -fprintf"),
     ("glob-empty-quotes-tar", "tar cf a.tar ''*", "starts with a wildcard"),
