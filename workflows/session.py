@@ -218,11 +218,16 @@ class SessionWorkflow:
             await workflow.wait_condition(lambda: not self.paused or self.cancelling)
             return
         since, tried = workflow.now(), False
-        while self.paused and not self.cancelling:
-            self.continue_as_new_if_suggested()
-            tried = await self.idle(lambda: not self.paused or self.cancelling, since, tried)
-        if self.hibernated and not self.cancelling:
+        while True:
+            while self.paused and not self.cancelling:
+                self.continue_as_new_if_suggested()
+                tried = await self.idle(lambda: not self.paused or self.cancelling, since, tried)
+                # A hibernate the session's end interrupted swallowed the cancellation.
+                check_cancelled()
+            if not (self.hibernated and not self.cancelling):
+                return
             await self.wake(then=SessionStatus.busy)
+            # Paused again while it woke: wait that pause out too before the next step.
 
     async def hibernate(self) -> None:
         """Suspend the idle sandbox (a VM's memory saved to disk); one that cannot be
@@ -274,6 +279,8 @@ class SessionWorkflow:
             workflow.info().is_continue_as_new_suggested()
             and workflow.all_handlers_finished()
             and not self.cancelling
+            # A new run would not know the session was asked to end.
+            and not cancel_requested()
         )
 
     def continue_as_new_if_suggested(self) -> None:

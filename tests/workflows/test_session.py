@@ -981,6 +981,81 @@ async def test_a_paused_task_lets_the_session_hibernate(env: WorkflowEnvironment
     assert statuses[:5] == ["ready", "busy", "hibernated", "waking", "busy"]
 
 
+class SlowPower(Stubs):
+    """Its ``slow`` power activity (hibernate or wake) lasts until the test opens it: a
+    control or the session's end can come meanwhile."""
+
+    def __init__(self, slow: str) -> None:
+        super().__init__()
+        self.slow = slow
+        self.in_power = asyncio.Event()
+        self.power_open = asyncio.Event()
+
+    async def hold(self, what: str, sandbox: SandboxInfo) -> None:
+        if what == self.slow:
+            self.in_power.set()
+            while not self.power_open.is_set():
+                activity.heartbeat()
+                await asyncio.sleep(0.05)
+        self.power.append(f"{what} {sandbox.id}")
+
+    @activity.defn(name="HibernateSandbox")
+    async def hibernate(self, sandbox: SandboxInfo) -> None:
+        await self.hold("hibernate", sandbox)
+
+    @activity.defn(name="WakeSandbox")
+    async def wake(self, sandbox: SandboxInfo) -> None:
+        await self.hold("wake", sandbox)
+
+
+async def test_ending_while_a_paused_tasks_sandbox_hibernates_ends_the_session(
+    env: WorkflowEnvironment,
+) -> None:
+    """Durability review: the hibernate the end interrupted swallowed the cancellation, and
+    the paused session waited on until its idle timeout with its machine up."""
+    stubs = SlowPower(slow="hibernate")
+    session = params(stubs).model_copy(update={"hibernate_after_s": 0.5})
+    async with running(env, stubs, session) as handle:
+        ref = await submit(env.client, handle.id, "$ wait\n$ echo never")
+        await until(lambda: stubs.commands == ["wait"])
+        await update(handle, "pause_task", TaskControl(task_id=ref.id))
+        stubs.release.set()
+        await asyncio.wait_for(stubs.in_power.wait(), 10)
+        await handle.cancel()  # the user's DELETE
+        with contextlib.suppress(WorkflowFailureError):
+            await asyncio.wait_for(handle.result(), 15)
+    assert stubs.destroyed == stubs.provisioned
+    assert stubs.task_statuses()[ref.id] == "cancelled"
+    assert stubs.commands == ["wait"]
+
+
+async def test_a_pause_while_the_sandbox_wakes_holds_the_next_step(
+    env: WorkflowEnvironment,
+) -> None:
+    """Durability review: a pause sent while a resumed task's sandbox woke was answered
+    "paused", yet the next step ran."""
+    stubs = SlowPower(slow="wake")
+    session = params(stubs).model_copy(update={"hibernate_after_s": 0.5})
+    async with running(env, stubs, session) as handle:
+        ref = await submit(env.client, handle.id, "$ wait\n$ echo after")
+        await until(lambda: stubs.commands == ["wait"])
+        control = TaskControl(task_id=ref.id)
+        await update(handle, "pause_task", control)
+        stubs.release.set()
+        await until(lambda: EventType.sandbox_hibernated in stubs.types())
+        await update(handle, "resume_task", control)
+        await asyncio.wait_for(stubs.in_power.wait(), 10)  # waking, slowly
+        await update(handle, "pause_task", control)
+        stubs.power_open.set()
+        await until(lambda: len(stubs.power) == 2)
+        await asyncio.sleep(1.5)
+        assert stubs.commands == ["wait"], "a step ran while its task was paused"
+        await update(handle, "resume_task", control)
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await end(handle)
+    assert stubs.commands == ["wait", "echo after"]
+
+
 async def test_a_paused_task_ends_at_the_idle_timeout(env: WorkflowEnvironment) -> None:
     stubs = Stubs()
     session = params(stubs).model_copy(update={"idle_timeout_s": 1.0})
