@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypedDict
 
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
-from temporalio.service import TLSConfig
+from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from activities.models import pool_workflow_id
 from config.keys import payload_keys
@@ -74,12 +75,31 @@ def connect_options(settings: Settings) -> ConnectOptions:
     )
 
 
+class UnknownNamespace(RuntimeError):
+    """The settings name a namespace the Temporal server does not have."""
+
+
 async def connect(settings: Settings) -> Client:
-    return await Client.connect(
+    """A client of the settings' namespace, which must exist: against a server without it,
+    every workflow would look gone, and whoever sweeps rows or machines by their workflows
+    (the worker) would end every live session."""
+    client = await Client.connect(
         settings.temporal_target,
         data_converter=data_converter(settings),
         **connect_options(settings),
     )
+    try:
+        await client.workflow_service.describe_namespace(
+            DescribeNamespaceRequest(namespace=settings.temporal_namespace)
+        )
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+        raise UnknownNamespace(
+            f"the Temporal server at {settings.temporal_target} has no namespace "
+            f"{settings.temporal_namespace!r} (BERTH_TEMPORAL_NAMESPACE)"
+        ) from exc
+    return client
 
 
 def workflow_id(session_id: str) -> str:
