@@ -158,7 +158,11 @@ class SandboxPool:
                 return
             self.s.boot_failures += 1
             workflow.logger.warning("a pool VM failed to boot (%d in a row)", self.s.boot_failures)
-            await workflow.sleep(min(MAX_BACKOFF_S, 2.0**self.s.boot_failures))
+            backoff = timedelta(seconds=min(MAX_BACKOFF_S, 2.0**self.s.boot_failures))
+            # A stop ends the back-off: the pool's end waits for no boot slot (up to 300 s,
+            # past the worker's wait for its pools, whose next start then found none).
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(lambda: self.s.stopping, timeout=backoff)
         else:
             self.s.boot_failures = 0
             if self.s.stopping:

@@ -301,7 +301,8 @@ class SessionWorkflow:
             preserve=self.preserve,
             dead=self.dead,
         )
-        size, limit = len(carried.model_dump_json()), self.params.max_carried_bytes
+        # Bytes, as the server counts them (a character of CJK text is three).
+        size, limit = len(carried.model_dump_json().encode()), self.params.max_carried_bytes
         # Only a running task's state can grow past the bound (the queue's prompts, the
         # remembered ids and keys are capped): it fails, and the session goes on without it.
         if self.running is not None and size > limit and workflow.patched("carried-size"):

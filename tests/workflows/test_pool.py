@@ -13,6 +13,7 @@ import pytest
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -137,3 +138,42 @@ async def test_a_starting_worker_waits_for_a_pool_still_ending_then_starts_a_new
     assert finished.status == WorkflowExecutionStatus.COMPLETED
     await new.signal(SandboxPool.stop)
     await new.result()
+
+
+async def test_a_stop_ends_a_failed_boots_back_off(env: WorkflowEnvironment) -> None:
+    """Durability review: a boot that failed before the stop slept out its back-off (up to
+    300 s), so the pool outlived the worker's wait for it and its next start found no pool."""
+    queue = f"pooltest-{uuid.uuid4().hex[:8]}"
+    boots: list[str] = []
+
+    @activity.defn(name="ProvisionSandbox")
+    async def provision(request: SandboxRequest) -> SandboxInfo:
+        boots.append(request.sandbox_id)
+        raise ApplicationError("the template is broken", non_retryable=True)
+
+    @activity.defn(name="DestroySandbox")
+    async def destroy(sandbox: SandboxInfo) -> None:
+        pass
+
+    # Eight failures in a row already: the next one backs off for the longest (300 s).
+    carried = PoolState(template=vm_templates.DEFAULT, target=1, boot_failures=8)
+    async with Worker(
+        env.client, task_queue=queue, workflows=[SandboxPool], activities=[provision, destroy]
+    ):
+        pool = await env.client.start_workflow(
+            SandboxPool.run,
+            PoolInput(
+                template=vm_templates.DEFAULT, host_task_queue=queue,
+                min_size=1, max_size=1, carried=carried,
+            ),
+            id=f"pool-{queue}",
+            task_queue=queue,
+        )  # fmt: skip
+        async with asyncio.timeout(20):
+            while True:  # the failure is counted: the boot is in its back-off
+                if (await pool.query(SandboxPool.state)).boot_failures == 9:
+                    break
+                await asyncio.sleep(0.1)
+        await pool.signal(SandboxPool.stop)
+        await asyncio.wait_for(pool.result(), 10)
+    assert len(boots) == 1
