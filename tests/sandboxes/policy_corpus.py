@@ -203,6 +203,8 @@ BYPASSES = [
     ("test-not-v", "test ! -v 'a[$(id)]'", "-v"),
     ("test-and-v", "test x = x -a -v 'a[$(id)]'", "-v"),
     ("bracket-or-v", "[ -n x -o -v 'a[$(id)]' ]", "-v"),
+    ("curl-expand-output", "curl --expand-output /etc/x http://127.0.0.1/", "--expand-output"),
+    ("curl-variable", "curl --variable x=/etc/x http://127.0.0.1/", "--variable"),
     ("find-dashdash-delete", "find -- . -delete", "find -delete"),
     ("find-dashdash-fprintf", "find -- . -fprintf /etc/x %p", "find -fprintf"),
     ("glob-empty-quotes-tar", "tar cf a.tar ''*", "starts with a wildcard"),
