@@ -10,8 +10,11 @@ from typing import Any
 
 from guest_agent.protocol import MAX_OUTPUT_CHUNK
 
-# Output kept per step for replay after a reconnect; older lines are dropped first.
+# Output kept per step for replay after a reconnect, in lines and in characters (a command
+# printing a gigabyte must not grow the root agent past its machine's memory); older lines
+# are dropped first.
 MAX_KEPT_LINES = 20_000
+MAX_KEPT_CHARS = 8 * 1024 * 1024
 # Characters per output piece: even at 4 bytes each, a piece fits MAX_OUTPUT_CHUNK.
 PIECE_CHARS = MAX_OUTPUT_CHUNK // 4
 
@@ -49,6 +52,7 @@ class Execution:
     on_kill: Callable[[], object] | None = None
     killed: bool = False
     _next_seq: int = 1
+    _kept_chars: int = 0
 
     @property
     def finished(self) -> bool:
@@ -73,8 +77,14 @@ class Execution:
         async with self.changed:
             self.lines.append(Line(self._next_seq, stream, text))
             self._next_seq += 1
-            if len(self.lines) > MAX_KEPT_LINES:
-                del self.lines[: len(self.lines) - MAX_KEPT_LINES]
+            self._kept_chars += len(text)
+            drop = 0  # the oldest lines past either bound; the newest is always kept
+            while len(self.lines) - drop > MAX_KEPT_LINES or (
+                self._kept_chars > MAX_KEPT_CHARS and drop < len(self.lines) - 1
+            ):
+                self._kept_chars -= len(self.lines[drop].text)
+                drop += 1
+            del self.lines[:drop]
             self.changed.notify_all()
 
     async def say(self, text: str, stream: str = "stdout") -> None:
