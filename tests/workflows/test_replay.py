@@ -6,10 +6,15 @@ Histories are kept per workflow version in tests/workflows/histories/<version>/.
 version's with ``BERTH_RECORD_HISTORY=1 pytest tests/workflows/test_session.py`` (after pointing
 ``HISTORIES`` there at a new folder); a compatible change keeps replaying the old ones, an
 incompatible one is versioned with workflow.patched.
+
+Histories are write-once: SHA256SUMS beside them holds each file's hash, and a file that
+changed, or one not listed, fails here. A new recording is listed by adding its line
+(``sha256sum v5/name.json >> SHA256SUMS`` in that folder); an old one is never re-recorded.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -20,7 +25,21 @@ from temporalio.worker import Replayer
 from workflows.pool import SandboxPool
 from workflows.session import SessionWorkflow
 
-HISTORIES = sorted((Path(__file__).parent / "histories").glob("*/*.json"))
+FOLDER = Path(__file__).parent / "histories"
+HISTORIES = sorted(FOLDER.glob("*/*.json"))
+
+
+def test_recorded_histories_are_write_once() -> None:
+    sums = (FOLDER / "SHA256SUMS").read_text().splitlines()
+    listed = {name: digest for digest, name in (line.split(maxsplit=1) for line in sums)}
+    found = {p.relative_to(FOLDER).as_posix(): p for p in HISTORIES}
+    assert set(found) == set(listed), "list each new recording in SHA256SUMS; remove none"
+    changed = [
+        name
+        for name, path in found.items()
+        if hashlib.sha256(path.read_bytes()).hexdigest() != listed[name]
+    ]
+    assert not changed, f"recorded histories are write-once; record a new version: {changed}"
 
 
 def test_every_path_has_a_recorded_history() -> None:
