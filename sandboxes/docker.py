@@ -380,8 +380,13 @@ class DockerProvider(SandboxProvider):
         folder = vm_templates.path(template)
         base = f"berth-base-{template}:{vm_templates.fingerprint(folder / 'packages')}"
         site = site_packages(template)
+        # The image changes with the template, the guest, its packages and how its files are
+        # laid out (rootfs.py: copy_site and the modes it gives them).
         key = vm_templates.fingerprint(
-            folder, Path(guest_agent.__file__).parent, extra=versions(site)
+            folder,
+            Path(guest_agent.__file__).parent,
+            Path(__file__).with_name("rootfs.py"),
+            extra=versions(site),
         )
         image = f"berth-sandbox-{template}:{key}"
         if await exists("image", image):

@@ -75,6 +75,20 @@ def versions(site: list[importlib.metadata.Distribution]) -> str:
     return " ".join(f"{d.metadata['Name']}=={d.version}" for d in site)
 
 
+def public(*paths: Path) -> None:
+    """Make what the image builder wrote readable inside the machine whatever the builder's
+    umask (Berth's processes run with 077): folders 0755, files 0644, or 0755 where the
+    owner may run them. Applied to trees as well as files."""
+    for top in paths:
+        for path in (top, *top.rglob("*")) if top.is_dir() else (top,):
+            if path.is_symlink():
+                continue
+            if path.is_dir():
+                path.chmod(0o755)
+            else:
+                path.chmod(0o755 if path.stat().st_mode & 0o100 else 0o644)
+
+
 def copy_site(site: list[importlib.metadata.Distribution], target: Path) -> None:
     """Copy installed distributions' files, as laid out in site-packages, into ``target``
     (scripts installed elsewhere and bytecode caches left out)."""
@@ -86,3 +100,4 @@ def copy_site(site: list[importlib.metadata.Distribution], target: Path) -> None
             destination = target / file
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(Path(str(distribution.locate_file(file))), destination)
+    public(target)

@@ -33,7 +33,7 @@ from pathlib import Path
 import guest_agent
 import vm_templates
 from guest_agent.user import STEP_UID, STEP_USER, WORKSPACE, WORKSPACE_MODE
-from sandboxes.rootfs import copy_site, rootfs, site_packages, versions
+from sandboxes.rootfs import copy_site, public, rootfs, site_packages, versions
 
 GUEST_FILES = vm_templates.ROOT / "guest"
 BUSYBOX = Path("/bin/busybox")
@@ -254,6 +254,9 @@ def _guest_tree(root: Path, stage: Path, template: str) -> None:
         text = target.read_text() + line
         target.unlink()
         target.write_text(text)
+    etc = stage / "etc"
+    written = ("inittab", "hostname", "resolv.conf", "fstab", "berth-template", "passwd", "group")
+    public(opt, *(etc / name for name in written))
     home = stage / WORKSPACE.lstrip("/")
     home.mkdir()
     home.chmod(WORKSPACE_MODE)
