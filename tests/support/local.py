@@ -73,7 +73,32 @@ class LocalSystem:
         """Start it and wait until the API answers and the worker is up; ``name`` makes its
         host id (and so its containers' label) its own. Sandboxes are Docker containers
         unless ``provider`` says otherwise (None: the system's default, as ``make run``).
-        RuntimeError, with the log's tail, if it does not come up."""
+        RuntimeError, with the log's tail, if it does not come up.
+
+        A free port can be taken between its choice and Temporal's bind (the dev server picks
+        more ports of its own): a start that failed on that is tried again on new ports."""
+        for attempt in range(3):
+            try:
+                return cls._start(data, name, env, timeout_s, provider)
+            except RuntimeError:
+                temporal_log = data / "logs" / "temporal.log"
+                taken = temporal_log.exists() and "address already in use" in (
+                    temporal_log.read_text(errors="replace")
+                )
+                if not taken or attempt == 2:
+                    raise
+                temporal_log.unlink()
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _start(
+        cls,
+        data: Path,
+        name: str,
+        env: dict[str, str] | None,
+        timeout_s: float,
+        provider: str | None,
+    ) -> Self:
         port, temporal_port = free_port(), free_port()
         settings = {
             "BERTH_DATA_DIR": str(data),
