@@ -146,8 +146,11 @@ def test_the_chromium_launcher_runs_python_isolated_and_chromium_as_the_user(
         "BERTH_CHROMIUM": "/bin/sh",  # made to print what Chromium would get
         "BERTH_GUEST_USER": "nobody",
     }
+    # Chromium's stand-in prints its environment, then the profile it was given ($0) and
+    # that profile's owner.
+    chromium = 'env; p="${0#--user-data-dir=}"; echo "profile=$p"; stat -c "owner=%u" "$p"'
     ran = subprocess.run(
-        [str(LAUNCHER), "-c", "env", f"--user-data-dir={profile}"],
+        [str(LAUNCHER), "-c", chromium, f"--user-data-dir={profile}"],
         cwd=hostile,
         env=env,
         capture_output=True,
@@ -156,8 +159,14 @@ def test_the_chromium_launcher_runs_python_isolated_and_chromium_as_the_user(
     )
     assert ran.returncode == 0, ran.stderr
     assert not marker.exists()
-    assert profile.stat().st_uid == nobody().uid
     seen = dict(line.split("=", 1) for line in ran.stdout.splitlines() if "=" in line)
+    # The driver's profile stays root's (and empty: root removes it); Chromium gets one the
+    # user made, and the user removed it when Chromium was done.
+    assert profile.stat().st_uid == 0
+    users = Path(seen.pop("profile"))
+    assert users != profile
+    assert seen.pop("owner") == str(nobody().uid)
+    assert not users.exists()
     seen.pop("PWD")  # the shell's own, of its cwd
     assert seen == nobody().environment()
 
