@@ -210,6 +210,25 @@ class Settings(BaseSettings):
         description="A running machine whose guest answers nothing (no message, no ping) "
         "for this long is taken for dead: its step fails and its session gets a new machine",
     )
+    # Kept disks (sessions ended with preserve), per user: count, bytes, and age.
+    kept_disks_per_user: int = Field(
+        default=5,
+        ge=0,
+        description="Sessions one user may end keeping their disk (preserve) at once (0: no "
+        "limit); an admin may set another per user",
+    )
+    kept_bytes_per_user: int = Field(
+        default=20 * 2**30,
+        ge=0,
+        description="Bytes of kept disks one user may hold before ending another session "
+        "keeping its disk is refused (0: no limit); an admin may set another per user",
+    )
+    kept_max_age_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Days a kept disk is kept before the worker removes it (the session can "
+        "no longer be resumed; the dashboard and API show the date beforehand); 0: forever",
+    )
     # Command policy
     command_policy_path: Path | None = Field(
         default=None,
@@ -234,24 +253,6 @@ class Settings(BaseSettings):
     vm_max_running: int = Field(default=20, description="VMs this host runs at most at once")
     vm_max_booting: int = Field(
         default=2, ge=1, description="VMs this host boots at most at once (until their guest is up)"
-    )
-    kept_disks_per_user: int = Field(
-        default=5,
-        ge=0,
-        description="Sessions one user may end keeping their disk (preserve) at once (0: no "
-        "limit); an admin may set another per user",
-    )
-    kept_bytes_per_user: int = Field(
-        default=20 * 2**30,
-        ge=0,
-        description="Bytes of kept disks one user may hold before ending another session "
-        "keeping its disk is refused (0: no limit); an admin may set another per user",
-    )
-    kept_max_age_days: float = Field(
-        default=30.0,
-        ge=0,
-        description="Days a kept disk is kept before the worker removes it (the session can "
-        "no longer be resumed; the dashboard and API show the date beforehand); 0: forever",
     )
     vm_pool_min: int = Field(default=1, ge=0, description="Booted VMs kept ready per template")
     # Small: these are 2-core hosts running VMs under TCG, where each idle VM is ~300 MiB.

@@ -290,20 +290,18 @@ def _sandbox_preserved(db: Session, event: Event) -> None:
 
 def _sandbox_restored(db: Session, event: Event) -> None:
     """A resumed session's new sandbox has the preserved disk, which is no longer kept."""
-    row = db.get(SandboxRow, event.data["preserved_id"])
-    if row is not None:
-        row.status = "restored"
-        db.add(row)
-    session = _session(db, event)
-    session.preserved = False
-    db.add(session)
+    _no_longer_kept(db, event, event.data["preserved_id"], "restored")
 
 
 def _sandbox_kept_expired(db: Session, event: Event) -> None:
     """The kept disk is gone: the session can no longer be resumed."""
-    row = db.get(SandboxRow, event.data["sandbox_id"])
+    _no_longer_kept(db, event, event.data["sandbox_id"], "expired")
+
+
+def _no_longer_kept(db: Session, event: Event, sandbox_id: str, status: str) -> None:
+    row = db.get(SandboxRow, sandbox_id)
     if row is not None:
-        row.status = "expired"
+        row.status = status
         db.add(row)
     session = _session(db, event)
     session.preserved = False
