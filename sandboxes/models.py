@@ -90,7 +90,11 @@ class TerminalStep(_StepBase):
 
     kind: Literal["terminal"] = "terminal"
     command: str = Field(min_length=1, max_length=16_000)
-    cwd: str | None = None
+    # Absolute only: the policy reads a path against the home, while the guest enters it
+    # from `/`, so a relative one would be judged in one place and run in another.
+    cwd: str | None = Field(
+        default=None, pattern=r"^/", max_length=4096, description="An absolute directory"
+    )
 
     def describe(self) -> str:
         return f"$ {self.command}"
