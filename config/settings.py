@@ -183,6 +183,16 @@ class Settings(BaseSettings):
     host_id: str = Field(
         default="local", description="Name of this sandbox host, whose task queue its sessions use"
     )
+    host_heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often a worker writes its host's capacity and load to the host registry",
+    )
+    host_lost_after_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A host whose last heartbeat is older than this reads as lost",
+    )
 
     sandbox_provider: Literal["docker", "libvirt"] = Field(
         default="libvirt",
