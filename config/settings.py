@@ -277,7 +277,8 @@ class Settings(BaseSettings):
         default=10, description="Sessions a user may have running at once"
     )
     max_streams_per_user: int = Field(
-        default=100, description="Event streams one user may hold open at once (per API process)"
+        default=100,
+        description="Event streams one user may hold open at once, across every API process",
     )
     stream_lifetime_s: float = Field(
         default=900.0,

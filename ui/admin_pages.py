@@ -1,6 +1,7 @@
-"""The admins' page: the sandbox hosts in the registry, each template's warm pool on this host, every user's sessions (newest
-first, each linked to its workflow in the Temporal Web UI) and the audit log's newest
-entries. Anyone else gets a 403, as the admin API answers them; reading it is audited."""
+"""The admins' page: the sandbox hosts in the registry, each template's warm pool on this
+host, every user's sessions (newest first, each linked to its workflow in the Temporal Web UI)
+and the audit log's newest entries. Anyone else gets a 403, as the admin API answers them;
+reading it is audited."""
 
 from __future__ import annotations
 

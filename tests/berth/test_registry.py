@@ -43,8 +43,13 @@ class Machines:
 
     async def machines(self) -> list[Machine]:
         return [
-            Machine(sandbox_id=f"sb{i}", session_id=sid, handle=f"h{i}", state="running",
-                    created_at=utcnow())  # fmt: skip
+            Machine(
+                sandbox_id=f"sb{i}",
+                session_id=sid,
+                handle=f"h{i}",
+                state="running",
+                created_at=utcnow(),
+            )
             for i, sid in enumerate(self.session_ids)
         ]
 
