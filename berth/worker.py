@@ -161,6 +161,16 @@ async def stop_pools(client: Client, settings: Settings, timeout_s: float) -> No
         log.warning("the warm pools did not end within %.0f s; their VMs are left", timeout_s)
 
 
+def tuning(settings: Settings) -> dict[str, Any]:
+    """The worker's Temporal tuning (BERTH_WORKER_*); None leaves Temporal's default."""
+    return {
+        "max_concurrent_workflow_tasks": settings.worker_max_concurrent_workflow_tasks,
+        "max_concurrent_activities": settings.worker_max_concurrent_activities,
+        "max_concurrent_local_activities": settings.worker_max_concurrent_local_activities,
+        "max_cached_workflows": settings.worker_max_cached_workflows,
+    }
+
+
 def warm_pools_follow(client: Client, settings: Settings) -> OnChange:
     """A host being drained ends its warm pools (their VMs with them): it takes no new
     sessions, so VMs kept ready there would wait for nobody. Undrained, they start again."""
@@ -213,6 +223,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 vm.wake,
             ],
             activity_executor=executor,
+            **tuning(settings),
             # Cancelling a step reaches it through a heartbeat: send one every second.
             max_heartbeat_throttle_interval=timedelta(seconds=1),
         )

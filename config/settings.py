@@ -183,6 +183,22 @@ class Settings(BaseSettings):
     host_id: str = Field(
         default="local", description="Name of this sandbox host, whose task queue its sessions use"
     )
+    # The worker's Temporal tuning; unset: Temporal's defaults (100 each, 1000 cached).
+    worker_max_concurrent_workflow_tasks: int | None = Field(
+        default=None, ge=1, description="Workflow tasks this worker runs at once"
+    )
+    worker_max_concurrent_activities: int | None = Field(
+        default=None, ge=1, description="Activities (steps, boots, plans) this worker runs at once"
+    )
+    worker_max_concurrent_local_activities: int | None = Field(
+        default=None, ge=1, description="Local activities this worker runs at once"
+    )
+    worker_max_cached_workflows: int = Field(
+        default=1000,
+        ge=0,
+        description="Workflows this worker keeps in memory between their tasks (the sticky "
+        "cache): a cached session's next task replays nothing; each costs some memory",
+    )
     host_heartbeat_s: float = Field(
         default=5.0,
         gt=0,

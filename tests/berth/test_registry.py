@@ -1,7 +1,8 @@
 """The host registry: a worker's heartbeat writes its host's capacity and load (its session
 machines apart from its warm pools' members), keeps the state an operator gave it, and acts
 on a drain; a silent host reads as lost; admins see the hosts (API and page), others do not;
-``python -m berth host drain`` sets the state, and a draining host takes no new session."""
+``python -m berth host drain`` sets the state, and a draining host takes no new session. The
+worker's Temporal tuning comes from the settings."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlmodel import Session
+from temporalio.client import Client
+from temporalio.worker import Worker
 
 from api import accounts
 from berth.registry import heartbeat_forever, memory_mb, register
 from berth.web import create_app
+from berth.worker import tuning
 from config.settings import Settings
 from sandboxes.models import Machine
 from sandboxes.provider import SandboxProvider
@@ -31,6 +35,7 @@ from store.models import HostRow, HostState, User, utcnow
 from tests.support.local import free_port
 from tests.support.world import FAST_PASSWORDS, World, build
 from workflows.pool import member_session_id
+from workflows.session import SessionWorkflow
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -235,3 +240,24 @@ def test_the_command_line_drains_and_undrains_a_registered_host(tmp_path: Path) 
     assert berth("undrain", "h1").returncode == 0 and row(engine).state == HostState.active
     unknown = berth("drain", "nope")
     assert unknown.returncode == 1 and "no host 'nope'" in unknown.stderr and "h1" in unknown.stderr
+
+
+def test_the_workers_temporal_tuning_comes_from_the_settings(temporal_address: str) -> None:
+    settings = Settings(
+        temporal_address=temporal_address,
+        worker_max_concurrent_workflow_tasks=7,
+        worker_max_concurrent_activities=9,
+        worker_max_concurrent_local_activities=3,
+        worker_max_cached_workflows=50,
+    )
+
+    async def configured() -> dict[str, object]:
+        client = await Client.connect(temporal_address)
+        worker = Worker(client, task_queue="q", workflows=[SessionWorkflow], **tuning(settings))
+        return dict(worker.config())
+
+    config = asyncio.run(configured())
+    assert config["max_concurrent_workflow_tasks"] == 7
+    assert config["max_concurrent_activities"] == 9
+    assert config["max_concurrent_local_activities"] == 3
+    assert config["max_cached_workflows"] == 50
