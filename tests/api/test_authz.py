@@ -94,6 +94,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/api/pools/{template}"): R(403, 403, 401, 404),  # no pool runs here
     ("GET", "/api/admin/audit"): R(403, 403, 401, 200, query="?session_id={sid}"),
     ("POST", "/api/admin/invites"): R(403, 403, 401, 201),
+    ("GET", "/api/admin/hosts"): R(403, 403, 401, 200),
     ("POST", "/codec/{operation}"): R(403, 403, 401, 200, json={"payloads": []}),
     ("OPTIONS", "/codec/{operation}"): R(204, 204, 204, 204),  # a CORS preflight carries no token
     # The dashboard (an anonymous page load goes to the login page, an htmx call gets 401).
