@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, field_validator
 
 from llm.models import UsageTotals
+from store.hosts import HostReport
 from store.models import HostState, SessionStatus, StepStatus, TaskStatus
 from workflows.models import Prompt
 
@@ -144,24 +145,11 @@ class PoolOut(BaseModel):
     boot_failures: int
 
 
-class HostOut(BaseModel):
+class HostOut(HostReport):
     """A sandbox host as its last heartbeat described it; ``state`` as it reads now (lost:
     silent longer than BERTH_HOST_LOST_AFTER_S)."""
 
-    id: str
-    task_queue: str
-    provider: str
-    accel: str
     state: HostState
-    vcpus: int
-    memory_mb: int
-    memory_available_mb: int
-    load1: float
-    machines: int
-    max_machines: int | None
-    warm: dict[str, int]
-    templates: list[str]
-    started_at: datetime
     last_seen: datetime
 
 
