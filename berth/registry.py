@@ -102,5 +102,9 @@ async def heartbeat_forever(
             continue
         if now != state:
             log.info("host %s is %s (was %s)", settings.host_id, now, state)
+            try:
+                await on_change(now)
+            except Exception:
+                log.exception("host %s: not acted on yet; again next beat", settings.host_id)
+                continue
             state = now
-            await on_change(now)

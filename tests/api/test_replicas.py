@@ -2,16 +2,18 @@
 (its own connection pool, as two processes have) on one database, race more requests than a
 limit allows, from threads released together; the limit holds across them. Live sessions a
 user, streams a user, login attempts from an address, sign-ups from an address; on SQLite
-and PostgreSQL alike."""
+and PostgreSQL alike. A stream on one replica follows events written through another."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,10 +21,14 @@ from sqlmodel import Session, col, func, select
 
 from api import accounts
 from api.deps import Problem, Streams
+from api.events import JSON_MESSAGES, KEEPALIVE_S, follow
 from berth.web import create_app
 from config.settings import Settings
-from store.db import get_engine
+from store import events
+from store.db import get_engine, migrate
+from store.events import EventType
 from store.models import SessionRow, User
+from store.notify import Hub
 from tests.support.world import FAST_PASSWORDS, PASSWORD, make_user
 
 T = TypeVar("T")
@@ -161,3 +167,36 @@ def test_sign_ups_across_replicas(replicas: tuple[TestClient, TestClient]) -> No
     assert statuses(answers) == {201: LIMIT, 429: len(calls) - LIMIT}
     with Session(get_engine(first.app.state.settings.db_url)) as db:  # type: ignore[attr-defined]
         assert db.exec(select(func.count()).select_from(User)).one() == LIMIT
+
+
+async def test_a_stream_follows_its_session_from_another_replica(db_url: str) -> None:
+    """Written through one replica's engine (or a worker's), followed on another's: the
+    commit wakes the other process's stream at once (PostgreSQL: NOTIFY), not at its next
+    keepalive read."""
+    migrate(db_url)
+    writer, reader = (get_engine(replica_url(db_url, name)) for name in ("a", "b"))
+    with Session(writer) as db:
+        sid = SessionRow(user_id=make_user(db, "ann@example.com").id)
+        db.add(sid)
+        db.commit()
+        session_id = sid.id
+    hub = Hub(reader)
+    await hub.start()
+    stream = cast(
+        AsyncGenerator[str, None],
+        follow(reader, hub, session_id, 0, JSON_MESSAGES, lifetime_s=30),
+    )
+    try:
+        assert (await anext(stream)).startswith("retry:")
+        await asyncio.sleep(0.2)  # PostgreSQL: the LISTEN is in place
+        started = time.monotonic()
+        with Session(writer) as db:
+            events.record(db, session_id, EventType.task_modified, {"from": "a"})
+        message = await asyncio.wait_for(anext(stream), KEEPALIVE_S / 2)
+        assert "id: 1" in message and '"from"' in message
+        assert time.monotonic() - started < 1.0
+    finally:
+        await stream.aclose()
+        await hub.stop()
+        writer.dispose()
+        reader.dispose()

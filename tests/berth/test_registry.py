@@ -261,3 +261,36 @@ def test_the_workers_temporal_tuning_comes_from_the_settings(temporal_address: s
     assert config["max_concurrent_activities"] == 9
     assert config["max_concurrent_local_activities"] == 3
     assert config["max_cached_workflows"] == 50
+
+
+def test_a_change_not_acted_on_is_tried_again_next_beat(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    settings = host_settings(tmp_path, db_url, host_heartbeat_s=0.05)
+
+    async def scenario() -> int:
+        tries = 0
+        done = asyncio.Event()
+
+        async def on_change(state: HostState) -> None:
+            nonlocal tries
+            tries += 1
+            if tries == 1:
+                raise RuntimeError("Temporal is away")
+            done.set()
+
+        started = utcnow()
+        state = await register(settings, engine, provider(), started)
+        with Session(engine) as db:
+            hosts.set_state(db, "h1", HostState.draining)
+        stop = asyncio.Event()
+        heart = asyncio.create_task(
+            heartbeat_forever(settings, engine, provider(), started, state, on_change, stop)
+        )
+        await asyncio.wait_for(done.wait(), 10)
+        await asyncio.sleep(0.2)  # no more calls: the change was acted on
+        stop.set()
+        await asyncio.wait_for(heart, 5)
+        return tries
+
+    assert asyncio.run(scenario()) == 2
