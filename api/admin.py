@@ -1,6 +1,6 @@
-"""Admin routes: sign-up invites, and the audit trail. For one session the trail merges the
-audit log's entries about the session with the commands its sandbox ran (each step's
-``step.started`` event), in time order."""
+"""Admin routes: sign-up invites, the host registry, and the audit trail. For one session
+the trail merges the audit log's entries about the session with the commands its sandbox ran
+(each step's ``step.started`` event), in time order."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from sqlmodel import Session, col, or_, select
 from api import accounts, cursors, quotas
 from api.deps import AdminDep, DbDep, IpDep, Problem, SettingsDep
 from api.problems import problems
-from api.schemas import InviteOut, UserLimitsIn, UserLimitsOut
-from store import audit
+from api.schemas import HostOut, InviteOut, UserLimitsIn, UserLimitsOut
+from config.settings import Settings
+from store import audit, hosts
 from store.events import EventType
 from store.models import AuditEntry, Event, SessionRow, User
 
@@ -80,6 +81,23 @@ def _user(db: Session, user_id: str) -> User:
     if found is None:
         raise Problem(404, f"no user {user_id}")
     return found
+
+
+def host_list(db: Session, settings: Settings) -> list[HostOut]:
+    """Every registered host, each in the state it reads in now."""
+    lost_after = settings.host_lost_after_s
+    return [
+        HostOut(**row.model_dump(exclude={"state"}), state=hosts.seen_state(row, lost_after))
+        for row in hosts.listing(db)
+    ]
+
+
+@router.get("/hosts", responses=problems(401, 403))
+def host_registry(db: DbDep, settings: SettingsDep, admin: AdminDep) -> list[HostOut]:
+    """The sandbox hosts: what each can hold and holds (machines, warm pools per template),
+    as of its last heartbeat, and its state (active, draining, or lost: silent for longer
+    than BERTH_HOST_LOST_AFTER_S)."""
+    return host_list(db, settings)
 
 
 def _entries(

@@ -17,6 +17,7 @@ from api import accounts
 from api.problems import Problem, logged
 from api.security import Passwords
 from config.settings import Settings
+from store import streams
 from store.models import ApiToken, User
 from store.notify import Hub
 from workflows.client import connect
@@ -42,24 +43,26 @@ def get_db(engine: Annotated[Engine, Depends(app_engine)]) -> Iterator[Session]:
 
 
 class Streams:
-    """Open streams per user in this process, so one user cannot hold the server's threads
-    and connections with thousands of them; and how long one may last before the client is
-    asked to reconnect (which it does where it left off), so none is held forever."""
+    """Open streams per user, counted in the database across every API process (a lease
+    each, store/streams.py), so one user cannot hold the servers' threads and connections
+    with thousands of them; and how long one may last before the client is asked to
+    reconnect (which it does where it left off), so none is held forever."""
 
-    def __init__(self, most: int, lifetime_s: float = 900.0) -> None:
+    def __init__(self, engine: Engine, most: int, lifetime_s: float = 900.0) -> None:
+        self.engine = engine
         self.most = most
         self.lifetime_s = lifetime_s
-        self._open: dict[str, int] = {}
 
     def take(self, user_id: str) -> Callable[[], None]:
         """A place for one of the user's streams, taken now (so requests made at once cannot
         all pass a check before any stream starts), or a 429; returns what gives it back,
         which may be called more than once."""
-        if self._open.get(user_id, 0) >= self.most:
+        with Session(self.engine) as db:
+            lease = streams.open_lease(db, user_id, self.most, self.lifetime_s)
+        if lease is None:
             raise Problem(
                 429, f"you have {self.most} event streams open, the most allowed; close some"
             )
-        self._open[user_id] = self._open.get(user_id, 0) + 1
         given_back = False
 
         def give_back() -> None:
@@ -67,9 +70,8 @@ class Streams:
             if given_back:
                 return
             given_back = True
-            self._open[user_id] -= 1
-            if not self._open[user_id]:
-                del self._open[user_id]
+            with Session(self.engine) as db:
+                streams.close_lease(db, lease)
 
         return give_back
 

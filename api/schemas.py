@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, field_validator
 
 from llm.models import UsageTotals
-from store.models import SessionStatus, StepStatus, TaskStatus
+from store.hosts import HostReport
+from store.models import HostState, SessionStatus, StepStatus, TaskStatus
 from workflows.models import Prompt
 
 
@@ -144,6 +145,14 @@ class PoolOut(BaseModel):
     hits: int
     misses: int
     boot_failures: int
+
+
+class HostOut(HostReport):
+    """A sandbox host as its last heartbeat described it; ``state`` as it reads now (lost:
+    silent longer than BERTH_HOST_LOST_AFTER_S)."""
+
+    state: HostState
+    last_seen: datetime
 
 
 # Bounds of a user's session timeouts: hibernating sooner than a minute would suspend a

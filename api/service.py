@@ -36,9 +36,11 @@ from config.settings import Settings
 from llm.accounting import task_usage
 from sandboxes.kept import kept_until
 from sandboxes.models import SandboxInfo
-from store import audit
+from store import audit, hosts
 from store.artifacts import ArtifactStore
+from store.db import take_turn
 from store.models import (
+    HostState,
     SandboxRow,
     SessionRow,
     SessionStatus,
@@ -55,6 +57,8 @@ from workflows.pool import SandboxPool
 from workflows.session import SessionWorkflow
 
 FINAL = (SessionStatus.ended, SessionStatus.failed)
+# When a refused session may be asked for again on a draining host: a drain lasts minutes.
+DRAINING_RETRY_S = 60
 
 
 async def start_session(
@@ -72,7 +76,8 @@ async def start_session(
     if template not in vm_templates.names():
         known = ", ".join(vm_templates.names())
         raise Problem(422, f"no sandbox template {template!r}; known: {known}")
-    check_live_sessions(db, settings, user)
+    check_live_sessions(db, settings, user)  # at once, without connecting
+    check_host_open(db, settings)
     client = await temporal.client()  # before the row: no session is left half-made
     row = SessionRow(
         user_id=user.id,
@@ -81,12 +86,37 @@ async def start_session(
         hibernate_after_s=prefs.hibernate_after_s or settings.session_hibernate_after_s,
         model=prefs.model,
     )
-    db.add(row)
-    db.commit()
-    db.refresh(row)
+    admit_live(db, settings, user, row)
     audit.record(db, user.id, "session.create", row.id, {"template": template}, ip=ip)
     await _start_run(db, client, settings, user, row)
     return row
+
+
+def admit_live(db: Session, settings: Settings, user: User, row: SessionRow) -> None:
+    """Write ``row`` as one of the user's live sessions if the limit has room (else 429):
+    counted and written in one turn of the user's (store/db.py:take_turn), so requests made
+    at once to any number of API processes admit exactly as many as the limit allows."""
+    take_turn(db, f"live-sessions:{user.id}")
+    try:
+        check_live_sessions(db, settings, user)
+    except Problem:
+        db.rollback()
+        raise
+    db.add(row)
+    db.commit()
+    db.refresh(row)
+
+
+def check_host_open(db: Session, settings: Settings) -> None:
+    """503 while this API's sandbox host is draining (``python -m berth host drain``): it
+    takes no new sessions. A host not in the registry (its worker never started) is open."""
+    state = hosts.state_of(db, settings.host_id, settings.host_lost_after_s)
+    if state == HostState.draining:
+        raise Problem(
+            503,
+            f"host {settings.host_id} is draining and takes no new sessions; try again later",
+            headers={"Retry-After": str(DRAINING_RETRY_S)},
+        )
 
 
 def check_live_sessions(db: Session, settings: Settings, user: User) -> None:
@@ -165,18 +195,18 @@ async def resume_session(
     ).first()
     if row.status not in FINAL or not row.preserved or kept is None:
         raise Problem(409, f"session {row.id} is not an ended session with its disk kept")
-    check_live_sessions(db, settings, user)
+    check_live_sessions(db, settings, user)  # at once, without connecting
+    check_host_open(db, settings)
     client = await temporal.client()
     restore = SandboxInfo(
         id=kept.id, session_id=row.id, provider=kept.provider, host_id=kept.host_id,
         task_queue=settings.host_task_queue, template=kept.template, handle=kept.handle,
     )  # fmt: skip
-    await _start_run(db, client, settings, user, row, restore)
-    # Live again from now (the workflow's events say the rest).
+    # Live again from now (the workflow's events say the rest), admitted under the limit
+    # before its run starts; a run that cannot start marks it failed again.
     row.status, row.error, row.ended_at = SessionStatus.provisioning, None, None
-    db.add(row)
-    db.commit()
-    db.refresh(row)
+    admit_live(db, settings, user, row)
+    await _start_run(db, client, settings, user, row, restore)
     audit.record(db, user.id, "session.resume", row.id, {"sandbox": kept.id}, ip=ip)
     return row
 

@@ -1,5 +1,5 @@
 """Berth's one command line: ``python -m berth run | worker | api | prepare | create-admin |
-bench``, an argparse parser with a subcommand each.
+host | bench``, an argparse parser with a subcommand each.
 
 Parsing comes first and imports nothing heavy: each command imports what it runs only once it
 is chosen, so ``--help`` on any command (or a mistyped option, which argparse refuses with
@@ -72,6 +72,20 @@ def create_admin(args: argparse.Namespace) -> int:
     return create_admin(args.email, args.promote_existing)
 
 
+def drain_host(args: argparse.Namespace) -> int:
+    from berth.drain import set_host_state
+    from store.models import HostState
+
+    return set_host_state(args.host, HostState.draining)
+
+
+def undrain_host(args: argparse.Namespace) -> int:
+    from berth.drain import set_host_state
+    from store.models import HostState
+
+    return set_host_state(args.host, HostState.active)
+
+
 def bench_spine(args: argparse.Namespace) -> int:
     from bench.spine import bench
 
@@ -128,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="EMAIL may be registered already: make that account an admin, set its password "
         "and revoke every token and dashboard session it had",
     )
+
+    summary = "an operator's state for a sandbox host in the registry"
+    host = commands.add_parser("host", help=summary, description=summary)
+    states = host.add_subparsers(dest="state", metavar="ACTION", required=True)
+    for name, handler, what in (
+        ("drain", drain_host, "no new sessions on HOST, its warm pools ended"),
+        ("undrain", undrain_host, "HOST takes new sessions again, its warm pools restart"),
+    ):
+        sub = states.add_parser(name, help=what, description=what)
+        sub.set_defaults(handler=handler)
+        sub.add_argument("host", metavar="HOST", help="the host's id (BERTH_HOST_ID)")
 
     # No handler of its own: a benchmark must be named, and each sets its handler.
     summary = "measure the whole system on this host"

@@ -68,7 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = get_engine(settings.db_url)
     app.state.temporal = TemporalLink(settings)
     app.state.hub = Hub(app.state.engine)
-    app.state.streams = Streams(settings.max_streams_per_user, settings.stream_lifetime_s)
+    app.state.streams = Streams(
+        app.state.engine, settings.max_streams_per_user, settings.stream_lifetime_s
+    )
     app.state.passwords = Passwords(settings)
     # An operator's Web UI shows every payload of a history, the plaintext ones of a migration
     # window too: shown to an admin, never acted upon, so nothing is refused here.

@@ -32,6 +32,7 @@ from activities.progress import ProgressActivities
 from activities.sandbox import SandboxActivities
 from activities.vm import VmActivities
 from berth.host import make_gateway, make_provider, open_host
+from berth.registry import OnChange, heartbeat_forever, register
 from config.settings import Settings, get_settings
 from llm.proxy import LLMProxy
 from sandboxes.kept import SWEEP_EVERY_S as KEPT_SWEEP_EVERY_S
@@ -41,6 +42,7 @@ from sandboxes.monitor import Died, Sampled, watch
 from sandboxes.reconcile import Owner, reconcile_forever
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
+from store.models import HostState, utcnow
 from store.usage import record_usage
 from workflows.client import connect, workflow_id
 from workflows.models import SandboxDeath
@@ -161,6 +163,29 @@ async def stop_pools(client: Client, settings: Settings, timeout_s: float) -> No
         log.warning("the warm pools did not end within %.0f s; their VMs are left", timeout_s)
 
 
+def tuning(settings: Settings) -> dict[str, Any]:
+    """The worker's Temporal tuning (BERTH_WORKER_*); None leaves Temporal's default."""
+    return {
+        "max_concurrent_workflow_tasks": settings.worker_max_concurrent_workflow_tasks,
+        "max_concurrent_activities": settings.worker_max_concurrent_activities,
+        "max_concurrent_local_activities": settings.worker_max_concurrent_local_activities,
+        "max_cached_workflows": settings.worker_max_cached_workflows,
+    }
+
+
+def warm_pools_follow(client: Client, settings: Settings) -> OnChange:
+    """A host being drained ends its warm pools (their VMs with them): it takes no new
+    sessions, so VMs kept ready there would wait for nobody. Undrained, they start again."""
+
+    async def follow(state: HostState) -> None:
+        if state == HostState.draining:
+            await stop_pools(client, settings, POOL_STOP_TIMEOUT_S)
+        else:
+            await start_pools(client, settings)
+
+    return follow
+
+
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     migrate(settings.db_url)
     engine = get_engine(settings.db_url)
@@ -200,6 +225,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 vm.wake,
             ],
             activity_executor=executor,
+            **tuning(settings),
             # Cancelling a step reaches it through a heartbeat: send one every second.
             max_heartbeat_throttle_interval=timedelta(seconds=1),
         )
@@ -224,7 +250,16 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             )
         )
         async with host:
-            await start_pools(client, settings)
+            started_at = utcnow()
+            state = await register(settings, engine, provider, started_at)
+            if state == HostState.active:  # a draining host keeps no warm pool
+                await start_pools(client, settings)
+            heart = asyncio.create_task(
+                heartbeat_forever(
+                    settings, engine, provider, started_at, state,
+                    warm_pools_follow(client, settings), stop,
+                )
+            )  # fmt: skip
             log.info(
                 "worker up: queue %s, guest gateway on %s:%d",
                 settings.host_task_queue, settings.gateway_host, settings.gateway_port,
@@ -232,6 +267,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             await stop.wait()
             log.info("worker stopping")
             await stop_pools(client, settings, POOL_STOP_TIMEOUT_S)
+            await heart
         await reconciler
         await watcher
         await sweeping

@@ -183,6 +183,32 @@ class Settings(BaseSettings):
     host_id: str = Field(
         default="local", description="Name of this sandbox host, whose task queue its sessions use"
     )
+    # The worker's Temporal tuning; unset: Temporal's defaults (100 each, 1000 cached).
+    worker_max_concurrent_workflow_tasks: int | None = Field(
+        default=None, ge=1, description="Workflow tasks this worker runs at once"
+    )
+    worker_max_concurrent_activities: int | None = Field(
+        default=None, ge=1, description="Activities (steps, boots, plans) this worker runs at once"
+    )
+    worker_max_concurrent_local_activities: int | None = Field(
+        default=None, ge=1, description="Local activities this worker runs at once"
+    )
+    worker_max_cached_workflows: int = Field(
+        default=1000,
+        ge=0,
+        description="Workflows this worker keeps in memory between their tasks (the sticky "
+        "cache): a cached session's next task replays nothing; each costs some memory",
+    )
+    host_heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often a worker writes its host's capacity and load to the host registry",
+    )
+    host_lost_after_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A host whose last heartbeat is older than this reads as lost",
+    )
 
     sandbox_provider: Literal["docker", "libvirt"] = Field(
         default="libvirt",
@@ -286,7 +312,8 @@ class Settings(BaseSettings):
         default=10, description="Sessions a user may have running at once"
     )
     max_streams_per_user: int = Field(
-        default=100, description="Event streams one user may hold open at once (per API process)"
+        default=100,
+        description="Event streams one user may hold open at once, across every API process",
     )
     stream_lifetime_s: float = Field(
         default=900.0,

@@ -277,6 +277,10 @@ class LibvirtProvider(SandboxProvider):
         assert self.host, "prepare() first"
         return self.gateway.url(self.host.router, self.gateway_port)
 
+    def accel(self) -> str:
+        assert self.host, "prepare() first"
+        return self.host.accel
+
     # --- machines ---
 
     def _domain(self, handle: str) -> libvirt.virDomain | None:

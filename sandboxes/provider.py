@@ -150,6 +150,11 @@ class SandboxProvider(abc.ABC):
     def guest_url(self) -> str:
         """The gateway's address as seen from inside a machine."""
 
+    def accel(self) -> str:
+        """How its machines run, for the host registry: "kvm" or "tcg" for VMs, "none" for
+        containers (the host's own kernel)."""
+        return "none"
+
     def guest_env(self, sandbox_id: str) -> dict[str, str]:
         """What a sandbox's guest agent needs to dial in: where (and the pin of the
         gateway's certificate), as whom, its token."""

@@ -106,6 +106,23 @@ def snapshot(engine: Engine) -> Iterator[Session]:
                 conn.rollback()
 
 
+def take_turn(db: Session, key: str) -> None:
+    """Make ``db``'s transaction wait for, and then exclude until it ends, every other
+    transaction that took a turn under ``key``, in any process: a limit's count-then-write
+    (N live sessions a user, N open streams) then admits exactly what one process would.
+
+    On PostgreSQL a transaction-scoped advisory lock (read committed would let two
+    transactions each count before the other's row). On SQLite the database's single write
+    lock, taken now rather than at the first write, so the count read next is the latest:
+    BEGIN IMMEDIATE, unless the transaction already wrote (and so holds it)."""
+    conn = db.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+        return
+    if not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def alembic_config(url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))

@@ -30,6 +30,14 @@ class SessionStatus(StrEnum):
     failed = "failed"
 
 
+class HostState(StrEnum):
+    active = "active"
+    # Takes no new sessions; its warm pools are ended (an operator's ``host drain``).
+    draining = "draining"
+    # Never stored: a host whose heartbeat is older than BERTH_HOST_LOST_AFTER_S reads so.
+    lost = "lost"
+
+
 class TaskStatus(StrEnum):
     queued = "queued"
     planning = "planning"
@@ -303,3 +311,41 @@ class UserLimits(SQLModel, table=True):
     kept_disks: int | None = None
     kept_bytes: int | None = Field(default=None, sa_type=BigInteger)
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class HostRow(SQLModel, table=True):
+    """A sandbox host (a worker): what it can hold and holds, as its last heartbeat said.
+    Only ``state`` is the operators'; the rest is the host's own report."""
+
+    __tablename__ = "hosts"
+
+    id: str = Field(primary_key=True, max_length=64)  # BERTH_HOST_ID
+    task_queue: str = Field(max_length=200)
+    provider: str = Field(max_length=16)
+    # How its VMs run: kvm or tcg; "none" for containers.
+    accel: str = Field(max_length=8)
+    state: HostState = Field(default=HostState.active, sa_type=String(16))
+    vcpus: int
+    memory_mb: int
+    memory_available_mb: int
+    load1: float
+    # Machines of sessions it runs (any state), and the most it may run (None: no cap).
+    machines: int = 0
+    max_machines: int | None = None
+    # Machines ready or booting in each template's warm pool.
+    warm: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    templates: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    started_at: datetime
+    last_seen: datetime = Field(index=True)
+
+
+class StreamLease(SQLModel, table=True):
+    """An event stream open on some API process, counted against its user's streams by
+    every process; dropped when the stream ends, or (its process gone) once it is older
+    than any stream may live."""
+
+    __tablename__ = "stream_leases"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(max_length=64, index=True)
+    created_at: datetime = Field(default_factory=utcnow)

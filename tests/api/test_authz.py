@@ -96,6 +96,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/api/admin/invites"): R(403, 403, 401, 201),
     ("GET", "/api/admin/users/{user_id}/limits"): R(403, 403, 401, 200),
     ("PUT", "/api/admin/users/{user_id}/limits"): R(403, 403, 401, 200, json={"kept_disks": 3}),
+    ("GET", "/api/admin/hosts"): R(403, 403, 401, 200),
     ("POST", "/codec/{operation}"): R(403, 403, 401, 200, json={"payloads": []}),
     ("OPTIONS", "/codec/{operation}"): R(204, 204, 204, 204),  # a CORS preflight carries no token
     # The dashboard (an anonymous page load goes to the login page, an htmx call gets 401).
