@@ -39,14 +39,17 @@ def serve_api(_: argparse.Namespace) -> int:
     import uvicorn
 
     from config.settings import get_settings
+    from telemetry import logs
 
     settings = get_settings()
+    logs.configure("api", settings.log_format)
     uvicorn.run(
         APP_FACTORY,
         factory=True,
         host=settings.host,
         port=settings.port,
         log_level="info",
+        log_config=None,  # its loggers go through ours (telemetry/logs.py)
         # With a certificate, HTTPS only: the dashboard's cookies are then Secure, and HSTS
         # is sent (api/headers.py).
         ssl_certfile=settings.tls_cert_file,
