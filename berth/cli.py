@@ -1,5 +1,5 @@
 """Berth's one command line: ``python -m berth run | worker | api | prepare | create-admin |
-bench``, an argparse parser with a subcommand each.
+temporal-setup | machines | bench``, an argparse parser with a subcommand each.
 
 Parsing comes first and imports nothing heavy: each command imports what it runs only once it
 is chosen, so ``--help`` on any command (or a mistyped option, which argparse refuses with
@@ -75,6 +75,12 @@ def create_admin(args: argparse.Namespace) -> int:
     return create_admin(args.email, args.promote_existing)
 
 
+def temporal_setup(_: argparse.Namespace) -> int:
+    from berth.temporal_setup import temporal_setup
+
+    return temporal_setup()
+
+
 def bench_spine(args: argparse.Namespace) -> int:
     from bench.spine import bench
 
@@ -130,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="EMAIL may be registered already: make that account an admin, set its password "
         "and revoke every token and dashboard session it had",
+    )
+    command(
+        "temporal-setup",
+        "ready a Temporal namespace of one's own for Berth: add its search attributes",
+        temporal_setup,
     )
 
     # No handler of its own: a benchmark must be named, and each sets its handler.

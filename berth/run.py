@@ -28,6 +28,7 @@ from config.settings import Settings, get_settings
 from sandboxes.docker import engine_running, start_engine
 from store.db import migrate
 from telemetry import logs
+from workflows import search
 
 STOP_GRACE_S = 15.0
 BACKOFF_MIN_S = 1.0
@@ -227,6 +228,8 @@ class Supervisor:
                     "--sqlite-pragma",
                     "synchronous=normal",
                     *self.temporal_tuning(),
+                    # The sessions' filters in the Web UI (workflows/search.py).
+                    *search.dev_server_flags(),
                 ],
                 log=True,
                 privileged=False,

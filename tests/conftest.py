@@ -17,6 +17,7 @@ from sqlalchemy import Engine, create_engine, text
 from berth.run import wait_for_port
 from store.db import get_engine, migrate
 from tests.support.local import free_port
+from workflows import search
 
 BIN = Path(sys.executable).parent
 TEMPORAL = BIN / "temporal"
@@ -100,6 +101,7 @@ def temporal_address() -> Iterator[str]:
             str(port),
             "--log-level",
             "error",
+            *search.dev_server_flags(),
         ],
         stdout=subprocess.DEVNULL,
     )

@@ -1,9 +1,11 @@
 """Operating Berth, end to end on one system started as `make run` starts it: a task shows in
-the API's and the worker's /metrics (and the Temporal SDK's), and in JSON log lines that name
-its session, task and step, without the prompt's words."""
+the API's and the worker's /metrics (and the Temporal SDK's), in JSON log lines that name its
+session, task and step without the prompt's words, and in the Temporal UI's list filtered by
+its user (search attributes), with a summary readable without the codec."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -14,11 +16,16 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlmodel import Session
 
+from config.settings import Settings
+from store.db import get_engine
 from store.events import EventType
+from store.models import SessionRow
 from tests.e2e.test_system import read_events, token_for, wait_status
 from tests.support.local import LocalSystem, free_port
 from tests.support.scripted_llm import ScriptedLLM
+from workflows import search
 
 METRICS_TOKEN = "scrape-me-please"
 # A word only the prompts carry: it must not reach the log at INFO.
@@ -182,3 +189,30 @@ def test_every_process_logs_json_lines_with_the_ids_and_no_prompt(operated: Oper
     # Whatever else printed (a child's stray output) is not a log line of ours.
     at_info = [line for line in lines if line.startswith("{") and '"level": "info"' in line]
     assert not [line for line in at_info if PROMPT_WORD in line]
+
+
+def test_the_temporal_ui_finds_the_session_by_its_user_without_the_codec(
+    operated: Operated,
+) -> None:
+    with Session(get_engine(Settings(data_dir=operated.system.data).db_url)) as db:
+        row = db.get(SessionRow, operated.sid)
+        assert row is not None
+        user = row.user_id
+
+    async def ask() -> tuple[list[str], Any]:
+        client = await operated.system.client()
+        found = [w.id async for w in client.list_workflows(f'BerthUser="{user}"')]
+        return found, await client.get_workflow_handle(f"session-{operated.sid}").describe()
+
+    found, described = asyncio.run(ask())
+    assert found == [f"session-{operated.sid}"]
+    attributes = described.typed_search_attributes
+    assert attributes.get(search.STATUS) == "ready"
+    assert attributes.get(search.TEMPLATE) == "default"
+    assert attributes.get(search.HOST).startswith("ops")
+    # Plain JSON, not the codec's ciphertext: the session and its state, nothing the user wrote.
+    metadata = described.raw_description.execution_config.user_metadata
+    for payload in (metadata.summary, metadata.details):
+        assert payload.metadata["encoding"] == b"json/plain"
+        text = json.loads(payload.data)
+        assert operated.sid in text and PROMPT_WORD not in text
