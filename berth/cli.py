@@ -81,6 +81,27 @@ def temporal_setup(_: argparse.Namespace) -> int:
     return temporal_setup()
 
 
+def list_machines(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from berth.machines import machines, parse_age
+    from config.settings import get_settings
+
+    older_than = parse_age(args.older_than) if args.older_than else None
+    return asyncio.run(machines(get_settings(), args.prune, older_than))
+
+
+def age(text: str) -> str:
+    """An age as --older-than takes it (checked here: argparse says what is wrong)."""
+    from berth.machines import parse_age
+
+    try:
+        parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
 def bench_spine(args: argparse.Namespace) -> int:
     from bench.spine import bench
 
@@ -141,6 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
         "temporal-setup",
         "ready a Temporal namespace of one's own for Berth: add its search attributes",
         temporal_setup,
+    )
+    listing = command(
+        "machines",
+        "every Berth machine on this host (containers, VMs) by install, session and age",
+        list_machines,
+    )
+    listing.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove the machines of installs whose data dir is gone (and, with --older-than, "
+        "every machine older than that), saying what was removed",
+    )
+    listing.add_argument(
+        "--older-than",
+        type=age,
+        metavar="AGE",
+        help="with --prune: also machines this old (2d, 12h)",
     )
 
     # No handler of its own: a benchmark must be named, and each sets its handler.
