@@ -189,6 +189,10 @@ def test_every_process_logs_json_lines_with_the_ids_and_no_prompt(operated: Oper
     # Whatever else printed (a child's stray output) is not a log line of ours.
     at_info = [line for line in lines if line.startswith("{") and '"level": "info"' in line]
     assert not [line for line in at_info if PROMPT_WORD in line]
+    # No secret at any level: the scraper's token, the provider's key, the user's token.
+    token = operated.headers["Authorization"].removeprefix("Bearer ")
+    for secret in (METRICS_TOKEN, operated.llm.settings["OPENAI_API_KEY"], token):
+        assert secret not in operated.system.log()
 
 
 def test_the_temporal_ui_finds_the_session_by_its_user_without_the_codec(
