@@ -41,13 +41,11 @@ def parse_age(text: str) -> timedelta:
     return timedelta(seconds=int(found[1]) * UNITS[found[2]])
 
 
-def age_of(machine: HostMachine, now: datetime) -> timedelta | None:
-    return now - machine.created_at if machine.created_at else None
+def age_of(machine: HostMachine, now: datetime) -> timedelta:
+    return now - machine.created_at
 
 
-def shown(age: timedelta | None) -> str:
-    if age is None:
-        return "?"
+def shown(age: timedelta) -> str:
     seconds = int(age.total_seconds())
     for unit in ("d", "h", "m"):
         if seconds >= UNITS[unit]:
@@ -64,7 +62,7 @@ def why_prune(machine: HostMachine, older_than: timedelta | None, now: datetime)
     if install_gone(machine):
         return f"its install {machine.install} is gone"
     age = age_of(machine, now)
-    if older_than is not None and age is not None and age > older_than:
+    if older_than is not None and age > older_than:
         return f"older than {shown(older_than)} ({shown(age)})"
     return None
 
@@ -99,7 +97,7 @@ def report(machines: list[HostMachine], now: datetime, say: Say) -> None:
     for install, group in sorted(by_install.items()):
         gone = " (gone)" if group[0].install and install_gone(group[0]) else ""
         say(f"{install}{gone}: {len(group)} machine{'s' * (len(group) != 1)}")
-        for m in sorted(group, key=lambda m: m.created_at or now):
+        for m in sorted(group, key=lambda m: m.created_at):
             say(
                 f"  {m.kind:8} {m.name:40} session {m.session_id or '?':34} host "
                 f"{m.host_id or '?':16} {m.state:12} {shown(age_of(m, now))}"

@@ -61,10 +61,6 @@ WRITE_TOKEN = (
 # The agent's capabilities: to become the steps' user (setpriv), to signal its processes,
 # to give Chromium's profile directory to that user. Nothing else; no NET_RAW.
 AGENT_CAPABILITIES = ("SETUID", "SETGID", "KILL", "CHOWN")
-# `docker ps` line of a machine: labels are ids (no tabs); CreatedAt, with spaces, comes last.
-MACHINE_FORMAT = (
-    '{{.ID}}\t{{.Label "berth.sandbox"}}\t{{.Label "berth.session"}}\t{{.State}}\t{{.CreatedAt}}'
-)
 
 
 # A kept session's files. The workspace (guest_agent.user.WORKSPACE) is a tmpfs, which
@@ -109,8 +105,9 @@ async def exists(kind: str, name: str) -> bool:
     return code == 0
 
 
-# `docker ps` line of any Berth container, for the host-wide listing.
-EVERY_FORMAT = "\t".join(
+# `docker ps` line of a machine: labels are ids and paths (no tabs); CreatedAt, with spaces,
+# comes last.
+MACHINE_FORMAT = "\t".join(
     ["{{.ID}}", "{{.Names}}"]
     + [f'{{{{.Label "{label}"}}}}' for label in (LABEL, SESSION_LABEL, HOST_LABEL, INSTALL_LABEL)]
     + ["{{.State}}", "{{.CreatedAt}}"]
@@ -122,11 +119,11 @@ def _created(text: str) -> datetime:
     return datetime.strptime(text.rsplit(" ", 1)[0], "%Y-%m-%d %H:%M:%S %z")
 
 
-async def every_machine() -> list[HostMachine]:
-    """Every Berth container on this engine, of any install or host."""
-    out = await docker(
-        "ps", "--all", "--no-trunc", "--filter", f"label={LABEL}", "--format", EVERY_FORMAT
-    )
+async def every_machine(*labels: str) -> list[HostMachine]:
+    """Every Berth container on this engine, of any install or host (or those with each of
+    ``labels``, ``NAME=VALUE``)."""
+    filters = [arg for label in (LABEL, *labels) for arg in ("--filter", f"label={label}")]
+    out = await docker("ps", "--all", "--no-trunc", *filters, "--format", MACHINE_FORMAT)
     found = []
     for line in out.splitlines():
         handle, name, sandbox_id, session_id, host_id, install, state, created = line.split("\t")
@@ -289,23 +286,8 @@ class DockerProvider(SandboxProvider):
             raise DockerError(f"could not give container {handle[:12]} its token: {err.decode()}")
 
     async def machines(self) -> list[Machine]:
-        out = await docker(
-            "ps", "--all", "--no-trunc", "--filter", f"label={HOST_LABEL}={self.host_id}",
-            "--filter", f"label={DEPLOYMENT_LABEL}={self.deployment}",
-            "--format", MACHINE_FORMAT,
-        )  # fmt: skip
-        machines = []
-        for line in out.splitlines():
-            handle, sandbox_id, session_id, state, created = line.split("\t")
-            machines.append(
-                Machine(
-                    sandbox_id=sandbox_id,
-                    session_id=session_id,
-                    handle=handle,
-                    state=state,
-                    created_at=_created(created),
-                )
-            )
+        ours = (f"{HOST_LABEL}={self.host_id}", f"{DEPLOYMENT_LABEL}={self.deployment}")
+        machines: list[Machine] = [*await every_machine(*ours)]
         return machines
 
     async def remove(self, handle: str) -> None:

@@ -170,7 +170,7 @@ def every_machine(uri: str) -> list[HostMachine]:
                 install=meta.get("install", ""),
                 state=_state(domain),
                 address=meta.get("address", ""),
-                created_at=datetime.fromisoformat(meta["created"]) if meta.get("created") else None,
+                created_at=datetime.fromisoformat(meta["created"]),
             )
             for domain, meta in _berth_domains(conn)
         ]

@@ -198,21 +198,16 @@ class Machine(BaseModel):
     created_at: datetime
 
 
-class HostMachine(BaseModel):
+class HostMachine(Machine):
     """Any Berth machine on this host, whichever install, host id or session made it: what
     `python -m berth machines` lists (and prunes)."""
 
     kind: Literal["docker", "libvirt"]
     name: str
-    handle: str
-    sandbox_id: str
-    session_id: str
     host_id: str
     # The data dir of the install that made it; empty for a machine made before machines
     # carried it.
     install: str
-    state: str
-    created_at: datetime | None
     address: str = ""  # a VM's, on the bridge
 
 
