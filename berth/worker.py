@@ -123,7 +123,13 @@ def usage_recorder(engine: Engine) -> Sampled:
     async def sampled(usage: dict[str, MachineUsage], machines: list[Machine]) -> None:
         rows = {sid: (u.cpu_percent, u.memory_mb) for sid, u in usage.items()}
         sessions = {m.sandbox_id: m.session_id for m in machines}
-        metrics.sandbox_usage({sessions[sid]: row for sid, row in rows.items() if sid in sessions})
+        metrics.sandbox_usage(
+            {
+                sessions[sid]: (u.cpu_percent, u.memory_mb, u.disk_mb)
+                for sid, u in usage.items()
+                if sid in sessions
+            }
+        )
         await asyncio.to_thread(record_usage, engine, rows)
 
     return sampled

@@ -39,6 +39,7 @@ PREFIX = "berth"
 TB_CACHE_MB = 128
 HIBERNATED = "hibernated"
 DISK = "disk.qcow2"
+SYSTEM_DISK = "vda"  # the overlay's target in domain.xml.j2
 # A VM's disks hold what its sessions did: for root (and, while it runs, QEMU) alone.
 PRIVATE_FILE = 0o600
 PRIVATE_FOLDER = 0o700
@@ -532,12 +533,15 @@ class LibvirtProvider(SandboxProvider):
                 rss_kib = domain.memoryStats().get("rss", 0)
             except libvirt.libvirtError:
                 continue  # it ended meanwhile
+            disk_mb = None
+            with contextlib.suppress(libvirt.libvirtError):
+                disk_mb = domain.blockInfo(SYSTEM_DISK)[1] / 2**20  # the overlay's allocation
             before = self._cpu_samples.get(machine.sandbox_id)
             self._cpu_samples[machine.sandbox_id] = (now, cpu_ns)
             if before is not None and now > before[0]:
                 percent = 100 * (cpu_ns - before[1]) / 1e9 / (now - before[0])
                 found[machine.sandbox_id] = MachineUsage(
-                    cpu_percent=percent, memory_mb=rss_kib / 1024
+                    cpu_percent=percent, memory_mb=rss_kib / 1024, disk_mb=disk_mb
                 )
         for gone in set(self._cpu_samples) - {m.sandbox_id for m in machines}:
             del self._cpu_samples[gone]

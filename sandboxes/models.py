@@ -267,10 +267,13 @@ class StepOutcome(BaseModel):
 
 
 class MachineUsage(BaseModel):
-    """A machine's resource use, sampled by its host: % of one CPU, resident MiB."""
+    """A machine's resource use, sampled by its host: % of one CPU, resident MiB, and the MiB
+    its own disk holds (a VM's overlay; None for a container, whose writes go to tmpfs and
+    count as memory)."""
 
     cpu_percent: float
     memory_mb: float
+    disk_mb: float | None = None
 
 
 class Health(BaseModel):

@@ -64,16 +64,24 @@ SANDBOX_CPU = Gauge(
 SANDBOX_MEMORY = Gauge(
     "berth_sandbox_memory_bytes", "A sandbox's resident memory, last sample", ["session"]
 )
+SANDBOX_DISK = Gauge(
+    "berth_sandbox_disk_bytes",
+    "What a VM's own disk holds, last sample (containers write to tmpfs: their memory)",
+    ["session"],
+)
+MIB = 1024 * 1024
 
 
-def sandbox_usage(samples: Mapping[str, tuple[float, float]]) -> None:
-    """This host's sandboxes' last use, (CPU %, memory MiB) by session; a session sampled no
-    more (its machine stopped) loses its series."""
-    SANDBOX_CPU.clear()
-    SANDBOX_MEMORY.clear()
-    for session, (cpu, memory_mb) in samples.items():
+def sandbox_usage(samples: Mapping[str, tuple[float, float, float | None]]) -> None:
+    """This host's sandboxes' last use, (CPU %, memory MiB, disk MiB or None) by session; a
+    session sampled no more (its machine stopped) loses its series."""
+    for gauge in (SANDBOX_CPU, SANDBOX_MEMORY, SANDBOX_DISK):
+        gauge.clear()
+    for session, (cpu, memory_mb, disk_mb) in samples.items():
         SANDBOX_CPU.labels(session).set(cpu)
-        SANDBOX_MEMORY.labels(session).set(memory_mb * 1024 * 1024)
+        SANDBOX_MEMORY.labels(session).set(memory_mb * MIB)
+        if disk_mb is not None:
+            SANDBOX_DISK.labels(session).set(disk_mb * MIB)
 
 
 def serve(host: str, port: int) -> None:
