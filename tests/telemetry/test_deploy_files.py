@@ -11,6 +11,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from telemetry import metrics
+from workflows import search
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
 NAME = re.compile(r"\bberth_[a-z_]+")
@@ -54,3 +55,10 @@ def test_every_dashboard_panel_asks_for_defined_metrics() -> None:
     assert used <= defined(), used - defined()
     # Everything defined is on the dashboard.
     assert defined() <= used, defined() - used
+
+
+def test_the_compose_files_temporal_registers_the_search_attributes() -> None:
+    compose = yaml.safe_load((DEPLOY.parent / "docker-compose.yml").read_text())
+    command = compose["services"]["temporal"]["command"]
+    pairs = {command[i + 1] for i, arg in enumerate(command) if arg == "--search-attribute"}
+    assert pairs == {flag for flag in search.dev_server_flags() if flag != "--search-attribute"}
