@@ -13,13 +13,13 @@ from pydantic import BaseModel
 from sqlalchemy import false, true
 from sqlmodel import Session, col, or_, select
 
-from api import accounts, cursors
+from api import accounts, cursors, quotas
 from api.deps import AdminDep, DbDep, IpDep, Problem, SettingsDep
 from api.problems import problems
-from api.schemas import InviteOut
+from api.schemas import InviteOut, UserLimitsIn, UserLimitsOut
 from store import audit
 from store.events import EventType
-from store.models import AuditEntry, Event, SessionRow
+from store.models import AuditEntry, Event, SessionRow, User
 
 # Every route under /api may be refused for its input; the others are named per route.
 router = APIRouter(prefix="/api/admin", tags=["admin"], responses=problems(422))
@@ -48,6 +48,38 @@ def create_invite(
     row, code = accounts.make_invite(db, settings, admin, ip)
     link = str(request.base_url.replace(path="/login").include_query_params(invite=code))
     return InviteOut(code=code, link=link, expires_at=row.expires_at)
+
+
+@router.get("/users/{user_id}/limits", responses=problems(401, 403, 404))
+def get_limits(user_id: str, db: DbDep, settings: SettingsDep, admin: AdminDep) -> UserLimitsOut:
+    """A user's limits in force (LLM spending a day and a month, kept disks), and the
+    overrides an admin set (null: the setting's)."""
+    _user(db, user_id)
+    return quotas.limits_of(db, settings, user_id)
+
+
+@router.put("/users/{user_id}/limits", responses=problems(401, 403, 404))
+def put_limits(
+    user_id: str,
+    body: UserLimitsIn,
+    db: DbDep,
+    settings: SettingsDep,
+    admin: AdminDep,
+    ip: IpDep,
+) -> UserLimitsOut:
+    """Sets a user's limits in place of the settings' (a field null or left out: the
+    setting's; 0: no limit). They apply from the next model call or kept disk."""
+    _user(db, user_id)
+    quotas.set_limits(db, user_id, body)
+    audit.record(db, admin.id, "admin.limits.update", user_id, body.model_dump(), ip=ip)
+    return quotas.limits_of(db, settings, user_id)
+
+
+def _user(db: Session, user_id: str) -> User:
+    found = db.get(User, user_id)
+    if found is None:
+        raise Problem(404, f"no user {user_id}")
+    return found
 
 
 def _entries(

@@ -79,8 +79,10 @@ class SessionOut(BaseModel):
     status: SessionStatus
     template: str
     error: str | None
-    # Ended with its sandbox's disk kept: POST .../resume brings it back.
+    # Ended with its sandbox's disk kept: POST .../resume brings it back, until kept_until,
+    # when the host removes the disk (BERTH_KEPT_MAX_AGE_DAYS; null: kept until removed).
     preserved: bool = False
+    kept_until: datetime | None = None
     created_at: datetime
     ended_at: datetime | None
     events_url: str
@@ -186,3 +188,23 @@ class PreferencesOut(Preferences):
     defaults: PreferenceDefaults
     templates: list[str]
     models: list[str]
+
+
+class UserLimitsIn(BaseModel):
+    """An admin's limits for one user; each null (or left out) is the setting's, 0 is none."""
+
+    spend_day_usd: float | None = Field(default=None, ge=0)
+    spend_month_usd: float | None = Field(default=None, ge=0)
+    kept_disks: int | None = Field(default=None, ge=0)
+    kept_bytes: int | None = Field(default=None, ge=0)
+
+
+class UserLimitsOut(BaseModel):
+    """A user's limits in force (0: none), and the admin's overrides they come from."""
+
+    user_id: str
+    spend_day_usd: float
+    spend_month_usd: float
+    kept_disks: int
+    kept_bytes: int
+    overrides: UserLimitsIn

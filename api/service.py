@@ -28,12 +28,13 @@ from temporalio.service import RPCError, RPCStatusCode
 
 import vm_templates
 from activities.models import pool_workflow_id
-from api import preferences
+from api import preferences, quotas
 from api.deps import Problem, TemporalLink
 from api.problems import logged
 from api.schemas import PoolOut, SessionOut, StepOut, TaskOut, TaskRefOut
 from config.settings import Settings
 from llm.accounting import task_usage
+from sandboxes.kept import kept_until
 from sandboxes.models import SandboxInfo
 from store import audit
 from store.artifacts import ArtifactStore
@@ -260,13 +261,14 @@ def visible_session(db: Session, user: User, session_id: str) -> SessionRow:
     return row
 
 
-def session_out(row: SessionRow) -> SessionOut:
+def session_out(row: SessionRow, settings: Settings) -> SessionOut:
     return SessionOut(
         id=row.id,
         status=row.status,
         template=row.template,
         error=row.error,
         preserved=row.preserved,
+        kept_until=kept_until(row.ended_at, settings.kept_max_age_days) if row.preserved else None,
         created_at=row.created_at,
         ended_at=row.ended_at,
         events_url=f"/api/sessions/{row.id}/events",
@@ -276,13 +278,16 @@ def session_out(row: SessionRow) -> SessionOut:
 async def end_session(
     db: Session,
     temporal: TemporalLink,
+    settings: Settings,
     user: User,
     row: SessionRow,
     ip: str | None = None,
     preserve: bool = False,
 ) -> None:
     """End the session: its sandbox is destroyed, or with ``preserve`` shut down with its
-    disk kept, so that resume_session brings it back."""
+    disk kept, so that resume_session brings it back (429 past the user's kept disks)."""
+    if preserve:
+        quotas.check_kept(db, settings, user)
     client = await temporal.client()
     handle = client.get_workflow_handle(workflow_id(row.id))
     try:

@@ -43,6 +43,8 @@ from activities.vm import VmActivities
 from berth.host import make_gateway, make_provider, open_host
 from config.settings import Settings, get_settings
 from llm.proxy import LLMProxy
+from sandboxes.kept import SWEEP_EVERY_S as KEPT_SWEEP_EVERY_S
+from sandboxes.kept import KeptDisks
 from sandboxes.models import Machine, MachineUsage
 from sandboxes.monitor import Died, Sampled, watch
 from sandboxes.reconcile import Owner, reconcile_forever
@@ -262,6 +264,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         )
         sweeping = asyncio.create_task(sweeper.forever(settings.session_sweep_every_s, stop))
         sampling = asyncio.create_task(sample_pools(client, settings, stop))
+        kept = KeptDisks(provider, engine, settings.kept_max_age_days)
+        keeping = asyncio.create_task(kept.forever(KEPT_SWEEP_EVERY_S, stop))
         watcher = asyncio.create_task(
             watch(
                 provider,
@@ -284,6 +288,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await watcher
         await sweeping
         await sampling
+        await keeping
     await gateway.stop()
     await provider.close()
 

@@ -210,6 +210,25 @@ class Settings(BaseSettings):
         description="A running machine whose guest answers nothing (no message, no ping) "
         "for this long is taken for dead: its step fails and its session gets a new machine",
     )
+    # Kept disks (sessions ended with preserve), per user: count, bytes, and age.
+    kept_disks_per_user: int = Field(
+        default=5,
+        ge=0,
+        description="Sessions one user may end keeping their disk (preserve) at once (0: no "
+        "limit); an admin may set another per user",
+    )
+    kept_bytes_per_user: int = Field(
+        default=20 * 2**30,
+        ge=0,
+        description="Bytes of kept disks one user may hold before ending another session "
+        "keeping its disk is refused (0: no limit); an admin may set another per user",
+    )
+    kept_max_age_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Days a kept disk is kept before the worker removes it (the session can "
+        "no longer be resumed; the dashboard and API show the date beforehand); 0: forever",
+    )
     # Command policy
     command_policy_path: Path | None = Field(
         default=None,
@@ -376,6 +395,18 @@ class Settings(BaseSettings):
     )
     llm_task_token_budget: int = Field(
         default=500_000, description="Tokens one task may spend on LLM calls (0: no limit)"
+    )
+    spend_day_usd: float = Field(
+        default=25.0,
+        ge=0,
+        description="LLM spending (USD, priced by BERTH_LLM_PRICES) one user may reach per UTC "
+        "day before their calls are refused (0: no limit); an admin may set another per user",
+    )
+    spend_month_usd: float = Field(
+        default=250.0,
+        ge=0,
+        description="LLM spending (USD) one user may reach per UTC calendar month (0: no "
+        "limit); an admin may set another per user",
     )
     llm_timeout_s: float = Field(default=60.0, description="Longest one provider call may take")
     llm_retries: int = Field(

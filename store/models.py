@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -134,7 +134,8 @@ class SandboxRow(SQLModel, table=True):
     host_id: str
     template: str
     handle: str = Field(description="The provider's own name for it, e.g. a container id")
-    # running, destroyed, preserved (its disk kept), restored (its disk in a newer one)
+    # running, destroyed, preserved (its disk kept), restored (its disk in a newer one),
+    # expired (its kept disk removed past the age limit)
     status: str = "running"
     created_at: datetime = Field(default_factory=utcnow)
     destroyed_at: datetime | None = None
@@ -142,6 +143,8 @@ class SandboxRow(SQLModel, table=True):
     cpu_percent: float | None = None
     memory_mb: float | None = None
     stats_at: datetime | None = None
+    # A preserved one's kept disk (or workspace archive), as its host last measured it.
+    kept_bytes: int | None = None
 
 
 class Event(SQLModel, table=True):
@@ -285,4 +288,18 @@ class UserPreferences(SQLModel, table=True):
     model: str | None = Field(default=None, max_length=200)
     hibernate_after_s: int | None = None
     idle_timeout_s: int | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class UserLimits(SQLModel, table=True):
+    """An admin's limits for one user, in place of the settings' (None: the setting's; 0:
+    no limit): LLM spending per day and per month, kept disks (count, bytes)."""
+
+    __tablename__ = "user_limits"
+
+    user_id: str = Field(foreign_key="users.id", primary_key=True)
+    spend_day_usd: float | None = None
+    spend_month_usd: float | None = None
+    kept_disks: int | None = None
+    kept_bytes: int | None = Field(default=None, sa_type=BigInteger)
     updated_at: datetime = Field(default_factory=utcnow)
