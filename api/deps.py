@@ -4,6 +4,8 @@ bearer token for the JSON API, by the dashboard's login cookie for its pages and
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
@@ -12,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlmodel import Session
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from api import accounts
 from api.problems import Problem, logged
@@ -20,7 +23,12 @@ from config.settings import Settings
 from store import streams
 from store.models import ApiToken, User
 from store.notify import Hub
+from workflows import search
 from workflows.client import connect
+
+log = logging.getLogger("berth.api")
+# How often a namespace without the search attributes is asked again.
+SEARCHABLE_RECHECK_S = 300.0
 
 __all__ = ["Problem"]  # raised by routes and services through this module
 
@@ -85,6 +93,10 @@ class TemporalLink:
         self.settings = settings
         self._client: Client | None = None
         self._lock = asyncio.Lock()
+        # Whether the namespace has Berth's search attributes, and when that was last asked
+        # (a yes holds; a no is asked again, so a `temporal-setup` takes effect unrestarted).
+        self._searchable = False
+        self._searchable_at: float | None = None
 
     async def client(self) -> Client:
         async with self._lock:
@@ -96,6 +108,28 @@ class TemporalLink:
                     where = f"Temporal at {self.settings.temporal_target}: {exc}"
                     raise logged(503, "the orchestrator is unavailable; try again", where) from exc
             return self._client
+
+    async def searchable(self) -> bool:
+        """Whether sessions may carry the search attributes (workflows/search.py)."""
+        now = time.monotonic()
+        if self._searchable or (
+            self._searchable_at is not None and now - self._searchable_at < SEARCHABLE_RECHECK_S
+        ):
+            return self._searchable
+        self._searchable_at = now
+        try:
+            lacking = await search.missing(await self.client(), self.settings.temporal_namespace)
+        except RPCError as exc:
+            log.warning("could not list Temporal's search attributes: %s", exc)
+            return False
+        if lacking:
+            log.warning(
+                "the Temporal namespace lacks the search attributes %s: sessions run without "
+                "them (`python -m berth temporal-setup` adds them)",
+                ", ".join(lacking),
+            )
+        self._searchable = not lacking
+        return self._searchable
 
 
 def get_hub(request: Request) -> Hub:

@@ -50,7 +50,7 @@ from store.models import (
     User,
     utcnow,
 )
-from workflows import sweeper
+from workflows import search, sweeper
 from workflows.client import workflow_id
 from workflows.models import SessionInput, TaskControl, TaskModification, TaskRef, TaskSubmission
 from workflows.pool import SandboxPool
@@ -88,7 +88,7 @@ async def start_session(
     )
     admit_live(db, settings, user, row)
     audit.record(db, user.id, "session.create", row.id, {"template": template}, ip=ip)
-    await _start_run(db, client, settings, user, row)
+    await _start_run(db, client, settings, user, row, searchable=await temporal.searchable())
     return row
 
 
@@ -141,13 +141,23 @@ async def _start_run(
     user: User,
     row: SessionRow,
     restore: SandboxInfo | None = None,
+    searchable: bool = False,
 ) -> None:
     """Start the session's workflow: a new session, or a resumed one's next run, with the
     timeouts and model the session began with (sessions from before they were kept on the
-    row: the system's)."""
+    row: the system's); with its search attributes when the namespace has them, and a
+    summary the Web UI shows without the codec."""
     began = row.idle_timeout_s is not None
+    state = "resuming" if restore else "provisioning"
+    attributes = (
+        search.at_start(user.id, row.template, settings.host_id, SessionStatus.provisioning)
+        if searchable
+        else None
+    )
     try:
-        await client.start_workflow(
+        # The summary and details go as ready payloads (past the codec: readable in the Web UI
+        # without it); the SDK takes a Payload there though its overloads type only str.
+        await client.start_workflow(  # type: ignore[call-overload]
             SessionWorkflow.run,
             SessionInput(
                 session_id=row.id,
@@ -163,11 +173,14 @@ async def _start_run(
                 max_revisions=settings.agent_max_revisions,
                 model=row.model,
                 restore=restore,
+                search_attributes=searchable,
             ),
             id=workflow_id(row.id),
             task_queue=settings.host_task_queue,  # the session lives on its host
-            # The user's id, not their email: operators see summaries, and so do logs.
-            static_summary=f"session of user {user.id} ({row.template})",
+            search_attributes=attributes,
+            # Ids and states only (the user's id, not their email): operators see these.
+            static_summary=search.summary(row.id, row.template, state),
+            static_details=search.details(row.id, user.id, row.template, settings.host_id),
         )
     except WorkflowAlreadyStartedError as exc:
         raise Problem(409, f"session {row.id} is running already") from exc
@@ -206,7 +219,7 @@ async def resume_session(
     # before its run starts; a run that cannot start marks it failed again.
     row.status, row.error, row.ended_at = SessionStatus.provisioning, None, None
     admit_live(db, settings, user, row)
-    await _start_run(db, client, settings, user, row, restore)
+    await _start_run(db, client, settings, user, row, restore, await temporal.searchable())
     audit.record(db, user.id, "session.resume", row.id, {"sandbox": kept.id}, ip=ip)
     return row
 

@@ -1,5 +1,5 @@
 """Berth's one command line: ``python -m berth run | worker | api | prepare | create-admin |
-host | bench``, an argparse parser with a subcommand each.
+host | temporal-setup | machines | bench``, an argparse parser with a subcommand each.
 
 Parsing comes first and imports nothing heavy: each command imports what it runs only once it
 is chosen, so ``--help`` on any command (or a mistyped option, which argparse refuses with
@@ -39,14 +39,17 @@ def serve_api(_: argparse.Namespace) -> int:
     import uvicorn
 
     from config.settings import get_settings
+    from telemetry import logs
 
     settings = get_settings()
+    logs.configure("api", settings.log_format)
     uvicorn.run(
         APP_FACTORY,
         factory=True,
         host=settings.host,
         port=settings.port,
         log_level="info",
+        log_config=None,  # its loggers go through ours (telemetry/logs.py)
         # With a certificate, HTTPS only: the dashboard's cookies are then Secure, and HSTS
         # is sent (api/headers.py).
         ssl_certfile=settings.tls_cert_file,
@@ -84,6 +87,33 @@ def undrain_host(args: argparse.Namespace) -> int:
     from store.models import HostState
 
     return set_host_state(args.host, HostState.active)
+
+
+def temporal_setup(_: argparse.Namespace) -> int:
+    from berth.temporal_setup import temporal_setup
+
+    return temporal_setup()
+
+
+def list_machines(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from berth.machines import machines, parse_age
+    from config.settings import get_settings
+
+    older_than = parse_age(args.older_than) if args.older_than else None
+    return asyncio.run(machines(get_settings(), args.prune, older_than))
+
+
+def age(text: str) -> str:
+    """An age as --older-than takes it (checked here: argparse says what is wrong)."""
+    from berth.machines import parse_age
+
+    try:
+        parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
 
 
 def bench_spine(args: argparse.Namespace) -> int:
@@ -141,6 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="EMAIL may be registered already: make that account an admin, set its password "
         "and revoke every token and dashboard session it had",
+    )
+    command(
+        "temporal-setup",
+        "ready a Temporal namespace of one's own for Berth: add its search attributes",
+        temporal_setup,
+    )
+    listing = command(
+        "machines",
+        "every Berth machine on this host (containers, VMs) by install, session and age",
+        list_machines,
+    )
+    listing.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove the machines of installs whose data dir is gone (and, with --older-than, "
+        "every machine older than that), saying what was removed",
+    )
+    listing.add_argument(
+        "--older-than",
+        type=age,
+        metavar="AGE",
+        help="with --prune: also machines this old (2d, 12h)",
     )
 
     summary = "an operator's state for a sandbox host in the registry"

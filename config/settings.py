@@ -444,6 +444,31 @@ class Settings(BaseSettings):
         default=30.0, description="How long a failed provider is tried only after the others"
     )
 
+    # Operating it: metrics and logs
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="How every process logs: text lines, or JSON lines with the ids of the "
+        "session, task, step and trace each line is about",
+    )
+    metrics_token: str | None = Field(
+        default=None,
+        description="Bearer token that may read the API's /metrics (Prometheus); unset: only "
+        "callers on the loopback address may",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the worker's and the Temporal SDK's metrics listeners bind to",
+    )
+    worker_metrics_port: int = Field(
+        default=0, ge=0, description="Port of a worker host's /metrics (Prometheus); 0: off"
+    )
+    temporal_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        description="Port of the worker's Temporal SDK metrics (Prometheus, its own listener); "
+        "0: off",
+    )
+
     @model_validator(mode="after")
     def _pairs(self) -> Settings:
         for cert, key in (

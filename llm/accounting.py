@@ -26,6 +26,7 @@ from llm.models import (
     UserUsage,
 )
 from store.models import LLMCall, LLMReservation, SessionRow, UserLimits
+from telemetry.metrics import MODEL_CALLS, MODEL_COST, MODEL_TOKENS
 
 RATE_WINDOW = timedelta(minutes=1)
 CALLS: Table = LLMCall.__table__  # type: ignore[attr-defined]
@@ -167,6 +168,10 @@ class Ledger:
         self, conn: Connection, caller: Caller, result: ChatResult, latency_s: float
     ) -> None:
         spent = TokenUsage() if result.cached else result.usage
+        MODEL_CALLS.labels(result.provider, str(result.cached).lower()).inc()
+        MODEL_TOKENS.labels(result.provider, "prompt").inc(spent.prompt_tokens)
+        MODEL_TOKENS.labels(result.provider, "completion").inc(spent.completion_tokens)
+        MODEL_COST.labels(result.provider).inc(spent.cost_usd)
         conn.execute(
             insert(CALLS),
             {

@@ -51,6 +51,7 @@ from llm.providers import (
     usage_of,
 )
 from llm.shapes import Chunks
+from telemetry.metrics import MODEL_ERRORS
 
 T = TypeVar("T")
 
@@ -320,6 +321,7 @@ class LLMProxy:
                     )
                     refused = refused and is_refusal(exc)
                     if not is_refusal(exc):  # the request's fault, not the provider's
+                        MODEL_ERRORS.labels(provider.name).inc()
                         self._cool(provider)
                     break
                 self.cooling.pop(provider.name, None)

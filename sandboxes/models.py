@@ -202,6 +202,19 @@ class Machine(BaseModel):
     created_at: datetime
 
 
+class HostMachine(Machine):
+    """Any Berth machine on this host, whichever install, host id or session made it: what
+    `python -m berth machines` lists (and prunes)."""
+
+    kind: Literal["docker", "libvirt"]
+    name: str
+    host_id: str
+    # The data dir of the install that made it; empty for a machine made before machines
+    # carried it.
+    install: str
+    address: str = ""  # a VM's, on the bridge
+
+
 class CheckResult(BaseModel):
     """How a step's check came out: ``detail`` says what was checked and what was found."""
 
@@ -258,10 +271,13 @@ class StepOutcome(BaseModel):
 
 
 class MachineUsage(BaseModel):
-    """A machine's resource use, sampled by its host: % of one CPU, resident MiB."""
+    """A machine's resource use, sampled by its host: % of one CPU, resident MiB, and the MiB
+    its own disk holds (a VM's overlay; None for a container, whose writes go to tmpfs and
+    count as memory)."""
 
     cpu_percent: float
     memory_mb: float
+    disk_mb: float | None = None
 
 
 class Health(BaseModel):

@@ -45,7 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from sandboxes.models import SandboxInfo, StepOutcome
     from store.events import EventType, NewEvent
     from store.models import SessionStatus, TaskStatus
-    from workflows import options
+    from workflows import options, search
     from workflows.failures import REFUSED_EXIT, answering, died, failure_message, refused
     from workflows.models import (
         MAX_NOTES,
@@ -970,8 +970,16 @@ class SessionWorkflow:
     def event(self, type: EventType, **data: Any) -> NewEvent:
         # The key makes a retried RecordProgress a no-op; the counter is replay-safe.
         self.events += 1
+        if type == EventType.session_status:
+            self.show_status(data["status"])
         key = f"{workflow.info().run_id}/{self.events}"
         return NewEvent(type=type, data={k: v for k, v in data.items() if v is not None}, key=key)
+
+    def show_status(self, status: str) -> None:
+        """The session's status as its search attribute, for the Temporal UI's filters (when
+        the namespace has the attributes: the API says so in the input)."""
+        if self.params.search_attributes and workflow.patched("search-attributes"):
+            workflow.upsert_search_attributes([search.STATUS.value_set(status)])
 
     def set_task(self, task: TaskState, status: TaskStatus, **extra: str | None) -> NewEvent:
         task.status = status

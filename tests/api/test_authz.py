@@ -58,6 +58,8 @@ R = Rule
 RULES: dict[tuple[str, str], Rule] = {
     # Public.
     ("GET", "/healthz"): R(200, 200, 200, 200),
+    # The scraper's token (BERTH_METRICS_TOKEN) or a loopback caller, never a user's token.
+    ("GET", "/metrics"): R(401, 401, 401, 401),
     ("GET", "/openapi.json"): R(200, 200, 200, 200),
     ("GET", "/docs"): R(200, 200, 200, 200),
     ("GET", "/docs/oauth2-redirect"): R(200, 200, 200, 200),

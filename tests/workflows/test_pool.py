@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
+from prometheus_client import REGISTRY
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -19,7 +20,7 @@ from temporalio.worker import Worker
 
 import vm_templates
 from activities.models import SandboxRequest, pool_workflow_id
-from berth.worker import start_pools
+from berth.worker import sample_pools, start_pools
 from config.settings import Settings
 from sandboxes.models import SandboxInfo
 from tests.workflows.test_session import env, save_history
@@ -177,3 +178,24 @@ async def test_a_stop_ends_a_failed_boots_back_off(env: WorkflowEnvironment) -> 
         await pool.signal(SandboxPool.stop)
         await asyncio.wait_for(pool.result(), 10)
     assert len(boots) == 1
+
+
+async def test_the_worker_samples_each_pools_depth_into_its_gauges(
+    env: WorkflowEnvironment, host: tuple[Host, Settings]
+) -> None:
+    _, settings = host
+    await start_pools(env.client, settings)
+    workflow_id = pool_workflow_id(settings.host_id, vm_templates.DEFAULT)
+    state = await until(env.client, workflow_id)
+    stop = asyncio.Event()
+    sampling = asyncio.create_task(sample_pools(env.client, settings, stop))
+    labels = {"template": vm_templates.DEFAULT}
+    async with asyncio.timeout(10):
+        while REGISTRY.get_sample_value("berth_pool_ready", labels) != len(state.ready):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    assert REGISTRY.get_sample_value("berth_pool_booting", labels) == len(state.booting)
+    stop.set()
+    await asyncio.wait_for(sampling, 5)
+    pool = env.client.get_workflow_handle(workflow_id)
+    await pool.signal(SandboxPool.stop)
+    await pool.result()
