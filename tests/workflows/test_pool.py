@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-from temporalio import activity
+from temporalio import activity, workflow
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 import vm_templates
 from activities.models import SandboxRequest, pool_workflow_id
@@ -177,3 +177,37 @@ async def test_a_stop_ends_a_failed_boots_back_off(env: WorkflowEnvironment) -> 
         await pool.signal(SandboxPool.stop)
         await asyncio.wait_for(pool.result(), 10)
     assert len(boots) == 1
+
+
+@workflow.defn(name="NotAPool")
+class NotAPool:
+    """A workflow under a pool's id that answers no pool query: as a pool whose workflow task
+    fails does."""
+
+    @workflow.run
+    async def run(self) -> None:
+        await workflow.wait_condition(lambda: False)
+
+
+async def test_a_pool_that_cannot_be_asked_does_not_stop_the_worker(
+    env: WorkflowEnvironment, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defect 10: the start's query of the pool was unguarded, so the worker died at every
+    start (a crash loop) while a pool did not answer."""
+    settings = Settings(
+        sandbox_provider="libvirt", host_id=f"pooltest-{uuid.uuid4().hex[:8]}",
+        vm_pool_min=1, vm_pool_max=1,
+    )  # fmt: skip
+    workflow_id = pool_workflow_id(settings.host_id, vm_templates.DEFAULT)
+    async with Worker(
+        env.client,
+        task_queue=settings.host_task_queue,
+        workflows=[NotAPool],
+        workflow_runner=UnsandboxedWorkflowRunner(),
+    ):
+        squatter = await env.client.start_workflow(
+            NotAPool.run, id=workflow_id, task_queue=settings.host_task_queue
+        )
+        await start_pools(env.client, settings)  # raised WorkflowQueryFailedError before
+        await squatter.terminate(reason="test over")
+    assert "pool did not start" in caplog.text
