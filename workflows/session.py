@@ -288,19 +288,7 @@ class SessionWorkflow:
         if not self.may_continue_as_new():
             return
         assert self.sandbox is not None
-        tasks = ([self.running] if self.running else []) + [self.tasks[i] for i in self.queue]
-        carried = Carried(
-            sandbox=self.sandbox,
-            tasks=[carried_task(t) for t in tasks],
-            running=self.running.id if self.running else None,
-            paused=self.paused,
-            hibernated=self.hibernated,
-            instructions=self.instructions,
-            finished=self.finished,
-            submitted=self.submitted,
-            preserve=self.preserve,
-            dead=self.dead,
-        )
+        carried = self.carried(self.sandbox)
         # Bytes, as the server counts them (a character of CJK text is three).
         size, limit = len(carried.model_dump_json().encode()), self.params.max_carried_bytes
         # Only a running task's state can grow past the bound (the queue's prompts, the
@@ -315,6 +303,22 @@ class SessionWorkflow:
         # The preserved disk was restored by the first run: a later one never restores it.
         workflow.continue_as_new(
             self.params.model_copy(update={"carried": carried, "restore": None})
+        )
+
+    def carried(self, sandbox: SandboxInfo, *queued: TaskState) -> Carried:
+        """The session as continuing as new now would carry it (with ``queued`` added)."""
+        tasks = ([self.running] if self.running else []) + [self.tasks[i] for i in self.queue]
+        return Carried(
+            sandbox=sandbox,
+            tasks=[carried_task(t) for t in [*tasks, *queued]],
+            running=self.running.id if self.running else None,
+            paused=self.paused,
+            hibernated=self.hibernated,
+            instructions=self.instructions,
+            finished=self.finished,
+            submitted=self.submitted,
+            preserve=self.preserve,
+            dead=self.dead,
         )
 
     async def provision(self) -> None:
@@ -803,6 +807,16 @@ class SessionWorkflow:
         self.check_open()
         if len(self.tasks) - (self.running is not None) >= MAX_QUEUED_TASKS:
             raise ValueError(f"{MAX_QUEUED_TASKS} tasks are queued already; wait for some to end")
+        # Queued tasks are carried to the next run with the rest: one that would take the
+        # session past its bound is refused now, not failed (or wedged) at continue-as-new.
+        task = TaskState(id="0" * 36, prompt=submission.prompt)  # an id's length
+        carried = self.carried(self.machine() or self.unmade(""), task)
+        size, limit = len(carried.model_dump_json().encode()), self.params.max_carried_bytes
+        if size > limit:
+            raise ValueError(
+                f"with this task the session would carry {size} bytes to its next run, past "
+                f"its {limit}; wait for queued tasks to end, or send a shorter task"
+            )
 
     def submission(self, submission: TaskSubmission) -> TaskRef | None:
         """The task a submission's key queued already, or None for a new submission; a
@@ -927,8 +941,12 @@ class SessionWorkflow:
         known yet (empty provider, host and handle: its provider names it from the id)."""
         if self.sandbox is not None or self.making is None:
             return self.sandbox
+        return self.unmade(self.making)
+
+    def unmade(self, sandbox_id: str) -> SandboxInfo:
+        """A machine not made yet: only its id and where it is made are known."""
         return SandboxInfo(
-            id=self.making,
+            id=sandbox_id,
             session_id=self.params.session_id,
             provider="",
             host_id="",
