@@ -84,6 +84,17 @@ DESTROY: Final = ActivityOptions(
     retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=20)),
 )
 DESTROY_POOL_VM: Final = ActivityOptions(start_to_close_timeout=timedelta(minutes=3))
+
+
+def destroying_pool_vm(within: timedelta) -> ActivityOptions:
+    """A pool VM's removal as its pool ends: retried, but given up after ``within``."""
+    return ActivityOptions(
+        schedule_to_close_timeout=within,
+        start_to_close_timeout=min(within, timedelta(minutes=1)),
+        retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
+    )
+
+
 STOP_STEP: Final = ActivityOptions(
     start_to_close_timeout=timedelta(seconds=30), retry_policy=RetryPolicy(maximum_attempts=3)
 )

@@ -110,7 +110,9 @@ async def test_a_stop_cancels_a_boot_in_flight_and_destroys_the_ready(
     save_history("pool-stop", history)
     kinds = [event.event_type for event in history.events]
     stopped = kinds.index(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED)
-    assert EventType.EVENT_TYPE_TIMER_STARTED not in kinds[stopped:]  # no back-off
+    # No back-off waited out: the only timer after the stop bounds the wait for the boot,
+    # which ends well within it.
+    assert EventType.EVENT_TYPE_TIMER_FIRED not in kinds[stopped:]
     ready, booting = state.ready[0].id, state.booting[0]
     assert stubs.cancelled == [booting]
     # The cancel was waited for: what the boot made is gone before the pool ended.
@@ -211,3 +213,49 @@ async def test_a_pool_that_cannot_be_asked_does_not_stop_the_worker(
         await start_pools(env.client, settings)  # raised WorkflowQueryFailedError before
         await squatter.terminate(reason="test over")
     assert "pool did not start" in caplog.text
+
+
+async def test_a_vm_that_cannot_be_removed_does_not_keep_the_pool_stopping(
+    env: WorkflowEnvironment,
+) -> None:
+    """Defect 10: the end retried a failing removal forever, the pool stayed 'stopping', and
+    every later worker start waited for it and then ran without a pool."""
+    queue = f"pooltest-{uuid.uuid4().hex[:8]}"
+    removals: list[str] = []
+
+    @activity.defn(name="ProvisionSandbox")
+    async def provision(request: SandboxRequest) -> SandboxInfo:
+        return SandboxInfo(
+            id=request.sandbox_id, session_id=request.session_id, provider="stub",
+            host_id="h", task_queue=queue, template=request.template, handle="vm",
+        )  # fmt: skip
+
+    @activity.defn(name="DestroySandbox")
+    async def destroy(sandbox: SandboxInfo) -> None:
+        removals.append(sandbox.id)
+        raise RuntimeError("the hypervisor does not answer")
+
+    async with Worker(
+        env.client, task_queue=queue, workflows=[SandboxPool], activities=[provision, destroy]
+    ):
+        pool = await env.client.start_workflow(
+            SandboxPool.run,
+            PoolInput(
+                template=vm_templates.DEFAULT, host_task_queue=queue,
+                min_size=1, max_size=1, stop_timeout_s=3,
+            ),
+            id=f"pool-{queue}",
+            task_queue=queue,
+        )  # fmt: skip
+        async with asyncio.timeout(20):
+            while not (await pool.query(SandboxPool.state)).ready:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        await pool.signal(SandboxPool.stop)
+        await asyncio.wait_for(pool.result(), 30)  # waited forever before
+        state = await pool.query(SandboxPool.state)
+        history = await pool.fetch_history()
+        save_history("pool-stop-undeletable", history)
+        memo = await (await pool.describe()).memo_value("abandoned", type_hint=list[str])
+    assert removals and state.abandoned == [removals[0]] and memo == state.abandoned
+    kinds = [event.event_type for event in history.events]
+    assert EventType.EVENT_TYPE_WORKFLOW_PROPERTIES_MODIFIED in kinds

@@ -54,7 +54,7 @@ from workflows.session import SessionWorkflow
 
 # One recorded history per path, replayed by tests/workflows/test_replay.py; a new version of the
 # workflow adds a folder and keeps the old ones replaying.
-HISTORIES = Path(__file__).parent / "histories" / "v4"
+HISTORIES = Path(__file__).parent / "histories" / "v5"
 SHORT_HISTORY = 60
 
 
