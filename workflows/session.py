@@ -1034,13 +1034,41 @@ class SessionWorkflow:
         )  # fmt: skip
 
     async def record(self, *drafts: NewEvent) -> None:
-        await workflow.execute_local_activity_method(
-            ProgressActivities.record,
-            ProgressBatch(session_id=self.params.session_id, events=list(drafts)),
-            start_to_close_timeout=options.RECORD_TIMEOUT,
-            retry_policy=options.RECORD_RETRY,
-            summary=", ".join(d.type for d in drafts),
-        )
+        batch = ProgressBatch(session_id=self.params.session_id, events=list(drafts))
+        summary = ", ".join(d.type for d in drafts)
+        if not workflow.patched("record-later"):
+            # A run begun before: retried without end inside one workflow task.
+            await workflow.execute_local_activity_method(
+                ProgressActivities.record,
+                batch,
+                start_to_close_timeout=options.RECORD_TIMEOUT,
+                retry_policy=options.RECORD_RETRY_UNBOUNDED,
+                summary=summary,
+            )
+            return
+        # The database down: tried for a while within this workflow task, then again after a
+        # durable wait, which ends the task (its history would grow with every heartbeat
+        # of a task that never ends) and lets the session answer queries, updates and
+        # signals meanwhile. The events' keys make a retry after a lost answer a no-op.
+        wait = options.RECORD_AGAIN_AFTER
+        while True:
+            try:
+                await workflow.execute_local_activity_method(
+                    ProgressActivities.record,
+                    batch,
+                    start_to_close_timeout=options.RECORD_TIMEOUT,
+                    retry_policy=options.RECORD_TRIES,
+                    summary=summary,
+                )
+                return
+            # A local activity's failure comes as its own error (an ApplicationError), not
+            # wrapped in an ActivityError as a remote activity's.
+            except (ActivityError, ApplicationError) as exc:
+                workflow.logger.warning(
+                    "recording progress failed: %s; again in %s", failure_message(exc), wait
+                )
+            await workflow.sleep(wait, summary="record progress again")
+            wait = min(wait * 2, options.RECORD_AGAIN_MAX)
 
 
 def carried_task(task: TaskState) -> TaskState:
