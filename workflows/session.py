@@ -1039,21 +1039,13 @@ class SessionWorkflow:
 
     async def record(self, *drafts: NewEvent) -> None:
         batch = ProgressBatch(session_id=self.params.session_id, events=list(drafts))
-        summary = ", ".join(d.type for d in drafts)
-        if not workflow.patched("record-later"):
-            # A run begun before: retried without end inside one workflow task.
-            await workflow.execute_local_activity_method(
-                ProgressActivities.record,
-                batch,
-                start_to_close_timeout=options.RECORD_TIMEOUT,
-                retry_policy=options.RECORD_RETRY_UNBOUNDED,
-                summary=summary,
-            )
-            return
-        # The database down: tried for a while within this workflow task, then again after a
-        # durable wait, which ends the task (its history would grow with every heartbeat
+        # The database down: tried a few times within this workflow task, then again after
+        # a durable wait, which ends the task (its history would grow with every heartbeat
         # of a task that never ends) and lets the session answer queries, updates and
         # signals meanwhile. The events' keys make a retry after a lost answer a no-op.
+        # A run begun before retries without end inside one workflow task.
+        later = workflow.patched("record-later")
+        tries = options.RECORD_TRIES if later else options.RECORD_RETRY_UNBOUNDED
         wait = options.RECORD_AGAIN_AFTER
         while True:
             try:
@@ -1061,13 +1053,15 @@ class SessionWorkflow:
                     ProgressActivities.record,
                     batch,
                     start_to_close_timeout=options.RECORD_TIMEOUT,
-                    retry_policy=options.RECORD_TRIES,
-                    summary=summary,
+                    retry_policy=tries,
+                    summary=", ".join(d.type for d in drafts),
                 )
                 return
             # A local activity's failure comes as its own error (an ApplicationError), not
             # wrapped in an ActivityError as a remote activity's.
             except (ActivityError, ApplicationError) as exc:
+                if not later:
+                    raise
                 workflow.logger.warning(
                     "recording progress failed: %s; again in %s", failure_message(exc), wait
                 )

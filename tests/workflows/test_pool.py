@@ -8,11 +8,12 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from temporalio import activity, workflow
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
@@ -59,6 +60,19 @@ class Host:
     @activity.defn(name="DestroySandbox")
     async def destroy(self, sandbox: SandboxInfo) -> None:
         self.destroyed.append(sandbox.id)
+
+
+async def start_pool(client: Client, queue: str, **extra: Any) -> WorkflowHandle[Any, Any]:
+    """A pool of one VM of the default template on ``queue``, its input's ``extra`` set."""
+    return await client.start_workflow(
+        SandboxPool.run,
+        PoolInput(
+            template=vm_templates.DEFAULT, host_task_queue=queue, min_size=1, max_size=1,
+            **extra,
+        ),
+        id=f"pool-{queue}",
+        task_queue=queue,
+    )  # fmt: skip
 
 
 async def until(client: Client, workflow_id: str) -> PoolState:
@@ -162,15 +176,7 @@ async def test_a_stop_ends_a_failed_boots_back_off(env: WorkflowEnvironment) -> 
     async with Worker(
         env.client, task_queue=queue, workflows=[SandboxPool], activities=[provision, destroy]
     ):
-        pool = await env.client.start_workflow(
-            SandboxPool.run,
-            PoolInput(
-                template=vm_templates.DEFAULT, host_task_queue=queue,
-                min_size=1, max_size=1, carried=carried,
-            ),
-            id=f"pool-{queue}",
-            task_queue=queue,
-        )  # fmt: skip
+        pool = await start_pool(env.client, queue, carried=carried)
         async with asyncio.timeout(20):
             while True:  # the failure is counted: the boot is in its back-off
                 if (await pool.query(SandboxPool.state)).boot_failures == 9:
@@ -215,38 +221,31 @@ async def test_a_pool_that_cannot_be_asked_does_not_stop_the_worker(
     assert "pool did not start" in caplog.text
 
 
+class Undeletable(Host):
+    """A host whose VMs boot at once and can never be removed."""
+
+    def __init__(self, queue: str, quick: int) -> None:
+        super().__init__(queue, quick)
+        self.removals: list[str] = []
+
+    @activity.defn(name="DestroySandbox")
+    async def destroy(self, sandbox: SandboxInfo) -> None:
+        self.removals.append(sandbox.id)
+        raise RuntimeError("the hypervisor does not answer")
+
+
 async def test_a_vm_that_cannot_be_removed_does_not_keep_the_pool_stopping(
     env: WorkflowEnvironment,
 ) -> None:
     """Defect 10: the end retried a failing removal forever, the pool stayed 'stopping', and
     every later worker start waited for it and then ran without a pool."""
     queue = f"pooltest-{uuid.uuid4().hex[:8]}"
-    removals: list[str] = []
-
-    @activity.defn(name="ProvisionSandbox")
-    async def provision(request: SandboxRequest) -> SandboxInfo:
-        return SandboxInfo(
-            id=request.sandbox_id, session_id=request.session_id, provider="stub",
-            host_id="h", task_queue=queue, template=request.template, handle="vm",
-        )  # fmt: skip
-
-    @activity.defn(name="DestroySandbox")
-    async def destroy(sandbox: SandboxInfo) -> None:
-        removals.append(sandbox.id)
-        raise RuntimeError("the hypervisor does not answer")
-
+    host = Undeletable(queue, quick=100)
     async with Worker(
-        env.client, task_queue=queue, workflows=[SandboxPool], activities=[provision, destroy]
-    ):
-        pool = await env.client.start_workflow(
-            SandboxPool.run,
-            PoolInput(
-                template=vm_templates.DEFAULT, host_task_queue=queue,
-                min_size=1, max_size=1, stop_timeout_s=3,
-            ),
-            id=f"pool-{queue}",
-            task_queue=queue,
-        )  # fmt: skip
+        env.client, task_queue=queue, workflows=[SandboxPool],
+        activities=[host.provision, host.destroy],
+    ):  # fmt: skip
+        pool = await start_pool(env.client, queue, stop_timeout_s=3)
         async with asyncio.timeout(20):
             while not (await pool.query(SandboxPool.state)).ready:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
@@ -256,6 +255,6 @@ async def test_a_vm_that_cannot_be_removed_does_not_keep_the_pool_stopping(
         history = await pool.fetch_history()
         save_history("pool-stop-undeletable", history)
         memo = await (await pool.describe()).memo_value("abandoned", type_hint=list[str])
-    assert removals and state.abandoned == [removals[0]] and memo == state.abandoned
+    assert host.removals and state.abandoned == [host.removals[0]] and memo == state.abandoned
     kinds = [event.event_type for event in history.events]
     assert EventType.EVENT_TYPE_WORKFLOW_PROPERTIES_MODIFIED in kinds

@@ -11,52 +11,45 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-from temporalio import activity
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.models import CLAIM_ANSWER, POOL_CLAIM_UPDATE, PoolClaim, SandboxRequest
+from activities.models import CLAIM_ANSWER, POOL_CLAIM_UPDATE, PoolClaim
 from sandboxes.models import SandboxInfo
 from store.events import EventType
-from tests.workflows.test_session import (
-    Stubs,
-    end,
-    env,
-    params,
-    running,
-    save_history,
-    short_env,
-    submit,
-    until,
-)
-from workflows.pool import PoolInput, PoolState, SandboxPool
+from tests.workflows import test_session as session
+from tests.workflows.test_pool import Host, start_pool
+from tests.workflows.test_session import env, save_history, short_env
+from workflows.pool import PoolState, SandboxPool
 
 __all__ = ["env", "short_env"]
 
 
 async def test_an_end_that_keeps_the_disk(env: WorkflowEnvironment) -> None:
-    stubs = Stubs()
-    async with running(env, stubs, params(stubs)) as handle:
-        ref = await submit(env.client, handle.id, "$ echo kept")
-        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+    stubs = session.Stubs()
+    async with session.running(env, stubs, session.params(stubs)) as handle:
+        ref = await session.submit(env.client, handle.id, "$ echo kept")
+        await session.until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
         await handle.signal("preserve_sandbox")
-        await end(handle)
+        await session.end(handle)
         save_history("preserve", await handle.fetch_history())
     assert stubs.preserved == stubs.provisioned and not stubs.destroyed
     assert EventType.sandbox_preserved in stubs.types()
 
 
 async def test_a_resumed_session_restores_the_kept_disk(env: WorkflowEnvironment) -> None:
-    stubs = Stubs()
+    stubs = session.Stubs()
     kept = SandboxInfo(
         id=uuid.uuid4().hex, session_id="s", provider="stub", host_id="h",
         task_queue=stubs.queue, template="default", handle="h0",
     )  # fmt: skip
-    async with running(env, stubs, params(stubs).model_copy(update={"restore": kept})) as handle:
-        ref = await submit(env.client, handle.id, "$ echo back")
-        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
-        await end(handle)
+    async with session.running(
+        env, stubs, session.params(stubs).model_copy(update={"restore": kept})
+    ) as handle:
+        ref = await session.submit(env.client, handle.id, "$ echo back")
+        await session.until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await session.end(handle)
         save_history("restore", await handle.fetch_history())
     assert stubs.restored == [kept.id] and not stubs.provisioned
     restored = [e.data for e in stubs.events if e.type == EventType.sandbox_restored]
@@ -64,30 +57,9 @@ async def test_a_resumed_session_restores_the_kept_disk(env: WorkflowEnvironment
     assert stubs.destroyed == [restored[0]["sandbox_id"]]
 
 
-class PoolHost:
-    """Stub ProvisionSandbox and DestroySandbox for a pool: every boot succeeds at once."""
-
-    def __init__(self) -> None:
-        self.queue = f"pooltest-{uuid.uuid4().hex[:8]}"
-        self.booted: list[str] = []
-        self.destroyed: list[str] = []
-
-    @activity.defn(name="ProvisionSandbox")
-    async def provision(self, request: SandboxRequest) -> SandboxInfo:
-        self.booted.append(request.sandbox_id)
-        return SandboxInfo(
-            id=request.sandbox_id, session_id=request.session_id, provider="stub",
-            host_id="h", task_queue=self.queue, template=request.template, handle="vm",
-        )  # fmt: skip
-
-    @activity.defn(name="DestroySandbox")
-    async def destroy(self, sandbox: SandboxInfo) -> None:
-        self.destroyed.append(sandbox.id)
-
-
 @pytest.fixture
-async def pool_host(env: WorkflowEnvironment) -> AsyncIterator[PoolHost]:
-    host = PoolHost()
+async def pool_host(env: WorkflowEnvironment) -> AsyncIterator[Host]:
+    host = Host(f"pooltest-{uuid.uuid4().hex[:8]}", quick=100)  # every boot succeeds at once
     async with Worker(
         env.client,
         task_queue=host.queue,
@@ -96,15 +68,6 @@ async def pool_host(env: WorkflowEnvironment) -> AsyncIterator[PoolHost]:
         max_heartbeat_throttle_interval=timedelta(seconds=1),
     ):
         yield host
-
-
-async def start_pool(client: Client, host: PoolHost) -> WorkflowHandle:  # type: ignore[type-arg]
-    return await client.start_workflow(
-        SandboxPool.run,
-        PoolInput(template="default", host_task_queue=host.queue, min_size=1, max_size=1),
-        id=f"pool-{host.queue}",
-        task_queue=host.queue,
-    )
 
 
 async def ready(pool: WorkflowHandle) -> PoolState:  # type: ignore[type-arg]
@@ -125,9 +88,9 @@ async def claim(pool: WorkflowHandle, key: str) -> SandboxInfo | None:  # type: 
 
 
 async def test_a_pool_hands_out_refills_and_answers_a_retried_claim_alike(
-    env: WorkflowEnvironment, pool_host: PoolHost
+    env: WorkflowEnvironment, pool_host: Host
 ) -> None:
-    pool = await start_pool(env.client, pool_host)
+    pool = await start_pool(env.client, pool_host.queue)
     first = (await ready(pool)).ready[0]
     assert await claim(pool, "s1/0") == first
     assert await claim(pool, "s1/0") == first  # a retried claim: the same VM
@@ -141,12 +104,12 @@ async def test_a_pool_hands_out_refills_and_answers_a_retried_claim_alike(
 
 
 async def test_a_pool_continues_as_new_with_its_members(short_env: WorkflowEnvironment) -> None:
-    env, host = short_env, PoolHost()
+    env, host = short_env, Host(f"pooltest-{uuid.uuid4().hex[:8]}", quick=100)
     async with Worker(
         env.client, task_queue=host.queue, workflows=[SandboxPool],
         activities=[host.provision, host.destroy],
     ):  # fmt: skip
-        pool = await start_pool(env.client, host)
+        pool = await start_pool(env.client, host.queue)
         first_run = (await pool.describe()).run_id
         for n in range(30):
             await ready(pool)
