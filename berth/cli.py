@@ -1,5 +1,5 @@
 """Berth's one command line: ``python -m berth run | worker | api | prepare | create-admin |
-host | temporal-setup | machines | bench``, an argparse parser with a subcommand each.
+host | temporal-setup | machines | replay | bench``, an argparse parser with a subcommand each.
 
 Parsing comes first and imports nothing heavy: each command imports what it runs only once it
 is chosen, so ``--help`` on any command (or a mistyped option, which argparse refuses with
@@ -116,6 +116,27 @@ def age(text: str) -> str:
     return text
 
 
+def replay_running(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from config.settings import get_settings
+    from workflows.client import connect
+    from workflows.replay import replay
+
+    async def check() -> int:
+        client = await connect(get_settings())
+        results = await replay(
+            client, query=args.query, workflow_ids=args.workflow_id or (), save=args.save
+        )
+        for result in results:
+            print(result.line(), flush=True)
+        failed = sum(r.failure is not None for r in results)
+        print(f"{len(results)} replayed, {failed} failed")
+        return 1 if failed else 0
+
+    return asyncio.run(check())
+
+
 def bench_spine(args: argparse.Namespace) -> int:
     from bench.spine import bench
 
@@ -205,6 +226,30 @@ def build_parser() -> argparse.ArgumentParser:
         sub = states.add_parser(name, help=what, description=what)
         sub.set_defaults(handler=handler)
         sub.add_argument("host", metavar="HOST", help="the host's id (BERTH_HOST_ID)")
+
+    check = command(
+        "replay",
+        "replay the running sessions' and pools' histories against this code (before a deploy)",
+        replay_running,
+    )
+    which = check.add_mutually_exclusive_group()
+    which.add_argument(
+        "--workflow-id",
+        action="append",
+        metavar="ID",
+        help="replay this workflow's latest run (repeatable) instead of every running one",
+    )
+    which.add_argument(
+        "--query",
+        metavar="QUERY",
+        help="a visibility query choosing the workflows (default: the running sessions and pools)",
+    )
+    check.add_argument(
+        "--save",
+        type=Path,
+        metavar="DIR",
+        help="also write each history as JSON, its payloads decrypted, into DIR",
+    )
 
     # No handler of its own: a benchmark must be named, and each sets its handler.
     summary = "measure the whole system on this host"

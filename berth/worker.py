@@ -151,22 +151,33 @@ async def start_pools(client: Client, settings: Settings) -> None:
             min_size=min(settings.vm_pool_min, settings.vm_pool_max),
             max_size=settings.vm_pool_max,
         )
-        for _ in range(2):
-            pool = await client.start_workflow(
-                SandboxPool.run,
-                params,
-                id=pool_workflow_id(settings.host_id, template),
-                task_queue=settings.host_task_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        try:
+            await start_pool(client, settings, params)
+        except (RPCError, WorkflowQueryFailedError) as exc:
+            # A pool that cannot be asked (its workflow task failing, say) must not stop the
+            # worker: it would start again, ask again, and crash-loop, sessions and all.
+            log.warning(
+                "the %r pool did not start: %s; its sessions create VMs cold", template, exc
             )
-            if not (await pool.query(SandboxPool.state)).stopping:
-                break
-            # An earlier worker's stop did not see it end: it does now, then a new one.
-            try:
-                await asyncio.wait_for(pool.result(), POOL_STOP_TIMEOUT_S * 6)
-            except (TimeoutError, WorkflowFailureError) as exc:
-                log.warning("pool %s still ending: %r; sessions create VMs cold", pool.id, exc)
-                break
+
+
+async def start_pool(client: Client, settings: Settings, params: PoolInput) -> None:
+    for _ in range(2):
+        pool = await client.start_workflow(
+            SandboxPool.run,
+            params,
+            id=pool_workflow_id(settings.host_id, params.template),
+            task_queue=settings.host_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+        if not (await pool.query(SandboxPool.state)).stopping:
+            return
+        # An earlier worker's stop did not see it end: it does now, then a new one.
+        try:
+            await asyncio.wait_for(pool.result(), POOL_STOP_TIMEOUT_S * 6)
+        except (TimeoutError, WorkflowFailureError) as exc:
+            log.warning("pool %s still ending: %r; sessions create VMs cold", pool.id, exc)
+            return
 
 
 async def sample_pools(client: Client, settings: Settings, stop: asyncio.Event) -> None:

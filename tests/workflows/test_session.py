@@ -394,6 +394,7 @@ async def test_pause_resume_modify_and_cancel(env: WorkflowEnvironment) -> None:
         assert state.finished == {ref.id: "succeeded", second.id: "cancelled"}
         await until(lambda: stubs.events[-1].data == {"status": "ready"})
         await end(handle)
+        save_history("pause-resume-modify-cancel", await handle.fetch_history())
 
 
 async def test_a_failed_provision_fails_the_session_cleanly(env: WorkflowEnvironment) -> None:
