@@ -165,7 +165,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     client = await connect(settings)
     gateway = make_gateway(settings)
     provider = make_provider(settings, gateway)
-    await open_host(settings, gateway, provider)
+    listen = await open_host(settings, gateway, provider)
     progress = ProgressActivities(engine)
     planning = PlanningActivities(LLMProxy(settings, engine))
     artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes)
@@ -223,7 +223,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             await start_pools(client, settings)
             log.info(
                 "worker up: queue %s, guest gateway on %s:%d",
-                settings.host_task_queue, settings.gateway_host, settings.gateway_port,
+                settings.host_task_queue, listen, settings.gateway_port,
             )  # fmt: skip
             await stop.wait()
             log.info("worker stopping")

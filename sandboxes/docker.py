@@ -364,7 +364,9 @@ class DockerProvider(SandboxProvider):
 
     def _ensure_firewall(self) -> None:
         """Sandboxes may reach the host on the gateway's port, and the allowed host ports,
-        and nothing else (see sandboxes/firewall.py for how installs share the chain)."""
+        over IPv4, and nothing else (see sandboxes/firewall.py for how installs share the
+        chain)."""
+        firewall.no_ipv6(BRIDGE)
         firewall.ensure_chain(FIREWALL_CHAIN)
         tag = firewall.owner_tag(self.gateway_port)
         firewall.remove_tagged(FIREWALL_CHAIN, tag)  # left by a worker that crashed
