@@ -375,9 +375,7 @@ class LibvirtProvider(SandboxProvider):
             disk.chmod(PRIVATE_FILE)  # libvirt gives them to QEMU's user while the VM runs
         if spec.network.egress != "public":
             libvirt_host.restrict_egress(str(address), [str(n) for n in spec.network.allow])
-        xml = self.domain_xml(
-            sandbox_id, session_id, template, address, spec, image, overlay, seed
-        )
+        xml = self.domain_xml(sandbox_id, session_id, template, address, spec, image, overlay, seed)
         return self.conn.defineXML(xml)
 
     def domain_xml(

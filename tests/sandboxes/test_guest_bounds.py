@@ -37,7 +37,9 @@ async def hello(url: str, sandbox_id: str) -> str | int | None:
     welcome's type, or the code it closed the link with."""
     async with connect(url) as ws:
         token = guest_token(KEY, sandbox_id)
-        await ws.send(json.dumps({"type": protocol.HELLO, "sandbox_id": sandbox_id, "token": token}))
+        await ws.send(
+            json.dumps({"type": protocol.HELLO, "sandbox_id": sandbox_id, "token": token})
+        )
         try:
             return str(json.loads(await ws.recv())["type"])
         except ConnectionClosed:
