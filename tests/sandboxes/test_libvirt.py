@@ -357,13 +357,17 @@ print("sent")
 """
 
 
+PROTECTED = ("symlinks", "hardlinks", "fifos", "regular")
+
+
 async def test_a_vm_is_bound_to_its_address_and_mac_and_reaches_no_ipv6(
     vms: LibvirtProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """From inside a real VM: the step user reaches the host by no IPv6 (link-local) and
     the gateway on none of the host's other addresses; root in the guest gets nothing
     through with a second address, nor poisons the host's ARP for another address or with
-    another MAC."""
+    another MAC. And root follows no link, opens no file or FIFO the step user laid in
+    /tmp (the fs.protected_* settings of the VM's init)."""
     assert vms.host is not None
     image = vms.build_image(vm_templates.DEFAULT)
     initrd = rooted_initrd(image, vms.data_dir)
@@ -414,6 +418,18 @@ async def test_a_vm_is_bound_to_its_address_and_mac_and_reaches_no_ipv6(
         assert neighbour(vms.bridge, own).split()[2] == own_mac
         # The guest's own traffic flows as before.
         assert await guest.run("echo still here") == (0, "still here\n")
+
+        # fs.protected_*: what the step user lays in /tmp, root neither follows nor opens.
+        laid = "ln -s /etc/hostname /tmp/link && echo mine > /tmp/planted && mkfifo /tmp/fifo"
+        assert await guest.run(laid) == (0, "")
+        knobs = " ".join(f"/proc/sys/fs/protected_{k}" for k in PROTECTED)
+        out = await as_root(
+            guest,
+            f"cat {knobs}; cat /tmp/link; echo root > /tmp/planted;"
+            " timeout 5 sh -c 'echo root > /tmp/fifo'; echo done",
+        )
+        assert out.startswith("1\n1\n2\n2\n") and out.endswith("done\n"), out
+        assert out.count("Permission denied") == 3, out
     finally:
         listener.close()
         await vms.destroy(sandbox)
