@@ -114,11 +114,17 @@ def generated_certificate(data_dir: Path, names: list[str]) -> GatewayCertificat
 
 async def open_host(
     settings: Settings, gateway: GuestGateway, provider: SandboxProvider, host: str | None = None
-) -> None:
-    """Prepare the sandbox host, then start the gateway (on ``host``, else the settings'
-    gateway_host) over TLS if the settings say so, its certificate naming the address
-    guests dial."""
+) -> str:
+    """Prepare the sandbox host, then start the gateway over TLS if the settings say so, its
+    certificate naming the address guests dial. It listens on ``host``, else the settings'
+    gateway_host, else only on that address (the host's on the sandboxes' bridge): not on
+    the host's other addresses, where anyone beside the sandboxes could knock. Returns
+    where it listens."""
     await provider.prepare()
     address = urlsplit(provider.guest_url()).hostname
-    certificate = gateway_certificate(settings, [address] if address else [])
-    await gateway.start(host or settings.gateway_host, settings.gateway_port, certificate)
+    if not address:
+        raise ValueError(f"no address in the guests' gateway URL {provider.guest_url()!r}")
+    certificate = gateway_certificate(settings, [address])
+    listen = host or settings.gateway_host or address
+    await gateway.start(listen, settings.gateway_port, certificate)
+    return listen

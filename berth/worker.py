@@ -253,7 +253,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         metrics.serve(settings.metrics_host, settings.worker_metrics_port)
     gateway = make_gateway(settings)
     provider = make_provider(settings, gateway)
-    await open_host(settings, gateway, provider)
+    listen = await open_host(settings, gateway, provider)
     progress = ProgressActivities(engine)
     planning = PlanningActivities(LLMProxy(settings, engine))
     artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes)
@@ -325,7 +325,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             )  # fmt: skip
             log.info(
                 "worker up: queue %s, guest gateway on %s:%d",
-                settings.host_task_queue, settings.gateway_host, settings.gateway_port,
+                settings.host_task_queue, listen, settings.gateway_port,
             )  # fmt: skip
             await stop.wait()
             log.info("worker stopping")

@@ -292,7 +292,9 @@ class Settings(BaseSettings):
         description="Where sandbox images' packages come from",
     )
     gateway_host: str = Field(
-        default="0.0.0.0", description="Address the guest gateway (WebSocket) listens on"
+        default="",
+        description="Address the guest gateway (WebSocket) listens on; empty: only the "
+        "host's address on the sandboxes' bridge, where guests dial it",
     )
     gateway_port: int = Field(default=8765, description="Port guest agents connect to")
     gateway_tls: bool = Field(

@@ -384,7 +384,14 @@ class DockerProvider(SandboxProvider):
 
     def _ensure_firewall(self) -> None:
         """Sandboxes may reach the host on the gateway's port, and the allowed host ports,
-        and nothing else (see sandboxes/firewall.py for how installs share the chain)."""
+        over IPv4, and nothing else (see sandboxes/firewall.py for how installs share the
+        chain)."""
+        try:
+            firewall.no_ipv6(BRIDGE)
+        except OSError as exc:
+            # /proc/sys read-only (a worker in a container, docker-compose.yml): Docker gives
+            # its containers no IPv6 and steps cannot turn it on, so this is the second line.
+            log.warning("IPv6 stays on on %s, the sandboxes' bridge: %s", BRIDGE, exc)
         firewall.ensure_chain(FIREWALL_CHAIN)
         tag = firewall.owner_tag(self.gateway_port)
         firewall.remove_tagged(FIREWALL_CHAIN, tag)  # left by a worker that crashed

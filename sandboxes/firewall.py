@@ -16,6 +16,7 @@ import itertools
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class FirewallError(RuntimeError):
@@ -76,6 +77,15 @@ def remove_tagged(chain: str, tag: str) -> None:
         tagged = any(a == "--comment" and b == tag for a, b in itertools.pairwise(words))
         if words[:2] == ["-A", chain] and tagged:
             run("-D", *words[1:])
+
+
+def no_ipv6(device: str) -> None:
+    """The host speaks no IPv6 on ``device`` (a sandboxes' bridge): it has no link-local
+    address there, so nothing listening on ``::`` is reachable from a sandbox past the IPv4
+    rules above. Nothing to do on a kernel without IPv6."""
+    knob = Path("/proc/sys/net/ipv6/conf") / device / "disable_ipv6"
+    if knob.parent.is_dir():
+        knob.write_text("1")
 
 
 @contextlib.contextmanager

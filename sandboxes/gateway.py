@@ -13,7 +13,10 @@ A guest is not trusted: its frames are read with the protocol's own parser
 (guest_agent/protocol.py), which refuses whatever breaks its bounds. Its token opens one
 connection at a time: while its sandbox has a live link, another hello with the same token is
 refused (so a stolen token could not take over a session's link; a dead link is found within
-the ping timeout). A malformed message cuts the guest off, and so do more than
+the ping timeout). A token opens a link only while its sandbox lives: the provider says
+whether its machine runs (``alive``), and a sandbox being destroyed (``forget``) is refused at
+once, so the token of a destroyed sandbox opens nothing, before or after a restart of the
+worker. A malformed message cuts the guest off, and so do more than
 MAX_STRAY_MESSAGES messages for no open command (the only ones nothing holds back); each
 address may hold MAX_PENDING_PER_ADDRESS connections that have not said hello yet.
 """
@@ -24,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -73,6 +77,9 @@ MAX_UNSENT_BYTES = 8 << 20
 # given up) before it is cut off as a flood.
 MAX_STRAY_MESSAGES = 1000
 MAX_PENDING_PER_ADDRESS = 8
+# Sandboxes being destroyed that are remembered (refused at once while their machines shut
+# down); older ones are refused by ``alive`` alone, their machines gone.
+MAX_ENDED = 4096
 # Close codes: the sandbox has a live link already; the guest broke the protocol; too many
 # connections waiting for their hello.
 CLOSE_IN_USE = 4409
@@ -87,6 +94,8 @@ OutputSink = Callable[[int, str, str], Awaitable[None]]
 ArtifactSink = Callable[[str, str, bytes], Awaitable[str]]
 Model = TypeVar("Model", bound=BaseModel)
 
+# Whether a sandbox's machine runs (its provider's word), asked at each verified hello.
+Alive = Callable[[str], Awaitable[bool]]
 # What a guest that predates capabilities runs.
 TERMINAL_ONLY = frozenset({"terminal"})
 
@@ -165,6 +174,10 @@ class GuestGateway:
         self.certificate: GatewayCertificate | None = None
         self.pin: str | None = None
         self._pending: dict[str, int] = {}  # connections without a hello yet, by address
+        # Set by the provider (SandboxProvider.__init__); None: every valid token is let in
+        # (a gateway with no machines behind it, as in tests of the link alone).
+        self.alive: Alive | None = None
+        self._ended: OrderedDict[str, None] = OrderedDict()
 
     async def start(
         self, host: str, port: int, certificate: GatewayCertificate | None = None
@@ -268,8 +281,33 @@ class GuestGateway:
             command.inbox.put_nowait(DIED)
 
     def forget(self, sandbox_id: str) -> None:
-        """Drop a sandbox that is being destroyed; its machine's end closes the link."""
-        self._guests.pop(sandbox_id, None)
+        """Drop a sandbox that is being destroyed: its link is cut, and its token opens no
+        other until a machine is made again under its id (admit)."""
+        guest = self._guests.pop(sandbox_id, None)
+        if guest is not None and guest.connection is not None:
+            guest.connection.transport.abort()
+        self._ended[sandbox_id] = None
+        self._ended.move_to_end(sandbox_id)
+        while len(self._ended) > MAX_ENDED:
+            self._ended.popitem(last=False)
+
+    def admit(self, sandbox_id: str) -> None:
+        """A machine is being made under ``sandbox_id`` (again: a retried provisioning starts
+        afresh under the same id after destroying the first attempt's): its guest may dial."""
+        self._ended.pop(sandbox_id, None)
+
+    async def _lives(self, sandbox_id: str) -> bool:
+        """Whether a verified guest's sandbox lives: not being destroyed, its machine running.
+        A provider that cannot say refuses it (the guest dials again)."""
+        if sandbox_id in self._ended:
+            return False
+        if self.alive is None:
+            return True
+        try:
+            return await self.alive(sandbox_id)
+        except Exception:
+            log.exception("could not tell whether sandbox %s lives: its guest refused", sandbox_id)
+            return False
 
     async def run(
         self,
@@ -416,6 +454,10 @@ class GuestGateway:
         if not any(check_guest_token(key, sandbox_id, hello.token) for key in self._keys):
             log.warning("refused guest claiming sandbox %r", sandbox_id[:LOGGED_ID_CHARS])
             await ws.close(protocol.CLOSE_UNAUTHORIZED, "bad token")
+            return
+        if not await self._lives(sandbox_id):
+            log.warning("refused the guest of sandbox %s: it has ended", sandbox_id)
+            await ws.close(protocol.CLOSE_UNAUTHORIZED, "sandbox ended")
             return
         guest = self._guest(sandbox_id)
         if guest.connection is not None:

@@ -439,7 +439,24 @@ class LibvirtProvider(SandboxProvider):
             disk.chmod(PRIVATE_FILE)  # libvirt gives them to QEMU's user while the VM runs
         if spec.network.egress != "public":
             libvirt_host.restrict_egress(str(address), [str(n) for n in spec.network.allow])
-        xml = _templates.get_template("domain.xml.j2").render(
+        xml = self.domain_xml(sandbox_id, session_id, template, address, spec, image, overlay, seed)
+        return self.conn.defineXML(xml)
+
+    def domain_xml(
+        self,
+        sandbox_id: str,
+        session_id: str,
+        template: str,
+        address: ipaddress.IPv4Address,
+        spec: vm_templates.TemplateSpec,
+        image: vm_image.Image,
+        overlay: Path,
+        seed: Path,
+    ) -> str:
+        """The domain's definition: its machine, disks, and its port on the bridge, bound
+        to its MAC and ``address``."""
+        assert self.host, "prepare() first"
+        return _templates.get_template("domain.xml.j2").render(
             domain_type="kvm" if self.host.accel == "kvm" else "qemu",
             bandwidth=self.host.bandwidth_limits,
             name=machine_name(sandbox_id),
@@ -457,11 +474,10 @@ class LibvirtProvider(SandboxProvider):
             tb_cache_mb=TB_CACHE_MB,
             overlay=overlay,
             seed=seed,
-            console=folder / "console.log",
+            console=overlay.parent / "console.log",
             bridge=self.bridge,
             mac=_mac(address),
         )
-        return self.conn.defineXML(xml)
 
     def seed_values(
         self, env: dict[str, str], address: ipaddress.IPv4Address, spec: vm_templates.TemplateSpec

@@ -142,9 +142,10 @@ def ensure_network(bridge: str, subnet: str, gateway_port: int, nameserver: str 
     """The guests' bridge, its address (returned: the guests' router and the gateway's
     address for them), NAT to the outside, and the host-side egress policy.
 
-    Guests may reach the host only on the gateway's port; beyond the host, public addresses
-    and the host's nameserver (DNS only). Guests never reach each other: their bridge ports
-    are isolated (domain XML). Templates narrow this per VM (restrict_egress).
+    Guests may reach the host only on the gateway's port, over IPv4 (the host has no IPv6
+    on the bridge); beyond the host, public addresses and the host's nameserver (DNS only).
+    Guests never reach each other: their bridge ports are isolated, and each is bound to its
+    MAC and address (domain XML). Templates narrow this per VM (restrict_egress).
     """
     network = ipaddress.ip_network(subnet)
     host_ip = str(next(network.hosts()))
@@ -153,6 +154,7 @@ def ensure_network(bridge: str, subnet: str, gateway_port: int, nameserver: str 
     cidr = f"{host_ip}/{network.prefixlen}"
     if cidr not in _run("ip", "-o", "addr", "show", "dev", bridge).stdout:
         _run("ip", "addr", "add", cidr, "dev", bridge)
+    firewall.no_ipv6(bridge)
     _run("ip", "link", "set", bridge, "up")
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
     for chain in (FIREWALL_IN, FIREWALL_OUT):

@@ -84,6 +84,9 @@ class SandboxProvider(abc.ABC):
         self.deployment = hashlib.sha256(b"deployment:" + host.key).hexdigest()[:12]
         self.task_queue = host.task_queue
         self.install = host.install
+        # A guest's token opens its link only while its machine runs (so not once its
+        # sandbox is destroyed, whatever the gateway remembers).
+        gateway.alive = self._machine_runs
 
     @abc.abstractmethod
     async def prepare(self) -> None:
@@ -172,7 +175,12 @@ class SandboxProvider(abc.ABC):
             env[PIN_VARIABLE] = self.gateway.pin
         return env
 
+    async def _machine_runs(self, sandbox_id: str) -> bool:
+        running, _ = await self.is_running(machine_name(sandbox_id))
+        return running
+
     async def provision(self, sandbox_id: str, session_id: str, template: str) -> SandboxInfo:
+        self.gateway.admit(sandbox_id)
         handle = await self.create(sandbox_id, session_id, template, self.guest_env(sandbox_id))
         return SandboxInfo(
             id=sandbox_id,

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import socket
+import ssl
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,12 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 import vm_templates
 from berth.host import gateway_certificate, make_gateway, make_provider
 from config.settings import Settings
+from guest_agent import protocol
 from guest_agent.user import WORKSPACE
-from sandboxes.docker import FIREWALL_CHAIN, DockerProvider
+from sandboxes.docker import BRIDGE, FIREWALL_CHAIN, DockerProvider
 from sandboxes.gateway import CLOSE_IN_USE, GuestGateway
 from sandboxes.models import BrowserStep, Check, FileStep, SandboxInfo, TerminalStep
 from sandboxes.provider import TOKEN_VARIABLE, SandboxProvider
@@ -290,6 +295,26 @@ def listening(port: int) -> Iterator[None]:
         server.close()
 
 
+def link_locals(device: str) -> list[str]:
+    """The host's IPv6 link-local addresses on ``device``, and the one it takes from its
+    current MAC (EUI-64) once IPv6 is on there: where a sandbox would reach the host."""
+    mac = bytearray.fromhex(Path(f"/sys/class/net/{device}/address").read_text().replace(":", ""))
+    mac[0] ^= 0x02
+    eui = bytes(mac[:3]) + b"\xff\xfe" + bytes(mac[3:])
+    shown = ["ip", "-6", "-o", "addr", "show", "dev", device, "scope", "link"]
+    out = subprocess.run(shown, capture_output=True, text=True, check=True).stdout
+    had = [line.split()[3].split("/")[0] for line in out.splitlines()]
+    return sorted({*had, str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + eui))})
+
+
+def speaks_ipv6(device: str) -> bool:
+    """Whether the host has IPv6 on ``device`` (on, or any address of it)."""
+    if Path(f"/proc/sys/net/ipv6/conf/{device}/disable_ipv6").read_text() != "1\n":
+        return True
+    shown = subprocess.run(["ip", "-6", "addr", "show", "dev", device], capture_output=True)
+    return shown.stdout.strip() != b""
+
+
 def host_addresses() -> list[str]:
     """The host's IPv4 addresses, on every interface."""
     out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
@@ -337,6 +362,47 @@ async def test_nothing_but_the_gateway_answers_from_inside(host: Host) -> None:
         found = await probe(host.first, targets)
     assert found.pop(f"{gateway[0]}:{gateway[1]}") == "open"
     assert "open" not in found.values(), found
+
+
+async def test_the_host_speaks_no_ipv6_to_sandboxes(host: Host) -> None:
+    # Docker gives its containers no IPv6; the host has none on their bridge either, so no
+    # listener on :: is reached past the IPv4 rules, whatever a sandbox's network becomes.
+    assert not await asyncio.to_thread(speaks_ipv6, BRIDGE)
+    for address in await asyncio.to_thread(link_locals, BRIDGE):
+        code, out = await host.first.run(
+            f"python3 -c \"import socket; socket.create_connection(('{address}%eth0', "
+            f'{host.settings.gateway_port}), timeout=3)"'
+        )
+        assert code != 0, out
+
+
+async def test_the_token_of_a_destroyed_sandbox_opens_nothing(host: Host) -> None:
+    """Its guest is cut off, and its token is refused at once, and by a worker started
+    afresh (which remembers nothing of it: its machine is gone)."""
+    info = await host.provider.provision(uuid.uuid4().hex, "containment", vm_templates.DEFAULT)
+    await host.provider.wait_connected(info, 60)
+    ended = Sandbox(host.provider, info)
+    await host.provider.destroy(info)
+    assert not host.gateway.is_connected(info.id)
+    restarted = make_gateway(host.settings)
+    make_provider(host.settings, restarted)  # what says which machines run
+    port = free_port()
+    await restarted.start("127.0.0.1", port)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    try:
+        for url, context in (
+            (host.provider.guest_url(), tls),
+            (f"ws://127.0.0.1:{port}/guest", None),
+        ):
+            async with ws_connect(url, ssl=context) as ws:
+                hello = {"type": protocol.HELLO, "sandbox_id": info.id, "token": ended.token}
+                await ws.send(json.dumps(hello))
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+                assert ws.close_code == protocol.CLOSE_UNAUTHORIZED, url
+    finally:
+        await restarted.stop()
 
 
 async def test_a_sandbox_has_no_way_out_to_other_networks(host: Host) -> None:

@@ -18,6 +18,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,11 @@ import vm_templates
 from activities.models import ClaimRequest, RestoreRequest, pool_workflow_id
 from activities.sandbox import SandboxActivities
 from activities.vm import VmActivities
-from berth.host import gateway_certificate, make_gateway, make_provider
+from berth.host import make_gateway, make_provider, open_host
 from berth.worker import session_owner
 from config.keys import guest_keys
 from config.settings import Settings
-from sandboxes import firewall, libvirt_host, monitor
+from sandboxes import firewall, libvirt_host, monitor, vm_image
 from sandboxes.gateway import GuestGateway
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import BrowserStep, Check, Machine, SandboxInfo
@@ -48,7 +49,7 @@ from store.artifacts import ArtifactStore
 from store.events import EventType
 from tests.activities.test_run_step import attempt, sqlite_engine, step_request, stored
 from tests.e2e.test_system import DONE, read_events, token_for, wait_status
-from tests.sandboxes.test_containment import Sandbox
+from tests.sandboxes.test_containment import Sandbox, host_addresses, link_locals, speaks_ipv6
 from tests.support.local import LocalSystem, free_port, python_script
 from tests.workflows.test_session import env
 from vm_templates import NetworkSpec
@@ -95,10 +96,9 @@ async def vms() -> AsyncIterator[LibvirtProvider]:
     gateway = GuestGateway(guest_keys(settings).current, reconnect_grace_s=60)
     provider = make_provider(settings, gateway)
     assert isinstance(provider, LibvirtProvider)
-    await provider.prepare()
-    assert provider.host is not None
-    certificate = gateway_certificate(settings, [provider.host.router])  # wss, as by default
-    await gateway.start("0.0.0.0", port, certificate)
+    # As the worker does: wss, listening on the bridge's address only.
+    listen = await open_host(settings, gateway, provider)
+    assert provider.host is not None and listen == provider.host.router
     try:
         yield provider
     finally:
@@ -247,6 +247,194 @@ async def test_the_guest_reaches_the_gateway_but_no_other_port_of_the_host(
     finally:
         server.close()
         await vms.destroy(sandbox)
+
+
+# Test-only: a root shell for the test's own VM, on the guest's loopback. Its initramfs is the
+# image's plus an /init that, before handing over, adds this server to the root disk's
+# inittab (the VM's overlay alone; the image is untouched). Steps talk to it (root_client).
+ROOT_PORT = 7777
+ROOT_SERVER = f"""import socket, subprocess
+server = socket.create_server(("127.0.0.1", {ROOT_PORT}))
+while True:
+    link, _ = server.accept()
+    with link:
+        command = b""
+        while chunk := link.recv(65536):
+            command += chunk
+        done = subprocess.run(["/bin/sh", "-c", command.decode()], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=120)
+        link.sendall(done.stdout)
+"""
+ROOT_CLIENT = f"""import socket, sys, time
+for _ in range(600):
+    try:
+        link = socket.create_connection(("127.0.0.1", {ROOT_PORT}), timeout=150)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.2)
+link.sendall(sys.stdin.buffer.read())
+link.shutdown(socket.SHUT_WR)
+while chunk := link.recv(65536):
+    sys.stdout.write(chunk.decode())
+"""
+
+
+def rooted_initrd(image: vm_image.Image, folder: Path) -> Path:
+    """The image's initramfs, with an /init that also starts ROOT_SERVER in the guest."""
+    init = (vm_image.GUEST_FILES / "init").read_text()
+    hook = (
+        f"cat > /root/opt/berth-test-root.py <<'EOF'\n{ROOT_SERVER}EOF\n"
+        "echo '::respawn:/usr/bin/python3 -I /opt/berth-test-root.py' >> /root/etc/inittab\n"
+    )
+    assert init.count("umount /proc /sys\n") == 1
+    init = init.replace("umount /proc /sys\n", hook + "umount /proc /sys\n")
+    extra = vm_image.Cpio()
+    extra.file("init", init.encode(), 0o755)  # the later archive's /init wins
+    path = folder / f"test-initrd-{uuid.uuid4().hex[:8]}.img"
+    path.write_bytes(image.initrd.read_bytes() + extra.gzipped())
+    path.chmod(0o644)  # QEMU's user reads it
+    return path
+
+
+async def as_root(sandbox: Sandbox, command: str) -> str:
+    """``command``'s output, run by root in a VM booted with rooted_initrd."""
+    code, out = await sandbox.run(
+        f"cat > root.py <<'EOF'\n{ROOT_CLIENT}EOF\npython3 root.py <<'ROOT'\n{command}\nROOT",
+        timeout_s=180,
+    )
+    assert code == 0, out
+    return out
+
+
+KNOCK = """import socket, sys
+for target in sys.argv[1:]:
+    host, _, port = target.rpartition(":")
+    address, _, device = host.strip("[]").partition("%")
+    try:
+        if device:  # link-local IPv6: its scope, the guest's interface, by number
+            scope = int(open(f"/sys/class/net/{device}/ifindex").read())
+            link = socket.socket(socket.AF_INET6)
+            link.settimeout(3)
+            link.connect((address, int(port), 0, scope))
+        else:
+            link = socket.create_connection((address, int(port)), timeout=3)
+        link.close()
+        print(target, "open")
+    except Exception as exc:
+        print(target, type(exc).__name__)
+"""
+
+
+async def knock(sandbox: Sandbox, targets: list[str]) -> dict[str, str]:
+    """Connect (as the step user) to each ``host:port``: "open", or why not."""
+    code, out = await sandbox.run(
+        f"cat > knock.py <<'EOF'\n{KNOCK}EOF\npython3 knock.py {' '.join(targets)}"
+    )
+    assert code == 0, out
+    return dict(line.rsplit(" ", 1) for line in out.splitlines())
+
+
+def neighbour(bridge: str, address: str) -> str:
+    """The host's neighbour entry for ``address`` on the bridge (empty: none)."""
+    shown = ["ip", "neigh", "show", "to", address, "dev", bridge]
+    return subprocess.run(shown, capture_output=True, text=True, check=True).stdout.strip()
+
+
+# Sent by root in the guest: ARP requests to the host claiming addresses that are not the
+# guest's, with its MAC (another guest's address) or with another MAC; the host would
+# take each claim into its neighbour table.
+SPOOF_ARP = """import socket, struct, sys, time
+claims = [(bytes.fromhex(mac.replace(":", "")), ip) for mac, ip in zip(*[iter(sys.argv[2:])] * 2)]
+router = socket.inet_aton(sys.argv[1])
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+raw.bind(("eth0", 0))
+for _ in range(3):
+    for mac, ip in claims:
+        arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + socket.inet_aton(ip)
+        raw.send(b"\\xff" * 6 + mac + b"\\x08\\x06" + arp + bytes(6) + router)
+    time.sleep(0.2)
+print("sent")
+"""
+
+
+PROTECTED = ("symlinks", "hardlinks", "fifos", "regular")
+
+
+async def test_a_vm_is_bound_to_its_address_and_mac_and_reaches_no_ipv6(
+    vms: LibvirtProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From inside a real VM: the step user reaches the host by no IPv6 (link-local) and
+    the gateway on none of the host's other addresses; root in the guest gets nothing
+    through with a second address, nor poisons the host's ARP for another address or with
+    another MAC. And root follows no link, opens no file or FIFO the step user laid in
+    /tmp (the fs.protected_* settings of the VM's init)."""
+    assert vms.host is not None
+    image = vms.build_image(vm_templates.DEFAULT)
+    initrd = rooted_initrd(image, vms.data_dir)
+    monkeypatch.setattr(vms, "build_image", lambda template: replace(image, initrd=initrd))
+    listener = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    port = listener.getsockname()[1]  # on every address of the host, IPv4 and IPv6
+    sandbox = await boot(vms)
+    try:
+        guest = Sandbox(vms, sandbox)
+        own = vms.address(sandbox.handle)
+        router, gateway = vms.host.router, vms.gateway_port
+        # The step user, by link-local IPv6 to the host's side of the bridge (where the
+        # host has none: IPv6 is off there, and the VM's port passes none).
+        assert not await asyncio.to_thread(speaks_ipv6, vms.bridge)
+        others = [a for a in host_addresses() if a != router and not a.startswith("127.")]
+        assert others, "the host has no address but the bridge's"
+        v6 = [f"[{a}%eth0]" for a in await asyncio.to_thread(link_locals, vms.bridge)]
+        found = await knock(
+            guest,
+            [f"{router}:{gateway}"]
+            + [f"{address}:{p}" for address in v6 for p in (port, gateway)]
+            + [f"{address}:{gateway}" for address in others],
+        )
+        assert found.pop(f"{router}:{gateway}") == "open"
+        assert "open" not in found.values(), found
+
+        # Root: a second IPv4 address (a free one of the subnet, as another guest's would be).
+        *_, spare, victim, stranger = vms.subnet.hosts()
+        second = (
+            f"/opt/berth/busybox ip addr add {spare}/32 dev eth0\n"
+            'python3 -c "import socket; s = socket.socket(); s.settimeout(3); '
+            f"s.bind(('{spare}', 0)); s.connect(('{router}', {gateway})); print('open')\" "
+            "2>&1 | tail -n 1\n"
+            f"/opt/berth/busybox ip addr del {spare}/32 dev eth0"
+        )
+        assert (await as_root(guest, second)).strip() == "TimeoutError: timed out"
+        # Root: ARP claiming another address with its own MAC, and with another MAC.
+        other_mac = "52:54:0a:d5:ff:fd"
+        own_mac = neighbour(vms.bridge, own).split()[2]  # "ADDRESS lladdr MAC STATE"
+        spoof = (
+            f"cat > /tmp/arp.py <<'EOF'\n{SPOOF_ARP}EOF\n"
+            f"python3 /tmp/arp.py {router} {own_mac} {victim} {other_mac} {stranger}"
+        )
+        assert (await as_root(guest, spoof)).strip() == "sent"
+        await asyncio.sleep(1)
+        assert neighbour(vms.bridge, str(victim)) == ""
+        assert neighbour(vms.bridge, str(stranger)) == ""
+        assert neighbour(vms.bridge, own).split()[2] == own_mac
+        # The guest's own traffic flows as before.
+        assert await guest.run("echo still here") == (0, "still here\n")
+
+        # fs.protected_*: what the step user lays in /tmp, root neither follows nor opens.
+        laid = "ln -s /etc/hostname /tmp/link && echo mine > /tmp/planted && mkfifo /tmp/fifo"
+        assert await guest.run(laid) == (0, "")
+        knobs = " ".join(f"/proc/sys/fs/protected_{k}" for k in PROTECTED)
+        out = await as_root(
+            guest,
+            f"cat {knobs}; cat /tmp/link; echo root > /tmp/planted;"
+            " timeout 5 sh -c 'echo root > /tmp/fifo'; echo done",
+        )
+        assert out.startswith("1\n1\n2\n2\n") and out.endswith("done\n"), out
+        assert out.count("Permission denied") == 3, out
+    finally:
+        listener.close()
+        await vms.destroy(sandbox)
+        initrd.unlink()
+    assert await gone(vms, sandbox)
 
 
 @contextlib.contextmanager
