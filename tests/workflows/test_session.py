@@ -1216,11 +1216,10 @@ async def test_without_the_flag_a_session_upserts_nothing(env: WorkflowEnvironme
         history = await handle.fetch_history()
     # The SDK itself upserts TemporalChangeVersion when a patch is first met; that one the
     # server always has.
-    field = "upsert_workflow_search_attributes_event_attributes"
     upserted = {
         key
         for e in history.events
-        if e.HasField(field)
-        for key in getattr(e, field).search_attributes.indexed_fields
+        if e.HasField("upsert_workflow_search_attributes_event_attributes")
+        for key in e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields  # noqa: E501
     }
     assert upserted <= {"TemporalChangeVersion"}
