@@ -148,6 +148,8 @@ class SessionWorkflow:
                 await self.run_task(self.running)  # carried over mid-task
             while await self.next_task():
                 check_cancelled()
+                if not self.queue:
+                    continue  # its one task was cancelled while the sandbox woke
                 await self.run_task(self.tasks[self.queue.pop(0)])
         except asyncio.CancelledError:
             pass  # the user ended the session

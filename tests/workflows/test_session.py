@@ -1064,6 +1064,27 @@ async def test_a_pause_while_the_sandbox_wakes_holds_the_next_step(
     assert stubs.commands == ["wait", "echo after"]
 
 
+async def test_a_task_cancelled_while_the_sandbox_wakes_leaves_the_session_answering(
+    env: WorkflowEnvironment,
+) -> None:
+    """Durability review: the one queued task cancelled while its sandbox woke left an empty
+    queue to pop, and every workflow task failed from then on."""
+    stubs = SlowPower(slow="wake")
+    session = params(stubs).model_copy(update={"hibernate_after_s": 0.5})
+    async with running(env, stubs, session) as handle:
+        await until(lambda: EventType.sandbox_hibernated in stubs.types())
+        ref = await submit(env.client, handle.id, "$ echo never")
+        await asyncio.wait_for(stubs.in_power.wait(), 10)  # waking, slowly
+        await update(handle, "cancel_task", TaskControl(task_id=ref.id))
+        stubs.power_open.set()
+        after = await submit(env.client, handle.id, "$ echo after")
+        await until(lambda: stubs.task_statuses().get(after.id) == "succeeded")
+        history = await handle.fetch_history()
+        await end(handle)
+    assert not [e for e in history.events if e.HasField("workflow_task_failed_event_attributes")]
+    assert stubs.commands == ["echo after"]
+
+
 async def test_a_paused_task_ends_at_the_idle_timeout(env: WorkflowEnvironment) -> None:
     stubs = Stubs()
     session = params(stubs).model_copy(update={"idle_timeout_s": 1.0})
