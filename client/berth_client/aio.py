@@ -100,15 +100,18 @@ class AsyncBerth:
     async def artifact(self, sid: str, artifact_id: str) -> bytes:
         return (await self.send(calls.artifact(sid, artifact_id))).content
 
-    async def events(self, sid: str, after: int = 0) -> AsyncIterator[Event]:
+    async def events(
+        self, sid: str, after: int = 0, idle: float | None = None
+    ) -> AsyncIterator[Event]:
         """The session's events after ``after``, live: a dropped stream is reopened where it
-        left off; it ends after the session's final event (bound it with asyncio.timeout)."""
+        left off; it ends after the session's final event, or once none came for ``idle``
+        seconds (the log as it is so far); bound it with asyncio.timeout."""
         failures = 0
         while True:
             try:
                 async with self.http.stream(
                     "GET", calls.events_path(sid), headers=core.stream_headers(after),
-                    timeout=httpx.Timeout(self.http.timeout.connect, read=core.STREAM_READ_S),
+                    timeout=core.stream_timeout(self.http.timeout, idle),
                 ) as response:  # fmt: skip
                     if response.status_code == 204:
                         return  # the session ended and nothing follows
@@ -121,6 +124,10 @@ class AsyncBerth:
                         if event is not None:
                             failures, after = 0, event.seq
                             yield event
+            except httpx.ReadTimeout:
+                if idle is None:
+                    raise
+                return
             except httpx.TransportError as exc:
                 failures += 1
                 if failures >= core.STREAM_TRIES:

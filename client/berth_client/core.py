@@ -100,6 +100,12 @@ class SSEReader:
         return None
 
 
+def stream_timeout(http: httpx.Timeout, idle: float | None) -> httpx.Timeout:
+    """A stream's: as the client's to connect; to read, ``idle`` (a quiet stream is its end)
+    or long enough for keepalives."""
+    return httpx.Timeout(http.connect, read=idle or STREAM_READ_S)
+
+
 def stream_headers(after: int) -> dict[str, str]:
     return {"Last-Event-ID": str(after), "Accept": "text/event-stream"}
 

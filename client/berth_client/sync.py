@@ -97,17 +97,19 @@ class Berth:
     def artifact(self, sid: str, artifact_id: str) -> bytes:
         return self.send(calls.artifact(sid, artifact_id)).content
 
-    def events(self, sid: str, after: int = 0, timeout: float | None = None) -> Iterator[Event]:
+    def events(
+        self, sid: str, after: int = 0, timeout: float | None = None, idle: float | None = None
+    ) -> Iterator[Event]:
         """The session's events after ``after``, live: a dropped stream is reopened where it
-        left off; it ends after the session's final event (or raises TimeoutError after
-        ``timeout`` seconds)."""
+        left off; it ends after the session's final event, or once none came for ``idle``
+        seconds (the log as it is so far), or raises TimeoutError after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         failures = 0
         while True:
             try:
                 with self.http.stream(
                     "GET", calls.events_path(sid), headers=core.stream_headers(after),
-                    timeout=httpx.Timeout(self.http.timeout.connect, read=core.STREAM_READ_S),
+                    timeout=core.stream_timeout(self.http.timeout, idle),
                 ) as response:  # fmt: skip
                     if response.status_code == 204:
                         return  # the session ended and nothing follows
@@ -122,6 +124,10 @@ class Berth:
                         if event is not None:
                             failures, after = 0, event.seq
                             yield event
+            except httpx.ReadTimeout:
+                if idle is None:
+                    raise
+                return
             except httpx.TransportError as exc:
                 failures += 1
                 if failures >= core.STREAM_TRIES:
