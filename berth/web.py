@@ -116,7 +116,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # The MCP server (api/mcp.py): the JSON API's tools for agents, by bearer token.
-    app.router.routes.append(Route(MCP_PATH, mcp, methods=["GET", "POST", "DELETE"]))
+    # Stateless: no stream to GET and no session to DELETE, so POST only.
+    app.router.routes.append(Route(MCP_PATH, mcp, methods=["POST"]))
     app.add_middleware(
         BodyLimit,
         authenticated=settings.max_body_bytes,

@@ -10,6 +10,7 @@ api/mcp.py)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -32,7 +33,12 @@ INSTRUCTIONS = (
 
 
 def build(connect: Connect) -> MCPServer:
+    # MCPServer sets up the root logger (logging.basicConfig) when it has no handler yet; the
+    # process that serves the tools (the API) keeps its own logging as it was.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     server: MCPServer = MCPServer("berth", instructions=INSTRUCTIONS)
+    root.handlers[:], root.level = handlers, level
 
     async def one_step(ctx: Context, session_id: str, step: dict[str, Any]) -> StepOut:
         """Run ``step`` as a task of its own in the session; its outcome, or ToolError."""

@@ -1,26 +1,22 @@
-"""The blocking client: ``Berth(url, token)``; aio.py is the same over asyncio."""
+"""The blocking client, ``Berth(url, token)``: AsyncBerth (aio.py) run on an event loop of
+its own, in a daemon thread (a client left open never holds the process at exit), so the two
+cannot drift apart: each call and each stream here is the async client's, waited for."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, TypeAdapter
 
-from berth_client import calls, core, errors
-from berth_client.models import (
-    Event,
-    SessionOut,
-    TaskOut,
-    TaskRefOut,
-    TokenOut,
-    UserUsage,
-)
+from berth_client import aio, core
+from berth_client.models import Event, SessionOut, TaskOut, TaskRefOut, TokenOut, UserUsage
 
-M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 class Berth:
@@ -32,14 +28,14 @@ class Berth:
         token: str | None = None,
         *,
         timeout: float = 30.0,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.http = httpx.Client(
-            base_url=url.rstrip("/"),
-            headers=core.auth_headers(token),
-            timeout=timeout,
-            transport=transport,
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="berth-client", daemon=True
         )
+        self._thread.start()
+        self.inner = aio.AsyncBerth(url, token, timeout=timeout, transport=transport)
         self.sessions = Sessions(self)
 
     def __enter__(self) -> Berth:
@@ -49,91 +45,63 @@ class Berth:
         self.close()
 
     def close(self) -> None:
-        self.http.close()
+        if self._loop.is_closed():
+            return
+        try:
+            self.call(self.inner.close)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
 
-    def send(self, call: core.Call) -> httpx.Response:
-        """The call's answer, tried again as core.delay allows; its problem raised."""
-        attempt = 0
-        while True:
-            try:
-                response = self.http.request(
-                    call.method, call.path, json=call.json(), params=call.params,
-                    headers=call.headers,
-                )  # fmt: skip
-            except httpx.TransportError as exc:
-                wait = core.delay(call, attempt, exc)
-                if wait is None:
-                    raise
-            else:
-                wait = core.delay(call, attempt, response) if response.is_error else None
-                if wait is None:
-                    return core.checked(response)
-            time.sleep(wait)
-            attempt += 1
+    def call(
+        self, work: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None
+    ) -> T:
+        """``work(*args)`` on the client's loop; TimeoutError after ``timeout`` seconds."""
 
-    def read(self, call: core.Call, model: type[M]) -> M:
-        return model.model_validate_json(self.send(call).content)
+        async def bounded() -> T:
+            async with asyncio.timeout(timeout):
+                return await work(*args)
 
-    def pages(self, call: core.Call, model: type[M]) -> Iterator[M]:
-        """Every item of a list, a page at a time (following its Link header)."""
-        items = TypeAdapter(list[model])  # type: ignore[valid-type]
-        while True:
-            response = self.send(call)
-            yield from items.validate_json(response.content)
-            found = core.next_page(response)
-            if found is None:
-                return
-            call = core.Call("GET", found, repeatable=True)
+        done = asyncio.run_coroutine_threadsafe(bounded(), self._loop)
+        try:
+            return done.result()
+        except BaseException:
+            done.cancel()  # interrupted (Ctrl-C): the work stops too
+            raise
+
+    def iterate(self, items: AsyncIterator[T], timeout: float | None = None) -> Iterator[T]:
+        """An async iterator's items, one at a time; TimeoutError once ``timeout`` seconds
+        have passed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    yield self.call(anext, items, timeout=left)
+                except StopAsyncIteration:
+                    return
+        finally:
+            close = getattr(items, "aclose", None)
+            if close is not None and not self._loop.is_closed():
+                self.call(close)
 
     def log_in(self, email: str, password: str, name: str = "api") -> TokenOut:
         """A new token (and this client uses it from now on)."""
-        token = self.read(calls.log_in(email, password, name), TokenOut)
-        self.http.headers.update(core.auth_headers(token.token))
-        return token
+        return self.call(self.inner.log_in, email, password, name)
 
     def usage(self) -> UserUsage:
-        return self.read(calls.usage(), UserUsage)
+        return self.call(self.inner.usage)
 
     def artifact(self, sid: str, artifact_id: str) -> bytes:
-        return self.send(calls.artifact(sid, artifact_id)).content
+        return self.call(self.inner.artifact, sid, artifact_id)
 
     def events(
         self, sid: str, after: int = 0, timeout: float | None = None, idle: float | None = None
     ) -> Iterator[Event]:
-        """The session's events after ``after``, live: a dropped stream is reopened where it
-        left off; it ends after the session's final event, or once none came for ``idle``
-        seconds (the log as it is so far), or raises TimeoutError after ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        failures = 0
-        while True:
-            try:
-                with self.http.stream(
-                    "GET", calls.events_path(sid), headers=core.stream_headers(after),
-                    timeout=core.stream_timeout(self.http.timeout, idle),
-                ) as response:  # fmt: skip
-                    if response.status_code == 204:
-                        return  # the session ended and nothing follows
-                    if response.is_error:
-                        response.read()
-                        core.checked(response)
-                    reader = core.SSEReader()
-                    for line in response.iter_lines():
-                        if deadline is not None and time.monotonic() > deadline:
-                            raise TimeoutError(f"session {sid}: no end after {timeout} s")
-                        event = reader.feed(line)
-                        if event is not None:
-                            failures, after = 0, event.seq
-                            yield event
-            except httpx.ReadTimeout:
-                if idle is None:
-                    raise
-                return
-            except httpx.TransportError as exc:
-                failures += 1
-                if failures >= core.STREAM_TRIES:
-                    raise errors.StreamLost(f"session {sid}'s events: {exc}") from exc
-                time.sleep(core.BACKOFF[min(failures, len(core.BACKOFF)) - 1])
-            # Ended by the server (its streams' lifetime): open it again from `after`.
+        """The session's events after ``after``, live (AsyncBerth.events), or TimeoutError
+        after ``timeout`` seconds."""
+        return self.iterate(self.inner.events(sid, after, idle), timeout)
 
 
 class Sessions:
@@ -141,112 +109,99 @@ class Sessions:
         self._berth = berth
 
     def create(self, template: str | None = None) -> Session:
-        return Session(self._berth, self._berth.read(calls.create_session(template), SessionOut))
+        return Session(self._berth, self._berth.call(self._berth.inner.sessions.create, template))
 
     def list(self, limit: int = core.PAGE) -> Iterator[Session]:
-        for info in self._berth.pages(calls.list_sessions(limit), SessionOut):
-            yield Session(self._berth, info)
+        for found in self._berth.iterate(self._berth.inner.sessions.list(limit)):
+            yield Session(self._berth, found)
 
     def get(self, sid: str) -> Session:
-        return Session(self._berth, self._berth.read(calls.get_session(sid), SessionOut))
+        return Session(self._berth, self._berth.call(self._berth.inner.sessions.get, sid))
 
     def end(self, sid: str, preserve: bool = False) -> Session:
-        return Session(self._berth, self._berth.read(calls.end_session(sid, preserve), SessionOut))
+        return Session(self._berth, self._berth.call(self._berth.inner.sessions.end, sid, preserve))
 
     def resume(self, sid: str) -> Session:
-        return Session(self._berth, self._berth.read(calls.resume_session(sid), SessionOut))
+        return Session(self._berth, self._berth.call(self._berth.inner.sessions.resume, sid))
 
 
 class Session:
     """A session; ``info`` is what the server said of it last (``refresh()`` asks again)."""
 
-    def __init__(self, berth: Berth, info: SessionOut) -> None:
+    def __init__(self, berth: Berth, inner: aio.Session) -> None:
         self._berth = berth
-        self.info = info
-        self.id = info.id
+        self.inner = inner
+        self.id = inner.id
 
     def __repr__(self) -> str:
         return f"Session({self.id!r}, {self.info.status})"
 
+    @property
+    def info(self) -> SessionOut:
+        return self.inner.info
+
     def refresh(self) -> SessionOut:
-        self.info = self._berth.read(calls.get_session(self.id), SessionOut)
-        return self.info
+        return self._berth.call(self.inner.refresh)
 
     def run(self, prompt: str, idempotency_key: str | None = None) -> Task:
         """Queue a task (once, however often the request is retried)."""
-        ref = self._berth.read(calls.submit_task(self.id, prompt, idempotency_key), TaskRefOut)
-        return Task(self._berth, self.id, ref)
+        return Task(self._berth, self._berth.call(self.inner.run, prompt, idempotency_key))
 
     def tasks(self) -> Iterator[Task]:
-        for ref in self._berth.pages(calls.list_tasks(self.id, core.PAGE), TaskRefOut):
-            yield Task(self._berth, self.id, ref)
+        for found in self._berth.iterate(self.inner.tasks()):
+            yield Task(self._berth, found)
 
     def task(self, tid: str) -> Task:
-        info = self._berth.read(calls.get_task(self.id, tid), TaskOut)
-        return Task(self._berth, self.id, TaskRefOut(id=info.id, status=info.status))
+        return Task(self._berth, self._berth.call(self.inner.task, tid))
 
     def events(self, after: int = 0, timeout: float | None = None) -> Iterator[Event]:
         return self._berth.events(self.id, after, timeout)
 
     def artifact(self, artifact_id: str) -> bytes:
-        return self._berth.artifact(self.id, artifact_id)
+        return self._berth.call(self.inner.artifact, artifact_id)
 
     def end(self, preserve: bool = False) -> SessionOut:
-        self.info = self._berth.sessions.end(self.id, preserve).info
-        return self.info
+        return self._berth.call(self.inner.end, preserve)
 
     def resume(self) -> SessionOut:
-        self.info = self._berth.sessions.resume(self.id).info
-        return self.info
+        return self._berth.call(self.inner.resume)
 
 
 class Task:
     """A task of a session; ``status`` as last seen."""
 
-    def __init__(self, berth: Berth, sid: str, ref: TaskRefOut) -> None:
+    def __init__(self, berth: Berth, inner: aio.Task) -> None:
         self._berth = berth
-        self.session_id = sid
-        self.id = ref.id
-        self.status = ref.status
+        self.inner = inner
+        self.id = inner.id
+        self.session_id = inner.session_id
 
     def __repr__(self) -> str:
         return f"Task({self.id!r}, {self.status})"
 
+    @property
+    def status(self) -> str:
+        return self.inner.status
+
     def get(self) -> TaskOut:
-        info = self._berth.read(calls.get_task(self.session_id, self.id), TaskOut)
-        self.status = info.status
-        return info
+        return self._berth.call(self.inner.get)
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:
-        """This task's events, live, until it ends."""
-        for event in self._berth.events(self.session_id, 0, timeout):
-            if event.task_id != self.id:
-                continue
-            yield event
-            if core.is_end(event):
-                return
+        """This task's events, live, until it ends (TimeoutError after ``timeout`` s)."""
+        return self._berth.iterate(self.inner.events(), timeout)
 
     def wait(self, timeout: float | None = None, check: bool = False) -> TaskOut:
         """The task once it has ended; with ``check``, TaskFailed unless it succeeded."""
-        for _ in self.events(timeout):
-            pass
-        return core.finished(self.get(), check)
+        return self._berth.call(self.inner.wait, check, timeout=timeout)
 
     def pause(self) -> TaskRefOut:
-        return self._control("pause")
+        return self._berth.call(self.inner.pause)
 
     def resume(self) -> TaskRefOut:
-        return self._control("resume")
+        return self._berth.call(self.inner.resume)
 
     def cancel(self) -> TaskRefOut:
-        return self._control("cancel")
+        return self._berth.call(self.inner.cancel)
 
     def modify(self, instruction: str) -> TaskRefOut:
-        ref = self._berth.read(calls.modify_task(self.session_id, self.id, instruction), TaskRefOut)
-        self.status = ref.status
-        return ref
-
-    def _control(self, action: str) -> TaskRefOut:
-        ref = self._berth.read(calls.control_task(self.session_id, self.id, action), TaskRefOut)
-        self.status = ref.status
-        return ref
+        return self._berth.call(self.inner.modify, instruction)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -82,7 +82,7 @@ def test_a_call_that_is_not_repeatable_is_not_retried_and_its_problem_is_raised(
 def test_a_dropped_stream_is_taken_up_from_the_last_event() -> None:
     asked: list[str | None] = []
 
-    def cut_after_first() -> Iterator[bytes]:
+    async def cut_after_first() -> AsyncIterator[bytes]:
         yield event(1, "task.status", task_id="t1", status="running")
         raise httpx.ReadError("connection reset")
 

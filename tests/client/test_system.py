@@ -207,25 +207,25 @@ async def use_tools(session: Any) -> None:
     ran = await session.call_tool(
         "run_task", {"session_id": sid, "prompt": "$ echo a\n$ echo b"}, progress_callback=heard
     )
-    assert not ran.isError and "task succeeded" in ran.content[0].text
+    assert not ran.is_error and "task succeeded" in ran.content[0].text
     assert [p[:2] for p in progress] == [(1, 2), (2, 2)]
     command = await session.call_tool("run_command", {"session_id": sid, "command": "uname"})
     assert command.content[0].text.startswith("exit code 0\nLinux")
     refused = await session.call_tool("run_command", {"session_id": sid, "command": "bash -c x"})
-    assert refused.isError and "refused" in refused.content[0].text
+    assert refused.is_error and "refused" in refused.content[0].text
     wrote = await session.call_tool(
         "write_file", {"session_id": sid, "path": "m.txt", "content": "from mcp"}
     )
-    assert not wrote.isError
+    assert not wrote.is_error
     read = await session.call_tool("read_file", {"session_id": sid, "path": "m.txt"})
     assert read.content[0].text == "from mcp"
     shot = await session.call_tool("screenshot", {"session_id": sid})
-    assert shot.content[0].type == "image" and shot.content[0].mimeType == "image/jpeg"
+    assert shot.content[0].type == "image" and shot.content[0].mime_type == "image/jpeg"
     log = await session.read_resource(f"berth://sessions/{sid}/events")
     lines = log.contents[0].text.splitlines()
     assert json.loads(lines[0])["seq"] == 1 and any("uname" in line for line in lines)
     ended = await session.call_tool("end_session", {"session_id": sid})
-    assert not ended.isError
+    assert not ended.is_error
 
 
 async def test_mcp_over_stdio(system: str, token: str) -> None:
