@@ -1,4 +1,5 @@
-"""The asyncio client: ``AsyncBerth(url, token)``, sync.py's methods awaited."""
+"""The asyncio client, ``AsyncBerth(url, token)``: the one implementation of the API's
+calls and streams (sync.py's ``Berth`` runs it for blocking code)."""
 
 from __future__ import annotations
 
@@ -124,11 +125,9 @@ class AsyncBerth:
                         if event is not None:
                             failures, after = 0, event.seq
                             yield event
-            except httpx.ReadTimeout:
-                if idle is None:
-                    raise
-                return
             except httpx.TransportError as exc:
+                if idle is not None and isinstance(exc, httpx.ReadTimeout):
+                    return  # quiet for `idle` seconds: that is the log so far
                 failures += 1
                 if failures >= core.STREAM_TRIES:
                     raise errors.StreamLost(f"session {sid}'s events: {exc}") from exc
