@@ -34,6 +34,13 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     credentials = {"email": EMAIL, "password": PASSWORD}
     assert httpx.post(f"{running.base}/api/auth/signup", json=credentials).status_code == 201
     yield running.base
+    # Sessions a failed test left live: their containers go with them.
+    with Berth(running.base) as berth:
+        berth.log_in(EMAIL, PASSWORD, "teardown")
+        for session in berth.sessions.list():
+            if session.info.ended_at is None:
+                session.end()
+                list(session.events(timeout=120))
     assert running.stop() == 0
 
 
