@@ -47,12 +47,18 @@ async def connect(ctx: Context) -> AsyncIterator[AsyncBerth]:
 
 
 class McpEndpoint:
-    """The ASGI app at /mcp; ``server.session_manager.run()`` must run in the app's lifespan."""
+    """The ASGI app at /mcp; ``running()`` serves it for the app's lifespan."""
 
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
         self.engine = engine
         self.server: MCPServer = build(connect)
+        self.app: StreamableHTTPASGIApp | None = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Serve requests until the block ends: a session manager runs once, so each
+        lifespan of the app (a test may start one app more than once) gets its own."""
         self.server.streamable_http_app(
             streamable_http_path=PATH,
             # Each request stands alone (any API replica can answer it); a tool's progress
@@ -62,7 +68,13 @@ class McpEndpoint:
             # a bearer token, which a rebinding page does not have.
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         )
-        self.app = StreamableHTTPASGIApp(self.server.session_manager)
+        manager = self.server.session_manager
+        async with manager.run():
+            self.app = StreamableHTTPASGIApp(manager)
+            try:
+                yield
+            finally:
+                self.app = None
 
     def live(self, secret: str) -> bool:
         with Session(self.engine) as db:
@@ -73,5 +85,8 @@ class McpEndpoint:
         if secret is None or not await anyio.to_thread.run_sync(self.live, secret):
             refused = response(Problem(401, UNAUTHORIZED))
             await refused(scope, receive, send)
+            return
+        if self.app is None:  # outside the app's lifespan
+            await response(Problem(503, "the MCP server is not running"))(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(migrate, settings.db_url)
         await app.state.hub.start()
-        async with mcp.server.session_manager.run():
+        async with mcp.running():
             yield
         await app.state.hub.stop()
 
