@@ -56,6 +56,8 @@ class SessionOut(BaseModel):
     template: str
     error: str | None
     preserved: bool = False
+    # A kept disk is removed after this (null: kept until removed).
+    kept_until: datetime | None = None
     created_at: datetime
     ended_at: datetime | None
     events_url: str
@@ -144,6 +146,16 @@ class FieldError(BaseModel):
     type: str
 
 
+class LimitOut(BaseModel):
+    """The limit a refusal hit: its setting, value, what is used of it, when it resets."""
+
+    name: str
+    value: float
+    unit: str
+    used: float
+    resets_at: datetime | None = None
+
+
 class Problem(BaseModel):
     """A problem document (RFC 9457): every error the API answers."""
 
@@ -153,6 +165,7 @@ class Problem(BaseModel):
     detail: str
     errors: list[FieldError] | None = None
     error_id: str | None = None
+    limit: LimitOut | None = None
 
 
 class Event(BaseModel):

@@ -29,6 +29,7 @@ SHARED: list[type[BaseModel]] = [
     models.TokenRequest,
     models.TokenOut,
     models.FieldError,
+    models.LimitOut,
     models.Problem,
 ]
 # What the comparison keeps of a schema: its shape, not its limits or its words.
