@@ -67,12 +67,13 @@ $(STAMPS)/system-vm:
 	@echo "== virtual machine packages: $(VM_PACKAGES)"
 	$(call apt_install,$(VM_PACKAGES),--no-install-recommends)
 
-# libvirt-python compiles against libvirt-dev.
-$(VENV)/.installed: pyproject.toml constraints.txt $(STAMPS)/system-vm
+# libvirt-python compiles against libvirt-dev. The client (client/: berth_client, the `berth`
+# command, the MCP server) is its own distribution; the API's /mcp imports it.
+$(VENV)/.installed: pyproject.toml client/pyproject.toml constraints.txt $(STAMPS)/system-vm
 	@echo "== Python virtualenv (pinned by constraints.txt)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' -e ./client
 	@touch $@
 
 ui/static/vendor/.installed: ui/package.json ui/package-lock.json

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
+from starlette.routing import Route
 
 from api import problems
 from api.admin import router as admin_router
@@ -21,6 +22,8 @@ from api.codec import router as codec_router
 from api.deps import EngineDep, Problem, Streams, TemporalLink
 from api.headers import SecurityHeaders
 from api.limits import BodyLimit
+from api.mcp import PATH as MCP_PATH
+from api.mcp import McpEndpoint
 from api.metrics import router as metrics_router
 from api.openai_compat import router as llm_router
 from api.preferences import router as preferences_router
@@ -57,7 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(migrate, settings.db_url)
         await app.state.hub.start()
-        yield
+        async with mcp.running():
+            yield
         await app.state.hub.stop()
 
     app = FastAPI(
@@ -78,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # window too: shown to an admin, never acted upon, so nothing is refused here.
     app.state.codec = EncryptionCodec(payload_keys(settings), accept_plaintext=True)
     problems.install(app, render_problem)
+    mcp = McpEndpoint(settings, app.state.engine)
 
     @app.get("/healthz", tags=["health"], responses={503: {"description": "Something is down"}})
     async def healthz(request: Request, engine: EngineDep) -> JSONResponse:
@@ -115,6 +120,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tokens_page_router)
     app.include_router(admin_page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # The MCP server (api/mcp.py): the JSON API's tools for agents, by bearer token.
+    # Stateless: no stream to GET and no session to DELETE, so POST only.
+    app.router.routes.append(Route(MCP_PATH, mcp, methods=["POST"]))
     app.add_middleware(
         BodyLimit,
         authenticated=settings.max_body_bytes,

@@ -101,6 +101,18 @@ def test_the_lower_floors_take_values_not_settings() -> None:
     assert not readers, "these read the settings: pass them a value instead:\n" + "\n".join(readers)
 
 
+def test_the_client_imports_nothing_of_the_server() -> None:
+    """client/ is its own distribution (pip install ./client), for people without the
+    server's code: it reaches the server over HTTP only."""
+    server = [
+        f"{path.relative_to(ROOT)}:{line} imports {target}"
+        for path in sorted((ROOT / "client").rglob("*.py"))
+        for line, target in imported(ast.parse(path.read_text(), str(path)))
+        if floor_of(target) is not None
+    ]
+    assert not server, "the client imports the server:\n" + "\n".join(server)
+
+
 def test_the_check_sees_an_import_that_runs_back_up() -> None:
     """The checker itself: a made-up module of the store importing the API is caught."""
     tree = ast.parse("import os\nfrom api.deps import DbDep\n\ndef f():\n    import ui.pages\n")

@@ -60,7 +60,7 @@ with workflow.unsafe.imports_passed_through():
         TaskState,
         TaskSubmission,
     )
-    from workflows.plans import user_plan
+    from workflows.plans import is_step_plan, step_plan, user_plan
 
 Request = TypeVar("Request", PlanRequest, VerifyRequest)
 Making = TypeVar("Making", SandboxRequest, RestoreRequest)
@@ -599,6 +599,9 @@ class SessionWorkflow:
         self.status = SessionStatus.busy
         opening = [self.event(EventType.session_status, status=self.status.value)]
         steps = user_plan(task.prompt)
+        # Asked only of a step plan, so other tasks' histories stay as they were.
+        if is_step_plan(task.prompt) and workflow.patched("step-plans"):
+            steps = step_plan(task.prompt)  # checked by the API already
         plan = None if steps is None else Plan(steps=steps)
         if plan is None:
             # Sessions begun before the agent loop replay as they ran: planned once, unchecked.

@@ -3,6 +3,7 @@ OpenAI-compatible servers on loopback."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from config.settings import LLMProvider, Settings
 from llm.proxy import LLMProxy
 from sandboxes.models import FileStep, StepOutcome, StepResult, TerminalStep
 from tests.support.scripted_llm import Reply, ScriptedLLM
-from workflows.plans import check_plan_size, user_plan
+from workflows.plans import check_plan_size, is_step_plan, step_plan, user_plan
 
 
 @pytest.fixture
@@ -44,6 +45,28 @@ def test_dollar_lines_are_a_plan_and_prose_is_not() -> None:
     assert [s.describe() for s in steps] == ["$ echo hello && uname -a", "$ ls -la /"]
     assert user_plan("list the files\n$ ls") is None
     assert user_plan("   ") is None
+
+
+def test_a_json_step_plan_is_a_plan_of_any_kind_and_a_malformed_one_is_refused() -> None:
+    text = json.dumps({"steps": [
+        {"kind": "file", "op": "read", "path": "notes.txt"},
+        {"kind": "browser", "action": "click", "selector": "#go"},
+    ]})  # fmt: skip
+    assert is_step_plan(text) and check_plan_size(text) == text
+    assert [s.describe() for s in step_plan(text)] == ["read notes.txt", "click #go"]
+    assert not is_step_plan('{"goal": "x"}') and not is_step_plan("tell me about {steps}")
+    for bad, why in [
+        ('{"steps": [', "is JSON"),
+        ('{"steps": [], "more": 1}', '"steps" only'),
+        ('{"steps": []}', "at least one step"),
+        ('{"steps": [{"kind": "browser", "action": "click"}]}', "needs selector"),
+        ('{"steps": [{"kind": "rocket"}]}', "steps are invalid"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            check_plan_size(bad)
+    many = json.dumps({"steps": [{"kind": "terminal", "command": "true"}] * (MAX_PLAN_STEPS + 1)})
+    with pytest.raises(ValueError, match=f"at most {MAX_PLAN_STEPS} steps"):
+        check_plan_size(many)
 
 
 def test_a_written_plan_is_capped() -> None:

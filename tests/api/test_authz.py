@@ -89,6 +89,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/chat/completions"): R(503, 503, 401, 503, json={"messages": [{"role": "user", "content": "hi"}]}),  # noqa: E501
     ("GET", "/v1/models"): R(200, 200, 401, 200),
     ("GET", "/api/usage"): R(200, 200, 401, 200),
+    # MCP (api/mcp.py): any live token; the tools act as its owner through the API.
+    ("POST", "/mcp"): R(200, 200, 401, 200, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}),  # noqa: E501
     # The caller's own preferences (an empty body puts the defaults back).
     ("GET", "/api/preferences"): R(200, 200, 401, 200),
     ("PUT", "/api/preferences"): R(200, 200, 401, 200, json={}),

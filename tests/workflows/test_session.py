@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -38,7 +39,7 @@ from activities.models import (
     TaskVerdict,
     VerifyRequest,
 )
-from sandboxes.models import SandboxInfo, StepOutcome, TerminalStep
+from sandboxes.models import SandboxInfo, Step, StepOutcome, TerminalStep
 from store.events import EventType, NewEvent
 from store.models import TaskStatus
 from tests.conftest import TEMPORAL, TEMPORAL_TEST_SERVER
@@ -52,6 +53,7 @@ from workflows.models import (
     TaskRef,
     TaskSubmission,
 )
+from workflows.plans import STEPS
 from workflows.session import SessionWorkflow
 
 # One recorded history per path, replayed by tests/workflows/test_replay.py; a new version of the
@@ -69,6 +71,7 @@ class Stubs:
         self.provisioned: list[str] = []
         self.destroyed: list[str] = []
         self.commands: list[str] = []
+        self.steps: list[Step] = []  # every step run, whatever its kind
         self.release = asyncio.Event()
         # A cancelled "wait" step is being killed, and may finish dying once this is set.
         self.killing = asyncio.Event()
@@ -134,6 +137,7 @@ class Stubs:
 
     @activity.defn(name="RunStep")
     async def run_step(self, request: StepRequest) -> StepOutcome:
+        self.steps.append(request.step)
         command = request.step.describe()[2:]  # "$ " and the command
         if command.startswith("python3 -c"):
             raise ApplicationError(
@@ -329,6 +333,22 @@ async def test_a_task_runs_its_steps_and_ending_the_session_destroys_the_sandbox
     assert stubs.types()[-2:] == [EventType.sandbox_destroyed, EventType.session_status]
     assert stubs.events[-1].data == {"status": "ended"}
     assert len({e.key for e in stubs.events}) == len(stubs.events)  # every event has its own key
+
+
+async def test_a_step_plan_runs_its_steps_of_any_kind_as_written(env: WorkflowEnvironment) -> None:
+    """A {"steps": [...]} prompt (what the MCP server's tools send) is a plan: no model."""
+    stubs = Stubs()
+    plan = {"steps": [
+        {"kind": "file", "op": "write", "path": "notes.txt", "content": "hi"},
+        {"kind": "browser", "action": "navigate", "url": "http://example.com/"},
+    ]}  # fmt: skip
+    async with running(env, stubs, params(stubs)) as handle:
+        ref = await submit(env.client, handle.id, json.dumps(plan))
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        assert stubs.steps == STEPS.validate_python(plan["steps"])
+        assert stubs.plan_requests == []
+        save_history("step-plan", await handle.fetch_history())
+        await end(handle)
 
 
 async def test_a_failing_step_fails_the_task_and_skips_the_rest(env: WorkflowEnvironment) -> None:
