@@ -1,7 +1,7 @@
 """The MCP server at ``/mcp`` (streamable HTTP): berth_client's tools (berth_client/mcp.py,
 the same as ``berth mcp`` serves over stdio), each request as the owner of its bearer token.
 
-The tools call this API back over HTTP, at the address the request came to, with the
+The tools call this API back over HTTP, at the socket the request came in on, with the
 caller's own token, rather than the service layer directly: an agent's command is then a
 task submitted as any other (the same validation, command policy, limits, audit and event
 log), and the tools are written once for both transports. A request without a live token is
@@ -14,8 +14,9 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import anyio
+import httpx
 from berth_client.aio import AsyncBerth
-from berth_client.mcp import build
+from berth_client.mcp import Connect, build
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
 from mcp.server.transport_security import TransportSecuritySettings
@@ -37,13 +38,29 @@ def bearer(request: Request) -> str | None:
     return secret.strip() or None if scheme.lower() == "bearer" else None
 
 
-@contextlib.asynccontextmanager
-async def connect(ctx: Context) -> AsyncIterator[AsyncBerth]:
-    """A client of this API as the caller: its token, the address it reached us at."""
-    request = ctx.request_context.request
-    assert isinstance(request, Request)  # streamable HTTP carries the HTTP request
-    async with AsyncBerth(str(request.base_url), bearer(request)) as berth:
-        yield berth
+def own_address(request: Request, settings: Settings) -> str:
+    """Where this API process itself listens: the socket the request came in on, never the
+    Host header (a caller's Host would point the callback, with its token, anywhere)."""
+    host, port = request.scope.get("server") or ("127.0.0.1", settings.port)
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if settings.tls_cert_file else "http"
+    return f"{scheme}://{host}:{port}"
+
+
+def connector(settings: Settings) -> Connect:
+    @contextlib.asynccontextmanager
+    async def connect(ctx: Context) -> AsyncIterator[AsyncBerth]:
+        """A client of this API as the caller: its token, this process's own address."""
+        request = ctx.request_context.request
+        assert isinstance(request, Request)  # streamable HTTP carries the HTTP request
+        # Our own socket by its address: the certificate names the public host, not it.
+        transport = httpx.AsyncHTTPTransport(verify=False) if settings.tls_cert_file else None
+        url = own_address(request, settings)
+        async with AsyncBerth(url, bearer(request), transport=transport) as berth:
+            yield berth
+
+    return connect
 
 
 class McpEndpoint:
@@ -52,7 +69,7 @@ class McpEndpoint:
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
         self.engine = engine
-        self.server: MCPServer = build(connect)
+        self.server: MCPServer = build(connector(settings))
         self.app: StreamableHTTPASGIApp | None = None
 
     @contextlib.asynccontextmanager

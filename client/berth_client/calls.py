@@ -3,14 +3,22 @@ async clients send these and read the answer as the model named beside."""
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from berth_client.core import Call, submission
 from berth_client.models import Modification, SessionCreate, TaskCreate, TokenRequest
 
 TASK_ACTIONS = ("pause", "resume", "cancel")
 
 
+def part(value: str) -> str:
+    """An id as one path segment: quoted, so `../` or `?` in it cannot reach another route
+    (the MCP tools take ids from an agent)."""
+    return quote(value, safe="")
+
+
 def session(sid: str) -> str:
-    return f"/api/sessions/{sid}"
+    return f"/api/sessions/{part(sid)}"
 
 
 def log_in(email: str, password: str, name: str) -> Call:  # -> TokenOut
@@ -48,22 +56,23 @@ def list_tasks(sid: str, limit: int) -> Call:  # -> list[TaskRefOut]
 
 
 def get_task(sid: str, tid: str) -> Call:  # -> TaskOut
-    return Call("GET", f"{session(sid)}/tasks/{tid}", repeatable=True)
+    return Call("GET", f"{session(sid)}/tasks/{part(tid)}", repeatable=True)
 
 
 def control_task(sid: str, tid: str, action: str) -> Call:  # -> TaskRefOut
     """Pause, resume or cancel: the server answers a repeat with the same result."""
     if action not in TASK_ACTIONS:
         raise ValueError(f"no task action {action!r}: {', '.join(TASK_ACTIONS)}")
-    return Call("POST", f"{session(sid)}/tasks/{tid}/{action}", repeatable=True)
+    return Call("POST", f"{session(sid)}/tasks/{part(tid)}/{action}", repeatable=True)
 
 
 def modify_task(sid: str, tid: str, instruction: str) -> Call:  # -> TaskRefOut
-    return Call("POST", f"{session(sid)}/tasks/{tid}/modify", Modification(instruction=instruction))
+    modification = Modification(instruction=instruction)
+    return Call("POST", f"{session(sid)}/tasks/{part(tid)}/modify", modification)
 
 
 def artifact(sid: str, artifact_id: str) -> Call:  # -> bytes
-    return Call("GET", f"{session(sid)}/artifacts/{artifact_id}", repeatable=True)
+    return Call("GET", f"{session(sid)}/artifacts/{part(artifact_id)}", repeatable=True)
 
 
 def usage() -> Call:  # -> UserUsage

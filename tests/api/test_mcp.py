@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from berth_client import calls
 from fastapi.testclient import TestClient
+from starlette.requests import Request
 
+from api.mcp import own_address
 from berth.web import create_app
 from tests.api.test_accounts import bearer, log_in, settings_for, sign_up
 
@@ -57,3 +60,27 @@ def test_mcp_needs_a_live_bearer_token(client: TestClient) -> None:
     assert {"create_session", "run_command", "screenshot", "end_session"} <= tools
     # Not in the API's OpenAPI document: it is not a JSON API route.
     assert "/mcp" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_the_tools_call_back_this_process_whatever_the_host_header_says(tmp_path: Path) -> None:
+    # Security review: the callback went to the caller's Host header with the caller's
+    # token, so /mcp could send requests to any host and port.
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/mcp",
+        "headers": [(b"host", b"127.0.0.1:9")],
+        "server": ("127.0.0.1", 8123),
+        "scheme": "http",
+    }
+    settings = settings_for(tmp_path)
+    assert own_address(Request(scope), settings) == "http://127.0.0.1:8123"
+    tls = settings.model_copy(update={"tls_cert_file": tmp_path / "c.pem"})
+    assert own_address(Request({**scope, "server": ("::1", 443)}), tls) == "https://[::1]:443"
+
+
+def test_ids_from_an_agent_stay_one_path_segment() -> None:
+    assert calls.end_session("../../internal/x?a=1", False).path == (
+        "/api/sessions/..%2F..%2Finternal%2Fx%3Fa%3D1"
+    )
+    assert calls.control_task("s", "../t", "cancel").path == "/api/sessions/s/tasks/..%2Ft/cancel"
