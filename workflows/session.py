@@ -793,9 +793,7 @@ class SessionWorkflow:
         self.tasks[task.id] = task
         if submission.key:
             self.submitted[submission.key] = task.id
-            # A run begun before keys went with their tasks kept as many keys as tasks.
-            kept = REMEMBERED_KEYS if workflow.patched("keys-with-tasks") else REMEMBERED_TASKS
-            while len(self.submitted) > kept:
+            while len(self.submitted) > REMEMBERED_KEYS:
                 del self.submitted[next(iter(self.submitted))]
         # Queued only once recorded: the task's row must exist before its first step's.
         await self.record(self.event(EventType.task_queued, task_id=task.id, prompt=task.prompt))
@@ -1021,8 +1019,6 @@ class SessionWorkflow:
         while len(self.finished) > REMEMBERED_TASKS:
             forgotten = next(iter(self.finished))
             del self.finished[forgotten]
-            if not workflow.patched("keys-with-tasks"):
-                continue  # a run begun before forgot keys apart from their tasks
             # Its key goes with it: a key kept would name a task the session cannot answer.
             for key in [k for k, v in self.submitted.items() if v == forgotten]:
                 del self.submitted[key]
