@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -815,12 +816,18 @@ class SessionWorkflow:
         # Queued tasks are carried to the next run with the rest: one that would take the
         # session past its bound is refused now, not failed (or wedged) at continue-as-new.
         task = TaskState(id="0" * 36, prompt=submission.prompt)  # an id's length
-        carried = self.carried(self.machine() or self.unmade(""), task)
-        size, limit = len(carried.model_dump_json().encode()), self.params.max_carried_bytes
+        self.check_carried(0, "wait for queued tasks to end, or send a shorter task", task)
+
+    def check_carried(self, more: int, instead: str, *queued: TaskState) -> None:
+        """A ValueError (saying to do ``instead``) if the session, with ``queued`` added and
+        ``more`` bytes besides, would carry past its bound to its next run."""
+        carried = self.carried(self.machine() or self.unmade(""), *queued)
+        size = len(carried.model_dump_json().encode()) + more
+        limit = self.params.max_carried_bytes
         if size > limit:
             raise ValueError(
-                f"with this task the session would carry {size} bytes to its next run, past "
-                f"its {limit}; wait for queued tasks to end, or send a shorter task"
+                f"with this the session would carry {size} bytes to its next run, past its "
+                f"{limit}; {instead}"
             )
 
     def submission(self, submission: TaskSubmission) -> TaskRef | None:
@@ -917,6 +924,9 @@ class SessionWorkflow:
                 f"task {task.id}'s modifications would come to {chars} characters, past the "
                 f"{MAX_NOTES_CHARS} a task takes; cancel it and submit a new task instead"
             )
+        # The note is carried with its task: many queued tasks' notes add up past the bound.
+        note = len(json.dumps(change.instruction, ensure_ascii=False).encode()) + 1  # and comma
+        self.check_carried(note, "wait for queued tasks to end, or send a shorter note")
 
     @workflow.signal(name="preserve_sandbox")
     def preserve_sandbox(self) -> None:

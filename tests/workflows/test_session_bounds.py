@@ -24,7 +24,7 @@ from tests.workflows.test_session import (
     submit,
     until,
 )
-from workflows.models import TaskSubmission
+from workflows.models import TaskModification, TaskSubmission
 from workflows.session import SessionWorkflow
 
 __all__ = ["env"]
@@ -53,6 +53,26 @@ async def test_a_task_that_would_carry_the_session_past_its_bound_is_refused(
             )
         stubs.release.set()
         await until(lambda: stubs.commands == ["wait", "echo " + "a" * 1000])
+        await end(handle)
+
+
+async def test_a_modification_that_would_carry_the_session_past_its_bound_is_refused(
+    env: WorkflowEnvironment,
+) -> None:
+    """Durability review: notes on queued tasks were bounded per task only, so twenty queued
+    tasks' notes could carry a continue-as-new past the server's payload limit."""
+    stubs = Stubs()
+    session = params(stubs).model_copy(update={"max_carried_bytes": 2000})
+    async with running(env, stubs, session) as handle:
+        await submit(env.client, handle.id, "$ wait")
+        await until(lambda: stubs.commands == ["wait"])
+        queued = await submit(env.client, handle.id, "$ echo queued")
+        change = TaskModification(task_id=queued.id, instruction="語" * 300)  # 900 bytes
+        await handle.execute_update("modify_task", arg=change)  # fits
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await handle.execute_update("modify_task", arg=change)
+        assert "past its 2000" in str(refused.value.cause)
+        stubs.release.set()
         await end(handle)
 
 
