@@ -35,11 +35,11 @@ from berth.host import make_gateway, make_provider, open_host
 from config.settings import Settings, get_settings
 from llm.proxy import LLMProxy
 from sandboxes.models import Machine, MachineUsage
-from sandboxes.monitor import Died, Sampled, watch
+from sandboxes.monitor import Died, Placed, Placement, Sampled, watch
 from sandboxes.reconcile import Owner, reconcile_forever
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
-from store.usage import record_usage
+from store.usage import placed_sandboxes, record_usage
 from workflows.client import connect, workflow_id
 from workflows.models import SandboxDeath
 from workflows.pool import PoolInput, SandboxPool, pool_member
@@ -95,6 +95,17 @@ def sandbox_deaths(client: Client) -> Died:
             log.info("session %s is over: not told of its sandbox's death", machine.session_id)
 
     return died
+
+
+def placement(engine: Engine, host_id: str) -> Placement:
+    """The sandboxes of live sessions that the database places on this host: watched and
+    reconciled by what their machines are, whether or not their guests talk to this worker."""
+
+    async def placed() -> list[Placed]:
+        rows = await asyncio.to_thread(placed_sandboxes, engine, host_id)
+        return [Placed(sandbox_id=r.id, session_id=r.session_id, handle=r.handle) for r in rows]
+
+    return placed
 
 
 def usage_recorder(engine: Engine) -> Sampled:
@@ -189,6 +200,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 sandbox.provision,
                 sandbox.run_step,
                 sandbox.stop_step,
+                sandbox.check,
                 sandbox.destroy,
                 vm.claim,
                 vm.assign,
@@ -201,9 +213,15 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             # Cancelling a step reaches it through a heartbeat: send one every second.
             max_heartbeat_throttle_interval=timedelta(seconds=1),
         )
+        placed = placement(engine, settings.host_id)
         reconciler = asyncio.create_task(
             reconcile_forever(
-                provider, session_owner(client, settings.host_id), RECONCILE_EVERY_S, stop
+                provider,
+                session_owner(client, settings.host_id),
+                RECONCILE_EVERY_S,
+                stop,
+                on_death=sandbox_deaths(client),
+                placement=placed,
             )
         )
         sweeper = Sweeper(
@@ -217,6 +235,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 usage_recorder(engine),
                 stop,
                 silence_s=settings.guest_silence_s,
+                placement=placed,
             )
         )
         async with host:
