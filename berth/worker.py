@@ -7,7 +7,9 @@ each step's activity to this worker in the same answer that takes the workflow's
 (eager dispatch), which measured 25 ms a step against 76 ms across two queues.
 The host also reconciles its machines with the sessions that own them, at start and then
 periodically, so a machine whose session is gone does not run on, and sweeps the session
-rows whose workflow is over (workflows/sweeper.py), so no row stays live without one.
+rows whose workflow is over (workflows/sweeper.py), so no row stays live without one. Its
+watch and its reconciliation judge every machine the database places on this host by what
+the machine is (stopped, gone), and tell its session, which replaces it.
 """
 
 from __future__ import annotations
