@@ -29,6 +29,7 @@ from tests.workflows.test_session import (
     params,
     running,
     save_history,
+    short_env,  # noqa: F401 (a fixture)
     submit,
     until,
 )
@@ -216,3 +217,27 @@ async def test_a_step_that_ran_resets_the_count_of_replacements(
         await until(lambda: len(stubs.provisioned) == 4)
         await end(handle)
     assert stubs.events[-1].data == {"status": "ended"}
+
+
+async def test_machines_dying_past_a_continue_as_new_are_still_counted(
+    short_env: WorkflowEnvironment,  # noqa: F811
+) -> None:
+    """The replacement loop hands the session to a new run when its history grows long,
+    carrying the dead machine and the count: the bound holds across runs."""
+    stubs = Machines()
+    session = params(stubs).model_copy(update={"max_replacements": 6, "replace_backoff_s": 0.01})
+    async with running(short_env, stubs, session) as handle:
+        first_run = handle.result_run_id
+        latest = short_env.client.get_workflow_handle(handle.id)
+        for count in range(1, 8):
+            await until(lambda c=count: stubs.types().count(EventType.sandbox_ready) == c)  # type: ignore[misc]
+            death = SandboxDeath(sandbox_id=stubs.provisioned[-1], detail=f"death {count}")
+            await latest.signal(SessionWorkflow.sandbox_died, death)
+        with pytest.raises(WorkflowFailureError):
+            await asyncio.wait_for(latest.result(), 20)
+        assert (await latest.describe()).run_id != first_run, "never continued as new"
+        first = short_env.client.get_workflow_handle(handle.id, run_id=first_run)
+        save_history("replace-continue-as-new", await first.fetch_history())
+        save_history("replace-continue-as-new-resumed", await latest.fetch_history())
+    assert len(stubs.provisioned) == 7 and stubs.destroyed == stubs.provisioned
+    assert "died 7 times in a row" in stubs.events[-1].data["error"]
