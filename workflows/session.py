@@ -249,14 +249,9 @@ class SessionWorkflow:
     async def hibernate(self) -> None:
         """Suspend the idle sandbox (a VM's memory saved to disk); one that cannot be
         suspended stays up, and says so."""
-        assert self.sandbox is not None
         try:
-            await workflow.execute_activity_method(
-                VmActivities.hibernate,
-                self.sandbox,
-                task_queue=self.sandbox.task_queue,
-                summary="hibernate the idle sandbox",
-                **options.HIBERNATE,
+            await self.power(
+                VmActivities.hibernate, "hibernate the idle sandbox", options.HIBERNATE
             )
         except ActivityError as exc:
             failed = self.event(EventType.sandbox_hibernation_failed, error=failure_message(exc))
@@ -271,6 +266,7 @@ class SessionWorkflow:
                 failed, self.event(EventType.session_status, status=self.status.value)
             )
             return
+        assert self.sandbox is not None
         self.hibernated, self.status = True, SessionStatus.hibernated
         await self.record(
             self.event(EventType.sandbox_hibernated, sandbox_id=self.sandbox.id),
@@ -281,18 +277,11 @@ class SessionWorkflow:
         """Resume the hibernated sandbox, its files and processes as they were; the session
         is ``then`` (busy when a paused task woke it). False if it could not be woken (gone,
         or broken while it slept): it is dead, and the session replaces it."""
-        assert self.sandbox is not None
         if workflow.patched("waking-status"):
             self.status = SessionStatus.waking
             await self.record(self.event(EventType.session_status, status=self.status.value))
         try:
-            await workflow.execute_activity_method(
-                VmActivities.wake,
-                self.sandbox,
-                task_queue=self.sandbox.task_queue,
-                summary="wake the sandbox",
-                **options.WAKE,
-            )
+            await self.power(VmActivities.wake, "wake the sandbox", options.WAKE)
         except ActivityError as exc:
             # A run begun before failed the session; and an end is the end's.
             if cancel_requested() or not workflow.patched("wake-replaces"):
@@ -302,12 +291,25 @@ class SessionWorkflow:
                 "the files in it are lost"
             )
             return False
+        assert self.sandbox is not None
         self.hibernated, self.status = False, then
         await self.record(
             self.event(EventType.sandbox_woken, sandbox_id=self.sandbox.id),
             self.event(EventType.session_status, status=self.status.value),
         )
         return True
+
+    async def power(
+        self,
+        call: Callable[[VmActivities, SandboxInfo], Awaitable[None]],
+        summary: str,
+        timing: options.ActivityOptions,
+    ) -> None:
+        """Hibernate or wake the sandbox, on its host."""
+        assert self.sandbox is not None
+        await workflow.execute_activity_method(
+            call, self.sandbox, task_queue=self.sandbox.task_queue, summary=summary, **timing
+        )
 
     def may_continue_as_new(self) -> bool:
         """Temporal suggests it, and this is a moment to: no handler half-way and no

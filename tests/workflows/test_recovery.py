@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from temporalio import activity, workflow
-from temporalio.client import WorkflowFailureError
+from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
@@ -82,6 +82,13 @@ class Machines(Stubs):
 
     def died(self) -> list[str]:
         return [e.data["error"] for e in self.events if e.type == EventType.sandbox_died]
+
+
+async def kill_machine(handle: WorkflowHandle, stubs: Machines, count: int) -> None:  # type: ignore[type-arg]
+    """Once the session's ``count``-th machine is ready, say it died, as its host would."""
+    await until(lambda: stubs.types().count(EventType.sandbox_ready) == count)
+    death = SandboxDeath(sandbox_id=stubs.provisioned[-1], detail=f"death {count}")
+    await handle.signal(SessionWorkflow.sandbox_died, death)
 
 
 async def test_a_step_without_its_guest_has_its_machine_checked_and_replaced(
@@ -185,21 +192,24 @@ async def test_machines_that_keep_dying_are_replaced_a_bounded_number_of_times(
     session = params(stubs).model_copy(update={"max_replacements": 2, "replace_backoff_s": 0.5})
     async with running(env, stubs, session) as handle:
         for count in range(1, 4):
-            await until(lambda c=count: len(stubs.provisioned) == c)  # type: ignore[misc]
-            await until(lambda c=count: stubs.types().count(EventType.sandbox_ready) == c)  # type: ignore[misc]
-            death = SandboxDeath(sandbox_id=stubs.provisioned[-1], detail=f"death {count}")
-            await handle.signal(SessionWorkflow.sandbox_died, death)
+            await kill_machine(handle, stubs, count)
         with pytest.raises(WorkflowFailureError):
             await asyncio.wait_for(handle.result(), 20)
-        save_history("replace-bounded", await handle.fetch_history())
+        history = await handle.fetch_history()
+        save_history("replace-bounded", history)
     assert len(stubs.provisioned) == 3 and stubs.destroyed == stubs.provisioned
     last = stubs.events[-1].data
     assert last["status"] == "failed"
     assert "died 3 times in a row" in last["error"] and "death 3" in last["error"]
     assert "BERTH_SESSION_MAX_REPLACEMENTS" in last["error"]
-    # The first replacement at once, the second after the pause.
-    ready = [e for e in stubs.events if e.type == EventType.sandbox_ready]
-    assert len(ready) == 3
+    # The first replacement at once, the second after a pause (a timer), no third.
+    pauses = [
+        e.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta()
+        for e in history.events
+        if e.HasField("timer_started_event_attributes")
+        and b"back off" in e.user_metadata.summary.data
+    ]
+    assert pauses == [timedelta(seconds=0.5)]
 
 
 async def test_a_step_that_ran_resets_the_count_of_replacements(
@@ -212,8 +222,7 @@ async def test_a_step_that_ran_resets_the_count_of_replacements(
             await until(lambda c=count: stubs.types().count(EventType.sandbox_ready) == c)  # type: ignore[misc]
             ref = await submit(env.client, handle.id, f"$ echo {count}")
             await until(lambda r=ref.id: stubs.task_statuses().get(r) == "succeeded")  # type: ignore[misc]
-            death = SandboxDeath(sandbox_id=stubs.provisioned[-1], detail=f"death {count}")
-            await handle.signal(SessionWorkflow.sandbox_died, death)
+            await kill_machine(handle, stubs, count)
         await until(lambda: len(stubs.provisioned) == 4)
         await end(handle)
     assert stubs.events[-1].data == {"status": "ended"}
@@ -230,9 +239,7 @@ async def test_machines_dying_past_a_continue_as_new_are_still_counted(
         first_run = handle.result_run_id
         latest = short_env.client.get_workflow_handle(handle.id)
         for count in range(1, 8):
-            await until(lambda c=count: stubs.types().count(EventType.sandbox_ready) == c)  # type: ignore[misc]
-            death = SandboxDeath(sandbox_id=stubs.provisioned[-1], detail=f"death {count}")
-            await latest.signal(SessionWorkflow.sandbox_died, death)
+            await kill_machine(latest, stubs, count)
         with pytest.raises(WorkflowFailureError):
             await asyncio.wait_for(latest.result(), 20)
         assert (await latest.describe()).run_id != first_run, "never continued as new"
