@@ -84,6 +84,14 @@ class Machines(Stubs):
         return [e.data["error"] for e in self.events if e.type == EventType.sandbox_died]
 
 
+def replacing(stubs: Machines, most: int, backoff_s: float) -> SessionInput:
+    """A session whose machines are replaced ``most`` times in a row, the first pause
+    ``backoff_s``."""
+    return params(stubs).model_copy(
+        update={"max_replacements": most, "replace_backoff_s": backoff_s}
+    )
+
+
 async def kill_machine(handle: WorkflowHandle, stubs: Machines, count: int) -> None:  # type: ignore[type-arg]
     """Once the session's ``count``-th machine is ready, say it died, as its host would."""
     await until(lambda: stubs.types().count(EventType.sandbox_ready) == count)
@@ -189,8 +197,7 @@ async def test_machines_that_keep_dying_are_replaced_a_bounded_number_of_times(
     env: WorkflowEnvironment,  # noqa: F811
 ) -> None:
     stubs = Machines()
-    session = params(stubs).model_copy(update={"max_replacements": 2, "replace_backoff_s": 0.5})
-    async with running(env, stubs, session) as handle:
+    async with running(env, stubs, replacing(stubs, 2, 0.5)) as handle:
         for count in range(1, 4):
             await kill_machine(handle, stubs, count)
         with pytest.raises(WorkflowFailureError):
@@ -216,8 +223,7 @@ async def test_a_step_that_ran_resets_the_count_of_replacements(
     env: WorkflowEnvironment,  # noqa: F811
 ) -> None:
     stubs = Machines()
-    session = params(stubs).model_copy(update={"max_replacements": 1, "replace_backoff_s": 0.1})
-    async with running(env, stubs, session) as handle:
+    async with running(env, stubs, replacing(stubs, 1, 0.1)) as handle:
         for count in range(1, 4):
             await until(lambda c=count: stubs.types().count(EventType.sandbox_ready) == c)  # type: ignore[misc]
             ref = await submit(env.client, handle.id, f"$ echo {count}")
@@ -234,8 +240,7 @@ async def test_machines_dying_past_a_continue_as_new_are_still_counted(
     """The replacement loop hands the session to a new run when its history grows long,
     carrying the dead machine and the count: the bound holds across runs."""
     stubs = Machines()
-    session = params(stubs).model_copy(update={"max_replacements": 6, "replace_backoff_s": 0.01})
-    async with running(short_env, stubs, session) as handle:
+    async with running(short_env, stubs, replacing(stubs, 6, 0.01)) as handle:
         first_run = handle.result_run_id
         latest = short_env.client.get_workflow_handle(handle.id)
         for count in range(1, 8):
