@@ -340,7 +340,7 @@ async def test_the_watch_reads_what_the_database_places_on_the_host() -> None:
         told.append(machine.sandbox_id)
         stop.set()
 
-    async def sampled(usage: dict[str, MachineUsage]) -> None:
+    async def sampled(usage: dict[str, MachineUsage], machines: list[Machine]) -> None:
         pass
 
     async def placement() -> list[monitor.Placed]:

@@ -93,9 +93,16 @@ def replacing(stubs: Machines, most: int, backoff_s: float) -> SessionInput:
 
 
 async def kill_machine(handle: WorkflowHandle, stubs: Machines, count: int) -> None:  # type: ignore[type-arg]
-    """Once the session's ``count``-th machine is ready, say it died, as its host would."""
-    await until(lambda: stubs.types().count(EventType.sandbox_ready) == count)
-    death = SandboxDeath(sandbox_id=stubs.provisioned[-1], detail=f"death {count}")
+    """Once the session's ``count``-th machine is ready, say it died, as its host would.
+    Machines are told apart by id: a local activity re-run (its workflow task's completion
+    refused for a signal that came meanwhile) records an event twice in the stubs."""
+
+    def ready() -> list[str]:
+        ids = [e.data["sandbox_id"] for e in stubs.events if e.type == EventType.sandbox_ready]
+        return list(dict.fromkeys(ids))
+
+    await until(lambda: len(ready()) == count)
+    death = SandboxDeath(sandbox_id=ready()[-1], detail=f"death {count}")
     await handle.signal(SessionWorkflow.sandbox_died, death)
 
 
