@@ -16,7 +16,7 @@ from temporalio.exceptions import ApplicationError
 from activities.heartbeat import heartbeating
 from activities.models import SandboxRequest, StepRequest
 from sandboxes.gateway import GuestUnavailable, SandboxDied, StepKindUnsupported
-from sandboxes.models import SandboxInfo, StepOutcome
+from sandboxes.models import Health, SandboxInfo, StepOutcome
 from sandboxes.policy import CommandPolicy, judge, load_policy
 from sandboxes.provider import SandboxProvider
 from store import events
@@ -258,6 +258,12 @@ class SandboxActivities:
     async def stop_step(self, request: StepRequest) -> None:
         """Kill a step's command if an attempt left it running; one that ended is left be."""
         await self.provider.cancel_step(request.sandbox, exec_id(request))
+
+    @activity.defn(name="CheckSandbox")
+    async def check(self, sandbox: SandboxInfo) -> Health:
+        """Whether the sandbox's machine runs and its guest is connected, as its host sees
+        them now (asked when steps ran out of attempts without the guest)."""
+        return await self.provider.health(sandbox)
 
     @activity.defn(name="DestroySandbox")
     async def destroy(self, sandbox: SandboxInfo) -> None:

@@ -9,6 +9,7 @@ import logging
 
 from temporalio import activity
 from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from activities.heartbeat import heartbeating
@@ -20,6 +21,7 @@ from activities.models import (
     RestoreRequest,
     pool_workflow_id,
 )
+from sandboxes.gateway import SandboxDied
 from sandboxes.models import SandboxInfo
 from sandboxes.provider import SandboxProvider
 from telemetry.metrics import POOL_CLAIMS
@@ -111,6 +113,9 @@ class VmActivities:
     @activity.defn(name="WakeSandbox")
     async def wake(self, sandbox: SandboxInfo) -> None:
         """Resume a hibernated machine (idempotent), wait until its guest is back, set its
-        clock."""
+        clock. A machine that is gone fails it for good: the session replaces it."""
         async with heartbeating():
-            await self.provider.wake(sandbox, self.connect_timeout_s)
+            try:
+                await self.provider.wake(sandbox, self.connect_timeout_s)
+            except SandboxDied as exc:
+                raise ApplicationError(str(exc), type="SandboxDied", non_retryable=True) from exc

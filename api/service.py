@@ -171,6 +171,7 @@ async def _start_run(
                 step_timeout_s=settings.step_timeout_s,
                 max_steps=settings.agent_max_steps,
                 max_revisions=settings.agent_max_revisions,
+                max_replacements=settings.session_max_replacements,
                 model=row.model,
                 restore=restore,
                 search_attributes=searchable,

@@ -7,7 +7,9 @@ each step's activity to this worker in the same answer that takes the workflow's
 (eager dispatch), which measured 25 ms a step against 76 ms across two queues.
 The host also reconciles its machines with the sessions that own them, at start and then
 periodically, so a machine whose session is gone does not run on, and sweeps the session
-rows whose workflow is over (workflows/sweeper.py), so no row stays live without one.
+rows whose workflow is over (workflows/sweeper.py), so no row stays live without one. Its
+watch and its reconciliation judge every machine the database places on this host by what
+the machine is (stopped, gone), and tell its session, which replaces it.
 """
 
 from __future__ import annotations
@@ -47,12 +49,12 @@ from llm.proxy import LLMProxy
 from sandboxes.kept import SWEEP_EVERY_S as KEPT_SWEEP_EVERY_S
 from sandboxes.kept import KeptDisks
 from sandboxes.models import Machine, MachineUsage
-from sandboxes.monitor import Died, Sampled, watch
+from sandboxes.monitor import Died, Placed, Placement, Sampled, watch
 from sandboxes.reconcile import Owner, reconcile_forever
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
 from store.models import HostState, utcnow
-from store.usage import record_usage
+from store.usage import placed_sandboxes, record_usage
 from telemetry import logs, metrics
 from workflows.client import connect, workflow_id
 from workflows.models import SandboxDeath
@@ -119,6 +121,17 @@ def sandbox_deaths(client: Client) -> Died:
             log.info("session %s is over: not told of its sandbox's death", machine.session_id)
 
     return died
+
+
+def placement(engine: Engine, host_id: str) -> Placement:
+    """The sandboxes of live sessions that the database places on this host: watched and
+    reconciled by what their machines are, whether or not their guests talk to this worker."""
+
+    async def placed() -> list[Placed]:
+        rows = await asyncio.to_thread(placed_sandboxes, engine, host_id)
+        return [Placed(sandbox_id=r.id, session_id=r.session_id, handle=r.handle) for r in rows]
+
+    return placed
 
 
 def usage_recorder(engine: Engine) -> Sampled:
@@ -277,6 +290,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 sandbox.provision,
                 sandbox.run_step,
                 sandbox.stop_step,
+                sandbox.check,
                 sandbox.destroy,
                 vm.claim,
                 vm.assign,
@@ -291,9 +305,15 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             max_heartbeat_throttle_interval=timedelta(seconds=1),
             interceptors=[Observed()],
         )
+        placed = placement(engine, settings.host_id)
         reconciler = asyncio.create_task(
             reconcile_forever(
-                provider, session_owner(client, settings.host_id), RECONCILE_EVERY_S, stop
+                provider,
+                session_owner(client, settings.host_id),
+                RECONCILE_EVERY_S,
+                stop,
+                on_death=sandbox_deaths(client),
+                placement=placed,
             )
         )
         sweeper = Sweeper(
@@ -310,6 +330,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 usage_recorder(engine),
                 stop,
                 silence_s=settings.guest_silence_s,
+                placement=placed,
             )
         )
         async with host:

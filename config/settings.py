@@ -353,6 +353,13 @@ class Settings(BaseSettings):
         "saved to disk) and woken by the next task; unset: never",
     )
 
+    session_max_replacements: int = Field(
+        default=3,
+        ge=0,
+        description="Times in a row a session's dead machine is replaced (with a growing "
+        "pause between) before the session fails; a step run on a machine resets the count",
+    )
+
     # Agent loop
     agent_max_steps: int = Field(
         default=30, description="Steps one task may run before it fails for want of progress"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guest_agent.pinning import PIN_VARIABLE
-from sandboxes.gateway import ArtifactSink, GuestGateway, OutputSink
+from sandboxes.gateway import ArtifactSink, GuestGateway, OutputSink, SandboxDied
 from sandboxes.models import (
     Health,
     Machine,
@@ -282,7 +282,10 @@ class SandboxProvider(abc.ABC):
 
     async def wake(self, sandbox: SandboxInfo, timeout_s: float) -> None:
         """Resume a suspended machine, wait for its guest, and set the guest's clock, which
-        stood still while the machine was suspended."""
+        stood still while the machine was suspended. SandboxDied if the machine is gone
+        (removed while it slept): no guest would ever come back."""
+        if (await self.is_running(sandbox.handle))[1] == MISSING:
+            raise SandboxDied(f"its machine {sandbox.handle[:12]} is gone (removed while it slept)")
         await self.resume(sandbox.handle)
         await self.wait_connected(sandbox, timeout_s)
         # The agent sets it (steps are unprivileged), before it takes the next step.

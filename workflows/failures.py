@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+from temporalio.exceptions import TimeoutError as TimedOut
 
 Self = TypeVar("Self")
 Argument = TypeVar("Argument")
@@ -39,6 +40,18 @@ def died(error: BaseException) -> bool:
     """Whether a step failed because its sandbox's machine is gone."""
     cause = error.cause if isinstance(error, ActivityError) else None
     return isinstance(cause, ApplicationError) and cause.type == "SandboxDied"
+
+
+def unavailable(error: BaseException) -> bool:
+    """Whether a step ran out of attempts without its guest (not connected, or lost and not
+    back in time): its machine may be dead without its host having said so."""
+    cause = error.cause if isinstance(error, ActivityError) else None
+    return isinstance(cause, ApplicationError) and cause.type == "GuestUnavailable"
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether an activity's last attempt ran out of time: what it did may finish yet."""
+    return isinstance(error, ActivityError) and isinstance(error.cause, TimedOut)
 
 
 def failure_message(error: BaseException) -> str:

@@ -62,6 +62,11 @@ class SessionInput(BaseModel):
     restore: SandboxInfo | None = None
     # The bound of ``Carried`` as JSON (see MAX_CARRIED_BYTES); lower in tests.
     max_carried_bytes: int = MAX_CARRIED_BYTES
+    # Machines that die before a step runs on them are replaced this many times in a row
+    # at most (BERTH_SESSION_MAX_REPLACEMENTS), the first at once, each further one after
+    # twice the pause before it (from ``replace_backoff_s``); past it the session fails.
+    max_replacements: int = 3
+    replace_backoff_s: float = 5.0
 
 
 class TaskState(BaseModel):
@@ -114,6 +119,8 @@ class Carried(BaseModel):
     # disk; its machine died (why), to be replaced before the next task.
     preserve: bool = False
     dead: str | None = None
+    # Machines replaced since a step last ran (see SessionInput.max_replacements).
+    replacements: int = 0
 
 
 class SessionState(BaseModel):

@@ -71,6 +71,10 @@ WAKE: Final = ActivityOptions(
     heartbeat_timeout=HEARTBEAT,
     retry_policy=RetryPolicy(maximum_attempts=3),
 )
+# Asking the host whether a machine runs and its guest is connected: an answer at once.
+CHECK_SANDBOX: Final = ActivityOptions(
+    start_to_close_timeout=timedelta(seconds=30), retry_policy=RetryPolicy(maximum_attempts=3)
+)
 PRESERVE: Final = ActivityOptions(
     start_to_close_timeout=timedelta(minutes=5),
     heartbeat_timeout=HEARTBEAT,

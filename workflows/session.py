@@ -43,11 +43,19 @@ with workflow.unsafe.imports_passed_through():
     from activities.progress import ProgressActivities
     from activities.sandbox import SandboxActivities, step_key
     from activities.vm import VmActivities
-    from sandboxes.models import SandboxInfo, StepOutcome
+    from sandboxes.models import Health, SandboxInfo, StepOutcome
     from store.events import EventType, NewEvent
     from store.models import SessionStatus, TaskStatus
     from workflows import options, search
-    from workflows.failures import REFUSED_EXIT, answering, died, failure_message, refused
+    from workflows.failures import (
+        REFUSED_EXIT,
+        answering,
+        died,
+        failure_message,
+        refused,
+        timed_out,
+        unavailable,
+    )
     from workflows.models import (
         MAX_NOTES,
         MAX_NOTES_CHARS,
@@ -79,6 +87,8 @@ REMEMBERED_KEYS = REMEMBERED_TASKS + MAX_QUEUED_TASKS + 1
 # How long ending a session waits for the running command's kill (and then, see
 # options.DESTROY, for the sandbox).
 STOP_STEP_TIMEOUT = timedelta(seconds=60)
+# The longest pause before replacing a machine that died again (see recover()).
+MAX_REPLACE_BACKOFF_S = 60.0
 
 
 class Idle(Exception):
@@ -131,6 +141,8 @@ class SessionWorkflow:
         # Why the sandbox's machine died (its host said so, or a step found it gone): the
         # session replaces it before the next task.
         self.dead: str | None = carried.dead if carried else None
+        # Machines replaced since a step last ran: bounded by params.max_replacements.
+        self.replacements = carried.replacements if carried else 0
         # The preserved sandbox to restore, for the session's first machine only: its
         # replacements are created afresh (the kept disk is gone once restored).
         self.restore_from = params.restore if carried is None else None
@@ -171,21 +183,22 @@ class SessionWorkflow:
         """Wait for a queued task; False once the session has been idle too long. Idle for
         ``hibernate_after_s`` first, the sandbox is suspended, and the next task wakes it."""
         idle_since, tried = workflow.now(), False
-        while not self.queue or self.dead is not None:
-            check_cancelled()
-            if self.dead is not None:
-                await self.replace_sandbox()
-                continue
-            self.continue_as_new_if_suggested()
-            try:
-                tried = await self.idle(
-                    lambda: bool(self.queue) or bool(self.dead), idle_since, tried
-                )
-            except Idle:
-                return False
-        if self.hibernated:
-            await self.wake()
-        return True
+        while True:
+            while not self.queue or self.dead is not None:
+                check_cancelled()
+                if self.dead is not None:
+                    await self.recover()
+                    continue
+                self.continue_as_new_if_suggested()
+                try:
+                    tried = await self.idle(
+                        lambda: bool(self.queue) or bool(self.dead), idle_since, tried
+                    )
+                except Idle:
+                    return False
+            if not self.hibernated or await self.wake():
+                return True
+            # It could not be woken: it is dead, replaced before the task runs.
 
     async def idle(self, awaited: Callable[[], bool], since: datetime, tried: bool) -> bool:
         """Wait for ``awaited``, or a moment to continue as new, while the session is idle
@@ -229,50 +242,76 @@ class SessionWorkflow:
                 check_cancelled()
             if not (self.hibernated and not self.cancelling):
                 return
-            await self.wake(then=SessionStatus.busy)
+            if not await self.wake(then=SessionStatus.busy):
+                # The task's files went with the machine; the next task gets a new one.
+                raise ApplicationError(
+                    f"the task's sandbox was lost: {self.dead}", type="SandboxDied"
+                )
             # Paused again while it woke: wait that pause out too before the next step.
 
     async def hibernate(self) -> None:
         """Suspend the idle sandbox (a VM's memory saved to disk); one that cannot be
         suspended stays up, and says so."""
-        assert self.sandbox is not None
         try:
-            await workflow.execute_activity_method(
-                VmActivities.hibernate,
-                self.sandbox,
-                task_queue=self.sandbox.task_queue,
-                summary="hibernate the idle sandbox",
-                **options.HIBERNATE,
+            await self.power(
+                VmActivities.hibernate, "hibernate the idle sandbox", options.HIBERNATE
             )
         except ActivityError as exc:
+            failed = self.event(EventType.sandbox_hibernation_failed, error=failure_message(exc))
+            if not (timed_out(exc) and workflow.patched("hibernate-unsure")):
+                await self.record(failed)  # it stays up (a run begun before: believed so)
+                return
+            # Its attempts timed out, and a save may finish yet: the machine is taken for
+            # hibernated, so the next task wakes it (waking one that runs does no harm).
+            self.hibernated, self.status = True, SessionStatus.hibernated
+            failed.data["unsure"] = True
             await self.record(
-                self.event(EventType.sandbox_hibernation_failed, error=failure_message(exc))
+                failed, self.event(EventType.session_status, status=self.status.value)
             )
             return
+        assert self.sandbox is not None
         self.hibernated, self.status = True, SessionStatus.hibernated
         await self.record(
             self.event(EventType.sandbox_hibernated, sandbox_id=self.sandbox.id),
             self.event(EventType.session_status, status=self.status.value),
         )
 
-    async def wake(self, then: SessionStatus = SessionStatus.ready) -> None:
+    async def wake(self, then: SessionStatus = SessionStatus.ready) -> bool:
         """Resume the hibernated sandbox, its files and processes as they were; the session
-        is ``then`` (busy when a paused task woke it)."""
-        assert self.sandbox is not None
+        is ``then`` (busy when a paused task woke it). False if it could not be woken (gone,
+        or broken while it slept): it is dead, and the session replaces it."""
         if workflow.patched("waking-status"):
             self.status = SessionStatus.waking
             await self.record(self.event(EventType.session_status, status=self.status.value))
-        await workflow.execute_activity_method(
-            VmActivities.wake,
-            self.sandbox,
-            task_queue=self.sandbox.task_queue,
-            summary="wake the sandbox",
-            **options.WAKE,
-        )
+        try:
+            await self.power(VmActivities.wake, "wake the sandbox", options.WAKE)
+        except ActivityError as exc:
+            # A run begun before failed the session; and an end is the end's.
+            if cancel_requested() or not workflow.patched("wake-replaces"):
+                raise
+            self.dead = (
+                f"it could not be woken from hibernation ({failure_message(exc)}); "
+                "the files in it are lost"
+            )
+            return False
+        assert self.sandbox is not None
         self.hibernated, self.status = False, then
         await self.record(
             self.event(EventType.sandbox_woken, sandbox_id=self.sandbox.id),
             self.event(EventType.session_status, status=self.status.value),
+        )
+        return True
+
+    async def power(
+        self,
+        call: Callable[[VmActivities, SandboxInfo], Awaitable[None]],
+        summary: str,
+        timing: options.ActivityOptions,
+    ) -> None:
+        """Hibernate or wake the sandbox, on its host."""
+        assert self.sandbox is not None
+        await workflow.execute_activity_method(
+            call, self.sandbox, task_queue=self.sandbox.task_queue, summary=summary, **timing
         )
 
     def may_continue_as_new(self) -> bool:
@@ -322,6 +361,7 @@ class SessionWorkflow:
             submitted=self.submitted,
             preserve=self.preserve,
             dead=self.dead,
+            replacements=self.replacements,
         )
 
     async def provision(self) -> None:
@@ -437,6 +477,33 @@ class SessionWorkflow:
             *also,
             self.event(EventType.session_status, status=self.status.value),
         )
+
+    async def recover(self) -> None:
+        """Replace the dead machine: at once after a step ran on it, after a pause (a
+        workflow timer, doubled each time) when it is one more death in a row, and not past
+        ``max_replacements`` in a row: then the session fails, saying why. A run begun
+        before replaced it at once, for ever."""
+        if not workflow.patched("bounded-replacements"):
+            await self.replace_sandbox()
+            return
+        # A session whose machines keep dying still hands its history on.
+        self.continue_as_new_if_suggested()
+        most = self.params.max_replacements
+        if self.replacements >= most:
+            raise ApplicationError(
+                f"the session's machine died {self.replacements + 1} times in a row, and it "
+                f"is replaced {most} times at most (BERTH_SESSION_MAX_REPLACEMENTS); the last "
+                f"death: {self.dead}",
+                type="ReplacementsExhausted",
+                non_retryable=True,
+            )
+        if self.replacements:
+            pause = self.params.replace_backoff_s * 2 ** (self.replacements - 1)
+            await workflow.sleep(
+                min(pause, MAX_REPLACE_BACKOFF_S), summary="back off before replacing again"
+            )
+        self.replacements += 1
+        await self.replace_sandbox()
 
     async def replace_sandbox(self) -> None:
         """The sandbox's machine died: say so, remove what is left of it, and provision
@@ -585,6 +652,7 @@ class SessionWorkflow:
         outcome = await self.run_step(task)
         if outcome is None:
             return  # cancelled while it ran
+        self.replacements = 0  # the machine works: a later death starts a new count
         step = task.steps[task.position]
         done = DoneStep(step=step, outcome=outcome).brief()
         task.recent = [*task.recent, done][-RECENT_STEPS:]
@@ -763,6 +831,8 @@ class SessionWorkflow:
                 return StepOutcome(exit_code=REFUSED_EXIT, error=f"refused: {refusal}")
             if died(exc) and self.dead is None:
                 self.dead = failure_message(exc)
+            elif unavailable(exc) and self.dead is None and workflow.patched("unavailable-check"):
+                self.dead = await self.checked_dead(request.sandbox, failure_message(exc))
             # Retries run out, or a cancel between attempts: an attempt may have left the
             # command running, and the next step must not run beside it.
             await self.stop_step(request)
@@ -771,6 +841,25 @@ class SessionWorkflow:
                 raise
             await self.record(self.step_end(task, index, "cancelled", "cancelled"))
             return None
+
+    async def checked_dead(self, sandbox: SandboxInfo, failure: str) -> str | None:
+        """Why the sandbox counts as dead after a step ran out of attempts without its
+        guest, asked of its host (its machine not running, or its guest not connected);
+        None if it is healthy, or the host cannot say (its worker down: its watch tells)."""
+        try:
+            health: Health = await workflow.execute_activity_method(
+                SandboxActivities.check,
+                sandbox,
+                task_queue=sandbox.task_queue,
+                summary="check the sandbox's machine",
+                **options.CHECK_SANDBOX,
+            )
+        except ActivityError:
+            return None
+        if health.ok:
+            return None
+        state = "its guest agent is not connected" if health.running else "its machine is down"
+        return f"a step found no guest ({failure}), and {state} ({health.detail})"
 
     async def stop_step(self, request: StepRequest) -> None:
         with contextlib.suppress(ActivityError):  # the guest is gone: nothing runs there

@@ -22,7 +22,7 @@ from guest_agent.agent import GuestAgent, GuestConfig
 from sandboxes import gateway as gateway_module
 from sandboxes import monitor
 from sandboxes.gateway import INBOX_SIZE, GuestGateway, SandboxDied
-from sandboxes.models import Machine, TerminalStep
+from sandboxes.models import Machine, MachineUsage, TerminalStep
 from sandboxes.provider import SandboxProvider
 from sandboxes.tokens import guest_token
 from tests.guest_agent.test_agent import running
@@ -231,3 +231,123 @@ async def test_a_guest_that_reads_nothing_and_floods_pings_is_cut_off() -> None:
             if not served.is_connected(SANDBOX):
                 break
         assert not served.is_connected(SANDBOX)
+
+
+class Listing:
+    """The edge: a host whose listing holds the machines of ``states`` (by sandbox id), and
+    none of their guests ever said hello to this process (a worker just restarted)."""
+
+    def __init__(self, gateway: GuestGateway, states: dict[str, str]) -> None:
+        self.gateway = gateway
+        self.states = states
+
+    async def machines(self) -> list[Machine]:
+        return [
+            Machine(sandbox_id=sandbox_id, session_id=f"session-of-{sandbox_id}",
+                    handle=f"berth-{sandbox_id}", state=state, created_at=datetime.now(UTC))
+            for sandbox_id, state in self.states.items()
+        ]  # fmt: skip
+
+
+def placed(*sandbox_ids: str) -> list[monitor.Placed]:
+    return [
+        monitor.Placed(sandbox_id=s, session_id=f"session-of-{s}", handle=f"berth-{s}")
+        for s in sandbox_ids
+    ]
+
+
+async def test_placed_machines_are_judged_by_their_state_without_their_guests() -> None:
+    """The machines of the host's live sessions are watched though no guest ever talked
+    to this worker: a stopped one is dead at once, a missing one (removed behind Berth's
+    back, hibernated or not) on the second pass that misses it, and a step waiting for its
+    guest fails then; a running, a hibernated machine are left be. Each is told once."""
+    gateway = GuestGateway(KEY)
+    host = Listing(gateway, {"up": "running", "asleep": "paused", "stopped": "exited"})
+    here = placed("up", "asleep", "stopped", "removed", "removed-asleep")
+    told: list[tuple[str, str, str]] = []
+
+    async def died(machine: Machine, reason: str) -> None:
+        told.append((machine.sandbox_id, machine.session_id, reason))
+
+    waiting = asyncio.create_task(
+        gateway.run("removed", "e1", TerminalStep(command="true"), 60, discard)
+    )
+    reported: set[str] = set()
+    unseen: set[str] = set()
+    provider = cast(SandboxProvider, host)
+    await monitor.check(provider, died, reported, SILENCE_S, here, unseen)
+    assert [t[0] for t in told] == ["stopped"]
+    assert "its machine is exited" in told[0][2] and told[0][1] == "session-of-stopped"
+    assert not waiting.done()
+    # A moment later the rows still place them here: the missing ones are gone.
+    await monitor.check(provider, died, reported, SILENCE_S, here, unseen)
+    assert sorted(t[0] for t in told) == ["removed", "removed-asleep", "stopped"]
+    assert all("gone" in t[2] for t in told if t[0].startswith("removed"))
+    with pytest.raises(SandboxDied, match="gone"):
+        await asyncio.wait_for(waiting, 5)
+    # Told once: later passes say nothing more.
+    for _ in range(3):
+        await monitor.check(provider, died, reported, SILENCE_S, here, unseen)
+    assert len(told) == 3
+
+
+async def test_a_machine_missed_once_is_not_taken_for_gone() -> None:
+    """A session destroying its machine removes it a moment before its row says so: one
+    listing that misses a placed machine is no death."""
+    gateway = GuestGateway(KEY)
+    host = Listing(gateway, {})
+    told: list[str] = []
+
+    async def died(machine: Machine, reason: str) -> None:
+        told.append(machine.sandbox_id)
+
+    reported: set[str] = set()
+    unseen: set[str] = set()
+    provider = cast(SandboxProvider, host)
+    await monitor.check(provider, died, reported, SILENCE_S, placed("ending"), unseen)
+    await monitor.check(provider, died, reported, SILENCE_S, [], unseen)  # its row now says so
+    await monitor.check(provider, died, reported, SILENCE_S, [], unseen)
+    assert told == [] and reported == set()
+
+
+async def test_a_session_not_told_is_told_on_the_next_pass_and_the_others_at_once() -> None:
+    gateway = GuestGateway(KEY)
+    host = Listing(gateway, {"a": "exited", "b": "dead"})
+    told: list[str] = []
+    failing = {"a"}
+
+    async def died(machine: Machine, reason: str) -> None:
+        if machine.sandbox_id in failing:
+            failing.discard(machine.sandbox_id)
+            raise ConnectionError("Temporal is down")
+        told.append(machine.sandbox_id)
+
+    reported: set[str] = set()
+    provider = cast(SandboxProvider, host)
+    await monitor.check(provider, died, reported, SILENCE_S, placed("a", "b"))
+    assert told == ["b"]
+    await monitor.check(provider, died, reported, SILENCE_S, placed("a", "b"))
+    assert told == ["b", "a"]
+
+
+async def test_the_watch_reads_what_the_database_places_on_the_host() -> None:
+    gateway = GuestGateway(KEY)
+    host = Listing(gateway, {})
+    told: list[str] = []
+    stop = asyncio.Event()
+
+    async def died(machine: Machine, reason: str) -> None:
+        told.append(machine.sandbox_id)
+        stop.set()
+
+    async def sampled(usage: dict[str, MachineUsage], machines: list[Machine]) -> None:
+        pass
+
+    async def placement() -> list[monitor.Placed]:
+        return placed("removed")
+
+    watching = monitor.watch(
+        cast(SandboxProvider, host), died, sampled, stop, poll_s=POLL_S, placement=placement
+    )
+    await asyncio.wait_for(watching, 5)
+    assert told == ["removed"]

@@ -12,7 +12,8 @@ import vm_templates
 from berth.host import make_gateway, make_provider
 from config.settings import Settings
 from sandboxes.docker import HOST_LABEL, docker, exists
-from sandboxes.models import SandboxInfo
+from sandboxes.models import Machine, SandboxInfo
+from sandboxes.monitor import Placed
 from sandboxes.provider import SandboxProvider
 from sandboxes.reconcile import reconcile, reconcile_forever
 from tests.support.local import free_port
@@ -120,6 +121,37 @@ async def test_a_session_that_cannot_be_asked_keeps_its_machine(
     report = await reconcile(provider, owner, grace_s=0)
     assert report.unknown == [unanswered.id] and report.destroyed == [orphan.id]
     assert await exists("container", unanswered.handle)
+
+
+async def test_a_live_sessions_stopped_or_removed_machine_is_told_not_adopted(
+    provider: SandboxProvider,
+) -> None:
+    """After a Docker restart (a stopped container) or a ``docker rm -f`` behind Berth's
+    back (one the database still places here), the live session is told its machine is
+    dead; the one that runs is adopted."""
+    running, stopped, removed = [await provision(provider) for _ in range(3)]
+    await docker("stop", "--time", "0", stopped.handle)
+    await docker("rm", "--force", removed.handle)
+    live = {s.session_id: s.id for s in (running, stopped, removed)}
+
+    async def owner(session_id: str) -> str | None:
+        return live.get(session_id)
+
+    told: dict[str, str] = {}
+
+    async def died(machine: Machine, reason: str) -> None:
+        told[machine.sandbox_id] = reason
+
+    placed = [
+        Placed(sandbox_id=s.id, session_id=s.session_id, handle=s.handle)
+        for s in (running, stopped, removed)
+    ]
+    report = await reconcile(provider, owner, grace_s=0, on_death=died, placed=placed)
+    assert report.adopted == [running.id] and report.destroyed == []
+    assert sorted(report.dead) == sorted([stopped.id, removed.id])
+    assert "its machine is exited" in told[stopped.id]
+    assert "its machine is gone" in told[removed.id]
+    assert await exists("container", stopped.handle)  # its session removes it
 
 
 async def test_reconcile_forever_outlives_a_failing_pass_and_stops_when_told(
