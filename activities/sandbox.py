@@ -27,6 +27,9 @@ from store.events import EventType, OutputLine
 MAX_PENDING_CHARS = 4 * 1024 * 1024
 # How long a cancelled step waits for its command's exit after the kill.
 KILL_WAIT_S = 15.0
+# Attempts of a step whose guest cannot be reached before it fails (each waits the guest's
+# reconnect grace): about 2.5 min with the default grace and Temporal's backoff.
+GUEST_UNAVAILABLE_ATTEMPTS = 5
 
 
 def exec_id(request: StepRequest) -> str:
@@ -242,7 +245,10 @@ class SandboxActivities:
                 f"the sandbox's machine died: {exc}", type="SandboxDied", non_retryable=True
             ) from exc
         except GuestUnavailable as exc:
-            raise ApplicationError(str(exc), type="GuestUnavailable") from exc
+            # The step's attempts leave room for lost workers (workflows/options.py), not for
+            # a guest that stays away: that gives up after as many attempts as it always did.
+            last = activity.info().attempt >= GUEST_UNAVAILABLE_ATTEMPTS
+            raise ApplicationError(str(exc), type="GuestUnavailable", non_retryable=last) from exc
         except StepKindUnsupported as exc:
             # No retry can help: the machine's guest lacks what the step needs; it never ran.
             await recorder.finish("refused", None, str(exc))

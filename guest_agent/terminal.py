@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 
 from guest_agent.execution import Execution
 from guest_agent.protocol import EXIT_TIMED_OUT, MAX_OUTPUT_CHUNK
@@ -19,6 +20,16 @@ from guest_agent.user import StepUser, clean_environment
 BACKGROUND_QUIET_S = 1.0
 # Background readers of steps that are over, until their last writer is gone.
 _draining: set[asyncio.Future[tuple[None, None]]] = set()
+# Where the kernel counts its out-of-memory kills, the most local first: the container's
+# cgroup (v2, then v1), else the whole kernel's (a VM's own).
+OOM_COUNTERS = (
+    Path("/sys/fs/cgroup/memory.events"),
+    Path("/sys/fs/cgroup/memory/memory.oom_control"),
+    Path("/proc/vmstat"),
+)
+OUT_OF_MEMORY = (
+    "killed by the kernel's out-of-memory killer: the step needed more memory than the machine has"
+)
 
 
 class _Pipes:
@@ -43,6 +54,7 @@ async def run_command(
     Its environment is made afresh (the user's, or the workspace as HOME without one):
     nothing of the agent's own is passed on."""
     argv = ["/bin/bash", "-c", command]
+    ooms = oom_kills()  # before it starts: it may be killed at once
     try:
         process = await asyncio.create_subprocess_exec(
             *(user.command(argv) if user else argv),
@@ -82,7 +94,29 @@ async def run_command(
             readers.add_done_callback(_draining.discard)
             break
     code = await process.wait()
-    return (EXIT_TIMED_OUT if execution.timed_out else code), None
+    if execution.timed_out:
+        return EXIT_TIMED_OUT, None
+    # A SIGKILL that was not ours (a cancel, a timeout) and came with an out-of-memory kill
+    # is said so: a bare exit code of -9 (or a shell's 137) and no output explain nothing.
+    killed = code in (-signal.SIGKILL, 128 + signal.SIGKILL) and not execution.killed
+    if killed and ooms is not None and (oom_kills() or 0) > ooms:
+        return code, OUT_OF_MEMORY
+    return code, None
+
+
+def oom_kills() -> int | None:
+    """The kernel's count of out-of-memory kills where this guest runs, or None if it shows
+    none."""
+    for counter in OOM_COUNTERS:
+        try:
+            lines = counter.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            name, _, value = line.partition(" ")
+            if name == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None
 
 
 def _kill_group(process: asyncio.subprocess.Process) -> None:

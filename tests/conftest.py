@@ -26,6 +26,7 @@ POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 # What the tests under each folder or file need (paths relative to tests/).
 NEEDS: dict[str, tuple[str, ...]] = {
     "e2e/": ("e2e", "docker"),
+    "e2e/chaos/": ("chaos",),
     "e2e/test_system.py": ("chromium",),
     "e2e/test_dashboard_browser.py": ("chromium",),
     "berth/test_startup.py": ("e2e", "docker"),

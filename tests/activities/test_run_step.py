@@ -16,7 +16,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.models import StepRequest
-from activities.sandbox import SandboxActivities
+from activities.sandbox import GUEST_UNAVAILABLE_ATTEMPTS, SandboxActivities
 from guest_agent.chromium import chromium_path
 from sandboxes.gateway import GuestGateway
 from sandboxes.models import (
@@ -38,6 +38,7 @@ from tests.guest_agent.test_agent import KEY, guest_link
 from tests.guest_agent.test_browser import serve_pages
 from tests.store.test_events import new_session
 from tests.support.local import python_script
+from workflows.options import STEP_ATTEMPTS
 
 COUNT = python_script(
     "count.py",
@@ -231,3 +232,20 @@ async def test_a_step_kind_the_guest_lacks_is_refused_for_good(
     row, kinds = stored(sqlite_engine, request)
     assert row.status == "refused" and "does not run browser steps" in (row.error or "")
     assert kinds[-1] == EventType.step_finished
+
+
+@pytest.mark.parametrize(("number", "last"), [(GUEST_UNAVAILABLE_ATTEMPTS - 1, False),
+                                              (GUEST_UNAVAILABLE_ATTEMPTS, True)])  # fmt: skip
+async def test_a_guest_that_stays_away_fails_the_step_after_its_own_attempts(
+    sqlite_engine: Engine, tmp_path: Path, number: int, last: bool
+) -> None:
+    """The step's retry policy leaves room for lost workers; an absent guest is retried only
+    GUEST_UNAVAILABLE_ATTEMPTS times, as before."""
+    assert GUEST_UNAVAILABLE_ATTEMPTS < STEP_ATTEMPTS
+    gateway = GuestGateway(KEY, reconnect_grace_s=0.3)  # no guest ever dials it
+    activities = link_activities(gateway, sqlite_engine, tmp_path)
+    request = step_request(sqlite_engine, "sbx-absent", "echo never")
+    with pytest.raises(ApplicationError) as failed:
+        await asyncio.wait_for((await attempt(activities, request, number))[1], 10)
+    assert failed.value.type == "GuestUnavailable"
+    assert failed.value.non_retryable is last
