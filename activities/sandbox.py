@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -23,8 +25,13 @@ from store import events
 from store.artifacts import ArtifactStore
 from store.events import EventType, OutputLine
 
+log = logging.getLogger("berth.activities")
+
 # Output waiting for the database before the guest is held back.
 MAX_PENDING_CHARS = 4 * 1024 * 1024
+# A batch of output the database could not take (down, restarting) is tried again after
+# this long, doubling up to the second figure, until it is stored.
+STORE_RETRY_S = (0.2, 5.0)
 # How long a cancelled step waits for its command's exit after the kill.
 KILL_WAIT_S = 15.0
 # Attempts of a step whose guest cannot be reached before it fails (each waits the guest's
@@ -95,7 +102,22 @@ class StepRecorder:
         # Lines that come while one write runs go together in the next.
         while self._pending:
             batch, self._pending, self._pending_chars = self._pending, [], 0
-            await asyncio.to_thread(self._store, batch)
+            await self._store_until_stored(batch)
+
+    async def _store_until_stored(self, batch: list[OutputLine]) -> None:
+        """Store a batch, waiting out a database that cannot be reached: the lines are the
+        step's output, and none may be dropped (the guest is held back meanwhile, once
+        MAX_PENDING_CHARS wait behind it)."""
+        wait_s, most_s = STORE_RETRY_S
+        while True:
+            try:
+                await asyncio.to_thread(self._store, batch)
+                return
+            except OperationalError as exc:
+                log.warning("step output waits for the database (%s); again in %.1f s",
+                            str(exc).splitlines()[0], wait_s)  # fmt: skip
+            await asyncio.sleep(wait_s)
+            wait_s = min(2 * wait_s, most_s)
 
     def _store(self, batch: list[OutputLine]) -> None:
         request = self._request
