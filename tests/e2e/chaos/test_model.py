@@ -59,10 +59,13 @@ def user(spine: Spine, request: pytest.FixtureRequest) -> Iterator[User]:
     yield from user_of(spine, request.node.name)
 
 
-def prose(user: User, sid: str, bound_s: float) -> tuple[dict[str, Any], float, list[str]]:
-    """A prose task (planned by a model): how it ended, how long it took, who planned it."""
+def prose(
+    user: User, sid: str, phase: str, bound_s: float
+) -> tuple[dict[str, Any], float, list[str]]:
+    """A prose task (planned by a model), its words new to the cache: how it ended, how long
+    it took, who planned it."""
     started = time.monotonic()
-    tid = user.queue(sid, "say that it was planned")
+    tid = user.queue(sid, f"say that it was planned ({phase})")
     task = user.wait_task(sid, tid, bound_s)
     took = time.monotonic() - started
     stream = user.stream(sid)
@@ -83,14 +86,14 @@ def test_a_provider_down_then_slow_falls_back_or_fails_clearly(
     sid = user.new_session()
     user.wait_session(sid, "ready", 90)
 
-    task, took, planners = prose(user, sid, 90)
+    task, took, planners = prose(user, sid, "primary down", 90)
     report(f"primary down (nothing listens): task {task['status']} in {took:.1f} s, "
            f"planned by {planners}")  # fmt: skip
     assert task["status"] == "succeeded" and planners == ["backup"], task
 
     slow = Reply(content=PLAN, hang_s=4 * TIMEOUT_S)
     with ScriptedLLM(default=slow, port=PRIMARY_PORT) as primary:
-        task, took, planners = prose(user, sid, 120)
+        task, took, planners = prose(user, sid, "primary slow", 120)
         report(f"primary slow ({slow.hang_s:.0f} s an answer, timeout {TIMEOUT_S:.0f} s): "
                f"task {task['status']} in {took:.1f} s, planned by {planners}, "
                f"{len(primary.requests)} calls to the primary")  # fmt: skip
@@ -100,7 +103,7 @@ def test_a_provider_down_then_slow_falls_back_or_fails_clearly(
         backup.script = None
         backup.default = Reply(status=503)
         try:
-            task, took, planners = prose(user, sid, 150)
+            task, took, planners = prose(user, sid, "all failing", 150)
         finally:
             backup.script, backup.default = answer, None
     report(f"primary slow and backup failing: task {task['status']} in {took:.1f} s, "
@@ -108,7 +111,7 @@ def test_a_provider_down_then_slow_falls_back_or_fails_clearly(
     assert task["status"] == "failed", task
     assert task["error"], "a failed task without a reason"
 
-    task, took, planners = prose(user, sid, 90)
+    task, took, planners = prose(user, sid, "providers back", 90)
     assert task["status"] == "succeeded", task
     assert user.session(sid)["status"] == "ready"
     report(f"providers back: the next task succeeded in {took:.1f} s in the same session")
