@@ -34,6 +34,16 @@ def system(data: Path, name: str, env: dict[str, str] | None = None) -> Iterator
         assert running.stop() == 0, running.tail()
 
 
+def start_task(user: User, prompt: str) -> tuple[str, str, Stream, str]:
+    """A new session of ``user`` running ``prompt``: (session id, task id, the session's
+    stream, its machine's handle)."""
+    sid = user.new_session()
+    stream = user.stream(sid)
+    tid = user.queue(sid, prompt)
+    ready = stream.wait_for("the sandbox", is_event(EventType.sandbox_ready), 90)
+    return sid, tid, stream, str(ready["data"]["handle"])
+
+
 def counting(lines: int, every_s: float, until: str | None = None) -> str:
     """A step that prints ``line 1`` to ``line N``, one each ``every_s``; with ``until``, it
     stops early (after a line) once a file of that name is in its workspace."""

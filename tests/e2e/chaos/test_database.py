@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.chaos.harness import check_once, counting, numbered, report, system, wait_output
-from tests.e2e.test_spine import Spine, User, user_of
+from tests.e2e.test_spine import Spine, User
 from tests.support.local import free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -85,11 +85,6 @@ def spine(tmp_path_factory: pytest.TempPathFactory, postgres: PrivatePostgres) -
         "chaosdb",
         {"BERTH_DATABASE_URL": postgres.url},
     )
-
-
-@pytest.fixture
-def user(spine: Spine, request: pytest.FixtureRequest) -> Iterator[User]:
-    yield from user_of(spine, request.node.name)
 
 
 @pytest.mark.timeout(240)

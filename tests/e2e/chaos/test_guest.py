@@ -8,33 +8,19 @@ longer than the cut, which the step survives.)"""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from store.events import EventType
-from tests.e2e.chaos.harness import counting, link_cut, pid_of, report, system, wait_output
-from tests.e2e.test_spine import Spine, User, is_event, user_of
+from tests.e2e.chaos.harness import counting, link_cut, pid_of, report, wait_output
+from tests.e2e.test_spine import User, is_event
 from tests.support.local import free_port, python_script
 
 GATEWAY_PORT = free_port()
 CUT_S = 20.0
-
-
-@pytest.fixture(scope="module")
-def spine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spine]:
-    yield from system(
-        tmp_path_factory.mktemp("berth-chaos-guest"),
-        "chaosguest",
-        {"BERTH_GATEWAY_PORT": str(GATEWAY_PORT)},
-    )
-
-
-@pytest.fixture
-def user(spine: Spine, request: pytest.FixtureRequest) -> Iterator[User]:
-    yield from user_of(spine, request.node.name)
+SYSTEM_ENV = {"BERTH_GATEWAY_PORT": str(GATEWAY_PORT)}
 
 
 def machines(user: User, sid: str) -> list[str]:

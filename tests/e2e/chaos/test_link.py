@@ -7,7 +7,6 @@ its output arrives once."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,37 +17,20 @@ from tests.e2e.chaos.harness import (
     link_cut,
     numbered,
     report,
-    system,
+    start_task,
     wait_output,
 )
-from tests.e2e.test_spine import Spine, User, is_event, user_of
+from tests.e2e.test_spine import User
 from tests.support.local import free_port
 
 GATEWAY_PORT = free_port()
 CUT_S = 20.0
-
-
-@pytest.fixture(scope="module")
-def spine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spine]:
-    yield from system(
-        tmp_path_factory.mktemp("berth-chaos-link"),
-        "chaoslink",
-        {"BERTH_GATEWAY_PORT": str(GATEWAY_PORT), "BERTH_GUEST_SILENCE_S": "40"},
-    )
-
-
-@pytest.fixture
-def user(spine: Spine, request: pytest.FixtureRequest) -> Iterator[User]:
-    yield from user_of(spine, request.node.name)
+SYSTEM_ENV = {"BERTH_GATEWAY_PORT": str(GATEWAY_PORT), "BERTH_GUEST_SILENCE_S": "40"}
 
 
 @pytest.mark.timeout(240)
 def test_a_step_completes_after_its_guests_link_was_cut_for_20_s(user: User) -> None:
-    sid = user.new_session()
-    stream = user.stream(sid)
-    tid = user.queue(sid, f"$ {counting(80, 0.5)}")
-    ready = stream.wait_for("the sandbox", is_event(EventType.sandbox_ready), 90)
-    handle = str(ready["data"]["handle"])
+    sid, tid, stream, handle = start_task(user, f"$ {counting(80, 0.5)}")
     wait_output(user, stream, tid, "line 5\n", 90)
     with link_cut(handle, GATEWAY_PORT) as guest:
         cut_at = stream.output(tid, 0).count("\n")

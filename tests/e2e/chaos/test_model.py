@@ -13,7 +13,7 @@ import pytest
 
 from store.events import EventType
 from tests.e2e.chaos.harness import report, system
-from tests.e2e.test_spine import Spine, User, is_event, user_of
+from tests.e2e.test_spine import Spine, User, is_event
 from tests.support.local import free_port
 from tests.support.scripted_llm import Reply, ScriptedLLM
 
@@ -52,11 +52,6 @@ def spine(tmp_path_factory: pytest.TempPathFactory, backup: ScriptedLLM) -> Iter
             "BERTH_LLM_COOLDOWN_S": "0.01",
         },
     )
-
-
-@pytest.fixture
-def user(spine: Spine, request: pytest.FixtureRequest) -> Iterator[User]:
-    yield from user_of(spine, request.node.name)
 
 
 def prose(

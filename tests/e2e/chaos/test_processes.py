@@ -8,48 +8,35 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from store.events import EventType
 from tests.e2e.chaos.harness import (
     check_once,
     counting,
     kill,
     numbered,
     report,
-    system,
+    start_task,
     wait_healthy,
     wait_output,
     wait_restarted,
 )
-from tests.e2e.test_spine import Spine, User, is_event, session_containers, user_of
+from tests.e2e.test_spine import User, session_containers
 
 TEMPORAL_CLI = Path(sys.executable).parent / "temporal"
 COUNT_UNTIL_ENOUGH = counting(1200, 0.2, "enough")
 
 
-@pytest.fixture(scope="module")
-def spine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spine]:
-    yield from system(
-        tmp_path_factory.mktemp("berth-chaos-processes"),
-        "chaosproc",
-        {
-            # The sweeper looks every 2 s at rows changed more than 1 s ago, so a terminated
-            # workflow's row is closed within seconds (60 s and 60 s by default).
-            "BERTH_SESSION_SWEEP_EVERY_S": "2",
-            "BERTH_SESSION_SWEEP_GRACE_S": "1",
-            "BERTH_MAX_LIVE_SESSIONS": "1",
-        },
-    )
-
-
-@pytest.fixture
-def user(spine: Spine, request: pytest.FixtureRequest) -> Iterator[User]:
-    yield from user_of(spine, request.node.name)
+# The sweeper looks every 2 s at rows changed more than 1 s ago, so a terminated workflow's
+# row is closed within seconds (60 s and 60 s by default); one live session per user.
+SYSTEM_ENV = {
+    "BERTH_SESSION_SWEEP_EVERY_S": "2",
+    "BERTH_SESSION_SWEEP_GRACE_S": "1",
+    "BERTH_MAX_LIVE_SESSIONS": "1",
+}
 
 
 @pytest.mark.timeout(150)
@@ -92,13 +79,11 @@ def test_a_task_outlives_a_killed_temporal_server(user: User) -> None:
 
 @pytest.mark.timeout(240)
 def test_a_task_succeeds_through_five_worker_kills(user: User) -> None:
-    sid = user.new_session()
-    stream = user.stream(sid)
     # Long enough for five kills and the supervisor's backoff (1+2+4+8+16 s): the test ends
     # the loop by leaving a file in the workspace once it has killed five times.
-    tid = user.queue(sid, f"$ echo run >> runs.txt; {COUNT_UNTIL_ENOUGH}\n$ cat runs.txt")
-    ready = stream.wait_for("the sandbox", is_event(EventType.sandbox_ready), 90)
-    handle = str(ready["data"]["handle"])
+    sid, tid, stream, handle = start_task(
+        user, f"$ echo run >> runs.txt; {COUNT_UNTIL_ENOUGH}\n$ cat runs.txt"
+    )
     for kills in range(1, 6):
         # A line printed after the worker came back: the new worker has the step again.
         seen = stream.output(tid, 0).count("\n")
