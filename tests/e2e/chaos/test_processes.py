@@ -24,7 +24,7 @@ from tests.e2e.chaos.harness import (
     wait_output,
     wait_restarted,
 )
-from tests.e2e.test_spine import User, session_containers
+from tests.e2e.test_spine import User
 
 TEMPORAL_CLI = Path(sys.executable).parent / "temporal"
 COUNT_UNTIL_ENOUGH = counting(1200, 0.2, "enough")
@@ -93,7 +93,9 @@ def test_a_task_succeeds_through_five_worker_kills(user: User) -> None:
         report(f"kill {kills}: worker {killed} killed after line {seen + 3}; back in {back:.1f} s")
     seen = stream.output(tid, 0).count("\n")
     wait_output(user, stream, tid, f"line {seen + 3}\n", 90)
-    subprocess.run(["docker", "exec", handle, "touch", "/home/berth/enough"], check=True)
+    subprocess.run(
+        ["docker", "exec", "-u", "berth", handle, "touch", "/home/berth/enough"], check=True
+    )
     task = user.wait_task(sid, tid, 60)
     assert task["status"] == "succeeded", (task, user.spine.tail())
     last = task["steps"][0]["output"].count("\n")
@@ -110,7 +112,6 @@ def test_a_workflow_terminated_with_the_temporal_cli_ends_its_row_and_frees_its_
     user.wait_session(sid, "ready", 90)
     refused = user.create()
     assert refused.status_code == 429, refused.text  # the user's one live session is taken
-    containers = session_containers(sid)
     terminate = [
         str(TEMPORAL_CLI), "workflow", "terminate", "--workflow-id", f"session-{sid}",
         "--reason", "chaos test", "--address", user.spine.temporal,
@@ -127,9 +128,4 @@ def test_a_workflow_terminated_with_the_temporal_cli_ends_its_row_and_frees_its_
     assert again.status_code == 201, again.text
     report(f"its row became failed ({session['error']}) after {closed:.1f} s; a new one is let in")
     user.wait_session(again.json()["id"], "ready", 90)
-    # The host's reconciliation (every 60 s) destroys the machine of a session that is over.
-    while any(c in session_containers(sid) for c in containers):
-        assert time.monotonic() - started < 80, "the terminated session's container lives on"
-        time.sleep(1)
-    report(f"its container was removed {time.monotonic() - started:.1f} s after the termination")
     assert httpx.get(f"{user.base}/healthz", timeout=5).status_code == 200
