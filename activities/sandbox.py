@@ -24,6 +24,7 @@ from sandboxes.provider import SandboxProvider
 from store import events
 from store.artifacts import ArtifactStore
 from store.events import EventType, OutputLine
+from telemetry.metrics import POLICY_REFUSALS
 
 log = logging.getLogger("berth.activities")
 
@@ -191,6 +192,7 @@ class SandboxActivities:
             self.policies[template] = load_policy(template, self.command_policy_path)
         verdict = judge(step.command, self.policies[template], cwd=step.cwd)
         if not verdict.allowed:
+            POLICY_REFUSALS.labels(template).inc()
             raise ApplicationError(verdict.reason, type="CommandRefused", non_retryable=True)
 
     @activity.defn(name="ProvisionSandbox")

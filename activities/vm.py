@@ -22,6 +22,7 @@ from activities.models import (
 )
 from sandboxes.models import SandboxInfo
 from sandboxes.provider import SandboxProvider
+from telemetry.metrics import POOL_CLAIMS
 
 log = logging.getLogger("berth.pool")
 
@@ -58,12 +59,15 @@ class VmActivities:
                 log.warning("no pool for template %r: %s", request.template, exc)
                 return None
             if answer is None:
+                POOL_CLAIMS.labels(request.template, "miss").inc()
                 return None
             sandbox: SandboxInfo = answer
             if (await self.provider.health(sandbox)).ok:
+                POOL_CLAIMS.labels(request.template, "hit").inc()
                 return sandbox.model_copy(update={"session_id": request.session_id})
             log.warning("pool VM %s is unhealthy: destroyed, claiming another", sandbox.id)
             await self.provider.destroy(sandbox)
+        POOL_CLAIMS.labels(request.template, "miss").inc()
         return None
 
     @activity.defn(name="AssignSandbox")

@@ -38,10 +38,12 @@ def _refuse_if_locked(db: Session, *keys: str) -> None:
 
 
 def _limit(db: Session, key: str, most: int, window_s: int, lockout_s: int) -> None:
-    """Count an attempt; past ``most`` in the window, lock the key and refuse."""
+    """Count an attempt; past ``most`` in the window, lock the key and refuse. Refused too
+    when an attempt made at once (in any process) locked it after this one's first look:
+    the lock starts the count afresh, so this one's count alone would let it through."""
     if counters.count(db, key, window_s) > most:
         counters.lock(db, key, lockout_s)
-        _refuse_if_locked(db, key)
+    _refuse_if_locked(db, key)
 
 
 def _email_key(email: str) -> str:

@@ -1,6 +1,6 @@
-"""Admin routes: sign-up invites, and the audit trail. For one session the trail merges the
-audit log's entries about the session with the commands its sandbox ran (each step's
-``step.started`` event), in time order."""
+"""Admin routes: sign-up invites, the host registry, and the audit trail. For one session
+the trail merges the audit log's entries about the session with the commands its sandbox ran
+(each step's ``step.started`` event), in time order."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from pydantic import BaseModel
 from sqlalchemy import false, true
 from sqlmodel import Session, col, or_, select
 
-from api import accounts, cursors
+from api import accounts, cursors, quotas
 from api.deps import AdminDep, DbDep, IpDep, Problem, SettingsDep
 from api.problems import problems
-from api.schemas import InviteOut
-from store import audit
+from api.schemas import HostOut, InviteOut, UserLimitsIn, UserLimitsOut
+from config.settings import Settings
+from store import audit, hosts
 from store.events import EventType
-from store.models import AuditEntry, Event, SessionRow
+from store.models import AuditEntry, Event, SessionRow, User
 
 # Every route under /api may be refused for its input; the others are named per route.
 router = APIRouter(prefix="/api/admin", tags=["admin"], responses=problems(422))
@@ -48,6 +49,55 @@ def create_invite(
     row, code = accounts.make_invite(db, settings, admin, ip)
     link = str(request.base_url.replace(path="/login").include_query_params(invite=code))
     return InviteOut(code=code, link=link, expires_at=row.expires_at)
+
+
+@router.get("/users/{user_id}/limits", responses=problems(401, 403, 404))
+def get_limits(user_id: str, db: DbDep, settings: SettingsDep, admin: AdminDep) -> UserLimitsOut:
+    """A user's limits in force (LLM spending a day and a month, kept disks), and the
+    overrides an admin set (null: the setting's)."""
+    _user(db, user_id)
+    return quotas.limits_of(db, settings, user_id)
+
+
+@router.put("/users/{user_id}/limits", responses=problems(401, 403, 404))
+def put_limits(
+    user_id: str,
+    body: UserLimitsIn,
+    db: DbDep,
+    settings: SettingsDep,
+    admin: AdminDep,
+    ip: IpDep,
+) -> UserLimitsOut:
+    """Sets a user's limits in place of the settings' (a field null or left out: the
+    setting's; 0: no limit). They apply from the next model call or kept disk."""
+    _user(db, user_id)
+    quotas.set_limits(db, user_id, body)
+    audit.record(db, admin.id, "admin.limits.update", user_id, body.model_dump(), ip=ip)
+    return quotas.limits_of(db, settings, user_id)
+
+
+def _user(db: Session, user_id: str) -> User:
+    found = db.get(User, user_id)
+    if found is None:
+        raise Problem(404, f"no user {user_id}")
+    return found
+
+
+def host_list(db: Session, settings: Settings) -> list[HostOut]:
+    """Every registered host, each in the state it reads in now."""
+    lost_after = settings.host_lost_after_s
+    return [
+        HostOut(**row.model_dump(exclude={"state"}), state=hosts.seen_state(row, lost_after))
+        for row in hosts.listing(db)
+    ]
+
+
+@router.get("/hosts", responses=problems(401, 403))
+def host_registry(db: DbDep, settings: SettingsDep, admin: AdminDep) -> list[HostOut]:
+    """The sandbox hosts: what each can hold and holds (machines, warm pools per template),
+    as of its last heartbeat, and its state (active, draining, or lost: silent for longer
+    than BERTH_HOST_LOST_AFTER_S)."""
+    return host_list(db, settings)
 
 
 def _entries(

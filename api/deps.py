@@ -4,6 +4,8 @@ bearer token for the JSON API, by the dashboard's login cookie for its pages and
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
@@ -12,14 +14,21 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlmodel import Session
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from api import accounts
 from api.problems import Problem, logged
 from api.security import Passwords
 from config.settings import Settings
+from store import streams
 from store.models import ApiToken, User
 from store.notify import Hub
+from workflows import search
 from workflows.client import connect
+
+log = logging.getLogger("berth.api")
+# How often a namespace without the search attributes is asked again.
+SEARCHABLE_RECHECK_S = 300.0
 
 __all__ = ["Problem"]  # raised by routes and services through this module
 
@@ -42,24 +51,26 @@ def get_db(engine: Annotated[Engine, Depends(app_engine)]) -> Iterator[Session]:
 
 
 class Streams:
-    """Open streams per user in this process, so one user cannot hold the server's threads
-    and connections with thousands of them; and how long one may last before the client is
-    asked to reconnect (which it does where it left off), so none is held forever."""
+    """Open streams per user, counted in the database across every API process (a lease
+    each, store/streams.py), so one user cannot hold the servers' threads and connections
+    with thousands of them; and how long one may last before the client is asked to
+    reconnect (which it does where it left off), so none is held forever."""
 
-    def __init__(self, most: int, lifetime_s: float = 900.0) -> None:
+    def __init__(self, engine: Engine, most: int, lifetime_s: float = 900.0) -> None:
+        self.engine = engine
         self.most = most
         self.lifetime_s = lifetime_s
-        self._open: dict[str, int] = {}
 
     def take(self, user_id: str) -> Callable[[], None]:
         """A place for one of the user's streams, taken now (so requests made at once cannot
         all pass a check before any stream starts), or a 429; returns what gives it back,
         which may be called more than once."""
-        if self._open.get(user_id, 0) >= self.most:
+        with Session(self.engine) as db:
+            lease = streams.open_lease(db, user_id, self.most, self.lifetime_s)
+        if lease is None:
             raise Problem(
                 429, f"you have {self.most} event streams open, the most allowed; close some"
             )
-        self._open[user_id] = self._open.get(user_id, 0) + 1
         given_back = False
 
         def give_back() -> None:
@@ -67,9 +78,8 @@ class Streams:
             if given_back:
                 return
             given_back = True
-            self._open[user_id] -= 1
-            if not self._open[user_id]:
-                del self._open[user_id]
+            with Session(self.engine) as db:
+                streams.close_lease(db, lease)
 
         return give_back
 
@@ -83,6 +93,10 @@ class TemporalLink:
         self.settings = settings
         self._client: Client | None = None
         self._lock = asyncio.Lock()
+        # Whether the namespace has Berth's search attributes, and when that was last asked
+        # (a yes holds; a no is asked again, so a `temporal-setup` takes effect unrestarted).
+        self._searchable = False
+        self._searchable_at: float | None = None
 
     async def client(self) -> Client:
         async with self._lock:
@@ -94,6 +108,28 @@ class TemporalLink:
                     where = f"Temporal at {self.settings.temporal_target}: {exc}"
                     raise logged(503, "the orchestrator is unavailable; try again", where) from exc
             return self._client
+
+    async def searchable(self) -> bool:
+        """Whether sessions may carry the search attributes (workflows/search.py)."""
+        now = time.monotonic()
+        if self._searchable or (
+            self._searchable_at is not None and now - self._searchable_at < SEARCHABLE_RECHECK_S
+        ):
+            return self._searchable
+        self._searchable_at = now
+        try:
+            lacking = await search.missing(await self.client(), self.settings.temporal_namespace)
+        except RPCError as exc:
+            log.warning("could not list Temporal's search attributes: %s", exc)
+            return False
+        if lacking:
+            log.warning(
+                "the Temporal namespace lacks the search attributes %s: sessions run without "
+                "them (`python -m berth temporal-setup` adds them)",
+                ", ".join(lacking),
+            )
+        self._searchable = not lacking
+        return self._searchable
 
 
 def get_hub(request: Request) -> Hub:

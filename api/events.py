@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
 
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Engine
@@ -21,8 +22,10 @@ from starlette.background import BackgroundTask
 from api import service
 from api.deps import Problem, Streams
 from store import events
+from store.events import EventType
 from store.models import Event, User
 from store.notify import Hub
+from telemetry.metrics import STREAM_DELAY
 
 KEEPALIVE_S = 15.0
 READ_BATCH = 500
@@ -70,6 +73,7 @@ async def follow(
             return events.read_after(db, session_id, after, READ_BATCH)
 
     ended = False
+    live = False  # past the first read: what comes now was written while the client watched
     with hub.watch(session_id) as bell:
         yield "retry: 2000\n\n"
         while True:
@@ -77,12 +81,15 @@ async def follow(
             batch = await asyncio.to_thread(read, after)
             if batch:
                 yield render(batch)
+                if live:
+                    measure_delay(batch)
                 after = batch[-1].seq
                 # Only the log's last event ends the stream: a resumed session's log goes
                 # on past the end of its earlier run.
                 ended = events.is_final(batch[-1])
             if len(batch) == READ_BATCH:
                 continue
+            live = True
             if ended:
                 return
             if batch and pace_s:
@@ -95,6 +102,17 @@ async def follow(
             except TimeoutError:
                 # Also a read: a wake-up lost with a dropped notification costs no event.
                 yield ": keepalive\n\n"
+
+
+def measure_delay(batch: Sequence[Event]) -> None:
+    """How long each output line took from its write to its way out to the client."""
+    now = datetime.now(UTC)
+    for event in batch:
+        if event.type == EventType.step_output:
+            written = event.created_at
+            if written.tzinfo is None:  # SQLite gives back naive UTC
+                written = written.replace(tzinfo=UTC)
+            STREAM_DELAY.observe(max(0.0, (now - written).total_seconds()))
 
 
 async def counted(give_back: Callable[[], None], body: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from api.deps import DbDep, Problem, UserDep
-from api.problems import problems
+from api.problems import LimitOut, problems
 from llm.accounting import user_usage
 from llm.models import (
     AllProvidersFailed,
@@ -33,6 +33,7 @@ from llm.models import (
     LLMError,
     NoProvider,
     RateLimited,
+    SpendLimited,
     UserUsage,
 )
 from llm.proxy import LLMProxy
@@ -88,6 +89,11 @@ def check_owner(engine: Engine, user_id: str, sid: str | None, tid: str | None) 
 
 def problem(exc: LLMError) -> Problem:
     status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 502)
+    if isinstance(exc, SpendLimited):
+        used = LimitOut(
+            name=exc.limit, value=exc.value, unit="USD", used=exc.spent, resets_at=exc.resets_at
+        )
+        return Problem(status, str(exc), limit=used)  # Retry-After: when it resets
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else None
     return Problem(status, str(exc), headers=headers)
 

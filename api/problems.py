@@ -12,8 +12,10 @@ id (``error_id``), which an operator finds in the log.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Callable
+from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 
@@ -38,6 +40,7 @@ class Problem(Exception):
         headers: dict[str, str] | None = None,
         errors: list[dict[str, Any]] | None = None,
         error_id: str | None = None,
+        limit: LimitOut | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -45,6 +48,10 @@ class Problem(Exception):
         self.headers = dict(headers or {})
         self.errors = errors
         self.error_id = error_id
+        self.limit = limit
+        if limit is not None and limit.resets_at is not None:
+            wait = (limit.resets_at - datetime.now(UTC)).total_seconds()
+            self.headers.setdefault("Retry-After", str(max(1, math.ceil(wait))))
         if status == 401:
             self.headers.setdefault("WWW-Authenticate", "Bearer")
 
@@ -53,6 +60,17 @@ class FieldError(BaseModel):
     loc: list[str | int]
     msg: str
     type: str
+
+
+class LimitOut(BaseModel):
+    """The limit a refusal hit: its setting's name, its value, what is used of it, and
+    when it resets (also in Retry-After), if it does by itself."""
+
+    name: str  # the setting, BERTH_<NAME> (an admin may set another per user)
+    value: float
+    unit: str  # USD, disks, bytes
+    used: float
+    resets_at: datetime | None = None
 
 
 class ProblemOut(BaseModel):
@@ -64,6 +82,7 @@ class ProblemOut(BaseModel):
     detail: str
     errors: list[FieldError] | None = None
     error_id: str | None = None  # where the log holds what went wrong inside
+    limit: LimitOut | None = None  # a refusal for a limit: which, its value, when it resets
 
 
 def error_id() -> str:
@@ -85,8 +104,9 @@ def document(problem: Problem) -> dict[str, Any]:
         detail=problem.detail,
         errors=[FieldError.model_validate(e) for e in problem.errors] if problem.errors else None,
         error_id=problem.error_id,
+        limit=problem.limit,
     )
-    return body.model_dump(exclude_none=True)
+    return body.model_dump(mode="json", exclude_none=True)
 
 
 def response(problem: Problem) -> Response:

@@ -141,12 +141,13 @@ async def create_session(
     /api/preferences), with the caller's preferred model and timeouts."""
     template = (body or SessionCreate()).template
     row = await service.start_session(db, temporal, settings, user, template, ip)
-    return service.session_out(row)
+    return service.session_out(row, settings)
 
 
 @router.get("/sessions", tags=["sessions"], responses={**LISTING, **problems(403)})
 def list_sessions(
     db: DbDep,
+    settings: SettingsDep,
     user: UserDep,
     ip: IpDep,
     page: cursors.PagingDep,
@@ -159,28 +160,35 @@ def list_sessions(
         audit.record(db, user.id, "admin.sessions.list", ip=ip)
     after = cursors.decode_moment(page.cursor) if page.cursor else None
     rows = service.list_sessions(db, None if all else user, page.fetch, after)
-    return [service.session_out(row) for row in page.take(rows, cursors.moment)]
+    return [service.session_out(row, settings) for row in page.take(rows, cursors.moment)]
 
 
 @router.get("/sessions/{sid}", tags=["sessions"], responses=SESSION)
-def get_session(sid: str, db: DbDep, user: UserDep) -> SessionOut:
-    return service.session_out(service.visible_session(db, user, sid))
+def get_session(sid: str, db: DbDep, settings: SettingsDep, user: UserDep) -> SessionOut:
+    return service.session_out(service.visible_session(db, user, sid), settings)
 
 
-@router.delete("/sessions/{sid}", status_code=202, tags=["sessions"], responses=LIVE_SESSION)
+@router.delete(
+    "/sessions/{sid}",
+    status_code=202,
+    tags=["sessions"],
+    responses={**LIVE_SESSION, **problems(429)},
+)
 async def end_session(
     sid: str,
     db: DbDep,
     temporal: TemporalDep,
+    settings: SettingsDep,
     user: UserDep,
     ip: IpDep,
     preserve: bool = False,
 ) -> SessionOut:
     """End the session. With ``preserve=true`` its sandbox is shut down with its disk (a
-    container: its workspace) kept, and ``POST .../resume`` brings the session back."""
+    container: its workspace) kept, and ``POST .../resume`` brings the session back until
+    ``kept_until``; 429 past the caller's kept disks (count or bytes)."""
     row = service.own_session(db, user, sid)
-    await service.end_session(db, temporal, user, row, ip, preserve=preserve)
-    return service.session_out(row)
+    await service.end_session(db, temporal, settings, user, row, ip, preserve=preserve)
+    return service.session_out(row, settings)
 
 
 @router.post(
@@ -195,7 +203,8 @@ async def resume_session(
     """Resume a session that ended with its disk preserved: the same session (id, events,
     tasks) on a new machine with the kept disk; 409 unless it ended preserved."""
     row = service.own_session(db, user, sid)
-    return service.session_out(await service.resume_session(db, temporal, settings, user, row, ip))
+    resumed = await service.resume_session(db, temporal, settings, user, row, ip)
+    return service.session_out(resumed, settings)
 
 
 @router.post("/sessions/{sid}/tasks", status_code=202, tags=["tasks"], responses=LIVE_SESSION)

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, field_validator
 
 from llm.models import UsageTotals
-from store.models import SessionStatus, StepStatus, TaskStatus
+from store.hosts import HostReport
+from store.models import HostState, SessionStatus, StepStatus, TaskStatus
 from workflows.models import Prompt
 
 
@@ -79,8 +80,10 @@ class SessionOut(BaseModel):
     status: SessionStatus
     template: str
     error: str | None
-    # Ended with its sandbox's disk kept: POST .../resume brings it back.
+    # Ended with its sandbox's disk kept: POST .../resume brings it back, until kept_until,
+    # when the host removes the disk (BERTH_KEPT_MAX_AGE_DAYS; null: kept until removed).
     preserved: bool = False
+    kept_until: datetime | None = None
     created_at: datetime
     ended_at: datetime | None
     events_url: str
@@ -144,6 +147,14 @@ class PoolOut(BaseModel):
     boot_failures: int
 
 
+class HostOut(HostReport):
+    """A sandbox host as its last heartbeat described it; ``state`` as it reads now (lost:
+    silent longer than BERTH_HOST_LOST_AFTER_S)."""
+
+    state: HostState
+    last_seen: datetime
+
+
 # Bounds of a user's session timeouts: hibernating sooner than a minute would suspend a
 # sandbox between a user's tasks; a session idle past a week holds its resources for nothing.
 HIBERNATE_MIN_S, HIBERNATE_MAX_S = 60, 24 * 3600
@@ -186,3 +197,23 @@ class PreferencesOut(Preferences):
     defaults: PreferenceDefaults
     templates: list[str]
     models: list[str]
+
+
+class UserLimitsIn(BaseModel):
+    """An admin's limits for one user; each null (or left out) is the setting's, 0 is none."""
+
+    spend_day_usd: float | None = Field(default=None, ge=0)
+    spend_month_usd: float | None = Field(default=None, ge=0)
+    kept_disks: int | None = Field(default=None, ge=0)
+    kept_bytes: int | None = Field(default=None, ge=0)
+
+
+class UserLimitsOut(BaseModel):
+    """A user's limits in force (0: none), and the admin's overrides they come from."""
+
+    user_id: str
+    spend_day_usd: float
+    spend_month_usd: float
+    kept_disks: int
+    kept_bytes: int
+    overrides: UserLimitsIn

@@ -28,16 +28,19 @@ from temporalio.service import RPCError, RPCStatusCode
 
 import vm_templates
 from activities.models import pool_workflow_id
-from api import preferences
+from api import preferences, quotas
 from api.deps import Problem, TemporalLink
 from api.problems import logged
 from api.schemas import PoolOut, SessionOut, StepOut, TaskOut, TaskRefOut
 from config.settings import Settings
 from llm.accounting import task_usage
+from sandboxes.kept import kept_until
 from sandboxes.models import SandboxInfo
-from store import audit
+from store import audit, hosts
 from store.artifacts import ArtifactStore
+from store.db import take_turn
 from store.models import (
+    HostState,
     SandboxRow,
     SessionRow,
     SessionStatus,
@@ -47,13 +50,15 @@ from store.models import (
     User,
     utcnow,
 )
-from workflows import sweeper
+from workflows import search, sweeper
 from workflows.client import workflow_id
 from workflows.models import SessionInput, TaskControl, TaskModification, TaskRef, TaskSubmission
 from workflows.pool import SandboxPool
 from workflows.session import SessionWorkflow
 
 FINAL = (SessionStatus.ended, SessionStatus.failed)
+# When a refused session may be asked for again on a draining host: a drain lasts minutes.
+DRAINING_RETRY_S = 60
 
 
 async def start_session(
@@ -71,7 +76,8 @@ async def start_session(
     if template not in vm_templates.names():
         known = ", ".join(vm_templates.names())
         raise Problem(422, f"no sandbox template {template!r}; known: {known}")
-    check_live_sessions(db, settings, user)
+    check_live_sessions(db, settings, user)  # at once, without connecting
+    check_host_open(db, settings)
     client = await temporal.client()  # before the row: no session is left half-made
     row = SessionRow(
         user_id=user.id,
@@ -80,12 +86,37 @@ async def start_session(
         hibernate_after_s=prefs.hibernate_after_s or settings.session_hibernate_after_s,
         model=prefs.model,
     )
+    admit_live(db, settings, user, row)
+    audit.record(db, user.id, "session.create", row.id, {"template": template}, ip=ip)
+    await _start_run(db, client, settings, user, row, searchable=await temporal.searchable())
+    return row
+
+
+def admit_live(db: Session, settings: Settings, user: User, row: SessionRow) -> None:
+    """Write ``row`` as one of the user's live sessions if the limit has room (else 429):
+    counted and written in one turn of the user's (store/db.py:take_turn), so requests made
+    at once to any number of API processes admit exactly as many as the limit allows."""
+    take_turn(db, f"live-sessions:{user.id}")
+    try:
+        check_live_sessions(db, settings, user)
+    except Problem:
+        db.rollback()
+        raise
     db.add(row)
     db.commit()
     db.refresh(row)
-    audit.record(db, user.id, "session.create", row.id, {"template": template}, ip=ip)
-    await _start_run(db, client, settings, user, row)
-    return row
+
+
+def check_host_open(db: Session, settings: Settings) -> None:
+    """503 while this API's sandbox host is draining (``python -m berth host drain``): it
+    takes no new sessions. A host not in the registry (its worker never started) is open."""
+    state = hosts.state_of(db, settings.host_id, settings.host_lost_after_s)
+    if state == HostState.draining:
+        raise Problem(
+            503,
+            f"host {settings.host_id} is draining and takes no new sessions; try again later",
+            headers={"Retry-After": str(DRAINING_RETRY_S)},
+        )
 
 
 def check_live_sessions(db: Session, settings: Settings, user: User) -> None:
@@ -110,13 +141,23 @@ async def _start_run(
     user: User,
     row: SessionRow,
     restore: SandboxInfo | None = None,
+    searchable: bool = False,
 ) -> None:
     """Start the session's workflow: a new session, or a resumed one's next run, with the
     timeouts and model the session began with (sessions from before they were kept on the
-    row: the system's)."""
+    row: the system's); with its search attributes when the namespace has them, and a
+    summary the Web UI shows without the codec."""
     began = row.idle_timeout_s is not None
+    state = "resuming" if restore else "provisioning"
+    attributes = (
+        search.at_start(user.id, row.template, settings.host_id, SessionStatus.provisioning)
+        if searchable
+        else None
+    )
     try:
-        await client.start_workflow(
+        # The summary and details go as ready payloads (past the codec: readable in the Web UI
+        # without it); the SDK takes a Payload there though its overloads type only str.
+        await client.start_workflow(  # type: ignore[call-overload]
             SessionWorkflow.run,
             SessionInput(
                 session_id=row.id,
@@ -132,11 +173,14 @@ async def _start_run(
                 max_revisions=settings.agent_max_revisions,
                 model=row.model,
                 restore=restore,
+                search_attributes=searchable,
             ),
             id=workflow_id(row.id),
             task_queue=settings.host_task_queue,  # the session lives on its host
-            # The user's id, not their email: operators see summaries, and so do logs.
-            static_summary=f"session of user {user.id} ({row.template})",
+            search_attributes=attributes,
+            # Ids and states only (the user's id, not their email): operators see these.
+            static_summary=search.summary(row.id, row.template, state),
+            static_details=search.details(row.id, user.id, row.template, settings.host_id),
         )
     except WorkflowAlreadyStartedError as exc:
         raise Problem(409, f"session {row.id} is running already") from exc
@@ -164,18 +208,18 @@ async def resume_session(
     ).first()
     if row.status not in FINAL or not row.preserved or kept is None:
         raise Problem(409, f"session {row.id} is not an ended session with its disk kept")
-    check_live_sessions(db, settings, user)
+    check_live_sessions(db, settings, user)  # at once, without connecting
+    check_host_open(db, settings)
     client = await temporal.client()
     restore = SandboxInfo(
         id=kept.id, session_id=row.id, provider=kept.provider, host_id=kept.host_id,
         task_queue=settings.host_task_queue, template=kept.template, handle=kept.handle,
     )  # fmt: skip
-    await _start_run(db, client, settings, user, row, restore)
-    # Live again from now (the workflow's events say the rest).
+    # Live again from now (the workflow's events say the rest), admitted under the limit
+    # before its run starts; a run that cannot start marks it failed again.
     row.status, row.error, row.ended_at = SessionStatus.provisioning, None, None
-    db.add(row)
-    db.commit()
-    db.refresh(row)
+    admit_live(db, settings, user, row)
+    await _start_run(db, client, settings, user, row, restore, await temporal.searchable())
     audit.record(db, user.id, "session.resume", row.id, {"sandbox": kept.id}, ip=ip)
     return row
 
@@ -246,13 +290,14 @@ def visible_session(db: Session, user: User, session_id: str) -> SessionRow:
     return row
 
 
-def session_out(row: SessionRow) -> SessionOut:
+def session_out(row: SessionRow, settings: Settings) -> SessionOut:
     return SessionOut(
         id=row.id,
         status=row.status,
         template=row.template,
         error=row.error,
         preserved=row.preserved,
+        kept_until=kept_until(row.ended_at, settings.kept_max_age_days) if row.preserved else None,
         created_at=row.created_at,
         ended_at=row.ended_at,
         events_url=f"/api/sessions/{row.id}/events",
@@ -262,13 +307,16 @@ def session_out(row: SessionRow) -> SessionOut:
 async def end_session(
     db: Session,
     temporal: TemporalLink,
+    settings: Settings,
     user: User,
     row: SessionRow,
     ip: str | None = None,
     preserve: bool = False,
 ) -> None:
     """End the session: its sandbox is destroyed, or with ``preserve`` shut down with its
-    disk kept, so that resume_session brings it back."""
+    disk kept, so that resume_session brings it back (429 past the user's kept disks)."""
+    if preserve:
+        quotas.check_kept(db, settings, user)
     client = await temporal.client()
     handle = client.get_workflow_handle(workflow_id(row.id))
     try:

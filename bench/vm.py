@@ -122,7 +122,7 @@ async def detection(provider: LibvirtProvider, runs: int) -> list[Metric]:
     async def died(machine: Machine, reason: str) -> None:
         deaths[machine.sandbox_id] = time.monotonic()
 
-    async def sample(usage: dict[str, MachineUsage]) -> None:
+    async def sample(usage: dict[str, MachineUsage], machines: list[Machine]) -> None:
         pass
 
     stop = asyncio.Event()

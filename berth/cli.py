@@ -1,5 +1,5 @@
 """Berth's one command line: ``python -m berth run | worker | api | prepare | create-admin |
-bench``, an argparse parser with a subcommand each.
+host | temporal-setup | machines | replay | bench``, an argparse parser with a subcommand each.
 
 Parsing comes first and imports nothing heavy: each command imports what it runs only once it
 is chosen, so ``--help`` on any command (or a mistyped option, which argparse refuses with
@@ -39,14 +39,17 @@ def serve_api(_: argparse.Namespace) -> int:
     import uvicorn
 
     from config.settings import get_settings
+    from telemetry import logs
 
     settings = get_settings()
+    logs.configure("api", settings.log_format)
     uvicorn.run(
         APP_FACTORY,
         factory=True,
         host=settings.host,
         port=settings.port,
         log_level="info",
+        log_config=None,  # its loggers go through ours (telemetry/logs.py)
         # With a certificate, HTTPS only: the dashboard's cookies are then Secure, and HSTS
         # is sent (api/headers.py).
         ssl_certfile=settings.tls_cert_file,
@@ -70,6 +73,68 @@ def create_admin(args: argparse.Namespace) -> int:
     from berth.admin import create_admin
 
     return create_admin(args.email, args.promote_existing)
+
+
+def drain_host(args: argparse.Namespace) -> int:
+    from berth.drain import set_host_state
+    from store.models import HostState
+
+    return set_host_state(args.host, HostState.draining)
+
+
+def undrain_host(args: argparse.Namespace) -> int:
+    from berth.drain import set_host_state
+    from store.models import HostState
+
+    return set_host_state(args.host, HostState.active)
+
+
+def temporal_setup(_: argparse.Namespace) -> int:
+    from berth.temporal_setup import temporal_setup
+
+    return temporal_setup()
+
+
+def list_machines(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from berth.machines import machines, parse_age
+    from config.settings import get_settings
+
+    older_than = parse_age(args.older_than) if args.older_than else None
+    return asyncio.run(machines(get_settings(), args.prune, older_than))
+
+
+def age(text: str) -> str:
+    """An age as --older-than takes it (checked here: argparse says what is wrong)."""
+    from berth.machines import parse_age
+
+    try:
+        parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def replay_running(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from config.settings import get_settings
+    from workflows.client import connect
+    from workflows.replay import replay
+
+    async def check() -> int:
+        client = await connect(get_settings())
+        results = await replay(
+            client, query=args.query, workflow_ids=args.workflow_id or (), save=args.save
+        )
+        for result in results:
+            print(result.line(), flush=True)
+        failed = sum(r.failure is not None for r in results)
+        print(f"{len(results)} replayed, {failed} failed")
+        return 1 if failed else 0
+
+    return asyncio.run(check())
 
 
 def bench_spine(args: argparse.Namespace) -> int:
@@ -127,6 +192,63 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="EMAIL may be registered already: make that account an admin, set its password "
         "and revoke every token and dashboard session it had",
+    )
+    command(
+        "temporal-setup",
+        "ready a Temporal namespace of one's own for Berth: add its search attributes",
+        temporal_setup,
+    )
+    listing = command(
+        "machines",
+        "every Berth machine on this host (containers, VMs) by install, session and age",
+        list_machines,
+    )
+    listing.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove the machines of installs whose data dir is gone (and, with --older-than, "
+        "every machine older than that), saying what was removed",
+    )
+    listing.add_argument(
+        "--older-than",
+        type=age,
+        metavar="AGE",
+        help="with --prune: also machines this old (2d, 12h)",
+    )
+
+    summary = "an operator's state for a sandbox host in the registry"
+    host = commands.add_parser("host", help=summary, description=summary)
+    states = host.add_subparsers(dest="state", metavar="ACTION", required=True)
+    for name, handler, what in (
+        ("drain", drain_host, "no new sessions on HOST, its warm pools ended"),
+        ("undrain", undrain_host, "HOST takes new sessions again, its warm pools restart"),
+    ):
+        sub = states.add_parser(name, help=what, description=what)
+        sub.set_defaults(handler=handler)
+        sub.add_argument("host", metavar="HOST", help="the host's id (BERTH_HOST_ID)")
+
+    check = command(
+        "replay",
+        "replay the running sessions' and pools' histories against this code (before a deploy)",
+        replay_running,
+    )
+    which = check.add_mutually_exclusive_group()
+    which.add_argument(
+        "--workflow-id",
+        action="append",
+        metavar="ID",
+        help="replay this workflow's latest run (repeatable) instead of every running one",
+    )
+    which.add_argument(
+        "--query",
+        metavar="QUERY",
+        help="a visibility query choosing the workflows (default: the running sessions and pools)",
+    )
+    check.add_argument(
+        "--save",
+        type=Path,
+        metavar="DIR",
+        help="also write each history as JSON, its payloads decrypted, into DIR",
     )
 
     # No handler of its own: a benchmark must be named, and each sets its handler.

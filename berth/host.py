@@ -39,6 +39,7 @@ def sandbox_host(settings: Settings) -> SandboxHost:
         host_id=settings.host_id,
         task_queue=settings.host_task_queue,
         preserved_root=settings.data_dir.resolve() / "preserved",
+        install=str(settings.data_dir.resolve()),
     )
 
 

@@ -17,10 +17,11 @@ private copy in its folder.
 from __future__ import annotations
 
 import grp
+import logging
 import os
 import pwd
+import secrets
 import shutil
-import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from pathlib import Path
 
 from config.keys import payload_keys, user_keys
 from config.settings import Settings
+from store import nofollow
+
+log = logging.getLogger(__name__)
 
 NO_HOME = "/nonexistent"
 
@@ -85,18 +89,23 @@ def interpreter() -> tuple[Path, ...]:
     return Path(sys.executable).parent, Path(sys.base_prefix).resolve()
 
 
-def _give(account: Account, path: Path) -> None:
-    os.chown(path, account.uid, account.gid, follow_symlinks=False)
-
-
 def _readable_copy(account: Account, path: Path, copy: Path) -> Path:
-    """``path``, or a private copy of it that the account owns if it may not read it."""
+    """``path``, or a private copy of it that the account owns if it may not read it. The
+    copy is in the account's folder: written to a draft made here (O_EXCL, never a link
+    waiting under the name) and renamed over whatever the account left at ``copy``."""
     if account.blocked_at(path.parent) is None and account.may(path, 4):
         return path
-    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as sink, path.open("rb") as source:
-        shutil.copyfileobj(source, sink)
-    _give(account, copy)
+    draft = copy.with_name(f".{copy.name}.{secrets.token_hex(8)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(draft, flags, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as sink, path.open("rb") as source:
+            shutil.copyfileobj(source, sink)
+            nofollow.give(sink.fileno(), account.uid, account.gid, str(copy))
+        draft.replace(copy)
+    except BaseException:
+        draft.unlink(missing_ok=True)
+        raise
     return copy
 
 
@@ -104,8 +113,10 @@ def settle_layout(settings: Settings) -> None:
     """Move what the API and Temporal write from the data dir's top, where versions before
     the shared folder kept it, into the shared folder (once; nothing there is replaced)."""
     shared = settings.shared_dir
-    shared.mkdir(parents=True, exist_ok=True)
     top = settings.data_dir
+    top.mkdir(parents=True, exist_ok=True)
+    with nofollow.folder(top, shared.name):
+        pass  # made if missing; never moved into through a link
     legacy = [*top.glob("berth.db*"), *top.glob("temporal.db*"), top / "artifacts"]
     legacy += [top / "user_token_secret", top / "payload_secret"]
     for path in legacy:
@@ -130,15 +141,19 @@ def hand_over(settings: Settings, account: Account) -> dict[str, str]:
     os.chown(data, 0, 0, follow_symlinks=False)
     data.chmod(0o711)
     shared = settings.shared_dir
-    shared.mkdir(exist_ok=True)
+    # The account's folder, where it may have left links (to make root chown or write any
+    # path) and hard links (to root's files): root opens nothing there through a link, and
+    # hands over only folders and files that have no other name (store/nofollow.py).
+    with nofollow.folder(data, shared.name):
+        pass  # made if missing; Planted if the name is a link
     # Generated now, as root, if they are not yet: then given to the account.
     user_keys(settings)
     payload_keys(settings)
-    settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
-    for folder, _, files in os.walk(shared):
-        for path in (Path(folder), *(Path(folder) / name for name in files)):
-            if not stat.S_ISLNK(path.lstat().st_mode):
-                _give(account, path)
+    with nofollow.folder(shared, settings.artifacts_dir.name):
+        pass
+    left = nofollow.give_tree(shared, account.uid, account.gid)
+    if left:
+        log.warning("left alone in %s (links, hard links, special files): %s", shared, left)
     env = {**os.environ, "HOME": str(shared)}
     if settings.tls_cert_file and settings.tls_key_file:
         env["BERTH_TLS_CERT_FILE"] = str(

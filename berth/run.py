@@ -10,6 +10,7 @@ stops everything it started, newest first.
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
@@ -26,6 +27,8 @@ from berth.privileges import Unreachable, hand_over, settle_layout, unprivileged
 from config.settings import Settings, get_settings
 from sandboxes.docker import engine_running, start_engine
 from store.db import migrate
+from telemetry import logs
+from workflows import search
 
 STOP_GRACE_S = 15.0
 BACKOFF_MIN_S = 1.0
@@ -33,8 +36,11 @@ BACKOFF_MAX_S = 30.0
 BACKOFF_RESET_S = 60.0  # a child up this long counts as healthy again
 
 
+log = logging.getLogger("berth.run")
+
+
 def say(message: str) -> None:
-    print(f"berth: {message}", flush=True)
+    log.info(message)
 
 
 def wait_for_port(
@@ -222,6 +228,8 @@ class Supervisor:
                     "--sqlite-pragma",
                     "synchronous=normal",
                     *self.temporal_tuning(),
+                    # The sessions' filters in the Web UI (workflows/search.py).
+                    *search.dev_server_flags(),
                 ],
                 log=True,
                 privileged=False,
@@ -253,7 +261,10 @@ class Supervisor:
 
 def run() -> int:
     """The whole system until Ctrl-C or SIGTERM; 1 if it could not start."""
-    supervisor = Supervisor(get_settings())
+    settings = get_settings()
+    # What `make run` says goes to its terminal, as it always has.
+    logs.configure("run", settings.log_format, stream=sys.stdout, text="berth: %(message)s")
+    supervisor = Supervisor(settings)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt

@@ -21,10 +21,12 @@ from api.codec import router as codec_router
 from api.deps import EngineDep, Problem, Streams, TemporalLink
 from api.headers import SecurityHeaders
 from api.limits import BodyLimit
+from api.metrics import router as metrics_router
 from api.openai_compat import router as llm_router
 from api.preferences import router as preferences_router
 from api.routes import router
 from api.security import Passwords
+from api.trace import TraceIds
 from config.keys import payload_keys
 from config.settings import Settings, get_settings
 from store.db import get_engine, migrate
@@ -68,7 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = get_engine(settings.db_url)
     app.state.temporal = TemporalLink(settings)
     app.state.hub = Hub(app.state.engine)
-    app.state.streams = Streams(settings.max_streams_per_user, settings.stream_lifetime_s)
+    app.state.streams = Streams(
+        app.state.engine, settings.max_streams_per_user, settings.stream_lifetime_s
+    )
     app.state.passwords = Passwords(settings)
     # An operator's Web UI shows every payload of a history, the plaintext ones of a migration
     # window too: shown to an admin, never acted upon, so nothing is refused here.
@@ -102,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(llm_router)
     app.include_router(codec_router)
+    app.include_router(metrics_router)
     app.include_router(admin_router)
     app.include_router(preferences_router)
     app.include_router(ui_router)
@@ -115,5 +120,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         authenticated=settings.max_body_bytes,
         anonymous=settings.max_body_bytes_anonymous,
     )
-    app.add_middleware(SecurityHeaders)  # outermost: a refused body's answer gets them too
+    app.add_middleware(SecurityHeaders)  # a refused body's answer gets them too
+    app.add_middleware(TraceIds)  # outermost: every line logged for a request names it
     return app

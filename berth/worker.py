@@ -13,6 +13,7 @@ rows whose workflow is over (workflows/sweeper.py), so no row stays live without
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -20,26 +21,39 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+)
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 import vm_templates
 from activities.models import pool_workflow_id
+from activities.observed import Observed
 from activities.planning import PlanningActivities
 from activities.progress import ProgressActivities
 from activities.sandbox import SandboxActivities
 from activities.vm import VmActivities
 from berth.host import make_gateway, make_provider, open_host
+from berth.registry import OnChange, heartbeat_forever, register
 from config.settings import Settings, get_settings
 from llm.proxy import LLMProxy
+from sandboxes.kept import SWEEP_EVERY_S as KEPT_SWEEP_EVERY_S
+from sandboxes.kept import KeptDisks
 from sandboxes.models import Machine, MachineUsage
 from sandboxes.monitor import Died, Sampled, watch
 from sandboxes.reconcile import Owner, reconcile_forever
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
+from store.models import HostState, utcnow
 from store.usage import record_usage
+from telemetry import logs, metrics
 from workflows.client import connect, workflow_id
 from workflows.models import SandboxDeath
 from workflows.pool import PoolInput, SandboxPool, pool_member
@@ -49,8 +63,18 @@ from workflows.sweeper import Sweeper
 log = logging.getLogger("berth.worker")
 
 RECONCILE_EVERY_S = 60.0
+POOL_SAMPLE_EVERY_S = 10.0
 # Within the supervisor's grace for a stopping worker (15 s): a VM's removal takes ~4 s.
 POOL_STOP_TIMEOUT_S = 10.0
+
+
+def temporal_runtime(settings: Settings) -> Runtime | None:
+    """A Temporal runtime serving the SDK's own metrics (task slots, polls, latencies) on
+    BERTH_TEMPORAL_METRICS_PORT; None (the default runtime) when that is off."""
+    if not settings.temporal_metrics_port:
+        return None
+    address = f"{settings.metrics_host}:{settings.temporal_metrics_port}"
+    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
 
 
 def session_owner(client: Client, host_id: str) -> Owner:
@@ -98,8 +122,18 @@ def sandbox_deaths(client: Client) -> Died:
 
 
 def usage_recorder(engine: Engine) -> Sampled:
-    async def sampled(usage: dict[str, MachineUsage]) -> None:
+    """Each sample into the database (the dashboard's) and this host's gauges."""
+
+    async def sampled(usage: dict[str, MachineUsage], machines: list[Machine]) -> None:
         rows = {sid: (u.cpu_percent, u.memory_mb) for sid, u in usage.items()}
+        sessions = {m.sandbox_id: m.session_id for m in machines}
+        metrics.sandbox_usage(
+            {
+                sessions[sid]: (u.cpu_percent, u.memory_mb, u.disk_mb)
+                for sid, u in usage.items()
+                if sid in sessions
+            }
+        )
         await asyncio.to_thread(record_usage, engine, rows)
 
     return sampled
@@ -117,22 +151,51 @@ async def start_pools(client: Client, settings: Settings) -> None:
             min_size=min(settings.vm_pool_min, settings.vm_pool_max),
             max_size=settings.vm_pool_max,
         )
-        for _ in range(2):
-            pool = await client.start_workflow(
-                SandboxPool.run,
-                params,
-                id=pool_workflow_id(settings.host_id, template),
-                task_queue=settings.host_task_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        try:
+            await start_pool(client, settings, params)
+        except (RPCError, WorkflowQueryFailedError) as exc:
+            # A pool that cannot be asked (its workflow task failing, say) must not stop the
+            # worker: it would start again, ask again, and crash-loop, sessions and all.
+            log.warning(
+                "the %r pool did not start: %s; its sessions create VMs cold", template, exc
             )
-            if not (await pool.query(SandboxPool.state)).stopping:
-                break
-            # An earlier worker's stop did not see it end: it does now, then a new one.
+
+
+async def start_pool(client: Client, settings: Settings, params: PoolInput) -> None:
+    for _ in range(2):
+        pool = await client.start_workflow(
+            SandboxPool.run,
+            params,
+            id=pool_workflow_id(settings.host_id, params.template),
+            task_queue=settings.host_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+        if not (await pool.query(SandboxPool.state)).stopping:
+            return
+        # An earlier worker's stop did not see it end: it does now, then a new one.
+        try:
+            await asyncio.wait_for(pool.result(), POOL_STOP_TIMEOUT_S * 6)
+        except (TimeoutError, WorkflowFailureError) as exc:
+            log.warning("pool %s still ending: %r; sessions create VMs cold", pool.id, exc)
+            return
+
+
+async def sample_pools(client: Client, settings: Settings, stop: asyncio.Event) -> None:
+    """The warm pools' depth in this host's gauges, asked of their workflows now and then."""
+    if not settings.warm_pool:
+        return
+    while not stop.is_set():
+        for template in vm_templates.names():
+            handle = client.get_workflow_handle(pool_workflow_id(settings.host_id, template))
             try:
-                await asyncio.wait_for(pool.result(), POOL_STOP_TIMEOUT_S * 6)
-            except (TimeoutError, WorkflowFailureError) as exc:
-                log.warning("pool %s still ending: %r; sessions create VMs cold", pool.id, exc)
-                break
+                state = await handle.query(SandboxPool.state)
+            except (RPCError, WorkflowQueryFailedError) as exc:
+                log.info("pool %s not sampled: %s", handle.id, exc)
+                continue
+            metrics.POOL_READY.labels(template).set(len(state.ready))
+            metrics.POOL_BOOTING.labels(template).set(len(state.booting))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), POOL_SAMPLE_EVERY_S)
 
 
 async def stop_pools(client: Client, settings: Settings, timeout_s: float) -> None:
@@ -159,10 +222,35 @@ async def stop_pools(client: Client, settings: Settings, timeout_s: float) -> No
         log.warning("the warm pools did not end within %.0f s; their VMs are left", timeout_s)
 
 
+def tuning(settings: Settings) -> dict[str, Any]:
+    """The worker's Temporal tuning (BERTH_WORKER_*); None leaves Temporal's default."""
+    return {
+        "max_concurrent_workflow_tasks": settings.worker_max_concurrent_workflow_tasks,
+        "max_concurrent_activities": settings.worker_max_concurrent_activities,
+        "max_concurrent_local_activities": settings.worker_max_concurrent_local_activities,
+        "max_cached_workflows": settings.worker_max_cached_workflows,
+    }
+
+
+def warm_pools_follow(client: Client, settings: Settings) -> OnChange:
+    """A host being drained ends its warm pools (their VMs with them): it takes no new
+    sessions, so VMs kept ready there would wait for nobody. Undrained, they start again."""
+
+    async def follow(state: HostState) -> None:
+        if state == HostState.draining:
+            await stop_pools(client, settings, POOL_STOP_TIMEOUT_S)
+        else:
+            await start_pools(client, settings)
+
+    return follow
+
+
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     migrate(settings.db_url)
     engine = get_engine(settings.db_url)
-    client = await connect(settings)
+    client = await connect(settings, temporal_runtime(settings))
+    if settings.worker_metrics_port:
+        metrics.serve(settings.metrics_host, settings.worker_metrics_port)
     gateway = make_gateway(settings)
     provider = make_provider(settings, gateway)
     await open_host(settings, gateway, provider)
@@ -198,8 +286,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 vm.wake,
             ],
             activity_executor=executor,
+            **tuning(settings),
             # Cancelling a step reaches it through a heartbeat: send one every second.
             max_heartbeat_throttle_interval=timedelta(seconds=1),
+            interceptors=[Observed()],
         )
         reconciler = asyncio.create_task(
             reconcile_forever(
@@ -210,6 +300,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             client, engine, settings.session_sweep_batch, settings.session_sweep_grace_s
         )
         sweeping = asyncio.create_task(sweeper.forever(settings.session_sweep_every_s, stop))
+        sampling = asyncio.create_task(sample_pools(client, settings, stop))
+        kept = KeptDisks(provider, engine, settings.kept_max_age_days)
+        keeping = asyncio.create_task(kept.forever(KEPT_SWEEP_EVERY_S, stop))
         watcher = asyncio.create_task(
             watch(
                 provider,
@@ -220,7 +313,16 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             )
         )
         async with host:
-            await start_pools(client, settings)
+            started_at = utcnow()
+            state = await register(settings, engine, provider, started_at)
+            if state == HostState.active:  # a draining host keeps no warm pool
+                await start_pools(client, settings)
+            heart = asyncio.create_task(
+                heartbeat_forever(
+                    settings, engine, provider, started_at, state,
+                    warm_pools_follow(client, settings), stop,
+                )
+            )  # fmt: skip
             log.info(
                 "worker up: queue %s, guest gateway on %s:%d",
                 settings.host_task_queue, settings.gateway_host, settings.gateway_port,
@@ -228,22 +330,26 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             await stop.wait()
             log.info("worker stopping")
             await stop_pools(client, settings, POOL_STOP_TIMEOUT_S)
+            await heart
         await reconciler
         await watcher
         await sweeping
+        await sampling
+        await keeping
     await gateway.stop()
     await provider.close()
 
 
 def run() -> None:
     """This host's worker until SIGINT or SIGTERM, which stop it cleanly."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    logs.configure("worker", settings.log_format)
 
     async def until_signalled() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(get_settings(), stop)
+        await serve(settings, stop)
 
     asyncio.run(until_signalled())

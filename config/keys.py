@@ -68,7 +68,9 @@ def owned(path: Path, fd: int | None = None) -> None:
 
 
 def _read(path: Path, own: bool) -> str:
-    with path.open() as source:
+    # Never through a link: a secret is a file of its own, and root reads the API user's
+    # folder to make its secrets (berth/privileges.py).
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as source:
         if own:
             owned(path, source.fileno())
         return source.read().strip()

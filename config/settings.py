@@ -183,6 +183,32 @@ class Settings(BaseSettings):
     host_id: str = Field(
         default="local", description="Name of this sandbox host, whose task queue its sessions use"
     )
+    # The worker's Temporal tuning; unset: Temporal's defaults (100 each, 1000 cached).
+    worker_max_concurrent_workflow_tasks: int | None = Field(
+        default=None, ge=1, description="Workflow tasks this worker runs at once"
+    )
+    worker_max_concurrent_activities: int | None = Field(
+        default=None, ge=1, description="Activities (steps, boots, plans) this worker runs at once"
+    )
+    worker_max_concurrent_local_activities: int | None = Field(
+        default=None, ge=1, description="Local activities this worker runs at once"
+    )
+    worker_max_cached_workflows: int = Field(
+        default=1000,
+        ge=0,
+        description="Workflows this worker keeps in memory between their tasks (the sticky "
+        "cache): a cached session's next task replays nothing; each costs some memory",
+    )
+    host_heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often a worker writes its host's capacity and load to the host registry",
+    )
+    host_lost_after_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A host whose last heartbeat is older than this reads as lost",
+    )
 
     sandbox_provider: Literal["docker", "libvirt"] = Field(
         default="libvirt",
@@ -209,6 +235,25 @@ class Settings(BaseSettings):
         gt=0,
         description="A running machine whose guest answers nothing (no message, no ping) "
         "for this long is taken for dead: its step fails and its session gets a new machine",
+    )
+    # Kept disks (sessions ended with preserve), per user: count, bytes, and age.
+    kept_disks_per_user: int = Field(
+        default=5,
+        ge=0,
+        description="Sessions one user may end keeping their disk (preserve) at once (0: no "
+        "limit); an admin may set another per user",
+    )
+    kept_bytes_per_user: int = Field(
+        default=20 * 2**30,
+        ge=0,
+        description="Bytes of kept disks one user may hold before ending another session "
+        "keeping its disk is refused (0: no limit); an admin may set another per user",
+    )
+    kept_max_age_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Days a kept disk is kept before the worker removes it (the session can "
+        "no longer be resumed; the dashboard and API show the date beforehand); 0: forever",
     )
     # Command policy
     command_policy_path: Path | None = Field(
@@ -267,7 +312,8 @@ class Settings(BaseSettings):
         default=10, description="Sessions a user may have running at once"
     )
     max_streams_per_user: int = Field(
-        default=100, description="Event streams one user may hold open at once (per API process)"
+        default=100,
+        description="Event streams one user may hold open at once, across every API process",
     )
     stream_lifetime_s: float = Field(
         default=900.0,
@@ -377,6 +423,18 @@ class Settings(BaseSettings):
     llm_task_token_budget: int = Field(
         default=500_000, description="Tokens one task may spend on LLM calls (0: no limit)"
     )
+    spend_day_usd: float = Field(
+        default=25.0,
+        ge=0,
+        description="LLM spending (USD, priced by BERTH_LLM_PRICES) one user may reach per UTC "
+        "day before their calls are refused (0: no limit); an admin may set another per user",
+    )
+    spend_month_usd: float = Field(
+        default=250.0,
+        ge=0,
+        description="LLM spending (USD) one user may reach per UTC calendar month (0: no "
+        "limit); an admin may set another per user",
+    )
     llm_timeout_s: float = Field(default=60.0, description="Longest one provider call may take")
     llm_retries: int = Field(
         default=2, description="Retries of a provider's transient error before the next provider"
@@ -384,6 +442,31 @@ class Settings(BaseSettings):
     llm_backoff_s: float = Field(default=0.5, description="First retry's wait, doubled each time")
     llm_cooldown_s: float = Field(
         default=30.0, description="How long a failed provider is tried only after the others"
+    )
+
+    # Operating it: metrics and logs
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="How every process logs: text lines, or JSON lines with the ids of the "
+        "session, task, step and trace each line is about",
+    )
+    metrics_token: str | None = Field(
+        default=None,
+        description="Bearer token that may read the API's /metrics (Prometheus); unset: only "
+        "callers on the loopback address may",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the worker's and the Temporal SDK's metrics listeners bind to",
+    )
+    worker_metrics_port: int = Field(
+        default=0, ge=0, description="Port of a worker host's /metrics (Prometheus); 0: off"
+    )
+    temporal_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        description="Port of the worker's Temporal SDK metrics (Prometheus, its own listener); "
+        "0: off",
     )
 
     @model_validator(mode="after")

@@ -18,6 +18,9 @@ from guest_agent.user import StepUser, clean_environment
 # children it left running (``server &``): the step ends, and they run on, what they print
 # read and dropped (never a broken pipe for them).
 BACKGROUND_QUIET_S = 1.0
+# Run by the step user: enter the working directory ($0), then run the command ($1) in a
+# bash of its own, as `bash -c command` would; the cd's OLDPWD (/) is not passed on.
+ENTER = 'cd -- "$0" || exit 126; unset OLDPWD; exec /bin/bash -c "$1"'
 # Background readers of steps that are over, until their last writer is gone.
 _draining: set[asyncio.Future[tuple[None, None]]] = set()
 # Where the kernel counts its out-of-memory kills, the most local first: the container's
@@ -54,11 +57,15 @@ async def run_command(
     Its environment is made afresh (the user's, or the workspace as HOME without one):
     nothing of the agent's own is passed on."""
     argv = ["/bin/bash", "-c", command]
+    if user is not None:
+        # The working directory is entered by the user, not by root before dropping its
+        # rights: root would enter one the user may not, and the command start in it.
+        argv = user.command(["/bin/bash", "-c", ENTER, workdir, command])
     ooms = oom_kills()  # before it starts: it may be killed at once
     try:
         process = await asyncio.create_subprocess_exec(
-            *(user.command(argv) if user else argv),
-            cwd=workdir,
+            *argv,
+            cwd="/" if user is not None else workdir,
             env=user.environment() if user else clean_environment(workdir),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,

@@ -3,8 +3,10 @@
 The agent stays root (it must start, watch and kill processes), but nothing a step runs
 does: terminal commands and the browser go through ``setpriv`` to the step user, with no
 capabilities and no way to gain any (no_new_privs: setuid and file-capability binaries give
-nothing), and file steps touch the filesystem with the step user's rights. So a step cannot
-read what only root may (the guest token) nor write outside what the user owns.
+nothing), and file steps touch the filesystem with the step user's rights (its uid and gid,
+none of root's supplementary groups). Steps enter their working directory as the user, too.
+So a step cannot read what only root may (the guest token) nor write outside what the user
+owns.
 
 Nothing of the step user's reaches root's code either: the agent runs ``python3 -I`` from
 ``/`` (no user site, no ``PYTHON*`` variables, no working directory on ``sys.path``), and
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import pwd
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +37,9 @@ LANG = "C.UTF-8"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
+# The raw setgroups system call (glibc's wrapper applies a change to every thread of the
+# process; the kernel's own call, to the calling thread only), by machine.
+SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159}
 
 
 def clean_environment(home: str, **more: str) -> dict[str, str]:
@@ -85,15 +91,29 @@ class StepUser:
         thread), so the agent's other threads keep root's; leaving the fsuid 0 also restores
         the file capabilities root had.
         """
+        own_groups = os.getgroups()  # this thread's
+        _thread_groups([])  # root's groups (0, disk...) would still open their files
         _libc.setfsgid(self.gid)
         _libc.setfsuid(self.uid)
-        if _libc.setfsuid(-1) != self.uid:  # -1 changes nothing and answers the current fsuid
-            raise PermissionError(f"cannot take the file rights of {self.name}")
         try:
+            if _libc.setfsuid(-1) != self.uid:  # -1 changes nothing, answers the current fsuid
+                raise PermissionError(f"cannot take the file rights of {self.name}")
             yield
         finally:
             _libc.setfsuid(os.getuid())
             _libc.setfsgid(os.getgid())
+            _thread_groups(own_groups)
+
+
+def _thread_groups(groups: list[int]) -> None:
+    """Set the calling thread's supplementary groups (only its own: see SYS_SETGROUPS)."""
+    number = SYS_SETGROUPS.get(platform.machine())
+    if number is None:
+        raise PermissionError(f"no thread-only setgroups known on {platform.machine()}")
+    array = (ctypes.c_uint * max(len(groups), 1))(*groups)
+    if _libc.syscall(number, len(groups), array) != 0:
+        error = ctypes.get_errno()
+        raise PermissionError(error, f"cannot set this thread's groups: {os.strerror(error)}")
 
 
 def with_rights(user: StepUser | None, work: Callable[..., T], *args: object) -> T:

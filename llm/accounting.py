@@ -19,16 +19,19 @@ from llm.models import (
     ChatResult,
     RateLimited,
     SessionUsage,
+    SpendLimited,
     TaskUsage,
     TokenUsage,
     UsageTotals,
     UserUsage,
 )
-from store.models import LLMCall, LLMReservation, SessionRow
+from store.models import LLMCall, LLMReservation, SessionRow, UserLimits
+from telemetry.metrics import MODEL_CALLS, MODEL_COST, MODEL_TOKENS
 
 RATE_WINDOW = timedelta(minutes=1)
 CALLS: Table = LLMCall.__table__  # type: ignore[attr-defined]
 IN_FLIGHT: Table = LLMReservation.__table__  # type: ignore[attr-defined]
+LIMITS: Table = UserLimits.__table__  # type: ignore[attr-defined]
 # A reservation older than this is taken for one whose process died mid-call: no call
 # (streams included) lasts so long, and it is not counted any more.
 STALE = timedelta(minutes=15)
@@ -106,6 +109,7 @@ class Ledger:
                     f"rate limit: {rate} LLM requests a minute per user; try again shortly",
                     int(RATE_WINDOW.total_seconds()),
                 )
+        self._check_spend(conn, caller, others_in_flight)
         if budget and caller.task_id:
             tokens = CALLS.c.prompt_tokens + CALLS.c.completion_tokens
             spent = conn.execute(
@@ -116,10 +120,58 @@ class Ledger:
                     f"task {caller.task_id} has spent {spent} tokens, its budget is {budget}"
                 )
 
+    def spend_limits(self, conn: Connection, user_id: str) -> dict[str, float]:
+        """The user's spend limits in USD (an admin's, else the settings'), by name; 0: none."""
+        names = ("spend_day_usd", "spend_month_usd")
+        row = conn.execute(
+            select(LIMITS.c.spend_day_usd, LIMITS.c.spend_month_usd).where(
+                LIMITS.c.user_id == user_id
+            )
+        ).first()
+        chosen = tuple(row) if row is not None else (None, None)
+        return {
+            name: getattr(self.settings, name) if mine is None else mine
+            for name, mine in zip(names, chosen, strict=True)
+        }
+
+    def _check_spend(self, conn: Connection, caller: Caller, others_in_flight: int) -> None:
+        """SpendLimited once what the user spent this day or month, with each other call in
+        flight reckoned at the most one call may cost, reaches its limit."""
+        limits = self.spend_limits(conn, caller.user_id)
+        if not any(limits.values()):
+            return
+        now = datetime.now(UTC)
+        starts = {"spend_day_usd": day_start(now), "spend_month_usd": month_start(now)}
+        day = case((CALLS.c.created_at >= starts["spend_day_usd"], CALLS.c.cost_usd), else_=0.0)
+        spent_day, spent_month = conn.execute(
+            select(
+                func.coalesce(func.sum(day), 0.0), func.coalesce(func.sum(CALLS.c.cost_usd), 0.0)
+            )
+            .where(CALLS.c.user_id == caller.user_id)
+            .where(CALLS.c.created_at >= starts["spend_month_usd"])
+        ).one()
+        reserved = others_in_flight * self.most_per_call_usd()
+        spent = {"spend_day_usd": spent_day + reserved, "spend_month_usd": spent_month + reserved}
+        for name, value in limits.items():
+            if value and spent[name] >= value:
+                ends = next_day(now) if name == "spend_day_usd" else next_month(now)
+                raise SpendLimited(name, value, spent[name], ends)
+
+    def most_per_call_usd(self) -> float:
+        """What one call may cost at most: the dearest model's output price for the largest
+        completion a request may ask for (the prompt is not known before the call)."""
+        prices = self.settings.llm_prices.values()
+        dearest = max((output for _, output in prices), default=0.0)
+        return self.settings.llm_max_tokens * dearest / 1_000_000
+
     def record(
         self, conn: Connection, caller: Caller, result: ChatResult, latency_s: float
     ) -> None:
         spent = TokenUsage() if result.cached else result.usage
+        MODEL_CALLS.labels(result.provider, str(result.cached).lower()).inc()
+        MODEL_TOKENS.labels(result.provider, "prompt").inc(spent.prompt_tokens)
+        MODEL_TOKENS.labels(result.provider, "completion").inc(spent.completion_tokens)
+        MODEL_COST.labels(result.provider).inc(spent.cost_usd)
         conn.execute(
             insert(CALLS),
             {
@@ -136,6 +188,27 @@ class Ledger:
                 "created_at": datetime.now(UTC),
             },
         )
+
+
+def day_start(now: datetime) -> datetime:
+    return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def next_day(now: datetime) -> datetime:
+    return day_start(now) + timedelta(days=1)
+
+
+def month_start(now: datetime) -> datetime:
+    return day_start(now).replace(day=1)
+
+
+def next_month(now: datetime) -> datetime:
+    start = month_start(now)
+    return (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
 
 
 # ---- reading it back

@@ -5,6 +5,8 @@ Plain Pydantic: the workflow's models import ``TokenUsage``, so nothing heavy is
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -77,6 +79,28 @@ class RateLimited(LLMError):
 
 class BudgetExceeded(LLMError):
     """The task has spent its token budget."""
+
+
+class SpendLimited(BudgetExceeded):
+    """The user has spent their LLM budget of a day or a month: ``limit`` names it (the
+    setting), ``value`` is it in USD, ``spent`` what is spent (calls in flight reckoned at
+    their most), and ``resets_at`` when its period ends."""
+
+    def __init__(self, limit: str, value: float, spent: float, resets_at: datetime) -> None:
+        period = "day (UTC)" if limit == "spend_day_usd" else "calendar month (UTC)"
+        super().__init__(
+            f"spend limit: ${spent:.2f} of LLM calls spent this {period}, the limit "
+            f"(BERTH_{limit.upper()}) is ${value:.2f}; it resets at "
+            f"{resets_at.isoformat().replace('+00:00', 'Z')}"
+        )
+        self.limit = limit
+        self.value = value
+        self.spent = spent
+        self.resets_at = resets_at
+
+    @property
+    def retry_after_s(self) -> int:
+        return max(1, math.ceil((self.resets_at - datetime.now(UTC)).total_seconds()))
 
 
 class UsageTotals(BaseModel):

@@ -51,6 +51,7 @@ from llm.providers import (
     usage_of,
 )
 from llm.shapes import Chunks
+from telemetry.metrics import MODEL_ERRORS
 
 T = TypeVar("T")
 
@@ -161,28 +162,41 @@ class LLMProxy:
         provider, (pieces, first) = await self._first_to_answer(providers, opened)
         chunks = Chunks(provider.config.model)
         whole: AIMessageChunk | None = None
-        async with contextlib.aclosing(pieces):
-            try:
-                piece: AIMessageChunk | None = first
-                while piece is not None:
-                    whole = piece if whole is None else whole + piece
-                    delta = chunks.delta(piece, first=piece is first)
-                    if delta:
-                        yield chunks.chunk(delta)
-                    piece = await anext(pieces, None)
-                answer = answer_of(whole or AIMessageChunk(content=""))
-                if answer.finish_reason is None:
-                    # A dropped connection can end an event stream early without an error.
-                    raise ConnectionError("the stream ended before the answer did")
-            except Exception as exc:
-                self._cool(provider)
-                raise LLMError(
-                    f"{provider.name} ({provider.config.model}) failed mid-answer: {describe(exc)}"
-                ) from exc
-        result = self._result(provider, answer)
-        yield chunks.chunk({}, result.finish_reason)
-        yield chunks.chunk({}, usage=result.usage)
-        await self._close(caller, result, keys.get(provider.name), started, reservation)
+        recorded = False
+        try:
+            async with contextlib.aclosing(pieces):
+                try:
+                    piece: AIMessageChunk | None = first
+                    while piece is not None:
+                        whole = piece if whole is None else whole + piece
+                        delta = chunks.delta(piece, first=piece is first)
+                        if delta:
+                            yield chunks.chunk(delta)
+                        piece = await anext(pieces, None)
+                    answer = answer_of(whole or AIMessageChunk(content=""))
+                    if answer.finish_reason is None:
+                        # A dropped connection can end an event stream early without an error.
+                        raise ConnectionError("the stream ended before the answer did")
+                except Exception as exc:
+                    self._cool(provider)
+                    raise LLMError(
+                        f"{provider.name} ({provider.config.model}) failed mid-answer: "
+                        f"{describe(exc)}"
+                    ) from exc
+            result = self._result(provider, answer)
+            # Recorded before the last chunks go out: a client that leaves as soon as it has
+            # the answer has still had it.
+            await self._close(caller, result, keys.get(provider.name), started, reservation)
+            recorded = True
+            yield chunks.chunk({}, result.finish_reason)
+            yield chunks.chunk({}, usage=result.usage)
+        except (GeneratorExit, asyncio.CancelledError):
+            if not recorded:
+                # The client went away mid-answer: what it was sent is charged at the most one
+                # call may cost, since the provider's count never arrived.
+                dropped = self._dropped(provider, whole)
+                await asyncio.shield(self._close(caller, dropped, None, started, reservation))
+            raise
 
     # ---- the steps of a call
 
@@ -307,6 +321,7 @@ class LLMProxy:
                     )
                     refused = refused and is_refusal(exc)
                     if not is_refusal(exc):  # the request's fault, not the provider's
+                        MODEL_ERRORS.labels(provider.name).inc()
                         self._cool(provider)
                     break
                 self.cooling.pop(provider.name, None)
@@ -316,6 +331,20 @@ class LLMProxy:
 
     def _cool(self, provider: Provider) -> None:
         self.cooling[provider.name] = time.monotonic() + self.settings.llm_cooldown_s
+
+    def _dropped(self, provider: Provider, whole: AIMessageChunk | None) -> ChatResult:
+        """A streamed answer its client left before the end, charged at the most a call
+        may cost (its true usage comes only with the last chunk)."""
+        answer = answer_of(whole or AIMessageChunk(content=""))
+        most = self.ledger.most_per_call_usd()
+        usage = usage_of(answer, max(most, self._result(provider, answer).usage.cost_usd))
+        return ChatResult(
+            message=answer.message,
+            finish_reason="client_closed",
+            provider=provider.name,
+            model=provider.config.model,
+            usage=usage,
+        )
 
     def _result(self, provider: Provider, answer: Answer) -> ChatResult:
         model = provider.config.model

@@ -32,7 +32,7 @@ import vm_templates
 from guest_agent.user import STEP_UID, STEP_USER, WORKSPACE, WORKSPACE_MODE
 from sandboxes import firewall
 from sandboxes.gateway import GuestGateway
-from sandboxes.models import Machine, MachineUsage, SandboxInfo
+from sandboxes.models import HostMachine, Machine, MachineUsage, SandboxInfo
 from sandboxes.provider import (
     MISSING,
     TOKEN_VARIABLE,
@@ -51,6 +51,7 @@ LABEL = "berth.sandbox"
 SESSION_LABEL = "berth.session"
 HOST_LABEL = "berth.host"
 DEPLOYMENT_LABEL = "berth.deployment"
+INSTALL_LABEL = "berth.install"
 TOKEN_FILE = "/run/berth/token"
 # Writes the token from standard input, whole or not at all (the agent waits for the file).
 WRITE_TOKEN = (
@@ -60,10 +61,6 @@ WRITE_TOKEN = (
 # The agent's capabilities: to become the steps' user (setpriv), to signal its processes,
 # to give Chromium's profile directory to that user. Nothing else; no NET_RAW.
 AGENT_CAPABILITIES = ("SETUID", "SETGID", "KILL", "CHOWN")
-# `docker ps` line of a machine: labels are ids (no tabs); CreatedAt, with spaces, comes last.
-MACHINE_FORMAT = (
-    '{{.ID}}\t{{.Label "berth.sandbox"}}\t{{.Label "berth.session"}}\t{{.State}}\t{{.CreatedAt}}'
-)
 
 
 # A kept session's files. The workspace (guest_agent.user.WORKSPACE) is a tmpfs, which
@@ -106,6 +103,44 @@ async def docker(*args: str) -> str:
 async def exists(kind: str, name: str) -> bool:
     code, _, _ = await _run(kind, "inspect", name)
     return code == 0
+
+
+# `docker ps` line of a machine: labels are ids and paths (no tabs); CreatedAt, with spaces,
+# comes last.
+MACHINE_FORMAT = "\t".join(
+    ["{{.ID}}", "{{.Names}}"]
+    + [f'{{{{.Label "{label}"}}}}' for label in (LABEL, SESSION_LABEL, HOST_LABEL, INSTALL_LABEL)]
+    + ["{{.State}}", "{{.CreatedAt}}"]
+)
+
+
+def _created(text: str) -> datetime:
+    # "2006-01-02 15:04:05 -0700 MST": the zone's name adds nothing to the offset.
+    return datetime.strptime(text.rsplit(" ", 1)[0], "%Y-%m-%d %H:%M:%S %z")
+
+
+async def every_machine(*labels: str) -> list[HostMachine]:
+    """Every Berth container on this engine, of any install or host (or those with each of
+    ``labels``, ``NAME=VALUE``)."""
+    filters = [arg for label in (LABEL, *labels) for arg in ("--filter", f"label={label}")]
+    out = await docker("ps", "--all", "--no-trunc", *filters, "--format", MACHINE_FORMAT)
+    found = []
+    for line in out.splitlines():
+        handle, name, sandbox_id, session_id, host_id, install, state, created = line.split("\t")
+        found.append(
+            HostMachine(
+                kind="docker",
+                name=name,
+                handle=handle,
+                sandbox_id=sandbox_id,
+                session_id=session_id,
+                host_id=host_id,
+                install=install,
+                state=state,
+                created_at=_created(created),
+            )
+        )
+    return found
 
 
 def engine_running() -> bool:
@@ -197,6 +232,8 @@ class DockerProvider(SandboxProvider):
             f"{HOST_LABEL}={self.host_id}",
             "--label",
             f"{DEPLOYMENT_LABEL}={self.deployment}",
+            "--label",
+            f"{INSTALL_LABEL}={self.install}",
             "--network",
             NETWORK,
             f"--cpus={self.cpus}",
@@ -249,25 +286,8 @@ class DockerProvider(SandboxProvider):
             raise DockerError(f"could not give container {handle[:12]} its token: {err.decode()}")
 
     async def machines(self) -> list[Machine]:
-        out = await docker(
-            "ps", "--all", "--no-trunc", "--filter", f"label={HOST_LABEL}={self.host_id}",
-            "--filter", f"label={DEPLOYMENT_LABEL}={self.deployment}",
-            "--format", MACHINE_FORMAT,
-        )  # fmt: skip
-        machines = []
-        for line in out.splitlines():
-            handle, sandbox_id, session_id, state, created = line.split("\t")
-            # "2006-01-02 15:04:05 -0700 MST": the zone's name adds nothing to the offset.
-            created_at = datetime.strptime(created.rsplit(" ", 1)[0], "%Y-%m-%d %H:%M:%S %z")
-            machines.append(
-                Machine(
-                    sandbox_id=sandbox_id,
-                    session_id=session_id,
-                    handle=handle,
-                    state=state,
-                    created_at=created_at,
-                )
-            )
+        ours = (f"{HOST_LABEL}={self.host_id}", f"{DEPLOYMENT_LABEL}={self.deployment}")
+        machines: list[Machine] = [*await every_machine(*ours)]
         return machines
 
     async def remove(self, handle: str) -> None:

@@ -28,8 +28,8 @@ import libvirt
 import vm_templates
 from sandboxes import libvirt_host, vm_image
 from sandboxes.gateway import GuestGateway, GuestUnavailable
-from sandboxes.models import Machine, MachineUsage, SandboxInfo
-from sandboxes.provider import MISSING, SandboxHost, SandboxProvider, machine_name
+from sandboxes.models import HostMachine, Machine, MachineUsage, SandboxInfo
+from sandboxes.provider import MISSING, SANDBOX_ID, SandboxHost, SandboxProvider, machine_name
 
 log = logging.getLogger("berth.libvirt")
 
@@ -39,6 +39,7 @@ PREFIX = "berth"
 TB_CACHE_MB = 128
 HIBERNATED = "hibernated"
 DISK = "disk.qcow2"
+SYSTEM_DISK = "vda"  # the overlay's target in domain.xml.j2
 # A VM's disks hold what its sessions did: for root (and, while it runs, QEMU) alone.
 PRIVATE_FILE = 0o600
 PRIVATE_FOLDER = 0o700
@@ -135,6 +136,71 @@ def _metadata(domain: libvirt.virDomain) -> dict[str, str] | None:
     except libvirt.libvirtError:
         return None
     return {child.tag.rsplit("}", 1)[-1]: child.text or "" for child in ET.fromstring(text)}
+
+
+def _berth_domains(conn: libvirt.virConnect) -> list[tuple[libvirt.virDomain, dict[str, str]]]:
+    """Every Berth domain of the daemon, with its metadata."""
+    found = []
+    for domain in conn.listAllDomains():
+        if domain.name().startswith(f"{PREFIX}-"):
+            meta = _metadata(domain)
+            if meta is not None:
+                found.append((domain, meta))
+    return found
+
+
+def _state(domain: libvirt.virDomain) -> str:
+    state, _ = domain.state()
+    if state == libvirt.VIR_DOMAIN_SHUTOFF and domain.hasManagedSaveImage():
+        return HIBERNATED
+    return STATES.get(state, "unknown")
+
+
+def every_machine(uri: str) -> list[HostMachine]:
+    """Every Berth VM of the libvirt daemon at ``uri``, of any install or host."""
+    conn = libvirt.open(uri)
+    try:
+        return [
+            HostMachine(
+                kind="libvirt",
+                name=domain.name(),
+                handle=domain.name(),
+                sandbox_id=meta.get("id", ""),
+                session_id=meta.get("session", ""),
+                host_id=meta.get("host", ""),
+                install=meta.get("install", ""),
+                state=_state(domain),
+                address=meta.get("address", ""),
+                created_at=datetime.fromisoformat(meta["created"]),
+            )
+            for domain, meta in _berth_domains(conn)
+        ]
+    finally:
+        conn.close()
+
+
+def discard(uri: str, machine: HostMachine) -> None:
+    """Destroy and undefine a VM found by ``every_machine`` (its saved memory too), lift its
+    address's egress rules, and delete its files if its install's data dir is still there.
+    For VMs no worker of theirs will end: no graceful power-off."""
+    conn = libvirt.open(uri)
+    try:
+        domain = conn.lookupByName(machine.handle)
+        if domain.isActive():
+            domain.destroy()
+        domain.undefineFlags(
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        )
+    except libvirt.libvirtError:
+        if machine.handle in {d.name() for d, _ in _berth_domains(conn)}:
+            raise
+    finally:
+        conn.close()
+    if machine.address:
+        libvirt_host.lift_restrictions(machine.address)
+    if machine.install and SANDBOX_ID.fullmatch(machine.sandbox_id):
+        shutil.rmtree(Path(machine.install) / "vms" / machine.sandbox_id, ignore_errors=True)
 
 
 def _mac(address: ipaddress.IPv4Address) -> str:
@@ -277,6 +343,10 @@ class LibvirtProvider(SandboxProvider):
         assert self.host, "prepare() first"
         return self.gateway.url(self.host.router, self.gateway_port)
 
+    def accel(self) -> str:
+        assert self.host, "prepare() first"
+        return self.host.accel
+
     # --- machines ---
 
     def _domain(self, handle: str) -> libvirt.virDomain | None:
@@ -294,13 +364,7 @@ class LibvirtProvider(SandboxProvider):
         return (meta or {}).get("address", "")
 
     def _berth_domains(self) -> list[tuple[libvirt.virDomain, dict[str, str]]]:
-        found = []
-        for domain in self.conn.listAllDomains():
-            if domain.name().startswith(f"{PREFIX}-"):
-                meta = _metadata(domain)
-                if meta is not None:
-                    found.append((domain, meta))
-        return found
+        return _berth_domains(self.conn)
 
     def _ours(self, meta: dict[str, str]) -> bool:
         return meta.get("host") == self.host_id and meta.get("deployment") == self.deployment
@@ -384,6 +448,7 @@ class LibvirtProvider(SandboxProvider):
             session_id=session_id,
             host_id=self.host_id,
             deployment=self.deployment,
+            install=self.install,
             template=template,
             address=str(address),
             created=datetime.now(UTC).isoformat(),
@@ -431,10 +496,7 @@ class LibvirtProvider(SandboxProvider):
         ]
 
     def _state(self, domain: libvirt.virDomain) -> str:
-        state, _ = domain.state()
-        if state == libvirt.VIR_DOMAIN_SHUTOFF and domain.hasManagedSaveImage():
-            return HIBERNATED
-        return STATES.get(state, "unknown")
+        return _state(domain)
 
     async def remove(self, handle: str) -> None:
         await asyncio.to_thread(self._remove, handle)
@@ -475,12 +537,15 @@ class LibvirtProvider(SandboxProvider):
                 rss_kib = domain.memoryStats().get("rss", 0)
             except libvirt.libvirtError:
                 continue  # it ended meanwhile
+            disk_mb = None
+            with contextlib.suppress(libvirt.libvirtError):
+                disk_mb = domain.blockInfo(SYSTEM_DISK)[1] / 2**20  # the overlay's allocation
             before = self._cpu_samples.get(machine.sandbox_id)
             self._cpu_samples[machine.sandbox_id] = (now, cpu_ns)
             if before is not None and now > before[0]:
                 percent = 100 * (cpu_ns - before[1]) / 1e9 / (now - before[0])
                 found[machine.sandbox_id] = MachineUsage(
-                    cpu_percent=percent, memory_mb=rss_kib / 1024
+                    cpu_percent=percent, memory_mb=rss_kib / 1024, disk_mb=disk_mb
                 )
         for gone in set(self._cpu_samples) - {m.sandbox_id for m in machines}:
             del self._cpu_samples[gone]

@@ -90,7 +90,11 @@ class TerminalStep(_StepBase):
 
     kind: Literal["terminal"] = "terminal"
     command: str = Field(min_length=1, max_length=16_000)
-    cwd: str | None = None
+    # Absolute only: the policy reads a path against the home, while the guest enters it
+    # from `/`, so a relative one would be judged in one place and run in another.
+    cwd: str | None = Field(
+        default=None, pattern=r"^/", max_length=4096, description="An absolute directory"
+    )
 
     def describe(self) -> str:
         return f"$ {self.command}"
@@ -198,6 +202,19 @@ class Machine(BaseModel):
     created_at: datetime
 
 
+class HostMachine(Machine):
+    """Any Berth machine on this host, whichever install, host id or session made it: what
+    `python -m berth machines` lists (and prunes)."""
+
+    kind: Literal["docker", "libvirt"]
+    name: str
+    host_id: str
+    # The data dir of the install that made it; empty for a machine made before machines
+    # carried it.
+    install: str
+    address: str = ""  # a VM's, on the bridge
+
+
 class CheckResult(BaseModel):
     """How a step's check came out: ``detail`` says what was checked and what was found."""
 
@@ -254,10 +271,13 @@ class StepOutcome(BaseModel):
 
 
 class MachineUsage(BaseModel):
-    """A machine's resource use, sampled by its host: % of one CPU, resident MiB."""
+    """A machine's resource use, sampled by its host: % of one CPU, resident MiB, and the MiB
+    its own disk holds (a VM's overlay; None for a container, whose writes go to tmpfs and
+    count as memory)."""
 
     cpu_percent: float
     memory_mb: float
+    disk_mb: float | None = None
 
 
 class Health(BaseModel):

@@ -34,7 +34,8 @@ USAGE_EVERY_S = 5.0
 SILENCE_S = 7.0
 
 Died = Callable[[Machine, str], Awaitable[None]]
-Sampled = Callable[[dict[str, MachineUsage]], Awaitable[None]]
+# Use by sandbox id, and the machines sampled (which name their sessions).
+Sampled = Callable[[dict[str, MachineUsage], list[Machine]], Awaitable[None]]
 
 
 def _death(machine: Machine, silence: float, silence_s: float) -> str | None:
@@ -93,7 +94,7 @@ async def watch(
                 sampled_at = time.monotonic()
                 usage = await provider.usage(machines)
                 if usage:
-                    await on_usage(usage)
+                    await on_usage(usage, machines)
         except Exception:
             log.exception("watching the sandboxes failed")
         with contextlib.suppress(TimeoutError):

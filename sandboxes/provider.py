@@ -65,6 +65,10 @@ class SandboxHost:
     task_queue: str
     # Where preserved sandboxes' disks or workspaces are kept (see SandboxProvider.preserved).
     preserved_root: Path
+    # The install the machines are made for: its data dir, absolute. Each machine carries it
+    # (a label, the domain's metadata), so `python -m berth machines` can tell the machines
+    # of an install whose data dir is gone, which no worker will ever find again.
+    install: str = ""
 
 
 class SandboxProvider(abc.ABC):
@@ -79,6 +83,7 @@ class SandboxProvider(abc.ABC):
         # share a container engine (and a host id) never take each other's machines for theirs.
         self.deployment = hashlib.sha256(b"deployment:" + host.key).hexdigest()[:12]
         self.task_queue = host.task_queue
+        self.install = host.install
 
     @abc.abstractmethod
     async def prepare(self) -> None:
@@ -149,6 +154,11 @@ class SandboxProvider(abc.ABC):
     @abc.abstractmethod
     def guest_url(self) -> str:
         """The gateway's address as seen from inside a machine."""
+
+    def accel(self) -> str:
+        """How its machines run, for the host registry: "kvm" or "tcg" for VMs, "none" for
+        containers (the host's own kernel)."""
+        return "none"
 
     def guest_env(self, sandbox_id: str) -> dict[str, str]:
         """What a sandbox's guest agent needs to dial in: where (and the pin of the

@@ -4,15 +4,17 @@ a row in ``artifacts`` says whose they are; events and step outcomes carry only 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from store import nofollow
 from store.models import ArtifactRow
 
 # Session ids and artifact ids as they may appear in a path: nothing that walks elsewhere.
@@ -56,22 +58,19 @@ class ArtifactStore:
                 f"artifact {name} has {len(data)} bytes; {self.max_bytes} at most"
             )
         found = artifact_id(session_id, exec_id, name)
-        target = self.path(session_id, found)
+        self.path(session_id, found)  # both ids fit in a path
         # Private folders, the store's own too: the artifacts of other users' sessions are not
-        # to be listed (mkdir's mode applies to the last folder only).
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target.parent.mkdir(exist_ok=True, mode=0o700)
-        self._to_owner(target.parent)
-        # Written aside and renamed, so a reader never sees half a file.
-        fd, draft = tempfile.mkstemp(dir=target.parent, prefix=".draft-")  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as sink:
-                sink.write(data)
-            self._to_owner(Path(draft))
-            os.replace(draft, target)
-        except BaseException:
-            Path(draft).unlink(missing_ok=True)
-            raise
+        # to be listed. The store may belong to another user (the API's, berth/privileges.py),
+        # who could have put links in it: its folders are opened without following one.
+        self.root.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with nofollow.folder(self.root.parent, self.root.name) as store:
+            owner = os.fstat(store)
+            session = nofollow.open_folder(store, session_id)
+            try:
+                self._to_owner(session, owner)
+                self._write(session, found, data, owner)
+            finally:
+                os.close(session)
         if db.get(ArtifactRow, found) is None:
             db.add(
                 ArtifactRow(
@@ -90,12 +89,28 @@ class ArtifactStore:
                 db.rollback()  # another attempt stored it meanwhile
         return found
 
-    def _to_owner(self, path: Path) -> None:
+    def _write(self, folder: int, name: str, data: bytes, owner: os.stat_result) -> None:
+        """Written aside and renamed, so a reader never sees half a file; the draft is made
+        here (O_EXCL), never a file or link that was waiting under its name."""
+        draft = f".draft-{secrets.token_hex(8)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(draft, flags, 0o600, dir_fd=folder)
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                sink.write(data)
+                self._to_owner(sink.fileno(), owner)
+            os.replace(draft, name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(draft, dir_fd=folder)
+            raise
+
+    def _to_owner(self, fd: int, owner: os.stat_result) -> None:
         """Files belong to the store's owner: a worker running as root writes them for an API
-        that may run as another user (berth/privileges.py)."""
-        owner = self.root.stat()
-        if os.geteuid() == 0 and path.stat().st_uid != owner.st_uid:
-            os.chown(path, owner.st_uid, owner.st_gid)
+        that may run as another user (berth/privileges.py); handed over through their
+        descriptors, so never through a link."""
+        if os.geteuid() == 0:
+            nofollow.give(fd, owner.st_uid, owner.st_gid)
 
     def find(self, db: Session, session_id: str, artifact_id: str) -> tuple[ArtifactRow, Path]:
         """The artifact of this session and its file; LookupError if there is none."""

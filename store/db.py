@@ -15,7 +15,11 @@ from alembic.config import Config
 from sqlalchemy import Engine, event, make_url, text
 from sqlmodel import Session, create_engine
 
+from store import nofollow
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+# What SQLite keeps beside a database file.
+JOURNALS = ("-wal", "-shm", "-journal")
 # Key of the PostgreSQL advisory lock that serialises migrations ("berth" in ASCII).
 MIGRATE_LOCK_KEY = 0x6265727468
 
@@ -42,11 +46,34 @@ def _sqlite_file(url: str) -> Path | None:
 
 def _private_file(path: Path) -> None:
     """The database file made before SQLite opens it, readable by this user alone (SQLite
-    gives its journals the same mode), in a folder others cannot list."""
+    gives its journals the same mode), in a folder others cannot list.
+
+    The folder may be another user's (the API's, when the worker is root: see
+    berth/privileges.py), who could leave links there for root's SQLite to write through:
+    the file and its journals must be files of their own (no link, no second name), or
+    nofollow.Planted. SQLite opens them by name after this check; the folder's owner could
+    swap them in between, but not unseen by the next start."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    if path.stat().st_uid == os.geteuid():
-        path.chmod(0o600)  # a database of an older version, made with the default mode
+    fd = nofollow.open_own(path, os.O_RDONLY | os.O_CREAT)
+    try:
+        found = nofollow.checked(fd, str(path))
+        if found.st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)  # a database of an older version, made with the default mode
+    finally:
+        os.close(fd)
+    for suffix in JOURNALS:
+        _own_or_missing(path.with_name(path.name + suffix))
+
+
+def _own_or_missing(path: Path) -> None:
+    try:
+        fd = nofollow.open_own(path, nofollow.LOOK)
+    except FileNotFoundError:
+        return
+    try:
+        nofollow.checked(fd, str(path))
+    finally:
+        os.close(fd)
 
 
 @cache
@@ -79,6 +106,23 @@ def snapshot(engine: Engine) -> Iterator[Session]:
                 conn.rollback()
 
 
+def take_turn(db: Session, key: str) -> None:
+    """Make ``db``'s transaction wait for, and then exclude until it ends, every other
+    transaction that took a turn under ``key``, in any process: a limit's count-then-write
+    (N live sessions a user, N open streams) then admits exactly what one process would.
+
+    On PostgreSQL a transaction-scoped advisory lock (read committed would let two
+    transactions each count before the other's row). On SQLite the database's single write
+    lock, taken now rather than at the first write, so the count read next is the latest:
+    BEGIN IMMEDIATE, unless the transaction already wrote (and so holds it)."""
+    conn = db.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+        return
+    if not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def alembic_config(url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
@@ -96,7 +140,8 @@ def _migration_lock(url: str) -> Iterator[None]:
             return
         _private_file(path)
         # Private: flock needs only read access, so a readable lock could be held by anyone.
-        fd = os.open(path.with_name(f"{path.name}.migrate-lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        lock_file = path.with_name(f"{path.name}.migrate-lock")
+        fd = nofollow.open_own(lock_file, os.O_CREAT | os.O_RDWR)
         with os.fdopen(fd) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
             yield

@@ -55,6 +55,8 @@ class EventType(StrEnum):
     sandbox_preserved = "sandbox.preserved"
     sandbox_preserve_failed = "sandbox.preserve_failed"
     sandbox_restored = "sandbox.restored"
+    # A kept disk removed by its host past the age limit (BERTH_KEPT_MAX_AGE_DAYS).
+    sandbox_kept_expired = "sandbox.kept_expired"
     task_queued = "task.queued"
     task_status = "task.status"
     task_plan = "task.plan"
@@ -288,9 +290,18 @@ def _sandbox_preserved(db: Session, event: Event) -> None:
 
 def _sandbox_restored(db: Session, event: Event) -> None:
     """A resumed session's new sandbox has the preserved disk, which is no longer kept."""
-    row = db.get(SandboxRow, event.data["preserved_id"])
+    _no_longer_kept(db, event, event.data["preserved_id"], "restored")
+
+
+def _sandbox_kept_expired(db: Session, event: Event) -> None:
+    """The kept disk is gone: the session can no longer be resumed."""
+    _no_longer_kept(db, event, event.data["sandbox_id"], "expired")
+
+
+def _no_longer_kept(db: Session, event: Event, sandbox_id: str, status: str) -> None:
+    row = db.get(SandboxRow, sandbox_id)
     if row is not None:
-        row.status = "restored"
+        row.status = status
         db.add(row)
     session = _session(db, event)
     session.preserved = False
@@ -369,6 +380,7 @@ _PROJECTIONS: dict[EventType, Callable[[Session, Event], None]] = {
     EventType.sandbox_destroyed: _sandbox_destroyed,
     EventType.sandbox_preserved: _sandbox_preserved,
     EventType.sandbox_restored: _sandbox_restored,
+    EventType.sandbox_kept_expired: _sandbox_kept_expired,
     EventType.task_queued: _task_queued,
     EventType.task_status: _task_status,
     EventType.task_plan: _task_plan,

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -28,6 +28,14 @@ class SessionStatus(StrEnum):
     waking = "waking"
     ended = "ended"
     failed = "failed"
+
+
+class HostState(StrEnum):
+    active = "active"
+    # Takes no new sessions; its warm pools are ended (an operator's ``host drain``).
+    draining = "draining"
+    # Never stored: a host whose heartbeat is older than BERTH_HOST_LOST_AFTER_S reads so.
+    lost = "lost"
 
 
 class TaskStatus(StrEnum):
@@ -134,7 +142,8 @@ class SandboxRow(SQLModel, table=True):
     host_id: str
     template: str
     handle: str = Field(description="The provider's own name for it, e.g. a container id")
-    # running, destroyed, preserved (its disk kept), restored (its disk in a newer one)
+    # running, destroyed, preserved (its disk kept), restored (its disk in a newer one),
+    # expired (its kept disk removed past the age limit)
     status: str = "running"
     created_at: datetime = Field(default_factory=utcnow)
     destroyed_at: datetime | None = None
@@ -142,6 +151,8 @@ class SandboxRow(SQLModel, table=True):
     cpu_percent: float | None = None
     memory_mb: float | None = None
     stats_at: datetime | None = None
+    # A preserved one's kept disk (or workspace archive), as its host last measured it.
+    kept_bytes: int | None = None
 
 
 class Event(SQLModel, table=True):
@@ -286,3 +297,55 @@ class UserPreferences(SQLModel, table=True):
     hibernate_after_s: int | None = None
     idle_timeout_s: int | None = None
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class UserLimits(SQLModel, table=True):
+    """An admin's limits for one user, in place of the settings' (None: the setting's; 0:
+    no limit): LLM spending per day and per month, kept disks (count, bytes)."""
+
+    __tablename__ = "user_limits"
+
+    user_id: str = Field(foreign_key="users.id", primary_key=True)
+    spend_day_usd: float | None = None
+    spend_month_usd: float | None = None
+    kept_disks: int | None = None
+    kept_bytes: int | None = Field(default=None, sa_type=BigInteger)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class HostRow(SQLModel, table=True):
+    """A sandbox host (a worker): what it can hold and holds, as its last heartbeat said.
+    Only ``state`` is the operators'; the rest is the host's own report."""
+
+    __tablename__ = "hosts"
+
+    id: str = Field(primary_key=True, max_length=64)  # BERTH_HOST_ID
+    task_queue: str = Field(max_length=200)
+    provider: str = Field(max_length=16)
+    # How its VMs run: kvm or tcg; "none" for containers.
+    accel: str = Field(max_length=8)
+    state: HostState = Field(default=HostState.active, sa_type=String(16))
+    vcpus: int
+    memory_mb: int
+    memory_available_mb: int
+    load1: float
+    # Machines of sessions it runs (any state), and the most it may run (None: no cap).
+    machines: int = 0
+    max_machines: int | None = None
+    # Machines ready or booting in each template's warm pool.
+    warm: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    templates: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    started_at: datetime
+    last_seen: datetime = Field(index=True)
+
+
+class StreamLease(SQLModel, table=True):
+    """An event stream open on some API process, counted against its user's streams by
+    every process; dropped when the stream ends, or (its process gone) once it is older
+    than any stream may live."""
+
+    __tablename__ = "stream_leases"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(max_length=64, index=True)
+    created_at: datetime = Field(default_factory=utcnow)

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, create_engine, text
 from berth.run import wait_for_port
 from store.db import get_engine, migrate
 from tests.support.local import free_port
+from workflows import search
 
 BIN = Path(sys.executable).parent
 TEMPORAL = BIN / "temporal"
@@ -30,6 +31,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "e2e/test_system.py": ("chromium",),
     "e2e/test_dashboard_browser.py": ("chromium",),
     "berth/test_startup.py": ("e2e", "docker"),
+    "berth/test_machines.py": ("docker",),
     "guest_agent/test_browser.py": ("chromium",),
     "sandboxes/test_containment.py": ("docker",),
     "sandboxes/test_docker_browser.py": ("docker", "chromium"),
@@ -101,6 +103,7 @@ def temporal_address() -> Iterator[str]:
             str(port),
             "--log-level",
             "error",
+            *search.dev_server_flags(),
         ],
         stdout=subprocess.DEVNULL,
     )

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. Keep in step with ARCHITECTURE.md.
 FLOORS: list[set[str]] = [
-    {"config", "guest_agent", "vm_templates"},  # ground: imports nothing of the project
+    {"config", "guest_agent", "vm_templates", "telemetry"},  # ground: imports nothing of ours
     {"store"},  # the event log, the database
     {"sandboxes", "llm"},  # machines and their guests; the model proxy
     {"activities"},  # what workflows ask of the world, and its contracts
@@ -44,7 +44,7 @@ def floor_of(module: str) -> int | None:
 
 # Packages that take what they need as values from the floor above and never read the
 # settings object: a provider gets a Host, not Settings.
-NO_SETTINGS = {"sandboxes", "store", "guest_agent", "vm_templates"}
+NO_SETTINGS = {"sandboxes", "store", "guest_agent", "vm_templates", "telemetry"}
 
 
 def imported(tree: ast.AST) -> list[tuple[int, str]]:

@@ -1,6 +1,7 @@
-"""The admins' page: each template's warm pool on this host, every user's sessions (newest
-first, each linked to its workflow in the Temporal Web UI) and the audit log's newest
-entries. Anyone else gets a 403, as the admin API answers them; reading it is audited."""
+"""The admins' page: the sandbox hosts in the registry, each template's warm pool on this
+host, every user's sessions (newest first, each linked to its workflow in the Temporal Web UI)
+and the audit log's newest entries. Anyone else gets a 403, as the admin API answers them;
+reading it is audited."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from fastapi.responses import HTMLResponse, Response
 
 import vm_templates
 from api import service
+from api.admin import host_list
 from api.deps import DbDep, IpDep, Problem, SettingsDep, TemporalDep
 from api.schemas import PoolOut
 from config.settings import Settings
@@ -53,6 +55,7 @@ async def admin_page(
         "admin.html",
         settings,
         caller,
+        hosts=host_list(db, settings),
         pools=await _pools(temporal, settings),
         sessions=[(row, workflow_url(settings, row.id)) for row in sessions],
         entries=audit.newest(db, AUDIT_SHOWN),

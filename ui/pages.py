@@ -29,6 +29,7 @@ from api.deps import (
 )
 from api.schemas import Credentials
 from config.settings import Settings
+from sandboxes.kept import kept_until
 from store.models import utcnow
 from ui import guard, state
 from ui.render import PageCaller, PageUser, dashboard_router, render_page, templates
@@ -199,9 +200,12 @@ def session_page(
     if view is None:
         raise Problem(404, f"no session {sid}")
     spec = _spec(view.session.template)
+    ended, keep_days = view.session.ended_at, settings.kept_max_age_days
+    kept = kept_until(ended, keep_days) if view.session.preserved else None
     return render_page(
-        request, "session.html", settings, caller, temporal=temporal, view=view, spec=spec
-    )
+        request, "session.html", settings, caller,
+        temporal=temporal, view=view, spec=spec, kept_until=kept,
+    )  # fmt: skip
 
 
 @router.get("/ui/sessions/{sid}/machine", response_class=HTMLResponse)
@@ -279,12 +283,13 @@ async def end_session(
     sid: str,
     db: DbDep,
     temporal: TemporalDep,
+    settings: SettingsDep,
     user: PageUser,
     ip: IpDep,
     preserve: Annotated[bool, Form()] = False,
 ) -> Response:
     row = service.own_session(db, user, sid)
-    await service.end_session(db, temporal, user, row, ip, preserve=preserve)
+    await service.end_session(db, temporal, settings, user, row, ip, preserve=preserve)
     note = "keeping its disk" if preserve else "its machine shuts down"
     return HTMLResponse(f'<span class="ok">Ending the session, {note}…</span>')
 

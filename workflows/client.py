@@ -16,6 +16,7 @@ from typing import TypedDict
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from activities.models import pool_workflow_id
@@ -79,13 +80,14 @@ class UnknownNamespace(RuntimeError):
     """The settings name a namespace the Temporal server does not have."""
 
 
-async def connect(settings: Settings) -> Client:
+async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
     """A client of the settings' namespace, which must exist: against a server without it,
     every workflow would look gone, and whoever sweeps rows or machines by their workflows
-    (the worker) would end every live session."""
+    (the worker) would end every live session. ``runtime``: the SDK's own (its metrics)."""
     client = await Client.connect(
         settings.temporal_target,
         data_converter=data_converter(settings),
+        runtime=runtime,
         **connect_options(settings),
     )
     try:

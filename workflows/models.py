@@ -52,6 +52,9 @@ class SessionInput(BaseModel):
     max_revisions: int = 8
     # The user's preferred LLM provider (its name or model), tried first when planning.
     model: str | None = None
+    # The namespace has Berth's search attributes (workflows/search.py): the session keeps
+    # BerthStatus current. Its other attributes are set at its start.
+    search_attributes: bool = False
     # Set by continue-as-new: the session as the previous run left it.
     carried: Carried | None = None
     # Set by a resume: the sandbox whose disk the session's previous run preserved. Its

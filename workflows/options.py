@@ -94,6 +94,17 @@ DESTROY: Final = ActivityOptions(
     retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=20)),
 )
 DESTROY_POOL_VM: Final = ActivityOptions(start_to_close_timeout=timedelta(minutes=3))
+
+
+def destroying_pool_vm(within: timedelta) -> ActivityOptions:
+    """A pool VM's removal as its pool ends: retried, but given up after ``within``."""
+    return ActivityOptions(
+        schedule_to_close_timeout=within,
+        start_to_close_timeout=min(within, timedelta(minutes=1)),
+        retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
+    )
+
+
 STOP_STEP: Final = ActivityOptions(
     start_to_close_timeout=timedelta(seconds=30), retry_policy=RetryPolicy(maximum_attempts=3)
 )
@@ -102,10 +113,20 @@ CONSULT: Final = ActivityOptions(
     start_to_close_timeout=timedelta(minutes=3), retry_policy=RetryPolicy(maximum_attempts=3)
 )
 
-# Recording progress, a local activity. Unbounded: a session must outlast a database outage
-# rather than fail for it.
+# Recording progress, a local activity: tried a few times within one workflow task (about
+# 8 s between the first and the last), then again after RECORD_AGAIN_AFTER, doubling to
+# RECORD_AGAIN_MAX, for as long as it takes: a session outlasts a database outage rather
+# than fail for it. (A local activity's schedule-to-close did not end its retries.)
 RECORD_TIMEOUT = timedelta(seconds=15)
-RECORD_RETRY = RetryPolicy(
+RECORD_TRIES = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500),
+    maximum_interval=timedelta(seconds=4),
+    maximum_attempts=5,
+)
+RECORD_AGAIN_AFTER = timedelta(seconds=5)
+RECORD_AGAIN_MAX = timedelta(minutes=5)
+# Before the patch record-later: retried without end within one workflow task.
+RECORD_RETRY_UNBOUNDED = RetryPolicy(
     initial_interval=timedelta(milliseconds=200),
     maximum_interval=timedelta(seconds=30),
     maximum_attempts=0,

@@ -7,7 +7,8 @@ pool answers None at once and the session creates one cold: never an error, neve
 Boots are paced: at most ``max_booting`` at a time, counted from the moment they are asked
 for, so a slow or failing boot never leads to more boots than the target (failures back
 off). A VM is never given back: a session's end destroys it, and the pool boots a fresh one.
-The ``stop`` signal (its worker stopping) destroys every member and ends the pool.
+The ``stop`` signal (its worker stopping) destroys every member and ends the pool, within
+``stop_timeout_s``: what it could not remove by then is left to reconciliation.
 
 Each member's machine is labelled with a session id of its own (``pool-<template>-<id>``),
 which reconciliation asks this workflow about (``owns``).
@@ -36,6 +37,7 @@ RESIZE_EVERY = timedelta(seconds=30)
 # Claims answered, remembered per session: a retried claim gets the same VM.
 REMEMBERED_CLAIMS = 100
 MAX_BACKOFF_S = 300.0
+STOP_TIMEOUT_S = 120.0
 
 
 def member_session_id(template: str, sandbox_id: str) -> str:
@@ -61,6 +63,8 @@ class PoolState(BaseModel):
     misses: int = 0
     boot_failures: int = 0  # in a row
     stopping: bool = False  # told to stop: it destroys its members and ends
+    # Members its end gave up on (a boot not cancelled, a VM not removed in time).
+    abandoned: list[str] = Field(default_factory=list)
 
     def owns(self, sandbox_id: str) -> bool:
         """Whether the sandbox is this pool's: ready, booting, or just handed out (its new
@@ -78,6 +82,8 @@ class PoolInput(BaseModel):
     min_size: int = Field(ge=0)
     max_size: int = Field(ge=0)
     max_booting: int = Field(default=1, ge=1)
+    # How long its end waits for boots in flight, then for the removal of its VMs.
+    stop_timeout_s: float = Field(default=STOP_TIMEOUT_S, gt=0)
     carried: PoolState | None = None
 
 
@@ -118,9 +124,37 @@ class SandboxPool:
         if workflow.patched("pool-stop-cancels-boots"):
             for provision in self.provisions.values():
                 provision.cancel()
-        await workflow.wait_condition(lambda: not self.s.booting)
-        await asyncio.gather(*(self.destroy(sandbox) for sandbox in self.s.ready))
-        self.s.ready = []
+        if not workflow.patched("pool-stop-bounded"):
+            # A run begun before: it waits for every boot and removal, however long.
+            await workflow.wait_condition(lambda: not self.s.booting)
+            await asyncio.gather(*(self.destroy(sandbox) for sandbox in self.s.ready))
+            self.s.ready = []
+            return
+        await self.end_within(timedelta(seconds=params.stop_timeout_s))
+
+    async def end_within(self, bound: timedelta) -> None:
+        """The pool's end, bounded: a boot whose cancel does not complete, or a VM that
+        cannot be removed, is given up on (said in the log and the pool's memo, its id in
+        its state) rather than keeping the pool stopping forever, and a worker's next start
+        without a pool. The host's reconciliation removes those machines later: no pool
+        owns them any more."""
+        with contextlib.suppress(TimeoutError):
+            await workflow.wait_condition(
+                lambda: not self.s.booting, timeout=bound, timeout_summary="boots' end"
+            )
+        ready, self.s.ready = self.s.ready, []
+        ends = await asyncio.gather(
+            *(self.destroy(sandbox, options.destroying_pool_vm(bound)) for sandbox in ready),
+            return_exceptions=True,
+        )
+        failed = [s.id for s, ended in zip(ready, ends, strict=True) if ended is not None]
+        self.s.abandoned = [*self.s.booting, *failed]
+        if self.s.abandoned:
+            workflow.logger.warning(
+                "the pool ended without removing %s; reconciliation removes them",
+                ", ".join(self.s.abandoned),
+            )
+            workflow.upsert_memo({"abandoned": self.s.abandoned})
 
     def resize(self) -> None:
         since = workflow.now() - RATE_WINDOW
@@ -174,13 +208,15 @@ class SandboxPool:
             self.s.booting.remove(sandbox_id)
             self.changed = True
 
-    async def destroy(self, sandbox: SandboxInfo) -> None:
+    async def destroy(
+        self, sandbox: SandboxInfo, timing: options.ActivityOptions = options.DESTROY_POOL_VM
+    ) -> None:
         await workflow.execute_activity_method(
             SandboxActivities.destroy,
             sandbox,
             task_queue=self.params.host_task_queue,
             summary="destroy a pool VM",
-            **options.DESTROY_POOL_VM,
+            **timing,
         )
 
     @workflow.update(name=POOL_CLAIM_UPDATE)

@@ -45,7 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from sandboxes.models import SandboxInfo, StepOutcome
     from store.events import EventType, NewEvent
     from store.models import SessionStatus, TaskStatus
-    from workflows import options
+    from workflows import options, search
     from workflows.failures import REFUSED_EXIT, answering, died, failure_message, refused
     from workflows.models import (
         MAX_NOTES,
@@ -288,19 +288,7 @@ class SessionWorkflow:
         if not self.may_continue_as_new():
             return
         assert self.sandbox is not None
-        tasks = ([self.running] if self.running else []) + [self.tasks[i] for i in self.queue]
-        carried = Carried(
-            sandbox=self.sandbox,
-            tasks=[carried_task(t) for t in tasks],
-            running=self.running.id if self.running else None,
-            paused=self.paused,
-            hibernated=self.hibernated,
-            instructions=self.instructions,
-            finished=self.finished,
-            submitted=self.submitted,
-            preserve=self.preserve,
-            dead=self.dead,
-        )
+        carried = self.carried(self.sandbox)
         # Bytes, as the server counts them (a character of CJK text is three).
         size, limit = len(carried.model_dump_json().encode()), self.params.max_carried_bytes
         # Only a running task's state can grow past the bound (the queue's prompts, the
@@ -315,6 +303,22 @@ class SessionWorkflow:
         # The preserved disk was restored by the first run: a later one never restores it.
         workflow.continue_as_new(
             self.params.model_copy(update={"carried": carried, "restore": None})
+        )
+
+    def carried(self, sandbox: SandboxInfo, *queued: TaskState) -> Carried:
+        """The session as continuing as new now would carry it (with ``queued`` added)."""
+        tasks = ([self.running] if self.running else []) + [self.tasks[i] for i in self.queue]
+        return Carried(
+            sandbox=sandbox,
+            tasks=[carried_task(t) for t in [*tasks, *queued]],
+            running=self.running.id if self.running else None,
+            paused=self.paused,
+            hibernated=self.hibernated,
+            instructions=self.instructions,
+            finished=self.finished,
+            submitted=self.submitted,
+            preserve=self.preserve,
+            dead=self.dead,
         )
 
     async def provision(self) -> None:
@@ -784,7 +788,9 @@ class SessionWorkflow:
         self.tasks[task.id] = task
         if submission.key:
             self.submitted[submission.key] = task.id
-            while len(self.submitted) > REMEMBERED_KEYS:
+            # A run begun before keys went with their tasks kept as many keys as tasks.
+            kept = REMEMBERED_KEYS if workflow.patched("keys-with-tasks") else REMEMBERED_TASKS
+            while len(self.submitted) > kept:
                 del self.submitted[next(iter(self.submitted))]
         # Queued only once recorded: the task's row must exist before its first step's.
         await self.record(self.event(EventType.task_queued, task_id=task.id, prompt=task.prompt))
@@ -803,6 +809,16 @@ class SessionWorkflow:
         self.check_open()
         if len(self.tasks) - (self.running is not None) >= MAX_QUEUED_TASKS:
             raise ValueError(f"{MAX_QUEUED_TASKS} tasks are queued already; wait for some to end")
+        # Queued tasks are carried to the next run with the rest: one that would take the
+        # session past its bound is refused now, not failed (or wedged) at continue-as-new.
+        task = TaskState(id="0" * 36, prompt=submission.prompt)  # an id's length
+        carried = self.carried(self.machine() or self.unmade(""), task)
+        size, limit = len(carried.model_dump_json().encode()), self.params.max_carried_bytes
+        if size > limit:
+            raise ValueError(
+                f"with this task the session would carry {size} bytes to its next run, past "
+                f"its {limit}; wait for queued tasks to end, or send a shorter task"
+            )
 
     def submission(self, submission: TaskSubmission) -> TaskRef | None:
         """The task a submission's key queued already, or None for a new submission; a
@@ -927,8 +943,12 @@ class SessionWorkflow:
         known yet (empty provider, host and handle: its provider names it from the id)."""
         if self.sandbox is not None or self.making is None:
             return self.sandbox
+        return self.unmade(self.making)
+
+    def unmade(self, sandbox_id: str) -> SandboxInfo:
+        """A machine not made yet: only its id and where it is made are known."""
         return SandboxInfo(
-            id=self.making,
+            id=sandbox_id,
             session_id=self.params.session_id,
             provider="",
             host_id="",
@@ -970,8 +990,16 @@ class SessionWorkflow:
     def event(self, type: EventType, **data: Any) -> NewEvent:
         # The key makes a retried RecordProgress a no-op; the counter is replay-safe.
         self.events += 1
+        if type == EventType.session_status:
+            self.show_status(data["status"])
         key = f"{workflow.info().run_id}/{self.events}"
         return NewEvent(type=type, data={k: v for k, v in data.items() if v is not None}, key=key)
+
+    def show_status(self, status: str) -> None:
+        """The session's status as its search attribute, for the Temporal UI's filters (when
+        the namespace has the attributes: the API says so in the input)."""
+        if self.params.search_attributes and workflow.patched("search-attributes"):
+            workflow.upsert_search_attributes([search.STATUS.value_set(status)])
 
     def set_task(self, task: TaskState, status: TaskStatus, **extra: str | None) -> NewEvent:
         task.status = status
@@ -988,6 +1016,8 @@ class SessionWorkflow:
         while len(self.finished) > REMEMBERED_TASKS:
             forgotten = next(iter(self.finished))
             del self.finished[forgotten]
+            if not workflow.patched("keys-with-tasks"):
+                continue  # a run begun before forgot keys apart from their tasks
             # Its key goes with it: a key kept would name a task the session cannot answer.
             for key in [k for k, v in self.submitted.items() if v == forgotten]:
                 del self.submitted[key]
@@ -1016,13 +1046,35 @@ class SessionWorkflow:
         )  # fmt: skip
 
     async def record(self, *drafts: NewEvent) -> None:
-        await workflow.execute_local_activity_method(
-            ProgressActivities.record,
-            ProgressBatch(session_id=self.params.session_id, events=list(drafts)),
-            start_to_close_timeout=options.RECORD_TIMEOUT,
-            retry_policy=options.RECORD_RETRY,
-            summary=", ".join(d.type for d in drafts),
-        )
+        batch = ProgressBatch(session_id=self.params.session_id, events=list(drafts))
+        # The database down: tried a few times within this workflow task, then again after
+        # a durable wait, which ends the task (its history would grow with every heartbeat
+        # of a task that never ends) and lets the session answer queries, updates and
+        # signals meanwhile. The events' keys make a retry after a lost answer a no-op.
+        # A run begun before retries without end inside one workflow task.
+        later = workflow.patched("record-later")
+        tries = options.RECORD_TRIES if later else options.RECORD_RETRY_UNBOUNDED
+        wait = options.RECORD_AGAIN_AFTER
+        while True:
+            try:
+                await workflow.execute_local_activity_method(
+                    ProgressActivities.record,
+                    batch,
+                    start_to_close_timeout=options.RECORD_TIMEOUT,
+                    retry_policy=tries,
+                    summary=", ".join(d.type for d in drafts),
+                )
+                return
+            # A local activity's failure comes as its own error (an ApplicationError), not
+            # wrapped in an ActivityError as a remote activity's.
+            except (ActivityError, ApplicationError) as exc:
+                if not later:
+                    raise
+                workflow.logger.warning(
+                    "recording progress failed: %s; again in %s", failure_message(exc), wait
+                )
+            await workflow.sleep(wait, summary="record progress again")
+            wait = min(wait * 2, options.RECORD_AGAIN_MAX)
 
 
 def carried_task(task: TaskState) -> TaskState:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
+from fnmatch import fnmatchcase
 
 from pydantic import BaseModel
 
 from sandboxes.policy.arguments import Arguments
 from sandboxes.policy.rules import CommandPolicy, Refused
 from sandboxes.policy.shell import (
+    GLOB_CHARS,
     RESERVED,
     ShellSyntaxRefused,
     SimpleCommand,
@@ -50,6 +52,21 @@ def judge(command: str, policy: CommandPolicy, cwd: str | None = None) -> Policy
     return ALLOWED
 
 
+def may_match_dots(text: str) -> bool:
+    """Whether a glob has a component that may match `.` or `..`. The paths of a glob are
+    judged as written (`.*/.*/etc` stays below the workspace), which holds only if no
+    component expands to a dot entry. Bash 5.2 skips them (globskipdots, on by default), but
+    older bash matches them with `.*`, `.?` or `..*`. Bash matches a leading dot only with a
+    literal one, so only a component starting with a dot can; one with a bracket expression
+    is taken to (`[^a]`, `[[:punct:]]`: classes Python's fnmatch does not read)."""
+    for component in text.split("/"):
+        if not component.startswith(".") or not GLOB_CHARS & set(component):
+            continue
+        if "[" in component or fnmatchcase(".", component) or fnmatchcase("..", component):
+            return True
+    return False
+
+
 class Judge:
     """One command line's judging: the policy, and every directory the line may be in."""
 
@@ -77,6 +94,13 @@ class Judge:
                 self.simple(simple, alone=len(pipeline.commands) == 1)
 
     def simple(self, simple: SimpleCommand, alone: bool) -> None:
+        for word in (*simple.words, *(r.target for r in simple.redirects)):
+            if word.glob and may_match_dots(word.text):
+                raise Refused(
+                    f"the glob `{word.text}` may expand to `.` or `..` (bash before 5.2, or "
+                    "without globskipdots, matches them), through which it would leave the "
+                    "directory it names; put a letter after the dot (`.git*`) or name the files"
+                )
         for redirect in simple.redirects:
             target = self.expand(redirect.target)
             if redirect.op in (">&", "<&") and (is_number(target.text) or target.text == "-"):

@@ -306,6 +306,39 @@ def check_find(args: Arguments) -> None:
             raise args.refuse(arg.text, "is refused by this policy" + args.advice(arg.text))
 
 
+def remote_archive(word: str) -> bool:
+    """Whether GNU tar would take ``word``, given as its archive, for a remote one
+    (``host:file``, ``user@host:file``): a colon after the first character with no slash
+    before it (rmt.h's _remdev). Tar then runs rsh (or the remote shell it was built with) to
+    reach the host: a program the policy never saw, and a way out of the machine."""
+    colon = word.find(":")
+    return colon > 0 and "/" not in word[:colon]
+
+
+def check_tar(args: Arguments) -> None:
+    """No archive tar would reach through a remote shell. Every word is held to it, and every
+    value attached with `=` or inside a cluster (`-fhost:a.tar`, `--file=host:a.tar`,
+    `--fi=...`), since telling tar's archive apart from its members would mean reading every
+    option as tar does. `--force-local` would make tar read the name as a local file, but
+    the check does not lean on it: an option later on the line (or a tar built otherwise)
+    could undo it, and `./host:file` names the same file plainly."""
+    for arg in args.args:
+        text = arg.text
+        values = {text}
+        if text.startswith("--"):
+            values.add(text.partition("=")[2])
+        elif text.startswith("-") or arg is args.args[0]:
+            values |= {text[j:] for j in range(1, len(text))}
+        for value in values:
+            if remote_archive(value):
+                raise args.refuse(
+                    text,
+                    "names a remote archive (`host:file`), which tar reaches by running a "
+                    "remote shell; this policy refuses it: write `./" + value + "` for a local "
+                    "file of that name",
+                )
+
+
 def check_test(args: Arguments) -> None:
     """bash's `test` and `[` evaluate the subscript of `-v NAME[SUBSCRIPT]` as arithmetic, so
     `test -v 'a[$(cmd)]'` runs cmd, the quotes hiding it from the parser; `-v` can stand after
@@ -369,4 +402,5 @@ CHECKS = {
     "cd": check_cd,
     "git": check_git,
     "test": check_test,
+    "tar": check_tar,
 }

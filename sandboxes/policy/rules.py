@@ -49,7 +49,7 @@ class ProgramRule(BaseModel):
     # tar: the first word is an option cluster even without a dash (`tar xzf a.tgz`).
     bundled_first_arg: bool = False
     # A check of the program's own language, written in code (sed scripts, chmod modes...).
-    check: Literal["sed", "chmod", "find", "git", "cd", "test"] | None = None
+    check: Literal["sed", "chmod", "find", "git", "cd", "test", "tar"] | None = None
     config_keys: list[str] = Field(default=[], description="git: keys `git config` may set")
 
 

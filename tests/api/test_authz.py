@@ -58,6 +58,8 @@ R = Rule
 RULES: dict[tuple[str, str], Rule] = {
     # Public.
     ("GET", "/healthz"): R(200, 200, 200, 200),
+    # The scraper's token (BERTH_METRICS_TOKEN) or a loopback caller, never a user's token.
+    ("GET", "/metrics"): R(401, 401, 401, 401),
     ("GET", "/openapi.json"): R(200, 200, 200, 200),
     ("GET", "/docs"): R(200, 200, 200, 200),
     ("GET", "/docs/oauth2-redirect"): R(200, 200, 200, 200),
@@ -94,6 +96,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/api/pools/{template}"): R(403, 403, 401, 404),  # no pool runs here
     ("GET", "/api/admin/audit"): R(403, 403, 401, 200, query="?session_id={sid}"),
     ("POST", "/api/admin/invites"): R(403, 403, 401, 201),
+    ("GET", "/api/admin/users/{user_id}/limits"): R(403, 403, 401, 200),
+    ("PUT", "/api/admin/users/{user_id}/limits"): R(403, 403, 401, 200, json={"kept_disks": 3}),
+    ("GET", "/api/admin/hosts"): R(403, 403, 401, 200),
     ("POST", "/codec/{operation}"): R(403, 403, 401, 200, json={"payloads": []}),
     ("OPTIONS", "/codec/{operation}"): R(204, 204, 204, 204),  # a CORS preflight carries no token
     # The dashboard (an anonymous page load goes to the login page, an htmx call gets 401).
@@ -183,6 +188,7 @@ class Stage:
             "token_id": token.id,
             "artifact_id": self.artifact_id,
             "template": "default",
+            "user_id": self.world.owner.id,
         }
 
     def login_form(self, form: dict[str, str]) -> dict[str, str]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from api.deps import Problem, Streams
@@ -49,8 +50,8 @@ def test_a_rejected_body_is_not_echoed(client: TestClient) -> None:
     assert [e["loc"] for e in problem["errors"]] == [["body", "password"]]
 
 
-def test_a_user_holds_at_most_so_many_streams() -> None:
-    count = Streams(most=2)
+def test_a_user_holds_at_most_so_many_streams(engine: Engine) -> None:
+    count = Streams(engine, most=2)
     first, second = count.take("ann"), count.take("ann")  # taken as asked, before any starts
     with pytest.raises(Problem) as refused:
         count.take("ann")

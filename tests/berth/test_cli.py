@@ -20,12 +20,15 @@ from berth.cli import main
 
 # Each command and subcommand, with what its help must show besides its usage line.
 COMMANDS: dict[tuple[str, ...], list[str]] = {
-    (): ["run", "worker", "api", "prepare", "create-admin", "bench"],
+    (): ["run", "worker", "api", "prepare", "create-admin", "host", "bench"],
     ("run",): ["foreground"],
     ("worker",): ["worker"],
     ("api",): ["API"],
     ("prepare",): ["--provider", "docker", "libvirt"],
     ("create-admin",): ["EMAIL", "--promote-existing"],
+    ("host",): ["drain", "undrain"],
+    ("host", "drain"): ["HOST"],
+    ("host", "undrain"): ["HOST"],
     ("bench",): ["spine", "llm", "vm"],
     ("bench", "spine"): ["--out"],
     ("bench", "llm"): ["--out"],

@@ -4,6 +4,7 @@ worker."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -50,8 +51,9 @@ def test_processes_migrating_one_fresh_database_at_once_all_succeed(db_url: str)
 
 
 def test_a_crashing_child_is_restarted_with_a_doubling_backoff(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "berth.run")
     now = [0.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])  # the supervisor's clock
     child = run.Child("crasher", lambda: subprocess.Popen(["false"]), tmp_path)
@@ -70,7 +72,7 @@ def test_a_crashing_child_is_restarted_with_a_doubling_backoff(
     now[0] += run.BACKOFF_RESET_S
     child.tend()
     assert child.restart_at == now[0] + 1
-    assert "crasher exited with 1; restarting in 30 s" in capsys.readouterr().out
+    assert "crasher exited with 1; restarting in 30 s" in caplog.text
     child.stop()
 
 

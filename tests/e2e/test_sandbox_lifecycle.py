@@ -2,7 +2,8 @@
 session ended with its disk preserved is resumed with its files; a sandbox killed behind
 Berth's back, or whose guest hangs, is detected, its running step fails with a clear error,
 and the session gets a new machine for its next task; a command waits for a suspended
-machine; the host samples its sandboxes' CPU and memory."""
+machine; the host samples its sandboxes' CPU and memory; the worker registers its host and
+heartbeats its machines, and a drain turns new sessions away."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pytest
 from sqlmodel import Session, create_engine, select
 
 from config.settings import Settings
+from store import hosts
 from store.events import EventType
-from store.models import SandboxRow
+from store.models import HostRow, HostState, SandboxRow, utcnow
 from tests.e2e.test_system import DONE, read_events, token_for, wait_status
 from tests.support.local import LocalSystem, python_script
 
@@ -214,3 +216,40 @@ def test_a_command_waits_for_a_suspended_machine_past_the_reconnect_grace(
     assert events[-1]["data"]["status"] == "succeeded", events[-1]
     output = "".join(e["data"]["text"] for e in events if e["type"] == EventType.step_output)
     assert "after the pause" in output
+
+
+def host_row(system: LocalSystem) -> HostRow | None:
+    engine = create_engine(Settings(data_dir=system.data).db_url)
+    with Session(engine) as db:
+        rows = hosts.listing(db)
+    engine.dispose()
+    return rows[0] if rows else None
+
+
+def test_the_worker_registers_its_host_and_a_drain_turns_sessions_away(
+    system: LocalSystem,
+) -> None:
+    base = system.base
+    headers = token_for(base, "registry@example.com")
+    host = host_row(system)
+    assert host is not None, "the worker registers as it starts"
+    assert host.task_queue == f"berth-host-{host.id}" and host.state == HostState.active
+    assert (host.provider, host.accel) == ("docker", "none") and host.vcpus >= 1
+    sid = httpx.post(f"{base}/api/sessions", json={}, headers=headers).json()["id"]
+    wait_status(base, headers, sid, "ready")
+    ready_at = utcnow()
+    deadline = time.monotonic() + 30  # the heartbeat comes every 5 s
+    while (beat := host_row(system)) is None or beat.last_seen <= ready_at:
+        assert time.monotonic() < deadline, "no heartbeat"
+        time.sleep(0.5)
+    assert beat.machines >= 1  # this session's, at least
+
+    engine = create_engine(Settings(data_dir=system.data).db_url)
+    with Session(engine) as db:
+        assert hosts.set_state(db, host.id, HostState.draining)
+    refused = httpx.post(f"{base}/api/sessions", json={}, headers=headers)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "60", refused.text
+    with Session(engine) as db:
+        assert hosts.set_state(db, host.id, HostState.active)
+    engine.dispose()
+    assert httpx.delete(f"{base}/api/sessions/{sid}", headers=headers).status_code == 202

@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 
 import guest_agent
-from guest_agent import checks
+from guest_agent import checks, files
 from guest_agent.checks import Facts, evaluate
 from guest_agent.chromium import LAUNCHER
+from guest_agent.execution import Execution
+from guest_agent.terminal import run_command
 from guest_agent.user import StepUser
 from sandboxes.models import TerminalStep
 from tests.guest_agent.test_agent import Collector, guest_link
@@ -144,8 +146,11 @@ def test_the_chromium_launcher_runs_python_isolated_and_chromium_as_the_user(
         "BERTH_CHROMIUM": "/bin/sh",  # made to print what Chromium would get
         "BERTH_GUEST_USER": "nobody",
     }
+    # Chromium's stand-in prints its environment, then the profile it was given ($0) and
+    # that profile's owner.
+    chromium = 'env; p="${0#--user-data-dir=}"; echo "profile=$p"; stat -c "owner=%u" "$p"'
     ran = subprocess.run(
-        [str(LAUNCHER), "-c", "env", f"--user-data-dir={profile}"],
+        [str(LAUNCHER), "-c", chromium, f"--user-data-dir={profile}"],
         cwd=hostile,
         env=env,
         capture_output=True,
@@ -154,7 +159,47 @@ def test_the_chromium_launcher_runs_python_isolated_and_chromium_as_the_user(
     )
     assert ran.returncode == 0, ran.stderr
     assert not marker.exists()
-    assert profile.stat().st_uid == nobody().uid
     seen = dict(line.split("=", 1) for line in ran.stdout.splitlines() if "=" in line)
+    # The driver's profile stays root's (and empty: root removes it); Chromium gets one the
+    # user made, and the user removed it when Chromium was done.
+    assert profile.stat().st_uid == 0
+    users = Path(seen.pop("profile"))
+    assert users != profile
+    assert seen.pop("owner") == str(nobody().uid)
+    assert not users.exists()
     seen.pop("PWD")  # the shell's own, of its cwd
     assert seen == nobody().environment()
+
+
+@as_root
+async def test_a_step_enters_its_working_directory_as_the_step_user(shared: Path) -> None:
+    # root-only/ is root's, mode 0700: root could enter it, the user may not.
+    execution = Execution("cwd", timeout_s=10)
+    code, error = await run_command(execution, "pwd", str(shared / "root-only"), nobody())
+    assert error is None
+    assert code != 0, execution.output()
+    assert "Permission denied" in execution.output()
+    execution = Execution("cwd-ok", timeout_s=10)
+    code, _ = await run_command(execution, "pwd; env", str(shared), nobody())
+    assert code == 0
+    lines = execution.output().splitlines()
+    assert lines[0] == str(shared)
+    assert not [line for line in lines if line.startswith("OLDPWD=")]
+
+
+@as_root
+async def test_file_steps_carry_none_of_roots_supplementary_groups(shared: Path) -> None:
+    # A file of root's group, readable by that group only: root's supplementary groups (0
+    # here, disk or adm in a machine) must not open it for the step user.
+    group_file = shared / "group-only"
+    group_file.write_text("for root's group")
+    os.chown(group_file, 0, 0)
+    group_file.chmod(0o040)
+    os.setgroups([0])  # the agent's own groups, as a root process has them
+    execution = Execution("read", timeout_s=10)
+    step = {"op": "read", "path": "group-only"}
+    with pytest.raises(files.Refused, match="Permission denied"):
+        await files.run(execution, step, str(shared), nobody())
+    assert os.getgroups() == [0]  # the agent's thread got its own back
+    public = await files.run(execution, {"op": "read", "path": "public"}, str(shared), nobody())
+    assert public == {"content": "x"}

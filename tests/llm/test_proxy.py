@@ -4,6 +4,7 @@ loopback: fallback, cool-down, the cache (streaming too), tool calls, accounting
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -25,9 +26,10 @@ from llm.models import (
     LLMError,
     NoProvider,
     RateLimited,
+    SpendLimited,
 )
 from llm.proxy import LLMProxy
-from store.models import LLMReservation
+from store.models import LLMCall, LLMReservation
 from tests.support.scripted_llm import Reply, ScriptedLLM
 
 USER = Caller(user_id="u1", session_id="s1", task_id="t1")
@@ -367,3 +369,40 @@ async def test_max_tokens_is_capped(engine: Engine, up: ScriptedLLM) -> None:
     with pytest.raises(InvalidRequest):
         async for _ in proxy.stream(ask("over", max_tokens=101, stream=True), USER):
             pass
+
+
+@pytest.mark.parametrize("leave_after", ["finish", "first"])
+async def test_a_stream_its_client_leaves_is_still_charged(
+    engine: Engine, leave_after: str
+) -> None:
+    # Found by the security review: a client that left before the last chunk was never
+    # recorded, so spend budgets and the rate limit could be skipped by closing each stream.
+    with ScriptedLLM(default="the quick brown fox jumps over") as server:
+        proxy = proxy_for(
+            engine,
+            provider(server, "main"),
+            llm_prices={"main-model": [1_000_000.0, 1_000_000.0]},
+            spend_day_usd=1.0,
+            llm_rate_limit_per_minute=3,
+        )
+        answered = 0
+        for i in range(5):
+            stream = proxy.stream(ask(f"q{i}", stream=True, temperature=0.5), USER)
+            try:
+                async with contextlib.aclosing(stream):
+                    async for chunk in stream:
+                        choices = chunk["choices"]
+                        if leave_after == "first" and choices and choices[0]["delta"]:
+                            answered += 1
+                            break
+                        if choices and choices[0].get("finish_reason"):
+                            answered += 1
+                            break
+            except SpendLimited:
+                break
+        with Session(engine) as db:
+            calls = db.exec(select(LLMCall)).all()
+            in_flight = db.exec(select(LLMReservation)).all()
+    assert answered == 1, "the second call is over the day's budget"
+    assert len(calls) == 1 and calls[0].cost_usd >= 1.0
+    assert not in_flight

@@ -213,6 +213,19 @@ BYPASSES = [
     ("glob-empty-quotes-question", "tar cf a.tar ''?", "starts with a wildcard"),
     ("glob-empty-quotes-bracket", "python3 ''[-]c", "starts with a wildcard"),
     ("glob-escaped-empty-mix", "sed -n p ''\"\"*x", "starts with a wildcard"),
+    # Found by review: tar reaches `host:file` archives by running a remote shell, and bash
+    # before 5.2 (no globskipdots) expands `.*` to `.` and `..`.
+    ("tar-remote-archive", "tar -cf host:a.tar .", "remote archive"),
+    ("tar-remote-archive-bundled", "tar cf user@host:a.tar .", "remote archive"),
+    ("tar-remote-archive-attached", "tar -cfhost:a.tar .", "remote archive"),
+    ("tar-remote-archive-long", "tar --file=host:a.tar -c .", "remote archive"),
+    ("tar-remote-archive-long-prefix", "tar --fi host:a.tar -t", "remote archive"),
+    ("tar-remote-archive-force-local", "tar --force-local -cf h:a .", "remote archive"),
+    ("glob-dots-up", "cat .*/.*/etc/shadow", "`.` or `..`"),
+    ("glob-dots-question", "du ./.?/.?", "`.` or `..`"),
+    ("glob-dots-bracket", "tar -cf a.tar .[.]", "`.` or `..`"),
+    ("glob-dots-double", "ls ..*/x", "`.` or `..`"),
+    ("glob-dots-redirect", "ls > .*/x", "`.` or `..`"),
     ("sed-in-place-suffix-dir", "sed '-i/var/tmp/*' p f", "another directory"),
     ("sed-in-place-cluster-suffix", "sed -ni../x p f", "another directory"),
     ("sed-in-place-long-suffix", "sed '--in-place=/var/tmp/*' p f", "another directory"),
@@ -296,4 +309,6 @@ ALLOWED = [
     "chmod a-s,go=u-w,+X notes.txt && chmod 0644 notes.txt",
     "mkdir -m 750 d1 && mkdir -pm u=rwx,go= d2/e",
     "tar -tzf a.tgz notes.txt",
+    "tar -cf ./h:a.tar notes.txt && tar -tf ./h:a.tar",
+    "touch .berthrc && ls -d .*rc ./*.txt",
 ]

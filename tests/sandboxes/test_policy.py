@@ -156,3 +156,12 @@ def test_the_mode_reader_agrees_with_gnu_chmod(tmp_path: Path, mode: str) -> Non
     bits = target.stat().st_mode
     set_now = [name for name, bit in SPECIAL if bits & bit]
     assert set(set_now) <= set(mine), f"`{mode}` set {set_now}; the reader said {mine}"
+
+
+@pytest.mark.parametrize("cwd", ["var/tmp", "run/berth", "./x", ""])
+def test_a_step_s_working_directory_must_be_absolute(cwd: str) -> None:
+    # The policy reads a relative directory against the home while the guest enters it
+    # from `/`: `var/tmp` was judged as /home/berth/var/tmp and ran in /var/tmp.
+    with pytest.raises(ValueError, match="cwd"):
+        TerminalStep(command="echo hi > y", cwd=cwd)
+    assert TerminalStep(command="echo hi > y", cwd="/home/berth/work").cwd == "/home/berth/work"

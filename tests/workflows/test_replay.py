@@ -1,6 +1,9 @@
 """Replays recorded SessionWorkflow histories, one per path (happy, cancel, failure,
-continue-as-new), and SandboxPool's (a stop with a boot in flight): a change to a
-workflow that would break running ones (non-determinism) fails here.
+continue-as-new, each update and signal, preserve and restore), and SandboxPool's (claims and
+refills, a stop with a boot in flight or a VM that cannot be removed, continue-as-new): a
+change to a workflow that would break running ones (non-determinism) fails here. The
+histories of the workflows running on a real server are replayed by ``python -m berth
+replay`` (workflows/replay.py), before a deploy.
 
 Histories are kept per workflow version in tests/workflows/histories/<version>/. Record a new
 version's with ``BERTH_RECORD_HISTORY=1 pytest tests/workflows/test_session.py`` (after pointing
@@ -43,7 +46,13 @@ def test_recorded_histories_are_write_once() -> None:
 
 
 def test_every_path_has_a_recorded_history() -> None:
-    assert {p.stem for p in HISTORIES} >= {"happy", "cancel", "failure", "continue-as-new", "agent"}
+    assert {p.stem for p in HISTORIES} >= {
+        "happy", "cancel", "failure", "continue-as-new", "agent",
+        # Each update and signal, and the pool's own paths (issue 17).
+        "pause-resume-modify-cancel", "modify-twice", "preserve", "restore", "replace-then-end",
+        "pool-claim", "pool-claim-refill", "pool-stop", "pool-stop-undeletable",
+        "pool-continue-as-new", "pool-continue-as-new-resumed",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: f"{p.parent.name}/{p.stem}")

@@ -20,6 +20,7 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowUpdateFailedError,
 )
+from temporalio.common import TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
@@ -41,6 +42,7 @@ from sandboxes.models import SandboxInfo, StepOutcome, TerminalStep
 from store.events import EventType, NewEvent
 from store.models import TaskStatus
 from tests.conftest import TEMPORAL, TEMPORAL_TEST_SERVER
+from workflows import search
 from workflows.models import (
     Carried,
     SandboxDeath,
@@ -54,7 +56,7 @@ from workflows.session import SessionWorkflow
 
 # One recorded history per path, replayed by tests/workflows/test_replay.py; a new version of the
 # workflow adds a folder and keeps the old ones replaying.
-HISTORIES = Path(__file__).parent / "histories" / "v4"
+HISTORIES = Path(__file__).parent / "histories" / "v5"
 SHORT_HISTORY = 60
 
 
@@ -230,7 +232,7 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
     async with await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(TEMPORAL),
         data_converter=pydantic_data_converter,
-        dev_server_extra_args=["--log-level", "warn"],
+        dev_server_extra_args=["--log-level", "warn", *search.dev_server_flags()],
     ) as env:
         yield env
 
@@ -263,6 +265,7 @@ async def running(
     stubs: Stubs,
     session: SessionInput,
     kind: type[SessionWorkflow] = SessionWorkflow,
+    search_attributes: TypedSearchAttributes | None = None,
 ) -> AsyncIterator[WorkflowHandle]:  # type: ignore[type-arg]
     """A worker with the stubs, and a session workflow (or a test's variant of it, run
     outside the sandbox, which would re-import this module) started on it."""
@@ -277,7 +280,11 @@ async def running(
         ),
     ):
         yield await env.client.start_workflow(
-            kind.run, session, id=f"s-{session.session_id}", task_queue=stubs.queue
+            kind.run,
+            session,
+            id=f"s-{session.session_id}",
+            task_queue=stubs.queue,
+            search_attributes=search_attributes,
         )
 
 
@@ -387,6 +394,7 @@ async def test_pause_resume_modify_and_cancel(env: WorkflowEnvironment) -> None:
         assert state.finished == {ref.id: "succeeded", second.id: "cancelled"}
         await until(lambda: stubs.events[-1].data == {"status": "ready"})
         await end(handle)
+        save_history("pause-resume-modify-cancel", await handle.fetch_history())
 
 
 async def test_a_failed_provision_fails_the_session_cleanly(env: WorkflowEnvironment) -> None:
@@ -1168,3 +1176,44 @@ async def test_a_task_too_large_to_carry_fails_and_the_session_goes_on(
         if e.type == EventType.task_status and e.data["status"] == "failed"
     )
     assert "past the 20000 bytes a session carries to its next run" in failed["error"]
+
+
+async def test_a_session_keeps_its_status_search_attribute_current(
+    env: WorkflowEnvironment,
+) -> None:
+    """An operator filters sessions in the Temporal UI by user and status: the status the
+    session shows is its own, upserted at each change."""
+    stubs = Stubs()
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    session = params(stubs).model_copy(update={"search_attributes": True})
+    attributes = search.at_start(user, "default", "host-a", "provisioning")
+
+    async def listed(query: str) -> list[str]:
+        return [w.id async for w in env.client.list_workflows(query)]
+
+    async with running(env, stubs, session, search_attributes=attributes) as handle:
+        ref = await submit(env.client, handle.id, "$ echo found")
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        async with asyncio.timeout(20):  # visibility follows the history within moments
+            while await listed(f'BerthUser="{user}" AND BerthStatus="ready"') != [handle.id]:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+        await end(handle)
+        save_history("search-attributes", await handle.fetch_history())
+    described = await handle.describe()
+    assert described.typed_search_attributes.get(search.STATUS) == "ended"
+    assert described.typed_search_attributes.get(search.HOST) == "host-a"
+    assert await listed(f'BerthUser="{user}" AND BerthTemplate="default"') == [handle.id]
+
+
+async def test_without_the_flag_a_session_upserts_nothing(env: WorkflowEnvironment) -> None:
+    """A namespace without the attributes (the API leaves the flag off) runs sessions as
+    before: an upsert there would fail every workflow task."""
+    stubs = Stubs()
+    async with running(env, stubs, params(stubs)) as handle:
+        ref = await submit(env.client, handle.id, "$ echo plain")
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await end(handle)
+        history = await handle.fetch_history()
+    assert not any(
+        e.HasField("upsert_workflow_search_attributes_event_attributes") for e in history.events
+    )
