@@ -14,7 +14,7 @@ VM_PACKAGES := libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev qemu
   qemu-utils pkg-config gcc linux-image-cloud-amd64 busybox-static e2fsprogs iproute2
 STAMPS := .berth/stamps
 
-.PHONY: run test test-fast lint check setup sandbox-image vm-image lock clean bench-spine bench-llm bench-vm
+.PHONY: run test test-fast test-chaos lint check setup sandbox-image vm-image lock clean bench-spine bench-llm bench-vm
 
 run: setup
 	$(PY) -m berth run
@@ -25,9 +25,14 @@ test: setup lint
 # The fast loop: no Docker, VMs or browser (markers in pyproject.toml), nothing to build; its
 # tests mostly wait on loopback servers, so four workers share two cores well (a file's tests
 # stay together: some share a module's server).
-FAST := not docker and not libvirt and not chromium and not e2e
+FAST := not docker and not libvirt and not chromium and not e2e and not chaos
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "$(FAST)" -n 4 --dist loadfile $(PYTEST_ARGS)
+
+# The chaos suite alone (part of `make test` too): faults caused to systems of its own, each
+# test saying what it did and found (-s shows those `chaos:` lines).
+test-chaos: setup
+	$(PY) -m pytest -ra -s -m chaos tests/e2e/chaos $(PYTEST_ARGS)
 
 bench-spine: setup
 	$(PY) -m berth bench spine $(BENCH_ARGS)

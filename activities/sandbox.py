@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -24,10 +26,18 @@ from store.artifacts import ArtifactStore
 from store.events import EventType, OutputLine
 from telemetry.metrics import POLICY_REFUSALS
 
+log = logging.getLogger("berth.activities")
+
 # Output waiting for the database before the guest is held back.
 MAX_PENDING_CHARS = 4 * 1024 * 1024
+# A batch of output the database could not take (down, restarting) is tried again after
+# this long, doubling up to the second figure, until it is stored.
+STORE_RETRY_S = (0.2, 5.0)
 # How long a cancelled step waits for its command's exit after the kill.
 KILL_WAIT_S = 15.0
+# Attempts of a step whose guest cannot be reached before it fails (each waits the guest's
+# reconnect grace): about 2.5 min with the default grace and Temporal's backoff.
+GUEST_UNAVAILABLE_ATTEMPTS = 5
 
 
 def exec_id(request: StepRequest) -> str:
@@ -93,7 +103,22 @@ class StepRecorder:
         # Lines that come while one write runs go together in the next.
         while self._pending:
             batch, self._pending, self._pending_chars = self._pending, [], 0
-            await asyncio.to_thread(self._store, batch)
+            await self._store_until_stored(batch)
+
+    async def _store_until_stored(self, batch: list[OutputLine]) -> None:
+        """Store a batch, waiting out a database that cannot be reached: the lines are the
+        step's output, and none may be dropped (the guest is held back meanwhile, once
+        MAX_PENDING_CHARS wait behind it)."""
+        wait_s, most_s = STORE_RETRY_S
+        while True:
+            try:
+                await asyncio.to_thread(self._store, batch)
+                return
+            except OperationalError as exc:
+                log.warning("step output waits for the database (%s); again in %.1f s",
+                            str(exc).splitlines()[0], wait_s)  # fmt: skip
+            await asyncio.sleep(wait_s)
+            wait_s = min(2 * wait_s, most_s)
 
     def _store(self, batch: list[OutputLine]) -> None:
         request = self._request
@@ -244,7 +269,10 @@ class SandboxActivities:
                 f"the sandbox's machine died: {exc}", type="SandboxDied", non_retryable=True
             ) from exc
         except GuestUnavailable as exc:
-            raise ApplicationError(str(exc), type="GuestUnavailable") from exc
+            # The step's attempts leave room for lost workers (workflows/options.py), not for
+            # a guest that stays away: that gives up after as many attempts as it always did.
+            last = activity.info().attempt >= GUEST_UNAVAILABLE_ATTEMPTS
+            raise ApplicationError(str(exc), type="GuestUnavailable", non_retryable=last) from exc
         except StepKindUnsupported as exc:
             # No retry can help: the machine's guest lacks what the step needs; it never ran.
             await recorder.finish("refused", None, str(exc))

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 
 from guest_agent.execution import Execution
 from guest_agent.protocol import EXIT_TIMED_OUT, MAX_OUTPUT_CHUNK
@@ -22,6 +23,16 @@ BACKGROUND_QUIET_S = 1.0
 ENTER = 'cd -- "$0" || exit 126; unset OLDPWD; exec /bin/bash -c "$1"'
 # Background readers of steps that are over, until their last writer is gone.
 _draining: set[asyncio.Future[tuple[None, None]]] = set()
+# Where the kernel counts its out-of-memory kills, the most local first: the container's
+# cgroup (v2, then v1), else the whole kernel's (a VM's own).
+OOM_COUNTERS = (
+    Path("/sys/fs/cgroup/memory.events"),
+    Path("/sys/fs/cgroup/memory/memory.oom_control"),
+    Path("/proc/vmstat"),
+)
+OUT_OF_MEMORY = (
+    "killed by the kernel's out-of-memory killer: the step needed more memory than the machine has"
+)
 
 
 class _Pipes:
@@ -50,6 +61,7 @@ async def run_command(
         # The working directory is entered by the user, not by root before dropping its
         # rights: root would enter one the user may not, and the command start in it.
         argv = user.command(["/bin/bash", "-c", ENTER, workdir, command])
+    ooms = oom_kills()  # before it starts: it may be killed at once
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -89,7 +101,29 @@ async def run_command(
             readers.add_done_callback(_draining.discard)
             break
     code = await process.wait()
-    return (EXIT_TIMED_OUT if execution.timed_out else code), None
+    if execution.timed_out:
+        return EXIT_TIMED_OUT, None
+    # A SIGKILL that was not ours (a cancel, a timeout) and came with an out-of-memory kill
+    # is said so: a bare exit code of -9 (or a shell's 137) and no output explain nothing.
+    killed = code in (-signal.SIGKILL, 128 + signal.SIGKILL) and not execution.killed
+    if killed and ooms is not None and (oom_kills() or 0) > ooms:
+        return code, OUT_OF_MEMORY
+    return code, None
+
+
+def oom_kills() -> int | None:
+    """The kernel's count of out-of-memory kills where this guest runs, or None if it shows
+    none."""
+    for counter in OOM_COUNTERS:
+        try:
+            lines = counter.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            name, _, value = line.partition(" ")
+            if name == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None
 
 
 def _kill_group(process: asyncio.subprocess.Process) -> None:

@@ -1,7 +1,7 @@
 """Shared fixtures (databases on SQLite and PostgreSQL, a Temporal dev server) and the markers
 that say what a test needs beyond Python: applied here per folder and file, so `make test-fast`
-(`-m "not docker and not libvirt and not chromium and not e2e"`) runs without Docker, VMs or a
-browser. A test that needs one of them only in part carries its own mark."""
+(`-m "not docker and not libvirt and not chromium and not e2e and not chaos"`) runs without
+Docker, VMs or a browser. A test that needs one of them only in part carries its own mark."""
 
 from __future__ import annotations
 

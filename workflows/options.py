@@ -26,6 +26,7 @@ class ActivityOptions(TypedDict, total=False):
 
 # Long work on a machine beats this often, so a lost host is noticed in time.
 HEARTBEAT = timedelta(seconds=30)
+STEP_ATTEMPTS = 10
 
 
 def making_machine(attempts: int) -> ActivityOptions:
@@ -43,11 +44,20 @@ def making_machine(attempts: int) -> ActivityOptions:
 def running_step(step_timeout_s: float) -> ActivityOptions:
     """A step in the sandbox: its own timeout and two minutes more for the guest's round
     trips. A cancelled step is over only once its command is dead, so nothing else can
-    start in the sandbox beside it."""
+    start in the sandbox beside it.
+
+    Every worker lost mid-step costs an attempt (its heartbeat times out), though the
+    command runs on in the guest and the next attempt re-attaches to it: STEP_ATTEMPTS
+    leaves room for several such losses (five kill -9 of the worker in one step, in the
+    chaos suite), while an unreachable guest still gives up after
+    GUEST_UNAVAILABLE_ATTEMPTS (activities/sandbox.py). The retry policy is not part of
+    what a replay compares (an activity's type and id are), so no patch is needed."""
     return ActivityOptions(
         start_to_close_timeout=timedelta(seconds=step_timeout_s + 120),
         heartbeat_timeout=timedelta(seconds=10),
-        retry_policy=RetryPolicy(maximum_attempts=5, non_retryable_error_types=["ValueError"]),
+        retry_policy=RetryPolicy(
+            maximum_attempts=STEP_ATTEMPTS, non_retryable_error_types=["ValueError"]
+        ),
         cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
     )
 

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 from temporalio.activity import ActivityCancellationDetails
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities import sandbox as sandbox_activities
 from activities.models import StepRequest
-from activities.sandbox import SandboxActivities
+from activities.sandbox import GUEST_UNAVAILABLE_ATTEMPTS, SandboxActivities, StepRecorder
 from guest_agent.chromium import chromium_path
 from sandboxes.gateway import GuestGateway
 from sandboxes.models import (
@@ -32,12 +34,13 @@ from sandboxes.provider import SandboxHost, SandboxProvider
 from store import events
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
-from store.events import EventType
+from store.events import EventType, OutputLine
 from store.models import ArtifactRow, StepRow
 from tests.guest_agent.test_agent import KEY, guest_link
 from tests.guest_agent.test_browser import serve_pages
 from tests.store.test_events import new_session
 from tests.support.local import python_script
+from workflows.options import STEP_ATTEMPTS
 
 COUNT = python_script(
     "count.py",
@@ -231,3 +234,49 @@ async def test_a_step_kind_the_guest_lacks_is_refused_for_good(
     row, kinds = stored(sqlite_engine, request)
     assert row.status == "refused" and "does not run browser steps" in (row.error or "")
     assert kinds[-1] == EventType.step_finished
+
+
+@pytest.mark.parametrize(("number", "last"), [(GUEST_UNAVAILABLE_ATTEMPTS - 1, False),
+                                              (GUEST_UNAVAILABLE_ATTEMPTS, True)])  # fmt: skip
+async def test_a_guest_that_stays_away_fails_the_step_after_its_own_attempts(
+    sqlite_engine: Engine, tmp_path: Path, number: int, last: bool
+) -> None:
+    """The step's retry policy leaves room for lost workers; an absent guest is retried only
+    GUEST_UNAVAILABLE_ATTEMPTS times, as before."""
+    assert GUEST_UNAVAILABLE_ATTEMPTS < STEP_ATTEMPTS
+    gateway = GuestGateway(KEY, reconnect_grace_s=0.3)  # no guest ever dials it
+    activities = link_activities(gateway, sqlite_engine, tmp_path)
+    request = step_request(sqlite_engine, "sbx-absent", "echo never")
+    with pytest.raises(ApplicationError) as failed:
+        await asyncio.wait_for((await attempt(activities, request, number))[1], 10)
+    assert failed.value.type == "GuestUnavailable"
+    assert failed.value.non_retryable is last
+
+
+async def test_output_waits_out_a_database_that_cannot_be_reached(
+    sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines that arrive while the database is down (its writes raise OperationalError, as
+    a restarting PostgreSQL's do) are stored once it is back, none dropped, in order."""
+    monkeypatch.setattr(sandbox_activities, "STORE_RETRY_S", (0.01, 0.05))
+    request = step_request(sqlite_engine, "sbx-1", "echo")
+    recorder = StepRecorder(sqlite_engine, ArtifactStore(tmp_path / "a", 1 << 20), request)
+    store = recorder._store
+    down = 3  # writes that fail before the database is back
+
+    def flaky(batch: list[OutputLine]) -> None:
+        nonlocal down
+        if down:
+            down -= 1
+            raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+        store(batch)
+
+    monkeypatch.setattr(recorder, "_store", flaky)
+    await recorder.begin()
+    for seq in range(1, 16):
+        await recorder.write(seq, "stdout", f"line {seq}\n")
+        await asyncio.sleep(0.01)
+    await recorder.finish("succeeded", StepOutcome(exit_code=0), None)
+    row, _ = stored(sqlite_engine, request)
+    assert down == 0
+    assert row.output == EXPECTED and row.output_seq == 15

@@ -31,6 +31,7 @@ Event = dict[str, Any]
 FINAL_TASK = ("succeeded", "failed", "cancelled")
 FINAL_SESSION = ("ended", "failed")
 SLEEP = "$ sleep 60"
+MAX_RECONNECTS = 120  # a minute of a stream that cannot be opened
 
 
 class Spine(LocalSystem):
@@ -81,46 +82,85 @@ def spine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spine]:
 
 class Stream:
     """A session's SSE stream, read by a background thread: every event it sends, whether
-    the response has completed, and how (``error`` is None if it ended cleanly)."""
+    the response has completed, and how (``error`` is None if it ended cleanly). With
+    ``reconnect``, a stream that breaks (its API killed, say) is opened again where it was,
+    with Last-Event-ID, as a browser's EventSource does, until the session's final event;
+    ``reconnects`` counts those."""
 
-    def __init__(self, base: str, headers: dict[str, str], sid: str, after: int = 0) -> None:
+    def __init__(
+        self,
+        base: str,
+        headers: dict[str, str],
+        sid: str,
+        after: int = 0,
+        reconnect: bool = False,
+    ) -> None:
         self.events: list[Event] = []
         self.status: int | None = None
         self.done = False
         self.error: str | None = None
+        self.reconnects = 0
         self._cond = threading.Condition()
         self._url = f"{base}/api/sessions/{sid}/events"
-        self._headers = {**headers, "Last-Event-ID": str(after)}
-        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._headers = headers
+        self._after = after
+        self._reconnect = reconnect
+        self._thread = threading.Thread(target=self._follow, daemon=True)
         self._thread.start()
 
-    def _read(self) -> None:
+    def _follow(self) -> None:
         try:
-            # The server sends a keepalive every 15 s: a 30 s silence is a broken stream.
-            timeout = httpx.Timeout(10, read=30)
-            with httpx.stream("GET", self._url, headers=self._headers, timeout=timeout) as r:
-                self.status = r.status_code
-                fields: dict[str, str] = {}
-                for line in r.iter_lines():
-                    if line:
-                        name, _, value = line.partition(":")
-                        fields[name] = value.removeprefix(" ")
-                    elif "data" in fields:
-                        event = json.loads(fields["data"])
-                        assert int(fields["id"]) == event["seq"], fields
-                        assert fields["event"] == event["type"], fields
-                        with self._cond:
-                            self.events.append(event)
-                            self._cond.notify_all()
-                        fields = {}
-                    else:
-                        fields = {}
+            while True:
+                try:
+                    self._read()
+                except Exception as exc:
+                    if not self._reconnect or self._final() or self.reconnects >= MAX_RECONNECTS:
+                        raise
+                    self.error = repr(exc)
+                else:
+                    if not self._reconnect or self._final():
+                        return
+                self.reconnects += 1
+                time.sleep(0.5)  # EventSource waits a little before it reconnects, too
         except Exception as exc:
             self.error = repr(exc)
         finally:
             with self._cond:
                 self.done = True
                 self._cond.notify_all()
+
+    def _final(self) -> bool:
+        with self._cond:
+            return any(
+                e["type"] == EventType.session_status and e["data"]["status"] in FINAL_SESSION
+                for e in self.events
+            )
+
+    def _read(self) -> None:
+        """One response of the stream, from the last event seen."""
+        # The server sends a keepalive every 15 s: a 30 s silence is a broken stream.
+        timeout = httpx.Timeout(10, read=30)
+        with self._cond:
+            last = self.events[-1]["seq"] if self.events else self._after
+        headers = {**self._headers, "Last-Event-ID": str(last)}
+        with httpx.stream("GET", self._url, headers=headers, timeout=timeout) as r:
+            self.status = r.status_code
+            fields: dict[str, str] = {}
+            for line in r.iter_lines():
+                if line:
+                    name, _, value = line.partition(":")
+                    fields[name] = value.removeprefix(" ")
+                elif "data" in fields:
+                    event = json.loads(fields["data"])
+                    assert int(fields["id"]) == event["seq"], fields
+                    assert fields["event"] == event["type"], fields
+                    with self._cond:
+                        self.events.append(event)
+                        self._cond.notify_all()
+                    fields = {}
+                else:
+                    fields = {}
+        self.error = None
 
     def wait_for(self, what: str, check: Callable[[Event], bool], timeout_s: float) -> Event:
         """The first event ``check`` accepts, waiting up to ``timeout_s`` for it."""
@@ -250,16 +290,20 @@ class User:
         url = f"{self.base}/api/sessions/{sid}/tasks/{tid}/cancel"
         return httpx.post(url, headers=self.headers, timeout=timeout_s)
 
-    def stream(self, sid: str, after: int = 0) -> Stream:
-        return Stream(self.base, self.headers, sid, after)
+    def stream(self, sid: str, after: int = 0, reconnect: bool = False) -> Stream:
+        return Stream(self.base, self.headers, sid, after, reconnect)
 
 
 @pytest.fixture
 def user(spine: Spine, request: pytest.FixtureRequest) -> Iterator[User]:
+    yield from user_of(spine, request.node.name)
+
+
+def user_of(spine: Spine, name: str) -> Iterator[User]:
     """A user of its own for each test; every session it started is ended afterwards."""
     if spine.process.poll() is not None:
         raise spine.fail(f"the supervisor has exited, with {spine.process.returncode}")
-    who = User(spine, token_for(spine.base, f"{request.node.name}@spine.example.com"))
+    who = User(spine, token_for(spine.base, f"{name}@spine.example.com"))
     yield who
     lingering = []
     for sid in who.sessions:
