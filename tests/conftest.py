@@ -5,6 +5,7 @@ Docker, VMs or a browser. A test that needs one of them only in part carries its
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import uuid
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
+from temporalio.client import Client
 
 from berth.run import wait_for_port
 from store.db import get_engine, migrate
@@ -88,6 +90,18 @@ def engine(db_url: str) -> Engine:
     return get_engine(db_url)
 
 
+async def until_healthy(address: str, timeout_s: float = 60) -> None:
+    """The dev server's port opens before its frontend serves: a client connecting at once
+    may be told "Frontend is not healthy yet" (seen under load)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                await Client.connect(address)
+                return
+            except RuntimeError:
+                await asyncio.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def temporal_address() -> Iterator[str]:
     """A Temporal dev server of this module's own (in memory, no Web UI): host:port."""
@@ -110,6 +124,7 @@ def temporal_address() -> Iterator[str]:
     )
     try:
         wait_for_port("temporal", "127.0.0.1", port, server, timeout_s=60)
+        asyncio.run(until_healthy(f"127.0.0.1:{port}"))
         yield f"127.0.0.1:{port}"
     finally:
         server.terminate()
