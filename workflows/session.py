@@ -1024,12 +1024,8 @@ class SessionWorkflow:
 
     @workflow.signal(name="sandbox_died")
     def sandbox_died(self, death: SandboxDeath) -> None:
-        """The sandbox's host saw its machine die. A machine still being made is not the
-        session's yet: its making fails (and is retried) on its own, and a death taken for
-        it would destroy the new machine as soon as it is ready (a libvirt domain reads as
-        shut off between its definition and its start)."""
-        made = workflow.patched("deaths-of-made-machines")
-        current = self.sandbox if made else self.machine()
+        """The sandbox's host saw its machine die."""
+        current = self.machine()
         if current is not None and current.id == death.sandbox_id and not self.dead:
             self.dead = death.detail
 

@@ -23,7 +23,7 @@ from store.db import get_engine
 from store.events import EventType
 from store.models import SessionRow
 from tests.e2e.test_system import read_events, token_for, wait_status
-from tests.support.local import LocalSystem, free_port
+from tests.support.local import LocalSystem, quiet_port
 from tests.support.scripted_llm import ScriptedLLM
 from workflows import search
 
@@ -87,7 +87,7 @@ def run_task(base: str, headers: dict[str, str], sid: str, prompt: str, after: i
 
 @pytest.fixture(scope="module")
 def operated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operated]:
-    worker_port, temporal_port = free_port(), free_port()
+    worker_port, temporal_port = quiet_port(), quiet_port()
     with ScriptedLLM(default="a scripted answer") as llm:
         system = LocalSystem.start(
             tmp_path_factory.mktemp("berth-ops"),

@@ -4,6 +4,7 @@ exactly as ``make run`` starts it: what the benchmarks and the end-to-end tests 
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import signal
 import socket
@@ -29,6 +30,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def quiet_port() -> int:
+    """A free port below the kernel's ephemeral range, for a listener started long after
+    it is chosen: the ports the system's own servers are given (Temporal's dev server opens
+    several) come from that range, so they cannot take it meanwhile (seen once in CI)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def python_script(name: str, *lines: str) -> str:

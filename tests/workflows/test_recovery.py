@@ -19,7 +19,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
-from activities.models import SandboxRequest, StepRequest
+from activities.models import StepRequest
 from sandboxes.models import Health, SandboxInfo, StepOutcome
 from store.events import EventType
 from tests.workflows.test_session import (
@@ -260,39 +260,3 @@ async def test_machines_dying_past_a_continue_as_new_are_still_counted(
         save_history("replace-continue-as-new-resumed", await latest.fetch_history())
     assert len(stubs.provisioned) == 7 and stubs.destroyed == stubs.provisioned
     assert "died 7 times in a row" in stubs.events[-1].data["error"]
-
-
-class SlowMaking(Stubs):
-    """Its first machine is made slowly: the host may report it meanwhile."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.making = asyncio.Event()
-        self.made = asyncio.Event()
-        self.first = ""
-
-    @activity.defn(name="ProvisionSandbox")
-    async def provision(self, request: SandboxRequest) -> SandboxInfo:
-        self.first = self.first or request.sandbox_id
-        self.making.set()
-        while not self.made.is_set():
-            activity.heartbeat()
-            await asyncio.sleep(0.05)
-        return await super().provision(request)
-
-
-async def test_a_death_reported_for_a_machine_still_being_made_is_not_the_sessions(
-    env: WorkflowEnvironment,  # noqa: F811
-) -> None:
-    """Durability review: reconciliation saw a libvirt domain shut off between its definition
-    and its start, and the session destroyed its new machine as soon as it was ready."""
-    stubs = SlowMaking()
-    async with running(env, stubs, params(stubs)) as handle:
-        await asyncio.wait_for(stubs.making.wait(), 10)
-        death = SandboxDeath(sandbox_id=stubs.first, detail="shut off")
-        await handle.signal(SessionWorkflow.sandbox_died, death)
-        stubs.made.set()
-        ref = await submit(env.client, handle.id, "$ echo fine")
-        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
-        await end(handle)
-    assert stubs.provisioned == [stubs.first], "the new machine was replaced"
