@@ -128,6 +128,10 @@ class ProgressBatch(BaseModel):
 class ClaimRequest(BaseModel):
     session_id: str
     template: str
+    # This claim's own key: the activity's retries get the VM it was handed, a later claim
+    # of the session (a replacement's) another. Empty from runs begun before it: the key was
+    # the session, so a replacement was handed its dead predecessor first.
+    claim: str = ""
 
 
 class RestoreRequest(BaseModel):

@@ -50,9 +50,9 @@ class VmActivities:
             pool_workflow_id(self.provider.host_id, request.template)
         )
         for attempt in range(CLAIM_TRIES):
-            # Keyed by session and try: a retried activity gets its VM again, a try after a
+            # Keyed by claim and try: a retried activity gets its VM again, a try after a
             # broken VM gets another.
-            key = f"{request.session_id}/{attempt}"
+            key = f"{request.claim or request.session_id}/{attempt}"
             try:
                 answer = await pool.execute_update(
                     POOL_CLAIM_UPDATE, PoolClaim(session_id=key), result_type=CLAIM_ANSWER

@@ -414,9 +414,11 @@ class SessionWorkflow:
         """A ready VM of the template's warm pool, now the session's sandbox (relabelled by
         assign); None when the pool has none (or cannot be asked): the caller creates one
         cold."""
+        session_id = self.params.session_id
+        key = f"{session_id}/{workflow.uuid4().hex}" if workflow.patched("claim-per-claim") else ""
         handle = workflow.start_activity_method(
             VmActivities.claim,
-            ClaimRequest(session_id=self.params.session_id, template=self.params.template),
+            ClaimRequest(session_id=session_id, template=self.params.template, claim=key),
             task_queue=self.params.host_task_queue,
             summary=f"claim a warm {self.params.template!r} VM",
             **options.CLAIM,

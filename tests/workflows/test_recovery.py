@@ -260,3 +260,23 @@ async def test_machines_dying_past_a_continue_as_new_are_still_counted(
         save_history("replace-continue-as-new-resumed", await latest.fetch_history())
     assert len(stubs.provisioned) == 7 and stubs.destroyed == stubs.provisioned
     assert "died 7 times in a row" in stubs.events[-1].data["error"]
+
+
+async def test_a_replacement_claims_a_warm_vm_of_its_own(
+    env: WorkflowEnvironment,  # noqa: F811
+) -> None:
+    """Each claim has its own key: the pool remembers its answers by key (a retried claim
+    gets the same VM), so a key per session handed a replacement its dead predecessor."""
+    stubs = Machines()
+    stubs.pool = ["warm-1", "warm-2"]
+    session = params(stubs).model_copy(update={"warm_pool": True})
+    async with running(env, stubs, session) as handle:
+        await kill_machine(handle, stubs, 1)
+        await until(lambda: len(stubs.claimed) == 2)
+        ref = await submit(env.client, handle.id, "$ echo on the replacement")
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await end(handle)
+        save_history("claim-per-claim", await handle.fetch_history())
+    first, second = stubs.claim_keys
+    assert first != second and first.startswith(session.session_id + "/")
+    assert stubs.ran_on == ["warm-2"] and stubs.provisioned == []

@@ -58,7 +58,7 @@ from workflows.session import SessionWorkflow
 
 # One recorded history per path, replayed by tests/workflows/test_replay.py; a new version of the
 # workflow adds a folder and keeps the old ones replaying.
-HISTORIES = Path(__file__).parent / "histories" / "v5"
+HISTORIES = Path(__file__).parent / "histories" / "v6"
 SHORT_HISTORY = 60
 
 
@@ -92,6 +92,7 @@ class Stubs:
         self.pool_open = asyncio.Event()
         self.pool_open.set()
         self.claims = 0
+        self.claim_keys: list[str] = []
         self.claimed: list[str] = []
         self.assigned: list[str] = []
         self.preserved: list[str] = []
@@ -190,6 +191,7 @@ class Stubs:
     @activity.defn(name="ClaimSandbox")
     async def claim(self, request: ClaimRequest) -> SandboxInfo | None:
         self.claims += 1
+        self.claim_keys.append(request.claim)
         await self.pool_open.wait()
         if not self.pool:
             return None
