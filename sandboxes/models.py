@@ -280,11 +280,20 @@ class MachineUsage(BaseModel):
     disk_mb: float | None = None
 
 
+# States of a suspended machine (Docker's, libvirt's), which comes back when resumed.
+SUSPENDED_STATES = frozenset({"paused", "suspended", "hibernated"})
+
+
 class Health(BaseModel):
     running: bool
     guest_connected: bool
-    detail: str = ""
+    detail: str = ""  # the machine's state, as its engine names it
 
     @property
     def ok(self) -> bool:
         return self.running and self.guest_connected
+
+    @property
+    def suspended(self) -> bool:
+        """Paused or hibernated, its files and processes whole: woken, not replaced."""
+        return not self.running and self.detail in SUSPENDED_STATES

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sandboxes.models import Machine, MachineUsage
+from sandboxes.models import SUSPENDED_STATES, Machine, MachineUsage
 from sandboxes.provider import SandboxProvider
 
 log = logging.getLogger("berth.monitor")
@@ -35,8 +35,6 @@ log = logging.getLogger("berth.monitor")
 DEAD_STATES = frozenset({"exited", "dead", "shut off", "crashed"})
 # The state of a placed machine that the host does not list (any more).
 GONE = "gone"
-# States of a suspended machine (Docker's, libvirt's), which comes back when resumed.
-PAUSED_STATES = frozenset({"paused", "suspended", "hibernated"})
 POLL_S = 2.0
 USAGE_EVERY_S = 5.0
 # How long a running machine's guest may answer nothing (no message, no pong to the ping
@@ -68,7 +66,7 @@ def _death(machine: Machine, silence: float, silence_s: float) -> str | None:
         return "its machine is gone (removed, not by Berth)"
     if machine.state in DEAD_STATES:
         return f"its machine is {machine.state} (it was not ended by Berth)"
-    if machine.state not in PAUSED_STATES and silence >= silence_s:
+    if machine.state not in SUSPENDED_STATES and silence >= silence_s:
         return f"its guest agent answered nothing for {silence:.0f} s while its machine ran"
     return None
 
@@ -112,7 +110,7 @@ async def check(
     # Told once: forgotten when neither listed nor placed, so the set stays bounded.
     reported.intersection_update(listed | wanted)
     for machine in machines + _gone(placed, listed, unseen):
-        gateway.set_paused(machine.sandbox_id, machine.state in PAUSED_STATES)
+        gateway.set_paused(machine.sandbox_id, machine.state in SUSPENDED_STATES)
         reason = _death(machine, gateway.silence(machine.sandbox_id), silence_s)
         if reason is not None and machine.sandbox_id not in reported:
             reported.add(machine.sandbox_id)

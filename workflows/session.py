@@ -258,7 +258,14 @@ class SessionWorkflow:
             )
         except ActivityError as exc:
             failed = self.event(EventType.sandbox_hibernation_failed, error=failure_message(exc))
-            if not (timed_out(exc) and workflow.patched("hibernate-unsure")):
+            unsure = timed_out(exc) and workflow.patched("hibernate-unsure")
+            if not unsure and workflow.patched("hibernate-checked"):
+                # Failed otherwise, it may still have been suspended (a save that finished
+                # before an error): what its host sees decides, not what the error says.
+                assert self.sandbox is not None
+                health = await self.health(self.sandbox)
+                unsure = health is not None and health.suspended
+            if not unsure:
                 await self.record(failed)  # it stays up (a run begun before: believed so)
                 return
             # Its attempts timed out, and a save may finish yet: the machine is taken for
@@ -844,10 +851,9 @@ class SessionWorkflow:
             await self.record(self.step_end(task, index, "cancelled", "cancelled"))
             return None
 
-    async def checked_dead(self, sandbox: SandboxInfo, failure: str) -> str | None:
-        """Why the sandbox counts as dead after a step ran out of attempts without its
-        guest, asked of its host (its machine not running, or its guest not connected);
-        None if it is healthy, or the host cannot say (its worker down: its watch tells)."""
+    async def health(self, sandbox: SandboxInfo) -> Health | None:
+        """The sandbox's machine as its host sees it now; None if the host cannot say (its
+        worker down: its watch tells)."""
         try:
             health: Health = await workflow.execute_activity_method(
                 SandboxActivities.check,
@@ -858,7 +864,19 @@ class SessionWorkflow:
             )
         except ActivityError:
             return None
-        if health.ok:
+        return health
+
+    async def checked_dead(self, sandbox: SandboxInfo, failure: str) -> str | None:
+        """Why the sandbox counts as dead after a step ran out of attempts without its
+        guest, asked of its host (its machine not running, or its guest not connected);
+        None if it is healthy, or the host cannot say."""
+        health = await self.health(sandbox)
+        if health is None or health.ok:
+            return None
+        if health.suspended and workflow.patched("suspended-wakes"):
+            # Paused by an operator or the host, or hibernated by a save that outlived its
+            # attempts: its files are whole, so the next task wakes it, not a new machine.
+            self.hibernated = True
             return None
         state = "its guest agent is not connected" if health.running else "its machine is down"
         return f"a step found no guest ({failure}), and {state} ({health.detail})"

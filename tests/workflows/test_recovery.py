@@ -49,6 +49,7 @@ class Machines(Stubs):
         self.checked: list[str] = []
         self.unwakeable: set[str] = set()
         self.slow_hibernate = False
+        self.broken_hibernate = False  # fails after the machine was suspended
         self.ran_on: list[str] = []
 
     @activity.defn(name="CheckSandbox")
@@ -70,6 +71,9 @@ class Machines(Stubs):
         if self.slow_hibernate:
             await asyncio.sleep(2)  # past the test's 0.5 s start-to-close timeout
         await super().hibernate(sandbox)
+        if self.broken_hibernate:
+            self.health = Health(running=False, guest_connected=False, detail="hibernated")
+            raise ApplicationError("saved, then the answer failed", non_retryable=True)
 
     @activity.defn(name="WakeSandbox")
     async def wake(self, sandbox: SandboxInfo) -> None:
@@ -280,3 +284,43 @@ async def test_a_replacement_claims_a_warm_vm_of_its_own(
     first, second = stubs.claim_keys
     assert first != second and first.startswith(session.session_id + "/")
     assert stubs.ran_on == ["warm-2"] and stubs.provisioned == []
+
+
+async def test_a_suspended_machine_behind_a_lost_step_is_woken_not_replaced(
+    env: WorkflowEnvironment,  # noqa: F811
+) -> None:
+    """A step waited out a machine paused behind the session's back: its files are whole,
+    so the next task wakes it."""
+    stubs = Machines()
+    stubs.health = Health(running=False, guest_connected=False, detail="paused")
+    async with running(env, stubs, params(stubs)) as handle:
+        lost = await submit(env.client, handle.id, "$ lost")
+        await until(lambda: stubs.task_statuses().get(lost.id) == "failed")
+        stubs.health = Health(running=True, guest_connected=True)
+        ref = await submit(env.client, handle.id, "$ echo woken")
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await end(handle)
+        save_history("suspended-wakes", await handle.fetch_history())
+    (sandbox,) = stubs.provisioned
+    assert stubs.died() == [] and f"wake {sandbox}" in stubs.power
+    assert stubs.ran_on == [sandbox, sandbox]
+
+
+async def test_a_hibernation_that_failed_after_the_save_is_taken_for_what_the_host_sees(
+    env: WorkflowEnvironment,  # noqa: F811
+) -> None:
+    stubs = Machines()
+    stubs.broken_hibernate = True
+    session = params(stubs).model_copy(update={"hibernate_after_s": 0.5})
+    async with running(env, stubs, session) as handle:
+        await until(lambda: EventType.sandbox_hibernation_failed in stubs.types())
+        await until(lambda: stubs.events[-1].data == {"status": "hibernated"})
+        failed = next(e for e in stubs.events if e.type == EventType.sandbox_hibernation_failed)
+        assert failed.data.get("unsure") is True
+        stubs.health = Health(running=True, guest_connected=True)
+        ref = await submit(env.client, handle.id, "$ echo woken first")
+        await until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await end(handle)
+        save_history("hibernate-checked", await handle.fetch_history())
+    (sandbox,) = stubs.provisioned
+    assert f"wake {sandbox}" in stubs.power and stubs.ran_on == [sandbox]
