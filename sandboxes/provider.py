@@ -216,9 +216,18 @@ class SandboxProvider(abc.ABC):
         # whose answer was lost. Waking it would wait for a guest that never comes; keep()
         # says whether what it saved is there.
         if state != MISSING:
-            if not running:
-                await self.wake(sandbox, timeout_s)
-            await self.in_guest(sandbox, "sync")
+            try:
+                if not running:
+                    await self.wake(sandbox, timeout_s)
+                await self.in_guest(sandbox, "sync")
+            except Exception as exc:
+                # The user asked to keep this disk: a machine that will not wake or a guest
+                # that will not answer must not cost it. A disk that lives on the host is
+                # kept as the machine last wrote it (what the guest had not flushed is
+                # lost); a container's workspace lives only in the running container.
+                if not self.boots_from_kept:
+                    raise
+                log.warning("keeping the disk of %s without its guest's flush: %s", sandbox.id, exc)
         folder.mkdir(parents=True, exist_ok=True)
         self.gateway.forget(sandbox.id)
         await self.keep(sandbox, folder)

@@ -768,6 +768,30 @@ async def test_a_preserved_vm_disk_comes_back_on_a_new_vm(
     assert await gone(vms, restored)
 
 
+async def test_a_machine_that_will_not_wake_still_has_its_disk_kept(
+    vms: LibvirtProvider, env: WorkflowEnvironment, sqlite_engine: Engine
+) -> None:
+    """A preserve whose machine was shut off behind Berth's back (its guest cannot flush)
+    keeps the disk as last written, rather than failing and having the session destroy it."""
+    sandbox = await boot(vms)
+    assert (await run(vms, sqlite_engine, sandbox, "echo kept > kept.txt"))[0] == 0
+    await vms.in_guest(sandbox, "sync")  # on the disk before the power goes
+    destroy = ["virsh", "-c", vms.uri, "destroy", sandbox.handle]
+    virsh = await asyncio.to_thread(subprocess.run, destroy, capture_output=True)
+    assert virsh.returncode == 0, virsh.stderr
+    activities = VmActivities(vms, env.client, CONNECT_TIMEOUT_S)
+    await ActivityEnvironment().run(activities.preserve, sandbox)
+    assert (vms.preserved(sandbox.id) / "disk.qcow2").exists()
+
+    request = RestoreRequest(
+        preserved=sandbox, sandbox_id=uuid.uuid4().hex, session_id=sandbox.session_id
+    )
+    restored: SandboxInfo = await ActivityEnvironment().run(activities.restore, request)
+    assert (await run(vms, sqlite_engine, restored, "cat kept.txt")) == (0, "kept\n")
+    await vms.destroy(restored)
+    assert await gone(vms, restored)
+
+
 Broken = Callable[
     [LibvirtProvider, SandboxInfo, Engine], contextlib.AbstractAsyncContextManager[str]
 ]
