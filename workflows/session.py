@@ -111,6 +111,7 @@ class SessionWorkflow:
         # session's sandbox: known before the machine exists, so an end meanwhile can
         # destroy it. Never carried: a run continues as new only with its sandbox made.
         self.making: str | None = None
+        self.making_on: str | None = None  # the task queue of the host making it
         running = carried.running if carried else None
         if carried:
             self.status = SessionStatus.busy if running else SessionStatus.ready
@@ -406,13 +407,16 @@ class SessionWorkflow:
         call: Callable[[Any, Making], Awaitable[SandboxInfo]],
         request: Making,
         summary: str,
+        task_queue: str | None = None,
     ) -> SandboxInfo:
-        """Run the activity that makes the session's machine (created cold, or restored)."""
+        """Run the activity that makes the session's machine (created cold, or restored),
+        on ``task_queue``'s host (the session's by default)."""
         self.sandbox, self.making = None, request.sandbox_id
+        self.making_on = task_queue
         return await workflow.execute_activity_method(
             call,
             request,
-            task_queue=self.params.host_task_queue,
+            task_queue=task_queue or self.params.host_task_queue,
             summary=summary,
             **options.MAKE_MACHINE,
         )
@@ -459,8 +463,10 @@ class SessionWorkflow:
         )
         # An end meanwhile destroys the new machine; the kept disk stays until the new
         # machine is up, so the session can be resumed again.
+        # On the kept disk's host, which holds it (a run begun before asked its own).
+        host = kept.task_queue if workflow.patched("restore-on-its-host") else None
         sandbox = await self.make_machine(
-            VmActivities.restore, request, "restore the preserved sandbox"
+            VmActivities.restore, request, "restore the preserved sandbox", host
         )
         self.restore_from = None
         await self.sandbox_ready(
@@ -1074,7 +1080,7 @@ class SessionWorkflow:
             session_id=self.params.session_id,
             provider="",
             host_id="",
-            task_queue=self.params.host_task_queue,
+            task_queue=self.making_on or self.params.host_task_queue,
             template=self.params.template,
             handle="",
         )

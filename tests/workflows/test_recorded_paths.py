@@ -57,6 +57,28 @@ async def test_a_resumed_session_restores_the_kept_disk(env: WorkflowEnvironment
     assert stubs.destroyed == [restored[0]["sandbox_id"]]
 
 
+async def test_a_kept_disk_is_restored_on_the_host_that_keeps_it(env: WorkflowEnvironment) -> None:
+    """The session's own host queue is not where the disk is: the restore, and the restored
+    machine's steps and end, go to the kept disk's host."""
+    stubs, keeper = session.Stubs(), session.Stubs()
+    kept = SandboxInfo(
+        id=uuid.uuid4().hex, session_id="s", provider="stub", host_id="keeper",
+        task_queue=keeper.queue, template="default", handle="h0",
+    )  # fmt: skip
+    keeper.events = stubs.events  # one event log, whichever host records
+    resumed = session.params(stubs).model_copy(update={"restore": kept})
+    async with (
+        Worker(env.client, task_queue=keeper.queue, activities=keeper.all()),
+        session.running(env, stubs, resumed) as handle,
+    ):
+        ref = await session.submit(env.client, handle.id, "$ echo back")
+        await session.until(lambda: stubs.task_statuses().get(ref.id) == "succeeded")
+        await session.end(handle)
+        save_history("restore-on-its-host", await handle.fetch_history())
+    assert keeper.restored == [kept.id] and stubs.restored == []
+    assert keeper.commands == ["echo back"] and len(keeper.destroyed) == 1
+
+
 @pytest.fixture
 async def pool_host(env: WorkflowEnvironment) -> AsyncIterator[Host]:
     host = Host(f"pooltest-{uuid.uuid4().hex[:8]}", quick=100)  # every boot succeeds at once
