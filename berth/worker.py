@@ -76,7 +76,11 @@ def temporal_runtime(settings: Settings) -> Runtime | None:
     if not settings.temporal_metrics_port:
         return None
     address = f"{settings.metrics_host}:{settings.temporal_metrics_port}"
-    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
+    try:
+        return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
+    except ValueError as exc:  # the port taken: a worker without them beats none at all
+        log.error("the Temporal SDK's metrics are off: %s (BERTH_TEMPORAL_METRICS_PORT)", exc)
+        return None
 
 
 def session_owner(client: Client, host_id: str) -> Owner:
@@ -263,7 +267,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     engine = get_engine(settings.db_url)
     client = await connect(settings, temporal_runtime(settings))
     if settings.worker_metrics_port:
-        metrics.serve(settings.metrics_host, settings.worker_metrics_port)
+        try:
+            metrics.serve(settings.metrics_host, settings.worker_metrics_port)
+        except OSError as exc:  # as above: the sandboxes matter more than their figures
+            log.error("this worker's metrics are off: %s (BERTH_WORKER_METRICS_PORT)", exc)
     gateway = make_gateway(settings)
     provider = make_provider(settings, gateway)
     listen = await open_host(settings, gateway, provider)

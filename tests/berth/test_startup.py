@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ import pytest
 from sqlalchemy import inspect, text
 
 from berth import run
+from berth.worker import temporal_runtime
+from config.settings import Settings
 from store.db import get_engine
 from tests.support.local import LocalSystem
 
@@ -129,3 +132,18 @@ def test_the_supervisor_restarts_a_killed_worker(tmp_path: Path) -> None:
         os.kill(int(pid_file.read_text()), 0)  # the new worker exists
         wait_for("the new worker", lambda: log.read_text().count("worker up") == 2, log)
         assert system.healthy()
+
+
+def test_a_taken_metrics_port_costs_the_worker_its_metrics_not_its_life(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker whose SDK metrics port is taken used to exit, and its supervisor restarted
+    it for ever: it runs on without those metrics, and says why."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = Settings(data_dir=tmp_path, metrics_host="127.0.0.1", temporal_metrics_port=port)
+        with caplog.at_level(logging.ERROR, logger="berth.worker"):
+            assert temporal_runtime(settings) is None
+    assert "BERTH_TEMPORAL_METRICS_PORT" in caplog.text and "in use" in caplog.text
