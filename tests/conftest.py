@@ -16,7 +16,9 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from temporalio.client import Client
 
+from berth.machines import inventory, remove
 from berth.run import wait_for_port
+from config.settings import Settings
 from store.db import get_engine, migrate
 from tests.support.local import free_port
 from workflows import search
@@ -53,6 +55,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             if where == prefix or (prefix.endswith("/") and where.startswith(prefix)):
                 for mark in marks:
                     item.add_marker(mark)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_machines_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A system's machines outlive it on purpose (a restart adopts them again), so a test
+    that ends without ending its sessions left them running. Once the run is over, those of
+    the systems it started (installs under its own temporary folder) are removed."""
+    yield
+    base = tmp_path_factory.getbasetemp().resolve()
+
+    async def clear() -> None:
+        settings = Settings(data_dir=base)
+        for machine in await inventory(settings, lambda _: None):
+            if machine.install and Path(machine.install).is_relative_to(base):
+                await remove(settings, machine)
+
+    asyncio.run(clear())
 
 
 def postgres_url() -> str | None:
