@@ -135,6 +135,8 @@ class StepRow(SQLModel, table=True):
 
 class SandboxRow(SQLModel, table=True):
     __tablename__ = "sandboxes"
+    # Each host's watch reads its running sandboxes every two seconds.
+    __table_args__ = (Index("ix_sandboxes_host_id_status", "host_id", "status"),)
 
     id: str = Field(primary_key=True)
     session_id: str = Field(foreign_key="sessions.id", index=True)
@@ -152,7 +154,7 @@ class SandboxRow(SQLModel, table=True):
     memory_mb: float | None = None
     stats_at: datetime | None = None
     # A preserved one's kept disk (or workspace archive), as its host last measured it.
-    kept_bytes: int | None = None
+    kept_bytes: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class Event(SQLModel, table=True):
