@@ -121,6 +121,12 @@ def test_workers_run_on_sandbox_nodes_with_docker_or_kvm() -> None:
     (container,) = docker["containers"]
     assert "privileged" not in container["securityContext"]
     assert {"name": "docker", "mountPath": "/var/run/docker.sock"} in container["volumeMounts"]
+    # The API starts sessions on the task queue of the host the worker serves.
+    api = by_kind(render(REQUIRED))["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+    hosts = [
+        next(e["value"] for e in c["env"] if e["name"] == "BERTH_HOST_ID") for c in (api, container)
+    ]
+    assert hosts == ["k8s", "k8s"]
 
     objects = render(merged(REQUIRED, {"worker": {"provider": "libvirt"}}))
     validate(objects)

@@ -43,6 +43,8 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.temporal.namespace | quote }}
 - name: BERTH_LOG_FORMAT
   value: json
+- name: BERTH_HOST_ID
+  value: {{ .Values.hostId | quote }}
 {{- if .Values.temporal.tls.enabled }}
 - name: BERTH_TEMPORAL_TLS
   value: "true"
