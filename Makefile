@@ -120,8 +120,9 @@ image: sandbox-image $(IMAGE_DIR)/wheels/.fetched ui/static/vendor/.installed
 # against the host's libvirt-dev); the two projects themselves go in as source.
 $(IMAGE_DIR)/wheels/.fetched: pyproject.toml client/pyproject.toml constraints.txt $(VENV)/.installed
 	rm -rf $(IMAGE_DIR)/wheels && mkdir -p $(IMAGE_DIR)/wheels
-	$(PY) -m pip wheel -q -c constraints.txt -w $(IMAGE_DIR)/wheels . ./client
-	rm -f $(IMAGE_DIR)/wheels/berth-*.whl $(IMAGE_DIR)/wheels/berth_client-*.whl
+	$(PY) -c 'import tomllib; [print(d) for f in ("pyproject.toml", "client/pyproject.toml") \
+	  for d in tomllib.load(open(f, "rb"))["project"]["dependencies"]]' > $(IMAGE_DIR)/requirements.txt
+	$(PY) -m pip wheel -q -c constraints.txt -w $(IMAGE_DIR)/wheels -r $(IMAGE_DIR)/requirements.txt
 	@touch $@
 
 lock:

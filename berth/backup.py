@@ -15,16 +15,25 @@ are copied last: each artifact row then has its file (files are written before t
 one newer than the database is only an unlisted file).
 
 ``restore`` writes into a fresh data dir only (an empty or missing folder) and never into a
-database that has tables: it refuses rather than merge two installs.
+database that has tables: it refuses rather than merge two installs. Then, with the embedded
+Temporal, it ends every session that was live in the backup: its machine stayed with the old
+install (and the backup's picture of its workflow is older than the machine's last state), so
+it is neither resumed half-way nor left live. It starts the restored Temporal server on a
+loopback port of its own, terminates each such workflow with the reason, and closes its row
+through the event log (``session.status`` ended, with the reason), as the sweeper closes a row
+whose workflow is gone; a row whose workflow the backup lacks is closed the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,10 +41,15 @@ from pathlib import Path
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, col, select
+from temporalio.service import RPCError, RPCStatusCode
 
+from berth.run import wait_for_port
 from config.keys import LEGACY_SECRET_FILE
 from config.settings import Settings
-from store.models import SandboxRow, SessionRow
+from store import events
+from store.models import SandboxRow, SessionRow, SessionStatus
+from workflows import search, sweeper
+from workflows.client import connect, workflow_id
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -60,6 +74,7 @@ class BackupError(RuntimeError):
 class Report:
     folder: Path
     manifest: dict[str, object]
+    ended: tuple[str, ...] = ()  # sessions the restore ended (live in the backup)
 
 
 def _sqlite_copy(source: Path, target: Path) -> None:
@@ -206,4 +221,66 @@ def restore(settings: Settings, src: Path) -> Report:
         where, name = secret.split("/")
         shutil.copy2(src / "secrets" / where / name, folders[where] / name)
         os.chmod(folders[where] / name, 0o600)
-    return Report(src, manifest)
+    ended: tuple[str, ...] = ()
+    if manifest.get("temporal") and settings.temporal_address is None:
+        reason = (
+            f"restored from a backup of {manifest['started_at']}: its machine stayed with "
+            "the install the backup was taken from"
+        )
+        ended = _end_live_sessions(settings, reason)
+    return Report(src, manifest, ended)
+
+
+def _live_sessions(settings: Settings) -> list[str]:
+    engine = create_engine(settings.db_url)
+    try:
+        with Session(engine) as db:
+            live = select(SessionRow.id).where(
+                col(SessionRow.status).not_in(list(events.FINAL_STATUSES))
+            )
+            return list(db.exec(live).all())
+    finally:
+        engine.dispose()
+
+
+def _end_live_sessions(settings: Settings, reason: str) -> tuple[str, ...]:
+    """End the sessions live in the restored database, their workflows in the restored
+    Temporal database first (with the embedded server, started here for the purpose)."""
+    live = _live_sessions(settings)
+    if not live:
+        return ()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "temporal"), "server", "start-dev", "--headless",
+         "--db-filename", str((settings.shared_dir / TEMPORAL_DB).resolve()),
+         "--ip", "127.0.0.1", "--port", str(port), "--log-level", "error",
+         *search.dev_server_flags()],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port("temporal", "127.0.0.1", port, server, timeout_s=60)
+        local = settings.model_copy(update={"temporal_address": f"127.0.0.1:{port}"})
+        asyncio.run(_terminate(local, live, reason))
+    finally:
+        server.terminate()
+        server.wait(30)
+    engine = create_engine(settings.db_url)
+    try:
+        with Session(engine) as db:
+            for session_id in live:
+                sweeper.close_row(db, session_id, sweeper.Outcome(SessionStatus.ended, reason))
+    finally:
+        engine.dispose()
+    return tuple(live)
+
+
+async def _terminate(settings: Settings, sessions: list[str], reason: str) -> None:
+    client = await connect(settings)
+    for session_id in sessions:
+        try:
+            await client.get_workflow_handle(workflow_id(session_id)).terminate(reason=reason)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:  # the backup lacks it: nothing to end
+                raise

@@ -195,8 +195,7 @@ def restore_install(args: argparse.Namespace) -> int:
         return 1
     print(
         f"restored {report.folder} (taken {report.manifest['started_at']}) into "
-        f"{settings.data_dir}; sessions whose workflows the backup lacks are ended when the "
-        "system starts"
+        f"{settings.data_dir}; {len(report.ended)} sessions live in the backup ended"
     )
     return 0
 
