@@ -14,7 +14,8 @@ VM_PACKAGES := libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev qemu
   qemu-utils pkg-config gcc linux-image-cloud-amd64 busybox-static e2fsprogs iproute2
 STAMPS := .berth/stamps
 
-.PHONY: run test test-fast test-chaos lint check setup sandbox-image vm-image lock clean bench-spine bench-llm bench-vm
+.PHONY: run test test-fast test-chaos lint check setup sandbox-image vm-image image lock clean bench-spine \
+  bench-llm bench-vm
 
 run: setup
 	$(PY) -m berth run
@@ -95,6 +96,34 @@ sandbox-image: $(VENV)/.installed $(STAMPS)/system
 vm-image: $(VENV)/.installed $(STAMPS)/system-vm
 	@echo "== libvirt host and VM template image"
 	$(PY) -m berth prepare --provider libvirt
+
+# Berth's own image, berth:<version> (and berth-postgres:<version>, the compose stack's
+# database), from the sandboxes' debootstrap root (deploy/image/Dockerfile). The wheels are
+# fetched again only when the pins change, and the build context holds only what the image
+# takes, so an unchanged tree rebuilds from Docker's cache in seconds.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_DIR := .berth/build/image
+image: sandbox-image $(IMAGE_DIR)/wheels/.fetched ui/static/vendor/.installed
+	@echo "== image berth:$(VERSION)"
+	rm -rf $(IMAGE_DIR)/context && mkdir -p $(IMAGE_DIR)/context/src
+	mkdir -p $(IMAGE_DIR)/context/wheels && cp -l $(IMAGE_DIR)/wheels/*.whl $(IMAGE_DIR)/context/wheels
+	{ git ls-files -z --cached --others --exclude-standard; printf 'ui/static/vendor\0'; } | \
+	  tar -c --null --ignore-failed-read -T - | tar -x -C $(IMAGE_DIR)/context/src
+	base=$$($(PY) -c 'import vm_templates as t; print("berth-base-default:" + t.fingerprint(t.path("default") / "packages"))'); \
+	for target in berth postgres; do \
+	  name=$$([ $$target = berth ] && echo berth || echo berth-$$target); \
+	  DOCKER_BUILDKIT=0 docker build -q --build-arg BASE=$$base --target $$target \
+	    -f deploy/image/Dockerfile -t $$name:$(VERSION) -t $$name:latest $(IMAGE_DIR)/context || exit 1; \
+	done
+
+# Every dependency of the backend and the client as a wheel (libvirt-python's built here,
+# against the host's libvirt-dev); the two projects themselves go in as source.
+$(IMAGE_DIR)/wheels/.fetched: pyproject.toml client/pyproject.toml constraints.txt $(VENV)/.installed
+	rm -rf $(IMAGE_DIR)/wheels && mkdir -p $(IMAGE_DIR)/wheels
+	$(PY) -c 'import tomllib; [print(d) for f in ("pyproject.toml", "client/pyproject.toml") \
+	  for d in tomllib.load(open(f, "rb"))["project"]["dependencies"]]' > $(IMAGE_DIR)/requirements.txt
+	$(PY) -m pip wheel -q -c constraints.txt -w $(IMAGE_DIR)/wheels -r $(IMAGE_DIR)/requirements.txt
+	@touch $@
 
 lock:
 	$(PY) -m pip freeze --exclude-editable > constraints.txt

@@ -1,5 +1,6 @@
 """Berth's one command line: ``python -m berth run | worker | api | prepare | create-admin |
-host | temporal-setup | machines | replay | bench``, an argparse parser with a subcommand each.
+host | temporal-setup | backup | restore | machines | replay | bench``, an argparse parser with
+a subcommand each.
 
 Parsing comes first and imports nothing heavy: each command imports what it runs only once it
 is chosen, so ``--help`` on any command (or a mistyped option, which argparse refuses with
@@ -163,6 +164,42 @@ def positive(text: str) -> int:
     return value
 
 
+def backup_install(args: argparse.Namespace) -> int:
+    from berth.backup import BackupError, backup
+    from config.settings import get_settings
+
+    try:
+        report = backup(get_settings(), args.dest)
+    except BackupError as exc:
+        print(f"backup: {exc}")
+        return 1
+    kept = report.manifest.get("kept_disks")
+    print(
+        f"backed up to {report.folder}: database {report.manifest['database']}, "
+        f"Temporal {report.manifest.get('temporal', 'not embedded')}, "
+        f"{report.manifest.get('artifacts', 0)} artifact files, "
+        f"{len(kept) if isinstance(kept, list) else 0} kept disks indexed"
+    )
+    return 0
+
+
+def restore_install(args: argparse.Namespace) -> int:
+    from berth.backup import BackupError, restore
+    from config.settings import get_settings
+
+    settings = get_settings()
+    try:
+        report = restore(settings, args.src)
+    except BackupError as exc:
+        print(f"restore: {exc}")
+        return 1
+    print(
+        f"restored {report.folder} (taken {report.manifest['started_at']}) into "
+        f"{settings.data_dir}; {len(report.ended)} sessions live in the backup ended"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Berth: autonomous agents, each in its own sandbox."
@@ -198,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
         "ready a Temporal namespace of one's own for Berth: add its search attributes",
         temporal_setup,
     )
+    saving = command(
+        "backup",
+        "a consistent copy of this install (databases, artifacts, kept disks' index, secrets)",
+        backup_install,
+    )
+    saving.add_argument("dest", type=Path, metavar="DEST", help="a new or empty folder")
+    loading = command(
+        "restore", "a backup into a fresh data dir (BERTH_DATA_DIR, empty)", restore_install
+    )
+    loading.add_argument("src", type=Path, metavar="SRC", help="a folder `backup` wrote")
     listing = command(
         "machines",
         "every Berth machine on this host (containers, VMs) by install, session and age",
