@@ -20,7 +20,7 @@ STAMPS := .berth/stamps
 run: setup
 	$(PY) -m berth run
 
-test: setup lint
+test: setup image lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 # The fast loop: no Docker, VMs or browser (markers in pyproject.toml), nothing to build; its
