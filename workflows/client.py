@@ -15,7 +15,6 @@ from typing import TypedDict
 
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client, Interceptor
-from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
@@ -92,6 +91,9 @@ async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
     their context in the headers); off, no interceptor is added and nothing is spent."""
     interceptors: list[Interceptor] = []
     if tracing.enabled():
+        # Imported only then: it loads the OpenTelemetry SDK, which an untraced process skips.
+        from temporalio.contrib.opentelemetry import TracingInterceptor
+
         interceptors.append(TracingInterceptor(tracing.tracer()))
     client = await Client.connect(
         settings.temporal_target,
