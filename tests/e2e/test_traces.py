@@ -100,7 +100,7 @@ def test_one_task_is_one_trace_from_the_request_to_the_guest(
         sid = httpx.post(f"{base}/api/sessions", json={}, headers=headers).json()["id"]
         wait_status(base, headers, sid, "ready")
         run_task(base, headers, sid, "$ echo traced", 0)
-        route = "POST /api/sessions/{session_id}/tasks"
+        route = "POST /api/sessions/{sid}/tasks"
         names = {route, "StartActivity:RunStep", "RunActivity:RunStep", "guest.exec"}
         # Exported in batches (every 200 ms here): wait for the step's spans to arrive.
         deadline = time.monotonic() + 30
