@@ -54,9 +54,8 @@ def configure(service: str, environ: Mapping[str, str]) -> bool:
     name = environ.get("OTEL_SERVICE_NAME") or f"berth-{service}"
     provider = TracerProvider(resource=Resource.create({"service.name": name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    # The process's global too: libraries that trace themselves (FastAPI's dependencies and
-    # endpoints) add their spans to the request's.
-    trace.set_tracer_provider(provider)
+    # Not the process's global: FastAPI would then trace each request itself, as a second
+    # server span of a trace of its own, and the task would follow whichever was current.
     _provider = provider
     return True
 
