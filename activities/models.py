@@ -144,3 +144,11 @@ class RestoreRequest(BaseModel):
 
 class PoolClaim(BaseModel):
     session_id: str  # or any key the claimer gets the same answer for
+
+
+class WebhookRequest(BaseModel):
+    """Deliver one webhook (a row of store/webhooks.py), tried up to ``max_attempts``."""
+
+    delivery_id: str
+    max_attempts: int
+    timeout_s: float  # of one attempt

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -217,3 +217,41 @@ class UserLimitsOut(BaseModel):
     kept_disks: int
     kept_bytes: int
     overrides: UserLimitsIn
+
+
+WebhookEventName = Literal["session.ready", "session.ended", "task.finished", "sandbox.died"]
+
+
+class WebhookIn(BaseModel):
+    """An endpoint: where to POST, and which events (store/webhooks.py:EVENTS)."""
+
+    url: str = Field(min_length=8, max_length=2000, examples=["https://example.com/hooks/berth"])
+    events: list[WebhookEventName] = Field(min_length=1, max_length=4)
+    active: bool = True
+
+
+class WebhookOut(BaseModel):
+    id: str
+    url: str
+    events: list[str]
+    active: bool
+    created_at: datetime
+    # Only in the answer that made it or rotated it: never shown again.
+    secret: str | None = None
+
+
+class WebhookAttempt(BaseModel):
+    at: str
+    status: int | None
+    error: str | None
+    ms: int
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: str
+    event: str
+    session_id: str
+    state: str
+    created_at: datetime
+    finished_at: datetime | None
+    attempts: list[WebhookAttempt]

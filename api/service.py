@@ -50,6 +50,7 @@ from store.models import (
     User,
     utcnow,
 )
+from telemetry import tracing
 from workflows import search, sweeper
 from workflows.client import workflow_id
 from workflows.models import SessionInput, TaskControl, TaskModification, TaskRef, TaskSubmission
@@ -414,7 +415,7 @@ async def submit_task(
     temporal: TemporalLink, row: SessionRow, prompt: str, key: str | None = None
 ) -> TaskRefOut:
     """Queue a task; with ``key`` (see idempotency_id) it is queued once, however often sent."""
-    submission = TaskSubmission(prompt=prompt, key=key)
+    submission = TaskSubmission(prompt=prompt, key=key, trace=tracing.traceparent())
     return await update(temporal, row, "submit_task", submission, key)
 
 

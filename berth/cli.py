@@ -40,10 +40,11 @@ def serve_api(_: argparse.Namespace) -> int:
     import uvicorn
 
     from config.settings import get_settings
-    from telemetry import logs
+    from telemetry import logs, tracing
 
     settings = get_settings()
     logs.configure("api", settings.log_format)
+    tracing.configure("api", os.environ)
     uvicorn.run(
         APP_FACTORY,
         factory=True,
@@ -61,6 +62,7 @@ def serve_api(_: argparse.Namespace) -> int:
         proxy_headers=True,
         forwarded_allow_ips=settings.trusted_proxies,
     )
+    tracing.shutdown()
     return 0
 
 

@@ -30,6 +30,7 @@ from api.preferences import router as preferences_router
 from api.routes import router
 from api.security import Passwords
 from api.trace import TraceIds
+from api.webhooks import router as webhooks_router
 from config.keys import payload_keys
 from config.settings import Settings, get_settings
 from store.db import get_engine, migrate
@@ -40,6 +41,7 @@ from ui.pages import router as ui_router
 from ui.preferences import router as preferences_page_router
 from ui.render import STATIC_DIR, is_dashboard, problem_page
 from ui.tokens import router as tokens_page_router
+from ui.webhooks import router as webhooks_page_router
 from workflows.codec import EncryptionCodec
 
 log = logging.getLogger("berth.api")
@@ -114,9 +116,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics_router)
     app.include_router(admin_router)
     app.include_router(preferences_router)
+    app.include_router(webhooks_router)
     app.include_router(ui_router)
     app.include_router(live_router)
     app.include_router(preferences_page_router)
+    app.include_router(webhooks_page_router)
     app.include_router(tokens_page_router)
     app.include_router(admin_page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

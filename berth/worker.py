@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -42,8 +43,10 @@ from activities.planning import PlanningActivities
 from activities.progress import ProgressActivities
 from activities.sandbox import SandboxActivities
 from activities.vm import VmActivities
+from activities.webhooks import WebhookActivities
 from berth.host import make_gateway, make_provider, open_host
 from berth.registry import OnChange, heartbeat_forever, register
+from config.keys import payload_keys
 from config.settings import Settings, get_settings
 from llm.proxy import LLMProxy
 from sandboxes.kept import SWEEP_EVERY_S as KEPT_SWEEP_EVERY_S
@@ -55,12 +58,13 @@ from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
 from store.models import HostState, utcnow
 from store.usage import placed_sandboxes, record_usage
-from telemetry import logs, metrics
+from telemetry import logs, metrics, tracing
 from workflows.client import connect, workflow_id
 from workflows.models import SandboxDeath
 from workflows.pool import PoolInput, SandboxPool, pool_member
 from workflows.session import SessionWorkflow
 from workflows.sweeper import Sweeper
+from workflows.webhooks import Dispatcher, WebhookDelivery
 
 log = logging.getLogger("berth.worker")
 
@@ -285,11 +289,17 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         command_policy_path=settings.command_policy_path,
     )
     vm = VmActivities(provider, client, settings.sandbox_connect_timeout_s)
+    hooks = WebhookActivities(
+        engine,
+        payload_keys(settings),
+        settings.webhook_allow_private,
+        settings.webhook_timeout_s,
+    )
     with ThreadPoolExecutor(max_workers=16) as executor:
         host = Worker(
             client,
             task_queue=settings.host_task_queue,
-            workflows=[SessionWorkflow, SandboxPool],
+            workflows=[SessionWorkflow, SandboxPool, WebhookDelivery],
             activities=[
                 progress.record,
                 planning.plan,
@@ -305,6 +315,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 vm.restore,
                 vm.hibernate,
                 vm.wake,
+                hooks.deliver,
             ],
             activity_executor=executor,
             **tuning(settings),
@@ -328,6 +339,16 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         )
         sweeping = asyncio.create_task(sweeper.forever(settings.session_sweep_every_s, stop))
         sampling = asyncio.create_task(sample_pools(client, settings, stop))
+        dispatcher = Dispatcher(
+            client,
+            engine,
+            settings.host_task_queue,
+            settings.webhook_max_attempts,
+            settings.webhook_timeout_s,
+        )
+        dispatching = asyncio.create_task(
+            dispatcher.forever(settings.webhook_dispatch_every_s, stop)
+        )
         kept = KeptDisks(provider, engine, settings.kept_max_age_days)
         keeping = asyncio.create_task(kept.forever(KEPT_SWEEP_EVERY_S, stop))
         watcher = asyncio.create_task(
@@ -363,6 +384,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await watcher
         await sweeping
         await sampling
+        await dispatching
         await keeping
     await gateway.stop()
     await provider.close()
@@ -372,6 +394,7 @@ def run() -> None:
     """This host's worker until SIGINT or SIGTERM, which stop it cleanly."""
     settings = get_settings()
     logs.configure("worker", settings.log_format)
+    tracing.configure("worker", os.environ)
 
     async def until_signalled() -> None:
         stop = asyncio.Event()
@@ -381,3 +404,4 @@ def run() -> None:
         await serve(settings, stop)
 
     asyncio.run(until_signalled())
+    tracing.shutdown()

@@ -7,6 +7,7 @@ which stay valid for a grace period: until the operator drops them from the sett
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -113,3 +114,34 @@ def key_id(key: bytes) -> str:
 
 def keyed_hash(key: bytes, purpose: str, value: str) -> str:
     return hmac.new(key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def _sealing_key(key: bytes) -> bytes:
+    return hmac.new(key, b"berth/sealed", hashlib.sha256).digest()
+
+
+def seal(ring: Keyring, text: str) -> str:
+    """``text`` encrypted (AES-GCM) under the ring's current key, naming the key: a secret
+    the server must use again (a webhook's signing secret), kept unreadable in the database."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = secrets.token_bytes(12)
+    sealed = AESGCM(_sealing_key(ring.current)).encrypt(nonce, text.encode(), None)
+    return f"{key_id(ring.current)}.{base64.urlsafe_b64encode(nonce + sealed).decode()}"
+
+
+def unseal(ring: Keyring, sealed: str) -> str:
+    """What seal() sealed, with whichever key of the ring it names; ValueError if none does
+    (its key was dropped from the settings) or it was tampered with."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    name, _, data = sealed.partition(".")
+    key = next((k for k in ring.keys if key_id(k) == name), None)
+    if key is None:
+        raise ValueError("sealed under a key no longer in the ring")
+    raw = base64.urlsafe_b64decode(data)
+    try:
+        return AESGCM(_sealing_key(key)).decrypt(raw[:12], raw[12:], None).decode()
+    except InvalidTag:
+        raise ValueError("sealed text was altered") from None

@@ -478,6 +478,27 @@ class Settings(BaseSettings):
         "0: off",
     )
 
+    # Webhooks (issue 24): each user's endpoints, told of their sessions' events
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Let webhook endpoints resolve to loopback, link-local, private or other "
+        "non-public addresses (off: refused, since a URL a user chooses would otherwise make "
+        "the server reach its own network)",
+    )
+    webhook_max_endpoints: int = Field(default=10, ge=1, description="Webhook endpoints per user")
+    webhook_max_attempts: int = Field(
+        default=12,
+        ge=1,
+        description="Attempts at one webhook delivery (backing off from 2 s, doubling, at most "
+        "10 min apart) before it is logged failed",
+    )
+    webhook_timeout_s: float = Field(
+        default=10, gt=0, description="How long one webhook attempt may take"
+    )
+    webhook_dispatch_every_s: float = Field(
+        default=1.0, gt=0, description="How often a worker starts the deliveries just written"
+    )
+
     @model_validator(mode="after")
     def _pairs(self) -> Settings:
         for cert, key in (

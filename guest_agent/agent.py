@@ -287,6 +287,8 @@ def _exit(execution: Execution, after: int) -> Exit:
         check=execution.check,
         result=execution.result,
         after_seq=after,
+        started=execution.started,
+        ended=execution.ended,
     )
 
 

@@ -4,6 +4,7 @@ re-attachment after a reconnect."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,9 @@ class Execution:
     # Set by whatever runs the step: how to stop it at once (kill a process group, cancel).
     on_kill: Callable[[], object] | None = None
     killed: bool = False
+    # When it was made and when it finished (wall clock, seconds): its span, on the host.
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
     _next_seq: int = 1
     _kept_chars: int = 0
 
@@ -98,4 +102,5 @@ class Execution:
         async with self.changed:
             self.exit_code = code
             self.error = error
+            self.ended = time.time()
             self.changed.notify_all()

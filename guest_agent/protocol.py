@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -61,6 +62,8 @@ MAX_ARTIFACT_BYTES = 360 * 1024
 ARTIFACT_MEDIA_TYPES = ("image/jpeg", "image/png", "text/plain", "application/octet-stream")
 # Artifact names: a plain file name.
 ARTIFACT_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+# A W3C traceparent (version-traceid-spanid-flags), as the backend's tracing sends it.
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 # Texts an exit's result carries (extracted page text, a file's content) are cut to this
 # many characters: they travel on in workflow payloads.
@@ -136,6 +139,9 @@ class Exec(Frame):
     step: dict[str, Any]
     timeout_s: float
     after_seq: int = 0
+    # The step's span (a W3C traceparent) when the backend traces; a guest may ignore it:
+    # the span of its execution is recorded by the host from the exit's times.
+    trace: str | None = None
 
     def body(self) -> dict[str, Any]:
         return {
@@ -143,6 +149,7 @@ class Exec(Frame):
             "step": self.step,
             "timeout_s": self.timeout_s,
             "after_seq": self.after_seq,
+            **({"trace": self.trace} if self.trace else {}),
         }
 
 
@@ -222,8 +229,15 @@ class Exit(Frame):
     check: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     after_seq: int | None = None
+    # When the guest began and finished running it (its wall clock, seconds since the
+    # epoch; kept in step by the host's Clock frames): the host's span of the execution.
+    started: float | None = None
+    ended: float | None = None
 
     def body(self) -> dict[str, Any]:
+        times = {} if self.started is None or self.ended is None else {
+            "started": self.started, "ended": self.ended
+        }  # fmt: skip
         return {
             "exec_id": self.exec_id,
             "exit_code": self.exit_code,
@@ -232,6 +246,7 @@ class Exit(Frame):
             "check": self.check,
             "result": self.result,
             **_after(self.after_seq),
+            **times,
         }
 
 
@@ -280,6 +295,7 @@ def _exec(message: dict[str, Any]) -> Exec:
         step=step,
         timeout_s=_number(message, "timeout_s"),
         after_seq=0 if after is None else after,
+        trace=_traceparent(message.get("trace")),
     )
 
 
@@ -331,6 +347,8 @@ def _exit(message: dict[str, Any]) -> Exit:
         check=check if isinstance(check, dict) else None,
         result=result if isinstance(result, dict) else None,
         after_seq=_after_seq(message),
+        started=_time(message.get("started")),
+        ended=_time(message.get("ended")),
     )
 
 
@@ -369,6 +387,18 @@ def _number(message: dict[str, Any], key: str) -> float:
 
 def _after_seq(message: dict[str, Any]) -> int | None:
     return None if "after_seq" not in message else _int(message, "after_seq")
+
+
+def _traceparent(value: Any) -> str | None:
+    """A W3C traceparent, or None for anything else (it is only ever passed on)."""
+    return value if isinstance(value, str) and TRACEPARENT.fullmatch(value) else None
+
+
+def _time(value: Any) -> float | None:
+    """A time in seconds since the epoch, or None for anything else (a span is left out)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
 
 
 def _after(after_seq: int | None) -> dict[str, int]:

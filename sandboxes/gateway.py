@@ -53,6 +53,7 @@ from guest_agent.protocol import (
 from sandboxes.gateway_tls import GatewayCertificate
 from sandboxes.models import STEP_KINDS, CheckResult, Step, StepOutcome, StepResult
 from sandboxes.tokens import check_guest_token
+from telemetry import tracing
 
 log = logging.getLogger("berth.gateway")
 
@@ -128,13 +129,17 @@ class _Open:
     timeout_s: float
     last_seq: int = 0
     cancelled: bool = False
+    # The step's span (a traceparent) when traces are on, for a guest that traces itself.
+    trace: str | None = None
     inbox: asyncio.Queue[StepFrame | _Died] = field(
         default_factory=lambda: asyncio.Queue(INBOX_SIZE)
     )
 
     def exec_message(self) -> str:
         step = self.step.model_dump()
-        return Exec(self.exec_id, step, self.timeout_s, after_seq=self.last_seq).encode()
+        return Exec(
+            self.exec_id, step, self.timeout_s, after_seq=self.last_seq, trace=self.trace
+        ).encode()
 
 
 @dataclass
@@ -159,6 +164,20 @@ class _Guest:
 
     def heard(self) -> None:
         self.heard_at, self.asked_at = time.monotonic(), None
+
+
+def _guest_span(sandbox_id: str, step: Step, frame: Exit) -> None:
+    """The guest's execution of the step as a span of the step's (a guest that predates
+    the times in its exit gets none); its end no later than now, should its clock run ahead."""
+    if frame.started is None or frame.ended is None:
+        return
+    tracing.completed(
+        "guest.exec",
+        frame.started,
+        min(frame.ended, time.time()),
+        {"berth.sandbox": sandbox_id, "berth.step.kind": step.kind,
+         "berth.step.exit_code": frame.exit_code, "berth.step.timed_out": frame.timed_out},
+    )  # fmt: skip
 
 
 class GuestGateway:
@@ -333,7 +352,7 @@ class GuestGateway:
         # A new attempt replaces an older one's attachment (that one is being cancelled),
         # so the two never share an inbox.
         older = guest.open.get(exec_id)
-        command = _Open(exec_id, step, timeout_s, last_seq=after_seq)
+        command = _Open(exec_id, step, timeout_s, last_seq=after_seq, trace=tracing.traceparent())
         command.cancelled = older is not None and older.cancelled
         guest.open[exec_id] = command
         tail = ""
@@ -365,6 +384,7 @@ class GuestGateway:
                             frame.name, frame.media_type, frame.data
                         )
                 elif isinstance(frame, Exit) and follows:
+                    _guest_span(sandbox_id, step, frame)
                     return StepOutcome(
                         exit_code=frame.exit_code,
                         timed_out=frame.timed_out,

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from store import notify
+from store import notify, webhooks
 from store.models import (
     Event,
     SandboxRow,
@@ -107,6 +107,7 @@ def append(db: Session, session_id: str, drafts: Sequence[NewEvent]) -> list[Eve
         return []
     first = _take_seqs(db, session_id, len(fresh))
     appended = [_add(db, session_id, first + n, d) for n, d in enumerate(fresh)]
+    webhooks.enqueue(db, session_id, appended)  # in the same transaction: the outbox
     notify.commit(db, session_id)
     for event in appended:
         db.refresh(event)

@@ -351,3 +351,45 @@ class StreamLease(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     user_id: str = Field(max_length=64, index=True)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """Where a user wants to be told of their sessions' events (api/webhooks.py). Its signing
+    secret is kept sealed (config/keys.py:seal, under the payload key): shown once, when made
+    or rotated, and opened only by the worker that signs a delivery."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    user_id: str = Field(foreign_key="users.id", index=True, max_length=32)
+    url: str = Field(max_length=2000)
+    # The event names it is told of (store/webhooks.py:EVENTS).
+    events: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    secret: str = Field(sa_column=Column(Text, nullable=False))
+    active: bool = True
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event for one endpoint: written with the event (the outbox), then delivered by a
+    workflow of its own; each attempt is logged in ``attempts``."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_state", "state", "dispatched"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    endpoint_id: str = Field(foreign_key="webhook_endpoints.id", index=True, max_length=32)
+    event: str = Field(max_length=32)
+    session_id: str = Field(max_length=32)
+    # The JSON body sent (built once, so every attempt signs the same bytes).
+    body: str = Field(sa_column=Column(Text, nullable=False))
+    # pending (to deliver), delivered, failed (attempts used up, or the endpoint is gone).
+    state: str = Field(default="pending", max_length=16)
+    # Whether its delivery workflow has been started.
+    dispatched: bool = False
+    # Every attempt: {"at", "status" (the HTTP status, or null), "error", "ms"}.
+    attempts: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    finished_at: datetime | None = None

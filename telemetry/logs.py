@@ -20,6 +20,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
+from telemetry import tracing
+
 Format = Literal["text", "json"]
 
 # What the current work is about: its session, task, step, and trace (request) ids.
@@ -59,6 +61,12 @@ def _temporal(record: logging.LogRecord) -> dict[str, str]:
     return found
 
 
+def _trace() -> dict[str, str]:
+    """The current span's trace id (an activity's, a workflow's), when traces are on."""
+    found = tracing.current_trace_id() if tracing.enabled() else None
+    return {"trace": found} if found else {}
+
+
 class JsonLines(logging.Formatter):
     """A record as one JSON object on one line."""
 
@@ -76,6 +84,7 @@ class JsonLines(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             **_temporal(record),
+            **_trace(),
             **current(),
         }
         if record.exc_info:

@@ -16,6 +16,7 @@ from config.settings import Settings
 from llm.providers import provider_configs
 from ui.fragments import field_errors, render_block
 from ui.render import PageCaller, dashboard_router, render_page
+from ui.webhooks import listing
 
 router = dashboard_router()
 PAGE = "preferences.html"
@@ -43,7 +44,10 @@ def preferences_page(
 ) -> Response:
     row = Preferences.model_validate(preferences.load(db, caller[0]), from_attributes=True)
     values = _saved_values(row)
-    return render_page(request, PAGE, settings, caller, values=values, **_context(settings))
+    return render_page(
+        request, PAGE, settings, caller, values=values, **_context(settings),
+        **listing(db, caller),
+    )  # fmt: skip
 
 
 @router.post("/ui/preferences", response_class=HTMLResponse)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
-from temporalio.client import Client
+from temporalio.client import Client, Interceptor
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
@@ -22,6 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 from activities.models import pool_workflow_id
 from config.keys import payload_keys
 from config.settings import Settings
+from telemetry import tracing
 from workflows.codec import EncryptionCodec, PayloadConverter
 
 __all__ = [
@@ -83,11 +84,22 @@ class UnknownNamespace(RuntimeError):
 async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
     """A client of the settings' namespace, which must exist: against a server without it,
     every workflow would look gone, and whoever sweeps rows or machines by their workflows
-    (the worker) would end every live session. ``runtime``: the SDK's own (its metrics)."""
+    (the worker) would end every live session. ``runtime``: the SDK's own (its metrics).
+
+    With traces on, the client and every worker made from it trace workflows and activities
+    (the SDK's interceptor: each start, update, workflow run and activity attempt a span,
+    their context in the headers); off, no interceptor is added and nothing is spent."""
+    interceptors: list[Interceptor] = []
+    if tracing.enabled():
+        # Imported only then: it loads the OpenTelemetry SDK, which an untraced process skips.
+        from temporalio.contrib.opentelemetry import TracingInterceptor
+
+        interceptors.append(TracingInterceptor(tracing.tracer()))
     client = await Client.connect(
         settings.temporal_target,
         data_converter=data_converter(settings),
         runtime=runtime,
+        interceptors=interceptors,
         **connect_options(settings),
     )
     try:

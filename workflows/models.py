@@ -69,6 +69,10 @@ class SessionInput(BaseModel):
     replace_backoff_s: float = 5.0
 
 
+# A W3C traceparent: version, trace id, span id, flags.
+TRACEPARENT_CHARS = 55
+
+
 class TaskState(BaseModel):
     id: str
     prompt: str
@@ -88,6 +92,9 @@ class TaskState(BaseModel):
     revisions: int = 0
     # The user's modifications, each one given to every later planning call.
     notes: list[str] = Field(default_factory=list)
+    # The W3C traceparent of the request that submitted it (traces on): its planning and
+    # steps are spans of that request's trace.
+    trace: str | None = Field(default=None, max_length=TRACEPARENT_CHARS)
 
 
 def as_lists(instructions: Any) -> Any:
@@ -139,6 +146,8 @@ class TaskSubmission(BaseModel):
     # The client's Idempotency-Key (hashed): a submission sent again with it is answered
     # with the task it queued, in this run or a later one.
     key: str | None = Field(default=None, max_length=100)
+    # The submitting request's span, as a W3C traceparent (None when traces are off).
+    trace: str | None = Field(default=None, max_length=TRACEPARENT_CHARS)
 
 
 class TaskRef(BaseModel):

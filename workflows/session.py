@@ -46,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
     from sandboxes.models import Health, SandboxInfo, StepOutcome
     from store.events import EventType, NewEvent
     from store.models import SessionStatus, TaskStatus
+    from telemetry import tracing
     from workflows import options, search
     from workflows.failures import (
         REFUSED_EXIT,
@@ -623,6 +624,12 @@ class SessionWorkflow:
     # ---- one task
 
     async def run_task(self, task: TaskState) -> None:
+        # Its activities' spans join the trace of the request that submitted it (traces on;
+        # no command changes, so histories replay alike).
+        with tracing.under(task.trace):
+            await self.run_task_traced(task)
+
+    async def run_task_traced(self, task: TaskState) -> None:
         self.running, self.cancelling = task, False
         try:
             if task.status is TaskStatus.queued:  # not a task carried over mid-way
@@ -905,7 +912,7 @@ class SessionWorkflow:
         known = self.submission(submission)
         if known is not None:
             return known
-        task = TaskState(id=str(workflow.uuid4()), prompt=submission.prompt)
+        task = TaskState(id=str(workflow.uuid4()), prompt=submission.prompt, trace=submission.trace)
         self.tasks[task.id] = task
         if submission.key:
             self.submitted[submission.key] = task.id

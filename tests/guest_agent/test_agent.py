@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -31,6 +34,7 @@ from sandboxes.gateway import (
 )
 from sandboxes.models import TerminalStep
 from sandboxes.tokens import guest_token
+from telemetry import tracing
 from tests.support.local import free_port
 
 KEY = b"test-key"
@@ -480,3 +484,28 @@ async def test_a_guest_whose_link_was_up_redials_at_once_however_it_was_lost(
         # Without the reset: 0.25, 0.5, 1, 2, 4 s (each ±20%).
         assert max(redials) < 1.5, redials
     await gateway.stop()
+
+
+async def test_the_guests_run_of_a_step_is_a_span_of_the_steps(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        async with guest_link(tmp_path) as link:
+            await link.gateway.wait_connected(link.sandbox_id, 10)
+            with tracing.tracer().start_as_current_span("RunActivity:RunStep") as step:
+                began = time.time()
+                await link.gateway.run(
+                    link.sandbox_id, "e1", TerminalStep(command="sleep 0.3"), 10, Collector()
+                )
+                done = time.time()
+    finally:
+        tracing.install(None)
+    (guest,) = [s for s in exporter.get_finished_spans() if s.name == "guest.exec"]
+    assert guest.parent is not None and guest.parent.span_id == step.get_span_context().span_id
+    assert guest.start_time is not None and guest.end_time is not None
+    # Timed by the guest (here on the same clock): the command's run, within the step's.
+    assert began * 1e9 <= guest.start_time and guest.end_time <= done * 1e9
+    assert guest.end_time - guest.start_time >= 0.3e9
+    assert guest.attributes is not None and guest.attributes["berth.step.exit_code"] == 0

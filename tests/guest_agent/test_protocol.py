@@ -27,6 +27,7 @@ from guest_agent.protocol import (
 STEP = {"kind": "terminal", "command": "echo hi", "cwd": None, "check": None}
 CHECK = {"kind": "exit_code", "ok": True, "detail": "exit code 0"}
 PNG = b"\x89PNG\r\n\x1a\n-a-screenshot"
+TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 # Each frame beside the JSON (keys in wire order) it travels as.
 GOLDEN: list[tuple[Frame, dict[str, Any]]] = [
@@ -44,6 +45,17 @@ GOLDEN: list[tuple[Frame, dict[str, Any]]] = [
     (
         Exec(exec_id="e-1", step=STEP, timeout_s=30.0, after_seq=4),
         {"type": "exec", "exec_id": "e-1", "step": STEP, "timeout_s": 30.0, "after_seq": 4},
+    ),
+    (
+        Exec(exec_id="e-1", step=STEP, timeout_s=30.0, trace=TRACE),
+        {
+            "type": "exec",
+            "exec_id": "e-1",
+            "step": STEP,
+            "timeout_s": 30.0,
+            "after_seq": 0,
+            "trace": TRACE,
+        },
     ),
     (Cancel(exec_id="e-1"), {"type": "cancel", "exec_id": "e-1"}),
     (Clock(time=1767225600.25), {"type": "clock", "time": 1767225600.25}),
@@ -92,6 +104,20 @@ GOLDEN: list[tuple[Frame, dict[str, Any]]] = [
             "after_seq": 5,
         },
     ),
+    (
+        Exit(exec_id="e-1", exit_code=1, timed_out=False, started=1767225600.5, ended=1767225601.0),
+        {
+            "type": "exit",
+            "exec_id": "e-1",
+            "exit_code": 1,
+            "timed_out": False,
+            "error": None,
+            "check": None,
+            "result": None,
+            "started": 1767225600.5,
+            "ended": 1767225601.0,
+        },
+    ),
 ]
 
 
@@ -129,6 +155,18 @@ def test_an_older_guests_frames_are_taken_as_they_come() -> None:
     # An exec without after_seq replays from the start.
     exec_ = protocol.parse(json.dumps({"type": "exec", "exec_id": "e", "step": {}, "timeout_s": 5}))
     assert exec_ == Exec("e", {}, 5, after_seq=0)
+
+
+def test_a_malformed_trace_or_time_is_dropped_not_refused() -> None:
+    # Both only feed a span: a frame is never refused for them, the span is left out.
+    exec_ = protocol.parse(json.dumps({"type": "exec", "exec_id": "e", "step": {},
+                                       "timeout_s": 5, "trace": "00-not-a-trace"}))  # fmt: skip
+    assert exec_ == Exec("e", {}, 5)
+    for started in ("noon", True, -1, float("nan")):
+        exit_ = protocol.parse(json.dumps({"type": "exit", "exec_id": "e", "exit_code": 0,
+                                           "timed_out": False, "started": started,
+                                           "ended": 5.0}))  # fmt: skip
+        assert isinstance(exit_, Exit) and exit_.started is None and exit_.ended == 5.0
 
 
 def test_a_hello_claims_a_few_capabilities_at_most() -> None:

@@ -27,6 +27,7 @@ from temporalio.worker import Replayer
 
 from workflows.pool import SandboxPool
 from workflows.session import SessionWorkflow
+from workflows.webhooks import WebhookDelivery
 
 FOLDER = Path(__file__).parent / "histories"
 HISTORIES = sorted(FOLDER.glob("*/*.json"))
@@ -52,6 +53,8 @@ def test_every_path_has_a_recorded_history() -> None:
         "pause-resume-modify-cancel", "modify-twice", "preserve", "restore", "replace-then-end",
         "pool-claim", "pool-claim-refill", "pool-stop", "pool-stop-undeletable",
         "pool-continue-as-new", "pool-continue-as-new-resumed",
+        # A webhook delivery retried (issue 24).
+        "webhook-retried",
     }  # fmt: skip
 
 
@@ -60,7 +63,8 @@ async def test_a_recorded_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(f"replay-{path.stem}", path.read_text())  # noqa: ASYNC240
     assert any(e.HasField("activity_task_scheduled_event_attributes") for e in history.events)
     replayer = Replayer(
-        workflows=[SessionWorkflow, SandboxPool], data_converter=pydantic_data_converter
+        workflows=[SessionWorkflow, SandboxPool, WebhookDelivery],
+        data_converter=pydantic_data_converter,
     )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None
