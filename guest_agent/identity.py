@@ -24,6 +24,7 @@ init as the new VM (its old link, token and steps are the parent's).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -34,6 +35,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ log = logging.getLogger("guest_agent.identity")
 
 PORT_NAME = "org.berth.identity"
 READY = b"ready\n"
+APPLIED = b"applied\n"
 # Set in the seed of the VM a snapshot is taken of: its agent waits at the snapshot point.
 SNAPSHOT_VARIABLE = "BERTH_SNAPSHOT"
 # Where the VM image keeps busybox (sandboxes/vm_image.py), and the files the VM's rc
@@ -80,9 +83,11 @@ def _read_line(fd: int) -> bytes | None:
     return data
 
 
-def receive(port: Path) -> dict[str, Any]:
-    """Say we are ready and wait for the host's message: blocking, for as long as it takes
-    (the VM may be saved and restored meanwhile: the read then ends empty, and we ask again)."""
+def receive(port: Path, take: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Say we are ready, wait for the host's message, ``take`` it and say so: blocking, for
+    as long as it takes (the VM may be saved and restored meanwhile: the read then ends
+    empty, and we ask again). The host sends again until it hears APPLIED: a message sent
+    as the restored VM starts may be lost with the port's first connection."""
     fd = os.open(port, os.O_RDWR)
     try:
         while True:
@@ -96,15 +101,22 @@ def receive(port: Path) -> dict[str, Any]:
             except ValueError:
                 log.warning("ignoring a malformed identity message")
                 continue
+            take(message)
+            with contextlib.suppress(OSError):  # the host may have gone meanwhile
+                os.write(fd, APPLIED)
             return message
     finally:
         os.close(fd)
 
 
+def _set_clock(message: dict[str, Any]) -> None:
+    time.clock_settime_ns(time.CLOCK_REALTIME, int(message["time_ns"]))
+
+
 def apply(message: dict[str, Any]) -> None:
     """Become the VM ``message`` describes: clock first (everything after is timed by it),
     then randomness, network, name, token and environment."""
-    time.clock_settime_ns(time.CLOCK_REALTIME, int(message["time_ns"]))
+    _set_clock(message)
     _reseed(bytes.fromhex(message["seed"]))
     env: dict[str, str] = message["env"]
     script = (
@@ -150,7 +162,7 @@ def at_snapshot_point() -> None:
     if port is None:
         raise SystemExit("guest_agent: snapshot point without an identity port")
     log.info("at the snapshot point")
-    apply(receive(port))
+    receive(port, apply)
     log.info("identity received: %s", os.environ.get("BERTH_SANDBOX_ID"))
 
 
@@ -161,14 +173,17 @@ def watch_for_new_identity(sandbox_id: str) -> None:
     if port is None:
         return
 
+    def take(message: dict[str, Any]) -> None:
+        if message["env"].get("BERTH_SANDBOX_ID") == sandbox_id:
+            _set_clock(message)  # the same VM (woken, rolled back, told twice): its clock
+        else:
+            apply(message)
+
     def wait() -> None:
         while True:
-            message = receive(port)
+            message = receive(port, take)
             if message["env"].get("BERTH_SANDBOX_ID") != sandbox_id:
                 break
-            # The same VM (woken, rolled back): only its clock.
-            time.clock_settime_ns(time.CLOCK_REALTIME, int(message["time_ns"]))
-        apply(message)
         log.info("new identity: %s; starting again as it", message["env"]["BERTH_SANDBOX_ID"])
         os._exit(0)
 

@@ -59,6 +59,8 @@ PRIVATE_FILE = 0o600
 PRIVATE_FOLDER = 0o700
 # Longest a boot holds its slot waiting for the guest (TCG boots take ~10 s).
 BOOT_SLOT_S = 60.0
+# Longest a restored VM's guest may take to take its identity (~0.1 s when idle).
+IDENTITY_TIMEOUT_S = 60.0
 STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: "unknown",
     libvirt.VIR_DOMAIN_RUNNING: "running",
@@ -541,7 +543,8 @@ class LibvirtProvider(SandboxProvider):
         snapshots.restore(self.conn, snapshot, domain, folder / "restore.save")
         values = self.seed_values(env, address, spec)
         token = values.pop(TOKEN_VARIABLE)
-        snapshots.tell(snapshots.port_path(domain), values, token, _mac(address))
+        port = snapshots.port_path(domain)
+        snapshots.tell(port, values, token, _mac(address), IDENTITY_TIMEOUT_S)
 
     def _define(
         self,

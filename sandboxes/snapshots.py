@@ -42,7 +42,7 @@ from typing import Any
 import libvirt
 
 import vm_templates
-from guest_agent.identity import PORT_NAME, READY
+from guest_agent.identity import APPLIED, PORT_NAME, READY
 from sandboxes import libvirt_host, vm_image
 
 log = logging.getLogger("berth.libvirt")
@@ -60,6 +60,7 @@ SAVE_VERSION = 2
 # A snapshot VM's boot, to the snapshot point (TCG boots take ~7 s; more beside others').
 READY_TIMEOUT_S = 180.0
 CONNECT_TIMEOUT_S = 10.0
+ASK_AGAIN_S = 2.0
 
 
 class SnapshotError(RuntimeError):
@@ -173,17 +174,28 @@ def wait_ready(path: str, timeout_s: float) -> socket.socket:
     return sock
 
 
-def tell(path: str, env: dict[str, str], token: str, mac: str) -> None:
-    """Send a restored guest its identity, stamped with the host's time as it goes."""
+def tell(path: str, env: dict[str, str], token: str, mac: str, timeout_s: float) -> None:
+    """Send a restored guest its identity, stamped with the host's time as it goes, again
+    every ASK_AGAIN_S until the guest says it applied it (one sent as the VM starts may be
+    lost: guest_agent/identity.py)."""
+    seed = secrets.token_hex(32)
+    deadline = time.monotonic() + timeout_s
     with _connect(path, CONNECT_TIMEOUT_S) as sock:
-        message: dict[str, Any] = {
-            "env": env,
-            "token": token,
-            "mac": mac,
-            "seed": secrets.token_hex(32),
-            "time_ns": time.time_ns(),
-        }
-        sock.sendall(json.dumps(message).encode() + b"\n")
+        heard = b""
+        while APPLIED not in heard:
+            if time.monotonic() > deadline:
+                raise SnapshotError(f"the guest did not take its identity in {timeout_s:.0f} s")
+            message: dict[str, Any] = {
+                "env": env, "token": token, "mac": mac, "seed": seed, "time_ns": time.time_ns(),
+            }  # fmt: skip
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            sock.settimeout(ASK_AGAIN_S)
+            with contextlib.suppress(TimeoutError):
+                while APPLIED not in heard:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise SnapshotError("the guest closed its identity port")
+                    heard = (heard + chunk)[-64:]
 
 
 # --- saving and restoring ---
