@@ -351,8 +351,8 @@ class LibvirtProvider(SandboxProvider):
                 address = self.subnet.broadcast_address - 2
                 spec = self.spec(template)
                 origin = f"snapshot {key}"
-                xml = self._render(
-                    name, "", "", template, address, spec, image, overlay, seed, origin
+                xml = self.domain_xml(
+                    "", "", template, address, spec, image, overlay, seed, name=name, origin=origin
                 )
                 domain = self.conn.createXML(xml, 0)
                 try:
@@ -540,11 +540,17 @@ class LibvirtProvider(SandboxProvider):
         address = ipaddress.IPv4Address(meta["address"])
         spec = self.spec(meta["template"])
         folder = self.vm_dir(meta["id"])
+        started = time.monotonic()
         snapshots.restore(self.conn, snapshot, domain, folder / "restore.save")
+        restored = time.monotonic()
         values = self.seed_values(env, address, spec)
         token = values.pop(TOKEN_VARIABLE)
         port = snapshots.port_path(domain)
         snapshots.tell(port, values, token, _mac(address), IDENTITY_TIMEOUT_S)
+        log.info(
+            "domain %s: memory restored in %.2f s, identity taken in %.2f s",
+            domain.name(), restored - started, time.monotonic() - restored,
+        )  # fmt: skip
 
     def _define(
         self,
@@ -581,11 +587,11 @@ class LibvirtProvider(SandboxProvider):
             disk.chmod(PRIVATE_FILE)  # libvirt gives them to QEMU's user while the VM runs
         if spec.network.egress != "public":
             libvirt_host.restrict_egress(str(address), [str(n) for n in spec.network.allow])
-        xml = self._render(
-            machine_name(sandbox_id), sandbox_id, session_id, template, address, spec, image,
-            overlay, seed, f"snapshot {snapshot.key}" if snapshot else BOOTED,
+        xml = self.domain_xml(
+            sandbox_id, session_id, template, address, spec, image, overlay, seed,
+            origin=f"snapshot {snapshot.key}" if snapshot else BOOTED,
             # A restored domain's saved image names it by UUID (snapshots.restore).
-            str(uuid.uuid4()) if snapshot else "",
+            domain_uuid=str(uuid.uuid4()) if snapshot else "",
         )  # fmt: skip
         return self.conn.defineXML(xml)
 
@@ -599,34 +605,19 @@ class LibvirtProvider(SandboxProvider):
         image: vm_image.Image,
         overlay: Path,
         seed: Path,
-    ) -> str:
-        """The definition of a sandbox's domain that boots."""
-        return self._render(
-            machine_name(sandbox_id), sandbox_id, session_id, template, address, spec, image,
-            overlay, seed, BOOTED,
-        )  # fmt: skip
-
-    def _render(
-        self,
-        name: str,
-        sandbox_id: str,
-        session_id: str,
-        template: str,
-        address: ipaddress.IPv4Address,
-        spec: vm_templates.TemplateSpec,
-        image: vm_image.Image,
-        overlay: Path,
-        seed: Path,
-        origin: str,
+        *,
+        name: str = "",
+        origin: str = BOOTED,
         domain_uuid: str = "",
     ) -> str:
         """A domain's definition: its machine, disks, identity port, and its port on the
-        bridge, bound to its MAC and ``address``. ``origin``: booted, or which snapshot."""
+        bridge, bound to its MAC and ``address``. Named after the sandbox unless ``name`` is
+        given; ``origin``: booted, or which snapshot it is restored from."""
         assert self.host, "prepare() first"
         return _templates.get_template("domain.xml.j2").render(
             domain_type="kvm" if self.host.accel == "kvm" else "qemu",
             bandwidth=self.host.bandwidth_limits,
-            name=name,
+            name=name or machine_name(sandbox_id),
             uuid=domain_uuid,
             namespace=NAMESPACE,
             sandbox_id=sandbox_id,
