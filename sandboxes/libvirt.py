@@ -165,6 +165,17 @@ def _berth_domains(conn: libvirt.virConnect) -> list[tuple[libvirt.virDomain, di
     return found
 
 
+def _active(domain: libvirt.virDomain) -> bool:
+    """Whether a listed domain runs; False if it is gone since (another install's domains
+    on the host come and go at any time)."""
+    try:
+        return bool(domain.isActive())
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        return False
+
+
 def _state(domain: libvirt.virDomain) -> str:
     state, _ = domain.state()
     if state == libvirt.VIR_DOMAIN_SHUTOFF and domain.hasManagedSaveImage():
@@ -563,7 +574,7 @@ class LibvirtProvider(SandboxProvider):
         """The domain, defined (not started): its overlay over ``snapshot``'s disk, if given
         (it is then to be restored from it), else over the template's base disk."""
         domains = self._berth_domains()
-        if sum(domain.isActive() for domain, _ in domains) >= self.max_running:
+        if sum(_active(domain) for domain, _ in domains) >= self.max_running:
             raise LibvirtError(f"this host already runs {self.max_running} VMs (its cap)")
         used = {meta.get("address") for _, meta in domains}
         assert self.host, "prepare() first"
