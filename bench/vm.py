@@ -2,13 +2,15 @@
 
 Measures, with the template image of the data dir (built by ``make setup``) and a real guest
 gateway: building the image from the cached root filesystem; a cold create until the guest
-agent is connected, through libvirt; the physical floor, the same kernel, initramfs and disk
-booted by a bare ``qemu-system-x86_64`` on the same bridge until its agent connects;
-suspend (managed save) and resume until a command answers; host RAM per idle VM (RSS of its
-QEMU process); how soon a destroyed VM, and one whose guest is cut off, are reported;
-session-ready latency on a warm-pool hit, on the whole system (``--warm-runs`` sessions,
-default 8). Prints a markdown table, writes JSON to ``--out`` (default
-``.berth/bench/vm.json``). ``--runs`` (default 3) sets the other repetitions.
+agent is connected, through libvirt, restored from the template's snapshot and booted; the
+physical floor, the same kernel, initramfs and disk booted by a bare ``qemu-system-x86_64``
+on the same bridge until its agent connects; suspend (managed save) and resume until a
+command answers; host RAM per idle VM (RSS of its QEMU process); how soon a destroyed VM,
+and one whose guest is cut off, are reported; on the whole system, with VMs restored and
+then booted: ten sessions started 2 s apart as soon as it is up, session-ready latency on a
+warm-pool hit (``--warm-runs`` sessions, default 8) and the pool's refill after each claim.
+Prints a markdown table, writes JSON to ``--out`` (default ``.berth/bench/vm.json``).
+``--runs`` (default 3) sets the other repetitions; ``--only PART`` picks parts.
 """
 
 from __future__ import annotations
@@ -72,21 +74,34 @@ def qemu_rss_mib(handle: str) -> float:
 
 
 async def cold_creates(provider: LibvirtProvider, runs: int) -> list[Metric]:
-    creates, rss, removes = [], [], []
-    for _ in range(runs):
-        sandbox, seconds = await connected(provider)
-        creates.append(seconds)
-        await asyncio.sleep(IDLE_S)
-        rss.append(qemu_rss_mib(sandbox.handle))
-        started = time.monotonic()
-        await provider.destroy(sandbox)
-        removes.append(time.monotonic() - started)
+    """Creates until the guest is connected: restored from the template's snapshot (what
+    new VMs do), then booted (the fallback), ``runs`` each."""
+    creates: dict[bool, list[float]] = {True: [], False: []}
+    rss, removes = [], []
+    snapshots = provider.snapshots
+    try:
+        for restore, seconds in creates.items():
+            provider.snapshots = restore
+            for _ in range(runs):
+                sandbox, took = await connected(provider)
+                want = "snapshot " if restore else "boot"
+                if not provider.origin(sandbox.handle).startswith(want):
+                    raise RuntimeError(f"a VM did not start by {want.strip()}")
+                seconds.append(took)
+                await asyncio.sleep(IDLE_S)
+                rss.append(qemu_rss_mib(sandbox.handle))
+                started = time.monotonic()
+                await provider.destroy(sandbox)
+                removes.append(time.monotonic() - started)
+    finally:
+        provider.snapshots = snapshots
     memory_mb = vm_templates.spec(vm_templates.DEFAULT).machine.memory_mb
     rss.sort()
     ram = f"host RAM per idle VM (QEMU RSS; guest has {memory_mb} MiB)"
     p50, top = round(rss[len(rss) // 2], 1), round(rss[-1], 1)
     return [
-        timed("cold create to guest connected (libvirt)", creates),
+        timed("snapshot restore to guest connected (libvirt)", creates[True], 1500),
+        timed("boot to guest connected (libvirt; the fallback)", creates[False]),
         Metric(ram, p50, top, " MiB", memory_mb + 40, "p50", len(rss)),
         timed("remove (ACPI shutdown, undefine, delete overlay)", removes),
     ]
@@ -227,40 +242,71 @@ async def image_build(provider: LibvirtProvider) -> list[Metric]:
         return [timed("image build (root filesystem cached)", [time.monotonic() - started])]
 
 
-async def warm_hits(provider: LibvirtProvider, runs: int) -> list[Metric]:
-    """Session-ready latency on a warm-pool hit, on the whole system as ``make run`` starts
-    it (libvirt, a warm pool): ``POST /api/sessions`` until ``ready`` on its event stream,
-    each time once the pool has a VM ready again."""
+BURST = 10  # sessions started one after another right after the system is up
+BURST_GAP_S = 2.0
+
+
+async def new_session(http: httpx.AsyncClient) -> tuple[float, bool]:
+    """POST /api/sessions until ``ready`` on its event stream (s), and whether its VM came
+    from the warm pool; the session is then ended."""
+    start = time.time()
+    sid = (await call(http, "POST", "/api/sessions", 201, json={}))["id"]
+    stream = Stream(http, sid)
+    try:
+        seen = await stream.until(is_status(EventType.session_status, "ready"))
+        pooled = any(
+            e["data"].get("pooled") for _, e in seen if e["type"] == EventType.sandbox_ready
+        )
+        await call(http, "DELETE", f"/api/sessions/{sid}", 202)
+        await stream.until(is_status(EventType.session_status, "ended"))
+    finally:
+        await stream.close()
+    return seen[-1][0] - start, pooled
+
+
+async def whole_system(provider: LibvirtProvider, runs: int, snapshots: bool) -> list[Metric]:
+    """The whole system as ``make run`` starts it (libvirt, a warm pool), its VMs restored
+    from the template's snapshot or (``snapshots`` off) booted: BURST sessions started
+    BURST_GAP_S apart as soon as it is up (``POST /api/sessions`` until ``ready`` on its
+    event stream); then ``runs`` warm-pool hits, each once the pool has a VM ready again,
+    and how long the pool took to have one again after each claim (its refill)."""
+    how = "restored" if snapshots else "booted"
     data = Path(tempfile.mkdtemp(prefix="bench-warm-", dir=provider.data_dir))
-    env = {"BERTH_VM_IMAGES_DIR": str(provider.images)}
+    env = {"BERTH_VM_IMAGES_DIR": str(provider.images), "BERTH_VM_SNAPSHOTS": str(snapshots)}
     system = await asyncio.to_thread(LocalSystem.start, data, "benchwarm", env, 300, None)
     host_id = f"benchwarm{system.base.rsplit(':', 1)[1]}"
+    burst: list[float] = []
     ready: list[float] = []
+    refills: list[float] = []
     try:
         temporal = await system.client()
         pool = temporal.get_workflow_handle(pool_workflow_id(host_id, vm_templates.DEFAULT))
-        async with httpx.AsyncClient(base_url=system.base, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=system.base, timeout=120) as http:
             credentials = {"email": "bench@example.com", "password": "a long password"}
             await call(http, "POST", "/api/auth/signup", 201, json=credentials)
             token = (await call(http, "POST", "/api/auth/token", 200, json=credentials))["token"]
             http.headers["Authorization"] = f"Bearer {token}"
+
+            async def later(delay: float) -> tuple[float, bool]:
+                await asyncio.sleep(delay)
+                return await new_session(http)
+
+            started = await asyncio.gather(*(later(i * BURST_GAP_S) for i in range(BURST)))
+            burst = [seconds for seconds, _ in started]
             for _ in range(runs):
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
                     while not (await pool.query(SandboxPool.state)).ready:  # noqa: ASYNC110
                         await asyncio.sleep(0.2)
-                await asyncio.sleep(IDLE_S / 2)  # the refilled VM's boot has settled
-                start = time.time()
-                sid = (await call(http, "POST", "/api/sessions", 201, json={}))["id"]
-                stream = Stream(http, sid)
-                seen = await stream.until(is_status(EventType.session_status, "ready"))
-                if not any(
-                    e["data"].get("pooled") for _, e in seen if e["type"] == EventType.sandbox_ready
-                ):
+                await asyncio.sleep(IDLE_S / 2)  # the refilled VM has settled
+                claimed = time.monotonic()
+                seconds, pooled = await new_session(http)
+                if not pooled:
                     raise RuntimeError("the session was not served from the warm pool")
-                ready.append(seen[-1][0] - start)
-                await call(http, "DELETE", f"/api/sessions/{sid}", 202)
-                await stream.until(is_status(EventType.session_status, "ended"))
-                await stream.close()
+                ready.append(seconds)
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    while not (await pool.query(SandboxPool.state)).ready:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+                refills.append(time.monotonic() - claimed)
     finally:
         await asyncio.to_thread(system.stop)
         settings = Settings(data_dir=data, sandbox_provider="libvirt", host_id=host_id)
@@ -268,16 +314,24 @@ async def warm_hits(provider: LibvirtProvider, runs: int) -> list[Metric]:
         for machine_left in await left.machines():  # none, unless the stop failed
             await left.remove(machine_left.handle)
         shutil.rmtree(data, ignore_errors=True)
-    return [
-        timed("session ready on a warm-pool hit (POST → `ready` on SSE)", ready, 100),
-        timed("session ready on a warm-pool hit, p95", ready, 250, on="p95"),
-    ]
+    target = 1500 if snapshots else None
+    metrics = [
+        timed(f"{BURST} sessions {BURST_GAP_S:.0f} s apart right after start, ready ({how})",
+              burst, 2000 if snapshots else None, "p95"),
+        timed(f"pool refill per VM (claim → pool ready again; {how})", refills, target),
+    ]  # fmt: skip
+    if snapshots:
+        metrics += [
+            timed("session ready on a warm-pool hit (POST → `ready` on SSE)", ready, 100),
+            timed("session ready on a warm-pool hit, p95", ready, 250, on="p95"),
+        ]
+    return metrics
 
 
 Measure = Callable[[], Awaitable[list[Metric]]]
 
 
-async def measure(runs: int, warm_runs: int) -> list[Metric]:
+async def measure(runs: int, warm_runs: int, only: list[str] | None) -> list[Metric]:
     port = free_port()
     settings = Settings(
         sandbox_provider="libvirt", host_id=f"bench-{uuid.uuid4().hex[:8]}", gateway_port=port
@@ -288,15 +342,20 @@ async def measure(runs: int, warm_runs: int) -> list[Metric]:
     metrics: list[Metric] = []
     try:
         await open_host(settings, gateway, provider)
-        steps: list[tuple[str, Measure]] = [
-            ("image build", lambda: image_build(provider)),
-            ("cold create", lambda: cold_creates(provider, runs)),
-            ("bare qemu floor", lambda: bare_qemu(provider, runs)),
-            ("hibernation", lambda: hibernation(provider, runs)),
-            ("failure detection", lambda: detection(provider, runs)),
-            ("warm-pool hits", lambda: warm_hits(provider, warm_runs)),
-        ]
-        for name, step in steps:
+        steps: list[tuple[str, str, Measure]] = [
+            ("image", "image build", lambda: image_build(provider)),
+            ("cold", "cold create", lambda: cold_creates(provider, runs)),
+            ("floor", "bare qemu floor", lambda: bare_qemu(provider, runs)),
+            ("hibernation", "hibernation", lambda: hibernation(provider, runs)),
+            ("detection", "failure detection", lambda: detection(provider, runs)),
+            ("system", "whole system, VMs restored",
+             lambda: whole_system(provider, warm_runs, True)),
+            ("system", "whole system, VMs booted",
+             lambda: whole_system(provider, warm_runs, False)),
+        ]  # fmt: skip
+        for part, name, step in steps:
+            if only and part not in only:
+                continue
             print(f"measuring: {name}", flush=True)
             try:
                 metrics += await step()
@@ -310,17 +369,17 @@ async def measure(runs: int, warm_runs: int) -> list[Metric]:
     return metrics
 
 
-def bench(out: Path, runs: int, warm_runs: int) -> int:
+def bench(out: Path, runs: int, warm_runs: int, only: list[str] | None = None) -> int:
     """Measure, print the table, write the results to ``out``; 1 if any measurement failed."""
     began, started = time.monotonic(), datetime.now(UTC).isoformat(timespec="seconds")
     info = machine()
     print(f"machine: {info['nproc']} CPUs, {info['cpu']}; date: {started}", flush=True)
-    metrics = asyncio.run(measure(runs, warm_runs))
+    metrics = asyncio.run(measure(runs, warm_runs, only))
     floor = next((m for m in metrics if m.name.startswith("floor") and m.p50), None)
-    cold = next((m for m in metrics if m.name.startswith("cold create") and m.p50), None)
+    cold = next((m for m in metrics if m.name.startswith("boot to guest") and m.p50), None)
     if floor and cold and floor.p50 and cold.p50:
         ratio = cold.p50 / floor.p50
-        metrics.append(Metric("cold create / floor (p50)", round(ratio, 2), None, "x", 1.5))
+        metrics.append(Metric("boot / floor (p50)", round(ratio, 2), None, "x", 1.5))
     print(table(metrics))
     write_report(out, metrics, info, started, time.monotonic() - began)
     return 1 if any(m.error for m in metrics) else 0

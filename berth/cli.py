@@ -155,7 +155,7 @@ def bench_llm(args: argparse.Namespace) -> int:
 def bench_vm(args: argparse.Namespace) -> int:
     from bench.vm import bench
 
-    return bench(args.out or BENCH_OUT / "vm.json", args.runs, args.warm_runs)
+    return bench(args.out or BENCH_OUT / "vm.json", args.runs, args.warm_runs, args.only)
 
 
 def positive(text: str) -> int:
@@ -332,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         metavar="N",
         help="sessions started on a warm-pool hit (default: 8)",
+    )
+    vm.add_argument(
+        "--only",
+        action="append",
+        metavar="PART",
+        help="measure only this part (repeatable): image, cold, floor, hibernation, "
+        "detection, system (default: all)",
     )
     return parser
 

@@ -287,6 +287,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Most VMs a template's pool grows to with claims; 0: none",
     )
+    # Template snapshots (sandboxes/snapshots.py): new VMs restored from a saved one.
+    vm_snapshots: bool = Field(
+        default=True,
+        description="Restore new VMs from their template's snapshot (taken by `prepare`) "
+        "instead of booting them; off: every VM boots",
+    )
     debian_mirror: str = Field(
         default="http://deb.debian.org/debian",
         description="Where sandbox images' packages come from",

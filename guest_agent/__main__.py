@@ -12,7 +12,8 @@ The token comes from ``BERTH_GUEST_TOKEN_FILE`` (a root-only file the provider w
 the machine starts, so it is in no image, argument list or environment);
 ``BERTH_GUEST_TOKEN`` is read too, for an agent run by hand, and removed from the environment
 either way, so that nothing the agent starts inherits it. ``BERTH_GUEST_USER`` names the
-unprivileged user steps run as.
+unprivileged user steps run as. With ``BERTH_SNAPSHOT`` set (the VM a template's snapshot is
+taken of) all of these come later, over the identity port (guest_agent/identity.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from guest_agent import identity
 from guest_agent.agent import GuestAgent, GuestConfig
 from guest_agent.pinning import PIN_VARIABLE, SECURE_SCHEME
 from guest_agent.user import StepUser, own_environment
@@ -70,7 +72,11 @@ def config_from_env() -> GuestConfig:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if os.environ.get(identity.SNAPSHOT_VARIABLE):
+        # Everything is imported by now: a VM restored from here only dials.
+        identity.at_snapshot_point()
     agent = GuestAgent(config_from_env())  # reads what it needs of the environment
+    identity.watch_for_new_identity(agent.config.sandbox_id)
     os.environ.clear()
     os.environ.update(own_environment())
     asyncio.run(agent.run_forever())

@@ -1,7 +1,9 @@
 """libvirt/QEMU virtual machines as sandboxes: one domain per sandbox.
 
-A domain boots the template's image (sandboxes.vm_image) from a qcow2 overlay of its own on
-the read-only base disk, plus a seed disk with its identity and token. Its Berth metadata
+A domain is restored from its template's snapshot (sandboxes.snapshots) with a fresh
+identity, on a qcow2 overlay of its own over the snapshot's disk; where no snapshot fits the
+host, it boots the template's image (sandboxes.vm_image) from an overlay on the read-only
+base disk, its identity and token on a seed disk. Its Berth metadata
 (sandbox, session, host, deployment) lives in the domain's <metadata>, which is what
 reconciliation reads after a restart. Guests sit on the host's bridge (libvirt_host) with a
 static address chosen here, and dial the guest gateway on the host's side of it.
@@ -17,6 +19,7 @@ import logging
 import shutil
 import threading
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -26,15 +29,26 @@ import jinja2
 import libvirt
 
 import vm_templates
-from sandboxes import libvirt_host, vm_image
+from guest_agent.identity import PORT_NAME, SNAPSHOT_VARIABLE
+from sandboxes import libvirt_host, snapshots, vm_image
 from sandboxes.gateway import GuestGateway, GuestUnavailable
 from sandboxes.models import HostMachine, Machine, MachineUsage, SandboxInfo
-from sandboxes.provider import MISSING, SANDBOX_ID, SandboxHost, SandboxProvider, machine_name
+from sandboxes.provider import (
+    MISSING,
+    SANDBOX_ID,
+    TOKEN_VARIABLE,
+    SandboxHost,
+    SandboxProvider,
+    machine_name,
+)
 
 log = logging.getLogger("berth.libvirt")
 
 NAMESPACE = "https://berth.dev/xmlns/sandbox/1"
 PREFIX = "berth"
+# The VM a template's snapshot is taken of: not a sandbox (no "berth-" name), never reconciled.
+SNAPSHOT_PREFIX = "berthsnap"
+BOOTED = "boot"  # a domain's origin (metadata) when it booted, not restored
 # Under TCG, QEMU keeps translated guest code here; its default (1 GiB) would be host RAM.
 TB_CACHE_MB = 128
 HIBERNATED = "hibernated"
@@ -45,6 +59,8 @@ PRIVATE_FILE = 0o600
 PRIVATE_FOLDER = 0o700
 # Longest a boot holds its slot waiting for the guest (TCG boots take ~10 s).
 BOOT_SLOT_S = 60.0
+# Longest a restored VM's guest may take to take its identity (~0.1 s when idle).
+IDENTITY_TIMEOUT_S = 60.0
 STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: "unknown",
     libvirt.VIR_DOMAIN_RUNNING: "running",
@@ -149,6 +165,17 @@ def _berth_domains(conn: libvirt.virConnect) -> list[tuple[libvirt.virDomain, di
     return found
 
 
+def _active(domain: libvirt.virDomain) -> bool:
+    """Whether a listed domain runs; False if it is gone since (another install's domains
+    on the host come and go at any time)."""
+    try:
+        return bool(domain.isActive())
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        return False
+
+
 def _state(domain: libvirt.virDomain) -> str:
     state, _ = domain.state()
     if state == libvirt.VIR_DOMAIN_SHUTOFF and domain.hasManagedSaveImage():
@@ -239,6 +266,7 @@ class LibvirtProvider(SandboxProvider):
         shutdown_timeout_s: float,
         max_running: int,
         max_booting: int,
+        snapshots: bool = True,
     ) -> None:
         super().__init__(gateway, host)
         self.gateway_port = gateway_port
@@ -251,6 +279,8 @@ class LibvirtProvider(SandboxProvider):
         self.shutdown_timeout_s = shutdown_timeout_s
         self.max_running = max_running
         self.boots = asyncio.Semaphore(max_booting)
+        # Whether new VMs are restored from their template's snapshot (taken by prepare()).
+        self.snapshots = snapshots
         self.host: libvirt_host.Host | None = None
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
@@ -280,6 +310,11 @@ class LibvirtProvider(SandboxProvider):
         self._reachable_by_qemu(self.images)
         for template in vm_templates.names():
             self.build_image(template)
+            if self.snapshots:
+                try:
+                    self.take_snapshot(template)
+                except (libvirt.libvirtError, snapshots.SnapshotError, OSError) as exc:
+                    log.warning("no snapshot of template %s (its VMs boot): %s", template, exc)
 
     async def close(self) -> None:
         await asyncio.to_thread(libvirt_host.close_host, self.gateway_port)
@@ -289,6 +324,68 @@ class LibvirtProvider(SandboxProvider):
 
     def build_image(self, template: str) -> vm_image.Image:
         return vm_image.build_image(self.images, template, self.mirror, self.data_dir / "build")
+
+    def snapshot_key(self, template: str) -> str:
+        assert self.host, "prepare() first"
+        image = self.build_image(template)
+        return snapshots.snapshot_key(image, self.host.accel, self.conn.getLibVersion())
+
+    def snapshot(self, template: str) -> snapshots.Snapshot | None:
+        """The template's snapshot that fits this host, if it was taken."""
+        if not self.snapshots:
+            return None
+        return snapshots.find(self.build_image(template), self.snapshot_key(template))
+
+    def take_snapshot(self, template: str) -> snapshots.Snapshot:
+        """Boot a VM of the template to its agent's snapshot point and save it (memory and
+        disk), unless this host has it already. The VM has no identity: its address is one
+        no sandbox gets (the subnet's last but one), and it never sends from it."""
+        image = self.build_image(template)
+        key = self.snapshot_key(template)
+        with snapshots.taking(key):
+            found = snapshots.find(image, key)
+            if found is not None:
+                return found
+            target = snapshots.location(image, key)
+            name = f"{SNAPSHOT_PREFIX}-{key}"
+            with contextlib.suppress(libvirt.libvirtError):  # left by a process that died
+                self.conn.lookupByName(name).destroy()
+            started = time.monotonic()
+            draft = target.folder.with_name(f".{target.folder.name}-{uuid.uuid4().hex[:8]}")
+            draft.mkdir()
+            draft.chmod(0o755)  # under the umask of 077 (berth/cli.py) QEMU could not enter
+            try:
+                overlay, seed = draft / snapshots.DISK, draft / "seed.raw"
+                vm_image.overlay(image.disk, overlay)
+                values = {SNAPSHOT_VARIABLE: "1", "BERTH_HOSTNAME": SNAPSHOT_PREFIX}
+                vm_image.write_seed(seed, values)
+                address = self.subnet.broadcast_address - 2
+                spec = self.spec(template)
+                origin = f"snapshot {key}"
+                xml = self.domain_xml(
+                    "", "", template, address, spec, image, overlay, seed, name=name, origin=origin
+                )
+                domain = self.conn.createXML(xml, 0)
+                try:
+                    port = snapshots.port_path(domain)
+                    with snapshots.wait_ready(port, snapshots.READY_TIMEOUT_S):
+                        domain.save(str(draft / snapshots.MEMORY))
+                except BaseException:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        domain.destroy()
+                    raise
+                seed.unlink()
+                (draft / "console.log").unlink(missing_ok=True)
+                for path in draft.iterdir():
+                    path.chmod(0o444)  # never written again: every restored VM's backing disk
+                draft.rename(target.folder)
+            finally:
+                shutil.rmtree(draft, ignore_errors=True)
+            log.info(
+                "snapshot %s of template %s taken in %.1f s",
+                key, template, time.monotonic() - started,
+            )  # fmt: skip
+            return target
 
     def _reachable_by_qemu(self, folder: Path) -> None:
         """QEMU runs as an unprivileged user: it must be able to walk down to the VMs' files
@@ -363,6 +460,12 @@ class LibvirtProvider(SandboxProvider):
         meta = _metadata(domain) if domain is not None else None
         return (meta or {}).get("address", "")
 
+    def origin(self, handle: str) -> str:
+        """How the VM started: "boot", or "snapshot KEY" (restored); empty for no such VM."""
+        domain = self._domain(handle)
+        meta = _metadata(domain) if domain is not None else None
+        return (meta or {}).get("origin", "")
+
     def _berth_domains(self) -> list[tuple[libvirt.virDomain, dict[str, str]]]:
         return _berth_domains(self.conn)
 
@@ -393,18 +496,37 @@ class LibvirtProvider(SandboxProvider):
     def _create(
         self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]
     ) -> tuple[str, bool]:
-        """The domain's name, and whether it was started now."""
+        """The domain's name, and whether it was started now: restored from the template's
+        snapshot where one fits, else (or if the restore fails) booted."""
         name = machine_name(sandbox_id)
         with host_lock():
             domain = self._domain(name)
             fresh = domain is None
+            snapshot = None
             if domain is None:
-                domain = self._define(sandbox_id, session_id, template, env)
+                # A preserved session's disk, brought back, is not the snapshot's: it boots.
+                if not (self.vm_dir(sandbox_id) / DISK).exists():
+                    snapshot = self.snapshot(template)
+                domain = self._define(sandbox_id, session_id, template, env, snapshot)
             else:
                 log.info("sandbox %s: reusing domain %s", sandbox_id, name)
         if domain.isActive():
             return name, False
         started = time.monotonic()
+        if snapshot is not None:
+            try:
+                self.restore_with_identity(domain, snapshot, env)
+                log.info(
+                    "sandbox %s: restored from snapshot %s in %.2f s",
+                    sandbox_id, snapshot.key, time.monotonic() - started,
+                )  # fmt: skip
+                return name, True
+            except (libvirt.libvirtError, snapshots.SnapshotError, OSError) as exc:
+                log.warning("sandbox %s: restore failed, booting instead: %s", sandbox_id, exc)
+                self._remove(name)
+                with host_lock():
+                    domain = self._define(sandbox_id, session_id, template, env, None)
+                started = time.monotonic()
         try:
             domain.create()  # resumes from a managed save, if there is one
         except libvirt.libvirtError:
@@ -414,16 +536,53 @@ class LibvirtProvider(SandboxProvider):
         log.info("sandbox %s: domain started in %.2f s", sandbox_id, time.monotonic() - started)
         return name, True
 
+    def restore_with_identity(
+        self, domain: libvirt.virDomain, snapshot: snapshots.Snapshot, env: dict[str, str]
+    ) -> None:
+        """Start the defined, inactive ``domain`` (its overlay over ``snapshot``'s disk) from
+        the snapshot's memory, and tell its guest who it now is: the sandbox, token, address,
+        MAC and hostname of ``domain`` (its metadata) and ``env``, with the host's clock and
+        fresh random bytes. The guest then dials the gateway as itself. Raises on any failure;
+        the domain is left for the caller to remove.
+
+        The one way a saved VM becomes a new one here: new sessions' VMs (from the template's
+        snapshot) and, with another snapshot, forks."""
+        meta = _metadata(domain) or {}
+        address = ipaddress.IPv4Address(meta["address"])
+        spec = self.spec(meta["template"])
+        folder = self.vm_dir(meta["id"])
+        started = time.monotonic()
+        snapshots.restore(self.conn, snapshot, domain, folder / "restore.save")
+        restored = time.monotonic()
+        values = self.seed_values(env, address, spec)
+        token = values.pop(TOKEN_VARIABLE)
+        port = snapshots.port_path(domain)
+        snapshots.tell(port, values, token, _mac(address), IDENTITY_TIMEOUT_S)
+        log.info(
+            "domain %s: memory restored in %.2f s, identity taken in %.2f s",
+            domain.name(), restored - started, time.monotonic() - restored,
+        )  # fmt: skip
+
     def _define(
-        self, sandbox_id: str, session_id: str, template: str, env: dict[str, str]
+        self,
+        sandbox_id: str,
+        session_id: str,
+        template: str,
+        env: dict[str, str],
+        snapshot: snapshots.Snapshot | None,
     ) -> libvirt.virDomain:
+        """The domain, defined (not started): its overlay over ``snapshot``'s disk, if given
+        (it is then to be restored from it), else over the template's base disk."""
         domains = self._berth_domains()
-        if sum(domain.isActive() for domain, _ in domains) >= self.max_running:
+        if sum(_active(domain) for domain, _ in domains) >= self.max_running:
             raise LibvirtError(f"this host already runs {self.max_running} VMs (its cap)")
         used = {meta.get("address") for _, meta in domains}
         assert self.host, "prepare() first"
         router = ipaddress.IPv4Address(self.host.router)
-        address = next((a for a in self.subnet.hosts() if a != router and str(a) not in used), None)
+        reserved = {router, self.subnet.broadcast_address - 2}  # the snapshot VM's
+        address = next(
+            (a for a in self.subnet.hosts() if a not in reserved and str(a) not in used), None
+        )
         if address is None:
             raise LibvirtError(f"no free guest address left in {self.subnet}")
         spec = self.spec(template)
@@ -433,13 +592,18 @@ class LibvirtProvider(SandboxProvider):
         folder.chmod(0o711)
         overlay, seed = folder / DISK, folder / "seed.raw"
         if not overlay.exists():  # else a preserved session's disk, brought back
-            vm_image.overlay(image.disk, overlay)
+            vm_image.overlay(snapshot.disk if snapshot else image.disk, overlay)
         vm_image.write_seed(seed, self.seed_values(env, address, spec))
         for disk in (overlay, seed):
             disk.chmod(PRIVATE_FILE)  # libvirt gives them to QEMU's user while the VM runs
         if spec.network.egress != "public":
             libvirt_host.restrict_egress(str(address), [str(n) for n in spec.network.allow])
-        xml = self.domain_xml(sandbox_id, session_id, template, address, spec, image, overlay, seed)
+        xml = self.domain_xml(
+            sandbox_id, session_id, template, address, spec, image, overlay, seed,
+            origin=f"snapshot {snapshot.key}" if snapshot else BOOTED,
+            # A restored domain's saved image names it by UUID (snapshots.restore).
+            domain_uuid=str(uuid.uuid4()) if snapshot else "",
+        )  # fmt: skip
         return self.conn.defineXML(xml)
 
     def domain_xml(
@@ -452,14 +616,20 @@ class LibvirtProvider(SandboxProvider):
         image: vm_image.Image,
         overlay: Path,
         seed: Path,
+        *,
+        name: str = "",
+        origin: str = BOOTED,
+        domain_uuid: str = "",
     ) -> str:
-        """The domain's definition: its machine, disks, and its port on the bridge, bound
-        to its MAC and ``address``."""
+        """A domain's definition: its machine, disks, identity port, and its port on the
+        bridge, bound to its MAC and ``address``. Named after the sandbox unless ``name`` is
+        given; ``origin``: booted, or which snapshot it is restored from."""
         assert self.host, "prepare() first"
         return _templates.get_template("domain.xml.j2").render(
             domain_type="kvm" if self.host.accel == "kvm" else "qemu",
             bandwidth=self.host.bandwidth_limits,
-            name=machine_name(sandbox_id),
+            name=name or machine_name(sandbox_id),
+            uuid=domain_uuid,
             namespace=NAMESPACE,
             sandbox_id=sandbox_id,
             session_id=session_id,
@@ -469,6 +639,7 @@ class LibvirtProvider(SandboxProvider):
             template=template,
             address=str(address),
             created=datetime.now(UTC).isoformat(),
+            origin=origin,
             spec=spec,
             image=image,
             tb_cache_mb=TB_CACHE_MB,
@@ -477,12 +648,14 @@ class LibvirtProvider(SandboxProvider):
             console=overlay.parent / "console.log",
             bridge=self.bridge,
             mac=_mac(address),
+            identity_port=PORT_NAME,
         )
 
     def seed_values(
         self, env: dict[str, str], address: ipaddress.IPv4Address, spec: vm_templates.TemplateSpec
     ) -> dict[str, str]:
-        """The seed disk's contents: the guest agent's ``env``, the guest's network."""
+        """The seed disk's contents (a restored VM's identity message's too): the guest
+        agent's ``env``, the guest's network."""
         assert self.host, "prepare() first"
         values = {
             **env,

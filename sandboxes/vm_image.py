@@ -37,8 +37,9 @@ from sandboxes.rootfs import copy_site, public, rootfs, site_packages, versions
 
 GUEST_FILES = vm_templates.ROOT / "guest"
 BUSYBOX = Path("/bin/busybox")
-# The initramfs loads these (and what they depend on), in this order.
-MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev")
+# The initramfs loads these (and what they depend on), in this order; virtio_console for the
+# identity port of VMs restored from a snapshot (guest_agent/identity.py).
+MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "button", "evdev")
 PROBE_MARKER = "berth-probe-booted"
 # Seed values are sourced by the guest's shell: only characters that need no quoting.
 SEED_VALUE = re.compile(r"[A-Za-z0-9._:/@%+=,-]*")

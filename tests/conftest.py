@@ -44,6 +44,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "sandboxes/test_firewall.py": ("docker",),
     "sandboxes/test_reconcile.py": ("docker",),
     "sandboxes/test_libvirt.py": ("libvirt", "e2e"),
+    "sandboxes/test_snapshots.py": ("libvirt", "e2e"),
 }
 
 
