@@ -36,6 +36,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 import vm_templates
+from activities.checkpoints import CheckpointActivities
 from activities.models import pool_workflow_id
 from activities.observed import Observed
 from activities.planning import PlanningActivities
@@ -278,6 +279,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         command_policy_path=settings.command_policy_path,
     )
     vm = VmActivities(provider, client, settings.sandbox_connect_timeout_s)
+    saved = CheckpointActivities(provider, settings.sandbox_connect_timeout_s)
     with ThreadPoolExecutor(max_workers=16) as executor:
         host = Worker(
             client,
@@ -298,6 +300,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 vm.restore,
                 vm.hibernate,
                 vm.wake,
+                saved.take,
+                saved.roll_back,
+                saved.fork,
+                saved.delete,
             ],
             activity_executor=executor,
             **tuning(settings),
