@@ -52,6 +52,8 @@ def test_every_path_has_a_recorded_history() -> None:
         "pause-resume-modify-cancel", "modify-twice", "preserve", "restore", "replace-then-end",
         "pool-claim", "pool-claim-refill", "pool-stop", "pool-stop-undeletable",
         "pool-continue-as-new", "pool-continue-as-new-resumed",
+        # Checkpoints, rollback and forks (issue 19).
+        "checkpoint-rollback", "rollback-mid-step", "auto-checkpoint", "fork",
     }  # fmt: skip
 
 
