@@ -35,6 +35,7 @@ from config.settings import Settings, get_settings
 from store.db import get_engine, migrate
 from store.notify import Hub
 from ui.admin_pages import router as admin_page_router
+from ui.checkpoints import router as checkpoint_page_router
 from ui.live import router as live_router
 from ui.pages import router as ui_router
 from ui.preferences import router as preferences_page_router
@@ -115,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_router)
     app.include_router(preferences_router)
     app.include_router(ui_router)
+    app.include_router(checkpoint_page_router)
     app.include_router(live_router)
     app.include_router(preferences_page_router)
     app.include_router(tokens_page_router)
