@@ -41,7 +41,10 @@ class CheckpointActivities:
         return CheckpointSaved(memory=memory, size_bytes=size)
 
     @activity.defn(name="RollBackSandbox")
-    async def roll_back(self, request: CheckpointRequest) -> None:
+    async def roll_back(self, request: CheckpointRequest) -> SandboxInfo:
+        """The sandbox put back to the checkpoint, connected: the same machine (a
+        container's workspace), or one made again under its id (a VM booted from the
+        checkpoint's disk)."""
         folder = self.provider.checkpoint_folder(request.checkpoint_id)
         if not folder.exists():
             raise ApplicationError(
@@ -51,7 +54,9 @@ class CheckpointActivities:
             )
         async with heartbeating():
             try:
-                await self.provider.load_checkpoint(request.sandbox, folder)
+                return await self.provider.load_checkpoint(
+                    request.sandbox, folder, self.connect_timeout_s
+                )
             except NotImplementedError as exc:
                 raise unsupported(exc) from exc
 

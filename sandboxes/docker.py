@@ -351,13 +351,17 @@ class DockerProvider(SandboxProvider):
         await self._archive(sandbox.handle, folder / WORKSPACE_TAR)
         return False
 
-    async def load_checkpoint(self, sandbox: SandboxInfo, folder: Path) -> None:
-        # Everything in the workspace goes (the step user's files), then the archive's.
+    async def load_checkpoint(
+        self, sandbox: SandboxInfo, folder: Path, timeout_s: float
+    ) -> SandboxInfo:
+        # In place: everything in the workspace goes (the step user's files), then the
+        # archive's comes back.
         await docker(
             "exec", "--user", STEP_USER, sandbox.handle,
             "find", WORKSPACE, "-mindepth", "1", "-delete",
         )  # fmt: skip
-        await self.bring_back(sandbox, folder, 0)
+        await self.bring_back(sandbox, folder, timeout_s)
+        return sandbox
 
     async def usage(self, machines: list[Machine]) -> dict[str, MachineUsage]:
         """One ``docker stats`` for every running container."""

@@ -260,9 +260,19 @@ class SandboxProvider(abc.ABC):
         its memory was kept too (asked by ``memory``, and the provider can)."""
         raise NotImplementedError(f"{self.name} machines cannot be checkpointed")
 
-    async def load_checkpoint(self, sandbox: SandboxInfo, folder: Path) -> None:
-        """Put the machine back to the state saved in ``folder`` (no step runs meanwhile)."""
-        raise NotImplementedError(f"{self.name} machines cannot be rolled back")
+    async def load_checkpoint(
+        self, sandbox: SandboxInfo, folder: Path, timeout_s: float
+    ) -> SandboxInfo:
+        """Put the machine back to the state saved in ``folder`` (no step runs meanwhile),
+        connected: by default made again under its id from the saved disk (a VM's)."""
+        if not self.boots_from_kept:
+            raise NotImplementedError(f"{self.name} machines cannot be rolled back")
+        self.gateway.forget(sandbox.id)
+        await self.remove(sandbox.handle)
+        await self.bring_back(sandbox, folder, timeout_s)
+        again = await self.provision(sandbox.id, sandbox.session_id, sandbox.template)
+        await self.wait_connected(again, timeout_s)
+        return again
 
     async def from_checkpoint(
         self, folder: Path, sandbox_id: str, session_id: str, template: str, timeout_s: float

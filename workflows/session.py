@@ -1082,7 +1082,7 @@ class SessionWorkflow:
         await self.take_machine(stop=True)
         try:
             assert self.sandbox is not None
-            await workflow.execute_activity_method(
+            self.sandbox = await workflow.execute_activity_method(
                 CheckpointActivities.roll_back,
                 CheckpointRequest(sandbox=self.sandbox, checkpoint_id=ask.checkpoint_id),
                 task_queue=self.sandbox.task_queue,

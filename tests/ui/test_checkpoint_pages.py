@@ -11,7 +11,7 @@ from sqlmodel import Session, select
 
 from store import events
 from store.events import EventType
-from store.models import CheckpointRow, SessionRow, TaskRow, User
+from store.models import CheckpointRow, SessionRow, SessionStatus, TaskRow, User
 from tests.ui.test_dashboard import EMAIL, app_for, log_in
 
 SANDBOX = {"id": "s1", "session_id": "x", "provider": "docker", "host_id": "h",
@@ -23,7 +23,7 @@ def test_checkpoints_rollback_and_forks_on_the_session_page(tmp_path: Path) -> N
         log_in(client)
         with Session(client.app.state.engine) as db:  # type: ignore[attr-defined]
             user = db.exec(select(User).where(User.email == EMAIL)).one()
-            parent = SessionRow(user_id=user.id, status="ready")
+            parent = SessionRow(user_id=user.id, status=SessionStatus.ready)
             db.add(parent)
             db.commit()
             sid = parent.id
@@ -41,7 +41,10 @@ def test_checkpoints_rollback_and_forks_on_the_session_page(tmp_path: Path) -> N
             events.record(db, sid, EventType.session_rolled_back, undone)
             assert created is not None
             fork = SessionRow(
-                user_id=user.id, status="ready", parent_id=sid, parent_checkpoint_id="c" * 32
+                user_id=user.id,
+                status=SessionStatus.ready,
+                parent_id=sid,
+                parent_checkpoint_id="c" * 32,
             )
             db.add(fork)
             db.commit()

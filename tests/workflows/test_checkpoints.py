@@ -42,8 +42,9 @@ class Stubs(session.Stubs):
         return CheckpointSaved(memory=False, size_bytes=1024)
 
     @activity.defn(name="RollBackSandbox")
-    async def roll_back(self, request: CheckpointRequest) -> None:
+    async def roll_back(self, request: CheckpointRequest) -> SandboxInfo:
         self.rolled_back.append(request.checkpoint_id)
+        return request.sandbox
 
     @activity.defn(name="ForkSandbox")
     async def fork(self, request: ForkRequest) -> SandboxInfo:
