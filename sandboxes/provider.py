@@ -238,6 +238,15 @@ class SandboxProvider(abc.ABC):
                 await self.wait_connected(sandbox, timeout_s)
                 return sandbox
             raise FileNotFoundError(f"nothing of sandbox {preserved_id} was kept")
+        sandbox = await self.made_from(folder, sandbox_id, session_id, template, timeout_s)
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+        return sandbox
+
+    async def made_from(
+        self, folder: Path, sandbox_id: str, session_id: str, template: str, timeout_s: float
+    ) -> SandboxInfo:
+        """A new machine, connected, with the disk or workspace kept in ``folder`` (which
+        stays): booted from it, or given it once up."""
         placeholder = self.placeholder(sandbox_id, session_id, template)
         if self.boots_from_kept:
             await self.bring_back(placeholder, folder, timeout_s)
@@ -245,7 +254,6 @@ class SandboxProvider(abc.ABC):
         await self.wait_connected(sandbox, timeout_s)
         if not self.boots_from_kept:
             await self.bring_back(sandbox, folder, timeout_s)
-        await asyncio.to_thread(shutil.rmtree, folder, True)
         return sandbox
 
     # ---- checkpoints (sessions' saved states; their folders beside the preserved disks)
@@ -280,14 +288,7 @@ class SandboxProvider(abc.ABC):
         """A new machine with a checkpoint's state (a fork), connected; the checkpoint stays."""
         if not await asyncio.to_thread(folder.exists):
             raise FileNotFoundError(f"checkpoint {folder.name} is not kept on this host")
-        placeholder = self.placeholder(sandbox_id, session_id, template)
-        if self.boots_from_kept:
-            await self.bring_back(placeholder, folder, timeout_s)
-        sandbox = await self.provision(sandbox_id, session_id, template)
-        await self.wait_connected(sandbox, timeout_s)
-        if not self.boots_from_kept:
-            await self.bring_back(sandbox, folder, timeout_s)
-        return sandbox
+        return await self.made_from(folder, sandbox_id, session_id, template, timeout_s)
 
     async def in_guest(self, sandbox: SandboxInfo, command: str) -> None:
         """Run one of the provider's own commands in the guest (its output not kept)."""

@@ -8,7 +8,6 @@ histories/v6/ for tests/workflows/test_replay.py."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -63,13 +62,7 @@ class Stubs(session.Stubs):
 
 
 def save(name: str, history: Any) -> None:
-    """Recorded as test_session.save_history does, in this version's folder."""
-    if os.environ.get("BERTH_RECORD_HISTORY"):
-        path = V6 / f"{name}.json"
-        if path.exists():
-            raise FileExistsError(f"{path} is recorded already; histories are never rewritten")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(history.to_json())
+    session.save_history(name, history, V6)
 
 
 async def checkpoint(handle: Any, label: str | None = None) -> CheckpointRef:
