@@ -40,6 +40,7 @@ from store import audit, hosts
 from store.artifacts import ArtifactStore
 from store.db import take_turn
 from store.models import (
+    CheckpointRow,
     HostState,
     SandboxRow,
     SessionRow,
@@ -187,6 +188,9 @@ async def start_run(
                 search_attributes=searchable,
                 auto_checkpoint=row.auto_checkpoint or settings.session_auto_checkpoint,
                 fork=fork,
+                checkpoints=list(
+                    db.exec(select(CheckpointRow.id).where(CheckpointRow.session_id == row.id))
+                ),
             ),
             id=workflow_id(row.id),
             task_queue=settings.host_task_queue,  # the session lives on its host

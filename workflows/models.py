@@ -77,6 +77,8 @@ class SessionInput(BaseModel):
     # Set for a fork: its first machine is made from this checkpoint (kept on the host of
     # ``host_task_queue``).
     fork: str | None = None
+    # A resumed session's checkpoints, kept with its disk: its to roll back to or delete.
+    checkpoints: list[str] = Field(default_factory=list)
 
 
 class TaskState(BaseModel):

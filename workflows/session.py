@@ -157,7 +157,7 @@ class SessionWorkflow:
         self.restore_from = params.restore if carried is None else None
         # A fork's first machine is made from its checkpoint; a replacement afresh.
         self.fork_from = params.fork if carried is None else None
-        self.checkpoints: list[str] = list(carried.checkpoints) if carried else []
+        self.checkpoints = list(carried.checkpoints if carried else params.checkpoints)
         # Set while a checkpoint or rollback has the machine: no step starts meanwhile.
         self.holding = False
         self.events = 0

@@ -161,3 +161,15 @@ async def test_a_fork_starts_from_the_checkpoint(env: WorkflowEnvironment) -> No
     assert stubs.forked == ["c" * 32] and not stubs.provisioned
     ready = next(e.data for e in stubs.events if e.type == EventType.sandbox_ready)
     assert ready["handle"] == "forked" and stubs.destroyed == [ready["sandbox_id"]]
+
+
+async def test_a_resumed_session_keeps_its_checkpoints(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    kept = "k" * 32
+    params = session.params(stubs).model_copy(update={"checkpoints": [kept]})
+    async with session.running(env, stubs, params) as handle:
+        ref = await session.submit(env.client, handle.id, "$ echo resumed")
+        await session.until(done(stubs, ref.id))
+        assert (await rollback(handle, kept, [])).rolled_back == [ref.id]
+        await session.end(handle)
+    assert stubs.rolled_back == [kept] and stubs.deleted == [kept]
