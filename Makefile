@@ -15,7 +15,7 @@ VM_PACKAGES := libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev qemu
 STAMPS := .berth/stamps
 
 .PHONY: run test test-fast test-chaos lint check setup sandbox-image vm-image image lock clean bench-spine \
-  bench-llm bench-vm
+  bench-llm bench-vm bench-fork
 
 run: setup
 	$(PY) -m berth run
@@ -43,6 +43,9 @@ bench-llm: $(VENV)/.installed
 
 bench-vm: setup
 	$(PY) -m berth bench vm $(BENCH_ARGS)
+
+bench-fork: setup
+	$(PY) -m berth bench fork $(BENCH_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

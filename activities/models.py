@@ -142,6 +142,29 @@ class RestoreRequest(BaseModel):
     session_id: str
 
 
+class CheckpointRequest(BaseModel):
+    """Save the sandbox's machine state as checkpoint ``checkpoint_id`` (its id made by
+    the workflow), its memory too if ``memory`` and the provider can."""
+
+    sandbox: SandboxInfo
+    checkpoint_id: str
+    memory: bool = False
+
+
+class CheckpointSaved(BaseModel):
+    memory: bool
+    size_bytes: int
+
+
+class ForkRequest(BaseModel):
+    """A new sandbox (its id made by the workflow) from a checkpoint kept on this host."""
+
+    checkpoint_id: str
+    sandbox_id: str
+    session_id: str
+    template: str
+
+
 class PoolClaim(BaseModel):
     session_id: str  # or any key the claimer gets the same answer for
 

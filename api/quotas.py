@@ -15,7 +15,7 @@ from api.problems import LimitOut
 from api.schemas import UserLimitsIn, UserLimitsOut
 from config.settings import Settings
 from sandboxes.kept import kept_until
-from store.models import SandboxRow, SessionRow, User, UserLimits, utcnow
+from store.models import CheckpointRow, SandboxRow, SessionRow, User, UserLimits, utcnow
 
 NAMES = ("spend_day_usd", "spend_month_usd", "kept_disks", "kept_bytes")
 # The settings each override stands for.
@@ -67,6 +67,12 @@ def check_kept(db: Session, settings: Settings, user: User) -> None:
         )
     ).one()
     count, size, oldest = kept[0], int(kept[1] or 0), kept[2]
+    # Checkpoints' machine states are kept disk too (counted in bytes, not in disks).
+    size += db.exec(
+        select(func.coalesce(func.sum(CheckpointRow.size_bytes), 0)).where(
+            CheckpointRow.user_id == user.id
+        )
+    ).one()
     frees = kept_until(oldest, settings.kept_max_age_days)
     if limits.kept_disks and count >= limits.kept_disks:
         raise _refusal(

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
-from api import accounts, cursors, service
+from api import accounts, checkpoints, cursors, service
 from api.deps import (
     AdminDep,
     DbDep,
@@ -25,9 +25,13 @@ from api.deps import (
 from api.events import stream
 from api.problems import problems
 from api.schemas import (
+    CheckpointCreate,
+    CheckpointOut,
+    ForkCreate,
     Modification,
     PasswordChange,
     PoolOut,
+    RollbackOut,
     SessionCreate,
     SessionOut,
     SignupOut,
@@ -42,6 +46,7 @@ from api.schemas import (
 )
 from store import audit
 from store.models import ApiToken
+from workflows.models import CheckpointAsk
 
 # Every route under /api may be refused for its input; the others are named per route.
 router = APIRouter(prefix="/api", responses=problems(422))
@@ -139,8 +144,10 @@ async def create_session(
 ) -> SessionOut:
     """Starts a session of ``template``, by default the caller's preferred one (GET
     /api/preferences), with the caller's preferred model and timeouts."""
-    template = (body or SessionCreate()).template
-    row = await service.start_session(db, temporal, settings, user, template, ip)
+    body = body or SessionCreate()
+    row = await service.start_session(
+        db, temporal, settings, user, body.template, ip, body.auto_checkpoint
+    )
     return service.session_out(row, settings)
 
 
@@ -305,3 +312,83 @@ async def pool_state(
 ) -> PoolOut:
     """The warm pool of VMs of a template on this host (libvirt provider), for admins."""
     return await service.pool_state(temporal, settings, template)
+
+
+@router.post(
+    "/sessions/{sid}/checkpoints",
+    status_code=201,
+    tags=["checkpoints"],
+    responses={**LIVE_SESSION, **problems(429)},
+)
+async def create_checkpoint(
+    sid: str,
+    body: CheckpointCreate,
+    db: DbDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    user: UserDep,
+) -> CheckpointOut:
+    """Checkpoint the session between steps (a running step is waited for, a minute at
+    most): its machine's disk (Docker: its workspace) and, with ``memory``, its memory if
+    the provider can (``note`` says when not), with the session's tasks and plans. Counted
+    in the caller's kept bytes (429 past them); deleted with the session unless preserved."""
+    row = service.own_session(db, user, sid)
+    ask = CheckpointAsk(memory=body.memory, label=body.label)
+    return await checkpoints.create(db, temporal, settings, user, row, ask)
+
+
+@router.get("/sessions/{sid}/checkpoints", tags=["checkpoints"], responses=SESSION)
+def list_checkpoints(sid: str, db: DbDep, user: UserDep) -> list[CheckpointOut]:
+    row = service.visible_session(db, user, sid)
+    return [checkpoints.checkpoint_out(c) for c in checkpoints.listed(db, row.id)]
+
+
+@router.delete(
+    "/sessions/{sid}/checkpoints/{cid}",
+    status_code=204,
+    tags=["checkpoints"],
+    responses=LIVE_SESSION,
+)
+async def delete_checkpoint(
+    sid: str, cid: str, db: DbDep, temporal: TemporalDep, user: UserDep
+) -> Response:
+    row = service.own_session(db, user, sid)
+    await checkpoints.delete(db, temporal, row, cid)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/sessions/{sid}/checkpoints/{cid}/rollback", tags=["checkpoints"], responses=LIVE_SESSION
+)
+async def rollback(
+    sid: str, cid: str, db: DbDep, temporal: TemporalDep, user: UserDep
+) -> RollbackOut:
+    """Stop the running task, put the machine back to the checkpoint, and mark every task
+    run since rolled back (``session.rolled_back``); the next task starts from there."""
+    row = service.own_session(db, user, sid)
+    ref = await checkpoints.rollback(db, temporal, row, cid)
+    return RollbackOut(checkpoint_id=ref.checkpoint_id, rolled_back=ref.rolled_back)
+
+
+@router.post(
+    "/sessions/{sid}/checkpoints/{cid}/fork",
+    status_code=201,
+    tags=["checkpoints"],
+    responses=problems(401, 404, 429, 503),
+)
+async def fork(
+    sid: str,
+    cid: str,
+    body: ForkCreate,
+    db: DbDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    user: UserDep,
+    ip: IpDep,
+) -> list[SessionOut]:
+    """``count`` new sessions (at most BERTH_FORK_MAX_COUNT), each on its own machine made
+    from the checkpoint; each one's log begins with ``session.forked_from``, and the parent's
+    log up to the checkpoint is its inherited history."""
+    row = service.own_session(db, user, sid)
+    forks = await checkpoints.fork(db, temporal, settings, user, row, cid, body.count, ip)
+    return [service.session_out(f, settings) for f in forks]

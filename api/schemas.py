@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, field_validator
 from llm.models import UsageTotals
 from store.hosts import HostReport
 from store.models import HostState, SessionStatus, StepStatus, TaskStatus
-from workflows.models import Prompt
+from workflows.models import AutoCheckpoint, Prompt
 
 
 class Credentials(BaseModel):
@@ -73,6 +73,8 @@ class TokenInfo(BaseModel):
 class SessionCreate(BaseModel):
     # None: the user's preferred template, else the default one.
     template: str | None = Field(default=None, max_length=64)
+    # Checkpoints the session takes by itself; None: the system's (BERTH_SESSION_AUTO_CHECKPOINT).
+    auto_checkpoint: AutoCheckpoint | None = None
 
 
 class SessionOut(BaseModel):
@@ -87,6 +89,9 @@ class SessionOut(BaseModel):
     created_at: datetime
     ended_at: datetime | None
     events_url: str
+    # A fork: the session and checkpoint it began from.
+    parent_id: str | None = None
+    parent_checkpoint_id: str | None = None
 
 
 class TaskCreate(BaseModel):
@@ -255,3 +260,34 @@ class WebhookDeliveryOut(BaseModel):
     created_at: datetime
     finished_at: datetime | None
     attempts: list[WebhookAttempt]
+
+
+class CheckpointCreate(BaseModel):
+    # Keep the machine's memory too (running processes survive a rollback), if the provider
+    # can: the answer's ``memory`` says whether it did.
+    memory: bool = False
+    label: str | None = Field(default=None, max_length=200)
+
+
+class CheckpointOut(BaseModel):
+    id: str
+    session_id: str
+    label: str | None
+    memory: bool
+    # Said when memory was asked for and not kept (Docker keeps the workspace only).
+    note: str | None = None
+    size_bytes: int
+    # The checkpoint.created event's sequence number in the session's log.
+    seq: int
+    created_at: datetime
+
+
+class RollbackOut(BaseModel):
+    checkpoint_id: str
+    # The tasks whose effects were undone (marked rolled back).
+    rolled_back: list[str]
+
+
+class ForkCreate(BaseModel):
+    # At most BERTH_FORK_MAX_COUNT (422 past it).
+    count: int = Field(default=1, ge=1)

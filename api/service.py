@@ -11,7 +11,7 @@ import hashlib
 import math
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
@@ -40,6 +40,7 @@ from store import audit, hosts
 from store.artifacts import ArtifactStore
 from store.db import take_turn
 from store.models import (
+    CheckpointRow,
     HostState,
     SandboxRow,
     SessionRow,
@@ -53,7 +54,14 @@ from store.models import (
 from telemetry import tracing
 from workflows import search, sweeper
 from workflows.client import workflow_id
-from workflows.models import SessionInput, TaskControl, TaskModification, TaskRef, TaskSubmission
+from workflows.models import (
+    AutoCheckpoint,
+    SessionInput,
+    TaskControl,
+    TaskModification,
+    TaskRef,
+    TaskSubmission,
+)
 from workflows.pool import SandboxPool
 from workflows.session import SessionWorkflow
 
@@ -69,6 +77,7 @@ async def start_session(
     user: User,
     template: str | None,
     ip: str | None = None,
+    auto_checkpoint: AutoCheckpoint | None = None,
 ) -> SessionRow:
     """Starts a session of ``template`` (None: the user's preferred one, else the default),
     with the user's other preferences."""
@@ -86,10 +95,11 @@ async def start_session(
         idle_timeout_s=prefs.idle_timeout_s or settings.session_idle_timeout_s,
         hibernate_after_s=prefs.hibernate_after_s or settings.session_hibernate_after_s,
         model=prefs.model,
+        auto_checkpoint=auto_checkpoint,
     )
     admit_live(db, settings, user, row)
     audit.record(db, user.id, "session.create", row.id, {"template": template}, ip=ip)
-    await _start_run(db, client, settings, user, row, searchable=await temporal.searchable())
+    await start_run(db, client, settings, user, row, searchable=await temporal.searchable())
     return row
 
 
@@ -135,7 +145,7 @@ def check_live_sessions(db: Session, settings: Settings, user: User) -> None:
         )
 
 
-async def _start_run(
+async def start_run(
     db: Session,
     client: Client,
     settings: Settings,
@@ -143,6 +153,7 @@ async def _start_run(
     row: SessionRow,
     restore: SandboxInfo | None = None,
     searchable: bool = False,
+    fork: str | None = None,
 ) -> None:
     """Start the session's workflow: a new session, or a resumed one's next run, with the
     timeouts and model the session began with (sessions from before they were kept on the
@@ -176,6 +187,11 @@ async def _start_run(
                 model=row.model,
                 restore=restore,
                 search_attributes=searchable,
+                auto_checkpoint=row.auto_checkpoint or settings.session_auto_checkpoint,
+                fork=fork,
+                checkpoints=list(
+                    db.exec(select(CheckpointRow.id).where(CheckpointRow.session_id == row.id))
+                ),
             ),
             id=workflow_id(row.id),
             task_queue=settings.host_task_queue,  # the session lives on its host
@@ -221,7 +237,7 @@ async def resume_session(
     # before its run starts; a run that cannot start marks it failed again.
     row.status, row.error, row.ended_at = SessionStatus.provisioning, None, None
     admit_live(db, settings, user, row)
-    await _start_run(db, client, settings, user, row, restore, await temporal.searchable())
+    await start_run(db, client, settings, user, row, restore, await temporal.searchable())
     audit.record(db, user.id, "session.resume", row.id, {"sandbox": kept.id}, ip=ip)
     return row
 
@@ -303,6 +319,8 @@ def session_out(row: SessionRow, settings: Settings) -> SessionOut:
         created_at=row.created_at,
         ended_at=row.ended_at,
         events_url=f"/api/sessions/{row.id}/events",
+        parent_id=row.parent_id,
+        parent_checkpoint_id=row.parent_checkpoint_id,
     )
 
 
@@ -364,9 +382,25 @@ async def update(
     argument: BaseModel,
     idempotency_key: str | None = None,
 ) -> TaskRefOut:
-    """Run one of the workflow's updates; a validator's refusal becomes a 409. Temporal
+    """Run one of the workflow's task updates; a validator's refusal becomes a 409. Temporal
     runs an update once per id within a run, so a retried request with the same key gets
     the first answer (across runs, the workflow itself remembers submissions' keys)."""
+    ref = await call_update(temporal, row, name, argument, TaskRef, idempotency_key)
+    return TaskRefOut(id=ref.id, status=ref.status)
+
+
+Answer = TypeVar("Answer")
+
+
+async def call_update(
+    temporal: TemporalLink,
+    row: SessionRow,
+    name: str,
+    argument: BaseModel,
+    result_type: type[Answer],
+    idempotency_key: str | None = None,
+) -> Answer:
+    """Run one of the workflow's updates (see update), its answer a ``result_type``."""
     if row.status in (SessionStatus.ended, SessionStatus.failed):
         raise Problem(409, f"session {row.id} has {row.status}")
     handle = (await temporal.client()).get_workflow_handle(workflow_id(row.id))
@@ -374,8 +408,8 @@ async def update(
     wait_s = temporal.settings.session_update_timeout_s
     try:
         # Bounded: with the session's worker down, Temporal holds the update until one polls.
-        ref: Any = await asyncio.wait_for(
-            handle.execute_update(name, argument, id=update_id, result_type=TaskRef), wait_s
+        answer: Answer = await asyncio.wait_for(
+            handle.execute_update(name, argument, id=update_id, result_type=result_type), wait_s
         )
     except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as exc:
         raise Problem(
@@ -391,7 +425,7 @@ async def update(
         if exc.status == RPCStatusCode.NOT_FOUND:
             raise Problem(409, f"session {row.id} has ended") from exc
         raise _unavailable(exc) from exc
-    return TaskRefOut(id=ref.id, status=ref.status)
+    return answer
 
 
 class TaskAction(StrEnum):

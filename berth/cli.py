@@ -158,6 +158,12 @@ def bench_vm(args: argparse.Namespace) -> int:
     return bench(args.out or BENCH_OUT / "vm.json", args.runs, args.warm_runs, args.only)
 
 
+def bench_fork(args: argparse.Namespace) -> int:
+    from bench.fork import bench
+
+    return bench(args.out or BENCH_OUT / "fork.json", args.runs, args.providers)
+
+
 def positive(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
     value = int(text)
@@ -318,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     benchmark("spine", "latency from the API to a sandbox and back over SSE", bench_spine)
     benchmark("llm", "latency of the LLM proxy against a scripted server", bench_llm)
+    fork = benchmark("fork", "checkpoint, rollback and fork, per provider", bench_fork)
+    fork.add_argument("--runs", type=positive, default=3, metavar="N", help="repetitions")
+    fork.add_argument(
+        "--providers",
+        nargs="+",
+        choices=("docker", "libvirt"),
+        default=["docker", "libvirt"],
+        help="which providers to measure (default: both)",
+    )
     vm = benchmark("vm", "cost of a sandbox VM, cold and from a warm pool", bench_vm)
     vm.add_argument(
         "--runs",

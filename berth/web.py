@@ -36,6 +36,7 @@ from config.settings import Settings, get_settings
 from store.db import get_engine, migrate
 from store.notify import Hub
 from ui.admin_pages import router as admin_page_router
+from ui.checkpoints import router as checkpoint_page_router
 from ui.live import router as live_router
 from ui.pages import router as ui_router
 from ui.preferences import router as preferences_page_router
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(preferences_router)
     app.include_router(webhooks_router)
     app.include_router(ui_router)
+    app.include_router(checkpoint_page_router)
     app.include_router(live_router)
     app.include_router(preferences_page_router)
     app.include_router(webhooks_page_router)

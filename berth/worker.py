@@ -37,6 +37,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 import vm_templates
+from activities.checkpoints import CheckpointActivities
 from activities.models import pool_workflow_id
 from activities.observed import Observed
 from activities.planning import PlanningActivities
@@ -295,6 +296,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         settings.webhook_allow_private,
         settings.webhook_timeout_s,
     )
+    saved = CheckpointActivities(provider, settings.sandbox_connect_timeout_s)
     with ThreadPoolExecutor(max_workers=16) as executor:
         host = Worker(
             client,
@@ -316,6 +318,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 vm.hibernate,
                 vm.wake,
                 hooks.deliver,
+                saved.take,
+                saved.roll_back,
+                saved.fork,
+                saved.delete,
             ],
             activity_executor=executor,
             **tuning(settings),

@@ -374,6 +374,16 @@ class Settings(BaseSettings):
         default=8, description="Times one task's plan may be revised after a failed check"
     )
 
+    # ---- checkpoints, rollback and forks (issue 19)
+    session_auto_checkpoint: Literal["none", "before_task"] = Field(
+        default="none",
+        description="Checkpoints a session takes by itself: before each task, or none "
+        "(a session may ask otherwise when it is created)",
+    )
+    fork_max_count: int = Field(
+        default=8, ge=1, description="Sessions one fork request may make from a checkpoint"
+    )
+
     # Step artifacts, and what sandboxes may reach
     artifact_max_bytes: int = Field(
         default=16 * 1024 * 1024, description="Largest artifact (screenshot, file) stored"

@@ -306,30 +306,34 @@ class DockerProvider(SandboxProvider):
             await docker("unpause", handle)
 
     async def keep(self, sandbox: SandboxInfo, folder: Path) -> None:
-        # A tar of the workspace made inside (``docker cp`` would miss a tmpfs workspace),
-        # written aside and renamed: a retry after the container is gone keeps it.
+        # Written aside and renamed: a retry after the container is gone keeps it.
         archive = folder / WORKSPACE_TAR
         if await exists("container", sandbox.handle):
-            draft = archive.with_suffix(".part")
-            # The guest's files are the user's: a sparse file of any size costs the tmpfs
-            # nothing, so holes stay holes (--sparse), and the archive may not grow past
-            # what a full workspace makes (the client's file size limit) on the host's disk.
-            most = (2 * self.workspace_mb + KEPT_SLACK_MB) * 2**20
-            with draft.open("wb") as sink:
-                process = await asyncio.create_subprocess_exec(
-                    "prlimit", f"--fsize={most}", "--",
-                    "docker", "exec", "--user", STEP_USER, sandbox.handle,
-                    "tar", "--sparse", "-C", WORKSPACE, "-cf", "-", ".",
-                    stdout=sink, stderr=subprocess.PIPE,
-                )  # fmt: skip
-                _, err = await process.communicate()
-            if process.returncode != 0:
-                why = err.decode().strip() or f"an archive of more than {most} bytes"
-                raise DockerError(f"saving the workspace failed: {why}")
-            draft.replace(archive)
+            await self._archive(sandbox.handle, archive)
         if not archive.exists():
             raise DockerError(f"container {sandbox.handle[:12]} is gone, its workspace unsaved")
         await self.remove(sandbox.handle)
+
+    async def _archive(self, handle: str, archive: Path) -> None:
+        """A tar of the workspace made inside (``docker cp`` would miss a tmpfs workspace),
+        written aside and renamed to ``archive``."""
+        draft = archive.with_suffix(".part")
+        # The guest's files are the user's: a sparse file of any size costs the tmpfs
+        # nothing, so holes stay holes (--sparse), and the archive may not grow past
+        # what a full workspace makes (the client's file size limit) on the host's disk.
+        most = (2 * self.workspace_mb + KEPT_SLACK_MB) * 2**20
+        with draft.open("wb") as sink:
+            process = await asyncio.create_subprocess_exec(
+                "prlimit", f"--fsize={most}", "--",
+                "docker", "exec", "--user", STEP_USER, handle,
+                "tar", "--sparse", "-C", WORKSPACE, "-cf", "-", ".",
+                stdout=sink, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            _, err = await process.communicate()
+        if process.returncode != 0:
+            why = err.decode().strip() or f"an archive of more than {most} bytes"
+            raise DockerError(f"saving the workspace failed: {why}")
+        draft.replace(archive)
 
     async def bring_back(self, sandbox: SandboxInfo, folder: Path, timeout_s: float) -> None:
         with (folder / WORKSPACE_TAR).open("rb") as source:
@@ -340,6 +344,24 @@ class DockerProvider(SandboxProvider):
             _, err = await process.communicate()
         if process.returncode != 0:
             raise DockerError(f"restoring the workspace failed: {err.decode().strip()}")
+
+    async def save_checkpoint(self, sandbox: SandboxInfo, folder: Path, memory: bool) -> bool:
+        # The mock keeps the workspace only: a container's memory cannot be saved here.
+        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        await self._archive(sandbox.handle, folder / WORKSPACE_TAR)
+        return False
+
+    async def load_checkpoint(
+        self, sandbox: SandboxInfo, folder: Path, timeout_s: float
+    ) -> SandboxInfo:
+        # In place: everything in the workspace goes (the step user's files), then the
+        # archive's comes back.
+        await docker(
+            "exec", "--user", STEP_USER, sandbox.handle,
+            "find", WORKSPACE, "-mindepth", "1", "-delete",
+        )  # fmt: skip
+        await self.bring_back(sandbox, folder, timeout_s)
+        return sandbox
 
     async def usage(self, machines: list[Machine]) -> dict[str, MachineUsage]:
         """One ``docker stats`` for every running container."""

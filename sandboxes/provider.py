@@ -247,6 +247,15 @@ class SandboxProvider(abc.ABC):
                 await self.wait_connected(sandbox, timeout_s)
                 return sandbox
             raise FileNotFoundError(f"nothing of sandbox {preserved_id} was kept")
+        sandbox = await self.made_from(folder, sandbox_id, session_id, template, timeout_s)
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+        return sandbox
+
+    async def made_from(
+        self, folder: Path, sandbox_id: str, session_id: str, template: str, timeout_s: float
+    ) -> SandboxInfo:
+        """A new machine, connected, with the disk or workspace kept in ``folder`` (which
+        stays): booted from it, or given it once up."""
         placeholder = self.placeholder(sandbox_id, session_id, template)
         if self.boots_from_kept:
             await self.bring_back(placeholder, folder, timeout_s)
@@ -254,8 +263,41 @@ class SandboxProvider(abc.ABC):
         await self.wait_connected(sandbox, timeout_s)
         if not self.boots_from_kept:
             await self.bring_back(sandbox, folder, timeout_s)
-        await asyncio.to_thread(shutil.rmtree, folder, True)
         return sandbox
+
+    # ---- checkpoints (sessions' saved states; their folders beside the preserved disks)
+
+    def checkpoint_folder(self, checkpoint_id: str) -> Path:
+        if not SANDBOX_ID.fullmatch(checkpoint_id):
+            raise ValueError(f"not a checkpoint id: {checkpoint_id[:80]!r}")
+        return self.preserved_root.parent / "checkpoints" / checkpoint_id
+
+    async def save_checkpoint(self, sandbox: SandboxInfo, folder: Path, memory: bool) -> bool:
+        """Save the running machine's state into ``folder``, the machine going on; whether
+        its memory was kept too (asked by ``memory``, and the provider can)."""
+        raise NotImplementedError(f"{self.name} machines cannot be checkpointed")
+
+    async def load_checkpoint(
+        self, sandbox: SandboxInfo, folder: Path, timeout_s: float
+    ) -> SandboxInfo:
+        """Put the machine back to the state saved in ``folder`` (no step runs meanwhile),
+        connected: by default made again under its id from the saved disk (a VM's)."""
+        if not self.boots_from_kept:
+            raise NotImplementedError(f"{self.name} machines cannot be rolled back")
+        self.gateway.forget(sandbox.id)
+        await self.remove(sandbox.handle)
+        await self.bring_back(sandbox, folder, timeout_s)
+        again = await self.provision(sandbox.id, sandbox.session_id, sandbox.template)
+        await self.wait_connected(again, timeout_s)
+        return again
+
+    async def from_checkpoint(
+        self, folder: Path, sandbox_id: str, session_id: str, template: str, timeout_s: float
+    ) -> SandboxInfo:
+        """A new machine with a checkpoint's state (a fork), connected; the checkpoint stays."""
+        if not await asyncio.to_thread(folder.exists):
+            raise FileNotFoundError(f"checkpoint {folder.name} is not kept on this host")
+        return await self.made_from(folder, sandbox_id, session_id, template, timeout_s)
 
     async def in_guest(self, sandbox: SandboxInfo, command: str) -> None:
         """Run one of the provider's own commands in the guest (its output not kept)."""

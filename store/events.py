@@ -20,6 +20,7 @@ from sqlmodel import Session, col, select
 
 from store import notify, webhooks
 from store.models import (
+    CheckpointRow,
     Event,
     SandboxRow,
     SessionRow,
@@ -65,6 +66,11 @@ class EventType(StrEnum):
     step_started = "step.started"
     step_output = "step.output"
     step_finished = "step.finished"
+    # Checkpoints, rollback and forks (a checkpoint's row is projected from its events).
+    checkpoint_created = "checkpoint.created"
+    checkpoint_deleted = "checkpoint.deleted"
+    session_rolled_back = "session.rolled_back"
+    session_forked_from = "session.forked_from"
 
 
 class NewEvent(BaseModel):
@@ -375,6 +381,33 @@ def _step_finished(db: Session, event: Event) -> None:
     db.add(row)
 
 
+def _checkpoint_created(db: Session, event: Event) -> None:
+    data = event.data
+    session = _session(db, event)
+    db.add(
+        CheckpointRow(
+            id=data["checkpoint_id"], session_id=event.session_id, user_id=session.user_id,
+            label=data.get("label"), memory=data.get("memory", False),
+            task_queue=data["sandbox"]["task_queue"], sandbox=data["sandbox"],
+            size_bytes=data.get("size_bytes", 0), seq=event.seq, state=data.get("state", {}),
+            created_at=event.created_at,
+        )
+    )  # fmt: skip
+
+
+def _checkpoint_deleted(db: Session, event: Event) -> None:
+    row = db.get(CheckpointRow, event.data["checkpoint_id"])
+    if row is not None:
+        db.delete(row)
+
+
+def _session_rolled_back(db: Session, event: Event) -> None:
+    """The tasks run after the checkpoint: their effects on the machine were undone."""
+    ids = event.data.get("tasks", [])
+    if ids:
+        db.execute(update(TaskRow).where(col(TaskRow.id).in_(ids)).values(rolled_back=True))
+
+
 _PROJECTIONS: dict[EventType, Callable[[Session, Event], None]] = {
     EventType.session_status: _session_status,
     EventType.sandbox_ready: _sandbox_ready,
@@ -387,6 +420,9 @@ _PROJECTIONS: dict[EventType, Callable[[Session, Event], None]] = {
     EventType.task_plan: _task_plan,
     EventType.step_started: _step_started,
     EventType.step_finished: _step_finished,
+    EventType.checkpoint_created: _checkpoint_created,
+    EventType.checkpoint_deleted: _checkpoint_deleted,
+    EventType.session_rolled_back: _session_rolled_back,
 }
 
 

@@ -85,9 +85,36 @@ class SessionRow(SQLModel, table=True):
     last_seq: int = 0
     # Ended with its sandbox's disk kept: it may be resumed (POST .../resume).
     preserved: bool = False
+    # A fork: the session and checkpoint it began from (its log up to there is inherited).
+    parent_id: str | None = Field(default=None, max_length=64, index=True)
+    parent_checkpoint_id: str | None = Field(default=None, max_length=64)
+    # Checkpoints it takes by itself (workflows.models.AutoCheckpoint); None: the system's.
+    auto_checkpoint: str | None = Field(default=None, max_length=16)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     ended_at: datetime | None = None
+
+
+class CheckpointRow(SQLModel, table=True):
+    """A checkpoint of a session: its machine's state (kept on its host, under the id) and
+    the session's state when it was taken (``seq``: the checkpoint.created event's)."""
+
+    __tablename__ = "checkpoints"
+
+    id: str = Field(primary_key=True, max_length=64)
+    session_id: str = Field(foreign_key="sessions.id", index=True)
+    user_id: str = Field(foreign_key="users.id", index=True)
+    label: str | None = Field(default=None, max_length=200)
+    memory: bool = False
+    # The host queue where the machine's state is kept, and the sandbox it was taken of.
+    task_queue: str = Field(max_length=200)
+    sandbox: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # Counted in the user's kept bytes (api/quotas.py).
+    size_bytes: int = Field(default=0, sa_type=BigInteger)
+    seq: int = 0
+    # The session's tasks (with their steps, positions, notes) and finished tasks then.
+    state: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class TaskRow(SQLModel, table=True):
@@ -99,6 +126,8 @@ class TaskRow(SQLModel, table=True):
     status: TaskStatus = Field(default=TaskStatus.queued, sa_type=String(16))
     result: str | None = Field(default=None, sa_column=Column(Text))
     error: str | None = Field(default=None, sa_column=Column(Text))
+    # Run after a checkpoint the session was rolled back to: its effects were undone.
+    rolled_back: bool = False
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 

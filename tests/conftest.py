@@ -45,6 +45,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "sandboxes/test_reconcile.py": ("docker",),
     "sandboxes/test_libvirt.py": ("libvirt", "e2e"),
     "sandboxes/test_snapshots.py": ("libvirt", "e2e"),
+    "sandboxes/test_libvirt_checkpoints.py": ("libvirt", "e2e"),
 }
 
 

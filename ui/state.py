@@ -51,6 +51,10 @@ class SessionView:
     screenshots: list[ArtifactRow]
     sandbox: SandboxRow | None
     usage: SpendSummary = field(default_factory=SpendSummary)
+    # A fork's history inherited from its parent, up to the checkpoint (read-only).
+    inherited: list[Event] = field(default_factory=list)
+    # Sessions forked from this one's checkpoints.
+    forks: list[SessionRow] = field(default_factory=list)
 
 
 def usage_by_session(db: Session, session_ids: list[str]) -> dict[str, SpendSummary]:
@@ -133,7 +137,19 @@ def session_view(engine: Engine, session_id: str) -> SessionView | None:
             screenshots=list(shots),
             sandbox=current_sandbox(db, session_id),
             usage=usage_by_session(db, [session_id]).get(session_id, SpendSummary()),
+            inherited=inherited(db, row),
+            forks=list(db.exec(select(SessionRow).where(SessionRow.parent_id == session_id))),
         )
+
+
+def inherited(db: Session, row: SessionRow) -> list[Event]:
+    """A fork's parent's timeline up to the checkpoint it was forked from."""
+    if row.parent_id is None:
+        return []
+    # Its first event (session.forked_from) names the parent's event the checkpoint was.
+    first = db.exec(select(Event).where(Event.session_id == row.id, Event.seq == 1)).first()
+    seq = first.data.get("seq", 0) if first else 0
+    return _events(db, row.parent_id, seq, TIMELINE_EVENTS, but=EventType.step_output)
 
 
 @dataclass

@@ -7,7 +7,7 @@ All are Pydantic models, carried by Temporal's Pydantic data converter.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, StringConstraints
 
@@ -33,6 +33,11 @@ Prompt = Annotated[
     StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S"),
     AfterValidator(check_plan_size),
 ]
+
+
+AutoCheckpoint = Literal["none", "before_task"]
+# A session's checkpoints at most (each one's machine state takes the host's disk).
+MAX_CHECKPOINTS = 50
 
 
 class SessionInput(BaseModel):
@@ -67,6 +72,13 @@ class SessionInput(BaseModel):
     # twice the pause before it (from ``replace_backoff_s``); past it the session fails.
     max_replacements: int = 3
     replace_backoff_s: float = 5.0
+    # Checkpoints taken by themselves: before each task, or none (see workflows/checkpoints.py).
+    auto_checkpoint: AutoCheckpoint = "none"
+    # Set for a fork: its first machine is made from this checkpoint (kept on the host of
+    # ``host_task_queue``).
+    fork: str | None = None
+    # A resumed session's checkpoints, kept with its disk: its to roll back to or delete.
+    checkpoints: list[str] = Field(default_factory=list)
 
 
 # A W3C traceparent: version, trace id, span id, flags.
@@ -128,6 +140,8 @@ class Carried(BaseModel):
     dead: str | None = None
     # Machines replaced since a step last ran (see SessionInput.max_replacements).
     replacements: int = 0
+    # The session's checkpoints (ids), deleted with it unless it is preserved.
+    checkpoints: list[str] = Field(default_factory=list)
 
 
 class SessionState(BaseModel):
@@ -162,6 +176,34 @@ class TaskControl(BaseModel):
 class TaskModification(BaseModel):
     task_id: str
     instruction: Prompt
+
+
+class CheckpointAsk(BaseModel):
+    memory: bool = False
+    label: str | None = Field(default=None, max_length=200)
+
+
+class CheckpointRef(BaseModel):
+    id: str
+    # Whether the machine's memory was kept (a container's never is).
+    memory: bool
+    size_bytes: int
+
+
+class CheckpointControl(BaseModel):
+    checkpoint_id: str
+
+
+class RollbackAsk(BaseModel):
+    checkpoint_id: str
+    # The tasks the session had when the checkpoint was taken: every other one it ran
+    # since is rolled back.
+    tasks_before: list[str] = Field(default_factory=list)
+
+
+class RollbackRef(BaseModel):
+    checkpoint_id: str
+    rolled_back: list[str]
 
 
 class SandboxDeath(BaseModel):

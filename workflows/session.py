@@ -25,9 +25,12 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.checkpoints import CheckpointActivities
     from activities.models import (
+        CheckpointRequest,
         ClaimRequest,
         DoneStep,
+        ForkRequest,
         ModelAnswer,
         Plan,
         PlanRequest,
@@ -47,7 +50,7 @@ with workflow.unsafe.imports_passed_through():
     from store.events import EventType, NewEvent
     from store.models import SessionStatus, TaskStatus
     from telemetry import tracing
-    from workflows import options, search
+    from workflows import checkpoints, options, search
     from workflows.failures import (
         REFUSED_EXIT,
         answering,
@@ -58,9 +61,15 @@ with workflow.unsafe.imports_passed_through():
         unavailable,
     )
     from workflows.models import (
+        MAX_CHECKPOINTS,
         MAX_NOTES,
         MAX_NOTES_CHARS,
         Carried,
+        CheckpointAsk,
+        CheckpointControl,
+        CheckpointRef,
+        RollbackAsk,
+        RollbackRef,
         SandboxDeath,
         SessionInput,
         SessionState,
@@ -73,7 +82,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.plans import is_step_plan, step_plan, user_plan
 
 Request = TypeVar("Request", PlanRequest, VerifyRequest)
-Making = TypeVar("Making", SandboxRequest, RestoreRequest)
+Making = TypeVar("Making", SandboxRequest, RestoreRequest, ForkRequest)
 Answer = TypeVar("Answer", Plan, TaskVerdict)
 
 MAX_QUEUED_TASKS = 20
@@ -148,6 +157,11 @@ class SessionWorkflow:
         # The preserved sandbox to restore, for the session's first machine only: its
         # replacements are created afresh (the kept disk is gone once restored).
         self.restore_from = params.restore if carried is None else None
+        # A fork's first machine is made from its checkpoint; a replacement afresh.
+        self.fork_from = params.fork if carried is None else None
+        self.checkpoints = list(carried.checkpoints if carried else params.checkpoints)
+        # Set while a checkpoint or rollback has the machine: no step starts meanwhile.
+        self.holding = False
         self.events = 0
 
     # ---- the session's life
@@ -371,11 +385,15 @@ class SessionWorkflow:
             preserve=self.preserve,
             dead=self.dead,
             replacements=self.replacements,
+            checkpoints=self.checkpoints,
         )
 
     async def provision(self) -> None:
         """The session's sandbox: the preserved one's disk on a new machine (a resumed
         session), a warm pool's VM if one is ready, else one created cold."""
+        if self.fork_from is not None:
+            await self.fork()
+            return
         kept = self.restore_from
         if (
             kept is None
@@ -475,6 +493,21 @@ class SessionWorkflow:
             self.event(EventType.sandbox_restored, sandbox_id=sandbox.id, preserved_id=kept.id),
         )
 
+    async def fork(self) -> None:
+        """A fork's first machine: made from its parent's checkpoint."""
+        assert self.fork_from is not None
+        request = ForkRequest(
+            checkpoint_id=self.fork_from,
+            sandbox_id=workflow.uuid4().hex,
+            session_id=self.params.session_id,
+            template=self.params.template,
+        )
+        sandbox = await self.make_machine(
+            CheckpointActivities.fork, request, "make the sandbox from the parent's checkpoint"
+        )
+        self.fork_from = None
+        await self.sandbox_ready(sandbox)
+
     async def sandbox_ready(
         self, sandbox: SandboxInfo, *also: NewEvent, pooled: bool | None = None
     ) -> None:
@@ -572,6 +605,8 @@ class SessionWorkflow:
             self.sandbox = claimed(claiming) or self.sandbox
         if self.sandbox is not None and self.preserve:
             await self.keep(self.sandbox)
+        if self.checkpoints and not self.preserve:
+            await self.drop_checkpoints()
         doomed = self.machine()
         if doomed is not None:
             await self.destroy(doomed)
@@ -630,10 +665,14 @@ class SessionWorkflow:
             await self.run_task_traced(task)
 
     async def run_task_traced(self, task: TaskState) -> None:
+        if self.holding:  # a checkpoint or rollback has the machine: the task waits
+            await workflow.wait_condition(lambda: not self.holding)
         self.running, self.cancelling = task, False
         try:
             if task.status is TaskStatus.queued:  # not a task carried over mid-way
                 self.paused = False
+                if self.params.auto_checkpoint == "before_task":
+                    await self.auto_checkpoint(task)
                 await self.plan(task)
             while not self.cancelling:
                 # A modification is taken between steps, and before the result is verified.
@@ -817,6 +856,10 @@ class SessionWorkflow:
     async def run_step(self, task: TaskState) -> StepOutcome | None:
         """Run the task's next step in the sandbox; None if the task was cancelled meanwhile.
         The activity records the step's start, output and end itself: no extra history."""
+        if self.holding:  # a checkpoint or rollback has the machine: the step waits
+            await workflow.wait_condition(lambda: not self.holding or self.cancelling)
+            if self.cancelling:
+                return None
         assert self.sandbox is not None
         index = task.position
         step = task.steps[index]
@@ -1049,6 +1092,150 @@ class SessionWorkflow:
         # The note is carried with its task: many queued tasks' notes add up past the bound.
         note = len(json.dumps(change.instruction, ensure_ascii=False).encode()) + 1  # and comma
         self.check_carried(note, "wait for queued tasks to end, or send a shorter note")
+
+    # ---- checkpoints, rollback (helpers in workflows/checkpoints.py)
+
+    @workflow.update(name="checkpoint")
+    @answering
+    async def checkpoint(self, ask: CheckpointAsk) -> CheckpointRef:
+        await self.take_machine()
+        try:
+            return await self.save_checkpoint(ask.memory, ask.label)
+        finally:
+            self.holding = False
+
+    @checkpoint.validator
+    def check_checkpoint(self, ask: CheckpointAsk) -> None:
+        self.check_open()
+        checkpoints.check_room(self.checkpoints)
+
+    @workflow.update(name="rollback")
+    @answering
+    async def rollback(self, ask: RollbackAsk) -> RollbackRef:
+        await self.take_machine(stop=True)
+        try:
+            assert self.sandbox is not None
+            self.sandbox = await workflow.execute_activity_method(
+                CheckpointActivities.roll_back,
+                CheckpointRequest(sandbox=self.sandbox, checkpoint_id=ask.checkpoint_id),
+                task_queue=self.sandbox.task_queue,
+                summary="roll the sandbox back to a checkpoint",
+                **checkpoints.SAVE,
+            )
+            undone = checkpoints.undone(self.finished, ask.tasks_before)
+            await self.record(
+                self.event(
+                    EventType.session_rolled_back, checkpoint_id=ask.checkpoint_id, tasks=undone
+                )
+            )
+            return RollbackRef(checkpoint_id=ask.checkpoint_id, rolled_back=undone)
+        finally:
+            self.holding = False
+
+    @rollback.validator
+    def check_rollback(self, ask: RollbackAsk) -> None:
+        self.check_open()
+        checkpoints.check_known(self.checkpoints, ask.checkpoint_id)
+
+    @workflow.update(name="delete_checkpoint")
+    @answering
+    async def delete_checkpoint(self, ask: CheckpointControl) -> None:
+        self.checkpoints.remove(ask.checkpoint_id)
+        await self.forget_checkpoint(ask.checkpoint_id)
+
+    @delete_checkpoint.validator
+    def check_delete_checkpoint(self, ask: CheckpointControl) -> None:
+        self.check_open()
+        checkpoints.check_known(self.checkpoints, ask.checkpoint_id)
+
+    async def take_machine(self, stop: bool = False) -> None:
+        """Have the machine for a checkpoint or rollback: after any other has done with it,
+        up and awake, and between steps: the running step ends by itself (a bounded wait),
+        or with ``stop`` the running task is stopped (a rollback undoes it anyway)."""
+        workflow.patched("checkpoints")
+        await workflow.wait_condition(lambda: not self.holding)
+        self.holding = True
+        try:
+            if stop and self.running is not None:
+                self.cancelling = True
+            await workflow.wait_condition(
+                lambda: (
+                    self.step is None
+                    and self.sandbox is not None
+                    and self.dead is None
+                    and (not stop or self.running is None)
+                ),
+                timeout=checkpoints.STEP_WAIT,
+            )
+            check_cancelled()
+            if self.hibernated:
+                then = SessionStatus.busy if self.running else SessionStatus.ready
+                if not await self.wake(then=then):
+                    raise ApplicationError(f"the sandbox was lost: {self.dead}")
+        except TimeoutError:
+            self.holding = False
+            raise ApplicationError(
+                "the sandbox is busy (a step still running, or the machine being made); "
+                "try again in a moment",
+                non_retryable=True,
+            ) from None
+        except BaseException:
+            self.holding = False
+            raise
+
+    async def save_checkpoint(self, memory: bool, label: str | None) -> CheckpointRef:
+        assert self.sandbox is not None
+        checkpoint_id = workflow.uuid4().hex
+        saved = await workflow.execute_activity_method(
+            CheckpointActivities.take,
+            CheckpointRequest(sandbox=self.sandbox, checkpoint_id=checkpoint_id, memory=memory),
+            task_queue=self.sandbox.task_queue,
+            summary=f"checkpoint the sandbox{': ' + label if label else ''}"[:100],
+            **checkpoints.SAVE,
+        )
+        self.checkpoints.append(checkpoint_id)
+        state = checkpoints.session_state(self.tasks, self.running, self.finished)
+        await self.record(
+            self.event(
+                EventType.checkpoint_created,
+                checkpoint_id=checkpoint_id,
+                label=label,
+                memory=saved.memory,
+                size_bytes=saved.size_bytes,
+                sandbox=self.sandbox.model_dump(mode="json"),
+                state=state,
+            )
+        )
+        return CheckpointRef(id=checkpoint_id, memory=saved.memory, size_bytes=saved.size_bytes)
+
+    async def auto_checkpoint(self, task: TaskState) -> None:
+        """The session's checkpoint before each task; one that fails is said, not fatal."""
+        if len(self.checkpoints) >= MAX_CHECKPOINTS:
+            return
+        try:
+            await self.take_machine()
+            try:
+                await self.save_checkpoint(False, f"before: {task.prompt[:80]}")
+            finally:
+                self.holding = False
+        except (ActivityError, ApplicationError) as exc:
+            workflow.logger.warning("the automatic checkpoint failed: %s", failure_message(exc))
+
+    async def forget_checkpoint(self, checkpoint_id: str) -> None:
+        with contextlib.suppress(ActivityError):  # left behind: the host's disk only
+            await workflow.execute_activity_method(
+                CheckpointActivities.delete,
+                checkpoint_id,
+                task_queue=self.params.host_task_queue,
+                summary="delete a checkpoint",
+                **checkpoints.DELETE,
+            )
+        await self.record(self.event(EventType.checkpoint_deleted, checkpoint_id=checkpoint_id))
+
+    async def drop_checkpoints(self) -> None:
+        """The session ends without keeping its disk: its checkpoints go too."""
+        while self.checkpoints:
+            await self.forget_checkpoint(self.checkpoints.pop())
 
     @workflow.signal(name="preserve_sandbox")
     def preserve_sandbox(self) -> None:

@@ -85,6 +85,12 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/api/sessions/{sid}/tasks/{tid}"): R(200, 404, 401, 200),
     ("POST", "/api/sessions/{sid}/tasks/{tid}/{action}"): R(409, 404, 401, 404),
     ("GET", "/api/sessions/{sid}/artifacts/{artifact_id}"): R(200, 404, 401, 200),
+    ("GET", "/api/sessions/{sid}/checkpoints"): R(200, 404, 401, 200),
+    ("POST", "/api/sessions/{sid}/checkpoints"): R(409, 404, 401, 404, json={}),  # it has ended
+    # The world's session has no checkpoints: the owner is told so too.
+    ("DELETE", "/api/sessions/{sid}/checkpoints/{cid}"): R(404, 404, 401, 404),
+    ("POST", "/api/sessions/{sid}/checkpoints/{cid}/rollback"): R(404, 404, 401, 404),
+    ("POST", "/api/sessions/{sid}/checkpoints/{cid}/fork"): R(404, 404, 401, 404, json={}),
     # The caller's own LLM use (no provider is configured here: 503 says so).
     ("POST", "/v1/chat/completions"): R(503, 503, 401, 503, json={"messages": [{"role": "user", "content": "hi"}]}),  # noqa: E501
     ("GET", "/v1/models"): R(200, 200, 401, 200),
@@ -118,6 +124,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/ui/sessions/{sid}/artifacts/{artifact_id}"): R(200, 404, 303, 200),
     ("POST", "/ui/sessions/{sid}/end"): R(200, 404, 401, 404),
     ("POST", "/ui/sessions/{sid}/resume"): R(409, 404, 401, 404),
+    ("POST", "/ui/sessions/{sid}/checkpoints"): R(409, 404, 401, 404),  # it has ended
+    ("POST", "/ui/sessions/{sid}/checkpoints/{cid}/rollback"): R(404, 404, 401, 404),
+    ("POST", "/ui/sessions/{sid}/checkpoints/{cid}/fork"): R(404, 404, 401, 404),
     ("GET", "/preferences"): R(200, 200, 303, 200),
     ("POST", "/ui/preferences"): R(200, 200, 401, 200),
     ("GET", "/tokens"): R(200, 200, 303, 200),
@@ -191,6 +200,7 @@ class Stage:
             "artifact_id": self.artifact_id,
             "template": "default",
             "user_id": self.world.owner.id,
+            "cid": "0" * 32,
         }
 
     def login_form(self, form: dict[str, str]) -> dict[str, str]:

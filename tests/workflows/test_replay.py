@@ -55,6 +55,8 @@ def test_every_path_has_a_recorded_history() -> None:
         "pool-continue-as-new", "pool-continue-as-new-resumed",
         # A webhook delivery retried (issue 24).
         "webhook-retried",
+        # Checkpoints, rollback and forks (issue 19).
+        "checkpoint-rollback", "rollback-mid-step", "auto-checkpoint", "fork",
     }  # fmt: skip
 
 

@@ -443,10 +443,10 @@ async def test_an_idle_session_ends_itself(own_env: WorkflowEnvironment) -> None
     assert state.status == "ended" and stubs.destroyed == stubs.provisioned
 
 
-def save_history(name: str, history: Any) -> None:
+def save_history(name: str, history: Any, folder: Path = HISTORIES) -> None:
     """With BERTH_RECORD_HISTORY=1, keep this path's history for tests/workflows/test_replay.py."""
     if os.environ.get("BERTH_RECORD_HISTORY"):
-        path = HISTORIES / f"{name}.json"
+        path = folder / f"{name}.json"
         # Write-once: a recorded history is what running workflows did; a new one goes in a
         # new version's folder.
         if path.exists():

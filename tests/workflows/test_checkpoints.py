@@ -1,0 +1,175 @@
+"""The session workflow's checkpoints, rollbacks and forks (issue 19) on the Temporal dev
+server with stub activities (the edge): a checkpoint taken between tasks and one waiting for
+the running step, a rollback that stops the running task and names the tasks it undoes,
+checkpoints taken before each task, a fork's first machine made from a checkpoint, and the
+checkpoints deleted with the session. Each records its history (BERTH_RECORD_HISTORY=1) in
+histories/v6/ for tests/workflows/test_replay.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from temporalio import activity
+from temporalio.testing import WorkflowEnvironment
+
+from activities.models import CheckpointRequest, CheckpointSaved, ForkRequest
+from sandboxes.models import SandboxInfo
+from store.events import EventType
+from tests.workflows import test_session as session
+from tests.workflows.test_session import HISTORIES, env
+from workflows.models import CheckpointAsk, CheckpointRef, RollbackAsk, RollbackRef
+
+__all__ = ["env"]
+
+V6 = HISTORIES.parent / "v6"
+
+
+class Stubs(session.Stubs):
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken: list[str] = []
+        self.rolled_back: list[str] = []
+        self.forked: list[str] = []
+        self.deleted: list[str] = []
+
+    @activity.defn(name="TakeCheckpoint")
+    async def take(self, request: CheckpointRequest) -> CheckpointSaved:
+        # What ran before it: a checkpoint taken while a step runs would miss its end.
+        self.taken.append(f"{request.checkpoint_id} after {len(self.commands)} commands")
+        return CheckpointSaved(memory=False, size_bytes=1024)
+
+    @activity.defn(name="RollBackSandbox")
+    async def roll_back(self, request: CheckpointRequest) -> SandboxInfo:
+        self.rolled_back.append(request.checkpoint_id)
+        return request.sandbox
+
+    @activity.defn(name="ForkSandbox")
+    async def fork(self, request: ForkRequest) -> SandboxInfo:
+        self.forked.append(request.checkpoint_id)
+        return SandboxInfo(
+            id=request.sandbox_id, session_id=request.session_id, provider="stub", host_id="h",
+            task_queue=self.queue, template=request.template, handle="forked",
+        )  # fmt: skip
+
+    @activity.defn(name="DeleteCheckpoint")
+    async def delete(self, checkpoint_id: str) -> None:
+        self.deleted.append(checkpoint_id)
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [*super().all(), self.take, self.roll_back, self.fork, self.delete]
+
+
+def save(name: str, history: Any) -> None:
+    session.save_history(name, history, V6)
+
+
+async def checkpoint(handle: Any, label: str | None = None) -> CheckpointRef:
+    ref: CheckpointRef = await handle.execute_update(
+        "checkpoint", CheckpointAsk(memory=True, label=label), result_type=CheckpointRef
+    )
+    return ref
+
+
+async def rollback(handle: Any, checkpoint_id: str, before: list[str]) -> RollbackRef:
+    ask = RollbackAsk(checkpoint_id=checkpoint_id, tasks_before=before)
+    ref: RollbackRef = await handle.execute_update("rollback", ask, result_type=RollbackRef)
+    return ref
+
+
+def done(stubs: Stubs, task_id: str) -> Callable[[], bool]:
+    return lambda: stubs.task_statuses().get(task_id) in ("succeeded", "failed", "cancelled")
+
+
+async def test_a_rollback_undoes_the_tasks_after_the_checkpoint(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    async with session.running(env, stubs, session.params(stubs)) as handle:
+        first = await session.submit(env.client, handle.id, "$ echo a")
+        await session.until(done(stubs, first.id))
+        taken = await checkpoint(handle, "after a")
+        assert taken.memory is False and taken.size_bytes == 1024
+        second = await session.submit(env.client, handle.id, "$ echo b")
+        await session.until(done(stubs, second.id))
+        ref = await rollback(handle, taken.id, [first.id])
+        assert ref.rolled_back == [second.id]
+        assert stubs.rolled_back == [taken.id]
+        third = await session.submit(env.client, handle.id, "$ echo c")
+        await session.until(done(stubs, third.id))
+        await session.end(handle)
+        save("checkpoint-rollback", await handle.fetch_history())
+    created = next(e.data for e in stubs.events if e.type == EventType.checkpoint_created)
+    assert created["label"] == "after a" and created["state"]["finished"] == {first.id: "succeeded"}
+    undone = [e.data for e in stubs.events if e.type == EventType.session_rolled_back]
+    assert undone == [{"checkpoint_id": taken.id, "tasks": [second.id]}]
+    # Ended without keeping its disk: its checkpoint goes with it.
+    assert stubs.deleted == [taken.id]
+    assert EventType.checkpoint_deleted in stubs.types()
+
+
+async def test_a_checkpoint_waits_for_the_step_and_a_rollback_stops_the_task(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = Stubs()
+    async with session.running(env, stubs, session.params(stubs)) as handle:
+        waiting = await session.submit(env.client, handle.id, "$ wait\n$ echo after")
+        await session.until(lambda: stubs.commands == ["wait"])
+        taking = asyncio.ensure_future(checkpoint(handle))
+        await asyncio.sleep(0.5)
+        assert not taking.done()  # between steps only
+        stubs.release.set()
+        taken = await taking
+        # Taken once the step ended, before the next one started.
+        assert stubs.taken == [f"{taken.id} after 1 commands"]
+        await session.until(done(stubs, waiting.id))
+        stubs.release.clear()
+        running = await session.submit(env.client, handle.id, "$ wait")
+        queued = await session.submit(env.client, handle.id, "$ echo next")
+        await session.until(lambda: stubs.commands[-1:] == ["wait"])
+        ref = await rollback(handle, taken.id, [waiting.id])
+        assert stubs.cancelled == ["wait"]  # the running step was stopped
+        assert ref.rolled_back == [running.id]
+        await session.until(done(stubs, queued.id))  # the next task runs from there
+        assert stubs.task_statuses()[queued.id] == "succeeded"
+        await session.end(handle)
+        save("rollback-mid-step", await handle.fetch_history())
+
+
+async def test_checkpoints_before_each_task(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    params = session.params(stubs).model_copy(update={"auto_checkpoint": "before_task"})
+    async with session.running(env, stubs, params) as handle:
+        first = await session.submit(env.client, handle.id, "$ echo a")
+        second = await session.submit(env.client, handle.id, "$ echo b")
+        await session.until(done(stubs, second.id))
+        await session.end(handle)
+        save("auto-checkpoint", await handle.fetch_history())
+    labels = [e.data["label"] for e in stubs.events if e.type == EventType.checkpoint_created]
+    assert labels == ["before: $ echo a", "before: $ echo b"]
+    assert [t.split()[-2] for t in stubs.taken] == ["0", "1"]
+    assert first.id in stubs.task_statuses()
+
+
+async def test_a_fork_starts_from_the_checkpoint(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    params = session.params(stubs).model_copy(update={"fork": "c" * 32})
+    async with session.running(env, stubs, params) as handle:
+        ref = await session.submit(env.client, handle.id, "$ echo forked")
+        await session.until(done(stubs, ref.id))
+        await session.end(handle)
+        save("fork", await handle.fetch_history())
+    assert stubs.forked == ["c" * 32] and not stubs.provisioned
+    ready = next(e.data for e in stubs.events if e.type == EventType.sandbox_ready)
+    assert ready["handle"] == "forked" and stubs.destroyed == [ready["sandbox_id"]]
+
+
+async def test_a_resumed_session_keeps_its_checkpoints(env: WorkflowEnvironment) -> None:
+    stubs = Stubs()
+    kept = "k" * 32
+    params = session.params(stubs).model_copy(update={"checkpoints": [kept]})
+    async with session.running(env, stubs, params) as handle:
+        ref = await session.submit(env.client, handle.id, "$ echo resumed")
+        await session.until(done(stubs, ref.id))
+        assert (await rollback(handle, kept, [])).rolled_back == [ref.id]
+        await session.end(handle)
+    assert stubs.rolled_back == [kept] and stubs.deleted == [kept]
