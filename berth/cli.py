@@ -22,10 +22,10 @@ PRIVATE_UMASK = 0o077
 Handler = Callable[[argparse.Namespace], int]
 
 
-def run_system(_: argparse.Namespace) -> int:
+def run_system(args: argparse.Namespace) -> int:
     from berth.run import run
 
-    return run()
+    return run(args.hosts, args.api_replicas)
 
 
 def run_worker(_: argparse.Namespace) -> int:
@@ -174,7 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    command("run", "the whole system in the foreground, until Ctrl-C", run_system)
+    system = command("run", "the whole system in the foreground, until Ctrl-C", run_system)
+    system.add_argument(
+        "--hosts",
+        type=positive,
+        default=1,
+        metavar="N",
+        help="worker hosts to start on this machine, each with its own host id, gateway port, "
+        "sandbox bridge and subnet (default: 1)",
+    )
+    system.add_argument(
+        "--api-replicas",
+        type=positive,
+        default=1,
+        metavar="N",
+        help="API processes to start, on the ports after BERTH_PORT, behind nginx on "
+        "BERTH_PORT when more than one (default: 1)",
+    )
     command("worker", "this host's worker alone: Temporal worker, guest gateway", run_worker)
     command("api", "the JSON API and the dashboard alone (uvicorn)", serve_api)
     prepare = command("prepare", "ready this host for sandboxes, build their images", prepare_host)
