@@ -7,14 +7,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PACKAGES := docker.io iptables debootstrap chromium npm docker-compose
+SYSTEM_PACKAGES := docker.io iptables debootstrap chromium npm docker-compose nginx
 # libvirt VMs: the daemons, QEMU, libvirt-python's build needs, the guest kernel (its vmlinuz and
 # modules are copied into images, never booted on the host), busybox for the guest's init.
 VM_PACKAGES := libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev qemu-system-x86 \
   qemu-utils pkg-config gcc linux-image-cloud-amd64 busybox-static e2fsprogs iproute2
 STAMPS := .berth/stamps
 
-.PHONY: run test test-fast test-chaos lint check setup sandbox-image vm-image lock clean bench-spine bench-llm bench-vm
+.PHONY: run test test-fast test-chaos lint check setup sandbox-image vm-image lock clean bench-spine bench-llm bench-vm bench-load
 
 run: setup
 	$(PY) -m berth run
@@ -42,6 +42,10 @@ bench-llm: $(VENV)/.installed
 
 bench-vm: setup
 	$(PY) -m berth bench vm $(BENCH_ARGS)
+
+# The local fleet (2 hosts, 2 API replicas behind nginx, PostgreSQL, Docker) under load.
+bench-load: setup
+	$(PY) -m berth bench load $(BENCH_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -152,7 +152,21 @@ def bench_llm(args: argparse.Namespace) -> int:
 def bench_vm(args: argparse.Namespace) -> int:
     from bench.vm import bench
 
-    return bench(args.out or BENCH_OUT / "vm.json", args.runs, args.warm_runs)
+    return bench(args.out or BENCH_OUT / "vm.json", args.runs, args.warm_runs, args.idle_vms)
+
+
+def bench_load(args: argparse.Namespace) -> int:
+    from bench.load import Counts, bench
+
+    counts = Counts(
+        sequential=args.sequential,
+        staggered=args.staggered,
+        rate=args.rate,
+        burst=args.burst,
+        sessions=args.sessions,
+        steps=args.steps,
+    )
+    return bench(args.out or BENCH_OUT / "load.json", counts)
 
 
 def positive(text: str) -> int:
@@ -299,6 +313,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         metavar="N",
         help="sessions started on a warm-pool hit (default: 8)",
+    )
+    vm.add_argument(
+        "--idle-vms",
+        type=positive,
+        default=20,
+        metavar="K",
+        help="idle VMs run at once for the density figures (default: 20)",
+    )
+    load = benchmark(
+        "load", "the local fleet (2 hosts, 2 API replicas, PostgreSQL) under load", bench_load
+    )
+    for option, default, what in (
+        ("--sequential", 20, "sessions created one after another"),
+        ("--staggered", 100, "sessions created at --rate a second"),
+        ("--burst", 100, "sessions created at once (kept live for the load)"),
+        ("--sessions", 100, "live sessions running steps at once, their streams open"),
+        ("--steps", 20, "`$` steps each live session runs, each printing a line"),
+    ):
+        load.add_argument(
+            option, type=positive, default=default, metavar="N", help=f"{what} (default: {default})"
+        )
+    load.add_argument(
+        "--rate",
+        type=float,
+        default=10.0,
+        metavar="PER_S",
+        help="staggered sessions a second (default: 10)",
     )
     return parser
 

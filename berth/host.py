@@ -76,6 +76,7 @@ def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
                 shutdown_timeout_s=settings.vm_shutdown_timeout_s,
                 max_running=settings.vm_max_running,
                 max_booting=settings.vm_max_booting,
+                ksm=settings.vm_ksm,
             )
 
 

@@ -84,13 +84,15 @@ DONE = status("task.status", "succeeded")
 
 
 def read_stream(
-    response: httpx.Response, events: list[Event], until: Callable[[Event], bool]
+    lines: Iterator[str] | httpx.Response, events: list[Event], until: Callable[[Event], bool]
 ) -> bool:
     """Append the stream's events to ``events`` until one that ``until`` accepts (True), or
-    until the stream breaks (False)."""
+    until the stream breaks (False). ``lines``: a response, or its lines being read."""
     fields: dict[str, str] = {}
+    if isinstance(lines, httpx.Response):
+        lines = lines.iter_lines()
     try:
-        for line in response.iter_lines():
+        for line in lines:
             if line:
                 name, _, value = line.partition(":")
                 fields[name] = value.removeprefix(" ")
@@ -148,21 +150,13 @@ def test_a_stream_outlives_its_replica(fleet: LocalSystem) -> None:
             "GET", url, headers={"Last-Event-ID": str(events[-1]["seq"])}, timeout=120
         ) as response:
             replica = response.headers[REPLICA_HEADER]
-            fields: dict[str, str] = {}
-            for line in response.iter_lines():
-                if line:
-                    name, _, value = line.partition(":")
-                    fields[name] = value.removeprefix(" ")
-                    continue
-                if "data" in fields:
-                    events.append(json.loads(fields["data"]))
-                    if events[-1]["type"] == "step.output":
-                        break  # output flows through this replica: now it dies
-                fields = {}
+            lines = response.iter_lines()
+            # Output flows through this replica: now it dies.
+            assert read_stream(lines, events, lambda e: e["type"] == "step.output")
             pid = int((fleet.data / "run" / f"{replica}.pid").read_text())
             os.kill(pid, signal.SIGKILL)
             killed = replica
-            assert not read_stream(response, events, DONE)  # it broke
+            assert not read_stream(lines, events, DONE)  # it broke
         assert killed is not None
 
         # Reconnect through nginx, where it left off, until the task is done.
