@@ -3,7 +3,8 @@
 Starts ``python -m berth run --hosts 2 --api-replicas 2`` (nginx in front, PostgreSQL, Docker
 sandboxes) on a fresh data dir and database, and drives it through nginx only:
 
-- one session alone first: the baseline every other figure is set beside (the ratio);
+- one session alone first (three, one after another): the baseline every other figure is
+  set beside (the ratio);
 - session creation sequential, staggered (``--rate`` a second) and in a burst (all at
   once), the way public sandbox benchmarks measure time to first command: each session is
   asked for its first command (``$ echo``) right after its POST;
@@ -37,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from bench.spine import BenchError, Stream, call, is_status, machine
+from bench.spine import BenchError, Stream, call, is_status, machine, sign_up
 from store.events import EventType
 from tests.support.local import LocalSystem
 from tests.support.postgres import drop_database, fresh_database
@@ -46,6 +47,7 @@ FIRST_COMMAND = "$ echo first"
 CLOCK_STEP = "$ date +%s.%N"
 SESSION_TIMEOUT_S = 600.0
 SAMPLE_EVERY_S = 0.5
+BASELINE_RUNS = 3  # lone sessions, one after another: the figures the others are set beside
 
 
 @dataclass(frozen=True)
@@ -215,10 +217,11 @@ class Load:
         c = self.counts
 
         async def alone(phase: Phase) -> None:
-            sid = await self.start_session(phase)
-            if sid is not None:
-                await self.run_steps(sid, phase)
-            await self.end_all()
+            for _ in range(BASELINE_RUNS):
+                sid = await self.start_session(phase)
+                if sid is not None:
+                    await self.run_steps(sid, phase)
+                await self.end_all()
 
         async def sequential(phase: Phase) -> None:
             for _ in range(c.sequential):
@@ -246,7 +249,7 @@ class Load:
             await asyncio.gather(*(self.run_steps(sid, phase) for sid in sids))
             await self.end_all()
 
-        phases = [await self.phase("one session alone", 1, alone)]
+        phases = [await self.phase("one session alone", BASELINE_RUNS, alone)]
         phases.append(await self.phase("sequential creation", c.sequential, sequential))
         label = f"staggered creation ({c.rate:g}/s)"
         phases.append(await self.phase(label, c.staggered, staggered))
@@ -259,10 +262,7 @@ class Load:
 async def drive(system: LocalSystem, counts: Counts) -> list[Phase]:
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     async with httpx.AsyncClient(base_url=system.base, timeout=60, limits=limits) as http:
-        credentials = {"email": "load@example.com", "password": "a long password"}
-        await call(http, "POST", "/api/auth/signup", 201, json=credentials)
-        token = (await call(http, "POST", "/api/auth/token", 200, json=credentials))["token"]
-        http.headers["Authorization"] = f"Bearer {token}"
+        await sign_up(http, "load@example.com")
         load = Load(http, counts)
         try:
             return await load.measure()
