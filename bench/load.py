@@ -181,18 +181,20 @@ class Load:
             phase.errors.append(f"steps: {len(lags)} of {self.counts.steps} lines arrived")
 
     async def end_all(self) -> None:
-        """End every live session and close its stream (errors here are the cleanup's)."""
-        for sid, stream in list(self.live.items()):
+        """End every live session, all at once, and close its stream (errors here are the
+        cleanup's, not the measurement's)."""
+
+        async def end(sid: str, stream: Stream) -> None:
             with contextlib.suppress(BenchError, httpx.HTTPError):
                 await call(self.http, "DELETE", f"/api/sessions/{sid}", 202)
-            await stream.close()
-        for sid in list(self.live):
-            with contextlib.suppress(BenchError, httpx.HTTPError):
                 for _ in range(120):
                     row = await call(self.http, "GET", f"/api/sessions/{sid}", 200)
                     if row["status"] in ("ended", "failed"):
                         break
                     await asyncio.sleep(0.5)
+            await stream.close()
+
+        await asyncio.gather(*(end(sid, stream) for sid, stream in self.live.items()))
         self.live.clear()
 
     async def phase(self, name: str, n: int, body: Any) -> Phase:
