@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +48,7 @@ FIRST_COMMAND = "$ echo first"
 CLOCK_STEP = "$ date +%s.%N"
 SESSION_TIMEOUT_S = 600.0
 SAMPLE_EVERY_S = 0.5
+TASK_TRIES = 6  # a task's submission, and its retries after a 503
 BASELINE_RUNS = 3  # lone sessions, one after another: the figures the others are set beside
 
 
@@ -67,6 +69,7 @@ class Phase:
     name: str
     n: int
     errors: list[str] = field(default_factory=list)
+    retries: int = 0  # task submissions answered 503 and sent again
     samples: dict[str, list[float]] = field(default_factory=dict)
     peak_cpu_percent: float | None = None
     peak_memory_mib: float | None = None
@@ -139,9 +142,7 @@ class Load:
             sid: str = (await call(self.http, "POST", "/api/sessions", 201, json={}))["id"]
             stream = Stream(self.http, sid)
             self.live[sid] = stream
-            body = {"prompt": FIRST_COMMAND}
-            url = f"/api/sessions/{sid}/tasks"
-            tid = (await call(self.http, "POST", url, 202, json=body))["id"]
+            tid = await self.submit(sid, FIRST_COMMAND, phase)
             async with asyncio.timeout(SESSION_TIMEOUT_S):
                 seen = await stream.until(is_status(EventType.session_status, "ready"))
                 phase.add(READY, [seen[-1][0] - start])
@@ -152,14 +153,31 @@ class Load:
             return None
         return sid
 
+    async def submit(self, sid: str, prompt: str, phase: Phase) -> str:
+        """A task's id, once queued. A 503 (the session did not answer within the API's
+        bound: its worker is busy) is sent again after its Retry-After, with the same
+        Idempotency-Key, as a client should (counted: ``phase.retries``)."""
+        key = uuid.uuid4().hex
+        url = f"/api/sessions/{sid}/tasks"
+        for _ in range(TASK_TRIES - 1):
+            answer = await self.http.post(
+                url, json={"prompt": prompt}, headers={"Idempotency-Key": key}
+            )
+            if answer.status_code != 503:
+                break
+            phase.retries += 1
+            await asyncio.sleep(float(answer.headers.get("Retry-After", "1")))
+        if answer.status_code != 202:
+            raise BenchError(f"POST {url}: {answer.status_code} {answer.text[:300]}")
+        tid: str = answer.json()["id"]
+        return tid
+
     async def run_steps(self, sid: str, phase: Phase) -> None:
         """A task of ``steps`` clock steps on a live session: its step round trips and each
         printed time's lag to its arrival."""
         stream = self.live[sid]
-        body = {"prompt": "\n".join([CLOCK_STEP] * self.counts.steps)}
         try:
-            url = f"/api/sessions/{sid}/tasks"
-            tid = (await call(self.http, "POST", url, 202, json=body))["id"]
+            tid = await self.submit(sid, "\n".join([CLOCK_STEP] * self.counts.steps), phase)
             async with asyncio.timeout(SESSION_TIMEOUT_S):
                 seen = await stream.until(is_status(EventType.task_status, "succeeded", tid))
         except (BenchError, httpx.HTTPError, TimeoutError, KeyError) as exc:
@@ -303,11 +321,14 @@ def table(phases: list[Phase], rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cells = [ms(r[f"p{q}_ms"], r[f"p{q}_ratio"], r["phase"]) for q in (50, 95, 99)]
         lines.append(f"| {r['phase']} | {r['figure']} | {r['n']} | {' | '.join(cells)} |")
-    lines += ["", "| phase | n | errors | seconds | peak host CPU | peak host memory in use |"]
-    lines.append("| --- | --- | --- | --- | --- | --- |")
+    lines += [
+        "",
+        "| phase | n | errors | 503s retried | seconds | peak host CPU | peak host memory in use |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for p in phases:
         lines.append(
-            f"| {p.name} | {p.n} | {len(p.errors)} | {p.seconds:.0f} | "
+            f"| {p.name} | {p.n} | {len(p.errors)} | {p.retries} | {p.seconds:.0f} | "
             f"{p.peak_cpu_percent:.0f}% | {p.peak_memory_mib:.0f} MiB |"
         )
     return "\n".join(lines)
