@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PACKAGES := docker.io iptables debootstrap chromium npm docker-compose
+SYSTEM_PACKAGES := docker.io iptables debootstrap chromium npm docker-compose nginx
 # libvirt VMs: the daemons, QEMU, libvirt-python's build needs, the guest kernel (its vmlinuz and
 # modules are copied into images, never booted on the host), busybox for the guest's init.
 VM_PACKAGES := libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev qemu-system-x86 \
@@ -15,7 +15,7 @@ VM_PACKAGES := libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev qemu
 STAMPS := .berth/stamps
 
 .PHONY: run test test-fast test-chaos lint check setup sandbox-image vm-image image lock clean bench-spine \
-  bench-llm bench-vm bench-fork
+  bench-llm bench-vm bench-fork bench-load
 
 run: setup
 	$(PY) -m berth run
@@ -46,6 +46,10 @@ bench-vm: setup
 
 bench-fork: setup
 	$(PY) -m berth bench fork $(BENCH_ARGS)
+
+# The local fleet (2 hosts, 2 API replicas behind nginx, PostgreSQL, Docker) under load.
+bench-load: setup
+	$(PY) -m berth bench load $(BENCH_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -331,13 +331,18 @@ class Bench:
                     await asyncio.sleep(0.5)
 
 
+async def sign_up(http: httpx.AsyncClient, email: str) -> None:
+    """A new account, whose token ``http`` sends with every request from now on."""
+    credentials = {"email": email, "password": "a long password"}
+    await call(http, "POST", "/api/auth/signup", 201, json=credentials)
+    token = (await call(http, "POST", "/api/auth/token", 200, json=credentials))["token"]
+    http.headers["Authorization"] = f"Bearer {token}"
+
+
 async def measure(system: LocalSystem) -> list[Metric]:
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=20)
     async with httpx.AsyncClient(base_url=system.base, timeout=30, limits=limits) as http:
-        credentials = {"email": "bench@example.com", "password": "a long password"}
-        await call(http, "POST", "/api/auth/signup", 201, json=credentials)
-        token = (await call(http, "POST", "/api/auth/token", 200, json=credentials))["token"]
-        http.headers["Authorization"] = f"Bearer {token}"
+        await sign_up(http, "bench@example.com")
         bench = Bench(http, await system.client())
         try:
             return await bench.measure()

@@ -5,10 +5,13 @@ gateway: building the image from the cached root filesystem; a cold create until
 agent is connected, through libvirt, restored from the template's snapshot and booted; the
 physical floor, the same kernel, initramfs and disk booted by a bare ``qemu-system-x86_64``
 on the same bridge until its agent connects; suspend (managed save) and resume until a
-command answers; host RAM per idle VM (RSS of its QEMU process); how soon a destroyed VM,
-and one whose guest is cut off, are reported; on the whole system, with VMs restored and
-then booted: ten sessions started 2 s apart as soon as it is up, session-ready latency on a
-warm-pool hit (``--warm-runs`` sessions, default 8) and the pool's refill after each claim.
+command answers; host RAM per idle VM (RSS of its QEMU process); density: ``--idle-vms``
+idle VMs at once (default 20), the host memory each holds (RSS, and PSS, which counts a
+page that same-page merging shares once across the VMs sharing it) before and after KSM has
+gone over them, and what KSM shares; how soon a destroyed VM, and one whose guest is cut
+off, are reported; on the whole system, with VMs restored and then booted: ten sessions
+started 2 s apart as soon as it is up, session-ready latency on a warm-pool hit
+(``--warm-runs`` sessions, default 8) and the pool's refill after each claim.
 Prints a markdown table, writes JSON to ``--out`` (default ``.berth/bench/vm.json``).
 ``--runs`` (default 3) sets the other repetitions; ``--only PART`` picks parts.
 """
@@ -35,7 +38,7 @@ from activities.models import pool_workflow_id
 from bench.spine import Metric, Stream, call, is_status, machine, table, timed, write_report
 from berth.host import make_gateway, make_provider, open_host
 from config.settings import Settings
-from sandboxes import firewall, monitor, vm_image
+from sandboxes import firewall, libvirt_host, monitor, vm_image
 from sandboxes.libvirt import LibvirtProvider, qemu_pid
 from sandboxes.models import Machine, MachineUsage, SandboxInfo, TerminalStep
 from store.events import EventType
@@ -44,6 +47,10 @@ from workflows.pool import SandboxPool
 
 CONNECT_TIMEOUT_S = 300.0
 IDLE_S = 10.0  # a booted guest settles before its RSS is read
+KSM_SETTLE_S = 240.0  # longest the density step waits for KSM to stop finding more to share
+KSM_POLL_S = 15.0
+KSM_MIN_S = 60.0  # a pass of ksmd over 20 VMs takes about half a minute: two at least
+DENSITY_TARGET_MIB = 160.0  # the issue's: 20 idle VMs of 512 MiB in 20 x 160 MiB
 TAP = "berth-benchtap"
 
 
@@ -71,6 +78,65 @@ def qemu_rss_mib(handle: str) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS for QEMU")
+
+
+def qemu_memory_mib(handle: str) -> tuple[float, float]:
+    """QEMU's RSS and PSS, in MiB."""
+    found = {}
+    for line in Path(f"/proc/{qemu_pid(handle)}/smaps_rollup").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("Rss", "Pss"):
+            found[name] = int(value.split()[0]) / 1024
+    return found["Rss"], found["Pss"]
+
+
+async def density(provider: LibvirtProvider, count: int) -> list[Metric]:
+    """``count`` idle VMs at once: the host memory each holds once booted and settled, and
+    again once same-page merging has gone over them (what it shares stops growing)."""
+    sandboxes: list[SandboxInfo] = []
+
+    async def boot() -> None:
+        sandboxes.append((await connected(provider))[0])
+
+    try:
+        await asyncio.gather(*(boot() for _ in range(count)))
+        await asyncio.sleep(IDLE_S)
+        before = [qemu_memory_mib(s.handle) for s in sandboxes]
+        # KSM goes over them while their memory, all told, shrinks by more than 1% a poll.
+        held, waited = sum(pss for _, pss in before), 0.0
+        while waited < KSM_SETTLE_S:
+            await asyncio.sleep(KSM_POLL_S)
+            waited += KSM_POLL_S
+            now = sum(pss for _, pss in (qemu_memory_mib(s.handle) for s in sandboxes))
+            if waited >= KSM_MIN_S and now > 0.99 * held:
+                break
+            held = now
+        shared = libvirt_host.ksm_shared_bytes()
+        after = [qemu_memory_mib(s.handle) for s in sandboxes]
+    finally:
+        for sandbox in sandboxes:
+            await provider.destroy(sandbox)
+
+    def spread(name: str, values: list[float], target: float | None = None) -> Metric:
+        values = sorted(values)
+        p50, top = round(values[len(values) // 2], 1), round(values[-1], 1)
+        return Metric(name, p50, top, " MiB", target, "p50", len(values))
+
+    total = sum(pss for _, pss in after)
+    return [
+        spread(f"RSS per idle VM, {count} at once, booted", [rss for rss, _ in before]),
+        spread(f"RSS per idle VM, {count} at once, after KSM", [rss for rss, _ in after]),
+        spread(f"PSS per idle VM, {count} at once, booted", [pss for _, pss in before]),
+        spread(
+            f"PSS per idle VM, {count} at once, after KSM ({waited:.0f} s)",
+            [pss for _, pss in after],
+            DENSITY_TARGET_MIB,
+        ),
+        Metric(f"host memory of {count} idle VMs (sum of PSS)", round(total), None, " MiB",
+               DENSITY_TARGET_MIB * count, ""),
+        Metric("KSM: memory shared, host-wide (pages_sharing)", round(shared / 2**20), None,
+               " MiB", None, ""),
+    ]  # fmt: skip
 
 
 async def cold_creates(provider: LibvirtProvider, runs: int) -> list[Metric]:
@@ -331,11 +397,15 @@ async def whole_system(provider: LibvirtProvider, runs: int, snapshots: bool) ->
 Measure = Callable[[], Awaitable[list[Metric]]]
 
 
-async def measure(runs: int, warm_runs: int, only: list[str] | None) -> list[Metric]:
+async def measure(
+    runs: int, warm_runs: int, only: list[str] | None, idle_vms: int = 20
+) -> list[Metric]:
     port = free_port()
     settings = Settings(
         sandbox_provider="libvirt", host_id=f"bench-{uuid.uuid4().hex[:8]}", gateway_port=port
     )
+    # The cap counts every Berth VM on the host (other installs' too): room for the idle ones.
+    settings = settings.model_copy(update={"vm_max_running": settings.vm_max_running + idle_vms})
     gateway = make_gateway(settings)
     provider = make_provider(settings, gateway)
     assert isinstance(provider, LibvirtProvider)
@@ -345,6 +415,7 @@ async def measure(runs: int, warm_runs: int, only: list[str] | None) -> list[Met
         steps: list[tuple[str, str, Measure]] = [
             ("image", "image build", lambda: image_build(provider)),
             ("cold", "cold create", lambda: cold_creates(provider, runs)),
+            ("density", "density", lambda: density(provider, idle_vms)),
             ("floor", "bare qemu floor", lambda: bare_qemu(provider, runs)),
             ("hibernation", "hibernation", lambda: hibernation(provider, runs)),
             ("detection", "failure detection", lambda: detection(provider, runs)),
@@ -369,12 +440,15 @@ async def measure(runs: int, warm_runs: int, only: list[str] | None) -> list[Met
     return metrics
 
 
-def bench(out: Path, runs: int, warm_runs: int, only: list[str] | None = None) -> int:
+def bench(
+    out: Path, runs: int, warm_runs: int, only: list[str] | None = None, idle_vms: int = 20
+) -> int:
     """Measure, print the table, write the results to ``out``; 1 if any measurement failed."""
     began, started = time.monotonic(), datetime.now(UTC).isoformat(timespec="seconds")
     info = machine()
     print(f"machine: {info['nproc']} CPUs, {info['cpu']}; date: {started}", flush=True)
-    metrics = asyncio.run(measure(runs, warm_runs, only))
+    print(f"runs {runs}, warm runs {warm_runs}, idle VMs {idle_vms}", flush=True)
+    metrics = asyncio.run(measure(runs, warm_runs, only, idle_vms))
     floor = next((m for m in metrics if m.name.startswith("floor") and m.p50), None)
     cold = next((m for m in metrics if m.name.startswith("boot to guest") and m.p50), None)
     if floor and cold and floor.p50 and cold.p50:

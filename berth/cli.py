@@ -23,10 +23,10 @@ PRIVATE_UMASK = 0o077
 Handler = Callable[[argparse.Namespace], int]
 
 
-def run_system(_: argparse.Namespace) -> int:
+def run_system(args: argparse.Namespace) -> int:
     from berth.run import run
 
-    return run()
+    return run(args.hosts, args.api_replicas)
 
 
 def run_worker(_: argparse.Namespace) -> int:
@@ -155,13 +155,29 @@ def bench_llm(args: argparse.Namespace) -> int:
 def bench_vm(args: argparse.Namespace) -> int:
     from bench.vm import bench
 
-    return bench(args.out or BENCH_OUT / "vm.json", args.runs, args.warm_runs, args.only)
+    return bench(
+        args.out or BENCH_OUT / "vm.json", args.runs, args.warm_runs, args.only, args.idle_vms
+    )
 
 
 def bench_fork(args: argparse.Namespace) -> int:
     from bench.fork import bench
 
     return bench(args.out or BENCH_OUT / "fork.json", args.runs, args.providers)
+
+
+def bench_load(args: argparse.Namespace) -> int:
+    from bench.load import Counts, bench
+
+    counts = Counts(
+        sequential=args.sequential,
+        staggered=args.staggered,
+        rate=args.rate,
+        burst=args.burst,
+        sessions=args.sessions,
+        steps=args.steps,
+    )
+    return bench(args.out or BENCH_OUT / "load.json", counts)
 
 
 def positive(text: str) -> int:
@@ -219,7 +235,23 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    command("run", "the whole system in the foreground, until Ctrl-C", run_system)
+    system = command("run", "the whole system in the foreground, until Ctrl-C", run_system)
+    system.add_argument(
+        "--hosts",
+        type=positive,
+        default=1,
+        metavar="N",
+        help="worker hosts to start on this machine, each with its own host id, gateway port, "
+        "sandbox bridge and subnet (default: 1)",
+    )
+    system.add_argument(
+        "--api-replicas",
+        type=positive,
+        default=1,
+        metavar="N",
+        help="API processes to start, on the ports after BERTH_PORT, behind nginx on "
+        "BERTH_PORT when more than one (default: 1)",
+    )
     command("worker", "this host's worker alone: Temporal worker, guest gateway", run_worker)
     command("api", "the JSON API and the dashboard alone (uvicorn)", serve_api)
     prepare = command("prepare", "ready this host for sandboxes, build their images", prepare_host)
@@ -354,6 +386,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PART",
         help="measure only this part (repeatable): image, cold, floor, hibernation, "
         "detection, system (default: all)",
+    )
+    vm.add_argument(
+        "--idle-vms",
+        type=positive,
+        default=20,
+        metavar="K",
+        help="idle VMs run at once for the density figures (default: 20)",
+    )
+    load = benchmark(
+        "load", "the local fleet (2 hosts, 2 API replicas, PostgreSQL) under load", bench_load
+    )
+    for option, default, what in (
+        ("--sequential", 20, "sessions created one after another"),
+        ("--staggered", 100, "sessions created at --rate a second"),
+        ("--burst", 100, "sessions created at once (kept live for the load)"),
+        ("--sessions", 100, "live sessions running steps at once, their streams open"),
+        ("--steps", 20, "`$` steps each live session runs, each printing a line"),
+    ):
+        load.add_argument(
+            option, type=positive, default=default, metavar="N", help=f"{what} (default: {default})"
+        )
+    load.add_argument(
+        "--rate",
+        type=float,
+        default=10.0,
+        metavar="PER_S",
+        help="staggered sessions a second (default: 10)",
     )
     return parser
 

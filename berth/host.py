@@ -59,6 +59,8 @@ def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
                 workspace_mb=settings.sandbox_workspace_mb,
                 tmp_mb=settings.sandbox_tmp_mb,
                 host_ports=tuple(settings.sandbox_host_ports),
+                network=settings.docker_network,
+                bridge=settings.docker_bridge,
             )
         case "libvirt":
             return LibvirtProvider(
@@ -75,6 +77,7 @@ def make_provider(settings: Settings, gateway: GuestGateway) -> SandboxProvider:
                 max_running=settings.vm_max_running,
                 max_booting=settings.vm_max_booting,
                 snapshots=settings.vm_snapshots,
+                ksm=settings.vm_ksm,
             )
 
 

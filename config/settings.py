@@ -297,6 +297,21 @@ class Settings(BaseSettings):
         default="http://deb.debian.org/debian",
         description="Where sandbox images' packages come from",
     )
+    # Local fleet (`python -m berth run --hosts N`): Docker sandboxes' network per host, as
+    # vm_bridge and vm_subnet are libvirt's. The supervisor gives each extra host its own.
+    docker_network: str = Field(
+        default="berth-sandbox",
+        description="Docker network the sandboxes sit on (internal; Docker picks its subnet)",
+    )
+    docker_bridge: str = Field(
+        default="berth0", max_length=15, description="Linux bridge of BERTH_DOCKER_NETWORK"
+    )
+    # Density: VMs of one template share memory.
+    vm_ksm: bool = Field(
+        default=True,
+        description="Turn on the kernel's same-page merging (KSM) when preparing a libvirt "
+        "host: idle VMs of one template share their identical memory",
+    )
     gateway_host: str = Field(
         default="",
         description="Address the guest gateway (WebSocket) listens on; empty: only the "

@@ -182,8 +182,14 @@ class DockerProvider(SandboxProvider):
         workspace_mb: int = 512,
         tmp_mb: int = 128,
         host_ports: tuple[int, ...] = (),
+        network: str = NETWORK,
+        bridge: str = BRIDGE,
     ) -> None:
         super().__init__(gateway, host)
+        # One engine, many hosts (a local fleet): each host's sandboxes on a network of its
+        # own, whose subnet Docker picks; the default one is shared by every install.
+        self.network = network
+        self.bridge = bridge
         self.gateway_port = gateway_port
         self.build_dir = build_dir
         self.mirror = mirror
@@ -235,7 +241,7 @@ class DockerProvider(SandboxProvider):
             "--label",
             f"{INSTALL_LABEL}={self.install}",
             "--network",
-            NETWORK,
+            self.network,
             f"--cpus={self.cpus}",
             f"--memory={self.memory_mb}m",
             f"--pids-limit={self.pids}",
@@ -389,19 +395,19 @@ class DockerProvider(SandboxProvider):
         return code == 0 and state == "running", state if code == 0 else MISSING
 
     async def _ensure_network(self) -> str:
-        if not await exists("network", NETWORK):
+        if not await exists("network", self.network):
             await docker(
                 "network",
                 "create",
                 "--internal",
                 "--opt",
-                f"com.docker.network.bridge.name={BRIDGE}",
+                f"com.docker.network.bridge.name={self.bridge}",
                 "--opt",
                 "com.docker.network.bridge.enable_icc=false",
-                NETWORK,
+                self.network,
             )
         return await docker(
-            "network", "inspect", NETWORK, "--format", "{{(index .IPAM.Config 0).Gateway}}"
+            "network", "inspect", self.network, "--format", "{{(index .IPAM.Config 0).Gateway}}"
         )
 
     def _ensure_firewall(self) -> None:
@@ -409,21 +415,31 @@ class DockerProvider(SandboxProvider):
         over IPv4, and nothing else (see sandboxes/firewall.py for how installs share the
         chain)."""
         try:
-            firewall.no_ipv6(BRIDGE)
+            firewall.no_ipv6(self.bridge)
         except OSError as exc:
             # /proc/sys read-only (a worker in a container, docker-compose.yml): Docker gives
             # its containers no IPv6 and steps cannot turn it on, so this is the second line.
-            log.warning("IPv6 stays on on %s, the sandboxes' bridge: %s", BRIDGE, exc)
+            log.warning("IPv6 stays on on %s, the sandboxes' bridge: %s", self.bridge, exc)
         firewall.ensure_chain(FIREWALL_CHAIN)
         tag = firewall.owner_tag(self.gateway_port)
         firewall.remove_tagged(FIREWALL_CHAIN, tag)  # left by a worker that crashed
         for port in (self.gateway_port, *self.host_ports):
             firewall.accept_port(FIREWALL_CHAIN, port, tag)
         firewall.ensure_rule(FIREWALL_CHAIN, "-j", "DROP")
-        firewall.ensure_rule("INPUT", "-i", BRIDGE, "-j", FIREWALL_CHAIN, first=True)
+        firewall.ensure_rule("INPUT", "-i", self.bridge, "-j", FIREWALL_CHAIN, first=True)
 
     async def close(self) -> None:
         firewall.remove_tagged(FIREWALL_CHAIN, firewall.owner_tag(self.gateway_port))
+        if self.network == NETWORK:
+            return  # shared by every install: it stays
+        # A host's own network goes with it, unless sandboxes of its still sit on it (their
+        # sessions carry on; the next start of this host finds it again).
+        code, _, err = await _run("network", "rm", self.network)
+        if code != 0:
+            log.info("network %s stays: %s", self.network, err.strip())
+            return
+        if firewall.has_rule("INPUT", "-i", self.bridge, "-j", FIREWALL_CHAIN):
+            firewall.run("-D", "INPUT", "-i", self.bridge, "-j", FIREWALL_CHAIN)
 
     async def ensure_image(self, template: str) -> str:
         folder = vm_templates.path(template)

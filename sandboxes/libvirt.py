@@ -268,8 +268,10 @@ class LibvirtProvider(SandboxProvider):
         max_running: int,
         max_booting: int,
         snapshots: bool = True,
+        ksm: bool = True,
     ) -> None:
         super().__init__(gateway, host)
+        self.ksm = ksm
         self.gateway_port = gateway_port
         self.data_dir = data_dir.resolve()
         self.images = images_dir.resolve()
@@ -304,7 +306,7 @@ class LibvirtProvider(SandboxProvider):
     def _prepare(self) -> None:
         nameserver = _host_nameserver()
         self.host = libvirt_host.prepare_host(
-            self.bridge, str(self.subnet), self.gateway_port, nameserver
+            self.bridge, str(self.subnet), self.gateway_port, nameserver, self.ksm
         )
         self._reachable_by_qemu(self.vms)
         # Made under umask 077 (berth/cli.py) the image cache would be closed to QEMU.

@@ -37,9 +37,12 @@ from sandboxes.rootfs import copy_site, public, rootfs, site_packages, versions
 
 GUEST_FILES = vm_templates.ROOT / "guest"
 BUSYBOX = Path("/bin/busybox")
-# The initramfs loads these (and what they depend on), in this order; virtio_console for the
-# identity port of VMs restored from a snapshot (guest_agent/identity.py).
-MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "button", "evdev")
+# The initramfs loads these (and what they depend on), in this order: virtio_console for the
+# identity port of VMs restored from a snapshot (guest_agent/identity.py); the balloon
+# reports the pages the guest frees to the host, which takes them back (domain.xml.j2).
+MODULES = (
+    "virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_balloon", "button", "evdev",
+)  # fmt: skip
 PROBE_MARKER = "berth-probe-booted"
 # Seed values are sourced by the guest's shell: only characters that need no quoting.
 SEED_VALUE = re.compile(r"[A-Za-z0-9._:/@%+=,-]*")

@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine
 from temporalio.client import Client
 
 from berth.machines import inventory, remove
@@ -21,12 +20,12 @@ from berth.run import wait_for_port
 from config.settings import Settings
 from store.db import get_engine, migrate
 from tests.support.local import free_port
+from tests.support.postgres import drop_database, fresh_database
 from workflows import search
 
 BIN = Path(sys.executable).parent
 TEMPORAL = BIN / "temporal"
 TEMPORAL_TEST_SERVER = BIN / "temporal-test-server"
-POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 # What the tests under each folder or file need (paths relative to tests/).
 NEEDS: dict[str, tuple[str, ...]] = {
@@ -76,33 +75,17 @@ def no_machines_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
     asyncio.run(clear())
 
 
-def postgres_url() -> str | None:
-    """A fresh database on the local PostgreSQL, or None when there is none."""
-    try:
-        admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
-        name = f"berth_test_{uuid.uuid4().hex[:10]}"
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        admin.dispose()
-    except Exception:
-        return None
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'berth.db'}"
         return
-    url = postgres_url()
+    url = fresh_database()
     if url is None:
         pytest.skip("no PostgreSQL")
     yield url
     get_engine(url).dispose()
-    admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
-    admin.dispose()
+    drop_database(url)
 
 
 @pytest.fixture

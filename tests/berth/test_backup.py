@@ -10,14 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 from sqlmodel import Session, select
 
 from berth.backup import BackupError, backup, restore
 from config.settings import Settings
 from store.db import migrate
 from store.models import SandboxRow, SessionRow, User
-from tests.conftest import POSTGRES_ADMIN, postgres_url
+from tests.support.postgres import drop_database, fresh_database
 from tests.support.world import build
 
 
@@ -62,16 +62,13 @@ def database(request: pytest.FixtureRequest) -> Iterator[tuple[str | None, str |
     if request.param == "sqlite":
         yield None, None
         return
-    urls = postgres_url(), postgres_url()
+    urls = fresh_database(), fresh_database()
     if None in urls:
         pytest.skip("no PostgreSQL")
     yield urls
-    admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        for url in urls:
-            assert url is not None
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
-    admin.dispose()
+    for url in urls:
+        assert url is not None
+        drop_database(url)
 
 
 def test_a_backup_restores_into_a_fresh_data_dir(

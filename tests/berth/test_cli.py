@@ -21,7 +21,7 @@ from berth.cli import main
 # Each command and subcommand, with what its help must show besides its usage line.
 COMMANDS: dict[tuple[str, ...], list[str]] = {
     (): ["run", "worker", "api", "prepare", "create-admin", "host", "bench"],
-    ("run",): ["foreground"],
+    ("run",): ["foreground", "--hosts", "--api-replicas"],
     ("worker",): ["worker"],
     ("api",): ["API"],
     ("prepare",): ["--provider", "docker", "libvirt"],
@@ -29,10 +29,11 @@ COMMANDS: dict[tuple[str, ...], list[str]] = {
     ("host",): ["drain", "undrain"],
     ("host", "drain"): ["HOST"],
     ("host", "undrain"): ["HOST"],
-    ("bench",): ["spine", "llm", "vm"],
+    ("bench",): ["spine", "llm", "vm", "load"],
     ("bench", "spine"): ["--out"],
     ("bench", "llm"): ["--out"],
-    ("bench", "vm"): ["--out", "--runs", "--warm-runs"],
+    ("bench", "vm"): ["--out", "--runs", "--warm-runs", "--idle-vms"],
+    ("bench", "load"): ["--out", "--sequential", "--staggered", "--burst", "--sessions", "--rate"],
 }
 HEAVY = {"temporalio", "uvicorn", "fastapi", "sqlalchemy", "sqlmodel", "httpx", "bench"}
 
@@ -170,13 +171,15 @@ CASES: list[Case] = [
     (["prepare", "--provider", "docker"], "berth.prepare", "prepare", lambda _: ("docker",)),
     (["bench", "spine"], "bench.spine", "bench", lambda _: (Path(".berth/bench/spine.json"),)),
     (["bench", "llm", "--out", "OUT"], "bench.llm", "bench", lambda out: (out,)),
-    (["bench", "vm"], "bench.vm", "bench", lambda _: (Path(".berth/bench/vm.json"), 3, 8)),
+    (["bench", "vm"], "bench.vm", "bench", lambda _: (Path(".berth/bench/vm.json"), 3, 8, 20)),
     (
-        ["bench", "vm", "--out", "OUT", "--runs", "5", "--warm-runs", "2"],
+        ["bench", "vm", "--out", "OUT", "--runs", "5", "--warm-runs", "2", "--idle-vms", "4"],
         "bench.vm",
         "bench",
-        lambda out: (out, 5, 2),
+        lambda out: (out, 5, 2, 4),
     ),
+    (["run"], "berth.run", "run", lambda _: (1, 1)),
+    (["run", "--hosts", "2", "--api-replicas", "3"], "berth.run", "run", lambda _: (2, 3)),
 ]
 
 

@@ -47,6 +47,25 @@ def quiet_port() -> int:
             return port
 
 
+def quiet_ports(n: int) -> int:
+    """The first of ``n`` consecutive free ports below the ephemeral range (a fleet's
+    API replicas and guest gateways take the ports after the first)."""
+    while True:
+        first = quiet_port()
+        rest = []
+        try:
+            for port in range(first + 1, first + n):
+                s = socket.socket()
+                rest.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in rest:
+                s.close()
+        return first
+
+
 def python_script(name: str, *lines: str) -> str:
     """A step's command that writes a Python script and runs it: a loop in a form the default
     command policy allows (no shell loops, no substitutions)."""
@@ -85,17 +104,20 @@ class LocalSystem:
         env: dict[str, str] | None = None,
         timeout_s: float = 180,
         provider: str | None = "docker",
+        hosts: int = 1,
+        api_replicas: int = 1,
     ) -> Self:
         """Start it and wait until the API answers and the worker is up; ``name`` makes its
         host id (and so its containers' label) its own. Sandboxes are Docker containers
         unless ``provider`` says otherwise (None: the system's default, as ``make run``).
-        RuntimeError, with the log's tail, if it does not come up.
+        ``hosts`` and ``api_replicas`` make it a fleet (``run --hosts N --api-replicas N``):
+        up once every worker is. RuntimeError, with the log's tail, if it does not come up.
 
         A free port can be taken between its choice and Temporal's bind (the dev server picks
         more ports of its own): a start that failed on that is tried again on new ports."""
         for attempt in range(3):
             try:
-                return cls._start(data, name, env, timeout_s, provider)
+                return cls._start(data, name, env, timeout_s, provider, hosts, api_replicas)
             except RuntimeError:
                 temporal_log = data / "logs" / "temporal.log"
                 taken = temporal_log.exists() and "address already in use" in (
@@ -114,14 +136,18 @@ class LocalSystem:
         env: dict[str, str] | None,
         timeout_s: float,
         provider: str | None,
+        hosts: int,
+        api_replicas: int,
     ) -> Self:
         port, temporal_port = free_port(), free_port()
+        if api_replicas > 1:
+            port = quiet_ports(api_replicas + 1)
         settings = {
             "BERTH_DATA_DIR": str(data),
             "BERTH_PORT": str(port),
             "BERTH_TEMPORAL_PORT": str(temporal_port),
             "BERTH_TEMPORAL_UI_PORT": str(free_port()),
-            "BERTH_GATEWAY_PORT": str(free_port()),
+            "BERTH_GATEWAY_PORT": str(free_port() if hosts == 1 else quiet_ports(hosts)),
             "BERTH_HOST_ID": f"{name}{port}",
         }
         if provider is not None:
@@ -133,8 +159,15 @@ class LocalSystem:
             settings["BERTH_RUN_AS"] = ""
         environment = {**os.environ, **settings, **(env or {})}
         with (data / "run.log").open("wb") as log:
+            fleet = ["--hosts", str(hosts), "--api-replicas", str(api_replicas)]
             process = subprocess.Popen(
-                [sys.executable, "-m", "berth", "run"],
+                [
+                    sys.executable,
+                    "-m",
+                    "berth",
+                    "run",
+                    *(fleet if hosts + api_replicas > 2 else []),
+                ],
                 env=environment,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -145,7 +178,7 @@ class LocalSystem:
         system = cls(base, f"127.0.0.1:{temporal_port}", data, process, verify)
         deadline = time.monotonic() + timeout_s
         while process.poll() is None and time.monotonic() < deadline:
-            if system.healthy() and "worker up" in system.log():
+            if system.healthy() and system.log().count("worker up") >= hosts:
                 return system
             time.sleep(0.3)
         system.stop()
