@@ -5,23 +5,27 @@ through LangChain. (Plans written as ``$ `` lines never get here: the workflow p
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError, field_validator
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.models import (
-    MAX_PLAN_STEPS,
     DoneStep,
     ModelAnswer,
     Plan,
     PlanRequest,
     TaskVerdict,
     VerifyRequest,
+)
+from activities.replies import (
+    PLAN_SCHEMA_NAME,
+    VERDICT_SCHEMA,
+    VERDICT_SCHEMA_NAME,
+    parse_reply,
+    parse_verdict,
+    plan_schema,
 )
 from llm.accounting import caller_for_session
 from llm.models import (
@@ -33,9 +37,10 @@ from llm.models import (
     LLMError,
     NoProvider,
     RateLimited,
+    TokenUsage,
 )
 from llm.proxy import LLMProxy
-from sandboxes.models import Step
+from llm.structured import json_schema_format
 
 NO_MODEL = (
     "This task needs a planner model, and none is configured. Set BERTH_LLM_MODEL "
@@ -81,48 +86,6 @@ and the steps the agent ran with their output. Decide whether the task is done, 
 answer the user gets: the result itself (quote the output that matters), not a description
 of the steps. Reply with one JSON object and nothing else:
 {"ok": true or false, "answer": "...", "reason": "why it is or is not done"}"""
-
-
-class _Reply(BaseModel):
-    steps: list[Step]
-
-    @field_validator("steps", mode="before")
-    @classmethod
-    def _terminal_by_default(cls, steps: Any) -> Any:
-        # Models often leave out the kind of a plain command.
-        if isinstance(steps, list):
-            return [
-                {"kind": "terminal", **s} if isinstance(s, dict) and "kind" not in s else s
-                for s in steps
-            ]
-        return steps
-
-
-def json_object(text: str) -> Any:
-    """A model's reply's first JSON object, fenced in markdown or not."""
-    match = re.search(r"\{.*\}", text, re.DOTALL)
-    if match is None:
-        raise ValueError(f"the reply holds no JSON object: {text[:300]!r}")
-    try:
-        return json.loads(match.group(0))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"the reply's JSON does not parse: {exc}") from exc
-
-
-def parse_reply(text: str) -> list[Step]:
-    """The steps in a planner's reply (none when it finds the task done already)."""
-    try:
-        reply = _Reply.model_validate(json_object(text))
-    except ValidationError as exc:
-        raise ValueError(f"the planner's reply is not a plan: {exc}") from exc
-    return reply.steps[:MAX_PLAN_STEPS]
-
-
-def parse_verdict(text: str) -> TaskVerdict:
-    try:
-        return TaskVerdict.model_validate(json_object(text))
-    except ValidationError as exc:
-        raise ValueError(f"the verifier's reply is not a verdict: {exc}") from exc
 
 
 def progress(request: PlanRequest | VerifyRequest) -> str:
@@ -171,11 +134,26 @@ def verifier_messages(request: VerifyRequest) -> Messages:
     ]
 
 
-def answer(result: ChatResult) -> dict[str, Any]:
-    """Who answered and what it cost, as a ModelAnswer's fields."""
+REPAIR = """\
+Your reply does not fit the required JSON schema:
+{problems}
+Reply again with the whole corrected JSON object and nothing else."""
+
+
+def answer(*results: ChatResult) -> dict[str, Any]:
+    """Who answered (the last reply) and what the replies cost together, as a ModelAnswer's
+    fields."""
+    last = results[-1]
+    usage = TokenUsage()
+    for result in results:
+        for field in TokenUsage.model_fields:
+            setattr(usage, field, getattr(usage, field) + getattr(result.usage, field))
     return dict(
         ModelAnswer(
-            provider=result.provider, model=result.model, cached=result.cached, usage=result.usage
+            provider=last.provider,
+            model=last.model,
+            cached=all(r.cached for r in results),
+            usage=usage,
         )
     )
 
@@ -191,17 +169,19 @@ class PlanningActivities:
         self,
         messages: Messages,
         request: PlanRequest | VerifyRequest,
+        schema: tuple[str, dict[str, Any]],
         parse: Callable[[str], T],
         unparsed: str,
     ) -> tuple[T, dict[str, Any]]:
-        """The model's reply to ``messages``, parsed, and who answered; a reply that does not
-        parse is an error of type ``unparsed``, which a retry asks again."""
+        """The model's reply to ``messages``, held to ``schema`` (name, JSON schema) and
+        parsed, and who answered. A reply that does not fit is sent back once with what is
+        wrong in it; a second that does not is an error of type ``unparsed``, which the
+        activity's retry asks again."""
         if not self.proxy.configured:
             raise ApplicationError(NO_MODEL, type="NoPlannerModel", non_retryable=True)
         caller = await asyncio.to_thread(
             caller_for_session, self.proxy.engine, request.session_id, request.task_id
         )
-        chat = ChatRequest(messages=messages, temperature=0)
 
         def parsed(result: ChatResult) -> T:
             return parse(result.message.get("content") or "")
@@ -213,26 +193,53 @@ class PlanningActivities:
                 return False
             return True
 
+        async def complete(chat_messages: Messages) -> ChatResult:
+            chat = ChatRequest(
+                messages=chat_messages, temperature=0, response_format=json_schema_format(*schema)
+            )
+            try:
+                # Only a reply that parses is cached: a retry asks the model again.
+                return await self.proxy.complete(chat, caller, keep=usable, prefer=request.model)
+            except LLMError as exc:
+                kind, retryable = next(v for k, v in FAILURES.items() if isinstance(exc, k))
+                message = NO_MODEL if isinstance(exc, NoProvider) else str(exc)
+                raise ApplicationError(message, type=kind, non_retryable=not retryable) from exc
+
+        first = await complete(messages)
         try:
-            # Only a reply that parses is cached: a retry asks the model again.
-            result = await self.proxy.complete(chat, caller, keep=usable, prefer=request.model)
-        except LLMError as exc:
-            kind, retryable = next(v for k, v in FAILURES.items() if isinstance(exc, k))
-            message = NO_MODEL if isinstance(exc, NoProvider) else str(exc)
-            raise ApplicationError(message, type=kind, non_retryable=not retryable) from exc
+            return parsed(first), answer(first)
+        except ValueError as exc:
+            wrong = str(exc)
+        activity.logger.info("the model's reply does not fit; asking it to repair: %s", wrong)
+        repair = [
+            *messages,
+            {"role": "assistant", "content": first.message.get("content") or ""},
+            {"role": "user", "content": REPAIR.format(problems=wrong)},
+        ]
+        second = await complete(repair)
         try:
-            return parsed(result), answer(result)
+            return parsed(second), answer(first, second)
         except ValueError as exc:
             raise ApplicationError(str(exc), type=unparsed) from exc
 
     @activity.defn(name="PlanTask")
     async def plan(self, request: PlanRequest) -> Plan:
-        steps, by = await self.ask(planner_messages(request), request, parse_reply, "BadPlan")
+        steps, by = await self.ask(
+            planner_messages(request),
+            request,
+            (PLAN_SCHEMA_NAME, plan_schema()),
+            parse_reply,
+            "BadPlan",
+        )
         return Plan(steps=steps, **by)
 
     @activity.defn(name="VerifyTask")
     async def verify(self, request: VerifyRequest) -> TaskVerdict:
         verdict, by = await self.ask(
-            verifier_messages(request), request, parse_verdict, "BadVerdict"
+            verifier_messages(request),
+            request,
+            (VERDICT_SCHEMA_NAME, VERDICT_SCHEMA),
+            parse_verdict,
+            "BadVerdict",
         )
         return TaskVerdict(ok=verdict.ok, answer=verdict.answer, reason=verdict.reason, **by)
