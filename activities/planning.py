@@ -8,9 +8,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from sqlalchemy import Engine
+from sqlmodel import Session
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+import vm_templates
 from activities.models import (
     DoneStep,
     ModelAnswer,
@@ -19,6 +22,7 @@ from activities.models import (
     TaskVerdict,
     VerifyRequest,
 )
+from activities.prompts import VERIFY_PROMPT, planner_prompt, step_kinds
 from activities.replies import (
     PLAN_SCHEMA_NAME,
     VERDICT_SCHEMA,
@@ -41,6 +45,8 @@ from llm.models import (
 )
 from llm.proxy import LLMProxy
 from llm.structured import json_schema_format
+from sandboxes.policy import CommandPolicy, load_policy
+from store.models import SessionRow
 
 NO_MODEL = (
     "This task needs a planner model, and none is configured. Set BERTH_LLM_MODEL "
@@ -57,35 +63,12 @@ FAILURES: dict[type[LLMError], tuple[str, bool]] = {
     AllProvidersFailed: ("LLMUnavailable", True),
 }
 
-SYSTEM_PROMPT = """\
-You plan the work of an autonomous agent that acts in a Debian Linux sandbox, one step at a
-time. Turn the user's task into the shortest sequence of steps that does it and shows the
-result. Steps, as JSON objects:
-- {"kind": "terminal", "command": "..."}: one command, run non-interactively by bash in the
-  workspace (the home directory).
-- {"kind": "file", "op": "write", "path": "...", "content": "..."}, or op "read" or "list":
-  a file in the workspace. Write scripts as files, then run them.
-- {"kind": "browser", "action": "navigate", "url": "https://..."}; other actions: "click"
-  (selector), "type" (selector, text), "select" (selector, value), "extract" (text of
-  selector, or of the page), "wait_for" (selector or text), "screenshot". One browser page
-  is kept across the task's steps; every browser step takes a screenshot.
-Give each step a success criterion, checked right after it runs, as "check":
-{"kind": "exit_code", "value": "0"}, {"kind": "output_contains", "value": "TEXT"},
-{"kind": "output_regex", "value": "REGEX"}, {"kind": "file_exists", "value": "PATH"}, or for
-browser steps {"kind": "url_matches", "value": "REGEX"} or
-{"kind": "page_text_contains", "value": "TEXT"}.
-Steps run in order; if one fails or misses its check, you are told what happened and plan
-the rest again. The sandbox's policy refuses some commands (inline code such as
-`python3 -c` or `bash -c`, eval, command substitution, sudo): write a file and run it.
-If the steps already run achieve the task, plan no steps.
-Reply with one JSON object and nothing else: {"steps": [...]}"""
 
-VERIFY_PROMPT = """\
-You check the work of an autonomous agent against the user's task. You are given the task
-and the steps the agent ran with their output. Decide whether the task is done, and write the
-answer the user gets: the result itself (quote the output that matters), not a description
-of the steps. Reply with one JSON object and nothing else:
-{"ok": true or false, "answer": "...", "reason": "why it is or is not done"}"""
+def session_template(engine: Engine, session_id: str) -> str:
+    """The session's sandbox template (the default one for a call outside a session)."""
+    with Session(engine) as db:
+        row = db.get(SessionRow, session_id) if session_id else None
+    return row.template if row is not None else vm_templates.DEFAULT
 
 
 def progress(request: PlanRequest | VerifyRequest) -> str:
@@ -118,13 +101,13 @@ Messages = list[dict[str, Any]]
 T = TypeVar("T")
 
 
-def planner_messages(request: PlanRequest) -> Messages:
+def planner_messages(request: PlanRequest, system: str) -> Messages:
     text = progress(request)
     if request.feedback:
         text += f"\n\nThe plan must change: {request.feedback}"
     if request.done or request.feedback or request.instruction:
         text += "\nPlan only the steps still to run."
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": text}]
 
 
 def verifier_messages(request: VerifyRequest) -> Messages:
@@ -164,6 +147,13 @@ class PlanningActivities:
 
     def __init__(self, proxy: LLMProxy) -> None:
         self.proxy = proxy
+        self.policies: dict[str, CommandPolicy] = {}  # by template, read once per worker
+
+    def sandbox(self, template: str) -> tuple[str, tuple[str, ...]]:
+        """The planner's system prompt for a session of ``template``, and its step kinds."""
+        if template not in self.policies:
+            self.policies[template] = load_policy(template, self.proxy.settings.command_policy_path)
+        return planner_prompt(template, self.policies[template]), step_kinds(template)
 
     async def ask(
         self,
@@ -224,10 +214,12 @@ class PlanningActivities:
 
     @activity.defn(name="PlanTask")
     async def plan(self, request: PlanRequest) -> Plan:
+        template = await asyncio.to_thread(session_template, self.proxy.engine, request.session_id)
+        system, kinds = self.sandbox(template)
         steps, by = await self.ask(
-            planner_messages(request),
+            planner_messages(request, system),
             request,
-            (PLAN_SCHEMA_NAME, plan_schema()),
+            (PLAN_SCHEMA_NAME, plan_schema(kinds)),
             parse_reply,
             "BadPlan",
         )
