@@ -14,8 +14,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 import vm_templates
+from activities.context import Messages, fit, progress
 from activities.models import (
-    DoneStep,
     ModelAnswer,
     Plan,
     PlanRequest,
@@ -71,38 +71,11 @@ def session_template(engine: Engine, session_id: str) -> str:
     return row.template if row is not None else vm_templates.DEFAULT
 
 
-def progress(request: PlanRequest | VerifyRequest) -> str:
-    """The task as the model sees it: the goal, the user's changes, what ran and how."""
-    text = f"Task:\n{request.prompt}"
-    if request.notes:
-        text += "\n\nThe user changed the task:\n" + "\n".join(f"- {n}" for n in request.notes)
-    if request.done:
-        text += "\n\nSteps run so far, oldest first:\n" + "\n".join(
-            done_step(d) for d in request.done
-        )
-    return text
-
-
-def done_step(done: DoneStep) -> str:
-    outcome = done.outcome
-    lines = [done.step.describe(), "-> ok" if outcome.ok else f"-> {outcome.problem()}"]
-    if outcome.check is not None and outcome.check.ok:
-        lines.append(f"check: {outcome.check.detail}")
-    if outcome.result is not None:
-        found = outcome.result.model_dump(exclude_none=True)
-        lines += [f"{name}: {value[:800] if isinstance(value, str) else value}"
-                  for name, value in found.items()]  # fmt: skip
-    if outcome.output_tail:
-        lines.append(f"output: {outcome.output_tail[-800:]}")
-    return "\n".join(lines)
-
-
-Messages = list[dict[str, Any]]
 T = TypeVar("T")
 
 
-def planner_messages(request: PlanRequest, system: str) -> Messages:
-    text = progress(request)
+def planner_messages(request: PlanRequest, system: str, text: str) -> Messages:
+    """The planner's messages, ``text`` the task's progress."""
     if request.feedback:
         text += f"\n\nThe plan must change: {request.feedback}"
     if request.done or request.feedback or request.instruction:
@@ -110,11 +83,8 @@ def planner_messages(request: PlanRequest, system: str) -> Messages:
     return [{"role": "system", "content": system}, {"role": "user", "content": text}]
 
 
-def verifier_messages(request: VerifyRequest) -> Messages:
-    return [
-        {"role": "system", "content": VERIFY_PROMPT},
-        {"role": "user", "content": progress(request)},
-    ]
+def verifier_messages(text: str) -> Messages:
+    return [{"role": "system", "content": VERIFY_PROMPT}, {"role": "user", "content": text}]
 
 
 REPAIR = """\
@@ -154,6 +124,14 @@ class PlanningActivities:
         if template not in self.policies:
             self.policies[template] = load_policy(template, self.proxy.settings.command_policy_path)
         return planner_prompt(template, self.policies[template]), step_kinds(template)
+
+    def bounded(
+        self, request: PlanRequest | VerifyRequest, messages: Callable[[str], Messages]
+    ) -> Messages:
+        """The call's messages within the context window of every provider it may go to."""
+        if not self.proxy.configured:
+            return messages(progress(request))
+        return fit(request, messages, self.proxy.count_tokens, self.proxy.prompt_budget())
 
     async def ask(
         self,
@@ -216,8 +194,9 @@ class PlanningActivities:
     async def plan(self, request: PlanRequest) -> Plan:
         template = await asyncio.to_thread(session_template, self.proxy.engine, request.session_id)
         system, kinds = self.sandbox(template)
+        messages = self.bounded(request, lambda text: planner_messages(request, system, text))
         steps, by = await self.ask(
-            planner_messages(request, system),
+            messages,
             request,
             (PLAN_SCHEMA_NAME, plan_schema(kinds)),
             parse_reply,
@@ -228,7 +207,7 @@ class PlanningActivities:
     @activity.defn(name="VerifyTask")
     async def verify(self, request: VerifyRequest) -> TaskVerdict:
         verdict, by = await self.ask(
-            verifier_messages(request),
+            self.bounded(request, verifier_messages),
             request,
             (VERDICT_SCHEMA_NAME, VERDICT_SCHEMA),
             parse_verdict,
