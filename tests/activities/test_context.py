@@ -66,7 +66,8 @@ def test_a_long_output_keeps_head_tail_and_the_lines_the_check_wants() -> None:
     output = output.replace("row 1000\n", "row 1000 TOTAL=42\n")
     kept = excerpt(output, Check(kind="output_contains", value="TOTAL="), 400)
     assert kept.startswith("row 0\n") and kept.endswith("row 1999\n")
-    assert "the lines the check looks for:]\nrow 1000 TOTAL=42\n[...]" in kept and "row 500\n" not in kept
+    assert "the lines the check looks for:]\nrow 1000 TOTAL=42\n[...]" in kept
+    assert "row 500\n" not in kept
     regex = excerpt(output, Check(kind="output_regex", value=r"TOTAL=\d+"), 400)
     assert "row 1000 TOTAL=42" in regex
     assert excerpt("short", None, 400) == "short"
