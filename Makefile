@@ -14,7 +14,7 @@ VM_PACKAGES := libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev qemu
   qemu-utils pkg-config gcc linux-image-cloud-amd64 busybox-static e2fsprogs iproute2
 STAMPS := .berth/stamps
 
-.PHONY: run test test-fast test-chaos lint check setup sandbox-image vm-image lock clean bench-spine bench-llm bench-vm
+.PHONY: run test test-fast test-chaos lint check setup sandbox-image vm-image lock clean bench-spine bench-llm bench-vm eval-agent
 
 run: setup
 	$(PY) -m berth run
@@ -42,6 +42,11 @@ bench-llm: $(VENV)/.installed
 
 bench-vm: setup
 	$(PY) -m berth bench vm $(BENCH_ARGS)
+
+# The agent's task suite against the configured LLM providers (real calls: they cost money);
+# EVAL_ARGS passes options (e.g. `make eval-agent EVAL_ARGS="--task csv-totals"`).
+eval-agent: setup
+	$(PY) -m berth eval agent $(EVAL_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
