@@ -64,26 +64,19 @@ def rule_brief(name: str, rule: ProgramRule) -> str:
 def syntax_brief(policy: CommandPolicy) -> list[str]:
     """The shell syntax this policy refuses, and what to do instead."""
     lines = [f"Refused everywhere: {ALWAYS_REFUSED}."]
-    allowed = [
-        what
-        for what, on in (
-            ("chaining with ; && ||", policy.allow_chaining),
-            ("pipes |", policy.allow_pipes),
-            ("redirections > >> < to files in the workspace", policy.allow_redirects_in_workspace),
-            ("background jobs &", policy.allow_background),
-        )
-        if on
+    # (the syntax when allowed, when refused, whether this policy allows it)
+    choices = [
+        ("chaining with ; && ||", "chaining (one command per step)", policy.allow_chaining),
+        ("pipes |", "pipes", policy.allow_pipes),
+        (
+            "redirections > >> < to files in the workspace",
+            "redirections to files",
+            policy.allow_redirects_in_workspace,
+        ),
+        ("background jobs &", "background jobs &", policy.allow_background),
     ]
-    refused = [
-        what
-        for what, on in (
-            ("chaining (one command per step)", policy.allow_chaining),
-            ("pipes", policy.allow_pipes),
-            ("redirections to files", policy.allow_redirects_in_workspace),
-            ("background jobs &", policy.allow_background),
-        )
-        if not on
-    ]
+    allowed = [yes for yes, _, on in choices if on]
+    refused = [no for _, no, on in choices if not on]
     if allowed:
         lines.append("Allowed: " + ", ".join(allowed) + ".")
     if refused:
