@@ -23,22 +23,26 @@ def _nullable(kind: str, **more: Any) -> dict[str, Any]:
     return {"type": [kind, "null"], **more}
 
 
+def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    # anyOf, the form of an optional enum or object every strict mode reads.
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
 def _enum(*values: str) -> dict[str, Any]:
-    return {"type": ["string", "null"], "enum": [*values, None]}
+    return _or_null({"type": "string", "enum": list(values)})
 
 
-CHECK_SCHEMA: dict[str, Any] = {
-    "type": ["object", "null"],
-    "additionalProperties": False,
-    "required": ["kind", "value"],
-    "properties": {
-        "kind": {
-            "type": "string",
-            "enum": list(get_args(CheckKind)),
+CHECK_SCHEMA = _or_null(
+    {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["kind", "value"],
+        "properties": {
+            "kind": {"type": "string", "enum": list(get_args(CheckKind))},
+            "value": {"type": "string"},
         },
-        "value": {"type": "string"},
-    },
-}
+    }
+)
 
 
 def plan_schema(kinds: tuple[str, ...] = STEP_KINDS) -> dict[str, Any]:
