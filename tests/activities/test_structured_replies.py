@@ -13,6 +13,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.models import PlanRequest, VerifyRequest
 from activities.planning import PlanningActivities
+from activities.replies import VERDICT_SCHEMA, parse_reply, plan_schema
 from config.settings import LLMProvider, Settings
 from llm.proxy import LLMProxy
 from sandboxes.models import FileStep, TerminalStep
@@ -114,3 +115,11 @@ async def test_a_reply_that_does_not_fit_is_repaired_once_with_what_was_wrong(
     assert messages[-2] == {"role": "assistant", "content": json.dumps(bad)}
     assert "does not fit" in messages[-1]["content"]
     assert "browser action click needs selector" in messages[-1]["content"]
+
+
+def test_a_strict_plan_with_every_field_null_where_it_does_not_apply_parses() -> None:
+    step = plan_schema()["properties"]["steps"]["items"]
+    full = dict.fromkeys(step["properties"])
+    steps = [{**full, **s} for s in PLAN["steps"]]
+    assert parse_reply(json.dumps({"steps": steps})) == parse_reply(json.dumps(PLAN))
+    assert set(VERDICT_SCHEMA["required"]) == set(VERDICT)
