@@ -118,17 +118,16 @@ class Client:
         revised = 0
         url = f"/sessions/{sid}/events"
         with self.http.stream("GET", url, headers={"Last-Event-ID": "0"}) as stream:
-            kind = ""
             for line in stream.iter_lines():
-                if line.startswith("event: "):
-                    kind = line.removeprefix("event: ")
-                elif line.startswith("data: "):
-                    data = json.loads(line.removeprefix("data: "))
-                    if data.get("task_id") != tid:
-                        continue
-                    revised += kind == EventType.task_plan and bool(data.get("revised"))
-                    if kind == EventType.task_status and data.get("status") in ENDED:
-                        break
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                kind, data = event["type"], event["data"]
+                if data.get("task_id") != tid:
+                    continue
+                revised += kind == EventType.task_plan and bool(data.get("revised"))
+                if kind == EventType.task_status and data.get("status") in ENDED:
+                    break
         return revised
 
     def end(self, sid: str) -> None:
