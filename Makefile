@@ -15,7 +15,7 @@ VM_PACKAGES := libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev qemu
 STAMPS := .berth/stamps
 
 .PHONY: run test test-fast test-chaos lint check setup sandbox-image vm-image image lock clean bench-spine \
-  bench-llm bench-vm bench-fork bench-load
+  bench-llm bench-vm bench-fork bench-load eval-agent
 
 run: setup
 	$(PY) -m berth run
@@ -50,6 +50,11 @@ bench-fork: setup
 # The local fleet (2 hosts, 2 API replicas behind nginx, PostgreSQL, Docker) under load.
 bench-load: setup
 	$(PY) -m berth bench load $(BENCH_ARGS)
+
+# The agent's task suite against the configured LLM providers (real calls: they cost money);
+# EVAL_ARGS passes options (e.g. `make eval-agent EVAL_ARGS="--task csv-totals"`).
+eval-agent: setup
+	$(PY) -m berth eval agent $(EVAL_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

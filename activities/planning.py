@@ -5,23 +5,31 @@ through LangChain. (Plans written as ``$ `` lines never get here: the workflow p
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError, field_validator
+from sqlalchemy import Engine
+from sqlmodel import Session
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+import vm_templates
+from activities.context import Messages, fit, progress
 from activities.models import (
-    MAX_PLAN_STEPS,
-    DoneStep,
     ModelAnswer,
     Plan,
     PlanRequest,
     TaskVerdict,
     VerifyRequest,
+)
+from activities.prompts import VERIFY_PROMPT, planner_prompt, step_kinds
+from activities.replies import (
+    PLAN_SCHEMA_NAME,
+    VERDICT_SCHEMA,
+    VERDICT_SCHEMA_NAME,
+    parse_reply,
+    parse_verdict,
+    plan_schema,
 )
 from llm.accounting import caller_for_session
 from llm.models import (
@@ -33,9 +41,12 @@ from llm.models import (
     LLMError,
     NoProvider,
     RateLimited,
+    TokenUsage,
 )
 from llm.proxy import LLMProxy
-from sandboxes.models import Step
+from llm.structured import json_schema_format
+from sandboxes.policy import CommandPolicy, load_policy
+from store.models import SessionRow
 
 NO_MODEL = (
     "This task needs a planner model, and none is configured. Set BERTH_LLM_MODEL "
@@ -52,130 +63,50 @@ FAILURES: dict[type[LLMError], tuple[str, bool]] = {
     AllProvidersFailed: ("LLMUnavailable", True),
 }
 
-SYSTEM_PROMPT = """\
-You plan the work of an autonomous agent that acts in a Debian Linux sandbox, one step at a
-time. Turn the user's task into the shortest sequence of steps that does it and shows the
-result. Steps, as JSON objects:
-- {"kind": "terminal", "command": "..."}: one command, run non-interactively by bash in the
-  workspace (the home directory).
-- {"kind": "file", "op": "write", "path": "...", "content": "..."}, or op "read" or "list":
-  a file in the workspace. Write scripts as files, then run them.
-- {"kind": "browser", "action": "navigate", "url": "https://..."}; other actions: "click"
-  (selector), "type" (selector, text), "select" (selector, value), "extract" (text of
-  selector, or of the page), "wait_for" (selector or text), "screenshot". One browser page
-  is kept across the task's steps; every browser step takes a screenshot.
-Give each step a success criterion, checked right after it runs, as "check":
-{"kind": "exit_code", "value": "0"}, {"kind": "output_contains", "value": "TEXT"},
-{"kind": "output_regex", "value": "REGEX"}, {"kind": "file_exists", "value": "PATH"}, or for
-browser steps {"kind": "url_matches", "value": "REGEX"} or
-{"kind": "page_text_contains", "value": "TEXT"}.
-Steps run in order; if one fails or misses its check, you are told what happened and plan
-the rest again. The sandbox's policy refuses some commands (inline code such as
-`python3 -c` or `bash -c`, eval, command substitution, sudo): write a file and run it.
-If the steps already run achieve the task, plan no steps.
-Reply with one JSON object and nothing else: {"steps": [...]}"""
 
-VERIFY_PROMPT = """\
-You check the work of an autonomous agent against the user's task. You are given the task
-and the steps the agent ran with their output. Decide whether the task is done, and write the
-answer the user gets: the result itself (quote the output that matters), not a description
-of the steps. Reply with one JSON object and nothing else:
-{"ok": true or false, "answer": "...", "reason": "why it is or is not done"}"""
+def session_template(engine: Engine, session_id: str) -> str:
+    """The session's sandbox template (the default one for a call outside a session)."""
+    with Session(engine) as db:
+        row = db.get(SessionRow, session_id) if session_id else None
+    return row.template if row is not None else vm_templates.DEFAULT
 
 
-class _Reply(BaseModel):
-    steps: list[Step]
-
-    @field_validator("steps", mode="before")
-    @classmethod
-    def _terminal_by_default(cls, steps: Any) -> Any:
-        # Models often leave out the kind of a plain command.
-        if isinstance(steps, list):
-            return [
-                {"kind": "terminal", **s} if isinstance(s, dict) and "kind" not in s else s
-                for s in steps
-            ]
-        return steps
-
-
-def json_object(text: str) -> Any:
-    """A model's reply's first JSON object, fenced in markdown or not."""
-    match = re.search(r"\{.*\}", text, re.DOTALL)
-    if match is None:
-        raise ValueError(f"the reply holds no JSON object: {text[:300]!r}")
-    try:
-        return json.loads(match.group(0))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"the reply's JSON does not parse: {exc}") from exc
-
-
-def parse_reply(text: str) -> list[Step]:
-    """The steps in a planner's reply (none when it finds the task done already)."""
-    try:
-        reply = _Reply.model_validate(json_object(text))
-    except ValidationError as exc:
-        raise ValueError(f"the planner's reply is not a plan: {exc}") from exc
-    return reply.steps[:MAX_PLAN_STEPS]
-
-
-def parse_verdict(text: str) -> TaskVerdict:
-    try:
-        return TaskVerdict.model_validate(json_object(text))
-    except ValidationError as exc:
-        raise ValueError(f"the verifier's reply is not a verdict: {exc}") from exc
-
-
-def progress(request: PlanRequest | VerifyRequest) -> str:
-    """The task as the model sees it: the goal, the user's changes, what ran and how."""
-    text = f"Task:\n{request.prompt}"
-    if request.notes:
-        text += "\n\nThe user changed the task:\n" + "\n".join(f"- {n}" for n in request.notes)
-    if request.done:
-        text += "\n\nSteps run so far, oldest first:\n" + "\n".join(
-            done_step(d) for d in request.done
-        )
-    return text
-
-
-def done_step(done: DoneStep) -> str:
-    outcome = done.outcome
-    lines = [done.step.describe(), "-> ok" if outcome.ok else f"-> {outcome.problem()}"]
-    if outcome.check is not None and outcome.check.ok:
-        lines.append(f"check: {outcome.check.detail}")
-    if outcome.result is not None:
-        found = outcome.result.model_dump(exclude_none=True)
-        lines += [f"{name}: {value[:800] if isinstance(value, str) else value}"
-                  for name, value in found.items()]  # fmt: skip
-    if outcome.output_tail:
-        lines.append(f"output: {outcome.output_tail[-800:]}")
-    return "\n".join(lines)
-
-
-Messages = list[dict[str, Any]]
 T = TypeVar("T")
 
 
-def planner_messages(request: PlanRequest) -> Messages:
-    text = progress(request)
+def planner_messages(request: PlanRequest, system: str, text: str) -> Messages:
+    """The planner's messages, ``text`` the task's progress."""
     if request.feedback:
         text += f"\n\nThe plan must change: {request.feedback}"
     if request.done or request.feedback or request.instruction:
         text += "\nPlan only the steps still to run."
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": text}]
 
 
-def verifier_messages(request: VerifyRequest) -> Messages:
-    return [
-        {"role": "system", "content": VERIFY_PROMPT},
-        {"role": "user", "content": progress(request)},
-    ]
+def verifier_messages(text: str) -> Messages:
+    return [{"role": "system", "content": VERIFY_PROMPT}, {"role": "user", "content": text}]
 
 
-def answer(result: ChatResult) -> dict[str, Any]:
-    """Who answered and what it cost, as a ModelAnswer's fields."""
+REPAIR = """\
+Your reply does not fit the required JSON schema:
+{problems}
+Reply again with the whole corrected JSON object and nothing else."""
+
+
+def answer(*results: ChatResult) -> dict[str, Any]:
+    """Who answered (the last reply) and what the replies cost together, as a ModelAnswer's
+    fields."""
+    last = results[-1]
+    usage = TokenUsage()
+    for result in results:
+        for field in TokenUsage.model_fields:
+            setattr(usage, field, getattr(usage, field) + getattr(result.usage, field))
     return dict(
         ModelAnswer(
-            provider=result.provider, model=result.model, cached=result.cached, usage=result.usage
+            provider=last.provider,
+            model=last.model,
+            cached=all(r.cached for r in results),
+            usage=usage,
         )
     )
 
@@ -186,22 +117,39 @@ class PlanningActivities:
 
     def __init__(self, proxy: LLMProxy) -> None:
         self.proxy = proxy
+        self.policies: dict[str, CommandPolicy] = {}  # by template, read once per worker
+
+    def sandbox(self, template: str) -> tuple[str, tuple[str, ...]]:
+        """The planner's system prompt for a session of ``template``, and its step kinds."""
+        if template not in self.policies:
+            self.policies[template] = load_policy(template, self.proxy.settings.command_policy_path)
+        return planner_prompt(template, self.policies[template]), step_kinds(template)
+
+    def bounded(
+        self, request: PlanRequest | VerifyRequest, messages: Callable[[str], Messages]
+    ) -> Messages:
+        """The call's messages within the context window of every provider it may go to."""
+        if not self.proxy.configured:
+            return messages(progress(request))
+        return fit(request, messages, self.proxy.count_tokens, self.proxy.prompt_budget())
 
     async def ask(
         self,
         messages: Messages,
         request: PlanRequest | VerifyRequest,
+        schema: tuple[str, dict[str, Any]],
         parse: Callable[[str], T],
         unparsed: str,
     ) -> tuple[T, dict[str, Any]]:
-        """The model's reply to ``messages``, parsed, and who answered; a reply that does not
-        parse is an error of type ``unparsed``, which a retry asks again."""
+        """The model's reply to ``messages``, held to ``schema`` (name, JSON schema) and
+        parsed, and who answered. A reply that does not fit is sent back once with what is
+        wrong in it; a second that does not is an error of type ``unparsed``, which the
+        activity's retry asks again."""
         if not self.proxy.configured:
             raise ApplicationError(NO_MODEL, type="NoPlannerModel", non_retryable=True)
         caller = await asyncio.to_thread(
             caller_for_session, self.proxy.engine, request.session_id, request.task_id
         )
-        chat = ChatRequest(messages=messages, temperature=0)
 
         def parsed(result: ChatResult) -> T:
             return parse(result.message.get("content") or "")
@@ -213,26 +161,56 @@ class PlanningActivities:
                 return False
             return True
 
+        async def complete(chat_messages: Messages) -> ChatResult:
+            chat = ChatRequest(
+                messages=chat_messages, temperature=0, response_format=json_schema_format(*schema)
+            )
+            try:
+                # Only a reply that parses is cached: a retry asks the model again.
+                return await self.proxy.complete(chat, caller, keep=usable, prefer=request.model)
+            except LLMError as exc:
+                kind, retryable = next(v for k, v in FAILURES.items() if isinstance(exc, k))
+                message = NO_MODEL if isinstance(exc, NoProvider) else str(exc)
+                raise ApplicationError(message, type=kind, non_retryable=not retryable) from exc
+
+        first = await complete(messages)
         try:
-            # Only a reply that parses is cached: a retry asks the model again.
-            result = await self.proxy.complete(chat, caller, keep=usable, prefer=request.model)
-        except LLMError as exc:
-            kind, retryable = next(v for k, v in FAILURES.items() if isinstance(exc, k))
-            message = NO_MODEL if isinstance(exc, NoProvider) else str(exc)
-            raise ApplicationError(message, type=kind, non_retryable=not retryable) from exc
+            return parsed(first), answer(first)
+        except ValueError as exc:
+            wrong = str(exc)
+        activity.logger.info("the model's reply does not fit; asking it to repair: %s", wrong)
+        repair = [
+            *messages,
+            {"role": "assistant", "content": first.message.get("content") or ""},
+            {"role": "user", "content": REPAIR.format(problems=wrong)},
+        ]
+        second = await complete(repair)
         try:
-            return parsed(result), answer(result)
+            return parsed(second), answer(first, second)
         except ValueError as exc:
             raise ApplicationError(str(exc), type=unparsed) from exc
 
     @activity.defn(name="PlanTask")
     async def plan(self, request: PlanRequest) -> Plan:
-        steps, by = await self.ask(planner_messages(request), request, parse_reply, "BadPlan")
+        template = await asyncio.to_thread(session_template, self.proxy.engine, request.session_id)
+        system, kinds = self.sandbox(template)
+        messages = self.bounded(request, lambda text: planner_messages(request, system, text))
+        steps, by = await self.ask(
+            messages,
+            request,
+            (PLAN_SCHEMA_NAME, plan_schema(kinds)),
+            parse_reply,
+            "BadPlan",
+        )
         return Plan(steps=steps, **by)
 
     @activity.defn(name="VerifyTask")
     async def verify(self, request: VerifyRequest) -> TaskVerdict:
         verdict, by = await self.ask(
-            verifier_messages(request), request, parse_verdict, "BadVerdict"
+            self.bounded(request, verifier_messages),
+            request,
+            (VERDICT_SCHEMA_NAME, VERDICT_SCHEMA),
+            parse_verdict,
+            "BadVerdict",
         )
         return TaskVerdict(ok=verdict.ok, answer=verdict.answer, reason=verdict.reason, **by)

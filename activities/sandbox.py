@@ -20,6 +20,7 @@ from activities.models import SandboxRequest, StepRequest
 from sandboxes.gateway import GuestUnavailable, SandboxDied, StepKindUnsupported
 from sandboxes.models import Health, SandboxInfo, StepOutcome
 from sandboxes.policy import CommandPolicy, judge, load_policy
+from sandboxes.policy.brief import rules_named
 from sandboxes.provider import SandboxProvider
 from store import events
 from store.artifacts import ArtifactStore
@@ -190,10 +191,15 @@ class SandboxActivities:
         template = request.sandbox.template
         if template not in self.policies:
             self.policies[template] = load_policy(template, self.command_policy_path)
-        verdict = judge(step.command, self.policies[template], cwd=step.cwd)
+        policy = self.policies[template]
+        verdict = judge(step.command, policy, cwd=step.cwd)
         if not verdict.allowed:
             POLICY_REFUSALS.labels(template).inc()
-            raise ApplicationError(verdict.reason, type="CommandRefused", non_retryable=True)
+            # The rules of the programs it names, quoted: the planner sees what it ran into.
+            quoted = "".join(f"\npolicy rule: {rule}" for rule in rules_named(policy, step.command))
+            raise ApplicationError(
+                verdict.reason + quoted, type="CommandRefused", non_retryable=True
+            )
 
     @activity.defn(name="ProvisionSandbox")
     async def provision(self, request: SandboxRequest) -> SandboxInfo:

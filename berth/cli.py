@@ -1,6 +1,6 @@
 """Berth's one command line: ``python -m berth run | worker | api | prepare | create-admin |
-host | temporal-setup | backup | restore | machines | replay | bench``, an argparse parser with
-a subcommand each.
+host | temporal-setup | backup | restore | machines | replay | bench | eval``, an argparse
+parser with a subcommand each.
 
 Parsing comes first and imports nothing heavy: each command imports what it runs only once it
 is chosen, so ``--help`` on any command (or a mistyped option, which argparse refuses with
@@ -150,6 +150,12 @@ def bench_llm(args: argparse.Namespace) -> int:
     from bench.llm import bench
 
     return bench(args.out or BENCH_OUT / "llm.json")
+
+
+def eval_agent(args: argparse.Namespace) -> int:
+    from bench.agent_eval import main
+
+    return main(args.out or BENCH_OUT / "eval-agent.json", args.task or [])
 
 
 def bench_vm(args: argparse.Namespace) -> int:
@@ -413,6 +419,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="PER_S",
         help="staggered sessions a second (default: 10)",
+    )
+
+    # Evaluations: how well the agent does real tasks with the configured models.
+    summary = "evaluate the agent with the configured LLM providers"
+    evaluation = commands.add_parser("eval", help=summary, description=summary)
+    evals = evaluation.add_subparsers(dest="eval", metavar="SUITE", required=True)
+    summary = "the agent's task suite, graded in its sandboxes (calls real models)"
+    agent = evals.add_parser("agent", help=summary, description=summary)
+    agent.set_defaults(handler=eval_agent)
+    agent.add_argument(
+        "--out",
+        type=Path,
+        metavar="PATH",
+        help=f"where to write the results as JSON (default: {BENCH_OUT}/eval-agent.json)",
+    )
+    agent.add_argument(
+        "--task", action="append", metavar="NAME", help="run only this task (repeatable)"
     )
     return parser
 

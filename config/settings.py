@@ -22,6 +22,10 @@ class LLMProvider(BaseModel):
     model: str
     base_url: str | None = None
     api_key: str | None = None
+    # The agent's bounded context (issue 20): the model's context window in tokens; the
+    # planner keeps each call within it (older steps summarized). Small by default, as a
+    # local model's may be: set it to the model's (e.g. 128000 for gpt-4o-mini).
+    context_tokens: int = Field(default=16_000, ge=2_000)
 
 
 # The project's own folder: a cache there serves every data dir.

@@ -23,6 +23,7 @@ from langchain_core.runnables import Runnable
 
 from config.settings import LLMProvider, Settings
 from llm.models import ChatRequest, TokenUsage
+from llm.structured import forced_tool, rejects_schema, wanted_schema, without_schema
 
 # OpenAI request fields forwarded to the provider besides the named ones of ChatRequest.
 log = logging.getLogger("berth.llm")
@@ -113,6 +114,9 @@ class Answer:
 class Provider:
     config: LLMProvider
     chat: BaseChatModel
+    # False once the provider refused a request for structured output (llm/structured.py):
+    # it is then asked for JSON in text.
+    structured: bool = True
 
     @property
     def name(self) -> str:
@@ -135,6 +139,11 @@ class Provider:
         return {k: v for k, v in params.items() if v is not None}
 
     def runnable(self, request: ChatRequest) -> Runnable[LanguageModelInput, BaseMessage]:
+        schema = wanted_schema(request)
+        if schema is not None and self.config.kind == "anthropic":
+            # LangChain's structured output for Anthropic: the schema as a forced tool.
+            name, parameters = schema
+            return self.chat.bind_tools([forced_tool(name, parameters)], tool_choice=name)
         if not request.tools:
             return self.chat
         choice = request.tool_choice
@@ -145,11 +154,40 @@ class Provider:
         return self.chat.bind_tools(request.tools, tool_choice=choice)
 
     async def invoke(self, request: ChatRequest) -> Answer:
+        """The provider's answer; a request for structured output it refuses is asked again
+        without (and never with it again)."""
+        if not self.structured:
+            request = without_schema(request)
+        try:
+            return await self._invoke(request)
+        except Exception as exc:
+            if wanted_schema(request) is None or not rejects_schema(status_of(exc), str(exc)):
+                raise
+            log.warning(
+                "LLM provider %s refused structured output; JSON in text from now on", self.name
+            )
+            self.structured = False
+            return await self._invoke(without_schema(request))
+
+    async def _invoke(self, request: ChatRequest) -> Answer:
         messages = convert_to_messages(request.messages)
-        reply = await self.runnable(request).ainvoke(messages, **self.params(request))
-        return answer_of(cast(AIMessage, reply))
+        reply = cast(
+            AIMessage, await self.runnable(request).ainvoke(messages, **self.params(request))
+        )
+        answer = answer_of(reply)
+        if wanted_schema(request) is not None and self.config.kind == "anthropic":
+            # The forced tool's input is the reply, as content (OpenAI's shape of it).
+            calls = answer.message.pop("tool_calls", None) or []
+            if calls:
+                answer.message["content"] = calls[0]["function"]["arguments"]
+            if answer.finish_reason == "tool_calls":
+                answer.finish_reason = "stop"
+        return answer
 
     async def astream(self, request: ChatRequest) -> AsyncGenerator[AIMessageChunk, None]:
+        if not self.structured or self.config.kind == "anthropic":
+            # Anthropic's forced tool would stream as tool calls, not the content asked for.
+            request = without_schema(request)
         messages = convert_to_messages(request.messages)
         async for chunk in self.runnable(request).astream(messages, **self.params(request)):
             yield cast(AIMessageChunk, chunk)

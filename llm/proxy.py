@@ -51,6 +51,7 @@ from llm.providers import (
     usage_of,
 )
 from llm.shapes import Chunks
+from llm.tokens import count_messages, prompt_budget
 from telemetry.metrics import MODEL_ERRORS
 
 T = TypeVar("T")
@@ -80,6 +81,15 @@ class LLMProxy:
     @property
     def configured(self) -> bool:
         return bool(self.providers)
+
+    def prompt_budget(self) -> int:
+        """The most prompt tokens a call should carry: what the smallest context window
+        among the providers (any may answer it) leaves besides the reply."""
+        return min(prompt_budget(p.config) for p in self.providers)
+
+    def count_tokens(self, messages: list[dict[str, Any]]) -> int:
+        """The prompt tokens of ``messages`` as the provider that counts most counts them."""
+        return max(count_messages(p.config, messages) for p in self.providers)
 
     def models(self) -> list[str]:
         """What a request's ``model`` may name: ``berth`` (every provider, in order), or

@@ -13,7 +13,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.models import BRIEF_CHARS, MAX_PLAN_STEPS, DoneStep, PlanRequest, VerifyRequest
-from activities.planning import PlanningActivities, parse_reply
+from activities.planning import PlanningActivities
+from activities.replies import parse_reply
 from config.settings import LLMProvider, Settings
 from llm.proxy import LLMProxy
 from sandboxes.models import FileStep, StepOutcome, StepResult, TerminalStep
@@ -141,7 +142,7 @@ async def test_the_verifier_judges_the_result_and_writes_the_answer(
     assert (verdict.provider, verdict.usage.total_tokens) == ("p0", 15)
     sent = llm.requests[0]["body"]["messages"]
     assert "check the work" in sent[0]["content"] and "python3 primes.py" in sent[-1]["content"]
-    llm.replies.append(Reply("looks fine to me"))
+    llm.replies += [Reply("looks fine to me"), Reply("still fine")]  # a reply, its repair
     other = request.model_copy(update={"prompt": "print the first five primes"})
     with pytest.raises(ApplicationError) as caught:
         await ActivityEnvironment().run(planner_for(engine, llm).verify, other)
@@ -149,7 +150,9 @@ async def test_the_verifier_judges_the_result_and_writes_the_answer(
 
 
 async def test_a_bad_reply_is_a_retryable_error(llm: ScriptedLLM, engine: Engine) -> None:
-    llm.replies += [Reply("I cannot help with that."), Reply('{"steps": [{"command": "ls"}]}')]
+    # A reply that is no plan, and its repair that is not either.
+    llm.replies += [Reply("I cannot help with that."), Reply("No."),
+                    Reply('{"steps": [{"command": "ls"}]}')]  # fmt: skip
     planner, request = planner_for(engine, llm), PlanRequest(task_id="t", prompt="x")
     with pytest.raises(ApplicationError) as caught:
         await ActivityEnvironment().run(planner.plan, request)
@@ -158,7 +161,7 @@ async def test_a_bad_reply_is_a_retryable_error(llm: ScriptedLLM, engine: Engine
     plan = await ActivityEnvironment().run(planner.plan, request)
     assert plan.steps == [TerminalStep(command="ls")] and not plan.cached
     again = await ActivityEnvironment().run(planner.plan, request)
-    assert again.cached and len(llm.requests) == 2
+    assert again.cached and len(llm.requests) == 3
 
 
 async def test_prose_without_a_model_fails_fast_and_says_how_to_configure(

@@ -120,6 +120,9 @@ async def test_run_step_refuses_before_the_guest_sees_the_command(
             await ActivityEnvironment().run(activities.run_step, request)
         assert caught.value.type == "CommandRefused" and caught.value.non_retryable
         assert "python3 -c" in caught.value.message
+        # The rule it ran into is quoted, from the template's policy.
+        assert "policy rule: python3: script files only" in caught.value.message
+        assert "refused: -c -i" in caught.value.message
         await asyncio.sleep(0.2)
         assert link.agent.executions == {} and not (tmp_path / "pwned").exists()
         with Session(engine) as db:

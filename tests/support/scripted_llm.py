@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 
 @dataclass
@@ -20,6 +20,7 @@ class Reply:
     # OpenAI-shaped: [{"id", "name", "arguments" (a JSON string)}]
     tool_calls: list[dict[str, str]] = field(default_factory=list)
     status: int = 200  # anything else answers with an error body of that status
+    error: str = "scripted failure"  # the error body's message
     hang_s: float = 0.0  # wait this long before answering
     cut_after: int | None = None  # streaming: drop the connection after this many chunks
     prompt_tokens: int = 10
@@ -27,7 +28,12 @@ class Reply:
 
 
 # Decides the reply to a request from its body, instead of a list of replies.
-Script = Callable[[dict[str, Any]], str]
+Script = Callable[[dict[str, Any]], str | Reply]
+# What the server does with structured output (OpenAI's response_format json_schema):
+# "any" answers with or without it; "required" refuses a request without it (a server that
+# only answers schema-constrained requests); "refused" refuses one with it (a server
+# without structured output).
+Structured = Literal["any", "required", "refused"]
 
 
 class ScriptedLLM(ThreadingHTTPServer):
@@ -36,8 +42,10 @@ class ScriptedLLM(ThreadingHTTPServer):
         *replies: Reply | str,
         default: Reply | str | None = None,
         script: Script | None = None,
+        structured: Structured = "any",
         port: int = 0,
     ) -> None:
+        self.structured = structured
         self.replies = [Reply(r) if isinstance(r, str) else r for r in replies]
         self.default = Reply(default) if isinstance(default, str) else default
         self.script = script
@@ -59,8 +67,14 @@ class ScriptedLLM(ThreadingHTTPServer):
         }
 
     def next_reply(self, body: dict[str, Any]) -> Reply:
+        schema = (body.get("response_format") or {}).get("type") == "json_schema"
+        if self.structured == "required" and not schema:
+            return Reply(status=400, error="this server requires response_format json_schema")
+        if self.structured == "refused" and schema:
+            return Reply(status=400, error="response_format json_schema is not supported")
         if self.script is not None:
-            return Reply(self.script(body))
+            reply = self.script(body)
+            return Reply(reply) if isinstance(reply, str) else reply
         if self.replies:
             return self.replies.pop(0)
         if self.default is None:
@@ -96,7 +110,7 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.hang_s:
             time.sleep(reply.hang_s)
         if reply.status != 200:
-            return self.send_json({"error": {"message": "scripted failure"}}, reply.status)
+            return self.send_json({"error": {"message": reply.error}}, reply.status)
         anthropic = self.path.endswith("/messages")
         if not body.get("stream"):
             shape = anthropic_message if anthropic else openai_completion
