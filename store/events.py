@@ -65,6 +65,10 @@ class EventType(StrEnum):
     step_started = "step.started"
     step_output = "step.output"
     step_finished = "step.finished"
+    # Fleet (issue 18): the host a session was placed on and why; its host lost, its
+    # machine's files with it (unless preserved), and the session going on elsewhere.
+    session_placed = "session.placed"
+    host_lost = "host.lost"
 
 
 class NewEvent(BaseModel):
@@ -276,6 +280,16 @@ def _sandbox_destroyed(db: Session, event: Event) -> None:
         db.add(row)
 
 
+def _host_lost(db: Session, event: Event) -> None:
+    """The sandbox's host was lost with its machine: not the host's to watch any more (nor
+    a session to tell of it again); the host removes the machine if it comes back."""
+    row = db.get(SandboxRow, event.data["sandbox_id"])
+    if row is not None:
+        row.status = "lost"
+        row.destroyed_at = event.created_at
+        db.add(row)
+
+
 def _sandbox_preserved(db: Session, event: Event) -> None:
     """The session ended keeping its sandbox's disk: it may be resumed."""
     row = db.get(SandboxRow, event.data["sandbox_id"])
@@ -386,6 +400,7 @@ _PROJECTIONS: dict[EventType, Callable[[Session, Event], None]] = {
     EventType.task_plan: _task_plan,
     EventType.step_started: _step_started,
     EventType.step_finished: _step_finished,
+    EventType.host_lost: _host_lost,
 }
 
 

@@ -67,6 +67,10 @@ class SessionInput(BaseModel):
     # twice the pause before it (from ``replace_backoff_s``); past it the session fails.
     max_replacements: int = 3
     replace_backoff_s: float = 5.0
+    # Fleet (issue 18): the host the API placed the session on, and why (its first run
+    # records them as session.placed).
+    placed_host: str | None = None
+    placed_why: str | None = None
 
 
 class TaskState(BaseModel):
@@ -121,6 +125,8 @@ class Carried(BaseModel):
     dead: str | None = None
     # Machines replaced since a step last ran (see SessionInput.max_replacements).
     replacements: int = 0
+    # The host that was lost with the dead machine (see SandboxDeath.host_lost).
+    dead_host: str | None = None
 
 
 class SessionState(BaseModel):
@@ -160,6 +166,9 @@ class SandboxDeath(BaseModel):
 
     sandbox_id: str
     detail: str
+    # Set when it is the host that is lost (no heartbeat: berth/fleet.py): the machine can
+    # neither be reached nor removed, and the session moves to another host.
+    host_lost: str | None = None
 
 
 SessionInput.model_rebuild()

@@ -25,7 +25,9 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.fleet import FleetActivities
     from activities.models import (
+        FLEET_TASK_QUEUE,
         ClaimRequest,
         DoneStep,
         ModelAnswer,
@@ -69,6 +71,7 @@ with workflow.unsafe.imports_passed_through():
         TaskState,
         TaskSubmission,
     )
+    from workflows.placement import Placement, place
     from workflows.plans import is_step_plan, step_plan, user_plan
 
 Request = TypeVar("Request", PlanRequest, VerifyRequest)
@@ -89,6 +92,10 @@ REMEMBERED_KEYS = REMEMBERED_TASKS + MAX_QUEUED_TASKS + 1
 STOP_STEP_TIMEOUT = timedelta(seconds=60)
 # The longest pause before replacing a machine that died again (see recover()).
 MAX_REPLACE_BACKOFF_S = 60.0
+# A session whose host is lost, with no other host that has room, asks again this often,
+# this many times, then fails saying so.
+PLACE_AGAIN_EVERY = timedelta(seconds=15)
+PLACE_AGAIN_TRIES = 8
 
 
 class Idle(Exception):
@@ -141,6 +148,10 @@ class SessionWorkflow:
         # Why the sandbox's machine died (its host said so, or a step found it gone): the
         # session replaces it before the next task.
         self.dead: str | None = carried.dead if carried else None
+        # The host lost with the dead machine, if it was: the session moves off it.
+        self.dead_host: str | None = carried.dead_host if carried else None
+        # The task queue of the host the session moved to: its next run's (see move()).
+        self.moved_to: str | None = None
         # Machines replaced since a step last ran: bounded by params.max_replacements.
         self.replacements = carried.replacements if carried else 0
         # The preserved sandbox to restore, for the session's first machine only: its
@@ -154,6 +165,11 @@ class SessionWorkflow:
     async def run(self, params: SessionInput) -> SessionState:
         status, error = SessionStatus.ended, None
         try:
+            if params.carried is None and params.placed_host and workflow.patched("placement"):
+                why = params.placed_why
+                await self.record(
+                    self.event(EventType.session_placed, host_id=params.placed_host, why=why)
+                )
             if self.sandbox is None:
                 await self.provision()
                 check_cancelled()
@@ -318,7 +334,7 @@ class SessionWorkflow:
         """Temporal suggests it, and this is a moment to: no handler half-way and no
         cancellation pending."""
         return (
-            workflow.info().is_continue_as_new_suggested()
+            (workflow.info().is_continue_as_new_suggested() or self.moved_to is not None)
             and workflow.all_handlers_finished()
             and not self.cancelling
             # A new run would not know the session was asked to end.
@@ -344,7 +360,10 @@ class SessionWorkflow:
             )
         # The preserved disk was restored by the first run: a later one never restores it.
         workflow.continue_as_new(
-            self.params.model_copy(update={"carried": carried, "restore": None})
+            self.params.model_copy(update={"carried": carried, "restore": None}),
+            # A session moved off a lost host goes on with its workflow on its new host's
+            # queue: polled there, and each step dispatched eagerly again (berth/worker.py).
+            task_queue=self.moved_to,
         )
 
     def carried(self, sandbox: SandboxInfo, *queued: TaskState) -> Carried:
@@ -362,6 +381,7 @@ class SessionWorkflow:
             preserve=self.preserve,
             dead=self.dead,
             replacements=self.replacements,
+            dead_host=self.dead_host,
         )
 
     async def provision(self) -> None:
@@ -509,6 +529,9 @@ class SessionWorkflow:
         """The sandbox's machine died: say so, remove what is left of it, and provision
         another for the next task (its files are gone with it)."""
         assert self.sandbox is not None
+        if self.dead_host is not None and workflow.patched("host-loss"):
+            await self.move(self.sandbox, self.dead_host)
+            return
         dead, why = self.sandbox, self.dead
         self.status = SessionStatus.provisioning
         await self.record(
@@ -525,6 +548,54 @@ class SessionWorkflow:
             await self.destroy(dead)
             self.dead, self.hibernated = None, False
         await self.provision()
+
+    async def move(self, dead: SandboxInfo, lost: str) -> None:
+        """The sandbox's host is lost: its machine can be neither reached nor removed (the
+        host's reconciliation removes it if the host comes back), and its files are lost with
+        it unless preserved. The session is placed anew, gets a machine there, and continues
+        as new onto that host's queue."""
+        self.status = SessionStatus.provisioning
+        await self.record(
+            self.event(EventType.sandbox_died, sandbox_id=dead.id, error=self.dead),
+            self.event(
+                EventType.host_lost,
+                host_id=lost,
+                sandbox_id=dead.id,
+                detail=f"host {lost} is lost: the machine's files there are lost with it "
+                "(unless its disk was preserved); the session goes on on a new machine "
+                "on another host",
+            ),
+            self.event(EventType.session_status, status=self.status.value),
+        )
+        self.sandbox, self.dead, self.dead_host, self.hibernated = None, None, None, False
+        placed = await self.place_again()
+        self.params = self.params.model_copy(update={"host_task_queue": placed.task_queue})
+        await self.record(
+            self.event(EventType.session_placed, host_id=placed.host, why=f"moved: {placed.why}")
+        )
+        await self.provision()
+        self.moved_to = placed.task_queue
+
+    async def place_again(self) -> Placement:
+        """A host for the session from the registry as it reads now (through an activity,
+        so a replay takes the same rows, and the same random pick from workflow.random())."""
+        for _ in range(PLACE_AGAIN_TRIES):
+            fleet = await workflow.execute_activity_method(
+                FleetActivities.read,
+                self.params.template,
+                task_queue=FLEET_TASK_QUEUE,
+                summary="read the host registry to place the session anew",
+                **options.READ_FLEET,
+            )
+            placed = place(fleet.hosts, self.params.template, fleet.memory_mb, workflow.random())
+            if placed.host is not None:
+                return placed
+            await workflow.sleep(PLACE_AGAIN_EVERY, summary="no host has room: wait")
+        raise ApplicationError(
+            f"the session's host was lost and no other host had room: {placed.why}",
+            type="NoHostWithRoom",
+            non_retryable=True,
+        )
 
     async def end(self, status: SessionStatus, error: str | None) -> None:
         """The real end, however it came: every task and step gets its final status, the
@@ -1026,8 +1097,12 @@ class SessionWorkflow:
     def sandbox_died(self, death: SandboxDeath) -> None:
         """The sandbox's host saw its machine die."""
         current = self.machine()
-        if current is not None and current.id == death.sandbox_id and not self.dead:
+        if current is None or current.id != death.sandbox_id:
+            return
+        if not self.dead:
             self.dead = death.detail
+        # Its host lost, the machine is not removed but left, even if a step found it dead.
+        self.dead_host = death.host_lost or self.dead_host
 
     @workflow.query(name="state")
     def state(self) -> SessionState:
