@@ -29,7 +29,10 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.models import (
+    FLEET_TASK_QUEUE,
+    Candidate,
     ClaimRequest,
+    Fleet,
     Plan,
     PlanRequest,
     ProgressBatch,
@@ -41,7 +44,7 @@ from activities.models import (
 )
 from sandboxes.models import SandboxInfo, Step, StepOutcome, TerminalStep
 from store.events import EventType, NewEvent
-from store.models import TaskStatus
+from store.models import HostState, TaskStatus
 from tests.conftest import TEMPORAL, TEMPORAL_TEST_SERVER
 from workflows import search
 from workflows.models import (
@@ -441,10 +444,10 @@ async def test_an_idle_session_ends_itself(own_env: WorkflowEnvironment) -> None
     assert state.status == "ended" and stubs.destroyed == stubs.provisioned
 
 
-def save_history(name: str, history: Any) -> None:
+def save_history(name: str, history: Any, folder: Path = HISTORIES) -> None:
     """With BERTH_RECORD_HISTORY=1, keep this path's history for tests/workflows/test_replay.py."""
     if os.environ.get("BERTH_RECORD_HISTORY"):
-        path = HISTORIES / f"{name}.json"
+        path = folder / f"{name}.json"
         # Write-once: a recorded history is what running workflows did; a new one goes in a
         # new version's folder.
         if path.exists():
@@ -1264,3 +1267,53 @@ async def test_without_the_flag_a_session_upserts_nothing(env: WorkflowEnvironme
         for key in e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields  # noqa: E501
     }
     assert upserted <= {"TemporalChangeVersion"}
+
+
+async def test_a_placed_session_says_where_and_moves_when_its_host_is_lost(
+    env: WorkflowEnvironment,
+) -> None:
+    """Placed by the API, the session says where and why (session.placed). Its host lost,
+    the machine is left (not destroyed: nothing there answers), the session is placed anew
+    from the registry, gets a machine on the other host, and continues as new onto that
+    host's queue, where its next task runs."""
+    here, there = Stubs(), Stubs()
+    lost_host = Candidate(
+        id="a", state=HostState.lost, templates=("default",), vcpus=2,
+        memory_available_mb=4096, load1=0.0, machines=1, task_queue=here.queue,
+    )  # fmt: skip
+    other = lost_host.model_copy(update={"id": "b", "state": HostState.active, "machines": 0,
+                                         "task_queue": there.queue})  # fmt: skip
+
+    @activity.defn(name="ReadFleet")
+    async def read_fleet(template: str) -> Fleet:
+        return Fleet(hosts=[lost_host, other], memory_mb=512)
+
+    session = params(here).model_copy(update={"placed_host": "a", "placed_why": "the test's"})
+    async with (
+        Worker(env.client, task_queue=FLEET_TASK_QUEUE, activities=[read_fleet]),
+        Worker(
+            env.client, task_queue=there.queue, workflows=[SessionWorkflow],
+            activities=there.all(),
+        ),
+        running(env, here, session) as handle,
+    ):  # fmt: skip
+        await until(lambda: EventType.sandbox_ready in here.types())
+        (dead,) = here.provisioned
+        death = SandboxDeath(sandbox_id=dead, detail="host a is lost", host_lost="a")
+        await handle.signal(SessionWorkflow.sandbox_died, death)
+        await until(lambda: len(there.provisioned) == 1)
+        latest = env.client.get_workflow_handle(handle.id)
+        async with asyncio.timeout(10):
+            while (await latest.describe()).task_queue != there.queue:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        ref = await submit(env.client, handle.id, "$ echo moved")
+        await until(lambda: there.task_statuses().get(ref.id) == "succeeded")
+        save_history("host-lost-move", await handle.fetch_history(), HISTORIES.parent / "v6")
+        await end(latest)
+    placed = [e.data for e in here.events if e.type == EventType.session_placed]
+    assert placed[0] == {"host_id": "a", "why": "the test's"}
+    assert placed[1]["host_id"] == "b" and placed[1]["why"].startswith("moved: ")
+    (lost,) = [e.data for e in here.events if e.type == EventType.host_lost]
+    assert lost["sandbox_id"] == dead and "files" in lost["detail"]
+    assert here.destroyed == [] and there.commands == ["echo moved"]
+    assert there.destroyed == there.provisioned
