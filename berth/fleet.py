@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 from sqlalchemy import Engine
@@ -61,12 +62,18 @@ class Rescue:
     """This worker's share of the lost hosts' sessions (see the module's doc)."""
 
     def __init__(
-        self, client: Client, engine: Engine, settings: Settings, local_activities: Sequence[Any]
+        self,
+        client: Client,
+        engine: Engine,
+        settings: Settings,
+        local_activities: Sequence[Any],
+        executor: Executor,
     ) -> None:
         self.client = client
         self.engine = engine
         self.settings = settings
         self.local_activities = list(local_activities)
+        self.executor = executor
         self.adopted: dict[str, tuple[Worker, asyncio.Task[None]]] = {}
 
     async def forever(self, stop: asyncio.Event) -> None:
@@ -103,6 +110,7 @@ class Rescue:
             task_queue=queue,
             workflows=[SessionWorkflow, SandboxPool],
             activities=self.local_activities,
+            activity_executor=self.executor,
             # Its sandboxes' activities stay for its own worker, should it come back.
             no_remote_activities=True,
         )

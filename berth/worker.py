@@ -315,7 +315,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             task_queue=FLEET_TASK_QUEUE,
             activities=[FleetActivities(engine, settings.host_lost_after_s).read],
         )
-        rescue = Rescue(client, engine, settings, [progress.record])
+        rescue = Rescue(client, engine, settings, [progress.record], executor)
         placed = placement(engine, settings.host_id)
         reconciler = asyncio.create_task(
             reconcile_forever(

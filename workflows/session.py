@@ -152,6 +152,8 @@ class SessionWorkflow:
         self.dead_host: str | None = carried.dead_host if carried else None
         # The task queue of the host the session moved to: its next run's (see move()).
         self.moved_to: str | None = None
+        # The draining host the session is asked to move off, keeping its disk (move_off()).
+        self.moving_off: str | None = None
         # Machines replaced since a step last ran: bounded by params.max_replacements.
         self.replacements = carried.replacements if carried else 0
         # The preserved sandbox to restore, for the session's first machine only: its
@@ -200,15 +202,20 @@ class SessionWorkflow:
         ``hibernate_after_s`` first, the sandbox is suspended, and the next task wakes it."""
         idle_since, tried = workflow.now(), False
         while True:
-            while not self.queue or self.dead is not None:
+            while not self.queue or self.dead is not None or self.moving_off is not None:
                 check_cancelled()
                 if self.dead is not None:
                     await self.recover()
                     continue
+                if self.moving_off is not None and workflow.patched("drain-move"):
+                    await self.move_off(self.moving_off)
+                    continue
                 self.continue_as_new_if_suggested()
                 try:
                     tried = await self.idle(
-                        lambda: bool(self.queue) or bool(self.dead), idle_since, tried
+                        lambda: bool(self.queue) or bool(self.dead) or self.moving_off is not None,
+                        idle_since,
+                        tried,
                     )
                 except Idle:
                     return False
@@ -574,6 +581,33 @@ class SessionWorkflow:
             self.event(EventType.session_placed, host_id=placed.host, why=f"moved: {placed.why}")
         )
         await self.provision()
+        self.moved_to = placed.task_queue
+
+    async def move_off(self, draining: str) -> None:
+        """Its host drains with ``--move``: between tasks, the machine ends keeping its disk
+        (in BERTH_KEPT_DISKS_DIR, which every host reaches), the session is placed anew,
+        its disk restored on a machine there, and it continues as new onto that host's
+        queue. A disk that cannot be kept leaves the session where it is."""
+        self.moving_off = None
+        old = self.sandbox
+        if old is None or old.host_id != draining:
+            return
+        await self.keep(old)
+        if self.sandbox is not None:
+            return  # not kept (said by sandbox.preserve_failed): it stays on its host
+        self.hibernated = False
+        self.status = SessionStatus.provisioning
+        placed = await self.place_again()
+        self.params = self.params.model_copy(update={"host_task_queue": placed.task_queue})
+        await self.record(
+            self.event(
+                EventType.session_placed,
+                host_id=placed.host,
+                why=f"moved off draining host {draining}: {placed.why}",
+            ),
+            self.event(EventType.session_status, status=self.status.value),
+        )
+        await self.restore(old)
         self.moved_to = placed.task_queue
 
     async def place_again(self) -> Placement:
@@ -1103,6 +1137,13 @@ class SessionWorkflow:
             self.dead = death.detail
         # Its host lost, the machine is not removed but left, even if a step found it dead.
         self.dead_host = death.host_lost or self.dead_host
+
+    @workflow.signal(name="move_off")
+    def move_off_host(self, host_id: str) -> None:
+        """Its host is being drained with ``--move``: the session moves off it, keeping its
+        disk, once it is between tasks."""
+        if self.sandbox is not None and self.sandbox.host_id == host_id and not self.ending:
+            self.moving_off = host_id
 
     @workflow.query(name="state")
     def state(self) -> SessionState:

@@ -52,6 +52,8 @@ def test_every_path_has_a_recorded_history() -> None:
         "pause-resume-modify-cancel", "modify-twice", "preserve", "restore", "replace-then-end",
         "pool-claim", "pool-claim-refill", "pool-stop", "pool-stop-undeletable",
         "pool-continue-as-new", "pool-continue-as-new-resumed",
+        # A session placed, moved off a lost host, moved off a drained one (issue 18).
+        "host-lost-move", "drain-move",
     }  # fmt: skip
 
 

@@ -1308,7 +1308,8 @@ async def test_a_placed_session_says_where_and_moves_when_its_host_is_lost(
                 await asyncio.sleep(0.05)
         ref = await submit(env.client, handle.id, "$ echo moved")
         await until(lambda: there.task_statuses().get(ref.id) == "succeeded")
-        save_history("host-lost-move", await handle.fetch_history(), HISTORIES.parent / "v6")
+        first = env.client.get_workflow_handle(handle.id, run_id=handle.first_execution_run_id)
+        save_history("host-lost-move", await first.fetch_history(), HISTORIES.parent / "v6")
         await end(latest)
     placed = [e.data for e in here.events if e.type == EventType.session_placed]
     assert placed[0] == {"host_id": "a", "why": "the test's"}
@@ -1317,3 +1318,46 @@ async def test_a_placed_session_says_where_and_moves_when_its_host_is_lost(
     assert lost["sandbox_id"] == dead and "files" in lost["detail"]
     assert here.destroyed == [] and there.commands == ["echo moved"]
     assert there.destroyed == there.provisioned
+
+
+async def test_a_session_moves_off_a_draining_host_with_its_disk(env: WorkflowEnvironment) -> None:
+    """``host drain --move``: between tasks, the machine ends keeping its disk, the session
+    is placed anew (never on the draining host), its disk restored on a machine there, and
+    it continues as new onto that host's queue."""
+    here, there = Stubs(), Stubs()
+    draining = Candidate(
+        id="h", state=HostState.draining, templates=("default",), vcpus=2,
+        memory_available_mb=4096, load1=0.0, machines=1, task_queue=here.queue,
+    )  # fmt: skip
+    other = draining.model_copy(update={"id": "b", "state": HostState.active, "machines": 0,
+                                        "task_queue": there.queue})  # fmt: skip
+
+    @activity.defn(name="ReadFleet")
+    async def read_fleet(template: str) -> Fleet:
+        return Fleet(hosts=[draining, other], memory_mb=512)
+
+    async with (
+        Worker(env.client, task_queue=FLEET_TASK_QUEUE, activities=[read_fleet]),
+        Worker(
+            env.client, task_queue=there.queue, workflows=[SessionWorkflow],
+            activities=there.all(),
+        ),
+        running(env, here, params(here)) as handle,
+    ):  # fmt: skip
+        ref = await submit(env.client, handle.id, "$ echo before")
+        await until(lambda: here.task_statuses().get(ref.id) == "succeeded")
+        (old,) = here.provisioned
+        await handle.signal(SessionWorkflow.move_off_host, "h")
+        await until(lambda: there.restored == [old])
+        latest = env.client.get_workflow_handle(handle.id)
+        async with asyncio.timeout(10):
+            while (await latest.describe()).task_queue != there.queue:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        first = env.client.get_workflow_handle(handle.id, run_id=handle.first_execution_run_id)
+        save_history("drain-move", await first.fetch_history(), HISTORIES.parent / "v6")
+        await end(latest)
+    assert here.preserved == [old] and old not in here.destroyed + there.destroyed
+    (placed,) = [e.data for e in here.events if e.type == EventType.session_placed]
+    assert placed["host_id"] == "b" and placed["why"].startswith("moved off draining host h")
+    restored = [e.data for e in here.events if e.type == EventType.sandbox_restored]
+    assert restored and restored[0]["preserved_id"] == old
