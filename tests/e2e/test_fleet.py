@@ -1,7 +1,8 @@
 """A fleet of two sandbox hosts (two workers, each its own host id and gateway port, on one
 Temporal and one database; Docker sandboxes): new sessions are placed on both, a drained
-host takes none, and a host whose worker is killed with SIGKILL loses no session: each of its
-sessions is told within 30 s and runs its next task on a new machine on the other host."""
+host takes none, ``drain --move`` moves a session off with its files, and a host whose
+worker is killed with SIGKILL loses no session: each of its sessions is told within 30 s
+and runs its next task on a new machine on the other host."""
 
 from __future__ import annotations
 
@@ -119,6 +120,35 @@ def test_a_drained_host_takes_no_new_session(fleet: Fleet) -> None:
     assert hosts_of_new == {fleet.system.host_id}
 
 
+def test_a_drain_with_move_moves_each_session_with_its_files(fleet: Fleet) -> None:
+    base, headers = fleet.system.base, fleet.headers
+    sid = next(sid for sid, host in fleet.placed.items() if host == fleet.other)
+    run_task(base, headers, sid, "$ echo kept on the way > moved.txt", after=0)
+    before = read_events(base, headers, sid, lambda e: e["type"] == EventType.task_status)
+    host_command(fleet, "drain", "--move", fleet.other)
+    try:
+        moved = read_events(
+            base, headers, sid, lambda e: e["type"] == EventType.sandbox_restored,
+            after=before[-1]["seq"],
+        )  # fmt: skip
+    finally:
+        host_command(fleet, "undrain", fleet.other)
+    kinds = [e["type"] for e in moved]
+    assert EventType.sandbox_preserved in kinds and EventType.sandbox_destroyed not in kinds
+    placed = [e["data"] for e in moved if e["type"] == EventType.session_placed]
+    assert placed[-1]["host_id"] == fleet.system.host_id
+    assert placed[-1]["why"].startswith(f"moved off draining host {fleet.other}")
+    fleet.placed[sid] = fleet.system.host_id
+    assert "kept on the way" in run_task(
+        base, headers, sid, "$ cat moved.txt", after=moved[-1]["seq"]
+    )
+    # The kill below needs a session on the other host again: undrained, it takes them.
+    for _ in range(3):
+        if fleet.new_session()[1]["host_id"] == fleet.other:
+            break
+        time.sleep(2)
+
+
 def test_a_killed_hosts_sessions_run_their_next_task_on_the_other_host(fleet: Fleet) -> None:
     base, headers = fleet.system.base, fleet.headers
     on_other = [sid for sid, host in fleet.placed.items() if host == fleet.other]
@@ -129,9 +159,7 @@ def test_a_killed_hosts_sessions_run_their_next_task_on_the_other_host(fleet: Fl
 
     fleet.second.kill()  # SIGKILL: no clean stop, no last word
     killed_at = time.monotonic()
-    told = read_events(
-        base, headers, sid, lambda e: e["type"] == EventType.host_lost, after=after
-    )
+    told = read_events(base, headers, sid, lambda e: e["type"] == EventType.host_lost, after=after)
     assert time.monotonic() - killed_at <= LOST_AFTER_S + 30
     lost = told[-1]["data"]
     assert lost["host_id"] == fleet.other and "files" in lost["detail"]
