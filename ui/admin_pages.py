@@ -5,16 +5,19 @@ reading it is audited."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
 
 import vm_templates
 from api import service
-from api.admin import host_list
+from api.admin import host_list, set_host_state
 from api.deps import DbDep, IpDep, Problem, SettingsDep, TemporalDep
 from api.schemas import PoolOut
 from config.settings import Settings
 from store import audit
+from store.models import HostState
 from ui.render import PageCaller, dashboard_router, render_page
 from ui.state import workflow_url
 
@@ -61,3 +64,21 @@ async def admin_page(
         entries=audit.newest(db, AUDIT_SHOWN),
         provider=settings.sandbox_provider,
     )
+
+
+@router.post("/ui/admin/hosts/{host_id}/{action}", response_class=HTMLResponse)
+def drain_host(
+    host_id: str,
+    action: Literal["drain", "undrain"],
+    db: DbDep,
+    caller: PageCaller,
+    ip: IpDep,
+) -> Response:
+    """The admin page's drain and undrain buttons (the CLI's ``host drain``, without
+    ``--move``)."""
+    if not caller[0].is_admin:
+        raise Problem(403, "only an admin may drain a host")
+    state = HostState.draining if action == "drain" else HostState.active
+    set_host_state(db, caller[0], host_id, state, ip)
+    said = "draining: no new sessions" if action == "drain" else "active: takes new sessions"
+    return HTMLResponse(f'<span class="ok">{said}</span>')

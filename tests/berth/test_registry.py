@@ -296,3 +296,25 @@ def test_a_change_not_acted_on_is_tried_again_next_beat(
         return tries
 
     assert asyncio.run(scenario()) == 2
+
+
+def test_an_admin_drains_and_undrains_a_host_over_the_api_and_sees_the_button(
+    stage: tuple[TestClient, World, Settings],
+) -> None:
+    client, world, settings = stage
+    engine = get_engine(settings.db_url)
+    asyncio.run(register(settings, engine, provider(), utcnow()))
+    url = "/api/admin/hosts/h1/state"
+    owner, admin = bearer(client, world.owner), bearer(client, world.admin)
+    assert client.put(url, json={"state": "draining"}, headers=owner).status_code == 403
+    assert client.put(url, json={"state": "lost"}, headers=admin).status_code == 422
+    missing = client.put("/api/admin/hosts/nobody/state", json={"state": "draining"}, headers=admin)
+    assert missing.status_code == 404
+    assert client.put(url, json={"state": "draining"}, headers=admin).status_code == 204
+    assert row(engine).state == HostState.draining
+    client.cookies.set("berth_token", admin["Authorization"][7:])
+    page = client.get("/admin").text
+    assert 'hx-post="/ui/admin/hosts/h1/undrain"' in page
+    client.cookies.clear()
+    assert client.put(url, json={"state": "active"}, headers=admin).status_code == 204
+    assert row(engine).state == HostState.active
