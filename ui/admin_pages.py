@@ -5,8 +5,6 @@ reading it is audited."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
 
@@ -69,7 +67,7 @@ async def admin_page(
 @router.post("/ui/admin/hosts/{host_id}/{action}", response_class=HTMLResponse)
 def drain_host(
     host_id: str,
-    action: Literal["drain", "undrain"],
+    action: str,
     db: DbDep,
     caller: PageCaller,
     ip: IpDep,
@@ -78,6 +76,8 @@ def drain_host(
     ``--move``)."""
     if not caller[0].is_admin:
         raise Problem(403, "only an admin may drain a host")
+    if action not in ("drain", "undrain"):
+        raise Problem(404, f"no host action {action!r}: drain or undrain")
     state = HostState.draining if action == "drain" else HostState.active
     set_host_state(db, caller[0], host_id, state, ip)
     said = "draining: no new sessions" if action == "drain" else "active: takes new sessions"
