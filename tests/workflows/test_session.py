@@ -1269,6 +1269,33 @@ async def test_without_the_flag_a_session_upserts_nothing(env: WorkflowEnvironme
     assert upserted <= {"TemporalChangeVersion"}
 
 
+@contextlib.asynccontextmanager
+async def two_hosts(
+    env: WorkflowEnvironment, here: Stubs, there: Stubs, first: HostState, first_id: str
+) -> AsyncIterator[None]:
+    """The fleet as the session's ReadFleet finds it: its own host (``here``'s queue) in
+    state ``first``, and an empty active host "b" whose worker (``there``) runs sessions."""
+    own = Candidate(
+        id=first_id, state=first, templates=("default",), vcpus=2,
+        memory_available_mb=4096, load1=0.0, machines=1, task_queue=here.queue,
+    )  # fmt: skip
+    other = own.model_copy(update={"id": "b", "state": HostState.active, "machines": 0,
+                                   "task_queue": there.queue})  # fmt: skip
+
+    @activity.defn(name="ReadFleet")
+    async def read_fleet(template: str) -> Fleet:
+        return Fleet(hosts=[own, other], memory_mb=512)
+
+    async with (
+        Worker(env.client, task_queue=FLEET_TASK_QUEUE, activities=[read_fleet]),
+        Worker(
+            env.client, task_queue=there.queue, workflows=[SessionWorkflow],
+            activities=there.all(),
+        ),
+    ):  # fmt: skip
+        yield
+
+
 async def test_a_placed_session_says_where_and_moves_when_its_host_is_lost(
     env: WorkflowEnvironment,
 ) -> None:
@@ -1277,26 +1304,11 @@ async def test_a_placed_session_says_where_and_moves_when_its_host_is_lost(
     from the registry, gets a machine on the other host, and continues as new onto that
     host's queue, where its next task runs."""
     here, there = Stubs(), Stubs()
-    lost_host = Candidate(
-        id="a", state=HostState.lost, templates=("default",), vcpus=2,
-        memory_available_mb=4096, load1=0.0, machines=1, task_queue=here.queue,
-    )  # fmt: skip
-    other = lost_host.model_copy(update={"id": "b", "state": HostState.active, "machines": 0,
-                                         "task_queue": there.queue})  # fmt: skip
-
-    @activity.defn(name="ReadFleet")
-    async def read_fleet(template: str) -> Fleet:
-        return Fleet(hosts=[lost_host, other], memory_mb=512)
-
     session = params(here).model_copy(update={"placed_host": "a", "placed_why": "the test's"})
     async with (
-        Worker(env.client, task_queue=FLEET_TASK_QUEUE, activities=[read_fleet]),
-        Worker(
-            env.client, task_queue=there.queue, workflows=[SessionWorkflow],
-            activities=there.all(),
-        ),
+        two_hosts(env, here, there, HostState.lost, "a"),
         running(env, here, session) as handle,
-    ):  # fmt: skip
+    ):
         await until(lambda: EventType.sandbox_ready in here.types())
         (dead,) = here.provisioned
         death = SandboxDeath(sandbox_id=dead, detail="host a is lost", host_lost="a")
@@ -1325,25 +1337,10 @@ async def test_a_session_moves_off_a_draining_host_with_its_disk(env: WorkflowEn
     is placed anew (never on the draining host), its disk restored on a machine there, and
     it continues as new onto that host's queue."""
     here, there = Stubs(), Stubs()
-    draining = Candidate(
-        id="h", state=HostState.draining, templates=("default",), vcpus=2,
-        memory_available_mb=4096, load1=0.0, machines=1, task_queue=here.queue,
-    )  # fmt: skip
-    other = draining.model_copy(update={"id": "b", "state": HostState.active, "machines": 0,
-                                        "task_queue": there.queue})  # fmt: skip
-
-    @activity.defn(name="ReadFleet")
-    async def read_fleet(template: str) -> Fleet:
-        return Fleet(hosts=[draining, other], memory_mb=512)
-
     async with (
-        Worker(env.client, task_queue=FLEET_TASK_QUEUE, activities=[read_fleet]),
-        Worker(
-            env.client, task_queue=there.queue, workflows=[SessionWorkflow],
-            activities=there.all(),
-        ),
+        two_hosts(env, here, there, HostState.draining, "h"),
         running(env, here, params(here)) as handle,
-    ):  # fmt: skip
+    ):
         ref = await submit(env.client, handle.id, "$ echo before")
         await until(lambda: here.task_statuses().get(ref.id) == "succeeded")
         (old,) = here.provisioned
