@@ -11,7 +11,9 @@ host reads lost (the session ignores a repeat), that its machine is lost with th
 then moves itself (workflows/session.py: move), to a machine on a host placed anew and, by
 continue-as-new, to that host's queue, after which it needs nothing of the lost host.
 
-Every surviving worker does the same: Temporal hands each workflow task to one poller, and a
+A host is taken for lost only once this worker has watched its heartbeat stand still for
+the bound itself (Silence), so a database outage, after which every host's last beat is
+old, moves no session. Every surviving worker does the same: Temporal hands each workflow task to one poller, and a
 session takes the first word of its loss, so no election is needed and any one survivor is
 enough. A host that comes back polls its own queue again; the survivors let go of it.
 """
@@ -21,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -43,19 +47,39 @@ from workflows.session import SessionWorkflow
 log = logging.getLogger("berth.fleet")
 
 
-def lost_hosts(rows: Sequence[HostRow], own: str, lost_after_s: float) -> list[HostRow]:
-    """The other hosts that read as lost now."""
-    now = utcnow()
-    return [
-        row
-        for row in rows
-        if row.id != own and hosts.seen_state(row, lost_after_s, now) == HostState.lost
-    ]
+class Silence:
+    """How long this worker has itself watched each other host's heartbeat stand still. A
+    host is taken for lost only once it reads lost and this worker has watched it silent for
+    BERTH_HOST_LOST_AFTER_S over reads that all succeeded: after a database outage every
+    host's last beat is old, and none must look lost for that (a failed read forgets all)."""
+
+    def __init__(self) -> None:
+        self.watched: dict[str, tuple[datetime, float]] = {}
+
+    def lost(
+        self, rows: Sequence[HostRow], own: str, lost_after_s: float, clock: float
+    ) -> list[HostRow]:
+        """The other hosts lost as of ``clock`` (a monotonic time, in seconds)."""
+        now, watched, found = utcnow(), {}, []
+        for row in rows:
+            if row.id == own:
+                continue
+            before = self.watched.get(row.id)
+            since = before[1] if before is not None and before[0] == row.last_seen else clock
+            watched[row.id] = (row.last_seen, since)
+            silent = clock - since >= lost_after_s
+            if silent and hosts.seen_state(row, lost_after_s, now) == HostState.lost:
+                found.append(row)
+        self.watched = watched
+        return found
+
+    def forget(self) -> None:
+        self.watched = {}
 
 
-def _lost(engine: Engine, own: str, lost_after_s: float) -> list[HostRow]:
+def _rows(engine: Engine) -> list[HostRow]:
     with Session(engine) as db:
-        return lost_hosts(hosts.listing(db), own, lost_after_s)
+        return hosts.listing(db)
 
 
 class Rescue:
@@ -75,6 +99,7 @@ class Rescue:
         self.local_activities = list(local_activities)
         self.executor = executor
         self.adopted: dict[str, tuple[Worker, asyncio.Task[None]]] = {}
+        self.silence = Silence()
 
     async def forever(self, stop: asyncio.Event) -> None:
         """Each BERTH_HOST_HEARTBEAT_S until ``stop``: adopt the queues of lost hosts, let go
@@ -84,6 +109,7 @@ class Rescue:
                 try:
                     await self.once()
                 except Exception:
+                    self.silence.forget()
                     log.exception("lost hosts not looked after; again next beat")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.host_heartbeat_s)
@@ -93,8 +119,9 @@ class Rescue:
 
     async def once(self) -> None:
         settings = self.settings
-        lost = await asyncio.to_thread(
-            _lost, self.engine, settings.host_id, settings.host_lost_after_s
+        rows = await asyncio.to_thread(_rows, self.engine)
+        lost = self.silence.lost(
+            rows, settings.host_id, settings.host_lost_after_s, time.monotonic()
         )
         for queue in set(self.adopted) - {row.task_queue for row in lost}:
             await self.let_go(queue)

@@ -1,4 +1,5 @@
-"""What every worker reads of the fleet: the other hosts that read lost (never itself), and
+"""What every worker reads of the fleet: the other hosts that read lost (never itself) and
+that it has watched silent long enough itself (not across its own failed reads), and
 the registry as placement takes it (lost applied, the template's memory, each host's queue)."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from sqlmodel import Session
 
 from activities.fleet import fleet
-from berth.fleet import lost_hosts
+from berth.fleet import Silence
 from berth.registry import register
 from store import hosts
 from store.db import get_engine, migrate
@@ -32,8 +33,12 @@ def test_the_other_silent_hosts_read_lost_and_placement_sees_them_so(tmp_path: P
         hosts.set_state(db, "h3", HostState.draining)
         rows = hosts.listing(db)
         seen = fleet(db, "default", lost_after_s=30)
-    assert [row.id for row in lost_hosts(rows, "h1", 30)] == ["h2"]  # never itself
-    assert lost_hosts(rows, "h1", 3600) == []
+    silence = Silence()
+    assert silence.lost(rows, "h1", 30, clock=100.0) == []  # not watched silent long enough
+    assert [row.id for row in silence.lost(rows, "h1", 30, clock=131.0)] == ["h2"]  # never h1
+    assert silence.lost(rows, "h1", 3600, clock=131.0) == []
+    silence.forget()  # a read failed: what it watched may have been an outage of its own
+    assert silence.lost(rows, "h1", 30, clock=140.0) == []
     states = {h.id: (h.state, h.task_queue) for h in seen.hosts}
     assert states == {
         "h1": (HostState.lost, "berth-host-h1"),
