@@ -112,16 +112,24 @@ def admit_live(db: Session, settings: Settings, user: User, row: SessionRow) -> 
     db.refresh(row)
 
 
-def place_session(db: Session, settings: Settings, template: str) -> Placement:
+def place_session(
+    db: Session, settings: Settings, template: str, keeper: str | None = None
+) -> Placement:
     """The host a new session goes to (workflows/placement.py), from the registry as it
     reads now: one query per session, none per step. No host with room: 503 with
     Retry-After (the client asks again; no queue holds it meanwhile). With no host
-    registered yet (its worker not started), this API's own host, as on one machine."""
+    registered yet (its worker not started), this API's own host, as on one machine. A
+    resumed session goes back to ``keeper``, the host that kept its disk, while that host is
+    active and has room; elsewhere only if the disk is in a folder every host reaches
+    (BERTH_KEPT_DISKS_DIR)."""
     fleet = read_fleet(db, template, settings.host_lost_after_s)
     if not fleet.hosts:
         return Placement(
             settings.host_id, "no host registered yet: this API's own", settings.host_task_queue
         )
+    home = [h for h in fleet.hosts if h.id == keeper]
+    if home and place(home, template, fleet.memory_mb, random.Random()).host == keeper:
+        return Placement(keeper, "the host that kept its disk", home[0].task_queue)
     placed = place(fleet.hosts, template, fleet.memory_mb, random.Random())
     if placed.host is None:
         raise Problem(
@@ -228,7 +236,7 @@ async def resume_session(
     if row.status not in FINAL or not row.preserved or kept is None:
         raise Problem(409, f"session {row.id} is not an ended session with its disk kept")
     check_live_sessions(db, settings, user)  # at once, without connecting
-    placed = place_session(db, settings, row.template)
+    placed = place_session(db, settings, row.template, keeper=kept.host_id)
     client = await temporal.client()
     restore = SandboxInfo(
         id=kept.id, session_id=row.id, provider=kept.provider, host_id=kept.host_id,

@@ -13,9 +13,10 @@ continue-as-new, to that host's queue, after which it needs nothing of the lost 
 
 A host is taken for lost only once this worker has watched its heartbeat stand still for
 the bound itself (Silence), so a database outage, after which every host's last beat is
-old, moves no session. Every surviving worker does the same: Temporal hands each workflow task to one poller, and a
-session takes the first word of its loss, so no election is needed and any one survivor is
-enough. A host that comes back polls its own queue again; the survivors let go of it.
+old, moves no session. Every surviving worker does the same: Temporal hands each workflow
+task to one poller, and a session takes the first word of its loss, so no election is
+needed and any one survivor is enough. A host that comes back polls its own queue again;
+the survivors let go of it.
 """
 
 from __future__ import annotations

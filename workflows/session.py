@@ -607,7 +607,8 @@ class SessionWorkflow:
             ),
             self.event(EventType.session_status, status=self.status.value),
         )
-        await self.restore(old)
+        # Restored on the new host (the kept disk is in a folder every host reaches).
+        await self.restore(old.model_copy(update={"task_queue": placed.task_queue}))
         self.moved_to = placed.task_queue
 
     async def place_again(self) -> Placement:
