@@ -5,6 +5,8 @@ A session lives on the host that holds its sandbox: its workflow and every activ
 runs share the host's task queue ``berth-host-<id>``. Sharing the queue lets Temporal hand
 each step's activity to this worker in the same answer that takes the workflow's command
 (eager dispatch), which measured 25 ms a step against 76 ms across two queues.
+Every worker also serves the fleet (berth/fleet.py): the registry read on the fleet's queue,
+and the sessions of a host that reads lost, whose queue it polls until they have moved.
 The host also reconciles its machines with the sessions that own them, at start and then
 periodically, so a machine whose session is gone does not run on, and sweeps the session
 rows whose workflow is over (workflows/sweeper.py), so no row stays live without one. Its
@@ -38,13 +40,15 @@ from temporalio.worker import Worker
 
 import vm_templates
 from activities.checkpoints import CheckpointActivities
-from activities.models import pool_workflow_id
+from activities.fleet import FleetActivities
+from activities.models import FLEET_TASK_QUEUE, pool_workflow_id
 from activities.observed import Observed
 from activities.planning import PlanningActivities
 from activities.progress import ProgressActivities
 from activities.sandbox import SandboxActivities
 from activities.vm import VmActivities
 from activities.webhooks import WebhookActivities
+from berth.fleet import Rescue
 from berth.host import make_gateway, make_provider, open_host
 from berth.registry import OnChange, heartbeat_forever, register
 from config.keys import payload_keys
@@ -329,6 +333,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             max_heartbeat_throttle_interval=timedelta(seconds=1),
             interceptors=[Observed()],
         )
+        # The fleet's queue, every worker's: the registry read of a session placed anew.
+        fleet = Worker(
+            client,
+            task_queue=FLEET_TASK_QUEUE,
+            activities=[FleetActivities(engine, settings.host_lost_after_s).read],
+        )
+        rescue = Rescue(client, engine, settings, [progress.record], executor)
         placed = placement(engine, settings.host_id)
         reconciler = asyncio.create_task(
             reconcile_forever(
@@ -367,7 +378,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 placement=placed,
             )
         )
-        async with host:
+        async with host, fleet:
             started_at = utcnow()
             state = await register(settings, engine, provider, started_at)
             if state == HostState.active:  # a draining host keeps no warm pool
@@ -378,6 +389,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                     warm_pools_follow(client, settings), stop,
                 )
             )  # fmt: skip
+            rescuing = asyncio.create_task(rescue.forever(stop))
             log.info(
                 "worker up: queue %s, guest gateway on %s:%d",
                 settings.host_task_queue, listen, settings.gateway_port,
@@ -386,6 +398,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             log.info("worker stopping")
             await stop_pools(client, settings, POOL_STOP_TIMEOUT_S)
             await heart
+            await rescuing
         await reconciler
         await watcher
         await sweeping

@@ -213,6 +213,13 @@ class Settings(BaseSettings):
         gt=0,
         description="A host whose last heartbeat is older than this reads as lost",
     )
+    # Fleet (issue 18): where preserved disks are kept. A folder every sandbox host reaches
+    # (an NFS or CephFS mount) lets a session resume, or move off a drained host, anywhere.
+    kept_disks_dir: Path | None = Field(
+        default=None,
+        description="Where preserved sandboxes' disks are kept; shared by every host for "
+        "`host drain --move` and resuming elsewhere (default: <data dir>/preserved)",
+    )
 
     sandbox_provider: Literal["docker", "libvirt"] = Field(
         default="libvirt",

@@ -107,6 +107,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/api/admin/users/{user_id}/limits"): R(403, 403, 401, 200),
     ("PUT", "/api/admin/users/{user_id}/limits"): R(403, 403, 401, 200, json={"kept_disks": 3}),
     ("GET", "/api/admin/hosts"): R(403, 403, 401, 200),
+    ("PUT", "/api/admin/hosts/{host_id}/state"): R(403, 403, 401, 404, json={"state": "draining"}),
     ("POST", "/codec/{operation}"): R(403, 403, 401, 200, json={"payloads": []}),
     ("OPTIONS", "/codec/{operation}"): R(204, 204, 204, 204),  # a CORS preflight carries no token
     # The dashboard (an anonymous page load goes to the login page, an htmx call gets 401).
@@ -133,6 +134,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/ui/tokens"): R(200, 200, 401, 200, form={"name": "script"}),
     ("POST", "/ui/tokens/{token_id}/revoke"): R(200, 404, 401, 404),
     ("GET", "/admin"): R(403, 403, 303, 200),
+    ("POST", "/ui/admin/hosts/{host_id}/{action}"): R(403, 403, 401, 404),
 }
 # fmt: on
 
@@ -193,6 +195,7 @@ class Stage:
             token, _ = accounts.issue_token(db, self.settings, self.world.owner, "to revoke")
         return {
             "sid": self.world.session_id,
+            "host_id": "nohost",
             "tid": self.world.task_id,
             "action": "pause",
             "operation": "decode",
