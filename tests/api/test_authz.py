@@ -22,13 +22,15 @@ from typing import Any
 import pytest
 from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from api import accounts
 from api.deps import COOKIE
 from berth.web import create_app
+from config.keys import payload_keys, seal
 from config.settings import Settings
 from store.artifacts import ArtifactStore
+from store.models import WebhookEndpoint
 from tests.support.world import FAST_PASSWORDS, PASSWORD, World, build
 from ui import guard
 from ui.render import DashboardRoute
@@ -37,6 +39,7 @@ CALLERS = ("owner", "other", "anonymous", "admin")
 CREDENTIALS = {"email": "owner@example.com", "password": PASSWORD}
 PROMPT = {"prompt": "$ true"}
 CHANGE = {"instruction": "also say hello"}
+HOOK = {"url": "https://93.184.216.34/berth", "events": ["task.finished"]}
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,18 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/tokens"): R(200, 200, 303, 200),
     ("POST", "/ui/tokens"): R(200, 200, 401, 200, form={"name": "script"}),
     ("POST", "/ui/tokens/{token_id}/revoke"): R(200, 404, 401, 404),
+    # The caller's own webhooks (a public address: no name to resolve here).
+    ("GET", "/api/webhooks"): R(200, 200, 401, 200),
+    ("POST", "/api/webhooks"): R(201, 201, 401, 201, json=HOOK),
+    ("GET", "/api/webhooks/{webhook_id}"): R(200, 404, 401, 404),
+    ("PUT", "/api/webhooks/{webhook_id}"): R(200, 404, 401, 404, json=HOOK),
+    ("DELETE", "/api/webhooks/{webhook_id}"): R(204, 404, 401, 404),
+    ("POST", "/api/webhooks/{webhook_id}/rotate"): R(200, 404, 401, 404),
+    ("GET", "/api/webhooks/{webhook_id}/deliveries"): R(200, 404, 401, 404),
+    ("POST", "/ui/webhooks"): R(200, 200, 401, 200, form={"url": HOOK["url"], "events": "task.finished"}),  # noqa: E501
+    ("POST", "/ui/webhooks/{webhook_id}/rotate"): R(200, 404, 401, 404),
+    ("POST", "/ui/webhooks/{webhook_id}/delete"): R(200, 404, 401, 404),
+    ("GET", "/ui/webhooks/{webhook_id}/deliveries"): R(200, 404, 303, 404),
     ("GET", "/admin"): R(403, 403, 303, 200),
     ("POST", "/ui/admin/hosts/{host_id}/{action}"): R(403, 403, 401, 404),
 }
@@ -193,17 +208,29 @@ class Stage:
         """What each path parameter names: the owner's things."""
         with Session(self.client.app.state.engine) as db:  # type: ignore[attr-defined]
             token, _ = accounts.issue_token(db, self.settings, self.world.owner, "to revoke")
+            token_id = token.id
+            # A new one each time (a caller may delete it), the only one (below the cap).
+            for old in db.exec(select(WebhookEndpoint)).all():
+                db.delete(old)
+            hook = WebhookEndpoint(
+                user_id=self.world.owner.id, url=HOOK["url"], events=["task.finished"],
+                secret=seal(payload_keys(self.settings), "secret"),
+            )  # fmt: skip
+            hook_id = hook.id
+            db.add(hook)
+            db.commit()
         return {
             "sid": self.world.session_id,
             "host_id": "nohost",
             "tid": self.world.task_id,
             "action": "pause",
             "operation": "decode",
-            "token_id": token.id,
+            "token_id": token_id,
             "artifact_id": self.artifact_id,
             "template": "default",
             "user_id": self.world.owner.id,
             "cid": "0" * 32,
+            "webhook_id": hook_id,
         }
 
     def login_form(self, form: dict[str, str]) -> dict[str, str]:
