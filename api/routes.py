@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Annotated, Any
+from urllib.parse import quote
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
-from api import accounts, cursors, service
+from api import accounts, cursors, files, service
 from api.deps import (
     AdminDep,
     DbDep,
@@ -305,3 +307,96 @@ async def pool_state(
 ) -> PoolOut:
     """The warm pool of VMs of a template on this host (libvirt provider), for admins."""
     return await service.pool_state(temporal, settings, template)
+
+
+# --- The workspace's files (api/files.py): its owner's only ---
+FILES = problems(401, 403, 404, 409, 503)
+PathQuery = Annotated[str, Query(description="Relative to the workspace (its home folder)")]
+
+
+@router.get("/sessions/{sid}/files", tags=["files"], responses=FILES)
+async def list_files(
+    sid: str, db: DbDep, settings: SettingsDep, user: UserDep, path: PathQuery = "."
+) -> files.FileListing:
+    """A folder's entries (or a file's own size) in the session's workspace."""
+    sandbox = files.running_sandbox(db, service.own_session(db, user, sid))
+    return await files.listing(settings, sandbox, files.checked_path(path))
+
+
+@router.get(
+    "/sessions/{sid}/files/content",
+    tags=["files"],
+    response_class=StreamingResponse,
+    responses={**FILES, **problems(413)},
+)
+async def download_file(
+    sid: str, db: DbDep, settings: SettingsDep, user: UserDep, path: PathQuery
+) -> Response:
+    """A file of the workspace; a folder as a zip of its regular files."""
+    sandbox = files.running_sandbox(db, service.own_session(db, user, sid))
+    path = files.checked_path(path)
+    found = await files.listing(settings, sandbox, path)
+    name = PurePosixPath(path).name or "workspace"
+    if found.kind == "dir":
+        spool = await files.archive(settings, sandbox, path)
+        return StreamingResponse(
+            iter(lambda: spool.read(files.ZIP_CHUNK), b""),
+            media_type="application/zip",
+            headers={"Content-Disposition": _attachment(f"{name}.zip")},
+        )
+    _first, rest = await files.first_and_rest(settings, sandbox, path)
+    return StreamingResponse(
+        rest,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": _attachment(name), "Content-Length": str(found.size)},
+    )
+
+
+@router.put(
+    "/sessions/{sid}/files/content",
+    status_code=201,
+    tags=["files"],
+    responses={**FILES, **problems(413)},
+)
+async def upload_file(
+    sid: str,
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    user: UserDep,
+    ip: IpDep,
+    path: PathQuery,
+) -> files.FileEntry:
+    """Write the request's body to ``path`` (its folders made), replacing what was there;
+    a 413 past BERTH_FILES_MAX_UPLOAD_BYTES."""
+    sandbox = files.running_sandbox(db, service.own_session(db, user, sid))
+    path = files.checked_path(path)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > settings.files_max_upload_bytes:
+        raise Problem(
+            413,
+            f"the upload is over {settings.files_max_upload_bytes} bytes "
+            "(BERTH_FILES_MAX_UPLOAD_BYTES)",
+        )
+    size = await files.write(settings, sandbox, path, request.stream())
+    audit.record(
+        db, user.id, "files.upload", target=sid, detail={"path": path, "size": size}, ip=ip
+    )
+    return files.FileEntry(name=PurePosixPath(path).name, kind="file", size=size)
+
+
+@router.delete("/sessions/{sid}/files", status_code=204, tags=["files"], responses=FILES)
+async def delete_file(
+    sid: str, db: DbDep, settings: SettingsDep, user: UserDep, ip: IpDep, path: PathQuery
+) -> Response:
+    """Delete a file, or a folder with everything in it (never the workspace itself)."""
+    sandbox = files.running_sandbox(db, service.own_session(db, user, sid))
+    path = files.checked_path(path)
+    await files.delete(settings, sandbox, path)
+    audit.record(db, user.id, "files.delete", target=sid, detail={"path": path}, ip=ip)
+    return Response(status_code=204)
+
+
+def _attachment(name: str) -> str:
+    """A Content-Disposition that names the file, in any script (RFC 6266)."""
+    return f"attachment; filename*=UTF-8''{quote(name)}"

@@ -44,6 +44,7 @@ from activities.sandbox import SandboxActivities
 from activities.vm import VmActivities
 from berth.host import make_gateway, make_provider, open_host
 from berth.registry import OnChange, heartbeat_forever, register
+from config.keys import relay_token
 from config.settings import Settings, get_settings
 from llm.proxy import LLMProxy
 from sandboxes.kept import SWEEP_EVERY_S as KEPT_SWEEP_EVERY_S
@@ -51,6 +52,7 @@ from sandboxes.kept import KeptDisks
 from sandboxes.models import Machine, MachineUsage
 from sandboxes.monitor import Died, Placed, Placement, Sampled, watch
 from sandboxes.reconcile import Owner, reconcile_forever
+from sandboxes.relay import Relay
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
 from store.models import HostState, utcnow
@@ -267,6 +269,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     gateway = make_gateway(settings)
     provider = make_provider(settings, gateway)
     listen = await open_host(settings, gateway, provider)
+    relay = Relay(gateway, relay_token(settings))
+    await relay.start(settings.relay_host, settings.relay_port)
     progress = ProgressActivities(engine)
     planning = PlanningActivities(LLMProxy(settings, engine))
     artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes)
@@ -357,6 +361,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await sweeping
         await sampling
         await keeping
+    await relay.stop()
     await gateway.stop()
     await provider.close()
 

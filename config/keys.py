@@ -113,3 +113,9 @@ def key_id(key: bytes) -> str:
 
 def keyed_hash(key: bytes, purpose: str, value: str) -> str:
     return hmac.new(key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def relay_token(settings: Settings) -> str:
+    """What the API shows the worker's relay (sandboxes/relay.py): derived from the payload
+    secret, which both processes hold already."""
+    return keyed_hash(payload_keys(settings).current, "relay", "api")

@@ -478,6 +478,23 @@ class Settings(BaseSettings):
         "0: off",
     )
 
+    # --- Hands on the machine: the workspace's files from the API (issue 21) ---
+    relay_host: str = Field(
+        default="127.0.0.1",
+        description="Address the worker's relay (how the API reaches guests' files) listens on",
+    )
+    relay_port: int = Field(default=8767, description="Port of the worker's relay")
+    files_max_upload_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=0,
+        description="Largest file a person may upload into a session's workspace, in bytes",
+    )
+    files_max_archive_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=0,
+        description="Most bytes a folder's download (a zip) reads from the workspace",
+    )
+
     @model_validator(mode="after")
     def _pairs(self) -> Settings:
         for cert, key in (
