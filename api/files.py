@@ -17,8 +17,11 @@ import zipfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import quote
 
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 from websockets.asyncio.client import ClientConnection, connect
@@ -214,3 +217,28 @@ async def write(settings: Settings, sandbox_id: str, path: str, body: AsyncItera
 async def delete(settings: Settings, sandbox_id: str, path: str) -> None:
     async with channel(settings, sandbox_id, "delete", path) as link:
         await link.result()
+
+
+async def download(settings: Settings, sandbox_id: str, path: str) -> Response:
+    """A file of the workspace as a response; a folder as a zip of its regular files. A
+    refusal is raised before the response starts."""
+    found = await listing(settings, sandbox_id, path)
+    name = PurePosixPath(path).name or "workspace"
+    if found.kind == "dir":
+        spool = await archive(settings, sandbox_id, path)
+        return StreamingResponse(
+            iter(lambda: spool.read(ZIP_CHUNK), b""),
+            media_type="application/zip",
+            headers={"Content-Disposition": attachment(f"{name}.zip")},
+        )
+    _first, rest = await first_and_rest(settings, sandbox_id, path)
+    return StreamingResponse(
+        rest,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": attachment(name), "Content-Length": str(found.size)},
+    )
+
+
+def attachment(name: str) -> str:
+    """A Content-Disposition that names the file, in any script (RFC 6266)."""
+    return f"attachment; filename*=UTF-8''{quote(name)}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 from typing import Annotated, Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
@@ -334,22 +333,7 @@ async def download_file(
 ) -> Response:
     """A file of the workspace; a folder as a zip of its regular files."""
     sandbox = files.running_sandbox(db, service.own_session(db, user, sid))
-    path = files.checked_path(path)
-    found = await files.listing(settings, sandbox, path)
-    name = PurePosixPath(path).name or "workspace"
-    if found.kind == "dir":
-        spool = await files.archive(settings, sandbox, path)
-        return StreamingResponse(
-            iter(lambda: spool.read(files.ZIP_CHUNK), b""),
-            media_type="application/zip",
-            headers={"Content-Disposition": _attachment(f"{name}.zip")},
-        )
-    _first, rest = await files.first_and_rest(settings, sandbox, path)
-    return StreamingResponse(
-        rest,
-        media_type="application/octet-stream",
-        headers={"Content-Disposition": _attachment(name), "Content-Length": str(found.size)},
-    )
+    return await files.download(settings, sandbox, files.checked_path(path))
 
 
 @router.put(
@@ -395,8 +379,3 @@ async def delete_file(
     await files.delete(settings, sandbox, path)
     audit.record(db, user.id, "files.delete", target=sid, detail={"path": path}, ip=ip)
     return Response(status_code=204)
-
-
-def _attachment(name: str) -> str:
-    """A Content-Disposition that names the file, in any script (RFC 6266)."""
-    return f"attachment; filename*=UTF-8''{quote(name)}"

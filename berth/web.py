@@ -35,6 +35,7 @@ from config.settings import Settings, get_settings
 from store.db import get_engine, migrate
 from store.notify import Hub
 from ui.admin_pages import router as admin_page_router
+from ui.files import router as files_page_router
 from ui.live import router as live_router
 from ui.pages import router as ui_router
 from ui.preferences import router as preferences_page_router
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(preferences_page_router)
     app.include_router(tokens_page_router)
     app.include_router(admin_page_router)
+    app.include_router(files_page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # The MCP server (api/mcp.py): the JSON API's tools for agents, by bearer token.
     # Stateless: no stream to GET and no session to DELETE, so POST only.

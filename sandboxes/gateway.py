@@ -147,6 +147,8 @@ class Channel:
             except TimeoutError:
                 if not self._guest.connected.is_set():
                     raise GuestUnavailable("the guest's link was lost") from None
+                if self._guest.paused:
+                    raise GuestUnavailable("the machine was suspended") from None
 
 
 @dataclass
@@ -427,6 +429,8 @@ class GuestGateway:
             raise GuestUnavailable(f"the guest of sandbox {sandbox_id} is not connected")
         if not guest.runs_channels:
             raise GuestUnavailable("the sandbox's guest predates file operations")
+        if guest.paused:
+            raise GuestUnavailable("the machine is suspended while idle: a task wakes it")
         opened = Channel(guest, secrets.token_hex(8), ws.send)
         guest.channels[opened.id] = opened
         try:
