@@ -64,6 +64,9 @@ result. Steps, as JSON objects:
   (selector), "type" (selector, text), "select" (selector, value), "extract" (text of
   selector, or of the page), "wait_for" (selector or text), "screenshot". One browser page
   is kept across the task's steps; every browser step takes a screenshot.
+- {"kind": "service", "command": "..."}: start a long-running command (a web server) that
+  keeps running after the step, its output kept; the step's output names it (s1, ...), and
+  {"kind": "service", "action": "stop", "name": "s1"} stops it. Never start one with `&`.
 Give each step a success criterion, checked right after it runs, as "check":
 {"kind": "exit_code", "value": "0"}, {"kind": "output_contains", "value": "TEXT"},
 {"kind": "output_regex", "value": "REGEX"}, {"kind": "file_exists", "value": "PATH"}, or for

@@ -1,40 +1,26 @@
 """A session's workspace files for its owner: list, download (a folder as a zip), upload,
-delete. Each operation is a channel to the session's guest (guest_agent/hands.py: done with
-the step user's rights, confined to the workspace), reached through the relay of the worker
-that holds the guest's link (sandboxes/relay.py).
-
-The guest's refusals come back with their reason, as a problem document: ``refused`` (a path
-outside the workspace, one the step user may not touch) is a 403, ``missing`` a 404, any
-other failure a 409; a session without a running machine is a 409 too.
+delete. Each operation is a channel to the session's guest (api/guest_link.py), done there
+with the step user's rights, confined to the workspace (guest_agent/hands.py).
 """
 
 from __future__ import annotations
 
-import json
 import posixpath
 import tempfile
 import zipfile
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
 from urllib.parse import quote
 
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
-from sqlmodel import Session, col, select
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from api.deps import Problem
-from config.keys import relay_token
+from api.guest_link import guest_channel
 from config.settings import Settings
-from store.models import SandboxRow, SessionRow
 
 MAX_PATH_CHARS = 4096
-# Bytes read from a downloaded file's stream at a time (one data frame at most).
-STATUSES = {"refused": 403, "missing": 404, "failed": 409, "unavailable": 409}
+# Bytes of a zip read (or an upload sent) at a time.
 ZIP_CHUNK = 64 * 1024
 
 
@@ -62,90 +48,14 @@ def checked_path(path: str) -> str:
     return path.strip() or "."
 
 
-@dataclass
-class Link:
-    """One operation's channel to the guest, through the relay."""
-
-    ws: ClientConnection
-
-    async def send(self, data: bytes) -> None:
-        await self.ws.send(data)
-
-    async def end(self) -> None:
-        await self.ws.send("end")
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The guest's bytes, until its close: a Problem if the operation failed."""
-        while True:
-            try:
-                message = await self.ws.recv()
-            except ConnectionClosed:
-                raise Problem(409, "the session's machine went away mid-way") from None
-            if isinstance(message, bytes):
-                yield message
-                continue
-            ending = json.loads(message)
-            if ending.get("error"):
-                raise _problem(str(ending["error"]))
-            return
-
-    async def result(self) -> dict[str, Any]:
-        """The operation's result, once the guest closes its channel (data dropped)."""
-        while True:
-            try:
-                message = await self.ws.recv()
-            except ConnectionClosed:
-                raise Problem(409, "the session's machine went away mid-way") from None
-            if isinstance(message, str):
-                ending = json.loads(message)
-                if ending.get("error"):
-                    raise _problem(str(ending["error"]))
-                return dict(ending.get("result") or {})
-
-
-def _problem(error: str) -> Problem:
-    kind, _, reason = error.partition(": ")
-    return Problem(STATUSES.get(kind, 409), reason or error)
-
-
-def running_sandbox(db: Session, row: SessionRow) -> str:
-    """The id of the session's running machine; a 409 if it has none now."""
-    found = db.exec(
-        select(SandboxRow.id)
-        .where(SandboxRow.session_id == row.id, SandboxRow.status == "running")
-        .order_by(col(SandboxRow.created_at).desc())
-    ).first()
-    if found is None:
-        raise Problem(409, f"session {row.id} has no running machine now")
-    return found
-
-
-@asynccontextmanager
-async def channel(settings: Settings, sandbox_id: str, op: str, path: str) -> AsyncIterator[Link]:
-    """A channel open to the sandbox's guest for ``op`` on ``path``."""
-    host = settings.relay_host if settings.relay_host not in ("", "0.0.0.0") else "127.0.0.1"
-    try:
-        async with connect(
-            f"ws://{host}:{settings.relay_port}/relay",
-            additional_headers={"Authorization": f"Bearer {relay_token(settings)}"},
-            max_size=None,
-            open_timeout=10,
-        ) as ws:
-            opening = {"sandbox_id": sandbox_id, "kind": "file", "args": {"op": op, "path": path}}
-            await ws.send(json.dumps(opening))
-            yield Link(ws)
-    except (OSError, InvalidStatus) as exc:
-        raise Problem(503, f"the session's host cannot be reached: {exc}") from None
-
-
 async def listing(settings: Settings, sandbox_id: str, path: str) -> FileListing:
-    async with channel(settings, sandbox_id, "list", path) as link:
+    async with guest_channel(settings, sandbox_id, "file", {"op": "list", "path": path}) as link:
         found = await link.result()
     return FileListing(path=path, **found)
 
 
 async def read(settings: Settings, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
-    async with channel(settings, sandbox_id, "read", path) as link:
+    async with guest_channel(settings, sandbox_id, "file", {"op": "read", "path": path}) as link:
         async for chunk in link.chunks():
             yield chunk
 
@@ -175,7 +85,7 @@ async def archive(
 ) -> tempfile.SpooledTemporaryFile[bytes]:
     """A folder's regular files as a zip (at most BERTH_FILES_MAX_ARCHIVE_BYTES read), in a
     temporary file rewound to its start."""
-    async with channel(settings, sandbox_id, "walk", path) as link:
+    async with guest_channel(settings, sandbox_id, "file", {"op": "walk", "path": path}) as link:
         walked = await link.result()
     # Handed to the response, which reads it to the end and drops it.
     spool: tempfile.SpooledTemporaryFile[bytes] = tempfile.SpooledTemporaryFile(8 << 20)  # noqa: SIM115
@@ -200,7 +110,7 @@ async def write(settings: Settings, sandbox_id: str, path: str, body: AsyncItera
     """Upload ``body`` to ``path``; its size. A 413 past BERTH_FILES_MAX_UPLOAD_BYTES (the
     guest then keeps nothing of it)."""
     cap = settings.files_max_upload_bytes
-    async with channel(settings, sandbox_id, "write", path) as link:
+    async with guest_channel(settings, sandbox_id, "file", {"op": "write", "path": path}) as link:
         size = 0
         async for chunk in body:
             size += len(chunk)
@@ -215,7 +125,7 @@ async def write(settings: Settings, sandbox_id: str, path: str, body: AsyncItera
 
 
 async def delete(settings: Settings, sandbox_id: str, path: str) -> None:
-    async with channel(settings, sandbox_id, "delete", path) as link:
+    async with guest_channel(settings, sandbox_id, "file", {"op": "delete", "path": path}) as link:
         await link.result()
 
 

@@ -6,9 +6,9 @@ from pathlib import PurePosixPath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 
-from api import accounts, cursors, files, service
+from api import accounts, cursors, files, guest_link, service, services
 from api.deps import (
     AdminDep,
     DbDep,
@@ -318,7 +318,7 @@ async def list_files(
     sid: str, db: DbDep, settings: SettingsDep, user: UserDep, path: PathQuery = "."
 ) -> files.FileListing:
     """A folder's entries (or a file's own size) in the session's workspace."""
-    sandbox = files.running_sandbox(db, service.own_session(db, user, sid))
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
     return await files.listing(settings, sandbox, files.checked_path(path))
 
 
@@ -332,7 +332,7 @@ async def download_file(
     sid: str, db: DbDep, settings: SettingsDep, user: UserDep, path: PathQuery
 ) -> Response:
     """A file of the workspace; a folder as a zip of its regular files."""
-    sandbox = files.running_sandbox(db, service.own_session(db, user, sid))
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
     return await files.download(settings, sandbox, files.checked_path(path))
 
 
@@ -353,7 +353,7 @@ async def upload_file(
 ) -> files.FileEntry:
     """Write the request's body to ``path`` (its folders made), replacing what was there;
     a 413 past BERTH_FILES_MAX_UPLOAD_BYTES."""
-    sandbox = files.running_sandbox(db, service.own_session(db, user, sid))
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
     path = files.checked_path(path)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > settings.files_max_upload_bytes:
@@ -374,8 +374,46 @@ async def delete_file(
     sid: str, db: DbDep, settings: SettingsDep, user: UserDep, ip: IpDep, path: PathQuery
 ) -> Response:
     """Delete a file, or a folder with everything in it (never the workspace itself)."""
-    sandbox = files.running_sandbox(db, service.own_session(db, user, sid))
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
     path = files.checked_path(path)
     await files.delete(settings, sandbox, path)
     audit.record(db, user.id, "files.delete", target=sid, detail={"path": path}, ip=ip)
     return Response(status_code=204)
+
+
+# --- The session's services (api/services.py): its owner's only ---
+
+
+@router.get("/sessions/{sid}/services", tags=["services"], responses=FILES)
+async def list_services(
+    sid: str, db: DbDep, settings: SettingsDep, user: UserDep
+) -> list[services.ServiceOut]:
+    """The services that ``service`` steps started in the session's machine, running or
+    ended (never restarted)."""
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
+    return await services.listing(settings, sandbox)
+
+
+@router.get(
+    "/sessions/{sid}/services/{name}/output",
+    tags=["services"],
+    response_class=PlainTextResponse,
+    responses=FILES,
+)
+async def service_output(
+    sid: str, name: str, db: DbDep, settings: SettingsDep, user: UserDep
+) -> Response:
+    """The newest of what the service printed (its tail, bounded in the guest)."""
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
+    return PlainTextResponse(await services.output(settings, sandbox, name))
+
+
+@router.post("/sessions/{sid}/services/{name}/stop", tags=["services"], responses=FILES)
+async def stop_service(
+    sid: str, name: str, db: DbDep, settings: SettingsDep, user: UserDep, ip: IpDep
+) -> services.ServiceOut:
+    """Stop a service (its process group: SIGTERM, then SIGKILL after 5 s)."""
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
+    stopped = await services.stop(settings, sandbox, name)
+    audit.record(db, user.id, "services.stop", target=sid, detail={"name": name}, ip=ip)
+    return stopped

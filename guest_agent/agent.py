@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import websockets
 
-from guest_agent import checks, files, protocol
+from guest_agent import checks, files, protocol, services
 from guest_agent.chromium import chromium_path
 from guest_agent.execution import Execution
 from guest_agent.hands import Hands
@@ -77,8 +77,9 @@ class GuestAgent:
         self.welcomed = False  # by the gateway, on the current link
         self.browser = load_browser(config.user)
         self.capabilities = ["terminal", "file"] + (["browser"] if self.browser else [])
-        self.capabilities.append(protocol.CHANNELS)
+        self.capabilities += ["service", protocol.CHANNELS]
         self.hands = Hands(config.workdir, config.user)
+        self.services = services.Services(config.workdir, config.user)
 
     async def close(self) -> None:
         """Stop the browser, if one was started."""
@@ -148,7 +149,10 @@ class GuestAgent:
 
         async def serve() -> None:
             try:
-                await self.hands.serve(frame.channel, frame.args, inbox, send)
+                if frame.kind == "service":
+                    await self.services.serve(frame.channel, frame.args, send)
+                else:
+                    await self.hands.serve(frame.channel, frame.args, inbox, send)
             except Exception:  # a link lost mid-way, say: the operation is over
                 log.exception("channel %s failed", frame.channel[:64])
             finally:
@@ -247,6 +251,11 @@ class GuestAgent:
             except files.Refused as exc:
                 return 1, str(exc)
             return 0, None
+        if kind == "service":
+            code, error, execution.result = await services.run_step(
+                self.services, execution.say, step
+            )
+            return code, error
         if kind == "browser" and self.browser is not None:
             check = step.get("check") or {}
             ran = await self.browser.run(execution, step, check.get("kind") == "page_text_contains")

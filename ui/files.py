@@ -12,7 +12,7 @@ from pathlib import PurePosixPath
 from fastapi import Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, Response
 
-from api import files, service
+from api import files, guest_link, service
 from api.deps import DbDep, IpDep, Problem, SettingsDep
 from config.settings import Settings
 from store import audit
@@ -51,7 +51,7 @@ async def _panel(
 def _sandbox(db: DbDep, user: PageUser, sid: str) -> str | None:
     row = service.own_session(db, user, sid)
     try:
-        return files.running_sandbox(db, row)
+        return guest_link.running_sandbox(db, row)
     except Problem:
         return None
 
@@ -69,7 +69,7 @@ async def download(
     sid: str, db: DbDep, settings: SettingsDep, user: PageUser, path: str = Query()
 ) -> Response:
     """A file (or a folder as a zip), as the JSON API's download."""
-    sandbox = files.running_sandbox(db, service.own_session(db, user, sid))
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
     return await files.download(settings, sandbox, files.checked_path(path))
 
 
@@ -84,7 +84,7 @@ async def upload(
     path: str = Query("."),
 ) -> Response:
     """Files of a form (``upload``, one or many) into folder ``path``; the panel redrawn."""
-    sandbox = files.running_sandbox(db, service.own_session(db, user, sid))
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
     folder = files.checked_path(path)
     form = await request.form(max_files=100, max_part_size=settings.files_max_upload_bytes + 1)
     done, refused = [], []
@@ -120,7 +120,7 @@ async def delete(
     ip: IpDep,
     path: str = Query(),
 ) -> Response:
-    sandbox = files.running_sandbox(db, service.own_session(db, user, sid))
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
     path = files.checked_path(path)
     try:
         await files.delete(settings, sandbox, path)

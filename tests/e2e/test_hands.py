@@ -1,0 +1,104 @@
+"""Hands on the machine against the whole system (Docker sandboxes), as `make run` starts it:
+the workspace's files through the API, as the step user, confined to the workspace; and
+every new route closed to another user."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from berth_client import Berth
+
+from tests.support.local import LocalSystem
+
+PASSWORD = "correct horse battery"
+CAP = 100_000  # BERTH_FILES_MAX_UPLOAD_BYTES here
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    env = {"BERTH_FILES_MAX_UPLOAD_BYTES": str(CAP)}
+    running = LocalSystem.start(tmp_path_factory.mktemp("berth-hands"), "hands", env)
+    for who in ("owner", "other"):
+        answer = httpx.post(
+            f"{running.base}/api/auth/signup",
+            json={"email": f"{who}@example.com", "password": PASSWORD},
+        )
+        assert answer.status_code == 201
+    yield running.base
+    assert running.stop() == 0
+
+
+def client(system: str, who: str) -> Berth:
+    berth = Berth(system)
+    berth.log_in(f"{who}@example.com", PASSWORD, "tests")
+    return berth
+
+
+@pytest.fixture(scope="module")
+def session(system: str) -> Iterator[tuple[Berth, str]]:
+    with client(system, "owner") as berth:
+        made = berth.sessions.create()
+        made.run("$ true").wait(timeout=180, check=True)  # its machine is up
+        yield berth, made.id
+        made.end()
+
+
+def test_upload_transform_download(session: tuple[Berth, str]) -> None:
+    berth, sid = session
+    table = "name,count\nalpha,1\nbeta,2\n"
+    entry = berth.upload(sid, "data/in.csv", table.encode())
+    assert entry.size == len(table)
+    task = berth.sessions.get(sid).run(
+        "$ tr a-z A-Z < data/in.csv > data/out.csv\n$ stat -c %U data/in.csv"
+    )
+    done = task.wait(timeout=120, check=True)
+    assert done.result == "berth\n"  # the upload is the step user's
+    assert berth.download(sid, "data/out.csv").decode() == table.upper()
+    listing = berth.list_files(sid, "data")
+    assert [(e.name, e.kind) for e in listing.entries] == [("in.csv", "file"), ("out.csv", "file")]
+    with zipfile.ZipFile(io.BytesIO(berth.download(sid, "data"))) as zipped:
+        assert sorted(zipped.namelist()) == ["in.csv", "out.csv"]
+        assert zipped.read("out.csv").decode() == table.upper()
+    berth.delete_file(sid, "data/in.csv")
+    assert [e.name for e in berth.list_files(sid, "data").entries] == ["out.csv"]
+
+
+def test_refusals_say_why(system: str, session: tuple[Berth, str]) -> None:
+    berth, sid = session
+    headers = {"Authorization": berth.inner.http.headers["Authorization"]}
+    base = f"{system}/api/sessions/{sid}/files"
+    outside = httpx.get(f"{base}/content", params={"path": "/etc/passwd"}, headers=headers)
+    assert outside.status_code == 403
+    assert outside.headers["content-type"] == "application/problem+json"
+    assert "outside the workspace" in outside.json()["detail"]
+    # A symlink in the workspace: followed, it leads outside.
+    berth.sessions.get(sid).run("$ ln -s /etc/hostname out-link").wait(timeout=120, check=True)
+    linked = httpx.get(f"{base}/content", params={"path": "out-link"}, headers=headers)
+    assert linked.status_code == 403
+    big = httpx.put(f"{base}/content", params={"path": "big.bin"}, content=b"x" * (CAP + 1),
+                    headers=headers)  # fmt: skip
+    assert big.status_code == 413 and "BERTH_FILES_MAX_UPLOAD_BYTES" in big.json()["detail"]
+    missing = httpx.get(base, params={"path": "no/such/folder"}, headers=headers)
+    assert missing.status_code == 404
+    assert "big.bin" not in [e.name for e in berth.list_files(sid).entries]
+
+
+def test_another_user_gets_404_on_every_route(system: str, session: tuple[Berth, str]) -> None:
+    _owner, sid = session
+    with client(system, "other") as other:
+        token = other.inner.http.headers["Authorization"]
+    base = f"{system}/api/sessions/{sid}"
+    headers = {"Authorization": token}
+    for method, path in (
+        ("GET", "/files"),
+        ("GET", "/files/content"),
+        ("PUT", "/files/content"),
+        ("DELETE", "/files"),
+    ):
+        answer = httpx.request(method, f"{base}{path}", params={"path": "x"}, headers=headers,
+                               content=b"x" if method == "PUT" else None)  # fmt: skip
+        assert answer.status_code == 404, (method, path, answer.text)
