@@ -40,6 +40,7 @@ from ui.live import router as live_router
 from ui.pages import router as ui_router
 from ui.preferences import router as preferences_page_router
 from ui.render import STATIC_DIR, is_dashboard, problem_page
+from ui.services import router as services_page_router
 from ui.tokens import router as tokens_page_router
 from workflows.codec import EncryptionCodec
 
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tokens_page_router)
     app.include_router(admin_page_router)
     app.include_router(files_page_router)
+    app.include_router(services_page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # The MCP server (api/mcp.py): the JSON API's tools for agents, by bearer token.
     # Stateless: no stream to GET and no session to DELETE, so POST only.

@@ -87,6 +87,38 @@ def test_refusals_say_why(system: str, session: tuple[Berth, str]) -> None:
     assert "big.bin" not in [e.name for e in berth.list_files(sid).entries]
 
 
+def test_services_outlive_their_steps_until_stopped(
+    system: str, session: tuple[Berth, str]
+) -> None:
+    berth, sid = session
+    headers = {"Authorization": berth.inner.http.headers["Authorization"]}
+    base = f"{system}/api/sessions/{sid}/services"
+    task = berth.sessions.get(sid).run(
+        "$ service: python3 -u -m http.server 8123\n$ service: sleep 600"
+    )
+    done = task.wait(timeout=120, check=True)
+    assert [step.result for step in done.steps] == ["s1", "s2"]
+    listed = httpx.get(base, headers=headers).json()
+    assert [(v["name"], v["running"]) for v in listed] == [("s1", True), ("s2", True)]
+    # Reached from a later step: the server outlived the step that started it.
+    fetched = (
+        berth.sessions.get(sid)
+        .run("$ python3 -m urllib.request http://127.0.0.1:8123/")
+        .wait(timeout=120, check=True)
+    )
+    assert "Directory listing" in (fetched.result or "")
+    output = httpx.get(f"{base}/s1/output", headers=headers)
+    assert "GET / HTTP" in output.text
+    stopped = httpx.post(f"{base}/s1/stop", headers=headers).json()
+    assert stopped["running"] is False and stopped["stopped"] is True
+    # The agent stops one with a step; a policy-refused command starts nothing.
+    berth.sessions.get(sid).run("$ service-stop: s2").wait(timeout=120, check=True)
+    refused = berth.sessions.get(sid).run("$ service: sudo sleep 1").wait(timeout=120)
+    assert refused.status == "failed"
+    listed = httpx.get(base, headers=headers).json()
+    assert [(v["name"], v["running"]) for v in listed] == [("s1", False), ("s2", False)]
+
+
 def test_another_user_gets_404_on_every_route(system: str, session: tuple[Berth, str]) -> None:
     _owner, sid = session
     with client(system, "other") as other:
@@ -98,6 +130,9 @@ def test_another_user_gets_404_on_every_route(system: str, session: tuple[Berth,
         ("GET", "/files/content"),
         ("PUT", "/files/content"),
         ("DELETE", "/files"),
+        ("GET", "/services"),
+        ("GET", "/services/s1/output"),
+        ("POST", "/services/s1/stop"),
     ):
         answer = httpx.request(method, f"{base}{path}", params={"path": "x"}, headers=headers,
                                content=b"x" if method == "PUT" else None)  # fmt: skip
