@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 
-from api import accounts, cursors, files, guest_link, service, services
+from api import accounts, cursors, files, guest_link, previews, service, services
 from api.deps import (
     AdminDep,
     DbDep,
@@ -417,3 +417,41 @@ async def stop_service(
     stopped = await services.stop(settings, sandbox, name)
     audit.record(db, user.id, "services.stop", target=sid, detail={"name": name}, ip=ip)
     return stopped
+
+
+# --- Previews of the session's ports (api/previews.py): its owner's only ---
+
+
+@router.get("/sessions/{sid}/previews", tags=["previews"], responses=FILES)
+async def list_previews(
+    sid: str, db: DbDep, settings: SettingsDep, user: UserDep
+) -> previews.PreviewsOut:
+    """The ports something listens on in the session's machine (each previewed at
+    /preview/{sid}/{port}/), and the share links made for them."""
+    return await previews.previews(db, settings, service.own_session(db, user, sid))
+
+
+@router.post(
+    "/sessions/{sid}/previews/{port}/shares", status_code=201, tags=["previews"], responses=SESSION
+)
+def share_preview(
+    sid: str, port: previews.PortPath, db: DbDep, settings: SettingsDep, user: UserDep, ip: IpDep
+) -> previews.ShareOut:
+    """A link that opens the port's preview to whoever holds it, until it expires
+    (BERTH_PREVIEW_SHARE_TTL_S) or is revoked. Its URL is shown this once."""
+    made = previews.share(db, settings, service.own_session(db, user, sid), port)
+    audit.record(db, user.id, "previews.share", target=sid, detail={"port": port}, ip=ip)
+    return made
+
+
+@router.delete(
+    "/sessions/{sid}/previews/shares/{share_id}",
+    status_code=204,
+    tags=["previews"],
+    responses=SESSION,
+)
+def revoke_preview_share(sid: str, share_id: str, db: DbDep, user: UserDep, ip: IpDep) -> Response:
+    """Revoke a share link: it opens nothing from now on (403)."""
+    previews.revoke(db, service.own_session(db, user, sid), share_id)
+    audit.record(db, user.id, "previews.revoke", target=sid, detail={"share": share_id}, ip=ip)
+    return Response(status_code=204)

@@ -494,6 +494,17 @@ class Settings(BaseSettings):
         ge=0,
         description="Most bytes a folder's download (a zip) reads from the workspace",
     )
+    preview_share_ttl_s: int = Field(
+        default=24 * 3600,
+        ge=60,
+        description="How long a preview's share link opens it (until revoked sooner)",
+    )
+    preview_owner_ttl_s: int = Field(
+        default=3600,
+        ge=60,
+        description="How long the URL an owner is sent on to opens their preview; a visit to "
+        "/preview/{sid}/{port}/ makes a new one",
+    )
 
     @model_validator(mode="after")
     def _pairs(self) -> Settings:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import websockets
 
-from guest_agent import checks, files, protocol, services
+from guest_agent import checks, files, ports, protocol, services
 from guest_agent.chromium import chromium_path
 from guest_agent.execution import Execution
 from guest_agent.hands import Hands
@@ -151,6 +151,8 @@ class GuestAgent:
             try:
                 if frame.kind == "service":
                     await self.services.serve(frame.channel, frame.args, send)
+                elif frame.kind == "port":
+                    await ports.serve(frame.channel, frame.args, inbox, send)
                 else:
                     await self.hands.serve(frame.channel, frame.args, inbox, send)
             except Exception:  # a link lost mid-way, say: the operation is over

@@ -85,6 +85,20 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/api/sessions/{sid}/tasks/{tid}"): R(200, 404, 401, 200),
     ("POST", "/api/sessions/{sid}/tasks/{tid}/{action}"): R(409, 404, 401, 404),
     ("GET", "/api/sessions/{sid}/artifacts/{artifact_id}"): R(200, 404, 401, 200),
+    # Hands on the machine: its owner's only (409: the world's session has no machine now).
+    ("GET", "/api/sessions/{sid}/files"): R(409, 404, 401, 404),
+    ("GET", "/api/sessions/{sid}/files/content"): R(409, 404, 401, 404, query="?path=x"),
+    ("PUT", "/api/sessions/{sid}/files/content"): R(409, 404, 401, 404, query="?path=x"),
+    ("DELETE", "/api/sessions/{sid}/files"): R(409, 404, 401, 404, query="?path=x"),
+    ("GET", "/api/sessions/{sid}/services"): R(409, 404, 401, 404),
+    ("GET", "/api/sessions/{sid}/services/{name}/output"): R(409, 404, 401, 404),
+    ("POST", "/api/sessions/{sid}/services/{name}/stop"): R(409, 404, 401, 404),
+    ("GET", "/api/sessions/{sid}/previews"): R(409, 404, 401, 404),
+    ("POST", "/api/sessions/{sid}/previews/{port}/shares"): R(201, 404, 401, 404),
+    ("DELETE", "/api/sessions/{sid}/previews/shares/{share_id}"): R(404, 404, 401, 404),
+    # A preview's URL opens by its token alone: a made-up one opens nothing, for anyone.
+    **{(m, "/preview/{sid}/{port}/@{token}/{path:path}"): R(403, 403, 403, 403)
+       for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")},
     # The caller's own LLM use (no provider is configured here: 503 says so).
     ("POST", "/v1/chat/completions"): R(503, 503, 401, 503, json={"messages": [{"role": "user", "content": "hi"}]}),  # noqa: E501
     ("GET", "/v1/models"): R(200, 200, 401, 200),
@@ -124,6 +138,18 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/ui/tokens"): R(200, 200, 401, 200, form={"name": "script"}),
     ("POST", "/ui/tokens/{token_id}/revoke"): R(200, 404, 401, 404),
     ("GET", "/admin"): R(403, 403, 303, 200),
+    ("GET", "/ui/sessions/{sid}/files"): R(200, 404, 303, 404),
+    ("GET", "/ui/sessions/{sid}/files/content"): R(409, 404, 303, 404, query="?path=x"),
+    ("POST", "/ui/sessions/{sid}/files"): R(409, 404, 401, 404),
+    ("DELETE", "/ui/sessions/{sid}/files"): R(409, 404, 401, 404, query="?path=x"),
+    ("GET", "/ui/sessions/{sid}/services"): R(200, 404, 303, 404),
+    ("GET", "/ui/sessions/{sid}/services/{name}/output"): R(409, 404, 303, 404),
+    ("POST", "/ui/sessions/{sid}/services/{name}/stop"): R(409, 404, 401, 404),
+    ("GET", "/ui/sessions/{sid}/previews"): R(200, 404, 303, 404),
+    ("POST", "/ui/sessions/{sid}/previews/{port}/shares"): R(200, 404, 401, 404),
+    ("POST", "/ui/sessions/{sid}/previews/shares/{share_id}/revoke"): R(404, 404, 401, 404),
+    ("GET", "/preview/{sid}/{port}"): R(303, 404, 303, 404),
+    ("GET", "/preview/{sid}/{port}/"): R(303, 404, 303, 404),
 }
 # fmt: on
 
@@ -191,6 +217,11 @@ class Stage:
             "artifact_id": self.artifact_id,
             "template": "default",
             "user_id": self.world.owner.id,
+            "name": "s1",
+            "port": "8000",
+            "share_id": "no-such-share",
+            "token": "made-up",
+            "path": "index.html",
         }
 
     def login_form(self, form: dict[str, str]) -> dict[str, str]:
@@ -225,7 +256,7 @@ def test_each_caller_gets_what_the_rule_says(stage: Stage, route: tuple[str, str
     rule = RULES[route]
     got = {}
     for caller in CALLERS:
-        url = (path + rule.query).format(**stage.values())
+        url = (path.replace(":path}", "}") + rule.query).format(**stage.values())
         headers = stage.caller_headers(caller, path, method)
         form = stage.login_form(rule.form) if path == "/login" and method == "POST" else rule.form
         answer = stage.client.request(

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from berth_client import Berth
 
-from tests.support.local import LocalSystem
+from tests.support.local import LocalSystem, python_script
 
 PASSWORD = "correct horse battery"
 CAP = 100_000  # BERTH_FILES_MAX_UPLOAD_BYTES here
@@ -76,7 +76,8 @@ def test_refusals_say_why(system: str, session: tuple[Berth, str]) -> None:
     assert outside.headers["content-type"] == "application/problem+json"
     assert "outside the workspace" in outside.json()["detail"]
     # A symlink in the workspace: followed, it leads outside.
-    berth.sessions.get(sid).run("$ ln -s /etc/hostname out-link").wait(timeout=120, check=True)
+    link = python_script("link.py", "import os", "os.symlink('/etc/hostname', 'out-link')")
+    berth.sessions.get(sid).run(f"$ {link}").wait(timeout=120, check=True)
     linked = httpx.get(f"{base}/content", params={"path": "out-link"}, headers=headers)
     assert linked.status_code == 403
     big = httpx.put(f"{base}/content", params={"path": "big.bin"}, content=b"x" * (CAP + 1),
