@@ -185,16 +185,16 @@ class SandboxActivities:
         """Hold a terminal or service step's command to its template's policy before the guest
         sees it; a refused one fails the activity for good, with the reason, and runs nothing."""
         step = request.step
-        if step.kind == "terminal":
-            command, cwd = step.command, step.cwd
-        elif step.kind == "service" and step.command is not None:
-            command, cwd = step.command, None  # a service is judged as a command would be
-        else:
-            return
         template = request.sandbox.template
         if template not in self.policies:
             self.policies[template] = load_policy(template, self.command_policy_path)
-        verdict = judge(command, self.policies[template], cwd=cwd)
+        policy = self.policies[template]
+        if step.kind == "terminal":
+            verdict = judge(step.command, policy, cwd=step.cwd)
+        elif step.kind == "service" and step.command is not None:
+            verdict = judge(step.command, policy.for_services())
+        else:
+            return
         if not verdict.allowed:
             POLICY_REFUSALS.labels(template).inc()
             raise ApplicationError(verdict.reason, type="CommandRefused", non_retryable=True)

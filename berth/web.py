@@ -43,6 +43,8 @@ from ui.preferences import router as preferences_page_router
 from ui.previews import router as previews_page_router
 from ui.render import STATIC_DIR, is_dashboard, problem_page
 from ui.services import router as services_page_router
+from ui.terminal import router as terminal_page_router
+from ui.terminal import sockets as terminal_sockets
 from ui.tokens import router as tokens_page_router
 from workflows.codec import EncryptionCodec
 
@@ -127,6 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(services_page_router)
     app.include_router(previews_router)
     app.include_router(previews_page_router)
+    app.include_router(terminal_page_router)
+    app.include_router(terminal_sockets)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # The MCP server (api/mcp.py): the JSON API's tools for agents, by bearer token.
     # Stateless: no stream to GET and no session to DELETE, so POST only.

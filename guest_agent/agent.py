@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import websockets
 
-from guest_agent import checks, files, ports, protocol, services
+from guest_agent import checks, files, ports, protocol, services, shells
 from guest_agent.chromium import chromium_path
 from guest_agent.execution import Execution
 from guest_agent.hands import Hands
@@ -80,6 +80,7 @@ class GuestAgent:
         self.capabilities += ["service", protocol.CHANNELS]
         self.hands = Hands(config.workdir, config.user)
         self.services = services.Services(config.workdir, config.user)
+        self.shells = shells.Shells(config.workdir, config.user)
 
     async def close(self) -> None:
         """Stop the browser, if one was started."""
@@ -153,6 +154,8 @@ class GuestAgent:
                     await self.services.serve(frame.channel, frame.args, send)
                 elif frame.kind == "port":
                     await ports.serve(frame.channel, frame.args, inbox, send)
+                elif frame.kind == "pty":
+                    await self.shells.serve(frame.channel, frame.args, inbox, send)
                 else:
                     await self.hands.serve(frame.channel, frame.args, inbox, send)
             except Exception:  # a link lost mid-way, say: the operation is over

@@ -7,11 +7,11 @@ Backend -> guest: ``welcome``, ``exec``, ``cancel``, ``clock`` (set the machine'
 
 Either way, once welcomed: ``open``, ``data``, ``close``, a channel. The backend opens one
 (a person's file operation, see guest_agent/hands.py; one on the services, see
-guest_agent/services.py; a tunnel to a port, see guest_agent/ports.py) with a ``kind`` and
-its ``args``; each side sends the bytes it has for it as ``data`` and ends it with
-``close`` (the guest's carries the operation's ``result`` or its ``error``). A guest runs
-channels if its hello claims the ``channels`` capability. Channels are not steps: they do
-not survive a reconnect.
+guest_agent/services.py; a tunnel to a port, see guest_agent/ports.py; a shell, see
+guest_agent/shells.py) with a ``kind`` and its ``args``; each side sends the bytes it has
+for it as ``data`` and ends it with ``close`` (the guest's carries the operation's
+``result`` or its ``error``). A guest runs channels if its hello claims the ``channels``
+capability. Channels are not steps: they do not survive a reconnect.
 
 ``exec`` carries the ``step`` as a JSON object with its ``kind`` (terminal, browser, file)
 and its ``check``. A step's ``artifact`` frames (a browser step's screenshot, base64) come
@@ -87,7 +87,7 @@ MAX_CAPABILITIES = 10
 # The most bytes one data frame carries (before base64): it stays under MAX_FRAME_SIZE.
 MAX_DATA_BYTES = 256 * 1024
 # Channel kinds, and how long their ids and reasons may be.
-CHANNEL_KINDS = ("file", "service", "port")
+CHANNEL_KINDS = ("file", "service", "port", "pty")
 CHANNELS = "channels"
 MAX_CHANNEL_ID = 64
 

@@ -120,6 +120,43 @@ def test_services_outlive_their_steps_until_stopped(
     assert [(v["name"], v["running"]) for v in listed] == [("s1", False), ("s2", False)]
 
 
+def test_a_preview_of_a_service_shared_then_revoked(
+    system: str, session: tuple[Berth, str]
+) -> None:
+    berth, sid = session
+    secret = berth.inner.http.headers["Authorization"].removeprefix("Bearer ")
+    api = {"Authorization": f"Bearer {secret}"}
+    berth.sessions.get(sid).run("$ service: python3 -m http.server 8124").wait(
+        timeout=120, check=True
+    )
+    listed = httpx.get(f"{system}/api/sessions/{sid}/previews", headers=api).json()
+    assert 8124 in listed["ports"]
+    # Nobody gets in without the owner's login or a share link.
+    assert httpx.get(f"{system}/preview/{sid}/8124/").status_code == 303  # to the login page
+    with httpx.Client(base_url=system, cookies={"berth_token": secret}) as owner:
+        entered = owner.get(f"/preview/{sid}/8124/")
+        assert entered.status_code == 303
+        page = owner.get(entered.headers["location"])
+    assert page.status_code == 200 and "Directory listing" in page.text
+    assert page.headers["content-security-policy"].startswith("sandbox")
+    assert "set-cookie" not in page.headers
+    made = httpx.post(f"{system}/api/sessions/{sid}/previews/8124/shares", headers=api)
+    assert made.status_code == 201
+    url = system + made.json()["url"]
+    shared = httpx.get(url)  # no credentials at all: the link is the key
+    assert shared.status_code == 200 and "Directory listing" in shared.text
+    revoked = httpx.delete(
+        f"{system}/api/sessions/{sid}/previews/shares/{made.json()['id']}", headers=api
+    )
+    assert revoked.status_code == 204
+    after = httpx.get(url)
+    assert after.status_code == 403 and "revoked" in after.json()["detail"]
+    with client(system, "other") as other:
+        theirs = other.inner.http.headers["Authorization"].removeprefix("Bearer ")
+    with httpx.Client(base_url=system, cookies={"berth_token": theirs}) as stranger:
+        assert stranger.get(f"/preview/{sid}/8124/").status_code == 404
+
+
 def test_another_user_gets_404_on_every_route(system: str, session: tuple[Berth, str]) -> None:
     _owner, sid = session
     with client(system, "other") as other:
@@ -134,6 +171,9 @@ def test_another_user_gets_404_on_every_route(system: str, session: tuple[Berth,
         ("GET", "/services"),
         ("GET", "/services/s1/output"),
         ("POST", "/services/s1/stop"),
+        ("GET", "/previews"),
+        ("POST", "/previews/8124/shares"),
+        ("DELETE", "/previews/shares/x"),
     ):
         answer = httpx.request(method, f"{base}{path}", params={"path": "x"}, headers=headers,
                                content=b"x" if method == "PUT" else None)  # fmt: skip
