@@ -4,13 +4,17 @@ every new route closed to another user."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import zipfile
 from collections.abc import Iterator
 
 import httpx
 import pytest
+import websockets
 from berth_client import Berth
+from websockets.typing import Origin
 
 from tests.support.local import LocalSystem, python_script
 
@@ -95,10 +99,10 @@ def test_services_outlive_their_steps_until_stopped(
     headers = {"Authorization": berth.inner.http.headers["Authorization"]}
     base = f"{system}/api/sessions/{sid}/services"
     task = berth.sessions.get(sid).run(
-        "$ service: python3 -u -m http.server 8123\n$ service: sleep 600"
+        "$ service: python3 -u -m http.server --bind 127.0.0.1 8123\n$ service: sleep 600"
     )
     done = task.wait(timeout=120, check=True)
-    assert [step.result for step in done.steps] == ["s1", "s2"]
+    assert [(step.result or {}).get("content") for step in done.steps] == ["s1", "s2"]
     listed = httpx.get(base, headers=headers).json()
     assert [(v["name"], v["running"]) for v in listed] == [("s1", True), ("s2", True)]
     # Reached from a later step: the server outlived the step that started it.
@@ -155,6 +159,34 @@ def test_a_preview_of_a_service_shared_then_revoked(
         theirs = other.inner.http.headers["Authorization"].removeprefix("Bearer ")
     with httpx.Client(base_url=system, cookies={"berth_token": theirs}) as stranger:
         assert stranger.get(f"/preview/{sid}/8124/").status_code == 404
+
+
+async def shell(system: str, sid: str, secret: str, typed: str, until: str, origin: str) -> str:
+    """What tab t1 of the session's shell shows, once ``until`` is in it."""
+    url = system.replace("http", "ws", 1) + f"/ui/sessions/{sid}/terminal/t1?cols=100&rows=30"
+    async with websockets.connect(
+        url, additional_headers={"Cookie": f"berth_token={secret}"}, origin=Origin(origin)
+    ) as ws:
+        if typed:
+            await ws.send(json.dumps({"input": typed}))
+        seen = ""
+        while until not in seen:
+            message = await asyncio.wait_for(ws.recv(), 30)
+            seen += message if isinstance(message, str) else message.decode(errors="replace")
+        return seen
+
+
+def test_the_shell_keeps_its_output_across_visits(system: str, session: tuple[Berth, str]) -> None:
+    berth, sid = session
+    secret = berth.inner.http.headers["Authorization"].removeprefix("Bearer ")
+    first = asyncio.run(shell(system, sid, secret, "echo hello-$((6*7))\r", "hello-42", system))
+    assert "hello-42" in first
+    # A new visit (a reload) sees what the shell printed before, and it is the same shell.
+    again = asyncio.run(shell(system, sid, secret, "whoami; echo $PPID\r", "berth\r\n", system))
+    assert "hello-42" in again
+    # Another site's page cannot open it with the user's cookie.
+    with pytest.raises(websockets.exceptions.InvalidStatus):
+        asyncio.run(shell(system, sid, secret, "", "x", "http://evil.example"))
 
 
 def test_another_user_gets_404_on_every_route(system: str, session: tuple[Berth, str]) -> None:
