@@ -32,7 +32,9 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("preview_shares", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_preview_shares_session_id"), ["session_id"])
-        batch_op.create_index(batch_op.f("ix_preview_shares_token_hash"), ["token_hash"], unique=True)
+        batch_op.create_index(
+            batch_op.f("ix_preview_shares_token_hash"), ["token_hash"], unique=True
+        )
 
 
 def downgrade() -> None:
