@@ -28,7 +28,7 @@ async def relayed(tmp_path: Path) -> AsyncIterator[tuple[Settings, str, Path]]:
     """Settings that reach a relay in front of a guest serving ``workspace``."""
     workspace = tmp_path / "workspace"
     workspace.mkdir()
-    settings = Settings(data_dir=tmp_path / "data", relay_port=free_port(), _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(data_dir=tmp_path / "data", relay_port=free_port(), _env_file=None)
     async with guest_link(workspace) as link:
         await link.gateway.wait_connected(link.sandbox_id, 5)
         relay = Relay(link.gateway, relay_token(settings))
@@ -110,7 +110,7 @@ async def test_the_relay_refuses_a_wrong_token(tmp_path: Path) -> None:
     async with relayed(tmp_path) as (settings, sandbox, _workspace):
         wrong = Settings(
             data_dir=tmp_path / "other", relay_port=settings.relay_port, _env_file=None
-        )  # type: ignore[call-arg]
+        )
         with pytest.raises(Problem) as refused:
             await files.listing(wrong, sandbox, ".")
         assert refused.value.status == 503

@@ -108,7 +108,7 @@ def test_services_outlive_their_steps_until_stopped(
     # Reached from a later step: the server outlived the step that started it.
     fetched = (
         berth.sessions.get(sid)
-        .run("$ python3 -m urllib.request http://127.0.0.1:8123/")
+        .run("$ curl -s http://127.0.0.1:8123/")
         .wait(timeout=120, check=True)
     )
     assert "Directory listing" in (fetched.result or "")
