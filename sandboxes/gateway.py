@@ -28,7 +28,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -81,6 +81,7 @@ MAX_UNSENT_BYTES = 8 << 20
 # given up) before it is cut off as a flood.
 MAX_STRAY_MESSAGES = 1000
 MAX_PENDING_PER_ADDRESS = 8
+CLOSED_REMEMBERED = 64
 # Sandboxes being destroyed that are remembered (refused at once while their machines shut
 # down); older ones are refused by ``alive`` alone, their machines gone.
 MAX_ENDED = 4096
@@ -180,6 +181,9 @@ class _Guest:
     # Open channels, by id: their inbox (they end with the link that carries them).
     channels: dict[str, Channel] = field(default_factory=dict)
     runs_channels: bool = False
+    # Channels closed lately: what the guest sent on them before it saw the close is no
+    # flood (a shell's output in flight), and is dropped without counting.
+    closed: deque[str] = field(default_factory=lambda: deque(maxlen=CLOSED_REMEMBERED))
     # Why its machine died, once the host has seen it die.
     dead: str | None = None
     # Its machine is suspended (seen by the host): a command waits for it, however long.
@@ -440,6 +444,7 @@ class GuestGateway:
             raise GuestUnavailable("the guest's link was lost") from None
         finally:
             guest.channels.pop(opened.id, None)
+            guest.closed.append(opened.id)
             while not opened.inbox.empty():
                 opened.inbox.get_nowait()  # frees a read loop blocked on this full inbox
 
@@ -556,6 +561,8 @@ class GuestGateway:
                         guest.held = channel.inbox.full()
                         await channel.inbox.put(frame)  # held back as a step's inbox is
                         guest.held = False
+                        continue
+                    if frame.channel in guest.closed:
                         continue
                 elif (target := guest.open.get(frame.exec_id)) is not None:
                     guest.held = target.inbox.full()
