@@ -3,6 +3,8 @@ pass through untouched)."""
 
 from __future__ import annotations
 
+import re
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # The dashboard loads only its own scripts and styles (htmx's eval and injected styles are
@@ -22,6 +24,10 @@ PREVIEW_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 ]  # fmt: skip
+# The session page runs xterm.js (its interactive shell), which sizes and colours the terminal
+# with <style> elements it writes: that page alone allows inline styles (never scripts).
+SESSION_PAGE = re.compile(r"/sessions/[0-9a-f]+")
+SESSION_CSP = CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
 # FastAPI's API docs pages load their viewer from a CDN with an inline script.
 DOCS_CSP = "frame-ancestors 'none'"
 DOCS = ("/docs", "/redoc")
@@ -44,6 +50,8 @@ class SecurityHeaders:
             return
         path: str = scope["path"]
         policy = DOCS_CSP if path.startswith(DOCS) else CSP
+        if SESSION_PAGE.fullmatch(path):
+            policy = SESSION_CSP
         extra = [*COMMON, (b"content-security-policy", policy.encode())]
         if path.startswith(PREVIEW):
             extra = list(PREVIEW_HEADERS)
