@@ -97,6 +97,7 @@ async def guest_channel(
             additional_headers={"Authorization": f"Bearer {relay_token(settings)}"},
             max_size=None,
             open_timeout=10,
+            compression=None,  # to the relay on loopback: see sandboxes/relay.py
         ) as ws:
             await ws.send(json.dumps({"sandbox_id": sandbox_id, "kind": kind, "args": args}))
             yield Link(ws)

@@ -45,6 +45,7 @@ class Relay:
             port,
             process_request=self._authorize,
             max_size=protocol.MAX_DATA_BYTES + MAX_OPENING,
+            compression=None,  # loopback: deflating files' bytes would only cost CPU
         )
         log.info("relay listening on %s:%d", host, port)
 
