@@ -20,6 +20,11 @@ from tests.support.local import LocalSystem, python_script
 
 PASSWORD = "correct horse battery"
 CAP = 100_000  # BERTH_FILES_MAX_UPLOAD_BYTES here
+FETCH = python_script(
+    "fetch.py",
+    "import urllib.request",
+    "print(urllib.request.urlopen('http://127.0.0.1:8123/').read().decode())",
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +111,7 @@ def test_services_outlive_their_steps_until_stopped(
     listed = httpx.get(base, headers=headers).json()
     assert [(v["name"], v["running"]) for v in listed] == [("s1", True), ("s2", True)]
     # Reached from a later step: the server outlived the step that started it.
-    fetched = (
-        berth.sessions.get(sid)
-        .run("$ curl -s http://127.0.0.1:8123/")
-        .wait(timeout=120, check=True)
-    )
+    fetched = berth.sessions.get(sid).run(f"$ {FETCH}").wait(timeout=120, check=True)
     assert "Directory listing" in (fetched.result or "")
     output = httpx.get(f"{base}/s1/output", headers=headers)
     assert "GET / HTTP" in output.text
