@@ -76,7 +76,7 @@ def open_files(page: Page) -> None:
 
 def test_upload_transform_download(page: Page) -> None:
     files = page.locator("#files")
-    expect(files.locator("form.upload")).to_be_visible()
+    expect(files.locator("form.upload")).to_be_visible(timeout=30_000)
     page.set_input_files(
         "#files input[type=file]",
         files=[FilePayload(name="in.csv", mimeType="text/csv", buffer=TABLE.encode())],

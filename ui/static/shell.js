@@ -23,8 +23,17 @@
       `?cols=${term.cols}&rows=${term.rows}`;
     const socket = new WebSocket(url);
     socket.binaryType = "arraybuffer";
+    let opened = false;
+    socket.onopen = () => { opened = true; };
     socket.onmessage = (event) => term.write(new Uint8Array(event.data));
-    socket.onclose = () => term.write("\r\n[disconnected: reload the page to reattach]\r\n");
+    socket.onclose = () => {
+      if (opened) {
+        term.write("\r\n[disconnected: reload the page to reattach]\r\n");
+      } else if (current && current.socket === socket) {
+        // No machine yet (the session is starting): try again in a moment.
+        setTimeout(() => { if (current && current.socket === socket) open(root, tab); }, 3000);
+      }
+    };
     term.onData((data) => {
       if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ input: data }));
     });
