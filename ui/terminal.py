@@ -82,11 +82,16 @@ class Lines:
 
 @router.get("/ui/sessions/{sid}/terminals")
 async def tabs(sid: str, db: DbDep, settings: SettingsDep, user: PageUser) -> Response:
-    """The tabs whose shells run in the session's machine."""
-    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
-    async with guest_link.guest_channel(settings, sandbox, "pty", {"op": "list"}) as link:
-        found = await link.result()
-    return JSONResponse({"tabs": found.get("tabs", [])})
+    """The tabs whose shells run in the session's machine; ``ready`` false while it has no
+    machine to reach (starting, asleep): the page asks again rather than fail."""
+    row = service.own_session(db, user, sid)
+    try:
+        sandbox = guest_link.running_sandbox(db, row)
+        async with guest_link.guest_channel(settings, sandbox, "pty", {"op": "list"}) as link:
+            found = await link.result()
+    except Problem:
+        return JSONResponse({"tabs": [], "ready": False})
+    return JSONResponse({"tabs": found.get("tabs", []), "ready": True})
 
 
 def _same_origin(websocket: WebSocket) -> bool:

@@ -23,17 +23,8 @@
       `?cols=${term.cols}&rows=${term.rows}`;
     const socket = new WebSocket(url);
     socket.binaryType = "arraybuffer";
-    let opened = false;
-    socket.onopen = () => { opened = true; };
     socket.onmessage = (event) => term.write(new Uint8Array(event.data));
-    socket.onclose = () => {
-      if (opened) {
-        term.write("\r\n[disconnected: reload the page to reattach]\r\n");
-      } else if (current && current.socket === socket) {
-        // No machine yet (the session is starting): try again in a moment.
-        setTimeout(() => { if (current && current.socket === socket) open(root, tab); }, 3000);
-      }
-    };
+    socket.onclose = () => term.write("\r\n[disconnected: reload the page to reattach]\r\n");
     term.onData((data) => {
       if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ input: data }));
     });
@@ -72,18 +63,27 @@
     bar.append(more);
   }
 
-  document.addEventListener("DOMContentLoaded", async () => {
+  // The tabs running in the machine, once it has one to reach (asked again until then).
+  async function start(root, bar) {
+    let found = { tabs: [], ready: false };
+    try {
+      const answer = await fetch(`/ui/sessions/${root.dataset.sid}/terminals`);
+      if (answer.ok) found = await answer.json();
+    } catch (error) { /* asked again below */ }
+    if (!found.ready) {
+      setTimeout(() => start(root, bar), 3000);
+      return;
+    }
+    const tabs = found.tabs.length ? found.tabs : [NAMES[0]];
+    open(root, tabs[0]);
+    drawTabs(bar, root, tabs);
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
     const root = document.getElementById("shell");
     const bar = document.getElementById("shell-tabs");
     if (!root || !bar || typeof Terminal === "undefined") return;
-    let tabs = [];
-    try {
-      const answer = await fetch(`/ui/sessions/${root.dataset.sid}/terminals`);
-      if (answer.ok) tabs = (await answer.json()).tabs;
-    } catch (error) { /* no machine yet: one tab, started on open */ }
-    if (!tabs.length) tabs = [NAMES[0]];
-    open(root, tabs[0]);
-    drawTabs(bar, root, tabs);
+    start(root, bar);
     window.addEventListener("resize", () => current && current.fit.fit());
   });
 })();
