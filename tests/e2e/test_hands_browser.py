@@ -81,7 +81,7 @@ def test_upload_transform_download(page: Page) -> None:
         "#files input[type=file]",
         files=[FilePayload(name="in.csv", mimeType="text/csv", buffer=TABLE.encode())],
     )
-    files.get_by_role("button", name="Upload").click()
+    files.locator("form.upload button").click()
     expect(files).to_contain_text("uploaded in.csv")
     # A file dropped on the panel is uploaded too.
     page.evaluate(
