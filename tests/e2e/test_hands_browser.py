@@ -82,7 +82,7 @@ def test_upload_transform_download(page: Page) -> None:
         files=[FilePayload(name="in.csv", mimeType="text/csv", buffer=TABLE.encode())],
     )
     files.locator("form.upload button").click()
-    expect(files).to_contain_text("uploaded in.csv")
+    expect(files).to_contain_text("uploaded in.csv", timeout=30_000)
     # A file dropped on the panel is uploaded too.
     page.evaluate(
         """() => {
@@ -93,7 +93,7 @@ def test_upload_transform_download(page: Page) -> None:
             panel.dispatchEvent(new DragEvent("drop", {bubbles: true, dataTransfer: moved}));
         }"""
     )
-    expect(page.locator("#files")).to_contain_text("uploaded dropped.txt")
+    expect(page.locator("#files")).to_contain_text("uploaded dropped.txt", timeout=30_000)
     run(page, "$ tr a-z A-Z < in.csv > out.csv")
     open_files(page)
     link = page.locator("#files a.name", has_text="out.csv")
