@@ -9,8 +9,9 @@ import posixpath
 from collections.abc import AsyncIterator
 from pathlib import PurePosixPath
 
-from fastapi import Query, Request, UploadFile
+from fastapi import Query, Request
 from fastapi.responses import HTMLResponse, Response
+from starlette.datastructures import UploadFile
 
 from api import files, guest_link, service
 from api.deps import DbDep, IpDep, Problem, SettingsDep
