@@ -148,6 +148,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/ui/sessions/{sid}/previews"): R(200, 404, 303, 404),
     ("POST", "/ui/sessions/{sid}/previews/{port}/shares"): R(200, 404, 401, 404),
     ("POST", "/ui/sessions/{sid}/previews/shares/{share_id}/revoke"): R(404, 404, 401, 404),
+    ("GET", "/ui/sessions/{sid}/terminals"): R(200, 404, 303, 404),  # ready: false, no machine
     ("GET", "/preview/{sid}/{port}"): R(303, 404, 303, 404),
     ("GET", "/preview/{sid}/{port}/"): R(303, 404, 303, 404),
 }
