@@ -84,6 +84,7 @@ def test_upload_transform_download(page: Page) -> None:
     files.locator("form.upload button").click()
     expect(files).to_contain_text("uploaded in.csv", timeout=30_000)
     # A file dropped on the panel is uploaded too.
+    expect(files.locator("form.upload")).to_be_visible()
     page.evaluate(
         """() => {
             const moved = new DataTransfer();

@@ -89,5 +89,6 @@ document.addEventListener("drop", (event) => {
   event.preventDefault();
   panel.classList.remove("dropping");
   form.querySelector("input[type=file]").files = event.dataTransfer.files;
+  htmx.process(form); // a panel swapped in a moment ago may not be processed yet
   htmx.trigger(form, "submit");
 });
