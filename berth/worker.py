@@ -51,7 +51,7 @@ from activities.webhooks import WebhookActivities
 from berth.fleet import Rescue
 from berth.host import make_gateway, make_provider, open_host
 from berth.registry import OnChange, heartbeat_forever, register
-from config.keys import payload_keys
+from config.keys import payload_keys, relay_token
 from config.settings import Settings, get_settings
 from llm.proxy import LLMProxy
 from sandboxes.kept import SWEEP_EVERY_S as KEPT_SWEEP_EVERY_S
@@ -59,6 +59,7 @@ from sandboxes.kept import KeptDisks
 from sandboxes.models import Machine, MachineUsage
 from sandboxes.monitor import Died, Placed, Placement, Sampled, watch
 from sandboxes.reconcile import Owner, reconcile_forever
+from sandboxes.relay import Relay
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
 from store.models import HostState, utcnow
@@ -283,6 +284,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     gateway = make_gateway(settings)
     provider = make_provider(settings, gateway)
     listen = await open_host(settings, gateway, provider)
+    relay = Relay(gateway, relay_token(settings))
+    await relay.start(settings.relay_host, settings.relay_port)
     progress = ProgressActivities(engine)
     planning = PlanningActivities(LLMProxy(settings, engine))
     artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes)
@@ -405,6 +408,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await sampling
         await dispatching
         await keeping
+    await relay.stop()
     await gateway.stop()
     await provider.close()
 

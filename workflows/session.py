@@ -82,7 +82,7 @@ with workflow.unsafe.imports_passed_through():
         TaskSubmission,
     )
     from workflows.placement import Placement, place
-    from workflows.plans import is_step_plan, step_plan, user_plan
+    from workflows.plans import has_service_lines, is_step_plan, step_plan, user_plan
 
 Request = TypeVar("Request", PlanRequest, VerifyRequest)
 Making = TypeVar("Making", SandboxRequest, RestoreRequest, ForkRequest)
@@ -831,10 +831,16 @@ class SessionWorkflow:
                 raise ApplicationError(failure)
             await self.revise(task, feedback=failure)
 
+    @staticmethod
+    def services(text: str) -> bool:
+        """Whether a written plan's service lines start services: asked only of a plan that
+        has one, so other tasks' histories stay as they were."""
+        return has_service_lines(text) and workflow.patched("service-steps")
+
     async def plan(self, task: TaskState) -> None:
         self.status = SessionStatus.busy
         opening = [self.event(EventType.session_status, status=self.status.value)]
-        steps = user_plan(task.prompt)
+        steps = user_plan(task.prompt, services=self.services(task.prompt))
         # Asked only of a step plan, so other tasks' histories stay as they were.
         if is_step_plan(task.prompt) and workflow.patched("step-plans"):
             steps = step_plan(task.prompt)  # checked by the API already
@@ -856,7 +862,7 @@ class SessionWorkflow:
         self, task: TaskState, *, instruction: str | None = None, feedback: str | None = None
     ) -> None:
         """Replace the steps not run yet: with a written plan, or the model's new plan."""
-        steps = user_plan(instruction) if instruction else None
+        steps = user_plan(instruction, self.services(instruction)) if instruction else None
         plan = None if steps is None else Plan(steps=steps)
         if plan is None:
             if instruction:

@@ -39,7 +39,8 @@ CALLERS = ("owner", "other", "anonymous", "admin")
 CREDENTIALS = {"email": "owner@example.com", "password": PASSWORD}
 PROMPT = {"prompt": "$ true"}
 CHANGE = {"instruction": "also say hello"}
-HOOK = {"url": "https://93.184.216.34/berth", "events": ["task.finished"]}
+HOOK_URL = "https://93.184.216.34/berth"
+HOOK = {"url": HOOK_URL, "events": ["task.finished"]}
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,20 @@ RULES: dict[tuple[str, str], Rule] = {
     ("DELETE", "/api/sessions/{sid}/checkpoints/{cid}"): R(404, 404, 401, 404),
     ("POST", "/api/sessions/{sid}/checkpoints/{cid}/rollback"): R(404, 404, 401, 404),
     ("POST", "/api/sessions/{sid}/checkpoints/{cid}/fork"): R(404, 404, 401, 404, json={}),
+    # Hands on the machine: its owner's only (409: the world's session has no machine now).
+    ("GET", "/api/sessions/{sid}/files"): R(409, 404, 401, 404),
+    ("GET", "/api/sessions/{sid}/files/content"): R(409, 404, 401, 404, query="?path=x"),
+    ("PUT", "/api/sessions/{sid}/files/content"): R(409, 404, 401, 404, query="?path=x"),
+    ("DELETE", "/api/sessions/{sid}/files"): R(409, 404, 401, 404, query="?path=x"),
+    ("GET", "/api/sessions/{sid}/services"): R(409, 404, 401, 404),
+    ("GET", "/api/sessions/{sid}/services/{name}/output"): R(409, 404, 401, 404),
+    ("POST", "/api/sessions/{sid}/services/{name}/stop"): R(409, 404, 401, 404),
+    ("GET", "/api/sessions/{sid}/previews"): R(409, 404, 401, 404),
+    ("POST", "/api/sessions/{sid}/previews/{port}/shares"): R(201, 404, 401, 404),
+    ("DELETE", "/api/sessions/{sid}/previews/shares/{share_id}"): R(404, 404, 401, 404),
+    # A preview's URL opens by its token alone: a made-up one opens nothing, for anyone.
+    **{(m, "/preview/{sid}/{port}/@{token}/{path:path}"): R(403, 403, 403, 403)
+       for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")},
     # The caller's own LLM use (no provider is configured here: 503 says so).
     ("POST", "/v1/chat/completions"): R(503, 503, 401, 503, json={"messages": [{"role": "user", "content": "hi"}]}),  # noqa: E501
     ("GET", "/v1/models"): R(200, 200, 401, 200),
@@ -144,12 +159,25 @@ RULES: dict[tuple[str, str], Rule] = {
     ("DELETE", "/api/webhooks/{webhook_id}"): R(204, 404, 401, 404),
     ("POST", "/api/webhooks/{webhook_id}/rotate"): R(200, 404, 401, 404),
     ("GET", "/api/webhooks/{webhook_id}/deliveries"): R(200, 404, 401, 404),
-    ("POST", "/ui/webhooks"): R(200, 200, 401, 200, form={"url": HOOK["url"], "events": "task.finished"}),  # noqa: E501
+    ("POST", "/ui/webhooks"): R(200, 200, 401, 200, form={"url": HOOK_URL, "events": "task.finished"}),  # noqa: E501
     ("POST", "/ui/webhooks/{webhook_id}/rotate"): R(200, 404, 401, 404),
     ("POST", "/ui/webhooks/{webhook_id}/delete"): R(200, 404, 401, 404),
     ("GET", "/ui/webhooks/{webhook_id}/deliveries"): R(200, 404, 303, 404),
     ("GET", "/admin"): R(403, 403, 303, 200),
     ("POST", "/ui/admin/hosts/{host_id}/{action}"): R(403, 403, 401, 404),
+    ("GET", "/ui/sessions/{sid}/files"): R(200, 404, 303, 404),
+    ("GET", "/ui/sessions/{sid}/files/content"): R(409, 404, 303, 404, query="?path=x"),
+    ("POST", "/ui/sessions/{sid}/files"): R(409, 404, 401, 404),
+    ("DELETE", "/ui/sessions/{sid}/files"): R(409, 404, 401, 404, query="?path=x"),
+    ("GET", "/ui/sessions/{sid}/services"): R(200, 404, 303, 404),
+    ("GET", "/ui/sessions/{sid}/services/{name}/output"): R(409, 404, 303, 404),
+    ("POST", "/ui/sessions/{sid}/services/{name}/stop"): R(409, 404, 401, 404),
+    ("GET", "/ui/sessions/{sid}/previews"): R(200, 404, 303, 404),
+    ("POST", "/ui/sessions/{sid}/previews/{port}/shares"): R(200, 404, 401, 404),
+    ("POST", "/ui/sessions/{sid}/previews/shares/{share_id}/revoke"): R(404, 404, 401, 404),
+    ("GET", "/ui/sessions/{sid}/terminals"): R(200, 404, 303, 404),  # ready: false, no machine
+    ("GET", "/preview/{sid}/{port}"): R(303, 404, 303, 404),
+    ("GET", "/preview/{sid}/{port}/"): R(303, 404, 303, 404),
 }
 # fmt: on
 
@@ -213,7 +241,7 @@ class Stage:
             for old in db.exec(select(WebhookEndpoint)).all():
                 db.delete(old)
             hook = WebhookEndpoint(
-                user_id=self.world.owner.id, url=HOOK["url"], events=["task.finished"],
+                user_id=self.world.owner.id, url=HOOK_URL, events=["task.finished"],
                 secret=seal(payload_keys(self.settings), "secret"),
             )  # fmt: skip
             hook_id = hook.id
@@ -231,6 +259,11 @@ class Stage:
             "user_id": self.world.owner.id,
             "cid": "0" * 32,
             "webhook_id": hook_id,
+            "name": "s1",
+            "port": "8000",
+            "share_id": "no-such-share",
+            "token": "made-up",
+            "path": "index.html",
         }
 
     def login_form(self, form: dict[str, str]) -> dict[str, str]:
@@ -265,7 +298,7 @@ def test_each_caller_gets_what_the_rule_says(stage: Stage, route: tuple[str, str
     rule = RULES[route]
     got = {}
     for caller in CALLERS:
-        url = (path + rule.query).format(**stage.values())
+        url = (path.replace(":path}", "}") + rule.query).format(**stage.values())
         headers = stage.caller_headers(caller, path, method)
         form = stage.login_form(rule.form) if path == "/login" and method == "POST" else rule.form
         answer = stage.client.request(

@@ -151,6 +151,7 @@ class LocalSystem:
             "BERTH_TEMPORAL_PORT": str(temporal_port),
             "BERTH_TEMPORAL_UI_PORT": str(free_port()),
             "BERTH_GATEWAY_PORT": str(free_port() if hosts == 1 else quiet_ports(hosts)),
+            "BERTH_RELAY_PORT": str(free_port() if hosts == 1 else quiet_ports(hosts)),
             "BERTH_HOST_ID": f"{name}{port}",
         }
         if provider is not None:
