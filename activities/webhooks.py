@@ -6,6 +6,8 @@ in constant time and refuses old timestamps (a replayed delivery). A 2xx answer 
 it; anything else is an error the delivery workflow retries with a growing backoff. Where
 an endpoint points is checked again at every attempt, on the addresses its name resolves to
 then: a URL that passed when it was saved may since resolve to the server's own network.
+The attempt then connects to the address checked, not to the name again: a name whose
+answers change between the check and the connection (DNS rebinding) cannot slip past it.
 """
 
 from __future__ import annotations
@@ -56,24 +58,60 @@ def check_url(url: str) -> str:
     return parts.hostname
 
 
-async def check_address(url: str, allow_private: bool) -> None:
-    """Refused unless every address the URL's host resolves to is public (or the setting
-    allows any), so an endpoint cannot make the server reach its own network (SSRF)."""
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits, which a host or network
+# may translate to it (NAT64, the deprecated IPv4-compatible form): judged by that address.
+EMBEDS_IPV4 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
+
+
+def public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` reaches the public internet only: not the server's own networks
+    (loopback, private, link-local, ...), not multicast, nor an IPv6 form of such an IPv4
+    address (mapped, 6to4, Teredo, NAT64, IPv4-compatible)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and any(ip in prefix for prefix in EMBEDS_IPV4):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None and not public(embedded):
+            return False
+        if ip.is_site_local:
+            return False
+    return ip.is_global and not ip.is_multicast
+
+
+async def check_address(url: str, allow_private: bool) -> list[str]:
+    """The addresses the URL's host resolves to, refused unless every one is public (or the
+    setting allows any), so an endpoint cannot make the server reach its own network (SSRF);
+    empty when any is allowed (nothing to pin: see ``pinned``)."""
     host = check_url(url)
     if allow_private:
-        return
+        return []
     port = urlsplit(url).port or 443
     try:
         found = await asyncio.get_running_loop().getaddrinfo(host, port)
     except OSError as exc:
         raise Refused(f"{host} does not resolve: {exc}") from None
+    addresses: list[str] = []
     for *_, address in found:
         ip = ipaddress.ip_address(address[0])
-        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-        if not (mapped or ip).is_global:
+        if not public(ip):
             raise Refused(
                 f"{host} resolves to {ip}, a non-public address (BERTH_WEBHOOK_ALLOW_PRIVATE)"
             )
+        addresses.append(str(ip))
+    return addresses
+
+
+def pinned(url: str, addresses: list[str]) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
+    """The URL to connect to, with the headers and httpx extensions that keep it the named
+    host's: its first checked address in place of the name (resolving the name again could
+    give another, DNS rebinding), the name in ``Host`` and, over TLS, in the SNI and the
+    certificate's check."""
+    target = httpx.URL(url)
+    if not addresses:
+        return target, {}, {}
+    host = target.netloc.decode("ascii")
+    sni = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    return target.copy_with(host=addresses[0]), {"Host": host}, sni
 
 
 @dataclass(frozen=True)
@@ -120,19 +158,22 @@ class WebhookActivities:
         error: str | None = None
         final = False
         try:
-            await check_address(due.url, self.allow_private)
+            addresses = await check_address(due.url, self.allow_private)
+            target, host, extensions = pinned(due.url, addresses)
             stamp = int(time.time())
             async with httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False) as web:
                 answer = await web.post(
-                    due.url,
+                    target,
                     content=due.body,
                     headers={
+                        **host,
                         "Content-Type": "application/json",
                         "User-Agent": "Berth-Webhooks",
                         "Berth-Event": due.event,
                         "Berth-Delivery": request.delivery_id,
                         SIGNATURE_HEADER: sign(due.secret, stamp, due.body),
                     },
+                    extensions=extensions,
                 )
             status = answer.status_code
             if not answer.is_success:
