@@ -38,7 +38,8 @@ CALLERS = ("owner", "other", "anonymous", "admin")
 CREDENTIALS = {"email": "owner@example.com", "password": PASSWORD}
 PROMPT = {"prompt": "$ true"}
 CHANGE = {"instruction": "also say hello"}
-HOOK = {"url": "https://93.184.216.34/hooks", "events": ["task.finished"]}
+HOOK_URL = "https://93.184.216.34/hooks"
+HOOK = {"url": HOOK_URL, "events": ["task.finished"]}
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/tokens"): R(200, 200, 303, 200),
     ("POST", "/ui/tokens"): R(200, 200, 401, 200, form={"name": "script"}),
     ("POST", "/ui/tokens/{token_id}/revoke"): R(200, 404, 401, 404),
-    ("POST", "/ui/webhooks"): R(200, 200, 401, 200, form={"url": HOOK["url"], "events": "task.finished"}),  # noqa: E501
+    ("POST", "/ui/webhooks"): R(200, 200, 401, 200, form={"url": HOOK_URL, "events": "task.finished"}),  # noqa: E501
     ("POST", "/ui/webhooks/{webhook_id}/rotate"): R(200, 404, 401, 404),
     ("POST", "/ui/webhooks/{webhook_id}/delete"): R(200, 404, 401, 404),
     ("GET", "/ui/webhooks/{webhook_id}/deliveries"): R(200, 404, 303, 404),
@@ -207,7 +208,7 @@ class Stage:
             token, _ = accounts.issue_token(db, self.settings, self.world.owner, "to revoke")
             # A new one each time, as the token: an owner's delete leaves others nothing.
             hook = WebhookEndpoint(
-                user_id=self.world.owner.id, url=HOOK["url"], events=["task.finished"], secret="-"
+                user_id=self.world.owner.id, url=HOOK_URL, events=["task.finished"], secret="-"
             )
             db.add(hook)
             token_id, hook_id = token.id, hook.id
