@@ -29,7 +29,6 @@ from api.deps import COOKIE
 from berth.web import create_app
 from config.settings import Settings
 from store.artifacts import ArtifactStore
-from store.models import WebhookEndpoint
 from tests.support.world import FAST_PASSWORDS, PASSWORD, World, build
 from ui import guard
 from ui.render import DashboardRoute
@@ -38,8 +37,6 @@ CALLERS = ("owner", "other", "anonymous", "admin")
 CREDENTIALS = {"email": "owner@example.com", "password": PASSWORD}
 PROMPT = {"prompt": "$ true"}
 CHANGE = {"instruction": "also say hello"}
-HOOK_URL = "https://93.184.216.34/hooks"
-HOOK = {"url": HOOK_URL, "events": ["task.finished"]}
 
 
 @dataclass(frozen=True)
@@ -103,14 +100,6 @@ RULES: dict[tuple[str, str], Rule] = {
     # The caller's own preferences (an empty body puts the defaults back).
     ("GET", "/api/preferences"): R(200, 200, 401, 200),
     ("PUT", "/api/preferences"): R(200, 200, 401, 200, json={}),
-    # The caller's own webhooks (a public address: no name to resolve); admins see theirs only.
-    ("GET", "/api/webhooks"): R(200, 200, 401, 200),
-    ("POST", "/api/webhooks"): R(201, 201, 401, 201, json=HOOK),
-    ("GET", "/api/webhooks/{webhook_id}"): R(200, 404, 401, 404),
-    ("PUT", "/api/webhooks/{webhook_id}"): R(200, 404, 401, 404, json=HOOK),
-    ("DELETE", "/api/webhooks/{webhook_id}"): R(204, 404, 401, 404),
-    ("POST", "/api/webhooks/{webhook_id}/rotate"): R(200, 404, 401, 404),
-    ("GET", "/api/webhooks/{webhook_id}/deliveries"): R(200, 404, 401, 404),
     # Admins only.
     ("GET", "/api/pools/{template}"): R(403, 403, 401, 404),  # no pool runs here
     ("GET", "/api/admin/audit"): R(403, 403, 401, 200, query="?session_id={sid}"),
@@ -143,10 +132,6 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/tokens"): R(200, 200, 303, 200),
     ("POST", "/ui/tokens"): R(200, 200, 401, 200, form={"name": "script"}),
     ("POST", "/ui/tokens/{token_id}/revoke"): R(200, 404, 401, 404),
-    ("POST", "/ui/webhooks"): R(200, 200, 401, 200, form={"url": HOOK_URL, "events": "task.finished"}),  # noqa: E501
-    ("POST", "/ui/webhooks/{webhook_id}/rotate"): R(200, 404, 401, 404),
-    ("POST", "/ui/webhooks/{webhook_id}/delete"): R(200, 404, 401, 404),
-    ("GET", "/ui/webhooks/{webhook_id}/deliveries"): R(200, 404, 303, 404),
     ("GET", "/admin"): R(403, 403, 303, 200),
 }
 # fmt: on
@@ -206,24 +191,16 @@ class Stage:
         """What each path parameter names: the owner's things."""
         with Session(self.client.app.state.engine) as db:  # type: ignore[attr-defined]
             token, _ = accounts.issue_token(db, self.settings, self.world.owner, "to revoke")
-            # A new one each time, as the token: an owner's delete leaves others nothing.
-            hook = WebhookEndpoint(
-                user_id=self.world.owner.id, url=HOOK_URL, events=["task.finished"], secret="-"
-            )
-            db.add(hook)
-            token_id, hook_id = token.id, hook.id
-            db.commit()
         return {
             "sid": self.world.session_id,
             "tid": self.world.task_id,
             "action": "pause",
             "operation": "decode",
-            "token_id": token_id,
+            "token_id": token.id,
             "artifact_id": self.artifact_id,
             "template": "default",
             "user_id": self.world.owner.id,
             "cid": "0" * 32,
-            "webhook_id": hook_id,
         }
 
     def login_form(self, form: dict[str, str]) -> dict[str, str]:
@@ -239,7 +216,6 @@ def stage(temporal_address: str, tmp_path_factory: pytest.TempPathFactory) -> It
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("authz"),
         temporal_address=temporal_address,
-        webhook_max_endpoints=1000,  # each call's own webhook (values()) counts
         **FAST_PASSWORDS,
     )
     with TestClient(create_app(settings), follow_redirects=False) as client:
