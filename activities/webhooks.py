@@ -98,6 +98,8 @@ async def check_address(url: str, allow_private: bool) -> list[str]:
                 f"{host} resolves to {ip}, a non-public address (BERTH_WEBHOOK_ALLOW_PRIVATE)"
             )
         addresses.append(str(ip))
+    if not addresses:  # nothing to pin the connection to
+        raise Refused(f"{host} resolves to no address")
     return addresses
 
 
