@@ -76,6 +76,22 @@ class TaskRefOut(BaseModel):
     status: TaskStatus
 
 
+class FileEntry(BaseModel):
+    name: str
+    kind: str  # dir, file, link, other
+    size: int
+
+
+class FileListing(BaseModel):
+    """A folder of a session's workspace (``kind`` dir), or one file's description."""
+
+    path: str
+    kind: str
+    size: int
+    entries: list[FileEntry]
+    more: bool = False
+
+
 class StepOut(BaseModel):
     index: int
     kind: str

@@ -57,6 +57,8 @@ def test_every_path_has_a_recorded_history() -> None:
         "webhook-retried",
         # Checkpoints, rollback and forks (issue 19).
         "checkpoint-rollback", "rollback-mid-step", "auto-checkpoint", "fork",
+        # A session placed, moved off a lost host, moved off a drained one (issue 18).
+        "host-lost-move", "drain-move",
     }  # fmt: skip
 
 
