@@ -94,9 +94,8 @@ async def check_address(url: str, allow_private: bool) -> list[str]:
     for *_, address in found:
         ip = ipaddress.ip_address(address[0])
         if not public(ip):
-            raise Refused(
-                f"{host} resolves to {ip}, a non-public address (BERTH_WEBHOOK_ALLOW_PRIVATE)"
-            )
+            # Which address is not said: users would learn the server's internal names.
+            raise Refused(f"{host} resolves to a non-public address (BERTH_WEBHOOK_ALLOW_PRIVATE)")
         addresses.append(str(ip))
     if not addresses:  # nothing to pin the connection to
         raise Refused(f"{host} resolves to no address")

@@ -65,8 +65,10 @@ def test_only_plain_http_urls_are_taken(url: str) -> None:
     ],
 )
 async def test_a_non_public_address_is_refused_unless_allowed(url: str) -> None:
-    with pytest.raises(Refused, match="non-public"):
+    with pytest.raises(Refused, match="non-public") as refused:
         await check_address(url, allow_private=False)
+    # The address is not told (a user would learn what internal names resolve to).
+    assert "resolves to a non-public" in str(refused.value)
     await check_address(url, allow_private=True)
 
 
