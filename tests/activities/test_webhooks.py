@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from activities.webhooks import (
     sign,
 )
 from config.keys import Keyring, seal, unseal
+from sandboxes.gateway_tls import self_signed
 from store.db import get_engine, migrate
 from store.models import User, WebhookDelivery, WebhookEndpoint
 
@@ -172,3 +174,38 @@ def test_a_pinned_request_keeps_the_names_host_header_and_tls_name() -> None:
     assert headers == {"Host": "hooks.example:8443"}
     assert extensions == {"sni_hostname": "hooks.example"}
     assert pinned("http://hooks.example/h", []) == (httpx.URL("http://hooks.example/h"), {}, {})
+
+
+async def test_a_pinned_https_request_is_checked_against_the_names_certificate(
+    tmp_path: Path,
+) -> None:
+    """Connected to the checked address, TLS still names the URL's host (SNI) and its
+    certificate must be that host's: a pinned address is no way around the TLS check."""
+    cert, key = self_signed(["hooks.example"])
+    (tmp_path / "c.pem").write_bytes(cert)
+    (tmp_path / "k.pem").write_bytes(key)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    heard: list[bytes] = []
+
+    async def listener(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.read(4096))
+        writer.write(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(listener, "127.0.0.1", 0, ssl=served)
+    port = server.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context(cafile=tmp_path / "c.pem")
+    try:
+        async with httpx.AsyncClient(verify=trusting) as web:
+            target, host, extensions = pinned(f"https://hooks.example:{port}/h", ["127.0.0.1"])
+            answer = await web.post(target, content=b"{}", headers=host, extensions=extensions)
+            assert answer.status_code == 204
+            assert f"Host: hooks.example:{port}".encode() in heard[0]
+            target, host, extensions = pinned(f"https://other.example:{port}/h", ["127.0.0.1"])
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await web.post(target, content=b"{}", headers=host, extensions=extensions)
+    finally:
+        server.close()
+        await server.wait_closed()
