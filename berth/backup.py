@@ -139,6 +139,9 @@ def backup(settings: Settings, dest: Path) -> Report:
     if dest.exists() and any(dest.iterdir()):
         raise BackupError(f"{dest} is not empty: a backup goes into a new folder")
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Also an empty folder made beforehand (mkdir's mode is not applied to it): the backup
+    # holds the secrets and the database, its owner's alone.
+    os.chmod(dest, 0o700)
     manifest: dict[str, object] = {
         "format": FORMAT,
         "started_at": datetime.now(UTC).isoformat(),

@@ -161,3 +161,10 @@ def test_the_database_password_is_on_no_command_line(
     for argv, env in ran:
         assert not any("hunter2" in part for part in argv)
         assert env["PGPASSWORD"] == "hunter2"
+
+
+def test_a_backup_into_a_folder_made_beforehand_is_its_owners_alone(tmp_path: Path) -> None:
+    settings = install(tmp_path / "old", None)
+    (tmp_path / "made").mkdir(mode=0o755)
+    backup(settings, tmp_path / "made")
+    assert (tmp_path / "made").stat().st_mode & 0o777 == 0o700
