@@ -13,6 +13,7 @@ answers change between the check and the connection (DNS rebinding) cannot slip 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -96,23 +97,45 @@ async def check_address(url: str, allow_private: bool) -> list[str]:
         if not public(ip):
             # Which address is not said: users would learn the server's internal names.
             raise Refused(f"{host} resolves to a non-public address (BERTH_WEBHOOK_ALLOW_PRIVATE)")
-        addresses.append(str(ip))
+        if str(ip) not in addresses:  # one per socket type: each address once
+            addresses.append(str(ip))
     if not addresses:  # nothing to pin the connection to
         raise Refused(f"{host} resolves to no address")
     return addresses
 
 
-def pinned(url: str, addresses: list[str]) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
+def pinned(url: str, address: str | None) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
     """The URL to connect to, with the headers and httpx extensions that keep it the named
-    host's: its first checked address in place of the name (resolving the name again could
-    give another, DNS rebinding), the name in ``Host`` and, over TLS, in the SNI and the
-    certificate's check."""
+    host's: a checked address in place of the name (resolving the name again could give
+    another, DNS rebinding), the name in ``Host`` and, over TLS, in the SNI and the
+    certificate's check. The URL as it is without an address (any is allowed)."""
     target = httpx.URL(url)
-    if not addresses:
+    if address is None:
         return target, {}, {}
     host = target.netloc.decode("ascii")
     sni = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    return target.copy_with(host=addresses[0]), {"Host": host}, sni
+    return target.copy_with(host=address), {"Host": host}, sni
+
+
+async def post(
+    web: httpx.AsyncClient, url: str, addresses: list[str], body: str, headers: dict[str, str]
+) -> httpx.Response:
+    """POST ``body`` to the first of the checked addresses that takes the connection: one
+    refused or unreachable at once (an IPv6 address on a server without an IPv6 route) gives
+    way to the next; a timeout does not (the attempt's time is spent)."""
+    candidates: list[str | None] = [*addresses] or [None]
+    *others, final = candidates
+    for address in others:
+        with contextlib.suppress(httpx.ConnectError):
+            return await _post_to(web, url, address, body, headers)
+    return await _post_to(web, url, final, body, headers)
+
+
+async def _post_to(
+    web: httpx.AsyncClient, url: str, address: str | None, body: str, headers: dict[str, str]
+) -> httpx.Response:
+    target, host, extensions = pinned(url, address)
+    return await web.post(target, content=body, headers={**host, **headers}, extensions=extensions)
 
 
 @dataclass(frozen=True)
@@ -160,22 +183,16 @@ class WebhookActivities:
         final = False
         try:
             addresses = await check_address(due.url, self.allow_private)
-            target, host, extensions = pinned(due.url, addresses)
             stamp = int(time.time())
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": "Berth-Webhooks",
+                "Berth-Event": due.event,
+                "Berth-Delivery": request.delivery_id,
+                SIGNATURE_HEADER: sign(due.secret, stamp, due.body),
+            }
             async with httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False) as web:
-                answer = await web.post(
-                    target,
-                    content=due.body,
-                    headers={
-                        **host,
-                        "Content-Type": "application/json",
-                        "User-Agent": "Berth-Webhooks",
-                        "Berth-Event": due.event,
-                        "Berth-Delivery": request.delivery_id,
-                        SIGNATURE_HEADER: sign(due.secret, stamp, due.body),
-                    },
-                    extensions=extensions,
-                )
+                answer = await post(web, due.url, addresses, due.body, headers)
             status = answer.status_code
             if not answer.is_success:
                 error = f"answered {status}"

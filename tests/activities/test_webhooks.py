@@ -23,6 +23,7 @@ from activities.webhooks import (
     check_address,
     check_url,
     pinned,
+    post,
     sign,
 )
 from config.keys import Keyring, seal, unseal
@@ -169,11 +170,36 @@ async def test_a_delivery_connects_to_the_address_checked_not_to_a_rebound_name(
 
 
 def test_a_pinned_request_keeps_the_names_host_header_and_tls_name() -> None:
-    target, headers, extensions = pinned("https://hooks.example:8443/h?x=1", ["2606:2800::1"])
+    target, headers, extensions = pinned("https://hooks.example:8443/h?x=1", "2606:2800::1")
     assert str(target) == "https://[2606:2800::1]:8443/h?x=1"
     assert headers == {"Host": "hooks.example:8443"}
     assert extensions == {"sni_hostname": "hooks.example"}
-    assert pinned("http://hooks.example/h", []) == (httpx.URL("http://hooks.example/h"), {}, {})
+    assert pinned("http://hooks.example/h", None) == (httpx.URL("http://hooks.example/h"), {}, {})
+
+
+async def test_an_address_that_refuses_the_connection_gives_way_to_the_next() -> None:
+    """As a name's IPv6 address, first, on a server without an IPv6 route."""
+    heard: list[bytes] = []
+
+    async def listener(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.read(4096))
+        writer.write(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(listener, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    closed = socket.socket()
+    closed.bind(("127.0.0.2", port))  # held, not listening: a connection there is refused
+    try:
+        async with httpx.AsyncClient(timeout=5) as web:
+            url = f"http://hooks.example:{port}/h"
+            answer = await post(web, url, ["127.0.0.2", "127.0.0.1"], "{}", {})
+        assert answer.status_code == 204 and len(heard) == 1
+    finally:
+        closed.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_pinned_https_request_is_checked_against_the_names_certificate(
@@ -199,11 +225,11 @@ async def test_a_pinned_https_request_is_checked_against_the_names_certificate(
     trusting = ssl.create_default_context(cafile=tmp_path / "c.pem")
     try:
         async with httpx.AsyncClient(verify=trusting) as web:
-            target, host, extensions = pinned(f"https://hooks.example:{port}/h", ["127.0.0.1"])
+            target, host, extensions = pinned(f"https://hooks.example:{port}/h", "127.0.0.1")
             answer = await web.post(target, content=b"{}", headers=host, extensions=extensions)
             assert answer.status_code == 204
             assert f"Host: hooks.example:{port}".encode() in heard[0]
-            target, host, extensions = pinned(f"https://other.example:{port}/h", ["127.0.0.1"])
+            target, host, extensions = pinned(f"https://other.example:{port}/h", "127.0.0.1")
             with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
                 await web.post(target, content=b"{}", headers=host, extensions=extensions)
     finally:
