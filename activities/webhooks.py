@@ -48,8 +48,13 @@ def sign(secret: str, timestamp: int, body: str) -> str:
 
 
 def check_url(url: str) -> str:
-    """The host of a URL an endpoint may have (http or https, a host, no credentials)."""
-    parts = urlsplit(url)
+    """The host of a URL an endpoint may have (http or https, a host, no credentials, a
+    port if any that is one)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (read to be checked: it raises for one out of range)
+    except ValueError as exc:
+        raise Refused(f"the URL is not one: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise Refused("the URL must be http:// or https://")
     if not parts.hostname:

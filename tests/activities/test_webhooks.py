@@ -45,6 +45,9 @@ def test_the_signature_is_hmac_sha256_of_timestamp_dot_body() -> None:
         "file:///etc/passwd",
         "https:///nohost",
         "https://user:pw@example.com/h",
+        "https://example.com:99999/h",  # a 422, not the server's error
+        "https://example.com:port/h",
+        "https://[::1/h",
     ],
 )
 def test_only_plain_http_urls_are_taken(url: str) -> None:
