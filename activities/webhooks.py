@@ -6,11 +6,14 @@ in constant time and refuses old timestamps (a replayed delivery). A 2xx answer 
 it; anything else is an error the delivery workflow retries with a growing backoff. Where
 an endpoint points is checked again at every attempt, on the addresses its name resolves to
 then: a URL that passed when it was saved may since resolve to the server's own network.
+The attempt then connects to the address checked, not to the name again: a name whose
+answers change between the check and the connection (DNS rebinding) cannot slip past it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -45,8 +48,13 @@ def sign(secret: str, timestamp: int, body: str) -> str:
 
 
 def check_url(url: str) -> str:
-    """The host of a URL an endpoint may have (http or https, a host, no credentials)."""
-    parts = urlsplit(url)
+    """The host of a URL an endpoint may have (http or https, a host, no credentials, a
+    port if any that is one)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (read to be checked: it raises for one out of range)
+    except ValueError as exc:
+        raise Refused(f"the URL is not one: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise Refused("the URL must be http:// or https://")
     if not parts.hostname:
@@ -56,24 +64,83 @@ def check_url(url: str) -> str:
     return parts.hostname
 
 
-async def check_address(url: str, allow_private: bool) -> None:
-    """Refused unless every address the URL's host resolves to is public (or the setting
-    allows any), so an endpoint cannot make the server reach its own network (SSRF)."""
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits, which a host or network
+# may translate to it (NAT64, the deprecated IPv4-compatible form): judged by that address.
+EMBEDS_IPV4 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
+
+
+def public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` reaches the public internet only: not the server's own networks
+    (loopback, private, link-local, ...), not multicast, nor an IPv6 form of such an IPv4
+    address (mapped, 6to4, Teredo, NAT64, IPv4-compatible)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and any(ip in prefix for prefix in EMBEDS_IPV4):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None and not public(embedded):
+            return False
+        if ip.is_site_local:
+            return False
+    return ip.is_global and not ip.is_multicast
+
+
+async def check_address(url: str, allow_private: bool) -> list[str]:
+    """The addresses the URL's host resolves to, refused unless every one is public (or the
+    setting allows any), so an endpoint cannot make the server reach its own network (SSRF);
+    empty when any is allowed (nothing to pin: see ``pinned``)."""
     host = check_url(url)
     if allow_private:
-        return
+        return []
     port = urlsplit(url).port or 443
     try:
         found = await asyncio.get_running_loop().getaddrinfo(host, port)
     except OSError as exc:
         raise Refused(f"{host} does not resolve: {exc}") from None
+    addresses: list[str] = []
     for *_, address in found:
         ip = ipaddress.ip_address(address[0])
-        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-        if not (mapped or ip).is_global:
-            raise Refused(
-                f"{host} resolves to {ip}, a non-public address (BERTH_WEBHOOK_ALLOW_PRIVATE)"
-            )
+        if not public(ip):
+            # Which address is not said: users would learn the server's internal names.
+            raise Refused(f"{host} resolves to a non-public address (BERTH_WEBHOOK_ALLOW_PRIVATE)")
+        if str(ip) not in addresses:  # one per socket type: each address once
+            addresses.append(str(ip))
+    if not addresses:  # nothing to pin the connection to
+        raise Refused(f"{host} resolves to no address")
+    return addresses
+
+
+def pinned(url: str, address: str | None) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
+    """The URL to connect to, with the headers and httpx extensions that keep it the named
+    host's: a checked address in place of the name (resolving the name again could give
+    another, DNS rebinding), the name in ``Host`` and, over TLS, in the SNI and the
+    certificate's check. The URL as it is without an address (any is allowed)."""
+    target = httpx.URL(url)
+    if address is None:
+        return target, {}, {}
+    host = target.netloc.decode("ascii")
+    sni = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    return target.copy_with(host=address), {"Host": host}, sni
+
+
+async def post(
+    web: httpx.AsyncClient, url: str, addresses: list[str], body: str, headers: dict[str, str]
+) -> httpx.Response:
+    """POST ``body`` to the first of the checked addresses that takes the connection: one
+    refused or unreachable at once (an IPv6 address on a server without an IPv6 route) gives
+    way to the next; a timeout does not (the attempt's time is spent)."""
+    candidates: list[str | None] = [*addresses] or [None]
+    *others, final = candidates
+    for address in others:
+        with contextlib.suppress(httpx.ConnectError):
+            return await _post_to(web, url, address, body, headers)
+    return await _post_to(web, url, final, body, headers)
+
+
+async def _post_to(
+    web: httpx.AsyncClient, url: str, address: str | None, body: str, headers: dict[str, str]
+) -> httpx.Response:
+    target, host, extensions = pinned(url, address)
+    return await web.post(target, content=body, headers={**host, **headers}, extensions=extensions)
 
 
 @dataclass(frozen=True)
@@ -120,20 +187,17 @@ class WebhookActivities:
         error: str | None = None
         final = False
         try:
-            await check_address(due.url, self.allow_private)
+            addresses = await check_address(due.url, self.allow_private)
             stamp = int(time.time())
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": "Berth-Webhooks",
+                "Berth-Event": due.event,
+                "Berth-Delivery": request.delivery_id,
+                SIGNATURE_HEADER: sign(due.secret, stamp, due.body),
+            }
             async with httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False) as web:
-                answer = await web.post(
-                    due.url,
-                    content=due.body,
-                    headers={
-                        "Content-Type": "application/json",
-                        "User-Agent": "Berth-Webhooks",
-                        "Berth-Event": due.event,
-                        "Berth-Delivery": request.delivery_id,
-                        SIGNATURE_HEADER: sign(due.secret, stamp, due.body),
-                    },
-                )
+                answer = await post(web, due.url, addresses, due.body, headers)
             status = answer.status_code
             if not answer.is_success:
                 error = f"answered {status}"

@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import create_engine, inspect
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlmodel import Session, col, select
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -91,9 +91,19 @@ def _sqlite_copy(source: Path, target: Path) -> None:
         src.close()
 
 
-def _libpq_url(url: str) -> str:
-    """The SQLAlchemy URL as libpq takes it (no ``+driver``)."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+def _libpq(url: str) -> tuple[str, dict[str, str]]:
+    """The SQLAlchemy URL as libpq takes it (no ``+driver``) without its password, and the
+    environment for pg_dump/pg_restore that carries the password instead: a command line is
+    readable by every user of the host (``ps``), an environment by its owner only."""
+    parsed = make_url(url)
+    env = dict(os.environ)
+    if parsed.password is not None:
+        env["PGPASSWORD"] = str(parsed.password)
+    bare = URL.create(
+        "postgresql", parsed.username, None, parsed.host, parsed.port, parsed.database,
+        parsed.query,
+    )  # fmt: skip
+    return bare.render_as_string(hide_password=False), env
 
 
 def _folders(settings: Settings) -> dict[str, Path]:
@@ -129,6 +139,9 @@ def backup(settings: Settings, dest: Path) -> Report:
     if dest.exists() and any(dest.iterdir()):
         raise BackupError(f"{dest} is not empty: a backup goes into a new folder")
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Also an empty folder made beforehand (mkdir's mode is not applied to it): the backup
+    # holds the secrets and the database, its owner's alone.
+    os.chmod(dest, 0o700)
     manifest: dict[str, object] = {
         "format": FORMAT,
         "started_at": datetime.now(UTC).isoformat(),
@@ -148,10 +161,11 @@ def backup(settings: Settings, dest: Path) -> Report:
         manifest["kept_disks"] = _kept_index(copied)
     else:
         # One transaction's snapshot; custom format, so pg_restore can take it apart.
+        dsn, env = _libpq(url)
         subprocess.run(
             ["pg_dump", "--format=custom", "--no-owner", "--file", str(dest / APP_PGDUMP),
-             "--dbname", _libpq_url(url)],
-            check=True,
+             "--dbname", dsn],
+            check=True, env=env,
         )  # fmt: skip
         manifest["database"] = APP_PGDUMP
         # Read from the live database just after its dump: a disk kept in between is listed
@@ -209,10 +223,11 @@ def restore(settings: Settings, src: Path) -> Report:
     if sqlite:
         shutil.copy2(src / APP_SQLITE, Path(str(make_url(url).database)))
     else:
+        dsn, env = _libpq(url)
         subprocess.run(
-            ["pg_restore", "--no-owner", "--exit-on-error", "--dbname", _libpq_url(url),
+            ["pg_restore", "--no-owner", "--exit-on-error", "--dbname", dsn,
              str(src / APP_PGDUMP)],
-            check=True,
+            check=True, env=env,
         )  # fmt: skip
     if (src / ARTIFACTS).is_dir():
         shutil.copytree(src / ARTIFACTS, settings.artifacts_dir)

@@ -5,7 +5,11 @@ Every line a person types goes to the audit log (rebuilt from the keys: what bas
 differ when its line editing or history is used). A template whose ``[terminal]`` says
 ``obeys_policy = true`` has each line judged by its command policy first: there the keys
 that recall or complete lines (escape sequences, tab, Ctrl-R, ...) are not passed on, so the
-line judged is the line run, and a refused line is erased instead of run.
+line judged is the line run, and a refused line is erased instead of run. There an allowed
+line is sent again whole as it is run: first Ctrl-U, which erases whatever the shell holds
+typed (the rest of a line typed before this page attached, or by another page on the same
+tab at once), then the line judged and Enter in one write. And a line in which bash would
+expand history (``!`` before a word) is refused: what it runs would be an earlier line's.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|O.|.)")
 # Under the policy, the controls passed on besides those above: Ctrl-D (end of input).
 POLICED_CONTROLS = frozenset({ENTER, ERASE, KILL, INTERRUPT, "\x04"})
 MAX_LINE = 16_000
+# Where interactive bash expands history: a ``!`` followed by anything but a blank, ``=`` or
+# ``(`` (bash's own exceptions), even within double quotes.
+HISTORY_EXPANSION = re.compile(r"!(?![\s=(]|$)")
 
 
 @dataclass
@@ -60,11 +67,15 @@ class Lines:
             if key == ENTER:
                 refusal = None
                 if self.policy is not None and self.line.strip():
-                    verdict = judge(self.line, self.policy)
-                    refusal = None if verdict.allowed else verdict.reason
+                    refusal = self.refusal(self.line, self.policy)
                 if self.line.strip():
                     self.done.append((self.line, refusal))
-                passed.append(KILL if refusal else ENTER)
+                if refusal:
+                    passed.append(KILL)
+                elif self.policy is not None:
+                    passed.append(KILL + self.line + ENTER)  # the line judged, nothing else
+                else:
+                    passed.append(ENTER)
                 self.line = ""
                 continue
             if key == ERASE:
@@ -78,6 +89,14 @@ class Lines:
                 self.line += key
             passed.append(key)
         return "".join(passed)
+
+    @staticmethod
+    def refusal(line: str, policy: CommandPolicy) -> str | None:
+        """Why the policy refuses ``line`` as the terminal's bash would run it, or None."""
+        if HISTORY_EXPANSION.search(line):
+            return "history expansion (`!`) is not accepted in this terminal"
+        verdict = judge(line, policy)
+        return None if verdict.allowed else verdict.reason
 
 
 @router.get("/ui/sessions/{sid}/terminals")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine
@@ -128,3 +130,41 @@ def test_a_backup_goes_into_a_new_folder_only(tmp_path: Path) -> None:
         backup(settings, tmp_path / "used")
     with pytest.raises(BackupError, match="not a Berth backup"):
         restore(Settings(data_dir=tmp_path / "new"), tmp_path / "used")
+
+
+def test_the_database_password_is_on_no_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pg_dump and pg_restore get the password in their environment: a command line is
+    readable by every user of the host."""
+    urls = fresh_database(), fresh_database()
+    if None in urls:
+        pytest.skip("no PostgreSQL")
+    # The local server trusts its callers, so the password is carried, never checked.
+    source, target = (str(u).replace("postgres@", "postgres:hunter2@") for u in urls)
+    ran: list[tuple[list[str], dict[str, str]]] = []
+    real = subprocess.run
+
+    def run(argv: list[str], **kwargs: Any) -> Any:
+        ran.append((argv, kwargs.get("env") or {}))
+        return real(argv, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    try:
+        backup(install(tmp_path / "old", source), tmp_path / "backup")
+        restore(Settings(data_dir=tmp_path / "new", database_url=target), tmp_path / "backup")
+    finally:
+        for url in urls:
+            assert url is not None
+            drop_database(url)
+    assert [argv[0] for argv, _ in ran] == ["pg_dump", "pg_restore"]
+    for argv, env in ran:
+        assert not any("hunter2" in part for part in argv)
+        assert env["PGPASSWORD"] == "hunter2"
+
+
+def test_a_backup_into_a_folder_made_beforehand_is_its_owners_alone(tmp_path: Path) -> None:
+    settings = install(tmp_path / "old", None)
+    (tmp_path / "made").mkdir(mode=0o755)
+    backup(settings, tmp_path / "made")
+    assert (tmp_path / "made").stat().st_mode & 0o777 == 0o700
