@@ -316,6 +316,14 @@ def _no_longer_kept(db: Session, event: Event, sandbox_id: str, status: str) -> 
 
 
 def _task_queued(db: Session, event: Event) -> None:
+    row = db.get(TaskRow, event.data["task_id"])
+    if row is not None and row.session_id == event.session_id:
+        # Queued by a workflow task whose attempt was lost (see workflows/keys.py): its
+        # retry gave the id to this task, which is the one the session runs.
+        row.prompt, row.status = event.data["prompt"], TaskStatus.queued
+        row.result = row.error = None
+        db.add(row)
+        return
     db.add(
         TaskRow(id=event.data["task_id"], session_id=event.session_id, prompt=event.data["prompt"])
     )

@@ -60,6 +60,7 @@ with workflow.unsafe.imports_passed_through():
         timed_out,
         unavailable,
     )
+    from workflows.keys import EventKeys
     from workflows.models import (
         MAX_CHECKPOINTS,
         MAX_NOTES,
@@ -163,6 +164,7 @@ class SessionWorkflow:
         # Set while a checkpoint or rollback has the machine: no step starts meanwhile.
         self.holding = False
         self.events = 0
+        self.keys = EventKeys(workflow.info().run_id)
 
     # ---- the session's life
 
@@ -1310,12 +1312,18 @@ class SessionWorkflow:
     # ---- progress: events for the session's log
 
     def event(self, type: EventType, **data: Any) -> NewEvent:
-        # The key makes a retried RecordProgress a no-op; the counter is replay-safe.
+        # The key makes a retried RecordProgress a no-op (see workflows/keys.py). A run begun
+        # before keyed its events by their count, which a retried workflow task could give
+        # to another event than its lost attempt's.
         self.events += 1
         if type == EventType.session_status:
             self.show_status(data["status"])
-        key = f"{workflow.info().run_id}/{self.events}"
-        return NewEvent(type=type, data={k: v for k, v in data.items() if v is not None}, key=key)
+        data = {k: v for k, v in data.items() if v is not None}
+        if workflow.patched("content-keys"):
+            key = self.keys.key(type, data)
+        else:
+            key = f"{workflow.info().run_id}/{self.events}"
+        return NewEvent(type=type, data=data, key=key)
 
     def show_status(self, status: str) -> None:
         """The session's status as its search attribute, for the Temporal UI's filters (when

@@ -16,8 +16,9 @@ from sqlmodel import Session, SQLModel, col, select
 from api.events import JSON_MESSAGES, follow
 from store import events
 from store.events import EventType, OutputLine
-from store.models import SessionRow, StepRow, TaskRow, User
+from store.models import SessionRow, StepRow, TaskRow, TaskStatus, User
 from store.notify import Hub
+from workflows.keys import EventKeys
 
 
 def new_session(engine: Engine) -> str:
@@ -69,6 +70,37 @@ def test_a_key_makes_a_retried_append_a_no_op(engine: Engine) -> None:
         assert events.record(db, sid, EventType.task_modified, {}, key="run/1") is None
         assert events.record(db, sid, EventType.task_modified, {}, key="run/2") is not None
         assert [e.seq for e in events.read_after(db, sid, 0)] == [1, 2]
+
+
+def test_a_retried_workflow_task_records_the_events_its_lost_attempt_did_not(
+    engine: Engine,
+) -> None:
+    """A workflow task's progress is written before the task is done. Its attempt lost (a
+    worker under load), the retry may say other events first (an update, a timer in another
+    order): they must be written, not taken for the lost attempt's, and the lost attempt's
+    own events said again are skipped. Keyed by count, the retry's task.queued was skipped,
+    and its task's every later event failed for good: no task ... in session ..."""
+    sid = new_session(engine)
+    lost, retry = EventKeys("run"), EventKeys("run")
+
+    def draft(keys: EventKeys, type: EventType, **data: str) -> events.NewEvent:
+        return events.NewEvent(type=type, data=data, key=keys.key(type, data))
+
+    with Session(engine) as db:
+        events.append(db, sid, [draft(lost, EventType.session_status, status="waking")])
+        events.append(db, sid, [draft(lost, EventType.task_queued, task_id="t1", prompt="a")])
+    with Session(engine) as db:
+        queued = draft(retry, EventType.task_queued, task_id="t2", prompt="b")
+        assert len(events.append(db, sid, [queued])) == 1
+        # The lost attempt's uuid given to another submission: the same id, another prompt.
+        again = draft(retry, EventType.task_queued, task_id="t1", prompt="c")
+        assert len(events.append(db, sid, [again])) == 1
+        planning = draft(retry, EventType.task_status, task_id="t2", status="planning")
+        waking = draft(retry, EventType.session_status, status="waking")
+        # The lost attempt's status said again is skipped; the task's status is projected.
+        assert [e.type for e in events.append(db, sid, [waking, planning])] == ["task.status"]
+        tasks = {t.id: (t.prompt, t.status) for t in db.exec(select(TaskRow))}
+        assert tasks == {"t1": ("c", TaskStatus.queued), "t2": ("b", TaskStatus.planning)}
 
 
 def test_projection_follows_a_task_through_its_life(engine: Engine) -> None:
