@@ -605,6 +605,11 @@ class SessionWorkflow:
             claiming = self.claiming
             await workflow.wait_condition(claiming.done)
             self.sandbox = claimed(claiming) or self.sandbox
+        if self.holding and workflow.patched("end-after-hold"):
+            # A checkpoint or rollback has the machine: its activity ends (bounded by its
+            # timeouts), so a checkpoint it saved is deleted below and a machine a rollback
+            # made again is the one destroyed, not left running with nothing to remove it.
+            await workflow.wait_condition(lambda: not self.holding)
         if self.sandbox is not None and self.preserve:
             await self.keep(self.sandbox)
         if self.checkpoints and not self.preserve:
@@ -1158,6 +1163,7 @@ class SessionWorkflow:
         await workflow.wait_condition(lambda: not self.holding)
         self.holding = True
         try:
+            self.check_not_ending()
             if stop and self.running is not None:
                 self.cancelling = True
             await workflow.wait_condition(
@@ -1170,6 +1176,7 @@ class SessionWorkflow:
                 timeout=checkpoints.STEP_WAIT,
             )
             check_cancelled()
+            self.check_not_ending()
             if self.hibernated:
                 then = SessionStatus.busy if self.running else SessionStatus.ready
                 if not await self.wake(then=then):
@@ -1184,6 +1191,12 @@ class SessionWorkflow:
         except BaseException:
             self.holding = False
             raise
+
+    def check_not_ending(self) -> None:
+        """A checkpoint or rollback whose turn came as the session began to end stops: the
+        end waits for it (see end), and then has the machine."""
+        if self.ending and workflow.patched("end-after-hold"):
+            raise ApplicationError("the session is ending", non_retryable=True)
 
     async def save_checkpoint(self, memory: bool, label: str | None) -> CheckpointRef:
         assert self.sandbox is not None

@@ -173,3 +173,70 @@ async def test_a_resumed_session_keeps_its_checkpoints(env: WorkflowEnvironment)
         assert (await rollback(handle, kept, [])).rolled_back == [ref.id]
         await session.end(handle)
     assert stubs.rolled_back == [kept] and stubs.deleted == [kept]
+
+
+class SlowSave(Stubs):
+    """A checkpoint's save, or a rollback's new machine, under way until ``saved`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saving, self.saved = asyncio.Event(), asyncio.Event()
+
+    async def hold(self) -> None:
+        self.saving.set()
+        while not self.saved.is_set():
+            activity.heartbeat()
+            await asyncio.sleep(0.05)
+
+    @activity.defn(name="TakeCheckpoint")
+    async def take(self, request: CheckpointRequest) -> CheckpointSaved:
+        await self.hold()
+        return await super().take(request)
+
+    @activity.defn(name="RollBackSandbox")
+    async def roll_back(self, request: CheckpointRequest) -> SandboxInfo:
+        await self.hold()
+        self.rolled_back.append(request.checkpoint_id)
+        # Made again under a new id (a VM booted from the checkpoint's disk).
+        return request.sandbox.model_copy(update={"id": "remade"})
+
+
+async def test_an_end_during_a_checkpoint_deletes_it_after_the_save(
+    env: WorkflowEnvironment,
+) -> None:
+    """Ended while a checkpoint is being saved: the machine is not destroyed under the
+    save, and the checkpoint it saved is deleted with the session, not left on the disk."""
+    stubs = SlowSave()
+    async with session.running(env, stubs, session.params(stubs)) as handle:
+        await session.until(lambda: bool(stubs.provisioned))
+        taking = asyncio.ensure_future(checkpoint(handle))
+        await asyncio.wait_for(stubs.saving.wait(), 10)
+        await handle.cancel()
+        await asyncio.sleep(1)
+        assert stubs.destroyed == []  # not under the save
+        stubs.saved.set()
+        taken = await taking
+        await session.end(handle)
+        save("end-during-checkpoint", await handle.fetch_history())
+    assert stubs.deleted == [taken.id]
+    assert stubs.destroyed == stubs.provisioned
+
+
+async def test_an_end_during_a_rollback_destroys_the_machine_it_made(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = SlowSave()
+    kept = "k" * 32
+    params = session.params(stubs).model_copy(update={"checkpoints": [kept]})
+    async with session.running(env, stubs, params) as handle:
+        await session.until(lambda: bool(stubs.provisioned))
+        rolling = asyncio.ensure_future(rollback(handle, kept, []))
+        await asyncio.wait_for(stubs.saving.wait(), 10)
+        await handle.cancel()
+        await asyncio.sleep(1)
+        stubs.saved.set()
+        await rolling
+        await session.end(handle)
+        save("end-during-rollback", await handle.fetch_history())
+    assert stubs.destroyed == ["remade"]  # the machine the rollback made, not the old one
+    assert stubs.deleted == [kept]
