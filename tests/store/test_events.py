@@ -154,6 +154,22 @@ def test_a_revised_plan_replaces_only_the_tail(engine: Engine) -> None:
         assert [s.spec["command"] for s in steps] == ["a", "z"]
 
 
+def test_a_task_the_log_never_queued_gets_its_row(engine: Engine) -> None:
+    """A run begun before events were keyed by content may have had its task.queued skipped
+    (see the test above): the task's later events make its row, not fail for good."""
+    sid = new_session(engine)
+    with Session(engine) as db:
+        events.record(db, sid, EventType.task_status, {"task_id": "t", "status": "planning"})
+        plan = {"task_id": "t", "steps": [{"kind": "terminal", "command": "x"}]}
+        events.record(db, sid, EventType.task_plan, plan)
+        row = db.get(TaskRow, "t")
+        assert row is not None and row.status == TaskStatus.planning
+        assert [s.index for s in db.exec(select(StepRow).where(StepRow.task_id == "t"))] == [0]
+    other = new_session(engine)
+    with Session(engine) as db, pytest.raises(LookupError):  # another session's task
+        events.record(db, other, EventType.task_status, {"task_id": "t", "status": "failed"})
+
+
 def test_events_of_an_unknown_session_are_refused(engine: Engine) -> None:
     with Session(engine) as db, pytest.raises(LookupError):
         events.record(db, "nope", EventType.task_modified, {})
