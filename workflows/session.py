@@ -181,6 +181,12 @@ class SessionWorkflow:
                 check_cancelled()
                 if not self.queue:
                     continue  # its one task was cancelled while the sandbox woke
+                if self.holding and workflow.patched("hold-while-queued"):
+                    # A checkpoint or rollback has the machine: the task waits in the queue,
+                    # where a cancel or the session's end finds it (taken off first, it was
+                    # in neither the queue nor running, and an end left it queued for good).
+                    await workflow.wait_condition(lambda: not self.holding)
+                    continue
                 await self.run_task(self.tasks[self.queue.pop(0)])
         except asyncio.CancelledError:
             pass  # the user ended the session
@@ -672,7 +678,7 @@ class SessionWorkflow:
             await self.run_task_traced(task)
 
     async def run_task_traced(self, task: TaskState) -> None:
-        if self.holding:  # a checkpoint or rollback has the machine: the task waits
+        if self.holding:  # a run begun before hold-while-queued: the task waits here
             await workflow.wait_condition(lambda: not self.holding)
         self.running, self.cancelling = task, False
         try:

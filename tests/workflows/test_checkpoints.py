@@ -240,3 +240,28 @@ async def test_an_end_during_a_rollback_destroys_the_machine_it_made(
         save("end-during-rollback", await handle.fetch_history())
     assert stubs.destroyed == ["remade"]  # the machine the rollback made, not the old one
     assert stubs.deleted == [kept]
+
+
+async def test_an_end_during_a_rollback_cancels_the_task_queued_behind_it(
+    env: WorkflowEnvironment,
+) -> None:
+    """The next task waits for the rollback in the queue: the session's end cancels it,
+    not leaves it queued for good."""
+    stubs = SlowSave()
+    kept = "k" * 32
+    params = session.params(stubs).model_copy(update={"checkpoints": [kept]})
+    async with session.running(env, stubs, params) as handle:
+        running = await session.submit(env.client, handle.id, "$ wait")
+        queued = await session.submit(env.client, handle.id, "$ echo next")
+        await session.until(lambda: stubs.commands == ["wait"])
+        rolling = asyncio.ensure_future(rollback(handle, kept, []))
+        await asyncio.wait_for(stubs.saving.wait(), 10)
+        await asyncio.sleep(0.5)  # the running task stopped, the next one waits
+        await handle.cancel()
+        stubs.saved.set()
+        await rolling
+        await session.end(handle)
+        save("end-during-rollback-with-queued", await handle.fetch_history())
+    statuses = stubs.task_statuses()
+    assert statuses[running.id] == "cancelled" and statuses[queued.id] == "cancelled"
+    assert stubs.commands == ["wait"]
