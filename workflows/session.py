@@ -1167,6 +1167,10 @@ class SessionWorkflow:
         or with ``stop`` the running task is stopped (a rollback undoes it anyway)."""
         workflow.patched("checkpoints")
         await workflow.wait_condition(lambda: not self.holding)
+        # Every waiter is woken at once when the machine is let go: the first to run took
+        # it, and the others wait again (a run begun before let them all take it).
+        while self.holding and workflow.patched("hold-one-at-a-time"):
+            await workflow.wait_condition(lambda: not self.holding)
         self.holding = True
         try:
             self.check_not_ending()

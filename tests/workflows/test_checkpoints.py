@@ -265,3 +265,45 @@ async def test_an_end_during_a_rollback_cancels_the_task_queued_behind_it(
     statuses = stubs.task_statuses()
     assert statuses[running.id] == "cancelled" and statuses[queued.id] == "cancelled"
     assert stubs.commands == ["wait"]
+
+
+class Overlapping(Stubs):
+    """Saves that take a moment, the first until ``saved`` is set; counts how many run at
+    once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saving, self.saved = asyncio.Event(), asyncio.Event()
+        self.at_once = self.most_at_once = 0
+
+    @activity.defn(name="TakeCheckpoint")
+    async def take(self, request: CheckpointRequest) -> CheckpointSaved:
+        self.at_once += 1
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        self.saving.set()
+        try:
+            await self.saved.wait()
+            await asyncio.sleep(0.3)
+        finally:
+            self.at_once -= 1
+        return await super().take(request)
+
+
+async def test_checkpoints_waiting_for_the_machine_take_it_one_at_a_time(
+    env: WorkflowEnvironment,
+) -> None:
+    """Two checkpoints waiting while a third has the machine: once it is done, one takes
+    the machine, the other waits again (both woken at once, both took it)."""
+    stubs = Overlapping()
+    async with session.running(env, stubs, session.params(stubs)) as handle:
+        await session.until(lambda: bool(stubs.provisioned))
+        first = asyncio.ensure_future(checkpoint(handle))
+        await asyncio.wait_for(stubs.saving.wait(), 10)
+        waiting = [asyncio.ensure_future(checkpoint(handle)) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        stubs.saved.set()
+        refs = await asyncio.gather(first, *waiting)
+        await session.end(handle)
+        save("checkpoints-one-at-a-time", await handle.fetch_history())
+    assert stubs.most_at_once == 1
+    assert sorted(stubs.deleted) == sorted(r.id for r in refs)
