@@ -163,6 +163,8 @@ class SessionWorkflow:
         self.checkpoints = list(carried.checkpoints if carried else params.checkpoints)
         # Set while a checkpoint or rollback has the machine: no step starts meanwhile.
         self.holding = False
+        # The checkpoints of the rollbacks under way (or waiting for the machine).
+        self.rolling_to: list[str] = []
         self.events = 0
         self.keys = EventKeys(workflow.info().run_id)
 
@@ -1125,25 +1127,31 @@ class SessionWorkflow:
     @workflow.update(name="rollback")
     @answering
     async def rollback(self, ask: RollbackAsk) -> RollbackRef:
-        await self.take_machine(stop=True)
+        self.rolling_to.append(ask.checkpoint_id)
         try:
-            assert self.sandbox is not None
-            self.sandbox = await workflow.execute_activity_method(
-                CheckpointActivities.roll_back,
-                CheckpointRequest(sandbox=self.sandbox, checkpoint_id=ask.checkpoint_id),
-                task_queue=self.sandbox.task_queue,
-                summary="roll the sandbox back to a checkpoint",
-                **checkpoints.SAVE,
-            )
-            undone = checkpoints.undone(self.finished, ask.tasks_before)
-            await self.record(
-                self.event(
-                    EventType.session_rolled_back, checkpoint_id=ask.checkpoint_id, tasks=undone
+            await self.take_machine(stop=True)
+            try:
+                assert self.sandbox is not None
+                self.sandbox = await workflow.execute_activity_method(
+                    CheckpointActivities.roll_back,
+                    CheckpointRequest(sandbox=self.sandbox, checkpoint_id=ask.checkpoint_id),
+                    task_queue=self.sandbox.task_queue,
+                    summary="roll the sandbox back to a checkpoint",
+                    **checkpoints.SAVE,
                 )
-            )
-            return RollbackRef(checkpoint_id=ask.checkpoint_id, rolled_back=undone)
+                undone = checkpoints.undone(self.finished, ask.tasks_before)
+                await self.record(
+                    self.event(
+                        EventType.session_rolled_back,
+                        checkpoint_id=ask.checkpoint_id,
+                        tasks=undone,
+                    )
+                )
+                return RollbackRef(checkpoint_id=ask.checkpoint_id, rolled_back=undone)
+            finally:
+                self.holding = False
         finally:
-            self.holding = False
+            self.rolling_to.remove(ask.checkpoint_id)
 
     @rollback.validator
     def check_rollback(self, ask: RollbackAsk) -> None:
@@ -1154,7 +1162,12 @@ class SessionWorkflow:
     @answering
     async def delete_checkpoint(self, ask: CheckpointControl) -> None:
         self.checkpoints.remove(ask.checkpoint_id)
-        await self.forget_checkpoint(ask.checkpoint_id)
+        gone = ask.checkpoint_id
+        if gone in self.rolling_to and workflow.patched("delete-after-rollback"):
+            # Deleted under a rollback to it, the machine would be removed and never made
+            # again from the checkpoint's disk: deleted once the rollback is done.
+            await workflow.wait_condition(lambda: gone not in self.rolling_to)
+        await self.forget_checkpoint(gone)
 
     @delete_checkpoint.validator
     def check_delete_checkpoint(self, ask: CheckpointControl) -> None:

@@ -19,7 +19,13 @@ from sandboxes.models import SandboxInfo
 from store.events import EventType
 from tests.workflows import test_session as session
 from tests.workflows.test_session import HISTORIES, env
-from workflows.models import CheckpointAsk, CheckpointRef, RollbackAsk, RollbackRef
+from workflows.models import (
+    CheckpointAsk,
+    CheckpointControl,
+    CheckpointRef,
+    RollbackAsk,
+    RollbackRef,
+)
 
 __all__ = ["env"]
 
@@ -307,3 +313,26 @@ async def test_checkpoints_waiting_for_the_machine_take_it_one_at_a_time(
         save("checkpoints-one-at-a-time", await handle.fetch_history())
     assert stubs.most_at_once == 1
     assert sorted(stubs.deleted) == sorted(r.id for r in refs)
+
+
+async def test_a_checkpoint_deleted_during_a_rollback_to_it_goes_once_the_rollback_is_done(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = SlowSave()
+    kept = "k" * 32
+    params = session.params(stubs).model_copy(update={"checkpoints": [kept]})
+    async with session.running(env, stubs, params) as handle:
+        await session.until(lambda: bool(stubs.provisioned))
+        rolling = asyncio.ensure_future(rollback(handle, kept, []))
+        await asyncio.wait_for(stubs.saving.wait(), 10)
+        deleting = asyncio.ensure_future(
+            handle.execute_update("delete_checkpoint", CheckpointControl(checkpoint_id=kept))
+        )
+        await asyncio.sleep(1)
+        assert stubs.deleted == []  # not from under the rollback
+        stubs.saved.set()
+        await rolling
+        await deleting
+        assert stubs.deleted == [kept] and stubs.rolled_back == [kept]
+        await session.end(handle)
+        save("delete-during-rollback", await handle.fetch_history())
