@@ -95,10 +95,12 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml constraints.txt $(STAMP
 	@touch $@
 
 ui/static/vendor/.installed: ui/package.json ui/package-lock.json
-	@echo "== front-end assets (htmx, htmx SSE extension)"
+	@echo "== front-end assets (htmx, htmx SSE extension, xterm.js)"
 	cd ui && npm ci --no-audit --no-fund --silent
 	mkdir -p ui/static/vendor
 	cp ui/node_modules/htmx.org/dist/htmx.min.js ui/node_modules/htmx-ext-sse/sse.js ui/static/vendor/
+	cp ui/node_modules/@xterm/xterm/lib/xterm.js ui/node_modules/@xterm/xterm/css/xterm.css \
+	  ui/node_modules/@xterm/addon-fit/lib/addon-fit.js ui/static/vendor/
 	@touch $@
 
 sandbox-image: $(VENV)/.installed $(STAMPS)/system

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import cast
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from llm.models import TokenUsage
 from sandboxes.models import FileStep, SandboxInfo, Step, StepOutcome
 from store.events import NewEvent
+from store.models import HostState
 
 # What the model is shown of a step's file content or result texts, at most.
 BRIEF_CHARS = 2000
@@ -175,3 +176,40 @@ class WebhookRequest(BaseModel):
     delivery_id: str
     max_attempts: int
     timeout_s: float  # of one attempt
+
+
+# Fleet (issue 18): the queue every worker polls for the one activity that is no host's own,
+# reading the host registry to place a session anew once its host is lost.
+FLEET_TASK_QUEUE = "berth-fleet"
+# Weight of a host's measured load average against the machines it is known to run.
+MEASURED_WEIGHT = 0.5
+
+
+class Candidate(BaseModel):
+    """A host as its registry row reads now (state with lost applied): what placement
+    (workflows/placement.py) chooses among."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    state: HostState
+    templates: tuple[str, ...]
+    vcpus: int
+    memory_available_mb: int
+    load1: float
+    machines: int
+    max_machines: int | None = None
+    warm: dict[str, int] = Field(default_factory=dict)
+    task_queue: str = ""
+
+    @property
+    def load(self) -> float:
+        return (self.machines + MEASURED_WEIGHT * self.load1) / max(1, self.vcpus)
+
+
+class Fleet(BaseModel):
+    """The hosts as the registry reads now, and the memory a sandbox of the asked template
+    needs there."""
+
+    hosts: list[Candidate]
+    memory_mb: int

@@ -28,6 +28,11 @@ STEPS = {
   (selector), "type" (selector, text), "select" (selector, value), "extract" (text of
   selector, or of the page), "wait_for" (selector or text), "screenshot". One browser page
   is kept across the task's steps; every browser step takes a screenshot.""",
+    "service": """\
+- {"kind": "service", "command": "..."}: start a long-running command (a web server) that
+  keeps running after the step, its output kept, held to the policy's services rules; the
+  step's output names it (s1, ...), and {"kind": "service", "action": "stop", "name": "s1"}
+  stops it. Never start one with `&`.""",
 }
 CHECKS = """\
 Give each step a success criterion, checked right after it runs, as "check":

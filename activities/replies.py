@@ -49,22 +49,29 @@ def plan_schema(kinds: tuple[str, ...] = STEP_KINDS) -> dict[str, Any]:
     """The plan's JSON schema, with the step kinds the guest runs. Every field of every kind
     is in each step (strict structured output has no optional properties): null where it
     does not apply."""
+    browsing = get_args(BrowserAction) if "browser" in kinds else ()
+    actions = (*browsing, *(("start", "stop") if "service" in kinds else ()))
     fields: dict[str, Any] = {
         "kind": {"type": "string", "enum": list(kinds)},
-        "command": _nullable("string", description="terminal: the command line"),
+        "command": _nullable("string", description="terminal or service: the command line"),
         "op": _enum("write", "read", "list"),
         "path": _nullable("string", description="file: the path in the workspace"),
         "content": _nullable("string", description="file write: the whole content"),
-        "action": _enum(*get_args(BrowserAction)),
+        "action": _enum(*actions),
         "url": _nullable("string"),
         "selector": _nullable("string"),
         "text": _nullable("string"),
         "value": _nullable("string"),
+        "name": _nullable("string", description="service stop: the service's name (s1, ...)"),
         "check": CHECK_SCHEMA,
     }
     if "browser" not in kinds:
-        for name in ("action", "url", "selector", "text", "value"):
+        for name in ("url", "selector", "text", "value"):
             del fields[name]
+    if "service" not in kinds:
+        del fields["name"]
+    if "browser" not in kinds and "service" not in kinds:
+        del fields["action"]
     step = {
         "type": "object",
         "additionalProperties": False,

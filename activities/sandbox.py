@@ -183,20 +183,24 @@ class SandboxActivities:
         self.policies: dict[str, CommandPolicy] = {}  # by template, read once per worker
 
     def refuse_unless_allowed(self, request: StepRequest) -> None:
-        """Hold a terminal step's command to its template's policy before the guest sees
-        it; a refused one fails the activity for good, with the reason, and runs nothing."""
+        """Hold a terminal or service step's command to its template's policy before the guest
+        sees it; a refused one fails the activity for good, with the reason, and runs nothing."""
         step = request.step
-        if step.kind != "terminal":
-            return
         template = request.sandbox.template
         if template not in self.policies:
             self.policies[template] = load_policy(template, self.command_policy_path)
         policy = self.policies[template]
-        verdict = judge(step.command, policy, cwd=step.cwd)
+        if step.kind == "terminal":
+            command, verdict = step.command, judge(step.command, policy, cwd=step.cwd)
+        elif step.kind == "service" and step.command is not None:
+            policy = policy.for_services()
+            command, verdict = step.command, judge(step.command, policy)
+        else:
+            return
         if not verdict.allowed:
             POLICY_REFUSALS.labels(template).inc()
             # The rules of the programs it names, quoted: the planner sees what it ran into.
-            quoted = "".join(f"\npolicy rule: {rule}" for rule in rules_named(policy, step.command))
+            quoted = "".join(f"\npolicy rule: {rule}" for rule in rules_named(policy, command))
             raise ApplicationError(
                 verdict.reason + quoted, type="CommandRefused", non_retryable=True
             )

@@ -20,7 +20,7 @@ from api.schemas import HostOut, InviteOut, UserLimitsIn, UserLimitsOut
 from config.settings import Settings
 from store import audit, hosts
 from store.events import EventType
-from store.models import AuditEntry, Event, SessionRow, User
+from store.models import AuditEntry, Event, HostState, SessionRow, User
 
 # Every route under /api may be refused for its input; the others are named per route.
 router = APIRouter(prefix="/api/admin", tags=["admin"], responses=problems(422))
@@ -90,6 +90,28 @@ def host_list(db: Session, settings: Settings) -> list[HostOut]:
         HostOut(**row.model_dump(exclude={"state"}), state=hosts.seen_state(row, lost_after))
         for row in hosts.listing(db)
     ]
+
+
+class HostStateIn(BaseModel):
+    # An operator's state: lost is read from a host's silence, never set.
+    state: Literal[HostState.active, HostState.draining]
+
+
+def set_host_state(db: Session, user: User, host_id: str, state: HostState, ip: str | None) -> None:
+    """Drain a host (no new sessions there, its warm pools ended on its next heartbeat) or
+    undrain it, as ``python -m berth host drain|undrain`` does; 404 for an unknown host."""
+    if not hosts.set_state(db, host_id, state):
+        raise Problem(404, f"no host {host_id!r} in the registry")
+    action = "host.drain" if state == HostState.draining else "host.undrain"
+    audit.record(db, user.id, action, host_id, ip=ip)
+
+
+@router.put("/hosts/{host_id}/state", status_code=204, responses=problems(401, 403, 404))
+def put_host_state(
+    host_id: str, change: HostStateIn, db: DbDep, admin: AdminDep, ip: IpDep
+) -> None:
+    """Drain (``draining``) or undrain (``active``) a sandbox host."""
+    set_host_state(db, admin, host_id, change.state, ip)
 
 
 @router.get("/hosts", responses=problems(401, 403))

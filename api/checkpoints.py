@@ -108,7 +108,10 @@ async def fork(
     searchable = await temporal.searchable()
     forks = []
     for _ in range(count):
-        service.check_host_open(db, settings)
+        # The checkpoint is kept by the host its session ran on: its forks are made there.
+        placed = service.place_session(
+            db, settings, row.template, keeper=found.sandbox.get("host_id"), keeper_only=True
+        )
         child = SessionRow(
             user_id=user.id, template=row.template, idle_timeout_s=row.idle_timeout_s,
             hibernate_after_s=row.hibernate_after_s, model=row.model,
@@ -122,7 +125,7 @@ async def fork(
         )  # fmt: skip
         audit.record(db, user.id, "session.fork", child.id, {"checkpoint": found.id}, ip=ip)
         await service.start_run(
-            db, client, settings, user, child, searchable=searchable, fork=found.id
+            db, client, settings, user, child, placed, searchable=searchable, fork=found.id
         )
         forks.append(child)
     return forks

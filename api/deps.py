@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlmodel import Session
+from starlette.requests import HTTPConnection
 from temporalio.client import Client
 from temporalio.service import RPCError
 
@@ -187,7 +188,7 @@ def current_token(
 
 
 def cookie_caller(
-    request: Request, db: Session, settings: Settings
+    request: HTTPConnection, db: Session, settings: Settings
 ) -> tuple[User, ApiToken] | None:
     """The user (and token) of the dashboard's login cookie, if it holds a live token."""
     secret = request.cookies.get(COOKIE)

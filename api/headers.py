@@ -3,6 +3,8 @@ pass through untouched)."""
 
 from __future__ import annotations
 
+import re
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # The dashboard loads only its own scripts and styles (htmx's eval and injected styles are
@@ -12,6 +14,20 @@ CSP = (
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'"
 )
+# A previewed app (api/previews.py) is not trusted: its pages get an origin of their own
+# (a sandbox without allow-same-origin), so their scripts cannot read the dashboard nor act
+# with its login; and its token-bearing URLs are not sent on as referrers.
+PREVIEW = "/preview/"
+PREVIEW_HEADERS = [
+    (b"content-security-policy",
+     b"sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]  # fmt: skip
+# The session page runs xterm.js (its interactive shell), which sizes and colours the terminal
+# with <style> elements it writes: that page alone allows inline styles (never scripts).
+SESSION_PAGE = re.compile(r"/sessions/[0-9a-f]+")
+SESSION_CSP = CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
 # FastAPI's API docs pages load their viewer from a CDN with an inline script.
 DOCS_CSP = "frame-ancestors 'none'"
 DOCS = ("/docs", "/redoc")
@@ -34,14 +50,18 @@ class SecurityHeaders:
             return
         path: str = scope["path"]
         policy = DOCS_CSP if path.startswith(DOCS) else CSP
-        extra = [(b"content-security-policy", policy.encode())]
+        if SESSION_PAGE.fullmatch(path):
+            policy = SESSION_CSP
+        extra = [*COMMON, (b"content-security-policy", policy.encode())]
+        if path.startswith(PREVIEW):
+            extra = list(PREVIEW_HEADERS)
         if scope.get("scheme") == "https":
             extra.append(HSTS)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers += [*COMMON, *extra]
+                headers += extra
                 message = {**message, "headers": headers}
             await send(message)
 

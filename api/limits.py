@@ -12,6 +12,8 @@ known whether its token is good: the larger cap still bounds what it can send.
 
 from __future__ import annotations
 
+import re
+
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +22,8 @@ from api.problems import Problem, response
 
 # Reached before login, whatever the request carries.
 BEFORE_LOGIN = frozenset({"/api/auth/signup", "/api/auth/token", "/login"})
+# Uploads into a workspace (api/files.py, ui/files.py): capped by their own setting.
+UPLOADS = re.compile(r"/(api|ui)/sessions/[^/]+/files(/content)?")
 
 
 def too_large(limit: int, before_login: bool) -> str:
@@ -28,10 +32,11 @@ def too_large(limit: int, before_login: bool) -> str:
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, authenticated: int, anonymous: int) -> None:
+    def __init__(self, app: ASGIApp, authenticated: int, anonymous: int, uploads: int) -> None:
         self.app = app
         self.authenticated = authenticated
         self.anonymous = anonymous
+        self.uploads = max(uploads, authenticated)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,6 +45,8 @@ class BodyLimit:
         headers = dict(scope["headers"])
         before_login = scope["path"] in BEFORE_LOGIN or not _carries_credentials(headers)
         limit = self.anonymous if before_login else self.authenticated
+        if not before_login and UPLOADS.fullmatch(scope["path"]):
+            limit = self.uploads + 64 * 1024  # a form's own parts around the file
         detail = too_large(limit, before_login)
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:

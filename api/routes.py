@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 
-from api import accounts, checkpoints, cursors, service
+from api import accounts, checkpoints, cursors, files, guest_link, previews, service, services
 from api.deps import (
     AdminDep,
     DbDep,
@@ -392,3 +393,152 @@ async def fork(
     row = service.own_session(db, user, sid)
     forks = await checkpoints.fork(db, temporal, settings, user, row, cid, body.count, ip)
     return [service.session_out(f, settings) for f in forks]
+
+
+# --- The workspace's files (api/files.py): its owner's only ---
+FILES = problems(401, 403, 404, 409, 503)
+PathQuery = Annotated[str, Query(description="Relative to the workspace (its home folder)")]
+
+
+@router.get("/sessions/{sid}/files", tags=["files"], responses=FILES)
+async def list_files(
+    sid: str, db: DbDep, settings: SettingsDep, user: UserDep, path: PathQuery = "."
+) -> files.FileListing:
+    """A folder's entries (or a file's own size) in the session's workspace."""
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
+    return await files.listing(settings, sandbox, files.checked_path(path))
+
+
+@router.get(
+    "/sessions/{sid}/files/content",
+    tags=["files"],
+    response_class=StreamingResponse,
+    responses={**FILES, **problems(413)},
+)
+async def download_file(
+    sid: str, db: DbDep, settings: SettingsDep, user: UserDep, path: PathQuery
+) -> Response:
+    """A file of the workspace; a folder as a zip of its regular files."""
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
+    return await files.download(settings, sandbox, files.checked_path(path))
+
+
+@router.put(
+    "/sessions/{sid}/files/content",
+    status_code=201,
+    tags=["files"],
+    responses={**FILES, **problems(413)},
+)
+async def upload_file(
+    sid: str,
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    user: UserDep,
+    ip: IpDep,
+    path: PathQuery,
+) -> files.FileEntry:
+    """Write the request's body to ``path`` (its folders made), replacing what was there;
+    a 413 past BERTH_FILES_MAX_UPLOAD_BYTES."""
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
+    path = files.checked_path(path)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > settings.files_max_upload_bytes:
+        raise Problem(
+            413,
+            f"the upload is over {settings.files_max_upload_bytes} bytes "
+            "(BERTH_FILES_MAX_UPLOAD_BYTES)",
+        )
+    size = await files.write(settings, sandbox, path, request.stream())
+    audit.record(
+        db, user.id, "files.upload", target=sid, detail={"path": path, "size": size}, ip=ip
+    )
+    return files.FileEntry(name=PurePosixPath(path).name, kind="file", size=size)
+
+
+@router.delete("/sessions/{sid}/files", status_code=204, tags=["files"], responses=FILES)
+async def delete_file(
+    sid: str, db: DbDep, settings: SettingsDep, user: UserDep, ip: IpDep, path: PathQuery
+) -> Response:
+    """Delete a file, or a folder with everything in it (never the workspace itself)."""
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
+    path = files.checked_path(path)
+    await files.delete(settings, sandbox, path)
+    audit.record(db, user.id, "files.delete", target=sid, detail={"path": path}, ip=ip)
+    return Response(status_code=204)
+
+
+# --- The session's services (api/services.py): its owner's only ---
+
+
+@router.get("/sessions/{sid}/services", tags=["services"], responses=FILES)
+async def list_services(
+    sid: str, db: DbDep, settings: SettingsDep, user: UserDep
+) -> list[services.ServiceOut]:
+    """The services that ``service`` steps started in the session's machine, running or
+    ended (never restarted)."""
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
+    return await services.listing(settings, sandbox)
+
+
+@router.get(
+    "/sessions/{sid}/services/{name}/output",
+    tags=["services"],
+    response_class=PlainTextResponse,
+    responses=FILES,
+)
+async def service_output(
+    sid: str, name: str, db: DbDep, settings: SettingsDep, user: UserDep
+) -> Response:
+    """The newest of what the service printed (its tail, bounded in the guest)."""
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
+    return PlainTextResponse(await services.output(settings, sandbox, name))
+
+
+@router.post("/sessions/{sid}/services/{name}/stop", tags=["services"], responses=FILES)
+async def stop_service(
+    sid: str, name: str, db: DbDep, settings: SettingsDep, user: UserDep, ip: IpDep
+) -> services.ServiceOut:
+    """Stop a service (its process group: SIGTERM, then SIGKILL after 5 s)."""
+    sandbox = guest_link.running_sandbox(db, service.own_session(db, user, sid))
+    stopped = await services.stop(settings, sandbox, name)
+    audit.record(db, user.id, "services.stop", target=sid, detail={"name": name}, ip=ip)
+    return stopped
+
+
+# --- Previews of the session's ports (api/previews.py): its owner's only ---
+
+
+@router.get("/sessions/{sid}/previews", tags=["previews"], responses=FILES)
+async def list_previews(
+    sid: str, db: DbDep, settings: SettingsDep, user: UserDep
+) -> previews.PreviewsOut:
+    """The ports something listens on in the session's machine (each previewed at
+    /preview/{sid}/{port}/), and the share links made for them."""
+    return await previews.previews(db, settings, service.own_session(db, user, sid))
+
+
+@router.post(
+    "/sessions/{sid}/previews/{port}/shares", status_code=201, tags=["previews"], responses=SESSION
+)
+def share_preview(
+    sid: str, port: previews.PortPath, db: DbDep, settings: SettingsDep, user: UserDep, ip: IpDep
+) -> previews.ShareOut:
+    """A link that opens the port's preview to whoever holds it, until it expires
+    (BERTH_PREVIEW_SHARE_TTL_S) or is revoked. Its URL is shown this once."""
+    made = previews.share(db, settings, service.own_session(db, user, sid), port)
+    audit.record(db, user.id, "previews.share", target=sid, detail={"port": port}, ip=ip)
+    return made
+
+
+@router.delete(
+    "/sessions/{sid}/previews/shares/{share_id}",
+    status_code=204,
+    tags=["previews"],
+    responses=SESSION,
+)
+def revoke_preview_share(sid: str, share_id: str, db: DbDep, user: UserDep, ip: IpDep) -> Response:
+    """Revoke a share link: it opens nothing from now on (403)."""
+    previews.revoke(db, service.own_session(db, user, sid), share_id)
+    audit.record(db, user.id, "previews.revoke", target=sid, detail={"share": share_id}, ip=ip)
+    return Response(status_code=204)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import random
 from datetime import datetime
 from enum import StrEnum
 from typing import TypeVar
@@ -27,6 +28,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 import vm_templates
+from activities.fleet import fleet as read_fleet
 from activities.models import pool_workflow_id
 from api import preferences, quotas
 from api.deps import Problem, TemporalLink
@@ -36,12 +38,11 @@ from config.settings import Settings
 from llm.accounting import task_usage
 from sandboxes.kept import kept_until
 from sandboxes.models import SandboxInfo
-from store import audit, hosts
+from store import audit
 from store.artifacts import ArtifactStore
 from store.db import take_turn
 from store.models import (
     CheckpointRow,
-    HostState,
     SandboxRow,
     SessionRow,
     SessionStatus,
@@ -62,12 +63,14 @@ from workflows.models import (
     TaskRef,
     TaskSubmission,
 )
+from workflows.placement import Placement, place
 from workflows.pool import SandboxPool
 from workflows.session import SessionWorkflow
 
 FINAL = (SessionStatus.ended, SessionStatus.failed)
-# When a refused session may be asked for again on a draining host: a drain lasts minutes.
-DRAINING_RETRY_S = 60
+# When a session refused for want of a host with room may be asked for again: a host's
+# heartbeat (BERTH_HOST_HEARTBEAT_S) says sooner than this when one has room again.
+NO_ROOM_RETRY_S = 30
 
 
 async def start_session(
@@ -87,7 +90,7 @@ async def start_session(
         known = ", ".join(vm_templates.names())
         raise Problem(422, f"no sandbox template {template!r}; known: {known}")
     check_live_sessions(db, settings, user)  # at once, without connecting
-    check_host_open(db, settings)
+    placed = place_session(db, settings, template)
     client = await temporal.client()  # before the row: no session is left half-made
     row = SessionRow(
         user_id=user.id,
@@ -99,7 +102,7 @@ async def start_session(
     )
     admit_live(db, settings, user, row)
     audit.record(db, user.id, "session.create", row.id, {"template": template}, ip=ip)
-    await start_run(db, client, settings, user, row, searchable=await temporal.searchable())
+    await start_run(db, client, settings, user, row, placed, searchable=await temporal.searchable())
     return row
 
 
@@ -118,16 +121,43 @@ def admit_live(db: Session, settings: Settings, user: User, row: SessionRow) -> 
     db.refresh(row)
 
 
-def check_host_open(db: Session, settings: Settings) -> None:
-    """503 while this API's sandbox host is draining (``python -m berth host drain``): it
-    takes no new sessions. A host not in the registry (its worker never started) is open."""
-    state = hosts.state_of(db, settings.host_id, settings.host_lost_after_s)
-    if state == HostState.draining:
+def place_session(
+    db: Session,
+    settings: Settings,
+    template: str,
+    keeper: str | None = None,
+    keeper_only: bool = False,
+) -> Placement:
+    """The host a new session goes to (workflows/placement.py), from the registry as it
+    reads now: one query per session, none per step. No host with room: 503 with
+    Retry-After (the client asks again; no queue holds it meanwhile). With no host
+    registered yet (its worker not started), this API's own host, as on one machine. A
+    resumed session goes back to ``keeper``, the host that kept its disk, while that host is
+    active and has room; elsewhere only if the disk is in a folder every host reaches
+    (BERTH_KEPT_DISKS_DIR). ``keeper_only``: there or nowhere (a fork of a checkpoint that
+    its host keeps)."""
+    fleet = read_fleet(db, template, settings.host_lost_after_s)
+    if not fleet.hosts:
+        return Placement(
+            settings.host_id, "no host registered yet: this API's own", settings.host_task_queue
+        )
+    home = [h for h in fleet.hosts if h.id == keeper]
+    if home and place(home, template, fleet.memory_mb, random.Random()).host == keeper:
+        return Placement(keeper, "the host that kept its disk", home[0].task_queue)
+    if keeper_only:  # what it is made from is on that host alone (a fork's checkpoint)
         raise Problem(
             503,
-            f"host {settings.host_id} is draining and takes no new sessions; try again later",
-            headers={"Retry-After": str(DRAINING_RETRY_S)},
+            f"host {keeper}, which keeps the checkpoint, has no room now; try again later",
+            headers={"Retry-After": str(NO_ROOM_RETRY_S)},
         )
+    placed = place(fleet.hosts, template, fleet.memory_mb, random.Random())
+    if placed.host is None:
+        raise Problem(
+            503,
+            f"{placed.why}; try again later",
+            headers={"Retry-After": str(NO_ROOM_RETRY_S)},
+        )
+    return placed
 
 
 def check_live_sessions(db: Session, settings: Settings, user: User) -> None:
@@ -151,6 +181,7 @@ async def start_run(
     settings: Settings,
     user: User,
     row: SessionRow,
+    placed: Placement,
     restore: SandboxInfo | None = None,
     searchable: bool = False,
     fork: str | None = None,
@@ -162,7 +193,7 @@ async def start_run(
     began = row.idle_timeout_s is not None
     state = "resuming" if restore else "provisioning"
     attributes = (
-        search.at_start(user.id, row.template, settings.host_id, SessionStatus.provisioning)
+        search.at_start(user.id, row.template, placed.host or "", SessionStatus.provisioning)
         if searchable
         else None
     )
@@ -174,7 +205,7 @@ async def start_run(
             SessionInput(
                 session_id=row.id,
                 template=row.template,
-                host_task_queue=settings.host_task_queue,
+                host_task_queue=placed.task_queue,
                 warm_pool=settings.warm_pool,
                 idle_timeout_s=row.idle_timeout_s or settings.session_idle_timeout_s,
                 hibernate_after_s=(
@@ -192,13 +223,17 @@ async def start_run(
                 checkpoints=list(
                     db.exec(select(CheckpointRow.id).where(CheckpointRow.session_id == row.id))
                 ),
+                placed_host=placed.host,
+                placed_why=placed.why,
             ),
             id=workflow_id(row.id),
-            task_queue=settings.host_task_queue,  # the session lives on its host
+            task_queue=placed.task_queue,  # the session lives on its host
             search_attributes=attributes,
             # Ids and states only (the user's id, not their email): operators see these.
             static_summary=search.summary(row.id, row.template, state),
-            static_details=search.details(row.id, user.id, row.template, settings.host_id),
+            static_details=search.details(
+                row.id, user.id, row.template, f"{placed.host} ({placed.why})"
+            ),
         )
     except WorkflowAlreadyStartedError as exc:
         raise Problem(409, f"session {row.id} is running already") from exc
@@ -227,17 +262,17 @@ async def resume_session(
     if row.status not in FINAL or not row.preserved or kept is None:
         raise Problem(409, f"session {row.id} is not an ended session with its disk kept")
     check_live_sessions(db, settings, user)  # at once, without connecting
-    check_host_open(db, settings)
+    placed = place_session(db, settings, row.template, keeper=kept.host_id)
     client = await temporal.client()
     restore = SandboxInfo(
         id=kept.id, session_id=row.id, provider=kept.provider, host_id=kept.host_id,
-        task_queue=settings.host_task_queue, template=kept.template, handle=kept.handle,
+        task_queue=placed.task_queue, template=kept.template, handle=kept.handle,
     )  # fmt: skip
     # Live again from now (the workflow's events say the rest), admitted under the limit
     # before its run starts; a run that cannot start marks it failed again.
     row.status, row.error, row.ended_at = SessionStatus.provisioning, None, None
     admit_live(db, settings, user, row)
-    await start_run(db, client, settings, user, row, restore, await temporal.searchable())
+    await start_run(db, client, settings, user, row, placed, restore, await temporal.searchable())
     audit.record(db, user.id, "session.resume", row.id, {"sandbox": kept.id}, ip=ip)
     return row
 

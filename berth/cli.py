@@ -82,7 +82,7 @@ def drain_host(args: argparse.Namespace) -> int:
     from berth.drain import set_host_state
     from store.models import HostState
 
-    return set_host_state(args.host, HostState.draining)
+    return set_host_state(args.host, HostState.draining, move=args.move)
 
 
 def undrain_host(args: argparse.Namespace) -> int:
@@ -319,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub = states.add_parser(name, help=what, description=what)
         sub.set_defaults(handler=handler)
         sub.add_argument("host", metavar="HOST", help="the host's id (BERTH_HOST_ID)")
+        if name == "drain":
+            sub.add_argument(
+                "--move",
+                action="store_true",
+                help="also move each live session off HOST between its tasks, its disk kept "
+                "(BERTH_KEPT_DISKS_DIR, a folder every host reaches) and restored elsewhere",
+            )
 
     check = command(
         "replay",

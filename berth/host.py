@@ -38,7 +38,7 @@ def sandbox_host(settings: Settings) -> SandboxHost:
         key=guest_keys(settings).current,
         host_id=settings.host_id,
         task_queue=settings.host_task_queue,
-        preserved_root=settings.data_dir.resolve() / "preserved",
+        preserved_root=(settings.kept_disks_dir or settings.data_dir / "preserved").resolve(),
         install=str(settings.data_dir.resolve()),
     )
 

@@ -86,6 +86,7 @@ def fleet_host(settings: Settings, k: int) -> dict[str, str]:
     env = {
         "BERTH_HOST_ID": host_id,
         "BERTH_GATEWAY_PORT": str(settings.gateway_port + k - 1),
+        "BERTH_RELAY_PORT": str(settings.relay_port + k - 1),
         "BERTH_VM_BRIDGE": f"{settings.vm_bridge[:11]}-{k}",
         "BERTH_VM_SUBNET": str(ipaddress.IPv4Network((start, first.prefixlen))),
         "BERTH_DOCKER_NETWORK": f"{settings.docker_network}-{digest[:12]}",

@@ -27,6 +27,7 @@ from api.mcp import McpEndpoint
 from api.metrics import router as metrics_router
 from api.openai_compat import router as llm_router
 from api.preferences import router as preferences_router
+from api.previews import router as previews_router
 from api.routes import router
 from api.security import Passwords
 from api.trace import TraceIds
@@ -37,10 +38,15 @@ from store.db import get_engine, migrate
 from store.notify import Hub
 from ui.admin_pages import router as admin_page_router
 from ui.checkpoints import router as checkpoint_page_router
+from ui.files import router as files_page_router
 from ui.live import router as live_router
 from ui.pages import router as ui_router
 from ui.preferences import router as preferences_page_router
+from ui.previews import router as previews_page_router
 from ui.render import STATIC_DIR, is_dashboard, problem_page
+from ui.services import router as services_page_router
+from ui.terminal import router as terminal_page_router
+from ui.terminal import sockets as terminal_sockets
 from ui.tokens import router as tokens_page_router
 from ui.webhooks import router as webhooks_page_router
 from workflows.codec import EncryptionCodec
@@ -125,6 +131,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks_page_router)
     app.include_router(tokens_page_router)
     app.include_router(admin_page_router)
+    app.include_router(files_page_router)
+    app.include_router(services_page_router)
+    app.include_router(previews_router)
+    app.include_router(previews_page_router)
+    app.include_router(terminal_page_router)
+    app.include_router(terminal_sockets)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # The MCP server (api/mcp.py): the JSON API's tools for agents, by bearer token.
     # Stateless: no stream to GET and no session to DELETE, so POST only.
@@ -133,6 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimit,
         authenticated=settings.max_body_bytes,
         anonymous=settings.max_body_bytes_anonymous,
+        uploads=settings.files_max_upload_bytes,
     )
     app.add_middleware(SecurityHeaders)  # a refused body's answer gets them too
     app.add_middleware(TraceIds)  # outermost: every line logged for a request names it

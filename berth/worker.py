@@ -5,6 +5,8 @@ A session lives on the host that holds its sandbox: its workflow and every activ
 runs share the host's task queue ``berth-host-<id>``. Sharing the queue lets Temporal hand
 each step's activity to this worker in the same answer that takes the workflow's command
 (eager dispatch), which measured 25 ms a step against 76 ms across two queues.
+Every worker also serves the fleet (berth/fleet.py): the registry read on the fleet's queue,
+and the sessions of a host that reads lost, whose queue it polls until they have moved.
 The host also reconciles its machines with the sessions that own them, at start and then
 periodically, so a machine whose session is gone does not run on, and sweeps the session
 rows whose workflow is over (workflows/sweeper.py), so no row stays live without one. Its
@@ -38,16 +40,18 @@ from temporalio.worker import Worker
 
 import vm_templates
 from activities.checkpoints import CheckpointActivities
-from activities.models import pool_workflow_id
+from activities.fleet import FleetActivities
+from activities.models import FLEET_TASK_QUEUE, pool_workflow_id
 from activities.observed import Observed
 from activities.planning import PlanningActivities
 from activities.progress import ProgressActivities
 from activities.sandbox import SandboxActivities
 from activities.vm import VmActivities
 from activities.webhooks import WebhookActivities
+from berth.fleet import Rescue
 from berth.host import make_gateway, make_provider, open_host
 from berth.registry import OnChange, heartbeat_forever, register
-from config.keys import payload_keys
+from config.keys import payload_keys, relay_token
 from config.settings import Settings, get_settings
 from llm.proxy import LLMProxy
 from sandboxes.kept import SWEEP_EVERY_S as KEPT_SWEEP_EVERY_S
@@ -55,6 +59,7 @@ from sandboxes.kept import KeptDisks
 from sandboxes.models import Machine, MachineUsage
 from sandboxes.monitor import Died, Placed, Placement, Sampled, watch
 from sandboxes.reconcile import Owner, reconcile_forever
+from sandboxes.relay import Relay
 from store.artifacts import ArtifactStore
 from store.db import get_engine, migrate
 from store.models import HostState, utcnow
@@ -279,6 +284,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     gateway = make_gateway(settings)
     provider = make_provider(settings, gateway)
     listen = await open_host(settings, gateway, provider)
+    relay = Relay(gateway, relay_token(settings))
+    await relay.start(settings.relay_host, settings.relay_port)
     progress = ProgressActivities(engine)
     planning = PlanningActivities(LLMProxy(settings, engine))
     artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes)
@@ -329,6 +336,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             max_heartbeat_throttle_interval=timedelta(seconds=1),
             interceptors=[Observed()],
         )
+        # The fleet's queue, every worker's: the registry read of a session placed anew.
+        fleet = Worker(
+            client,
+            task_queue=FLEET_TASK_QUEUE,
+            activities=[FleetActivities(engine, settings.host_lost_after_s).read],
+        )
+        rescue = Rescue(client, engine, settings, [progress.record], executor)
         placed = placement(engine, settings.host_id)
         reconciler = asyncio.create_task(
             reconcile_forever(
@@ -367,7 +381,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 placement=placed,
             )
         )
-        async with host:
+        async with host, fleet:
             started_at = utcnow()
             state = await register(settings, engine, provider, started_at)
             if state == HostState.active:  # a draining host keeps no warm pool
@@ -378,6 +392,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                     warm_pools_follow(client, settings), stop,
                 )
             )  # fmt: skip
+            rescuing = asyncio.create_task(rescue.forever(stop))
             log.info(
                 "worker up: queue %s, guest gateway on %s:%d",
                 settings.host_task_queue, listen, settings.gateway_port,
@@ -386,12 +401,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             log.info("worker stopping")
             await stop_pools(client, settings, POOL_STOP_TIMEOUT_S)
             await heart
+            await rescuing
         await reconciler
         await watcher
         await sweeping
         await sampling
         await dispatching
         await keeping
+    await relay.stop()
     await gateway.stop()
     await provider.close()
 

@@ -145,3 +145,9 @@ def unseal(ring: Keyring, sealed: str) -> str:
         return AESGCM(_sealing_key(key)).decrypt(raw[:12], raw[12:], None).decode()
     except InvalidTag:
         raise ValueError("sealed text was altered") from None
+
+
+def relay_token(settings: Settings) -> str:
+    """What the API shows the worker's relay (sandboxes/relay.py): derived from the payload
+    secret, which both processes hold already."""
+    return keyed_hash(payload_keys(settings).current, "relay", "api")

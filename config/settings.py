@@ -213,6 +213,13 @@ class Settings(BaseSettings):
         gt=0,
         description="A host whose last heartbeat is older than this reads as lost",
     )
+    # Fleet (issue 18): where preserved disks are kept. A folder every sandbox host reaches
+    # (an NFS or CephFS mount) lets a session resume, or move off a drained host, anywhere.
+    kept_disks_dir: Path | None = Field(
+        default=None,
+        description="Where preserved sandboxes' disks are kept; shared by every host for "
+        "`host drain --move` and resuming elsewhere (default: <data dir>/preserved)",
+    )
 
     sandbox_provider: Literal["docker", "libvirt"] = Field(
         default="libvirt",
@@ -532,6 +539,33 @@ class Settings(BaseSettings):
     )
     webhook_dispatch_every_s: float = Field(
         default=1.0, gt=0, description="How often a worker starts the deliveries just written"
+    )
+    # --- Hands on the machine: the workspace's files from the API (issue 21) ---
+    relay_host: str = Field(
+        default="127.0.0.1",
+        description="Address the worker's relay (how the API reaches guests' files) listens on",
+    )
+    relay_port: int = Field(default=8767, description="Port of the worker's relay")
+    files_max_upload_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=0,
+        description="Largest file a person may upload into a session's workspace, in bytes",
+    )
+    files_max_archive_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=0,
+        description="Most bytes a folder's download (a zip) reads from the workspace",
+    )
+    preview_share_ttl_s: int = Field(
+        default=24 * 3600,
+        ge=60,
+        description="How long a preview's share link opens it (until revoked sooner)",
+    )
+    preview_owner_ttl_s: int = Field(
+        default=3600,
+        ge=60,
+        description="How long the URL an owner is sent on to opens their preview; a visit to "
+        "/preview/{sid}/{port}/ makes a new one",
     )
 
     @model_validator(mode="after")

@@ -20,17 +20,21 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import websockets
 
-from guest_agent import checks, files, protocol
+from guest_agent import checks, files, ports, protocol, services, shells
 from guest_agent.chromium import chromium_path
 from guest_agent.execution import Execution
+from guest_agent.hands import Hands
 from guest_agent.pinning import SECURE_SCHEME, check_peer, client_context
 from guest_agent.protocol import (
     Artifact,
     Cancel,
     Clock,
+    Close,
+    Data,
     Exec,
     Exit,
     Hello,
+    Open,
     Output,
     ProtocolError,
     Welcome,
@@ -73,6 +77,10 @@ class GuestAgent:
         self.welcomed = False  # by the gateway, on the current link
         self.browser = load_browser(config.user)
         self.capabilities = ["terminal", "file"] + (["browser"] if self.browser else [])
+        self.capabilities += ["service", protocol.CHANNELS]
+        self.hands = Hands(config.workdir, config.user)
+        self.services = services.Services(config.workdir, config.user)
+        self.shells = shells.Shells(config.workdir, config.user)
 
     async def close(self) -> None:
         """Stop the browser, if one was started."""
@@ -116,15 +124,56 @@ class GuestAgent:
             await ws.send(hello.encode())
             log.info("connected to %s", self.config.url)
             pumps: dict[str, asyncio.Task[None]] = {}
+            channels: dict[str, asyncio.Queue[Data | Close]] = {}
             try:
                 async for raw in ws:
                     self.welcomed = True
-                    self._handle(raw, ws, pumps)
+                    self._handle(raw, ws, pumps, channels)
             finally:
+                # A channel is the link's: its operation ends with it (unlike a step).
                 for pump in pumps.values():
                     pump.cancel()
+                for inbox in channels.values():
+                    inbox.put_nowait(Close("", error="link lost"))
 
-    def _handle(self, raw: str | bytes, link: Link, pumps: dict[str, asyncio.Task[None]]) -> None:
+    def _open(
+        self, frame: Open, link: Link, channels: dict[str, asyncio.Queue[Data | Close]]
+    ) -> None:
+        """Serve a channel the backend opened, until its operation ends."""
+        if frame.channel in channels:
+            return
+        inbox: asyncio.Queue[Data | Close] = asyncio.Queue()
+        channels[frame.channel] = inbox
+
+        async def send(reply: Data | Close) -> None:
+            await link.send(reply.encode())
+
+        async def serve() -> None:
+            try:
+                if frame.kind == "service":
+                    await self.services.serve(frame.channel, frame.args, send)
+                elif frame.kind == "port":
+                    await ports.serve(frame.channel, frame.args, inbox, send)
+                elif frame.kind == "pty":
+                    await self.shells.serve(frame.channel, frame.args, inbox, send)
+                else:
+                    await self.hands.serve(frame.channel, frame.args, inbox, send)
+            except Exception:  # a link lost mid-way, say: the operation is over
+                log.exception("channel %s failed", frame.channel[:64])
+            finally:
+                channels.pop(frame.channel, None)
+
+        task = asyncio.create_task(serve())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _handle(
+        self,
+        raw: str | bytes,
+        link: Link,
+        pumps: dict[str, asyncio.Task[None]],
+        channels: dict[str, asyncio.Queue[Data | Close]],
+    ) -> None:
         try:
             frame = protocol.parse(raw)
         except ProtocolError as exc:
@@ -142,6 +191,12 @@ class GuestAgent:
             known = self.executions.get(frame.exec_id)
             if known is not None:
                 known.kill()
+        elif isinstance(frame, Open):
+            self._open(frame, link, channels)
+        elif isinstance(frame, Data | Close):
+            inbox = channels.get(frame.channel)
+            if inbox is not None:
+                inbox.put_nowait(frame)
         elif isinstance(frame, Clock):
             try:
                 time.clock_settime(time.CLOCK_REALTIME, frame.time)
@@ -201,6 +256,11 @@ class GuestAgent:
             except files.Refused as exc:
                 return 1, str(exc)
             return 0, None
+        if kind == "service":
+            code, error, execution.result = await services.run_step(
+                self.services, execution.say, step
+            )
+            return code, error
         if kind == "browser" and self.browser is not None:
             check = step.get("check") or {}
             ran = await self.browser.run(execution, step, check.get("kind") == "page_text_contains")

@@ -5,6 +5,14 @@ Guest -> backend: ``hello`` (first frame: who it is, its token, protocol ``versi
 Backend -> guest: ``welcome``, ``exec``, ``cancel``, ``clock`` (set the machine's clock to
 ``time``, after a suspension: the agent does it, steps cannot).
 
+Either way, once welcomed: ``open``, ``data``, ``close``, a channel. The backend opens one
+(a person's file operation, see guest_agent/hands.py; one on the services, see
+guest_agent/services.py; a tunnel to a port, see guest_agent/ports.py; a shell, see
+guest_agent/shells.py) with a ``kind`` and its ``args``; each side sends the bytes it has
+for it as ``data`` and ends it with ``close`` (the guest's carries the operation's
+``result`` or its ``error``). A guest runs channels if its hello claims the ``channels``
+capability. Channels are not steps: they do not survive a reconnect.
+
 ``exec`` carries the ``step`` as a JSON object with its ``kind`` (terminal, browser, file)
 and its ``check``. A step's ``artifact`` frames (a browser step's screenshot, base64) come
 before its ``exit``, which carries the ``check``'s outcome and the step's ``result``.
@@ -44,6 +52,9 @@ CLOCK = "clock"
 OUTPUT = "output"
 ARTIFACT = "artifact"
 EXIT = "exit"
+OPEN = "open"
+DATA = "data"
+CLOSE = "close"
 
 # Largest incoming frame the gateway reads before the hello is verified, and after: an
 # unauthenticated peer gets no room to make the backend buffer (or log) much of anything.
@@ -75,6 +86,13 @@ MAX_ERROR_CHARS = 4000
 STREAMS = ("stdout", "stderr")
 # Capabilities a hello may claim: there are only a few step kinds.
 MAX_CAPABILITIES = 10
+
+# The most bytes one data frame carries (before base64): it stays under MAX_FRAME_SIZE.
+MAX_DATA_BYTES = 256 * 1024
+# Channel kinds, and how long their ids and reasons may be.
+CHANNEL_KINDS = ("file", "service", "port", "pty")
+CHANNELS = "channels"
+MAX_CHANNEL_ID = 64
 
 # WebSocket close code for a refused hello (bad token, unknown sandbox).
 CLOSE_UNAUTHORIZED = 4401
@@ -250,7 +268,47 @@ class Exit(Frame):
         }
 
 
-# What a guest may send once welcomed: its steps' frames.
+@dataclass(frozen=True)
+class Open(Frame):
+    """Open channel ``channel`` for an operation of ``kind`` with ``args`` (JSON)."""
+
+    TYPE: ClassVar[str] = OPEN
+    channel: str
+    kind: str
+    args: dict[str, Any]
+
+    def body(self) -> dict[str, Any]:
+        return {"channel": self.channel, "kind": self.kind, "args": self.args}
+
+
+@dataclass(frozen=True)
+class Data(Frame):
+    """Bytes of a channel, in order."""
+
+    TYPE: ClassVar[str] = DATA
+    channel: str
+    data: bytes
+
+    def body(self) -> dict[str, Any]:
+        return {"channel": self.channel, "data": base64.b64encode(self.data).decode()}
+
+
+@dataclass(frozen=True)
+class Close(Frame):
+    """The end of a channel: no more data from this side; the guest's says how its
+    operation went (``error`` None: done, with its ``result``)."""
+
+    TYPE: ClassVar[str] = CLOSE
+    channel: str
+    error: str | None = None
+    result: dict[str, Any] | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"channel": self.channel, "error": self.error, "result": self.result}
+
+
+ChannelFrame = Open | Data | Close
+# What a guest may send once welcomed: its steps' frames, and its channels'.
 StepFrame = Output | Artifact | Exit
 
 
@@ -352,6 +410,43 @@ def _exit(message: dict[str, Any]) -> Exit:
     )
 
 
+def _open(message: dict[str, Any]) -> Open:
+    kind, args = message.get("kind"), message.get("args")
+    if kind not in CHANNEL_KINDS:
+        raise ProtocolError("open of no known kind")
+    if not isinstance(args, dict):
+        raise ProtocolError("open without args")
+    return Open(channel=_channel(message), kind=kind, args=args)
+
+
+def _data(message: dict[str, Any]) -> Data:
+    try:
+        data = base64.b64decode(_str(message, "data"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("data is not base64") from None
+    if len(data) > MAX_DATA_BYTES:
+        raise ProtocolError("data frame too large")
+    return Data(channel=_channel(message), data=data)
+
+
+def _close(message: dict[str, Any]) -> Close:
+    error, result = message.get("error"), message.get("result")
+    if error is not None and not isinstance(error, str):
+        raise ProtocolError("close error is not text")
+    return Close(
+        channel=_channel(message),
+        error=None if error is None else error[:MAX_ERROR_CHARS],
+        result=result if isinstance(result, dict) else None,
+    )
+
+
+def _channel(message: dict[str, Any]) -> str:
+    channel = _str(message, "channel")
+    if not 0 < len(channel) <= MAX_CHANNEL_ID:
+        raise ProtocolError("channel id of a bad length")
+    return channel
+
+
 _READERS: dict[str, Callable[[dict[str, Any]], Frame]] = {
     HELLO: _hello,
     WELCOME: lambda message: Welcome(),
@@ -361,6 +456,9 @@ _READERS: dict[str, Callable[[dict[str, Any]], Frame]] = {
     OUTPUT: _output,
     ARTIFACT: _artifact,
     EXIT: _exit,
+    OPEN: _open,
+    DATA: _data,
+    CLOSE: _close,
 }
 
 

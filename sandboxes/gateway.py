@@ -26,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -42,9 +43,12 @@ from guest_agent.protocol import (
     Artifact,
     Cancel,
     Clock,
+    Close,
+    Data,
     Exec,
     Exit,
     Hello,
+    Open,
     Output,
     ProtocolError,
     StepFrame,
@@ -78,6 +82,7 @@ MAX_UNSENT_BYTES = 8 << 20
 # given up) before it is cut off as a flood.
 MAX_STRAY_MESSAGES = 1000
 MAX_PENDING_PER_ADDRESS = 8
+CLOSED_REMEMBERED = 64
 # Sandboxes being destroyed that are remembered (refused at once while their machines shut
 # down); older ones are refused by ``alive`` alone, their machines gone.
 MAX_ENDED = 4096
@@ -120,6 +125,34 @@ class StepKindUnsupported(ValueError):
     """The guest does not run this kind of step (no browser in its machine, say)."""
 
 
+class Channel:
+    """One channel to a guest (see protocol.py): what the backend sends on it, and what the
+    guest sent back, held in a bounded inbox so a slow reader holds back the guest's link."""
+
+    def __init__(self, guest: _Guest, channel: str, send: Callable[[str], Awaitable[None]]):
+        self.id, self._guest, self._send = channel, guest, send
+        self.inbox: asyncio.Queue[Data | Close] = asyncio.Queue(INBOX_SIZE)
+
+    async def send(self, data: bytes) -> None:
+        for start in range(0, len(data), protocol.MAX_DATA_BYTES):
+            await self._send(Data(self.id, data[start : start + protocol.MAX_DATA_BYTES]).encode())
+
+    async def finish(self, error: str | None = None) -> None:
+        """No more data from the backend (``error``: it was cut, what came is not whole)."""
+        await self._send(Close(self.id, error=error).encode())
+
+    async def receive(self) -> Data | Close:
+        """The guest's next frame on this channel; GuestUnavailable once its link is gone."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.inbox.get(), PING_INTERVAL_S)
+            except TimeoutError:
+                if not self._guest.connected.is_set():
+                    raise GuestUnavailable("the guest's link was lost") from None
+                if self._guest.paused:
+                    raise GuestUnavailable("the machine was suspended") from None
+
+
 @dataclass
 class _Open:
     """A command sent to a guest whose exit has not arrived yet."""
@@ -150,6 +183,12 @@ class _Guest:
     # The step kinds its latest connection said it runs (None before the first hello).
     capabilities: frozenset[str] | None = None
     version: int = 1
+    # Open channels, by id: their inbox (they end with the link that carries them).
+    channels: dict[str, Channel] = field(default_factory=dict)
+    runs_channels: bool = False
+    # Channels closed lately: what the guest sent on them before it saw the close is no
+    # flood (a shell's output in flight), and is dropped without counting.
+    closed: deque[str] = field(default_factory=lambda: deque(maxlen=CLOSED_REMEMBERED))
     # Why its machine died, once the host has seen it die.
     dead: str | None = None
     # Its machine is suspended (seen by the host): a command waits for it, however long.
@@ -402,6 +441,33 @@ class GuestGateway:
             while not command.inbox.empty():
                 command.inbox.get_nowait()  # frees a read loop blocked on this full inbox
 
+    @contextlib.asynccontextmanager
+    async def channel(
+        self, sandbox_id: str, kind: str, args: dict[str, Any]
+    ) -> AsyncIterator[Channel]:
+        """A channel open to the guest for an operation of ``kind``; GuestUnavailable if its
+        guest has no live link or runs no channels."""
+        guest = self._guests.get(sandbox_id)
+        ws = guest.connection if guest is not None else None
+        if guest is None or ws is None or guest.dead is not None:
+            raise GuestUnavailable(f"the guest of sandbox {sandbox_id} is not connected")
+        if not guest.runs_channels:
+            raise GuestUnavailable("the sandbox's guest predates file operations")
+        if guest.paused:
+            raise GuestUnavailable("the machine is suspended while idle: a task wakes it")
+        opened = Channel(guest, secrets.token_hex(8), ws.send)
+        guest.channels[opened.id] = opened
+        try:
+            await ws.send(Open(opened.id, kind, args).encode())
+            yield opened
+        except ConnectionClosed:
+            raise GuestUnavailable("the guest's link was lost") from None
+        finally:
+            guest.channels.pop(opened.id, None)
+            guest.closed.append(opened.id)
+            while not opened.inbox.empty():
+                opened.inbox.get_nowait()  # frees a read loop blocked on this full inbox
+
     async def cancel(self, sandbox_id: str, exec_id: str) -> None:
         """Kill a command in the guest. Its exit still arrives, as for any command: a
         ``run()`` in progress for it returns the killed process's exit code."""
@@ -488,6 +554,7 @@ class GuestGateway:
         ws.protocol.max_message_size = protocol.MAX_FRAME_SIZE
         guest.connection = ws
         guest.capabilities, guest.version = _announced(hello)
+        guest.runs_channels = protocol.CHANNELS in (hello.capabilities or ())
         guest.heard()
         guest.connected.set()
         log.info(
@@ -508,8 +575,16 @@ class GuestGateway:
                     log.warning("sandbox %s sent a malformed message: cut off", sandbox_id)
                     await ws.close(CLOSE_POLICY, "malformed message")
                     break
-                target = guest.open.get(frame.exec_id)
-                if target is not None:
+                if isinstance(frame, Data | Close):
+                    channel = guest.channels.get(frame.channel)
+                    if channel is not None:
+                        guest.held = channel.inbox.full()
+                        await channel.inbox.put(frame)  # held back as a step's inbox is
+                        guest.held = False
+                        continue
+                    if frame.channel in guest.closed:
+                        continue
+                elif (target := guest.open.get(frame.exec_id)) is not None:
                     guest.held = target.inbox.full()
                     await target.inbox.put(frame)  # blocks reading while the inbox is full
                     guest.held = False
@@ -526,6 +601,10 @@ class GuestGateway:
             if guest.connection is ws:
                 guest.connection = None
                 guest.connected.clear()
+                for channel in guest.channels.values():
+                    if channel.inbox.full():
+                        channel.inbox.get_nowait()
+                    channel.inbox.put_nowait(Close(channel.id, error="the guest's link was lost"))
                 log.info("guest of sandbox %s disconnected", sandbox_id)
 
 
@@ -544,14 +623,14 @@ def _announced(hello: Hello) -> tuple[frozenset[str], int]:
     return frozenset(kind for kind in hello.capabilities if kind in STEP_KINDS), hello.version
 
 
-def _step_frame(raw: str | bytes) -> StepFrame | None:
-    """A guest's frame about a step if it is well-formed, else None: the guest is not
-    trusted."""
+def _step_frame(raw: str | bytes) -> StepFrame | Data | Close | None:
+    """A guest's frame about a step or a channel if it is well-formed, else None: the guest
+    is not trusted."""
     try:
         frame = protocol.parse(raw)
     except ProtocolError:
         return None
-    return frame if isinstance(frame, Output | Artifact | Exit) else None
+    return frame if isinstance(frame, Output | Artifact | Exit | Data | Close) else None
 
 
 def _valid(model: type[Model], value: dict[str, Any] | None) -> Model | None:

@@ -176,8 +176,36 @@ class FileStep(_StepBase):
         return f"{self.op} {self.path}"
 
 
-Step = Annotated[TerminalStep | BrowserStep | FileStep, Field(discriminator="kind")]
-STEP_KINDS = ("terminal", "browser", "file")
+# A service's name: what the guest calls it (s1, s2, ...), for a stop.
+SERVICE_NAME = r"^[a-z][a-z0-9-]{0,31}$"
+
+
+class ServiceStep(_StepBase):
+    """Start a long-running command that outlives the step (a web app, a server), or stop
+    one. Its output is kept (bounded) in the guest; it is never restarted, and ends with the
+    session's machine. A started one is named in the step's result."""
+
+    kind: Literal["service"] = "service"
+    action: Literal["start", "stop"] = "start"
+    command: str | None = Field(default=None, min_length=1, max_length=16_000)
+    name: str | None = Field(default=None, pattern=SERVICE_NAME)
+
+    @model_validator(mode="after")
+    def _has_what_it_needs(self) -> ServiceStep:
+        if self.action == "start" and self.command is None:
+            raise ValueError("starting a service needs its command")
+        if self.action == "stop" and self.name is None:
+            raise ValueError("stopping a service needs its name")
+        return self
+
+    def describe(self) -> str:
+        if self.action == "stop":
+            return f"$ service-stop: {self.name}"
+        return f"$ service: {self.command}"
+
+
+Step = Annotated[TerminalStep | BrowserStep | FileStep | ServiceStep, Field(discriminator="kind")]
+STEP_KINDS = ("terminal", "browser", "file", "service")
 
 
 class SandboxInfo(BaseModel):

@@ -74,6 +74,10 @@ class EventType(StrEnum):
     checkpoint_deleted = "checkpoint.deleted"
     session_rolled_back = "session.rolled_back"
     session_forked_from = "session.forked_from"
+    # Fleet (issue 18): the host a session was placed on and why; its host lost, its
+    # machine's files with it (unless preserved), and the session going on elsewhere.
+    session_placed = "session.placed"
+    host_lost = "host.lost"
 
 
 class NewEvent(BaseModel):
@@ -295,6 +299,16 @@ def _sandbox_destroyed(db: Session, event: Event) -> None:
         db.add(row)
 
 
+def _host_lost(db: Session, event: Event) -> None:
+    """The sandbox's host was lost with its machine: not the host's to watch any more (nor
+    a session to tell of it again); the host removes the machine if it comes back."""
+    row = db.get(SandboxRow, event.data["sandbox_id"])
+    if row is not None:
+        row.status = "lost"
+        row.destroyed_at = event.created_at
+        db.add(row)
+
+
 def _sandbox_preserved(db: Session, event: Event) -> None:
     """The session ended keeping its sandbox's disk: it may be resumed."""
     row = db.get(SandboxRow, event.data["sandbox_id"])
@@ -443,6 +457,7 @@ _PROJECTIONS: dict[EventType, Callable[[Session, Event], None]] = {
     EventType.checkpoint_created: _checkpoint_created,
     EventType.checkpoint_deleted: _checkpoint_deleted,
     EventType.session_rolled_back: _session_rolled_back,
+    EventType.host_lost: _host_lost,
 }
 
 

@@ -276,6 +276,21 @@ class ApiToken(SQLModel, table=True):
     last_used_at: datetime | None = None
 
 
+class PreviewShare(SQLModel, table=True):
+    """A link that opens one port's preview of a session to whoever holds it, until it
+    expires or its owner revokes it: only a keyed hash of its token is kept."""
+
+    __tablename__ = "preview_shares"
+
+    id: str = Field(default_factory=new_id, primary_key=True)
+    session_id: str = Field(foreign_key="sessions.id", index=True)
+    port: int
+    token_hash: str = Field(index=True, unique=True, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+    revoked_at: datetime | None = None
+
+
 class Invite(SQLModel, table=True):
     """A single-use sign-up code an admin made (``BERTH_SIGNUP=invite``): only a keyed hash
     of it is kept, like a token's."""

@@ -33,6 +33,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "e2e/chaos/": ("chaos",),
     "e2e/test_system.py": ("chromium",),
     "e2e/test_dashboard_browser.py": ("chromium",),
+    "e2e/test_hands_browser.py": ("chromium",),
     "berth/test_startup.py": ("e2e", "docker"),
     "client/test_system.py": ("e2e", "docker", "chromium"),
     "berth/test_machines.py": ("docker",),

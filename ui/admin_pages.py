@@ -10,11 +10,12 @@ from fastapi.responses import HTMLResponse, Response
 
 import vm_templates
 from api import service
-from api.admin import host_list
+from api.admin import host_list, set_host_state
 from api.deps import DbDep, IpDep, Problem, SettingsDep, TemporalDep
 from api.schemas import PoolOut
 from config.settings import Settings
 from store import audit
+from store.models import HostState
 from ui.render import PageCaller, dashboard_router, render_page
 from ui.state import workflow_url
 
@@ -61,3 +62,23 @@ async def admin_page(
         entries=audit.newest(db, AUDIT_SHOWN),
         provider=settings.sandbox_provider,
     )
+
+
+@router.post("/ui/admin/hosts/{host_id}/{action}", response_class=HTMLResponse)
+def drain_host(
+    host_id: str,
+    action: str,
+    db: DbDep,
+    caller: PageCaller,
+    ip: IpDep,
+) -> Response:
+    """The admin page's drain and undrain buttons (the CLI's ``host drain``, without
+    ``--move``)."""
+    if not caller[0].is_admin:
+        raise Problem(403, "only an admin may drain a host")
+    if action not in ("drain", "undrain"):
+        raise Problem(404, f"no host action {action!r}: drain or undrain")
+    state = HostState.draining if action == "drain" else HostState.active
+    set_host_state(db, caller[0], host_id, state, ip)
+    said = "draining: no new sessions" if action == "drain" else "active: takes new sessions"
+    return HTMLResponse(f'<span class="ok">{said}</span>')

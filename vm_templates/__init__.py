@@ -79,10 +79,19 @@ class NetworkSpec(_Strict):
         return self
 
 
+class TerminalSpec(_Strict):
+    """A person's interactive shell on the dashboard. ``obeys_policy``: each line is judged
+    by the command policy before it runs (refused lines are dropped); by default the person
+    is trusted with their own machine. Either way every line goes to the audit log."""
+
+    obeys_policy: bool = False
+
+
 class TemplateSpec(_Strict):
     machine: MachineSpec = MachineSpec()
     limits: LimitsSpec = LimitsSpec()
     network: NetworkSpec = NetworkSpec()
+    terminal: TerminalSpec = TerminalSpec()
 
 
 def spec(name: str) -> TemplateSpec:

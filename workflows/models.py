@@ -72,6 +72,7 @@ class SessionInput(BaseModel):
     # twice the pause before it (from ``replace_backoff_s``); past it the session fails.
     max_replacements: int = 3
     replace_backoff_s: float = 5.0
+
     # Checkpoints taken by themselves: before each task, or none (see workflows/checkpoints.py).
     auto_checkpoint: AutoCheckpoint = "none"
     # Set for a fork: its first machine is made from this checkpoint (kept on the host of
@@ -79,6 +80,11 @@ class SessionInput(BaseModel):
     fork: str | None = None
     # A resumed session's checkpoints, kept with its disk: its to roll back to or delete.
     checkpoints: list[str] = Field(default_factory=list)
+
+    # Fleet (issue 18): the host the API placed the session on, and why (its first run
+    # records them as session.placed).
+    placed_host: str | None = None
+    placed_why: str | None = None
 
 
 # A W3C traceparent: version, trace id, span id, flags.
@@ -142,6 +148,8 @@ class Carried(BaseModel):
     replacements: int = 0
     # The session's checkpoints (ids), deleted with it unless it is preserved.
     checkpoints: list[str] = Field(default_factory=list)
+    # The host that was lost with the dead machine (see SandboxDeath.host_lost).
+    dead_host: str | None = None
 
 
 class SessionState(BaseModel):
@@ -211,6 +219,9 @@ class SandboxDeath(BaseModel):
 
     sandbox_id: str
     detail: str
+    # Set when it is the host that is lost (no heartbeat: berth/fleet.py): the machine can
+    # neither be reached nor removed, and the session moves to another host.
+    host_lost: str | None = None
 
 
 SessionInput.model_rebuild()

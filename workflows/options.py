@@ -92,6 +92,11 @@ PRESERVE: Final = ActivityOptions(
 )
 # Ending a session waits this long for its sandbox; past it, the host's reconciliation
 # removes the machine.
+# Reading the host registry: any worker answers at once (the fleet's queue).
+READ_FLEET: Final = ActivityOptions(
+    start_to_close_timeout=timedelta(seconds=10),
+    retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
+)
 DESTROY: Final = ActivityOptions(
     schedule_to_close_timeout=timedelta(minutes=3),
     start_to_close_timeout=timedelta(minutes=1),

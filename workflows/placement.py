@@ -14,39 +14,22 @@ average per vCPU, so a host busy with other work counts too (as E2B's best-of-K 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+from activities.models import Candidate
 from store.models import HostState
 
+__all__ = ["Candidate", "Placement", "has_room", "place"]
+
 SAMPLED = 2
-# Weight of the measured load average against the machines a host is known to run.
-MEASURED_WEIGHT = 0.5
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A host as its registry row reads now (state with lost applied)."""
-
-    id: str
-    state: HostState
-    templates: Sequence[str]
-    vcpus: int
-    memory_available_mb: int
-    load1: float
-    machines: int
-    max_machines: int | None = None
-    warm: Mapping[str, int] = field(default_factory=dict)
-
-    @property
-    def load(self) -> float:
-        return (self.machines + MEASURED_WEIGHT * self.load1) / max(1, self.vcpus)
 
 
 @dataclass(frozen=True)
 class Placement:
     host: str | None  # None: no host has room
     why: str
+    task_queue: str = ""  # the host's, where its sessions' sandbox activities go
 
 
 def has_room(host: Candidate, memory_mb: int) -> bool:
@@ -69,7 +52,8 @@ def place(
     warm = [h for h in fit if h.warm.get(template, 0) > 0]
     if warm:
         best = min(warm, key=lambda h: (-h.warm[template], h.load, h.id))
-        return Placement(best.id, f"a warm {template} VM ready there ({best.warm[template]})")
+        why = f"a warm {template} VM ready there ({best.warm[template]})"
+        return Placement(best.id, why, best.task_queue)
     sampled = rng.sample(sorted(fit, key=lambda h: h.id), min(SAMPLED, len(fit)))
     best = min(sampled, key=lambda h: (h.load, h.id))
     others = ", ".join(f"{h.id} {h.load:.2f}" for h in sampled if h is not best)
@@ -77,4 +61,5 @@ def place(
         best.id,
         f"least loaded of {len(sampled)} sampled: {best.load:.2f} per vCPU"
         + (f" (against {others})" if others else ""),
+        best.task_queue,
     )

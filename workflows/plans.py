@@ -1,5 +1,6 @@
 """Plans written by hand, in one of two forms. A prompt whose every non-empty line starts
-with ``$ `` is a plan of terminal steps, one per line; a prompt that is a JSON object
+with ``$ `` is a plan of terminal steps, one per line (``$ service: COMMAND`` starts COMMAND
+as a service, ``$ service-stop: NAME`` stops one: see ServiceStep); a prompt that is a JSON object
 ``{"steps": [...]}`` is a plan of steps of any kind (terminal, browser, file), each as
 sandboxes/models.py has it: what a program (the MCP server's tools) sends for one browser
 action or one file operation. Pure functions, so the workflow parses such a plan itself (no
@@ -13,19 +14,37 @@ import re
 from pydantic import TypeAdapter, ValidationError
 
 from activities.models import MAX_PLAN_STEPS
-from sandboxes.models import Step, TerminalStep
+from sandboxes.models import ServiceStep, Step, TerminalStep
 
 # How a step plan begins; prose that happens to is refused by the API rather than guessed at.
 STEP_PLAN = re.compile(r'\s*\{\s*"steps"\s*:')
 STEPS: TypeAdapter[list[Step]] = TypeAdapter(list[Step])
 
 
-def user_plan(text: str) -> list[Step] | None:
-    """The steps of a prompt written as ``$ command`` lines, or None if it is prose."""
+# A ``$ `` line that is a service's start or stop, and what follows its colon.
+SERVICE_LINE = re.compile(r"\$\s+service(-stop)?:\s*(.+)")
+
+
+def user_plan(text: str, services: bool = True) -> list[Step] | None:
+    """The steps of a prompt written as ``$ command`` lines, or None if it is prose. Without
+    ``services``, a service line is a terminal command, as it was before they existed."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines or not all(line.startswith("$ ") for line in lines):
         return None
-    return [TerminalStep(command=line[2:].strip()) for line in lines]
+    return [_line_step(line, services) for line in lines]
+
+
+def has_service_lines(text: str) -> bool:
+    return any(SERVICE_LINE.fullmatch(line.strip()) for line in text.splitlines())
+
+
+def _line_step(line: str, services: bool) -> Step:
+    found = SERVICE_LINE.fullmatch(line) if services else None
+    if found is None:
+        return TerminalStep(command=line[2:].strip())
+    if found[1]:
+        return ServiceStep(action="stop", name=found[2].strip())
+    return ServiceStep(command=found[2].strip())
 
 
 def is_step_plan(text: str) -> bool:

@@ -26,7 +26,9 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.checkpoints import CheckpointActivities
+    from activities.fleet import FleetActivities
     from activities.models import (
+        FLEET_TASK_QUEUE,
         CheckpointRequest,
         ClaimRequest,
         DoneStep,
@@ -80,7 +82,8 @@ with workflow.unsafe.imports_passed_through():
         TaskState,
         TaskSubmission,
     )
-    from workflows.plans import is_step_plan, step_plan, user_plan
+    from workflows.placement import Placement, place
+    from workflows.plans import has_service_lines, is_step_plan, step_plan, user_plan
 
 Request = TypeVar("Request", PlanRequest, VerifyRequest)
 Making = TypeVar("Making", SandboxRequest, RestoreRequest, ForkRequest)
@@ -100,6 +103,10 @@ REMEMBERED_KEYS = REMEMBERED_TASKS + MAX_QUEUED_TASKS + 1
 STOP_STEP_TIMEOUT = timedelta(seconds=60)
 # The longest pause before replacing a machine that died again (see recover()).
 MAX_REPLACE_BACKOFF_S = 60.0
+# A session whose host is lost, with no other host that has room, asks again this often,
+# this many times, then fails saying so.
+PLACE_AGAIN_EVERY = timedelta(seconds=15)
+PLACE_AGAIN_TRIES = 8
 
 
 class Idle(Exception):
@@ -153,6 +160,12 @@ class SessionWorkflow:
         # Why the sandbox's machine died (its host said so, or a step found it gone): the
         # session replaces it before the next task.
         self.dead: str | None = carried.dead if carried else None
+        # The host lost with the dead machine, if it was: the session moves off it.
+        self.dead_host: str | None = carried.dead_host if carried else None
+        # The task queue of the host the session moved to: its next run's (see move()).
+        self.moved_to: str | None = None
+        # The draining host the session is asked to move off, keeping its disk (move_off()).
+        self.moving_off: str | None = None
         # Machines replaced since a step last ran: bounded by params.max_replacements.
         self.replacements = carried.replacements if carried else 0
         # The preserved sandbox to restore, for the session's first machine only: its
@@ -174,6 +187,11 @@ class SessionWorkflow:
     async def run(self, params: SessionInput) -> SessionState:
         status, error = SessionStatus.ended, None
         try:
+            if params.carried is None and params.placed_host and workflow.patched("placement"):
+                why = params.placed_why
+                await self.record(
+                    self.event(EventType.session_placed, host_id=params.placed_host, why=why)
+                )
             if self.sandbox is None:
                 await self.provision()
                 check_cancelled()
@@ -210,15 +228,20 @@ class SessionWorkflow:
         ``hibernate_after_s`` first, the sandbox is suspended, and the next task wakes it."""
         idle_since, tried = workflow.now(), False
         while True:
-            while not self.queue or self.dead is not None:
+            while not self.queue or self.dead is not None or self.moving_off is not None:
                 check_cancelled()
                 if self.dead is not None:
                     await self.recover()
                     continue
+                if self.moving_off is not None and workflow.patched("drain-move"):
+                    await self.move_off(self.moving_off)
+                    continue
                 self.continue_as_new_if_suggested()
                 try:
                     tried = await self.idle(
-                        lambda: bool(self.queue) or bool(self.dead), idle_since, tried
+                        lambda: bool(self.queue) or bool(self.dead) or self.moving_off is not None,
+                        idle_since,
+                        tried,
                     )
                 except Idle:
                     return False
@@ -351,7 +374,7 @@ class SessionWorkflow:
         """Temporal suggests it, and this is a moment to: no handler half-way and no
         cancellation pending."""
         return (
-            workflow.info().is_continue_as_new_suggested()
+            (workflow.info().is_continue_as_new_suggested() or self.moved_to is not None)
             and workflow.all_handlers_finished()
             and not self.cancelling
             # A new run would not know the session was asked to end.
@@ -377,7 +400,10 @@ class SessionWorkflow:
             )
         # The preserved disk was restored by the first run: a later one never restores it.
         workflow.continue_as_new(
-            self.params.model_copy(update={"carried": carried, "restore": None})
+            self.params.model_copy(update={"carried": carried, "restore": None}),
+            # A session moved off a lost host goes on with its workflow on its new host's
+            # queue: polled there, and each step dispatched eagerly again (berth/worker.py).
+            task_queue=self.moved_to,
         )
 
     def carried(self, sandbox: SandboxInfo, *queued: TaskState) -> Carried:
@@ -396,6 +422,7 @@ class SessionWorkflow:
             dead=self.dead,
             replacements=self.replacements,
             checkpoints=self.checkpoints,
+            dead_host=self.dead_host,
         )
 
     async def provision(self) -> None:
@@ -568,6 +595,9 @@ class SessionWorkflow:
         """The sandbox's machine died: say so, remove what is left of it, and provision
         another for the next task (its files are gone with it)."""
         assert self.sandbox is not None
+        if self.dead_host is not None and workflow.patched("host-loss"):
+            await self.move(self.sandbox, self.dead_host)
+            return
         dead, why = self.sandbox, self.dead
         self.status = SessionStatus.provisioning
         await self.record(
@@ -584,6 +614,82 @@ class SessionWorkflow:
             await self.destroy(dead)
             self.dead, self.hibernated = None, False
         await self.provision()
+
+    async def move(self, dead: SandboxInfo, lost: str) -> None:
+        """The sandbox's host is lost: its machine can be neither reached nor removed (the
+        host's reconciliation removes it if the host comes back), and its files are lost with
+        it unless preserved. The session is placed anew, gets a machine there, and continues
+        as new onto that host's queue."""
+        self.status = SessionStatus.provisioning
+        await self.record(
+            self.event(EventType.sandbox_died, sandbox_id=dead.id, error=self.dead),
+            self.event(
+                EventType.host_lost,
+                host_id=lost,
+                sandbox_id=dead.id,
+                detail=f"host {lost} is lost: the machine's files there are lost with it "
+                "(unless its disk was preserved); the session goes on on a new machine "
+                "on another host",
+            ),
+            self.event(EventType.session_status, status=self.status.value),
+        )
+        self.sandbox, self.dead, self.dead_host, self.hibernated = None, None, None, False
+        placed = await self.place_again()
+        self.params = self.params.model_copy(update={"host_task_queue": placed.task_queue})
+        await self.record(
+            self.event(EventType.session_placed, host_id=placed.host, why=f"moved: {placed.why}")
+        )
+        await self.provision()
+        self.moved_to = placed.task_queue
+
+    async def move_off(self, draining: str) -> None:
+        """Its host drains with ``--move``: between tasks, the machine ends keeping its disk
+        (in BERTH_KEPT_DISKS_DIR, which every host reaches), the session is placed anew,
+        its disk restored on a machine there, and it continues as new onto that host's
+        queue. A disk that cannot be kept leaves the session where it is."""
+        self.moving_off = None
+        old = self.sandbox
+        if old is None or old.host_id != draining:
+            return
+        await self.keep(old)
+        if self.sandbox is not None:
+            return  # not kept (said by sandbox.preserve_failed): it stays on its host
+        self.hibernated = False
+        self.status = SessionStatus.provisioning
+        placed = await self.place_again()
+        self.params = self.params.model_copy(update={"host_task_queue": placed.task_queue})
+        await self.record(
+            self.event(
+                EventType.session_placed,
+                host_id=placed.host,
+                why=f"moved off draining host {draining}: {placed.why}",
+            ),
+            self.event(EventType.session_status, status=self.status.value),
+        )
+        # Restored on the new host (the kept disk is in a folder every host reaches).
+        await self.restore(old.model_copy(update={"task_queue": placed.task_queue}))
+        self.moved_to = placed.task_queue
+
+    async def place_again(self) -> Placement:
+        """A host for the session from the registry as it reads now (through an activity,
+        so a replay takes the same rows, and the same random pick from workflow.random())."""
+        for _ in range(PLACE_AGAIN_TRIES):
+            fleet = await workflow.execute_activity_method(
+                FleetActivities.read,
+                self.params.template,
+                task_queue=FLEET_TASK_QUEUE,
+                summary="read the host registry to place the session anew",
+                **options.READ_FLEET,
+            )
+            placed = place(fleet.hosts, self.params.template, fleet.memory_mb, workflow.random())
+            if placed.host is not None:
+                return placed
+            await workflow.sleep(PLACE_AGAIN_EVERY, summary="no host has room: wait")
+        raise ApplicationError(
+            f"the session's host was lost and no other host had room: {placed.why}",
+            type="NoHostWithRoom",
+            non_retryable=True,
+        )
 
     async def end(self, status: SessionStatus, error: str | None) -> None:
         """The real end, however it came: every task and step gets its final status, the
@@ -740,10 +846,16 @@ class SessionWorkflow:
                 raise ApplicationError(failure)
             await self.revise(task, feedback=failure)
 
+    @staticmethod
+    def services(text: str) -> bool:
+        """Whether a written plan's service lines start services: asked only of a plan that
+        has one, so other tasks' histories stay as they were."""
+        return has_service_lines(text) and workflow.patched("service-steps")
+
     async def plan(self, task: TaskState) -> None:
         self.status = SessionStatus.busy
         opening = [self.event(EventType.session_status, status=self.status.value)]
-        steps = user_plan(task.prompt)
+        steps = user_plan(task.prompt, services=self.services(task.prompt))
         # Asked only of a step plan, so other tasks' histories stay as they were.
         if is_step_plan(task.prompt) and workflow.patched("step-plans"):
             steps = step_plan(task.prompt)  # checked by the API already
@@ -765,7 +877,7 @@ class SessionWorkflow:
         self, task: TaskState, *, instruction: str | None = None, feedback: str | None = None
     ) -> None:
         """Replace the steps not run yet: with a written plan, or the model's new plan."""
-        steps = user_plan(instruction) if instruction else None
+        steps = user_plan(instruction, self.services(instruction)) if instruction else None
         plan = None if steps is None else Plan(steps=steps)
         if plan is None:
             if instruction:
@@ -1284,8 +1396,19 @@ class SessionWorkflow:
     def sandbox_died(self, death: SandboxDeath) -> None:
         """The sandbox's host saw its machine die."""
         current = self.machine()
-        if current is not None and current.id == death.sandbox_id and not self.dead:
+        if current is None or current.id != death.sandbox_id:
+            return
+        if not self.dead:
             self.dead = death.detail
+        # Its host lost, the machine is not removed but left, even if a step found it dead.
+        self.dead_host = death.host_lost or self.dead_host
+
+    @workflow.signal(name="move_off")
+    def move_off_host(self, host_id: str) -> None:
+        """Its host is being drained with ``--move``: the session moves off it, keeping its
+        disk, once it is between tasks."""
+        if self.sandbox is not None and self.sandbox.host_id == host_id and not self.ending:
+            self.moving_off = host_id
 
     @workflow.query(name="state")
     def state(self) -> SessionState:

@@ -14,6 +14,8 @@ from pydantic import BaseModel, TypeAdapter
 from berth_client import calls, core, errors
 from berth_client.models import (
     Event,
+    FileEntry,
+    FileListing,
     SessionOut,
     TaskOut,
     TaskRefOut,
@@ -61,7 +63,7 @@ class AsyncBerth:
             try:
                 response = await self.http.request(
                     call.method, call.path, json=call.json(), params=call.params,
-                    headers=call.headers,
+                    headers=call.headers, content=call.content,
                 )  # fmt: skip
             except httpx.TransportError as exc:
                 wait = core.delay(call, attempt, exc)
@@ -100,6 +102,20 @@ class AsyncBerth:
 
     async def artifact(self, sid: str, artifact_id: str) -> bytes:
         return (await self.send(calls.artifact(sid, artifact_id))).content
+
+    async def list_files(self, sid: str, path: str = ".") -> FileListing:
+        """A folder of the session's workspace (or one file's size)."""
+        return await self.read(calls.list_files(sid, path), FileListing)
+
+    async def download(self, sid: str, path: str) -> bytes:
+        """A file of the workspace; a folder as a zip."""
+        return (await self.send(calls.download(sid, path))).content
+
+    async def upload(self, sid: str, path: str, data: bytes) -> FileEntry:
+        return await self.read(calls.upload(sid, path, data), FileEntry)
+
+    async def delete_file(self, sid: str, path: str) -> None:
+        await self.send(calls.delete_file(sid, path))
 
     async def events(
         self, sid: str, after: int = 0, idle: float | None = None

@@ -75,6 +75,26 @@ def artifact(sid: str, artifact_id: str) -> Call:  # -> bytes
     return Call("GET", f"{session(sid)}/artifacts/{part(artifact_id)}", repeatable=True)
 
 
+def list_files(sid: str, path: str) -> Call:  # -> FileListing
+    return Call("GET", f"{session(sid)}/files", params={"path": path}, repeatable=True)
+
+
+def download(sid: str, path: str) -> Call:  # -> bytes
+    return Call("GET", f"{session(sid)}/files/content", params={"path": path}, repeatable=True)
+
+
+def upload(sid: str, path: str, data: bytes) -> Call:  # -> FileEntry
+    # The same bytes to the same path: a repeat leaves what one upload leaves.
+    return Call(
+        "PUT", f"{session(sid)}/files/content", params={"path": path}, content=data,
+        repeatable=True,
+    )  # fmt: skip
+
+
+def delete_file(sid: str, path: str) -> Call:  # -> nothing
+    return Call("DELETE", f"{session(sid)}/files", params={"path": path})
+
+
 def usage() -> Call:  # -> UserUsage
     return Call("GET", "/api/usage", repeatable=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,14 +16,13 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from berth_client import login, render, steps
+from berth_client import login, render
 from berth_client.errors import BerthError, Unauthorized
 from berth_client.models import (
     SESSION_FINAL,
     Event,
     SessionOut,
     SessionStatus,
-    StepOut,
     TaskOut,
 )
 from berth_client.sync import Berth, Session, Task
@@ -210,20 +210,19 @@ def show(event: Event, as_json: bool) -> None:
         render.show(console, event)
 
 
-def run_step(sid: str, step: dict[str, Any]) -> StepOut:
-    """Run one step as a task of its own; how it went (TaskFailed unless it succeeded)."""
-    with client() as berth:
-        return berth.sessions.get(sid).run(steps.plan(step)).wait(check=True).steps[-1]
-
-
 @files_app.command("ls")
 @command
 def files_ls(sid: Sid, path: str = ".", as_json: Json = False) -> None:
     """List a folder of the workspace (one entry a line; folders end in /)."""
-    listing = steps.content(run_step(sid, steps.list_files(path)))
+    with client() as berth:
+        listing = berth.list_files(sid, path)
     if as_json:
-        return dump({"path": path, "entries": listing.splitlines()})
-    console.print(listing, markup=False)
+        return dump(listing)
+    for entry in listing.entries:
+        console.print(
+            f"{entry.name}/" if entry.kind == "dir" else f"{entry.name}  {entry.size}",
+            markup=False,
+        )
 
 
 @files_app.command("get")
@@ -234,14 +233,16 @@ def files_get(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write it here")] = None,
     as_json: Json = False,
 ) -> None:
-    """Read a text file of the workspace (its first 8,000 characters)."""
-    text = steps.content(run_step(sid, steps.read_file(path)))
+    """Download a file of the workspace (a folder as a zip), to --out or standard output."""
+    with client() as berth:
+        data = berth.download(sid, path)
     if out is not None:
-        out.write_text(text)
+        out.write_bytes(data)
     if as_json:
-        return dump({"path": path, "content": text})
+        return dump({"path": path, "bytes": len(data)})
     if out is None:
-        print(text, end="")
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
 
 
 @files_app.command("put")
@@ -250,12 +251,22 @@ def files_put(
     sid: Sid, local: Path, path: Annotated[str | None, typer.Argument()] = None,
     as_json: Json = False,
 ) -> None:  # fmt: skip
-    """Write a local text file into the workspace (as PATH, by default its own name)."""
+    """Upload a local file into the workspace (as PATH, by default its own name)."""
     where = path or local.name
-    run_step(sid, steps.write_file(where, local.read_text()))
+    with client() as berth:
+        entry = berth.upload(sid, where, local.read_bytes())
     if as_json:
-        return dump({"path": where, "bytes": local.stat().st_size})
-    console.print(f"wrote {where}")
+        return dump({"path": where, "bytes": entry.size})
+    console.print(f"wrote {where} ({entry.size} bytes)")
+
+
+@files_app.command("rm")
+@command
+def files_rm(sid: Sid, path: str) -> None:
+    """Delete a file, or a folder with all it holds, from the workspace."""
+    with client() as berth:
+        berth.delete_file(sid, path)
+    console.print(f"deleted {path}")
 
 
 @app.command("end")

@@ -39,6 +39,7 @@ class Call:
     params: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     repeatable: bool = False
+    content: bytes | None = None  # a raw body (an upload), sent instead of ``body``
 
     def json(self) -> Any:
         return None if self.body is None else self.body.model_dump(mode="json", exclude_none=True)

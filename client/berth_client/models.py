@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -46,8 +46,14 @@ TASK_FINAL = (TaskStatus.succeeded, TaskStatus.failed, TaskStatus.cancelled)
 SESSION_FINAL = (SessionStatus.ended, SessionStatus.failed)
 
 
+# Which checkpoints a session takes by itself.
+AutoCheckpoint = Literal["before_task", "none"]
+
+
 class SessionCreate(BaseModel):
     template: str | None = None
+    # Checkpoints the session takes by itself (None: the server's default).
+    auto_checkpoint: AutoCheckpoint | None = None
 
 
 class SessionOut(BaseModel):
@@ -61,6 +67,9 @@ class SessionOut(BaseModel):
     created_at: datetime
     ended_at: datetime | None
     events_url: str
+    # A fork: the session and checkpoint it began from.
+    parent_id: str | None = None
+    parent_checkpoint_id: str | None = None
 
 
 class TaskCreate(BaseModel):
@@ -74,6 +83,22 @@ class Modification(BaseModel):
 class TaskRefOut(BaseModel):
     id: str
     status: TaskStatus
+
+
+class FileEntry(BaseModel):
+    name: str
+    kind: str  # dir, file, link, other
+    size: int
+
+
+class FileListing(BaseModel):
+    """A folder of a session's workspace (``kind`` dir), or one file's description."""
+
+    path: str
+    kind: str
+    size: int
+    entries: list[FileEntry]
+    more: bool = False
 
 
 class StepOut(BaseModel):

@@ -14,7 +14,16 @@ from typing import Any, TypeVar
 import httpx
 
 from berth_client import aio, core
-from berth_client.models import Event, SessionOut, TaskOut, TaskRefOut, TokenOut, UserUsage
+from berth_client.models import (
+    Event,
+    FileEntry,
+    FileListing,
+    SessionOut,
+    TaskOut,
+    TaskRefOut,
+    TokenOut,
+    UserUsage,
+)
 
 T = TypeVar("T")
 
@@ -95,6 +104,18 @@ class Berth:
 
     def artifact(self, sid: str, artifact_id: str) -> bytes:
         return self.call(self.inner.artifact, sid, artifact_id)
+
+    def list_files(self, sid: str, path: str = ".") -> FileListing:
+        return self.call(self.inner.list_files, sid, path)
+
+    def download(self, sid: str, path: str) -> bytes:
+        return self.call(self.inner.download, sid, path)
+
+    def upload(self, sid: str, path: str, data: bytes) -> FileEntry:
+        return self.call(self.inner.upload, sid, path, data)
+
+    def delete_file(self, sid: str, path: str) -> None:
+        self.call(self.inner.delete_file, sid, path)
 
     def events(
         self, sid: str, after: int = 0, timeout: float | None = None, idle: float | None = None

@@ -67,6 +67,13 @@ class CommandPolicy(BaseModel):
         default=["/dev/null"], description="files outside the workspace a redirection may name"
     )
     programs: dict[str, ProgramRule]
+    # Rules in place of the programs' own for a service's command (see for_services).
+    services: dict[str, ProgramRule] = {}
+
+    def for_services(self) -> CommandPolicy:
+        """The policy a service's command is judged by: a long-running server is what a
+        service is for, so a program may be given more there (python3's http.server)."""
+        return self.model_copy(update={"programs": {**self.programs, **self.services}})
 
 
 class Refused(Exception):

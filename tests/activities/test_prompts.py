@@ -84,9 +84,12 @@ def test_the_prompt_lists_each_templates_own_rules_kinds_and_tools(templates: Pa
 def test_the_schema_offers_only_the_kinds_the_guest_runs() -> None:
     kinds = plan_schema(("terminal", "file"))["properties"]["steps"]["items"]["properties"]
     assert kinds["kind"]["enum"] == ["terminal", "file"] and "action" not in kinds
-    assert plan_schema()["properties"]["steps"]["items"]["properties"]["kind"]["enum"] == [
-        "terminal", "browser", "file",
-    ]  # fmt: skip
+    every = plan_schema()["properties"]["steps"]["items"]["properties"]
+    assert every["kind"]["enum"] == ["terminal", "browser", "file", "service"]
+    # A service is stopped by its name, with the action browser steps also name.
+    assert "name" in every and {"start", "stop", "click"} <= set(
+        every["action"]["anyOf"][0]["enum"]
+    )
 
 
 def test_a_refusal_quotes_the_rules_of_the_programs_the_line_names() -> None:

@@ -22,13 +22,15 @@ from typing import Any
 import pytest
 from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from api import accounts
 from api.deps import COOKIE
 from berth.web import create_app
+from config.keys import payload_keys, seal
 from config.settings import Settings
 from store.artifacts import ArtifactStore
+from store.models import WebhookEndpoint
 from tests.support.world import FAST_PASSWORDS, PASSWORD, World, build
 from ui import guard
 from ui.render import DashboardRoute
@@ -37,6 +39,8 @@ CALLERS = ("owner", "other", "anonymous", "admin")
 CREDENTIALS = {"email": "owner@example.com", "password": PASSWORD}
 PROMPT = {"prompt": "$ true"}
 CHANGE = {"instruction": "also say hello"}
+HOOK_URL = "https://93.184.216.34/berth"
+HOOK = {"url": HOOK_URL, "events": ["task.finished"]}
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,20 @@ RULES: dict[tuple[str, str], Rule] = {
     ("DELETE", "/api/sessions/{sid}/checkpoints/{cid}"): R(404, 404, 401, 404),
     ("POST", "/api/sessions/{sid}/checkpoints/{cid}/rollback"): R(404, 404, 401, 404),
     ("POST", "/api/sessions/{sid}/checkpoints/{cid}/fork"): R(404, 404, 401, 404, json={}),
+    # Hands on the machine: its owner's only (409: the world's session has no machine now).
+    ("GET", "/api/sessions/{sid}/files"): R(409, 404, 401, 404),
+    ("GET", "/api/sessions/{sid}/files/content"): R(409, 404, 401, 404, query="?path=x"),
+    ("PUT", "/api/sessions/{sid}/files/content"): R(409, 404, 401, 404, query="?path=x"),
+    ("DELETE", "/api/sessions/{sid}/files"): R(409, 404, 401, 404, query="?path=x"),
+    ("GET", "/api/sessions/{sid}/services"): R(409, 404, 401, 404),
+    ("GET", "/api/sessions/{sid}/services/{name}/output"): R(409, 404, 401, 404),
+    ("POST", "/api/sessions/{sid}/services/{name}/stop"): R(409, 404, 401, 404),
+    ("GET", "/api/sessions/{sid}/previews"): R(409, 404, 401, 404),
+    ("POST", "/api/sessions/{sid}/previews/{port}/shares"): R(201, 404, 401, 404),
+    ("DELETE", "/api/sessions/{sid}/previews/shares/{share_id}"): R(404, 404, 401, 404),
+    # A preview's URL opens by its token alone: a made-up one opens nothing, for anyone.
+    **{(m, "/preview/{sid}/{port}/@{token}/{path:path}"): R(403, 403, 403, 403)
+       for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")},
     # The caller's own LLM use (no provider is configured here: 503 says so).
     ("POST", "/v1/chat/completions"): R(503, 503, 401, 503, json={"messages": [{"role": "user", "content": "hi"}]}),  # noqa: E501
     ("GET", "/v1/models"): R(200, 200, 401, 200),
@@ -107,6 +125,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/api/admin/users/{user_id}/limits"): R(403, 403, 401, 200),
     ("PUT", "/api/admin/users/{user_id}/limits"): R(403, 403, 401, 200, json={"kept_disks": 3}),
     ("GET", "/api/admin/hosts"): R(403, 403, 401, 200),
+    ("PUT", "/api/admin/hosts/{host_id}/state"): R(403, 403, 401, 404, json={"state": "draining"}),
     ("POST", "/codec/{operation}"): R(403, 403, 401, 200, json={"payloads": []}),
     ("OPTIONS", "/codec/{operation}"): R(204, 204, 204, 204),  # a CORS preflight carries no token
     # The dashboard (an anonymous page load goes to the login page, an htmx call gets 401).
@@ -132,7 +151,33 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/tokens"): R(200, 200, 303, 200),
     ("POST", "/ui/tokens"): R(200, 200, 401, 200, form={"name": "script"}),
     ("POST", "/ui/tokens/{token_id}/revoke"): R(200, 404, 401, 404),
+    # The caller's own webhooks (a public address: no name to resolve here).
+    ("GET", "/api/webhooks"): R(200, 200, 401, 200),
+    ("POST", "/api/webhooks"): R(201, 201, 401, 201, json=HOOK),
+    ("GET", "/api/webhooks/{webhook_id}"): R(200, 404, 401, 404),
+    ("PUT", "/api/webhooks/{webhook_id}"): R(200, 404, 401, 404, json=HOOK),
+    ("DELETE", "/api/webhooks/{webhook_id}"): R(204, 404, 401, 404),
+    ("POST", "/api/webhooks/{webhook_id}/rotate"): R(200, 404, 401, 404),
+    ("GET", "/api/webhooks/{webhook_id}/deliveries"): R(200, 404, 401, 404),
+    ("POST", "/ui/webhooks"): R(200, 200, 401, 200, form={"url": HOOK_URL, "events": "task.finished"}),  # noqa: E501
+    ("POST", "/ui/webhooks/{webhook_id}/rotate"): R(200, 404, 401, 404),
+    ("POST", "/ui/webhooks/{webhook_id}/delete"): R(200, 404, 401, 404),
+    ("GET", "/ui/webhooks/{webhook_id}/deliveries"): R(200, 404, 303, 404),
     ("GET", "/admin"): R(403, 403, 303, 200),
+    ("POST", "/ui/admin/hosts/{host_id}/{action}"): R(403, 403, 401, 404),
+    ("GET", "/ui/sessions/{sid}/files"): R(200, 404, 303, 404),
+    ("GET", "/ui/sessions/{sid}/files/content"): R(409, 404, 303, 404, query="?path=x"),
+    ("POST", "/ui/sessions/{sid}/files"): R(409, 404, 401, 404),
+    ("DELETE", "/ui/sessions/{sid}/files"): R(409, 404, 401, 404, query="?path=x"),
+    ("GET", "/ui/sessions/{sid}/services"): R(200, 404, 303, 404),
+    ("GET", "/ui/sessions/{sid}/services/{name}/output"): R(409, 404, 303, 404),
+    ("POST", "/ui/sessions/{sid}/services/{name}/stop"): R(409, 404, 401, 404),
+    ("GET", "/ui/sessions/{sid}/previews"): R(200, 404, 303, 404),
+    ("POST", "/ui/sessions/{sid}/previews/{port}/shares"): R(200, 404, 401, 404),
+    ("POST", "/ui/sessions/{sid}/previews/shares/{share_id}/revoke"): R(404, 404, 401, 404),
+    ("GET", "/ui/sessions/{sid}/terminals"): R(200, 404, 303, 404),  # ready: false, no machine
+    ("GET", "/preview/{sid}/{port}"): R(303, 404, 303, 404),
+    ("GET", "/preview/{sid}/{port}/"): R(303, 404, 303, 404),
 }
 # fmt: on
 
@@ -191,16 +236,34 @@ class Stage:
         """What each path parameter names: the owner's things."""
         with Session(self.client.app.state.engine) as db:  # type: ignore[attr-defined]
             token, _ = accounts.issue_token(db, self.settings, self.world.owner, "to revoke")
+            token_id = token.id
+            # A new one each time (a caller may delete it), the only one (below the cap).
+            for old in db.exec(select(WebhookEndpoint)).all():
+                db.delete(old)
+            hook = WebhookEndpoint(
+                user_id=self.world.owner.id, url=HOOK_URL, events=["task.finished"],
+                secret=seal(payload_keys(self.settings), "secret"),
+            )  # fmt: skip
+            hook_id = hook.id
+            db.add(hook)
+            db.commit()
         return {
             "sid": self.world.session_id,
+            "host_id": "nohost",
             "tid": self.world.task_id,
             "action": "pause",
             "operation": "decode",
-            "token_id": token.id,
+            "token_id": token_id,
             "artifact_id": self.artifact_id,
             "template": "default",
             "user_id": self.world.owner.id,
             "cid": "0" * 32,
+            "webhook_id": hook_id,
+            "name": "s1",
+            "port": "8000",
+            "share_id": "no-such-share",
+            "token": "made-up",
+            "path": "index.html",
         }
 
     def login_form(self, form: dict[str, str]) -> dict[str, str]:
@@ -235,7 +298,7 @@ def test_each_caller_gets_what_the_rule_says(stage: Stage, route: tuple[str, str
     rule = RULES[route]
     got = {}
     for caller in CALLERS:
-        url = (path + rule.query).format(**stage.values())
+        url = (path.replace(":path}", "}") + rule.query).format(**stage.values())
         headers = stage.caller_headers(caller, path, method)
         form = stage.login_form(rule.form) if path == "/login" and method == "POST" else rule.form
         answer = stage.client.request(

@@ -218,7 +218,9 @@ def test_admins_see_the_hosts_and_a_draining_host_takes_no_new_session(
     owner = bearer(client, world.owner)
     refused = client.post("/api/sessions", json={}, headers=owner)
     assert refused.status_code == 503, refused.text
-    assert refused.headers["Retry-After"] == "60" and "draining" in refused.json()["detail"]
+    # h1 draining and h2 lost: no host to place it on.
+    assert refused.headers["Retry-After"] == "30"
+    assert "no active host with template 'default'" in refused.json()["detail"]
 
 
 def test_the_command_line_drains_and_undrains_a_registered_host(tmp_path: Path) -> None:
@@ -294,3 +296,25 @@ def test_a_change_not_acted_on_is_tried_again_next_beat(
         return tries
 
     assert asyncio.run(scenario()) == 2
+
+
+def test_an_admin_drains_and_undrains_a_host_over_the_api_and_sees_the_button(
+    stage: tuple[TestClient, World, Settings],
+) -> None:
+    client, world, settings = stage
+    engine = get_engine(settings.db_url)
+    asyncio.run(register(settings, engine, provider(), utcnow()))
+    url = "/api/admin/hosts/h1/state"
+    owner, admin = bearer(client, world.owner), bearer(client, world.admin)
+    assert client.put(url, json={"state": "draining"}, headers=owner).status_code == 403
+    assert client.put(url, json={"state": "lost"}, headers=admin).status_code == 422
+    missing = client.put("/api/admin/hosts/nobody/state", json={"state": "draining"}, headers=admin)
+    assert missing.status_code == 404
+    assert client.put(url, json={"state": "draining"}, headers=admin).status_code == 204
+    assert row(engine).state == HostState.draining
+    client.cookies.set("berth_token", admin["Authorization"][7:])
+    page = client.get("/admin").text
+    assert 'hx-post="/ui/admin/hosts/h1/undrain"' in page
+    client.cookies.clear()
+    assert client.put(url, json={"state": "active"}, headers=admin).status_code == 204
+    assert row(engine).state == HostState.active

@@ -21,6 +21,8 @@ SHARED: list[type[BaseModel]] = [
     models.Modification,
     models.TaskRefOut,
     models.StepOut,
+    models.FileEntry,
+    models.FileListing,
     models.TaskOut,
     models.UsageTotals,
     models.SessionUsage,

@@ -172,7 +172,9 @@ def test_the_command_line(system: str, cli_env: dict[str, str], tmp_path: Path) 
     got = runner.invoke(app, ["files", "get", sid, "up.txt"])
     assert got.exit_code == 0 and got.output == "uploaded\n"
     listed = runner.invoke(app, ["files", "ls", sid, "--json"])
-    assert "up.txt  9" in json.loads(listed.output)["entries"]
+    assert {"name": "up.txt", "kind": "file", "size": 9} in json.loads(listed.output)["entries"]
+    assert runner.invoke(app, ["files", "rm", sid, "up.txt"]).exit_code == 0
+    assert "up.txt" not in runner.invoke(app, ["files", "ls", sid]).output
 
     listing = json.loads(runner.invoke(app, ["sessions", "--json"]).output)
     assert sid in [s["id"] for s in listing]

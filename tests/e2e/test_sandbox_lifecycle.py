@@ -248,7 +248,7 @@ def test_the_worker_registers_its_host_and_a_drain_turns_sessions_away(
     with Session(engine) as db:
         assert hosts.set_state(db, host.id, HostState.draining)
     refused = httpx.post(f"{base}/api/sessions", json={}, headers=headers)
-    assert refused.status_code == 503 and refused.headers["Retry-After"] == "60", refused.text
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "30", refused.text
     with Session(engine) as db:
         assert hosts.set_state(db, host.id, HostState.active)
     engine.dispose()

@@ -15,10 +15,13 @@ from guest_agent.protocol import (
     Artifact,
     Cancel,
     Clock,
+    Close,
+    Data,
     Exec,
     Exit,
     Frame,
     Hello,
+    Open,
     Output,
     ProtocolError,
     Welcome,
@@ -117,6 +120,19 @@ GOLDEN: list[tuple[Frame, dict[str, Any]]] = [
             "started": 1767225600.5,
             "ended": 1767225601.0,
         },
+    ),
+    # Channels (a person's operations): new frames, which a guest claims with "channels".
+    (
+        Open(channel="c1", kind="file", args={"op": "list", "path": "."}),
+        {"type": "open", "channel": "c1", "kind": "file", "args": {"op": "list", "path": "."}},
+    ),
+    (
+        Data(channel="c1", data=b"a,b\n"),
+        {"type": "data", "channel": "c1", "data": base64.b64encode(b"a,b\n").decode()},
+    ),
+    (
+        Close(channel="c1", error=None, result={"size": 4}),
+        {"type": "close", "channel": "c1", "error": None, "result": {"size": 4}},
     ),
 ]
 

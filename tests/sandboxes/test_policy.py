@@ -17,7 +17,7 @@ from temporalio.testing import ActivityEnvironment
 from guest_agent.execution import Execution
 from guest_agent.terminal import run_command
 from guest_agent.user import WORKSPACE
-from sandboxes.models import TerminalStep
+from sandboxes.models import ServiceStep, TerminalStep
 from sandboxes.policy import CommandPolicy, judge, load_policy
 from sandboxes.policy.programs import SPECIAL, special_bits
 from sandboxes.policy.shell import parse
@@ -132,6 +132,13 @@ async def test_run_step_refuses_before_the_guest_sees_the_command(
         allowed = request.model_copy(update={"step": TerminalStep(command="echo fine")})
         outcome = await ActivityEnvironment().run(activities.run_step, allowed)
         assert outcome.ok and len(link.agent.executions) == 1
+        # A service's command is judged as a command is: nothing starts.
+        service = ServiceStep(command="python3 -c 'import http.server'")
+        refused = request.model_copy(update={"step": service})
+        with pytest.raises(ApplicationError) as caught:
+            await ActivityEnvironment().run(activities.run_step, refused)
+        assert caught.value.type == "CommandRefused"
+        assert link.agent.services.known == {}
 
 
 MODES = [

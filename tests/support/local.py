@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
@@ -95,6 +95,9 @@ class LocalSystem:
     data: Path
     process: subprocess.Popen[bytes]
     verify: ssl.SSLContext | bool = True  # trusts the API's certificate, when it serves HTTPS
+    host_id: str = ""  # its worker's
+    # The environment it was started with, which another host of it starts from.
+    environment: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def start(
@@ -148,6 +151,7 @@ class LocalSystem:
             "BERTH_TEMPORAL_PORT": str(temporal_port),
             "BERTH_TEMPORAL_UI_PORT": str(free_port()),
             "BERTH_GATEWAY_PORT": str(free_port() if hosts == 1 else quiet_ports(hosts)),
+            "BERTH_RELAY_PORT": str(free_port() if hosts == 1 else quiet_ports(hosts)),
             "BERTH_HOST_ID": f"{name}{port}",
         }
         if provider is not None:
@@ -175,7 +179,10 @@ class LocalSystem:
         certificate = environment.get("BERTH_TLS_CERT_FILE")
         base = f"{'https' if certificate else 'http'}://127.0.0.1:{port}"
         verify = ssl.create_default_context(cafile=certificate) if certificate else True
-        system = cls(base, f"127.0.0.1:{temporal_port}", data, process, verify)
+        system = cls(
+            base, f"127.0.0.1:{temporal_port}", data, process, verify,
+            settings["BERTH_HOST_ID"], environment,
+        )  # fmt: skip
         deadline = time.monotonic() + timeout_s
         while process.poll() is None and time.monotonic() < deadline:
             if system.healthy() and system.log().count("worker up") >= hosts:
@@ -183,6 +190,24 @@ class LocalSystem:
             time.sleep(0.3)
         system.stop()
         raise RuntimeError(f"the system did not come up:\n{system.log()[-3000:]}")
+
+    def add_host(self, name: str) -> subprocess.Popen[bytes]:
+        """A second sandbox host of this system: a worker with a host id and gateway port of
+        its own, on the same database and Temporal (a fleet of two on one machine). Its
+        output goes to ``<data>/<name>.log``; it is up once its host is in the registry."""
+        environment = {
+            **self.environment,
+            "BERTH_HOST_ID": f"{name}{self.host_id}",
+            "BERTH_GATEWAY_PORT": str(free_port()),
+            "BERTH_TEMPORAL_ADDRESS": self.temporal,
+        }
+        with (self.data / f"{name}.log").open("wb") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "berth", "worker"],
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     async def client(self) -> Client:
         """A Temporal client of this system's, with its payload keys (from its data dir)."""

@@ -25,7 +25,7 @@ def host(name: str, **more: object) -> Candidate:
         "max_machines": 10,
     }
     values.update(more)
-    return Candidate(**values)  # type: ignore[arg-type]
+    return Candidate.model_validate(values)
 
 
 def test_only_an_active_host_with_the_template_and_room_is_picked() -> None:

@@ -29,7 +29,10 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.models import (
+    FLEET_TASK_QUEUE,
+    Candidate,
     ClaimRequest,
+    Fleet,
     Plan,
     PlanRequest,
     ProgressBatch,
@@ -41,7 +44,7 @@ from activities.models import (
 )
 from sandboxes.models import SandboxInfo, Step, StepOutcome, TerminalStep
 from store.events import EventType, NewEvent
-from store.models import TaskStatus
+from store.models import HostState, TaskStatus
 from tests.conftest import TEMPORAL, TEMPORAL_TEST_SERVER
 from workflows import search
 from workflows.models import (
@@ -1266,3 +1269,94 @@ async def test_without_the_flag_a_session_upserts_nothing(env: WorkflowEnvironme
         for key in e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields  # noqa: E501
     }
     assert upserted <= {"TemporalChangeVersion"}
+
+
+@contextlib.asynccontextmanager
+async def two_hosts(
+    env: WorkflowEnvironment, here: Stubs, there: Stubs, first: HostState, first_id: str
+) -> AsyncIterator[None]:
+    """The fleet as the session's ReadFleet finds it: its own host (``here``'s queue) in
+    state ``first``, and an empty active host "b" whose worker (``there``) runs sessions."""
+    own = Candidate(
+        id=first_id, state=first, templates=("default",), vcpus=2,
+        memory_available_mb=4096, load1=0.0, machines=1, task_queue=here.queue,
+    )  # fmt: skip
+    other = own.model_copy(update={"id": "b", "state": HostState.active, "machines": 0,
+                                   "task_queue": there.queue})  # fmt: skip
+
+    @activity.defn(name="ReadFleet")
+    async def read_fleet(template: str) -> Fleet:
+        return Fleet(hosts=[own, other], memory_mb=512)
+
+    async with (
+        Worker(env.client, task_queue=FLEET_TASK_QUEUE, activities=[read_fleet]),
+        Worker(
+            env.client, task_queue=there.queue, workflows=[SessionWorkflow],
+            activities=there.all(),
+        ),
+    ):  # fmt: skip
+        yield
+
+
+async def test_a_placed_session_says_where_and_moves_when_its_host_is_lost(
+    env: WorkflowEnvironment,
+) -> None:
+    """Placed by the API, the session says where and why (session.placed). Its host lost,
+    the machine is left (not destroyed: nothing there answers), the session is placed anew
+    from the registry, gets a machine on the other host, and continues as new onto that
+    host's queue, where its next task runs."""
+    here, there = Stubs(), Stubs()
+    session = params(here).model_copy(update={"placed_host": "a", "placed_why": "the test's"})
+    async with (
+        two_hosts(env, here, there, HostState.lost, "a"),
+        running(env, here, session) as handle,
+    ):
+        await until(lambda: EventType.sandbox_ready in here.types())
+        (dead,) = here.provisioned
+        death = SandboxDeath(sandbox_id=dead, detail="host a is lost", host_lost="a")
+        await handle.signal(SessionWorkflow.sandbox_died, death)
+        await until(lambda: len(there.provisioned) == 1)
+        latest = env.client.get_workflow_handle(handle.id)
+        async with asyncio.timeout(10):
+            while (await latest.describe()).task_queue != there.queue:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        ref = await submit(env.client, handle.id, "$ echo moved")
+        await until(lambda: there.task_statuses().get(ref.id) == "succeeded")
+        first = env.client.get_workflow_handle(handle.id, run_id=handle.first_execution_run_id)
+        save_history("host-lost-move", await first.fetch_history(), HISTORIES.parent / "v6")
+        await end(latest)
+    placed = [e.data for e in here.events if e.type == EventType.session_placed]
+    assert placed[0] == {"host_id": "a", "why": "the test's"}
+    assert placed[1]["host_id"] == "b" and placed[1]["why"].startswith("moved: ")
+    (lost,) = [e.data for e in here.events if e.type == EventType.host_lost]
+    assert lost["sandbox_id"] == dead and "files" in lost["detail"]
+    assert here.destroyed == [] and there.commands == ["echo moved"]
+    assert there.destroyed == there.provisioned
+
+
+async def test_a_session_moves_off_a_draining_host_with_its_disk(env: WorkflowEnvironment) -> None:
+    """``host drain --move``: between tasks, the machine ends keeping its disk, the session
+    is placed anew (never on the draining host), its disk restored on a machine there, and
+    it continues as new onto that host's queue."""
+    here, there = Stubs(), Stubs()
+    async with (
+        two_hosts(env, here, there, HostState.draining, "h"),
+        running(env, here, params(here)) as handle,
+    ):
+        ref = await submit(env.client, handle.id, "$ echo before")
+        await until(lambda: here.task_statuses().get(ref.id) == "succeeded")
+        (old,) = here.provisioned
+        await handle.signal(SessionWorkflow.move_off_host, "h")
+        await until(lambda: there.restored == [old])
+        latest = env.client.get_workflow_handle(handle.id)
+        async with asyncio.timeout(10):
+            while (await latest.describe()).task_queue != there.queue:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        first = env.client.get_workflow_handle(handle.id, run_id=handle.first_execution_run_id)
+        save_history("drain-move", await first.fetch_history(), HISTORIES.parent / "v6")
+        await end(latest)
+    assert here.preserved == [old] and old not in here.destroyed + there.destroyed
+    (placed,) = [e.data for e in here.events if e.type == EventType.session_placed]
+    assert placed["host_id"] == "b" and placed["why"].startswith("moved off draining host h")
+    restored = [e.data for e in here.events if e.type == EventType.sandbox_restored]
+    assert restored and restored[0]["preserved_id"] == old

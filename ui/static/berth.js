@@ -68,3 +68,27 @@ document.addEventListener("click", (event) => {
   large.href = thumb.href;
   large.querySelector("img").src = thumb.href;
 });
+
+// Files dropped on the files panel are uploaded into the folder it shows (its upload form,
+// sent by htmx with the dropped files in place of the chosen ones).
+const FILES_PANEL = (event) => event.target.closest && event.target.closest("#files");
+document.addEventListener("dragover", (event) => {
+  const panel = FILES_PANEL(event);
+  if (!panel || !panel.querySelector("form.upload")) return;
+  event.preventDefault();
+  panel.classList.add("dropping");
+});
+document.addEventListener("dragleave", (event) => {
+  const panel = FILES_PANEL(event);
+  if (panel) panel.classList.remove("dropping");
+});
+document.addEventListener("drop", (event) => {
+  const panel = FILES_PANEL(event);
+  const form = panel && panel.querySelector("form.upload");
+  if (!form || !event.dataTransfer || !event.dataTransfer.files.length) return;
+  event.preventDefault();
+  panel.classList.remove("dropping");
+  form.querySelector("input[type=file]").files = event.dataTransfer.files;
+  htmx.process(form); // a panel swapped in a moment ago may not be processed yet
+  htmx.trigger(form, "submit");
+});

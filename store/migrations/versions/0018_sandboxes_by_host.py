@@ -1,7 +1,7 @@
 """an index for each host's watch, which reads its running sandboxes every two seconds
 
 Revision ID: 0018
-Revises: 0015
+Revises: 0016
 """
 
 from collections.abc import Sequence
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0018"
-down_revision: str | None = "0015"
+down_revision: str | None = "0016"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
