@@ -25,6 +25,7 @@ from workflows.models import (
     CheckpointRef,
     RollbackAsk,
     RollbackRef,
+    SessionInput,
 )
 
 __all__ = ["env"]
@@ -207,6 +208,22 @@ class SlowSave(Stubs):
         return request.sandbox.model_copy(update={"id": "remade"})
 
 
+KEPT = "k" * 32
+
+
+def with_kept(stubs: Stubs) -> SessionInput:
+    """A resumed session's input, with its checkpoint KEPT."""
+    return session.params(stubs).model_copy(update={"checkpoints": [KEPT]})
+
+
+async def rolling_back(handle: Any, stubs: SlowSave) -> asyncio.Future[RollbackRef]:
+    """A rollback to KEPT, its activity under way when this returns."""
+    await session.until(lambda: bool(stubs.provisioned))
+    rolling = asyncio.ensure_future(rollback(handle, KEPT, []))
+    await asyncio.wait_for(stubs.saving.wait(), 10)
+    return rolling
+
+
 async def test_an_end_during_a_checkpoint_deletes_it_after_the_save(
     env: WorkflowEnvironment,
 ) -> None:
@@ -232,12 +249,8 @@ async def test_an_end_during_a_rollback_destroys_the_machine_it_made(
     env: WorkflowEnvironment,
 ) -> None:
     stubs = SlowSave()
-    kept = "k" * 32
-    params = session.params(stubs).model_copy(update={"checkpoints": [kept]})
-    async with session.running(env, stubs, params) as handle:
-        await session.until(lambda: bool(stubs.provisioned))
-        rolling = asyncio.ensure_future(rollback(handle, kept, []))
-        await asyncio.wait_for(stubs.saving.wait(), 10)
+    async with session.running(env, stubs, with_kept(stubs)) as handle:
+        rolling = await rolling_back(handle, stubs)
         await handle.cancel()
         await asyncio.sleep(1)
         stubs.saved.set()
@@ -245,7 +258,7 @@ async def test_an_end_during_a_rollback_destroys_the_machine_it_made(
         await session.end(handle)
         save("end-during-rollback", await handle.fetch_history())
     assert stubs.destroyed == ["remade"]  # the machine the rollback made, not the old one
-    assert stubs.deleted == [kept]
+    assert stubs.deleted == [KEPT]
 
 
 async def test_an_end_during_a_rollback_cancels_the_task_queued_behind_it(
@@ -254,14 +267,11 @@ async def test_an_end_during_a_rollback_cancels_the_task_queued_behind_it(
     """The next task waits for the rollback in the queue: the session's end cancels it,
     not leaves it queued for good."""
     stubs = SlowSave()
-    kept = "k" * 32
-    params = session.params(stubs).model_copy(update={"checkpoints": [kept]})
-    async with session.running(env, stubs, params) as handle:
+    async with session.running(env, stubs, with_kept(stubs)) as handle:
         running = await session.submit(env.client, handle.id, "$ wait")
         queued = await session.submit(env.client, handle.id, "$ echo next")
         await session.until(lambda: stubs.commands == ["wait"])
-        rolling = asyncio.ensure_future(rollback(handle, kept, []))
-        await asyncio.wait_for(stubs.saving.wait(), 10)
+        rolling = await rolling_back(handle, stubs)
         await asyncio.sleep(0.5)  # the running task stopped, the next one waits
         await handle.cancel()
         stubs.saved.set()
@@ -319,20 +329,16 @@ async def test_a_checkpoint_deleted_during_a_rollback_to_it_goes_once_the_rollba
     env: WorkflowEnvironment,
 ) -> None:
     stubs = SlowSave()
-    kept = "k" * 32
-    params = session.params(stubs).model_copy(update={"checkpoints": [kept]})
-    async with session.running(env, stubs, params) as handle:
-        await session.until(lambda: bool(stubs.provisioned))
-        rolling = asyncio.ensure_future(rollback(handle, kept, []))
-        await asyncio.wait_for(stubs.saving.wait(), 10)
+    async with session.running(env, stubs, with_kept(stubs)) as handle:
+        rolling = await rolling_back(handle, stubs)
         deleting = asyncio.ensure_future(
-            handle.execute_update("delete_checkpoint", CheckpointControl(checkpoint_id=kept))
+            handle.execute_update("delete_checkpoint", CheckpointControl(checkpoint_id=KEPT))
         )
         await asyncio.sleep(1)
         assert stubs.deleted == []  # not from under the rollback
         stubs.saved.set()
         await rolling
         await deleting
-        assert stubs.deleted == [kept] and stubs.rolled_back == [kept]
+        assert stubs.deleted == [KEPT] and stubs.rolled_back == [KEPT]
         await session.end(handle)
         save("delete-during-rollback", await handle.fetch_history())
