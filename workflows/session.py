@@ -176,6 +176,8 @@ class SessionWorkflow:
         self.checkpoints = list(carried.checkpoints if carried else params.checkpoints)
         # Set while a checkpoint or rollback has the machine: no step starts meanwhile.
         self.holding = False
+        # Set while the sandbox is being suspended or woken (see power()).
+        self.powering = False
         # The checkpoints of the rollbacks under way (or waiting for the machine).
         self.rolling_to: list[str] = []
         self.events = 0
@@ -301,6 +303,10 @@ class SessionWorkflow:
     async def hibernate(self) -> None:
         """Suspend the idle sandbox (a VM's memory saved to disk); one that cannot be
         suspended stays up, and says so."""
+        if self.holding and workflow.patched("hold-after-power"):
+            # A checkpoint or rollback has the machine: suspended under it, its save or
+            # the machine it makes again would be broken.
+            await workflow.wait_condition(lambda: not self.holding)
         try:
             await self.power(
                 VmActivities.hibernate, "hibernate the idle sandbox", options.HIBERNATE
@@ -366,9 +372,13 @@ class SessionWorkflow:
     ) -> None:
         """Hibernate or wake the sandbox, on its host."""
         assert self.sandbox is not None
-        await workflow.execute_activity_method(
-            call, self.sandbox, task_queue=self.sandbox.task_queue, summary=summary, **timing
-        )
+        self.powering = True
+        try:
+            await workflow.execute_activity_method(
+                call, self.sandbox, task_queue=self.sandbox.task_queue, summary=summary, **timing
+            )
+        finally:
+            self.powering = False
 
     def may_continue_as_new(self) -> bool:
         """Temporal suggests it, and this is a moment to: no handler half-way and no
@@ -1299,6 +1309,10 @@ class SessionWorkflow:
         self.holding = True
         try:
             self.check_not_ending()
+            if self.powering and workflow.patched("hold-after-power"):
+                # Being suspended or woken (the idle session's): that ends first, then the
+                # machine is woken below if it was suspended.
+                await workflow.wait_condition(lambda: not self.powering)
             if stop and self.running is not None:
                 self.cancelling = True
             await workflow.wait_condition(

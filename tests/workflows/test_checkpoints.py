@@ -342,3 +342,47 @@ async def test_a_checkpoint_deleted_during_a_rollback_to_it_goes_once_the_rollba
         assert stubs.deleted == [KEPT] and stubs.rolled_back == [KEPT]
         await session.end(handle)
         save("delete-during-rollback", await handle.fetch_history())
+
+
+class SlowHibernate(Stubs):
+    """A hibernate that lasts until ``hibernated`` is set; what ran, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hibernating, self.hibernated = asyncio.Event(), asyncio.Event()
+        self.order: list[str] = []
+
+    @activity.defn(name="HibernateSandbox")
+    async def hibernate(self, sandbox: SandboxInfo) -> None:
+        self.hibernating.set()
+        while not self.hibernated.is_set():
+            activity.heartbeat()
+            await asyncio.sleep(0.05)
+        self.order.append("hibernated")
+
+    @activity.defn(name="WakeSandbox")
+    async def wake(self, sandbox: SandboxInfo) -> None:
+        self.order.append("woken")
+
+    @activity.defn(name="TakeCheckpoint")
+    async def take(self, request: CheckpointRequest) -> CheckpointSaved:
+        self.order.append("taken")
+        return await super().take(request)
+
+
+async def test_a_checkpoint_during_a_hibernate_waits_for_it_and_wakes_the_machine(
+    env: WorkflowEnvironment,
+) -> None:
+    """Not saved while the idle machine is being suspended: after it, woken first."""
+    stubs = SlowHibernate()
+    params = session.params(stubs).model_copy(update={"hibernate_after_s": 0.5})
+    async with session.running(env, stubs, params) as handle:
+        await asyncio.wait_for(stubs.hibernating.wait(), 10)
+        taking = asyncio.ensure_future(checkpoint(handle))
+        await asyncio.sleep(1)
+        assert stubs.order == []  # not under the hibernate
+        stubs.hibernated.set()
+        await taking
+        await session.end(handle)
+        save("checkpoint-during-hibernate", await handle.fetch_history())
+    assert stubs.order == ["hibernated", "woken", "taken"]
