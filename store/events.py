@@ -10,6 +10,7 @@ workflows' recorded histories, so a value never changes once written.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -31,6 +32,8 @@ from store.models import (
     TaskStatus,
     utcnow,
 )
+
+log = logging.getLogger("berth.events")
 
 FINAL_STATUSES = (SessionStatus.ended, SessionStatus.failed)
 
@@ -238,9 +241,18 @@ def _session(db: Session, event: Event) -> SessionRow:
 
 
 def _task(db: Session, event: Event) -> TaskRow:
-    row = db.get(TaskRow, event.data["task_id"])
-    if row is None or row.session_id != event.session_id:
-        raise LookupError(f"no task {event.data['task_id']} in session {event.session_id}")
+    task_id = event.data["task_id"]
+    row = db.get(TaskRow, task_id)
+    if row is None:
+        # Its task.queued was skipped as another's (a run keyed by count: see
+        # workflows/keys.py): refused, the batch would fail at every retry and the session
+        # never go on. Its row is made now, its prompt unknown.
+        log.warning("task %s of session %s was never queued in the log", task_id, event.session_id)
+        row = TaskRow(id=task_id, session_id=event.session_id, prompt="")
+        db.add(row)
+        db.flush()
+    if row.session_id != event.session_id:
+        raise LookupError(f"no task {task_id} in session {event.session_id}")
     return row
 
 
@@ -330,6 +342,14 @@ def _no_longer_kept(db: Session, event: Event, sandbox_id: str, status: str) -> 
 
 
 def _task_queued(db: Session, event: Event) -> None:
+    row = db.get(TaskRow, event.data["task_id"])
+    if row is not None and row.session_id == event.session_id:
+        # Queued by a workflow task whose attempt was lost (see workflows/keys.py): its
+        # retry gave the id to this task, which is the one the session runs.
+        row.prompt, row.status = event.data["prompt"], TaskStatus.queued
+        row.result = row.error = None
+        db.add(row)
+        return
     db.add(
         TaskRow(id=event.data["task_id"], session_id=event.session_id, prompt=event.data["prompt"])
     )

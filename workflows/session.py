@@ -62,6 +62,7 @@ with workflow.unsafe.imports_passed_through():
         timed_out,
         unavailable,
     )
+    from workflows.keys import EventKeys
     from workflows.models import (
         MAX_CHECKPOINTS,
         MAX_NOTES,
@@ -175,7 +176,12 @@ class SessionWorkflow:
         self.checkpoints = list(carried.checkpoints if carried else params.checkpoints)
         # Set while a checkpoint or rollback has the machine: no step starts meanwhile.
         self.holding = False
+        # Set while the sandbox is being suspended or woken (see power()).
+        self.powering = False
+        # The checkpoints of the rollbacks under way (or waiting for the machine).
+        self.rolling_to: list[str] = []
         self.events = 0
+        self.keys = EventKeys(workflow.info().run_id)
 
     # ---- the session's life
 
@@ -197,6 +203,12 @@ class SessionWorkflow:
                 check_cancelled()
                 if not self.queue:
                     continue  # its one task was cancelled while the sandbox woke
+                if self.holding and workflow.patched("hold-while-queued"):
+                    # A checkpoint or rollback has the machine: the task waits in the queue,
+                    # where a cancel or the session's end finds it (taken off first, it was
+                    # in neither the queue nor running, and an end left it queued for good).
+                    await workflow.wait_condition(lambda: not self.holding)
+                    continue
                 await self.run_task(self.tasks[self.queue.pop(0)])
         except asyncio.CancelledError:
             pass  # the user ended the session
@@ -291,6 +303,10 @@ class SessionWorkflow:
     async def hibernate(self) -> None:
         """Suspend the idle sandbox (a VM's memory saved to disk); one that cannot be
         suspended stays up, and says so."""
+        if self.holding and workflow.patched("hold-after-power"):
+            # A checkpoint or rollback has the machine: suspended under it, its save or
+            # the machine it makes again would be broken.
+            await workflow.wait_condition(lambda: not self.holding)
         try:
             await self.power(
                 VmActivities.hibernate, "hibernate the idle sandbox", options.HIBERNATE
@@ -356,9 +372,13 @@ class SessionWorkflow:
     ) -> None:
         """Hibernate or wake the sandbox, on its host."""
         assert self.sandbox is not None
-        await workflow.execute_activity_method(
-            call, self.sandbox, task_queue=self.sandbox.task_queue, summary=summary, **timing
-        )
+        self.powering = True
+        try:
+            await workflow.execute_activity_method(
+                call, self.sandbox, task_queue=self.sandbox.task_queue, summary=summary, **timing
+            )
+        finally:
+            self.powering = False
 
     def may_continue_as_new(self) -> bool:
         """Temporal suggests it, and this is a moment to: no handler half-way and no
@@ -709,6 +729,11 @@ class SessionWorkflow:
             claiming = self.claiming
             await workflow.wait_condition(claiming.done)
             self.sandbox = claimed(claiming) or self.sandbox
+        if self.holding and workflow.patched("end-after-hold"):
+            # A checkpoint or rollback has the machine: its activity ends (bounded by its
+            # timeouts), so a checkpoint it saved is deleted below and a machine a rollback
+            # made again is the one destroyed, not left running with nothing to remove it.
+            await workflow.wait_condition(lambda: not self.holding)
         if self.sandbox is not None and self.preserve:
             await self.keep(self.sandbox)
         if self.checkpoints and not self.preserve:
@@ -771,7 +796,7 @@ class SessionWorkflow:
             await self.run_task_traced(task)
 
     async def run_task_traced(self, task: TaskState) -> None:
-        if self.holding:  # a checkpoint or rollback has the machine: the task waits
+        if self.holding:  # a run begun before hold-while-queued: the task waits here
             await workflow.wait_condition(lambda: not self.holding)
         self.running, self.cancelling = task, False
         try:
@@ -1224,25 +1249,31 @@ class SessionWorkflow:
     @workflow.update(name="rollback")
     @answering
     async def rollback(self, ask: RollbackAsk) -> RollbackRef:
-        await self.take_machine(stop=True)
+        self.rolling_to.append(ask.checkpoint_id)
         try:
-            assert self.sandbox is not None
-            self.sandbox = await workflow.execute_activity_method(
-                CheckpointActivities.roll_back,
-                CheckpointRequest(sandbox=self.sandbox, checkpoint_id=ask.checkpoint_id),
-                task_queue=self.sandbox.task_queue,
-                summary="roll the sandbox back to a checkpoint",
-                **checkpoints.SAVE,
-            )
-            undone = checkpoints.undone(self.finished, ask.tasks_before)
-            await self.record(
-                self.event(
-                    EventType.session_rolled_back, checkpoint_id=ask.checkpoint_id, tasks=undone
+            await self.take_machine(stop=True)
+            try:
+                assert self.sandbox is not None
+                self.sandbox = await workflow.execute_activity_method(
+                    CheckpointActivities.roll_back,
+                    CheckpointRequest(sandbox=self.sandbox, checkpoint_id=ask.checkpoint_id),
+                    task_queue=self.sandbox.task_queue,
+                    summary="roll the sandbox back to a checkpoint",
+                    **checkpoints.SAVE,
                 )
-            )
-            return RollbackRef(checkpoint_id=ask.checkpoint_id, rolled_back=undone)
+                undone = checkpoints.undone(self.finished, ask.tasks_before)
+                await self.record(
+                    self.event(
+                        EventType.session_rolled_back,
+                        checkpoint_id=ask.checkpoint_id,
+                        tasks=undone,
+                    )
+                )
+                return RollbackRef(checkpoint_id=ask.checkpoint_id, rolled_back=undone)
+            finally:
+                self.holding = False
         finally:
-            self.holding = False
+            self.rolling_to.remove(ask.checkpoint_id)
 
     @rollback.validator
     def check_rollback(self, ask: RollbackAsk) -> None:
@@ -1253,7 +1284,12 @@ class SessionWorkflow:
     @answering
     async def delete_checkpoint(self, ask: CheckpointControl) -> None:
         self.checkpoints.remove(ask.checkpoint_id)
-        await self.forget_checkpoint(ask.checkpoint_id)
+        gone = ask.checkpoint_id
+        if gone in self.rolling_to and workflow.patched("delete-after-rollback"):
+            # Deleted under a rollback to it, the machine would be removed and never made
+            # again from the checkpoint's disk: deleted once the rollback is done.
+            await workflow.wait_condition(lambda: gone not in self.rolling_to)
+        await self.forget_checkpoint(gone)
 
     @delete_checkpoint.validator
     def check_delete_checkpoint(self, ask: CheckpointControl) -> None:
@@ -1266,8 +1302,17 @@ class SessionWorkflow:
         or with ``stop`` the running task is stopped (a rollback undoes it anyway)."""
         workflow.patched("checkpoints")
         await workflow.wait_condition(lambda: not self.holding)
+        # Every waiter is woken at once when the machine is let go: the first to run took
+        # it, and the others wait again (a run begun before let them all take it).
+        while self.holding and workflow.patched("hold-one-at-a-time"):
+            await workflow.wait_condition(lambda: not self.holding)
         self.holding = True
         try:
+            self.check_not_ending()
+            if self.powering and workflow.patched("hold-after-power"):
+                # Being suspended or woken (the idle session's): that ends first, then the
+                # machine is woken below if it was suspended.
+                await workflow.wait_condition(lambda: not self.powering)
             if stop and self.running is not None:
                 self.cancelling = True
             await workflow.wait_condition(
@@ -1280,6 +1325,7 @@ class SessionWorkflow:
                 timeout=checkpoints.STEP_WAIT,
             )
             check_cancelled()
+            self.check_not_ending()
             if self.hibernated:
                 then = SessionStatus.busy if self.running else SessionStatus.ready
                 if not await self.wake(then=then):
@@ -1294,6 +1340,12 @@ class SessionWorkflow:
         except BaseException:
             self.holding = False
             raise
+
+    def check_not_ending(self) -> None:
+        """A checkpoint or rollback whose turn came as the session began to end stops: the
+        end waits for it (see end), and then has the machine."""
+        if self.ending and workflow.patched("end-after-hold"):
+            raise ApplicationError("the session is ending", non_retryable=True)
 
     async def save_checkpoint(self, memory: bool, label: str | None) -> CheckpointRef:
         assert self.sandbox is not None
@@ -1433,12 +1485,18 @@ class SessionWorkflow:
     # ---- progress: events for the session's log
 
     def event(self, type: EventType, **data: Any) -> NewEvent:
-        # The key makes a retried RecordProgress a no-op; the counter is replay-safe.
+        # The key makes a retried RecordProgress a no-op (see workflows/keys.py). A run begun
+        # before keyed its events by their count, which a retried workflow task could give
+        # to another event than its lost attempt's.
         self.events += 1
         if type == EventType.session_status:
             self.show_status(data["status"])
-        key = f"{workflow.info().run_id}/{self.events}"
-        return NewEvent(type=type, data={k: v for k, v in data.items() if v is not None}, key=key)
+        data = {k: v for k, v in data.items() if v is not None}
+        if workflow.patched("content-keys"):
+            key = self.keys.key(type, data)
+        else:
+            key = f"{workflow.info().run_id}/{self.events}"
+        return NewEvent(type=type, data=data, key=key)
 
     def show_status(self, status: str) -> None:
         """The session's status as its search attribute, for the Temporal UI's filters (when

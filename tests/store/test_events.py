@@ -16,8 +16,9 @@ from sqlmodel import Session, SQLModel, col, select
 from api.events import JSON_MESSAGES, follow
 from store import events
 from store.events import EventType, OutputLine
-from store.models import SessionRow, StepRow, TaskRow, User
+from store.models import SessionRow, StepRow, TaskRow, TaskStatus, User
 from store.notify import Hub
+from workflows.keys import EventKeys
 
 
 def new_session(engine: Engine) -> str:
@@ -71,6 +72,37 @@ def test_a_key_makes_a_retried_append_a_no_op(engine: Engine) -> None:
         assert [e.seq for e in events.read_after(db, sid, 0)] == [1, 2]
 
 
+def test_a_retried_workflow_task_records_the_events_its_lost_attempt_did_not(
+    engine: Engine,
+) -> None:
+    """A workflow task's progress is written before the task is done. Its attempt lost (a
+    worker under load), the retry may say other events first (an update, a timer in another
+    order): they must be written, not taken for the lost attempt's, and the lost attempt's
+    own events said again are skipped. Keyed by count, the retry's task.queued was skipped,
+    and its task's every later event failed for good: no task ... in session ..."""
+    sid = new_session(engine)
+    lost, retry = EventKeys("run"), EventKeys("run")
+
+    def draft(keys: EventKeys, type: EventType, **data: str) -> events.NewEvent:
+        return events.NewEvent(type=type, data=data, key=keys.key(type, data))
+
+    with Session(engine) as db:
+        events.append(db, sid, [draft(lost, EventType.session_status, status="waking")])
+        events.append(db, sid, [draft(lost, EventType.task_queued, task_id="t1", prompt="a")])
+    with Session(engine) as db:
+        queued = draft(retry, EventType.task_queued, task_id="t2", prompt="b")
+        assert len(events.append(db, sid, [queued])) == 1
+        # The lost attempt's uuid given to another submission: the same id, another prompt.
+        again = draft(retry, EventType.task_queued, task_id="t1", prompt="c")
+        assert len(events.append(db, sid, [again])) == 1
+        planning = draft(retry, EventType.task_status, task_id="t2", status="planning")
+        waking = draft(retry, EventType.session_status, status="waking")
+        # The lost attempt's status said again is skipped; the task's status is projected.
+        assert [e.type for e in events.append(db, sid, [waking, planning])] == ["task.status"]
+        tasks = {t.id: (t.prompt, t.status) for t in db.exec(select(TaskRow))}
+        assert tasks == {"t1": ("c", TaskStatus.queued), "t2": ("b", TaskStatus.planning)}
+
+
 def test_projection_follows_a_task_through_its_life(engine: Engine) -> None:
     sid = new_session(engine)
     step = {"kind": "terminal", "command": "echo hi"}
@@ -120,6 +152,22 @@ def test_a_revised_plan_replaces_only_the_tail(engine: Engine) -> None:
             select(StepRow).where(StepRow.task_id == "t2").order_by(col(StepRow.index))
         ).all()
         assert [s.spec["command"] for s in steps] == ["a", "z"]
+
+
+def test_a_task_the_log_never_queued_gets_its_row(engine: Engine) -> None:
+    """A run begun before events were keyed by content may have had its task.queued skipped
+    (see the test above): the task's later events make its row, not fail for good."""
+    sid = new_session(engine)
+    with Session(engine) as db:
+        events.record(db, sid, EventType.task_status, {"task_id": "t", "status": "planning"})
+        plan = {"task_id": "t", "steps": [{"kind": "terminal", "command": "x"}]}
+        events.record(db, sid, EventType.task_plan, plan)
+        row = db.get(TaskRow, "t")
+        assert row is not None and row.status == TaskStatus.planning
+        assert [s.index for s in db.exec(select(StepRow).where(StepRow.task_id == "t"))] == [0]
+    other = new_session(engine)
+    with Session(engine) as db, pytest.raises(LookupError):  # another session's task
+        events.record(db, other, EventType.task_status, {"task_id": "t", "status": "failed"})
 
 
 def test_events_of_an_unknown_session_are_refused(engine: Engine) -> None:

@@ -19,7 +19,14 @@ from sandboxes.models import SandboxInfo
 from store.events import EventType
 from tests.workflows import test_session as session
 from tests.workflows.test_session import HISTORIES, env
-from workflows.models import CheckpointAsk, CheckpointRef, RollbackAsk, RollbackRef
+from workflows.models import (
+    CheckpointAsk,
+    CheckpointControl,
+    CheckpointRef,
+    RollbackAsk,
+    RollbackRef,
+    SessionInput,
+)
 
 __all__ = ["env"]
 
@@ -173,3 +180,209 @@ async def test_a_resumed_session_keeps_its_checkpoints(env: WorkflowEnvironment)
         assert (await rollback(handle, kept, [])).rolled_back == [ref.id]
         await session.end(handle)
     assert stubs.rolled_back == [kept] and stubs.deleted == [kept]
+
+
+class SlowSave(Stubs):
+    """A checkpoint's save, or a rollback's new machine, under way until ``saved`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saving, self.saved = asyncio.Event(), asyncio.Event()
+
+    async def hold(self) -> None:
+        self.saving.set()
+        while not self.saved.is_set():
+            activity.heartbeat()
+            await asyncio.sleep(0.05)
+
+    @activity.defn(name="TakeCheckpoint")
+    async def take(self, request: CheckpointRequest) -> CheckpointSaved:
+        await self.hold()
+        return await super().take(request)
+
+    @activity.defn(name="RollBackSandbox")
+    async def roll_back(self, request: CheckpointRequest) -> SandboxInfo:
+        await self.hold()
+        self.rolled_back.append(request.checkpoint_id)
+        # Made again under a new id (a VM booted from the checkpoint's disk).
+        return request.sandbox.model_copy(update={"id": "remade"})
+
+
+KEPT = "k" * 32
+
+
+def with_kept(stubs: Stubs) -> SessionInput:
+    """A resumed session's input, with its checkpoint KEPT."""
+    return session.params(stubs).model_copy(update={"checkpoints": [KEPT]})
+
+
+async def rolling_back(handle: Any, stubs: SlowSave) -> asyncio.Future[RollbackRef]:
+    """A rollback to KEPT, its activity under way when this returns."""
+    await session.until(lambda: bool(stubs.provisioned))
+    rolling = asyncio.ensure_future(rollback(handle, KEPT, []))
+    await asyncio.wait_for(stubs.saving.wait(), 10)
+    return rolling
+
+
+async def test_an_end_during_a_checkpoint_deletes_it_after_the_save(
+    env: WorkflowEnvironment,
+) -> None:
+    """Ended while a checkpoint is being saved: the machine is not destroyed under the
+    save, and the checkpoint it saved is deleted with the session, not left on the disk."""
+    stubs = SlowSave()
+    async with session.running(env, stubs, session.params(stubs)) as handle:
+        await session.until(lambda: bool(stubs.provisioned))
+        taking = asyncio.ensure_future(checkpoint(handle))
+        await asyncio.wait_for(stubs.saving.wait(), 10)
+        await handle.cancel()
+        await asyncio.sleep(1)
+        assert stubs.destroyed == []  # not under the save
+        stubs.saved.set()
+        taken = await taking
+        await session.end(handle)
+        save("end-during-checkpoint", await handle.fetch_history())
+    assert stubs.deleted == [taken.id]
+    assert stubs.destroyed == stubs.provisioned
+
+
+async def test_an_end_during_a_rollback_destroys_the_machine_it_made(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = SlowSave()
+    async with session.running(env, stubs, with_kept(stubs)) as handle:
+        rolling = await rolling_back(handle, stubs)
+        await handle.cancel()
+        await asyncio.sleep(1)
+        stubs.saved.set()
+        await rolling
+        await session.end(handle)
+        save("end-during-rollback", await handle.fetch_history())
+    assert stubs.destroyed == ["remade"]  # the machine the rollback made, not the old one
+    assert stubs.deleted == [KEPT]
+
+
+async def test_an_end_during_a_rollback_cancels_the_task_queued_behind_it(
+    env: WorkflowEnvironment,
+) -> None:
+    """The next task waits for the rollback in the queue: the session's end cancels it,
+    not leaves it queued for good."""
+    stubs = SlowSave()
+    async with session.running(env, stubs, with_kept(stubs)) as handle:
+        running = await session.submit(env.client, handle.id, "$ wait")
+        queued = await session.submit(env.client, handle.id, "$ echo next")
+        await session.until(lambda: stubs.commands == ["wait"])
+        rolling = await rolling_back(handle, stubs)
+        await asyncio.sleep(0.5)  # the running task stopped, the next one waits
+        await handle.cancel()
+        stubs.saved.set()
+        await rolling
+        await session.end(handle)
+        save("end-during-rollback-with-queued", await handle.fetch_history())
+    statuses = stubs.task_statuses()
+    assert statuses[running.id] == "cancelled" and statuses[queued.id] == "cancelled"
+    assert stubs.commands == ["wait"]
+
+
+class Overlapping(Stubs):
+    """Saves that take a moment, the first until ``saved`` is set; counts how many run at
+    once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saving, self.saved = asyncio.Event(), asyncio.Event()
+        self.at_once = self.most_at_once = 0
+
+    @activity.defn(name="TakeCheckpoint")
+    async def take(self, request: CheckpointRequest) -> CheckpointSaved:
+        self.at_once += 1
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        self.saving.set()
+        try:
+            await self.saved.wait()
+            await asyncio.sleep(0.3)
+        finally:
+            self.at_once -= 1
+        return await super().take(request)
+
+
+async def test_checkpoints_waiting_for_the_machine_take_it_one_at_a_time(
+    env: WorkflowEnvironment,
+) -> None:
+    """Two checkpoints waiting while a third has the machine: once it is done, one takes
+    the machine, the other waits again (both woken at once, both took it)."""
+    stubs = Overlapping()
+    async with session.running(env, stubs, session.params(stubs)) as handle:
+        await session.until(lambda: bool(stubs.provisioned))
+        first = asyncio.ensure_future(checkpoint(handle))
+        await asyncio.wait_for(stubs.saving.wait(), 10)
+        waiting = [asyncio.ensure_future(checkpoint(handle)) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        stubs.saved.set()
+        refs = await asyncio.gather(first, *waiting)
+        await session.end(handle)
+        save("checkpoints-one-at-a-time", await handle.fetch_history())
+    assert stubs.most_at_once == 1
+    assert sorted(stubs.deleted) == sorted(r.id for r in refs)
+
+
+async def test_a_checkpoint_deleted_during_a_rollback_to_it_goes_once_the_rollback_is_done(
+    env: WorkflowEnvironment,
+) -> None:
+    stubs = SlowSave()
+    async with session.running(env, stubs, with_kept(stubs)) as handle:
+        rolling = await rolling_back(handle, stubs)
+        deleting = asyncio.ensure_future(
+            handle.execute_update("delete_checkpoint", CheckpointControl(checkpoint_id=KEPT))
+        )
+        await asyncio.sleep(1)
+        assert stubs.deleted == []  # not from under the rollback
+        stubs.saved.set()
+        await rolling
+        await deleting
+        assert stubs.deleted == [KEPT] and stubs.rolled_back == [KEPT]
+        await session.end(handle)
+        save("delete-during-rollback", await handle.fetch_history())
+
+
+class SlowHibernate(Stubs):
+    """A hibernate that lasts until ``hibernated`` is set; what ran, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hibernating, self.hibernated = asyncio.Event(), asyncio.Event()
+        self.order: list[str] = []
+
+    @activity.defn(name="HibernateSandbox")
+    async def hibernate(self, sandbox: SandboxInfo) -> None:
+        self.hibernating.set()
+        while not self.hibernated.is_set():
+            activity.heartbeat()
+            await asyncio.sleep(0.05)
+        self.order.append("hibernated")
+
+    @activity.defn(name="WakeSandbox")
+    async def wake(self, sandbox: SandboxInfo) -> None:
+        self.order.append("woken")
+
+    @activity.defn(name="TakeCheckpoint")
+    async def take(self, request: CheckpointRequest) -> CheckpointSaved:
+        self.order.append("taken")
+        return await super().take(request)
+
+
+async def test_a_checkpoint_during_a_hibernate_waits_for_it_and_wakes_the_machine(
+    env: WorkflowEnvironment,
+) -> None:
+    """Not saved while the idle machine is being suspended: after it, woken first."""
+    stubs = SlowHibernate()
+    params = session.params(stubs).model_copy(update={"hibernate_after_s": 0.5})
+    async with session.running(env, stubs, params) as handle:
+        await asyncio.wait_for(stubs.hibernating.wait(), 10)
+        taking = asyncio.ensure_future(checkpoint(handle))
+        await asyncio.sleep(1)
+        assert stubs.order == []  # not under the hibernate
+        stubs.hibernated.set()
+        await taking
+        await session.end(handle)
+        save("checkpoint-during-hibernate", await handle.fetch_history())
+    assert stubs.order == ["hibernated", "woken", "taken"]

@@ -57,6 +57,9 @@ def test_every_path_has_a_recorded_history() -> None:
         "webhook-retried",
         # Checkpoints, rollback and forks (issue 19).
         "checkpoint-rollback", "rollback-mid-step", "auto-checkpoint", "fork",
+        # An end while a checkpoint or rollback has the machine; events keyed by content.
+        "end-during-checkpoint", "end-during-rollback", "end-during-rollback-with-queued",
+        "checkpoints-one-at-a-time", "delete-during-rollback", "checkpoint-during-hibernate",
         # A session placed, moved off a lost host, moved off a drained one (issue 18).
         "host-lost-move", "drain-move",
     }  # fmt: skip
