@@ -365,6 +365,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             settings.host_task_queue,
             settings.webhook_max_attempts,
             settings.webhook_timeout_s,
+            settings.webhook_keep_days,
         )
         dispatching = asyncio.create_task(
             dispatcher.forever(settings.webhook_dispatch_every_s, stop)

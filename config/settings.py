@@ -540,6 +540,12 @@ class Settings(BaseSettings):
     webhook_dispatch_every_s: float = Field(
         default=1.0, gt=0, description="How often a worker starts the deliveries just written"
     )
+    webhook_keep_days: float = Field(
+        default=7,
+        gt=0,
+        description="How long a delivered or failed webhook delivery stays in its endpoint's "
+        "log (with the body it sent)",
+    )
     # --- Hands on the machine: the workspace's files from the API (issue 21) ---
     relay_host: str = Field(
         default="127.0.0.1",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine
 from sqlmodel import Session
@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.models import WebhookRequest
     from activities.webhooks import WebhookActivities
     from store import webhooks
+    from store.models import utcnow
 
 log = logging.getLogger("berth.webhooks")
 
@@ -38,6 +39,8 @@ RETRY_FIRST = timedelta(seconds=2)
 RETRY_MOST_APART = timedelta(minutes=10)
 # Deliveries started per pass of a dispatcher.
 DISPATCH_BATCH = 100
+# How often a dispatcher forgets the deliveries past BERTH_WEBHOOK_KEEP_DAYS.
+PRUNE_EVERY = timedelta(hours=1)
 
 
 def delivery_workflow_id(delivery_id: str) -> str:
@@ -79,9 +82,12 @@ class Dispatcher:
         task_queue: str,
         max_attempts: int,
         timeout_s: float,
+        keep_days: float = 7,
     ) -> None:
         self.client, self.engine, self.task_queue = client, engine, task_queue
         self.max_attempts, self.timeout_s = max_attempts, timeout_s
+        self.keep = timedelta(days=keep_days)
+        self.pruned_at: datetime | None = None
 
     def _due(self) -> list[str]:
         with Session(self.engine) as db:
@@ -113,12 +119,28 @@ class Dispatcher:
             await asyncio.to_thread(self._started, delivery_id)
         return started
 
+    def _prune(self) -> int:
+        with Session(self.engine) as db:
+            return webhooks.prune(db, utcnow() - self.keep)
+
+    async def prune_now_and_then(self) -> None:
+        """Forget the deliveries that ended past ``keep_days`` ago, at most once an hour."""
+        now = utcnow()
+        if self.pruned_at is not None and now - self.pruned_at < PRUNE_EVERY:
+            return
+        self.pruned_at = now
+        gone = await asyncio.to_thread(self._prune)
+        if gone:
+            log.info("forgot %d webhook deliveries older than %s", gone, self.keep)
+
     async def forever(self, every_s: float, stop: asyncio.Event) -> None:
-        """Dispatch every ``every_s`` until ``stop``; a failed pass (the database or Temporal
-        down) is logged, and the next one tries again."""
+        """Dispatch every ``every_s`` until ``stop`` (and prune the log now and then); a
+        failed pass (the database or Temporal down) is logged, and the next one tries
+        again."""
         while not stop.is_set():
             try:
                 await self.dispatch()
+                await self.prune_now_and_then()
             except Exception:
                 log.exception("dispatching webhook deliveries failed")
             with contextlib.suppress(TimeoutError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine
 from sqlmodel import Session, select
@@ -12,7 +13,7 @@ from sqlmodel import Session, select
 from api.schemas import WebhookEventName
 from store import events, webhooks
 from store.events import EventType, NewEvent
-from store.models import SessionRow, User, WebhookDelivery, WebhookEndpoint
+from store.models import SessionRow, User, WebhookDelivery, WebhookEndpoint, utcnow
 
 
 def test_the_api_offers_exactly_the_events_that_are_told() -> None:
@@ -72,3 +73,37 @@ def test_an_event_is_told_once_to_each_endpoint_that_asked_for_it(engine: Engine
         logged = db.get(WebhookDelivery, found[0].id)
         assert logged is not None and logged.state == webhooks.DELIVERED
         assert [a["status"] for a in logged.attempts] == [503, 200]
+
+
+def test_deliveries_that_ended_long_ago_are_forgotten_and_no_other(engine: Engine) -> None:
+    now = utcnow()
+    with Session(engine) as db:
+        user = User(email=f"{uuid.uuid4().hex}@example.com", password_hash="x")
+        db.add(user)
+        db.flush()
+        endpoint = WebhookEndpoint(user_id=user.id, url="https://a.example/h",
+                                   events=list(webhooks.EVENTS), secret="s")  # fmt: skip
+        db.add(endpoint)
+        db.flush()
+
+        def delivery(state: str, finished: datetime | None) -> WebhookDelivery:
+            return WebhookDelivery(endpoint_id=endpoint.id, event="task.finished",
+                                   session_id="s", body="{}", state=state,
+                                   finished_at=finished)  # fmt: skip
+
+        kept = [
+            delivery(webhooks.PENDING, None),  # still being tried, however old
+            delivery(webhooks.DELIVERED, now - timedelta(days=1)),
+            delivery(webhooks.FAILED, now - timedelta(days=6)),
+        ]
+        gone = [
+            delivery(webhooks.DELIVERED, now - timedelta(days=8)),
+            delivery(webhooks.FAILED, now - timedelta(days=30)),
+        ]
+        db.add_all(kept + gone)
+        db.commit()
+        kept_ids = {d.id for d in kept}
+        assert webhooks.prune(db, now - timedelta(days=7)) == 2
+    with Session(engine) as db:
+        left = set(db.exec(select(WebhookDelivery.id)).all())
+    assert left == kept_ids
