@@ -148,6 +148,9 @@ class Carried(BaseModel):
     replacements: int = 0
     # The session's checkpoints (ids), deleted with it unless it is preserved.
     checkpoints: list[str] = Field(default_factory=list)
+    # The task queue of the host keeping each checkpoint taken since its first run (the
+    # session may have moved since); one not named is kept by the session's host.
+    checkpoint_hosts: dict[str, str] = Field(default_factory=dict)
     # The host that was lost with the dead machine (see SandboxDeath.host_lost).
     dead_host: str | None = None
 

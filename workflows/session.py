@@ -174,6 +174,7 @@ class SessionWorkflow:
         # A fork's first machine is made from its checkpoint; a replacement afresh.
         self.fork_from = params.fork if carried is None else None
         self.checkpoints = list(carried.checkpoints if carried else params.checkpoints)
+        self.checkpoint_hosts = dict(carried.checkpoint_hosts if carried else {})
         # Set while a checkpoint or rollback has the machine: no step starts meanwhile.
         self.holding = False
         # Set while the sandbox is being suspended or woken (see power()).
@@ -432,6 +433,7 @@ class SessionWorkflow:
             dead=self.dead,
             replacements=self.replacements,
             checkpoints=self.checkpoints,
+            checkpoint_hosts=self.checkpoint_hosts,
             dead_host=self.dead_host,
         )
 
@@ -1358,6 +1360,8 @@ class SessionWorkflow:
             **checkpoints.SAVE,
         )
         self.checkpoints.append(checkpoint_id)
+        if workflow.patched("checkpoint-hosts"):
+            self.checkpoint_hosts[checkpoint_id] = self.sandbox.task_queue
         state = checkpoints.session_state(self.tasks, self.running, self.finished)
         await self.record(
             self.event(
@@ -1386,11 +1390,13 @@ class SessionWorkflow:
             workflow.logger.warning("the automatic checkpoint failed: %s", failure_message(exc))
 
     async def forget_checkpoint(self, checkpoint_id: str) -> None:
+        # On the host that keeps it, which the session may have moved away from.
+        host = self.checkpoint_hosts.pop(checkpoint_id, None) or self.params.host_task_queue
         with contextlib.suppress(ActivityError):  # left behind: the host's disk only
             await workflow.execute_activity_method(
                 CheckpointActivities.delete,
                 checkpoint_id,
-                task_queue=self.params.host_task_queue,
+                task_queue=host,
                 summary="delete a checkpoint",
                 **checkpoints.DELETE,
             )

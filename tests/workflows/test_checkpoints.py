@@ -8,11 +8,13 @@ histories/v6/ for tests/workflows/test_replay.py."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from temporalio import activity
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
 from activities.models import CheckpointRequest, CheckpointSaved, ForkRequest
 from sandboxes.models import SandboxInfo
@@ -386,3 +388,25 @@ async def test_a_checkpoint_during_a_hibernate_waits_for_it_and_wakes_the_machin
         await session.end(handle)
         save("checkpoint-during-hibernate", await handle.fetch_history())
     assert stubs.order == ["hibernated", "woken", "taken"]
+
+
+async def test_a_checkpoint_is_deleted_on_the_host_that_keeps_it(env: WorkflowEnvironment) -> None:
+    """The session's machine is on another host than the session's own queue (restored
+    where its disk was kept, or moved): its checkpoints are kept there, and deleted there."""
+    stubs, keeper = Stubs(), Stubs()
+    keeper.events = stubs.events  # one event log, whichever host records
+    kept = SandboxInfo(
+        id=uuid.uuid4().hex, session_id="s", provider="stub", host_id="keeper",
+        task_queue=keeper.queue, template="default", handle="h0",
+    )  # fmt: skip
+    resumed = session.params(stubs).model_copy(update={"restore": kept})
+    async with (
+        Worker(env.client, task_queue=keeper.queue, activities=keeper.all()),
+        session.running(env, stubs, resumed) as handle,
+    ):
+        taken = await checkpoint(handle)
+        await handle.execute_update("delete_checkpoint", CheckpointControl(checkpoint_id=taken.id))
+        await session.end(handle)
+        save("checkpoint-hosts", await handle.fetch_history())
+    assert [t.split()[0] for t in keeper.taken] == [taken.id]
+    assert keeper.deleted == [taken.id] and stubs.deleted == []
