@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 
+from sqlalchemy import Engine
+from sqlmodel import Session
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -15,6 +17,7 @@ from activities.models import CheckpointRequest, CheckpointSaved, ForkRequest
 from sandboxes.kept import size_on_disk
 from sandboxes.models import SandboxInfo
 from sandboxes.provider import SandboxProvider
+from store import kept
 
 
 def unsupported(exc: NotImplementedError) -> ApplicationError:
@@ -23,13 +26,33 @@ def unsupported(exc: NotImplementedError) -> ApplicationError:
 
 
 class CheckpointActivities:
-    def __init__(self, provider: SandboxProvider, connect_timeout_s: float) -> None:
+    def __init__(
+        self,
+        provider: SandboxProvider,
+        connect_timeout_s: float,
+        engine: Engine | None = None,
+        kept_bytes_default: int = 0,
+    ) -> None:
         self.provider = provider
         self.connect_timeout_s = connect_timeout_s
+        # The user's kept-bytes limit is checked here too (with the engine): a checkpoint
+        # the session takes by itself passes no API that would check it.
+        self.engine, self.kept_bytes_default = engine, kept_bytes_default
+
+    def _over_quota(self, session_id: str) -> str | None:
+        if self.engine is None:
+            return None
+        with Session(self.engine) as db:
+            return kept.over_bytes(db, session_id, self.kept_bytes_default)
 
     @activity.defn(name="TakeCheckpoint")
     async def take(self, request: CheckpointRequest) -> CheckpointSaved:
         folder = self.provider.checkpoint_folder(request.checkpoint_id)
+        # A retry after the save (its answer lost) finds the folder: not refused then.
+        if not folder.exists():
+            why = await asyncio.to_thread(self._over_quota, request.sandbox.session_id)
+            if why is not None:
+                raise ApplicationError(why, type="QuotaExceeded", non_retryable=True)
         async with heartbeating():
             try:
                 memory = await self.provider.save_checkpoint(

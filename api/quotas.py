@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import func
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from api.deps import Problem
 from api.problems import LimitOut
 from api.schemas import UserLimitsIn, UserLimitsOut
 from config.settings import Settings
 from sandboxes.kept import kept_until
-from store.models import CheckpointRow, SandboxRow, SessionRow, User, UserLimits, utcnow
+from store.kept import kept_by
+from store.models import User, UserLimits, utcnow
 
 NAMES = ("spend_day_usd", "spend_month_usd", "kept_disks", "kept_bytes")
 # The settings each override stands for.
@@ -52,28 +52,9 @@ def check_kept(db: Session, settings: Settings, user: User) -> None:
     """429 if one more kept disk would pass the user's count, or their kept disks already
     take their bytes (the new one's size is known only once kept)."""
     limits = limits_of(db, settings, user.id)
-    kept = db.exec(
-        select(
-            func.count(),
-            func.coalesce(func.sum(SandboxRow.kept_bytes), 0),
-            func.min(SessionRow.ended_at),
-        )
-        .select_from(SandboxRow)
-        .join(SessionRow, col(SessionRow.id) == col(SandboxRow.session_id))
-        .where(
-            SessionRow.user_id == user.id,
-            SandboxRow.status == "preserved",
-            col(SessionRow.preserved),
-        )
-    ).one()
-    count, size, oldest = kept[0], int(kept[1] or 0), kept[2]
-    # Checkpoints' machine states are kept disk too (counted in bytes, not in disks).
-    size += db.exec(
-        select(func.coalesce(func.sum(CheckpointRow.size_bytes), 0)).where(
-            CheckpointRow.user_id == user.id
-        )
-    ).one()
-    frees = kept_until(oldest, settings.kept_max_age_days)
+    kept = kept_by(db, user.id)
+    count, size = kept.disks, kept.bytes
+    frees = kept_until(kept.oldest, settings.kept_max_age_days)
     if limits.kept_disks and count >= limits.kept_disks:
         raise _refusal(
             f"you keep {count} disks, the most allowed", "kept_disks_per_user",

@@ -303,7 +303,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         settings.webhook_allow_private,
         settings.webhook_timeout_s,
     )
-    saved = CheckpointActivities(provider, settings.sandbox_connect_timeout_s)
+    saved = CheckpointActivities(
+        provider, settings.sandbox_connect_timeout_s, engine, settings.kept_bytes_per_user
+    )
     with ThreadPoolExecutor(max_workers=16) as executor:
         host = Worker(
             client,
