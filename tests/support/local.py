@@ -192,13 +192,14 @@ class LocalSystem:
         raise RuntimeError(f"the system did not come up:\n{system.log()[-3000:]}")
 
     def add_host(self, name: str) -> subprocess.Popen[bytes]:
-        """A second sandbox host of this system: a worker with a host id and gateway port of
-        its own, on the same database and Temporal (a fleet of two on one machine). Its
+        """A second sandbox host of this system: a worker with a host id, gateway and relay
+        ports of its own, on the same database and Temporal (a fleet of two on one machine). Its
         output goes to ``<data>/<name>.log``; it is up once its host is in the registry."""
         environment = {
             **self.environment,
             "BERTH_HOST_ID": f"{name}{self.host_id}",
             "BERTH_GATEWAY_PORT": str(free_port()),
+            "BERTH_RELAY_PORT": str(free_port()),
             "BERTH_TEMPORAL_ADDRESS": self.temporal,
         }
         with (self.data / f"{name}.log").open("wb") as log:
