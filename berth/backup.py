@@ -40,14 +40,14 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import URL, make_url
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, delete, select
 from temporalio.service import RPCError, RPCStatusCode
 
 from berth.run import wait_for_port
 from config.keys import LEGACY_SECRET_FILE
 from config.settings import Settings
 from store import events
-from store.models import SandboxRow, SessionRow, SessionStatus
+from store.models import HostRow, SandboxRow, SessionRow, SessionStatus, StreamLease
 from workflows import search, sweeper
 from workflows.client import connect, workflow_id
 
@@ -236,6 +236,7 @@ def restore(settings: Settings, src: Path) -> Report:
         where, name = secret.split("/")
         shutil.copy2(src / "secrets" / where / name, folders[where] / name)
         os.chmod(folders[where] / name, 0o600)
+    _forget_live_state(settings)
     ended: tuple[str, ...] = ()
     if manifest.get("temporal") and settings.temporal_address is None:
         reason = (
@@ -244,6 +245,20 @@ def restore(settings: Settings, src: Path) -> Report:
         )
         ended = _end_live_sessions(settings, reason)
     return Report(src, manifest, ended)
+
+
+def _forget_live_state(settings: Settings) -> None:
+    """The host registry and the open streams are what was running then, not data: a host
+    the backup knew would be placed sessions on (it is not this install's) until it read
+    lost. Each host registers again when its worker starts."""
+    engine = create_engine(settings.db_url)
+    try:
+        with Session(engine) as db:
+            db.exec(delete(HostRow))
+            db.exec(delete(StreamLease))
+            db.commit()
+    finally:
+        engine.dispose()
 
 
 def _live_sessions(settings: Settings) -> list[str]:

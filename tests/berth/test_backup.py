@@ -18,7 +18,7 @@ from sqlmodel import Session, select
 from berth.backup import BackupError, backup, restore
 from config.settings import Settings
 from store.db import migrate
-from store.models import SandboxRow, SessionRow, User
+from store.models import HostRow, SandboxRow, SessionRow, User, utcnow
 from tests.support.postgres import drop_database, fresh_database
 from tests.support.world import build
 
@@ -44,6 +44,14 @@ def install(data: Path, url: str | None) -> Settings:
                 kept_bytes=123,
             )
         )
+        # The host registry as it stood: live state of that install, not data.
+        db.add(
+            HostRow(
+                id="local", task_queue="berth-host-local", provider="docker", accel="none",
+                vcpus=2, memory_mb=4096, memory_available_mb=2048, load1=0.5,
+                started_at=utcnow(), last_seen=utcnow(),
+            )
+        )  # fmt: skip
         db.commit()  # fmt: skip
     engine.dispose()
     with sqlite3.connect(settings.shared_dir / "temporal.db") as temporal:
@@ -108,6 +116,8 @@ def test_a_backup_restores_into_a_fresh_data_dir(
         emails = sorted(u.email for u in db.exec(select(User)))
         assert emails == ["admin@example.com", "other@example.com", "owner@example.com"]
         assert len(db.exec(select(SessionRow)).all()) == 1
+        # No session is placed on a host of the old install's: each registers on its start.
+        assert db.exec(select(HostRow)).all() == []
     engine.dispose()
     with sqlite3.connect(fresh.shared_dir / "temporal.db") as temporal:
         (count,) = temporal.execute("SELECT count(*) FROM history").fetchone()
