@@ -126,7 +126,8 @@ def test_the_form_keeps_what_was_typed_and_says_why_with_a_real_status(
     # Every input has a label of its own and a hint it is described by.
     for name in ("template", "model", "hibernate_after_s", "idle_timeout_s"):
         assert f'<label for="{name}">' in page.text and f'id="{name}" name="{name}"' in page.text
-    assert page.text.count('aria-describedby="') == 4
+    # The four preferences, and the webhooks section's URL.
+    assert page.text.count('aria-describedby="') == 5
     assert '<option value="second">second (beta)</option>' in page.text
     headers = {"HX-Request": "true", "Origin": ORIGIN, "X-CSRF-Token": csrf}
     typed = {"template": "", "model": "second", "hibernate_after_s": "5000",
