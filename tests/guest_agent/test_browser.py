@@ -179,7 +179,7 @@ async def test_a_guest_without_a_browser_refuses_browser_steps(
     monkeypatch.setenv("BERTH_CHROMIUM", str(tmp_path / "no-chromium"))
     async with guest_link(tmp_path) as link:
         await link.gateway.wait_connected(link.sandbox_id, 10)
-        assert link.agent.capabilities == ["terminal", "file"]
+        assert link.agent.capabilities == ["terminal", "file", "service", "channels"]
         with pytest.raises(StepKindUnsupported, match="does not run browser steps"):
             await link.gateway.run(
                 link.sandbox_id,
