@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import NoReturn
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -31,19 +32,32 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 def _refuse_if_locked(db: Session, *keys: str) -> None:
     until = counters.locked_until(db, *keys)
     if until is not None:
-        wait = max(1, int((until - utcnow()).total_seconds()))
-        raise Problem(
-            429, f"too many attempts; try again in {wait} s", headers={"Retry-After": str(wait)}
-        )
+        _refuse_until(until)
+
+
+def _refuse_until(until: datetime) -> NoReturn:
+    wait = max(1, int((until - utcnow()).total_seconds()))
+    raise Problem(
+        429, f"too many attempts; try again in {wait} s", headers={"Retry-After": str(wait)}
+    )
 
 
 def _limit(db: Session, key: str, most: int, window_s: int, lockout_s: int) -> None:
     """Count an attempt; past ``most`` in the window, lock the key and refuse. Refused too
-    when an attempt made at once (in any process) locked it after this one's first look:
-    the lock starts the count afresh, so this one's count alone would let it through."""
-    if counters.count(db, key, window_s) > most:
-        counters.lock(db, key, lockout_s)
-    _refuse_if_locked(db, key)
+    when the key was locked as it was counted (an attempt made at once, in any process,
+    locked it after this one's first look)."""
+    counted = counters.count(db, key, window_s)
+    until = counted.locked_until
+    if until is None and counted.attempts > most:
+        until = counters.lock(db, key, lockout_s)
+    if until is not None:
+        _refuse_until(until)
+
+
+def _count_failure(db: Session, settings: Settings, key: str) -> None:
+    """A wrong password under ``key``: at ``login_max_failures`` in the window, a lockout."""
+    if counters.count(db, key, settings.login_window_s).attempts >= settings.login_max_failures:
+        counters.lock(db, key, settings.lockout_s)
 
 
 def _email_key(email: str) -> str:
@@ -102,8 +116,7 @@ async def log_in(
     verdict = await passwords.check(credentials.password, user.password_hash if user else None)
     if user is None or not verdict.ok:
         audit.record(db, user.id if user else None, "login.failed", _email_key(email), ip=ip)
-        if counters.count(db, pair, settings.login_window_s) >= settings.login_max_failures:
-            counters.lock(db, pair, settings.lockout_s)
+        _count_failure(db, settings, pair)
         raise Problem(401, "wrong email or password")
     counters.clear(db, pair)
     if verdict.rehash:  # an old scheme or weaker parameters: bring it up to today's
@@ -237,8 +250,7 @@ async def change_password(
     _refuse_if_locked(db, key)
     if not (await passwords.check(change.current, user.password_hash)).ok:
         audit.record(db, user.id, "password.failed", user.id, ip=ip)
-        if counters.count(db, key, settings.login_window_s) >= settings.login_max_failures:
-            counters.lock(db, key, settings.lockout_s)
+        _count_failure(db, settings, key)
         raise Problem(403, "the current password is wrong")
     counters.clear(db, key)
     user.password_hash = await passwords.hash(change.new)

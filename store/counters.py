@@ -5,6 +5,7 @@ key refuses until its lock ends."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import case, delete, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -15,12 +16,24 @@ from store.models import AuthCounter, utcnow
 TABLE = AuthCounter.__table__  # type: ignore[attr-defined]
 
 
-def count(db: Session, key: str, window_s: int) -> int:
-    """One more attempt under ``key``; how many there have been in the current window.
-    One statement, so concurrent attempts from several processes are all counted."""
+class Counted(NamedTuple):
+    """An attempt as its own statement saw the key: its number in the window, and the lock
+    in force when it was counted (None if none)."""
+
+    attempts: int
+    locked_until: datetime | None
+
+
+def count(db: Session, key: str, window_s: int) -> Counted:
+    """One more attempt under ``key``: how many there have been in the current window, and
+    whether the key was locked at that moment. One statement, so concurrent attempts from
+    several processes are all counted, and each is judged by what it saw, not by a lock
+    that a later attempt set after it (that one would refuse an attempt within the limit).
+    Attempts while locked are not counted: the count starts afresh when the lock ends."""
     now = utcnow()
     moment = literal(now, TABLE.c.window_start.type)
     stale = TABLE.c.window_start < literal(now - timedelta(seconds=window_s), moment.type)
+    locked = TABLE.c.locked_until > moment
     insert = postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
     statement = (
         insert(TABLE)
@@ -28,15 +41,17 @@ def count(db: Session, key: str, window_s: int) -> int:
         .on_conflict_do_update(
             index_elements=[TABLE.c.key],
             set_={
-                "count": case((stale, 1), else_=TABLE.c.count + 1),
-                "window_start": case((stale, moment), else_=TABLE.c.window_start),
+                "count": case((locked, TABLE.c.count), (stale, 1), else_=TABLE.c.count + 1),
+                "window_start": case(
+                    (locked, TABLE.c.window_start), (stale, moment), else_=TABLE.c.window_start
+                ),
             },
         )
-        .returning(TABLE.c.count)
+        .returning(TABLE.c.count, TABLE.c.locked_until)
     )
-    attempts = int(db.execute(statement).scalar_one())
+    attempts, until = db.execute(statement).one()
     db.commit()
-    return attempts
+    return Counted(int(attempts), until if until is not None and until > now else None)
 
 
 def locked_until(db: Session, *keys: str) -> datetime | None:

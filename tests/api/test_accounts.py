@@ -20,6 +20,7 @@ from sqlmodel import Session, select
 
 from berth.web import create_app
 from config.settings import Settings
+from store import counters
 from store.db import get_engine
 from store.models import ApiToken, AuditEntry, Invite, User
 from tests.support.local import free_port
@@ -181,6 +182,36 @@ def test_an_address_has_so_many_logins_and_sign_ups(data: Path) -> None:
         for _ in range(3):
             assert log_in(client, "ann@example.com").status_code == 200
         assert log_in(client, "bob@example.com").status_code == 429
+
+
+def test_an_attempt_within_the_limit_is_judged_by_what_it_saw_when_counted(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attempts race across processes: the first is counted, then, before it is judged, three
+    more (in other processes) pass the limit and lock the address. The first was within the
+    limit: it is let through. Judged by a look after its count, it was refused (in a race
+    of eight, one attempt too few got through)."""
+    settings = settings_for(data, login_max_attempts=3)
+    real_count = counters.count
+    others_raced = False
+
+    def count_then_race(db: Session, key: str, window_s: int) -> counters.Counted:
+        nonlocal others_raced
+        counted = real_count(db, key, window_s)
+        if key.startswith("login:") and key.count(":") == 1 and not others_raced:
+            others_raced = True
+            for _ in range(3):
+                real_count(db, key, window_s)
+            counters.lock(db, key, settings.lockout_s)
+        return counted
+
+    with TestClient(create_app(settings)) as client:
+        sign_up(client, "ann@example.com")
+        monkeypatch.setattr(counters, "count", count_then_race)
+        assert log_in(client, "ann@example.com").status_code == 200
+        assert others_raced
+        # The lock the others set holds for whoever comes next.
+        assert log_in(client, "ann@example.com").status_code == 429
 
 
 def test_tokens_are_named_listed_revoked_and_kept_hashed(data: Path, client: TestClient) -> None:
